@@ -1,0 +1,1 @@
+"""The ghostmatch command line."""
