@@ -1,0 +1,192 @@
+"""Images in, unit descriptors out: preprocessing by the model card and a fast runtime."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ghostmatch.descriptor import Descriptor
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.ghostnet import ConvBnAct, GhostBottleneck, GhostNet
+from ghostmatch.modelcard import ModelCard
+
+RUNTIMES = ("auto", "torch", "onnx", "eager")
+DEVICES = ("auto", "cpu", "cuda")
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def prepare(image: Image.Image, card: ModelCard) -> np.ndarray:
+    """An RGB image as the uint8 (size, size, 3) array the model with ``card`` expects."""
+    size = card.input_size
+    resample = _RESAMPLE[card.interpolation]
+    if card.resize == "squash":
+        return np.asarray(image.resize((size, size), resample, reducing_gap=3.0))
+    scaled = size / card.crop_fraction
+    w, h = image.size
+    ratio = scaled / min(w, h)
+    new_w, new_h = max(size, round(w * ratio)), max(size, round(h * ratio))
+    resized = image.resize((new_w, new_h), resample, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def to_batch(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack uint8 HWC arrays into the float32 NCHW batch in [0, 1] the model takes."""
+    batch = np.stack(arrays).astype(np.float32) / 255.0
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+def fuse_batchnorm(model: Descriptor) -> Descriptor:
+    """A copy of ``model`` with every BatchNorm folded into the conv before it (eval only)."""
+    fused = copy.deepcopy(model).eval()
+
+    def fold_sequential(seq: nn.Sequential) -> None:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+
+    for module in fused.modules():
+        if isinstance(module, nn.Sequential):
+            fold_sequential(module)
+        elif isinstance(module, GhostNet):
+            module.conv_stem = fuse_conv_bn_eval(module.conv_stem, module.bn1)
+            module.bn1 = nn.Identity()  # type: ignore[assignment]
+        elif isinstance(module, ConvBnAct):
+            module.conv = fuse_conv_bn_eval(module.conv, module.bn1)
+            module.bn1 = nn.Identity()  # type: ignore[assignment]
+        elif isinstance(module, GhostBottleneck) and module.conv_dw is not None:
+            assert isinstance(module.conv_dw, nn.Conv2d)
+            assert isinstance(module.bn_dw, nn.BatchNorm2d)
+            module.conv_dw = fuse_conv_bn_eval(module.conv_dw, module.bn_dw)
+            module.bn_dw = nn.Identity()
+    return fused
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise GhostmatchError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GhostmatchError("--device cuda: torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Embedder:
+    """Runs a descriptor model on images with the card's preprocessing.
+
+    Runtimes: ``eager`` (the model as loaded), ``torch`` (BatchNorm folded, channels_last,
+    fp16 autocast on CUDA), ``onnx`` (ONNX Runtime on the exported folded model, cached by
+    card), ``auto`` (onnx on CPU when onnxruntime imports, else torch).
+    """
+
+    def __init__(
+        self,
+        model: Descriptor,
+        runtime: str = "auto",
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        if runtime not in RUNTIMES:
+            raise GhostmatchError(f"--runtime must be one of {', '.join(RUNTIMES)}")
+        self.card: ModelCard = model.card
+        self.device = resolve_device(device)
+        if runtime == "auto":
+            runtime = "onnx" if self.device == "cpu" and onnx_available() else "torch"
+        if runtime == "onnx" and self.device != "cpu":
+            runtime = "torch"
+        self.runtime = runtime
+        self.threads = threads or os.cpu_count() or 1
+        self._session = None
+        self._model: nn.Module
+        if runtime == "eager":
+            self._model = model.to(self.device).eval()
+        else:
+            self._model = fuse_batchnorm(model).to(self.device)
+            self._model = self._model.to(memory_format=torch.channels_last)
+        if runtime == "onnx":
+            self._session = self._onnx_session(self._model)
+
+    def _onnx_session(self, model: nn.Module):  # type: ignore[no-untyped-def]
+        import onnxruntime as ort
+
+        from ghostmatch.weights import cache_dir
+
+        path = cache_dir() / "onnx" / f"{self.card.fingerprint}.onnx"
+        if not path.exists():
+            export_onnx(model, self.card, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def dim(self) -> int:
+        return self.card.dim
+
+    def embed_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Descriptors (n, dim) float32 for uint8 HWC arrays from :func:`prepare`."""
+        if not arrays:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = to_batch(arrays)
+        if self._session is not None:
+            out = self._session.run(None, {"images": batch})[0]
+            return np.ascontiguousarray(out, dtype=np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device)
+            if self.runtime != "eager":
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.device == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    y = self._model(x)
+            else:
+                y = self._model(x)
+            y = torch.nn.functional.normalize(y.float(), dim=1)
+        return np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Descriptors for RGB PIL images."""
+        return self.embed_arrays([prepare(image, self.card) for image in images])
+
+
+def export_onnx(model: nn.Module, card: ModelCard, path: Path) -> Path:
+    """Export the whole descriptor (normalise ... L2) with a dynamic batch axis, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+    example = torch.zeros(2, 3, card.input_size, card.input_size)
+    cpu_model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format)
+    torch.onnx.export(
+        cpu_model,
+        (example,),
+        str(tmp),
+        input_names=["images"],
+        output_names=["descriptors"],
+        dynamic_axes={"images": {0: "batch"}, "descriptors": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,91 @@
+"""What a set of descriptor weights needs to be used correctly; stored with every index."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# How an image becomes the square model input:
+#   "squash": resize the whole image to input_size x input_size (aspect changes, nothing is cut;
+#             best for copy detection, where a crop would hide borders and overlays);
+#   "center-crop": resize the shorter side to input_size / crop_fraction, then cut the centre
+#             (the ImageNet evaluation protocol, best for recognition with ImageNet weights).
+RESIZE_RULES = ("squash", "center-crop")
+POOLINGS = ("gem", "avg", "head")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Architecture, weights and preprocessing of a descriptor model.
+
+    Two descriptors are comparable only when their cards have the same ``fingerprint``;
+    the runtime (torch, ONNX) is deliberately not part of it.
+    """
+
+    weights: str
+    weights_sha256: str
+    architecture: str = "ghostnet"
+    width: float = 1.0
+    input_size: int = 224
+    resize: str = "squash"
+    crop_fraction: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    pooling: str = "gem"
+    gem_p: float = 3.0
+    projection: str = "none"
+    dim: int = 960
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_RULES:
+            raise ValueError(f"resize must be one of {RESIZE_RULES}, not {self.resize!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes the vectors."""
+        data = self.to_dict()
+        data.pop("extra")
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        return cls.from_dict(json.loads(text))
+
+    def describe(self) -> str:
+        """One line for humans: which weights and how they see an image."""
+        return (
+            f"{self.architecture} {self.width}x, weights {self.weights} "
+            f"({self.weights_sha256[:12]}), {self.input_size}px {self.resize}, "
+            f"{self.pooling} pooling, {self.dim}-d"
+        )
+
+    def with_changes(self, **changes: Any) -> ModelCard:
+        return replace(self, **changes)

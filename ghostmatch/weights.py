@@ -1,0 +1,182 @@
+"""Resolving ``--weights`` (imagenet, bundled, random or a file) into a descriptor model."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from platformdirs import user_cache_dir
+
+from ghostmatch.descriptor import Descriptor
+from ghostmatch.download import Progress, download, offline, sha256_of
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.ghostnet import GhostNet, infer_width, unwrap_state_dict
+from ghostmatch.modelcard import ModelCard
+
+CARD_KEY = "ghostmatch_card"
+BUNDLED_PATH = Path(__file__).parent / "weights" / "bundled.safetensors"
+WEIGHT_CHOICES = ("imagenet", "bundled", "random")
+
+
+@dataclass(frozen=True)
+class RemoteWeights:
+    """A checkpoint on the internet; ``sha256`` None means trust the hub's announced hash."""
+
+    url: str
+    filename: str
+    sha256: str | None
+    card: dict[str, Any]
+
+
+# timm's ImageNet-1k GhostNet 1.0x (73.9% top-1, the paper's figure), preprocessed the way
+# timm evaluates it: bicubic, crop 0.875, ImageNet mean/std.
+IMAGENET = RemoteWeights(
+    url="https://huggingface.co/timm/ghostnet_100.in1k/resolve/main/model.safetensors",
+    filename="ghostnet_100.in1k.safetensors",
+    sha256=None,
+    card={"resize": "center-crop", "crop_fraction": 0.875, "pooling": "gem", "dim": 960},
+)
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live (``GHOSTMATCH_CACHE`` overrides)."""
+    return Path(os.environ.get("GHOSTMATCH_CACHE") or user_cache_dir("ghostmatch"))
+
+
+def imagenet_url() -> str:
+    """The download address; ``GHOSTMATCH_IMAGENET_URL`` points it at a mirror."""
+    return os.environ.get("GHOSTMATCH_IMAGENET_URL") or IMAGENET.url
+
+
+def fetch_imagenet(progress: Progress | None = None) -> Path:
+    """The cached ImageNet checkpoint, downloading it the first time."""
+    return download(imagenet_url(), cache_dir() / IMAGENET.filename, IMAGENET.sha256, progress)
+
+
+def default_weights() -> str:
+    """The weights used when none are named.
+
+    A file the user configured (``GHOSTMATCH_WEIGHTS``), else ImageNet when cached or when
+    the network is allowed, else the bundled model that ships inside the package.
+    """
+    configured = os.environ.get("GHOSTMATCH_WEIGHTS")
+    if configured:
+        return configured
+    if (cache_dir() / IMAGENET.filename).exists() or not offline():
+        return "imagenet"
+    return "bundled"
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise GhostmatchError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        except Exception as err:
+            raise GhostmatchError(f"{path} is not a readable safetensors file: {err}") from err
+        return tensors, metadata
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise GhostmatchError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    try:
+        return unwrap_state_dict(obj), {}
+    except TypeError as err:
+        raise GhostmatchError(f"{path}: {err}") from err
+
+
+def load_descriptor(
+    weights: str | Path | None = None,
+    progress: Progress | None = None,
+    **card_changes: Any,
+) -> Descriptor:
+    """A descriptor model in eval mode for ``weights`` (a name or a checkpoint path).
+
+    Official Huawei, timm and ghostmatch checkpoints (.pth, .pt, .safetensors) load; a
+    ghostmatch file carries its own model card, the others get ImageNet preprocessing.
+    ``card_changes`` override card fields (pooling, input size) for experiments.
+    """
+    spec = str(weights) if weights is not None else default_weights()
+    if spec == "random":
+        warnings.warn(
+            "using RANDOM weights: descriptors are meaningless (tests and speed checks only)",
+            stacklevel=2,
+        )
+        card = ModelCard(weights="random", weights_sha256="0" * 64).with_changes(**card_changes)
+        torch.manual_seed(0)
+        return Descriptor(card).eval()
+    if spec == "imagenet":
+        path = fetch_imagenet(progress)
+        name, base = "imagenet", dict(IMAGENET.card)
+    elif spec == "bundled":
+        if not BUNDLED_PATH.exists():
+            raise GhostmatchError(
+                "this ghostmatch build has no bundled model; pass --weights imagenet or a file"
+            )
+        path, name, base = BUNDLED_PATH, "bundled", {}
+    else:
+        path = Path(spec).expanduser()
+        name, base = path.name, dict(IMAGENET.card)
+    tensors, metadata = _read_checkpoint(path)
+    digest = sha256_of(path)
+    if CARD_KEY in metadata:
+        card_data = json.loads(metadata[CARD_KEY])
+        card_data.update(weights=name, weights_sha256=digest)
+        card = ModelCard.from_dict(card_data)
+        model = Descriptor(card.with_changes(**card_changes))
+        _load(model, tensors, path, prefixed=True)
+        return model.eval()
+    try:
+        width = infer_width(tensors)
+    except (KeyError, ValueError) as err:
+        raise GhostmatchError(f"{path} is not a GhostNet checkpoint ({err})") from err
+    card = ModelCard(weights=name, weights_sha256=digest, width=width, **base)
+    card = card.with_changes(**card_changes)
+    backbone = GhostNet(width, num_classes=0)
+    backbone_keys = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
+    _load(backbone, backbone_keys, path, prefixed=False)
+    model = Descriptor(_fix_dim(card, backbone), backbone)
+    return model.eval()
+
+
+def _fix_dim(card: ModelCard, backbone: GhostNet) -> ModelCard:
+    if card.projection != "none":
+        return card
+    dim = 1280 if card.pooling == "head" else backbone.num_features
+    return card.with_changes(dim=dim)
+
+
+def _load(
+    module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path, prefixed: bool
+) -> None:
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        kind = "ghostmatch" if prefixed else "GhostNet"
+        raise GhostmatchError(f"{path} does not match the {kind} layout: {err}") from err
+
+
+def save_descriptor(model: Descriptor, path: Path, half: bool = False) -> str:
+    """Write ``model`` as safetensors with its card inside; returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    card = model.card.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={CARD_KEY: json.dumps(card)})
+    os.replace(tmp, path)
+    return sha256_of(path)

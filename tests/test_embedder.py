@@ -1,0 +1,72 @@
+"""Every runtime agrees with eager PyTorch; preprocessing follows the model card."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ghostmatch.descriptor import Descriptor
+from ghostmatch.embedder import Embedder, fuse_batchnorm, prepare
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.modelcard import ModelCard
+
+
+def _arrays(n: int, size: int = 224) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_folded_equals_unfolded(random_model: Descriptor) -> None:
+    x = torch.rand(4, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_batchnorm(random_model)(x), random_model(x), atol=1e-5, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fuse_batchnorm(random_model).modules())
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_runtime_matches_eager(random_model: Descriptor, runtime: str) -> None:
+    arrays = _arrays(5)
+    eager = Embedder(random_model, runtime="eager").embed_arrays(arrays)
+    fast = Embedder(random_model, runtime=runtime)
+    assert fast.runtime == runtime
+    out = fast.embed_arrays(arrays)
+    assert out.shape == (5, 960) and out.dtype == np.float32
+    assert np.min(np.sum(out * eager, axis=1)) >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_batch_size_invariance(random_model: Descriptor) -> None:
+    embedder = Embedder(random_model, runtime="onnx")
+    arrays = _arrays(6)
+    together = embedder.embed_arrays(arrays)
+    alone = np.concatenate([embedder.embed_arrays([a]) for a in arrays])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling,dim", [("gem", 960), ("avg", 960), ("head", 1280)])
+def test_poolings(pooling: str, dim: int) -> None:
+    card = ModelCard(weights="r", weights_sha256="0" * 64, pooling=pooling, dim=dim)
+    out = Embedder(Descriptor(card).eval(), runtime="torch").embed_arrays(_arrays(2))
+    assert out.shape == (2, dim)
+
+
+def test_prepare_follows_card() -> None:
+    image = Image.new("RGB", (400, 200), (10, 20, 30))
+    image.paste((250, 0, 0), (0, 0, 100, 200))  # red strip on the left quarter
+    squash = ModelCard(weights="r", weights_sha256="0" * 64, resize="squash")
+    crop = squash.with_changes(resize="center-crop", crop_fraction=0.875)
+    assert prepare(image, squash).shape == (224, 224, 3)
+    assert prepare(image, squash)[112, 5, 0] > 200  # the strip survives squashing
+    assert prepare(image, crop)[112, 5, 0] < 50  # and is cut off by the centre crop
+
+
+def test_bad_runtime_and_device_are_user_errors(random_model: Descriptor) -> None:
+    with pytest.raises(GhostmatchError):
+        Embedder(random_model, runtime="tensorrt")
+    with pytest.raises(GhostmatchError):
+        Embedder(random_model, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(GhostmatchError, match="no CUDA"):
+            Embedder(random_model, device="cuda")
