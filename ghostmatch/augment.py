@@ -1,0 +1,196 @@
+"""Training augmentations for self-supervised copy detection, and the inference preprocessing.
+
+``CopyAugment`` follows the spirit of SSCD (Pizzi et al., CVPR 2022): two draws of it on
+one photo should look like an image and a copy of it found on the web.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.transforms import (
+    add_border,
+    blur,
+    center_crop_to,
+    change_aspect,
+    color_shift,
+    grayscale,
+    hflip,
+    overlay_shape,
+    overlay_text,
+    pad,
+    random_color,
+    random_text,
+    reencode_jpeg,
+    resize_shorter_side,
+    rotate,
+    to_rgb,
+)
+
+BICUBIC = Image.Resampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class CopyAugment:
+    """Random copy-like edit of a PIL image into a ``size`` x ``size`` RGB image.
+
+    Steps, each with its probability at ``strength=1``: aspect change (0.2, up to 1.5x),
+    random resized crop (always; area 0.2-1, aspect 3/4-4/3), flip (0.5), rotation
+    (0.2, up to 15 degrees, cropped so no corners show), colour jitter (0.8; brightness,
+    contrast and saturation +-40%, hue +-0.1), grey (0.1), blur (0.2, sigma 0.1-2 at 224 px),
+    text or a shape pasted on (0.2), border or uneven padding (0.2) and JPEG re-encoding
+    (0.3, quality 20-90). ``strength`` multiplies the probabilities and the size of each
+    edit; at 0 the result is the centred square crop, resized. All randomness comes from the
+    ``rng`` passed to each call.
+    """
+
+    size: int
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.size < 16:
+            raise GhostmatchError(f"augmentation size must be at least 16 pixels, got {self.size}")
+        if not 0.0 <= self.strength <= 3.0:
+            raise GhostmatchError(f"augmentation strength must be in [0, 3], got {self.strength}")
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        """Apply one random draw of the edits; the same ``rng`` state gives the same pixels."""
+        size, strength = self.size, self.strength
+        # The crop below keeps at least ~45% of a side; more source pixels than that only
+        # cost time.
+        out = _cap_shorter_side(to_rgb(img), 3 * size)
+        if self._happens(0.2, rng):
+            out = change_aspect(out, math.exp(rng.uniform(-1.0, 1.0) * math.log(1.5) * strength))
+        log_ratio = math.log(4.0 / 3.0) * strength
+        out = random_resized_crop(
+            out,
+            size,
+            scale=(max(0.05, 1.0 - 0.8 * strength), 1.0),
+            ratio=(math.exp(-log_ratio), math.exp(log_ratio)),
+            rng=rng,
+        )
+        if self._happens(0.5, rng):
+            out = hflip(out)
+        if self._happens(0.2, rng):
+            limit = min(45.0, 15.0 * strength)
+            out = rotate(out, rng.uniform(-limit, limit)).resize((size, size), BICUBIC)
+        if self._happens(0.8, rng):
+            jitter = 0.4 * strength
+            out = color_shift(
+                out,
+                hue=rng.uniform(-1.0, 1.0) * min(0.5, 0.1 * strength),
+                saturation=rng.uniform(max(0.05, 1.0 - jitter), 1.0 + jitter),
+                brightness=rng.uniform(max(0.05, 1.0 - jitter), 1.0 + jitter),
+                contrast=rng.uniform(max(0.05, 1.0 - jitter), 1.0 + jitter),
+            )
+        if self._happens(0.1, rng):
+            out = grayscale(out)
+        if self._happens(0.2, rng):
+            out = blur(out, rng.uniform(0.1, 0.1 + 1.9 * strength) * size / 224)
+        if self._happens(0.2, rng):
+            if rng.random() < 0.5:
+                height = rng.uniform(0.05, 0.05 + 0.15 * strength)
+                out = overlay_text(out, random_text(rng), rng, height_fraction=height)
+            else:
+                out = overlay_shape(out, rng, size_fraction=rng.uniform(0.1, 0.1 + 0.2 * strength))
+        if self._happens(0.2, rng):
+            color = random_color(rng)
+            if rng.random() < 0.5:
+                out = add_border(out, rng.uniform(0.02, 0.02 + 0.13 * strength), color)
+            else:
+                left, top, right, bottom = (
+                    round(rng.uniform(0.0, 0.3 * strength) * size) for _ in range(4)
+                )
+                out = pad(out, left, top, right, bottom, color)
+        if out.size != (size, size):
+            out = out.resize((size, size), BICUBIC)
+        if self._happens(0.3, rng):
+            out = reencode_jpeg(out, rng.randint(max(5, round(90 - 70 * strength)), 90))
+        return out
+
+    def _happens(self, probability: float, rng: random.Random) -> bool:
+        return rng.random() < min(1.0, probability * self.strength)
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: random.Random,
+) -> Image.Image:
+    """Crop a random window of ``scale`` of the area and width/height in ``ratio``, resized
+    to ``size`` x ``size``.
+
+    After ten windows that do not fit, fall back to the largest centred window whose aspect
+    ratio is allowed.
+    """
+    width, height = img.size
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        crop_w = round(math.sqrt(target * aspect))
+        crop_h = round(math.sqrt(target / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = rng.randint(0, width - crop_w)
+            top = rng.randint(0, height - crop_h)
+            break
+    else:
+        crop_w, crop_h = width, height
+        if width / height < ratio[0]:
+            crop_h = max(1, round(width / ratio[0]))
+        elif width / height > ratio[1]:
+            crop_w = max(1, round(height * ratio[1]))
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    box = (left, top, left + crop_w, top + crop_h)
+    return to_rgb(img).resize((size, size), BICUBIC, box=box)
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB image -> (3, H, W) float32 tensor of ``(pixel / 255 - mean) / std`` per channel."""
+    mean_array = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
+    std_array = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
+    if mean_array.size != 3 or std_array.size != 3:
+        raise ValueError("mean and std need one value per RGB channel")
+    pixels = np.asarray(to_rgb(img), dtype=np.float32)
+    # One subtract and one multiply over the pixels instead of three passes.
+    normalised = (pixels - 255.0 * mean_array) * (1.0 / (255.0 * std_array))
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+
+
+def eval_transform(
+    img: Image.Image,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop: float = 1.0,
+) -> torch.Tensor:
+    """Inference preprocessing: (3, size, size) float32 tensor from any PIL image.
+
+    Resize (bicubic) so that the shorter side is ``floor(size / crop)``, as timm does, cut
+    the centred ``size`` x ``size`` window and normalise with ``mean`` and ``std``. With
+    ``crop=1`` the whole shorter side is kept. Orientation (EXIF) is the loader's job.
+    """
+    if not 0.0 < crop <= 1.0:
+        raise ValueError(f"crop fraction must be in (0, 1], got {crop}")
+    resized = resize_shorter_side(img, max(size, math.floor(size / crop)), BICUBIC)
+    return to_tensor(center_crop_to(resized, size, size), mean, std)
+
+
+def _cap_shorter_side(img: Image.Image, limit: int) -> Image.Image:
+    if min(img.size) <= limit:
+        return img
+    # reducing_gap lets PIL box-reduce first: several times faster on camera-sized photos.
+    scale = limit / min(img.size)
+    new_size = (max(limit, round(img.width * scale)), max(limit, round(img.height * scale)))
+    return img.resize(new_size, BICUBIC, reducing_gap=3.0)

@@ -1,0 +1,770 @@
+"""The catalog of an index: one database row per image, whose id is its FAISS id.
+
+It keeps every image's vector, so any FAISS index can be rebuilt from it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import (
+    URL,
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Dialect,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    exc,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from ghostmatch.errors import GhostmatchError
+
+__all__ = [
+    "MIGRATIONS",
+    "Catalog",
+    "CatalogTransaction",
+    "FailureRecord",
+    "ImageRecord",
+    "NewFailure",
+    "NewImage",
+]
+
+CATALOG_FILE = "catalog.db"
+
+# How long a connection waits for another process's write lock before giving up.
+_BUSY_TIMEOUT_MS = 30_000
+# Ids or paths per IN (...) query; stays under SQLite's oldest limit of 999 parameters.
+_CHUNK = 900
+# Vectors are stored little-endian whatever the machine, so a catalog can be copied anywhere.
+_VECTOR_DTYPE = np.dtype("<f4")
+# Execution option that makes the SQLite "begin" hook take the write lock up front.
+_WRITER = "ghostmatch_writer"
+
+
+# ---------------------------------------------------------------------------- column types
+
+# SQLite makes only a column declared exactly INTEGER PRIMARY KEY the rowid, and only that
+# may be AUTOINCREMENT; other databases need BIGINT for 64-bit FAISS ids.
+_Id = BigInteger().with_variant(Integer(), "sqlite")
+
+# Paths must sort by code point everywhere so that a range query is an exact prefix match;
+# PostgreSQL would otherwise compare them by locale.
+_PathText = Text().with_variant(Text(collation="C"), "postgresql")
+
+
+class _UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime, stored naive in UTC because SQLite keeps no offset."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------------------- current schema
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _ImageRow(_Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        # Covers all_stat(): a scan of it never touches the pages that hold the vectors.
+        Index("ix_images_stat", "path", "size", "mtime_ns"),
+        # AUTOINCREMENT: a deleted image's id is never handed out again, as it may still be
+        # in a FAISS index file.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(_PathText, unique=True, index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    content_hash: Mapped[str] = mapped_column(String, index=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String)
+    indexed_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class _FailureRow(_Base):
+    __tablename__ = "failures"
+
+    path: Mapped[str] = mapped_column(_PathText, primary_key=True)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String)
+    detail: Mapped[str] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+
+
+class _RootRow(_Base):
+    __tablename__ = "roots"
+
+    path: Mapped[str] = mapped_column(_PathText, primary_key=True)
+    added_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+
+
+class _MetaRow(_Base):
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class _NotDuplicateRow(_Base):
+    __tablename__ = "not_duplicates"
+
+    path_a: Mapped[str] = mapped_column(_PathText, primary_key=True)
+    path_b: Mapped[str] = mapped_column(_PathText, primary_key=True)
+
+
+class _SchemaVersionRow(_Base):
+    """One row per applied migration; the highest version is the schema's."""
+
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    reason: Mapped[str] = mapped_column(Text)
+    applied_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+def _create_tables_v1(conn: Connection) -> None:
+    """Create the version 1 tables from a frozen copy: later changes are new migrations."""
+    metadata = MetaData()
+    Table(
+        "images",
+        metadata,
+        Column("id", _Id, primary_key=True, autoincrement=True),
+        Column("path", _PathText, nullable=False, unique=True, index=True),
+        Column("size", BigInteger, nullable=False),
+        Column("mtime_ns", BigInteger, nullable=False),
+        Column("content_hash", String, nullable=False, index=True),
+        Column("width", Integer, nullable=False),
+        Column("height", Integer, nullable=False),
+        Column("format", String, nullable=False),
+        Column("indexed_at", _UTCDateTime, nullable=False),
+        Column("vector", LargeBinary, nullable=False),
+        Index("ix_images_stat", "path", "size", "mtime_ns"),
+        sqlite_autoincrement=True,
+    )
+    Table(
+        "failures",
+        metadata,
+        Column("path", _PathText, primary_key=True),
+        Column("size", BigInteger, nullable=True),
+        Column("mtime_ns", BigInteger, nullable=True),
+        Column("reason", String, nullable=False),
+        Column("detail", Text, nullable=False),
+        Column("seen_at", _UTCDateTime, nullable=False),
+    )
+    Table(
+        "roots",
+        metadata,
+        Column("path", _PathText, primary_key=True),
+        Column("added_at", _UTCDateTime, nullable=False),
+    )
+    Table(
+        "meta",
+        metadata,
+        Column("key", String, primary_key=True),
+        Column("value", Text, nullable=False),
+    )
+    Table(
+        "not_duplicates",
+        metadata,
+        Column("path_a", _PathText, primary_key=True),
+        Column("path_b", _PathText, primary_key=True),
+    )
+    metadata.create_all(conn)
+
+
+# (version, why, apply) in order; opening a catalog applies those above its version.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
+]
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image to add: its file stat, content hash, pixel size, format and (d,) vector."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    content_hash: str
+    width: int
+    height: int
+    format: str
+    vector: NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A cataloged image; ``id`` is its id in every FAISS index of the catalog."""
+
+    id: int
+    path: Path
+    size: int
+    mtime_ns: int
+    content_hash: str
+    width: int
+    height: int
+    format: str
+    indexed_at: datetime
+
+
+@dataclass(frozen=True)
+class NewFailure:
+    """A file that could not be indexed; size and mtime are None where stat failed too."""
+
+    path: Path
+    size: int | None
+    mtime_ns: int | None
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """A recorded failure; ``reason`` is a short category, ``detail`` the message."""
+
+    path: Path
+    size: int | None
+    mtime_ns: int | None
+    reason: str
+    detail: str
+    seen_at: datetime
+
+
+# ---------------------------------------------------------------------------- path text
+
+# A file name that is not UTF-8 comes back from os.fsdecode with lone surrogates, which no
+# driver stores as text. Each is written as U+FFFD and its four hex digits, and a real U+FFFD
+# as two: a code per character, so a folder's text stays a prefix of its files' text.
+_ESCAPE = "\ufffd"
+_NEEDS_ESCAPE = re.compile("[\ud800-\udfff\ufffd]")
+_ESCAPED = re.compile("\ufffd(\ufffd|d[89a-f][0-9a-f]{2})")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPE * 2 if char == _ESCAPE else f"{_ESCAPE}{ord(char):04x}"
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    return _ESCAPE if code == _ESCAPE else chr(int(code, 16))
+
+
+def _path_text(path: Path | str) -> str:
+    text = os.fspath(Path(path))
+    return _NEEDS_ESCAPE.sub(_escape, text) if _NEEDS_ESCAPE.search(text) else text
+
+
+def _text_path(text: str) -> Path:
+    return Path(_ESCAPED.sub(_unescape, text) if _ESCAPE in text else text)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _vector_bytes(vector: NDArray[np.float32]) -> bytes:
+    array = np.asarray(vector, dtype=_VECTOR_DTYPE)
+    if array.ndim != 1:
+        raise ValueError(f"a vector must be one-dimensional, got shape {array.shape}")
+    return array.tobytes()
+
+
+def _stack(blobs: Sequence[bytes]) -> NDArray[np.float32]:
+    """(n, d) float32 from n stored vectors, in one copy."""
+    if not blobs:
+        return np.empty((0, 0), dtype=np.float32)
+    lengths = {len(blob) for blob in blobs}
+    if len(lengths) > 1:
+        dims = sorted(length // _VECTOR_DTYPE.itemsize for length in lengths)
+        raise GhostmatchError(f"the catalog mixes vector sizes {dims}; rebuild the index")
+    flat = np.frombuffer(bytearray().join(blobs), dtype=_VECTOR_DTYPE)
+    return flat.reshape(len(blobs), -1).astype(np.float32, copy=False)
+
+
+# In ImageRecord's field order.
+_RECORD_COLUMNS = (
+    _ImageRow.id,
+    _ImageRow.path,
+    _ImageRow.size,
+    _ImageRow.mtime_ns,
+    _ImageRow.content_hash,
+    _ImageRow.width,
+    _ImageRow.height,
+    _ImageRow.format,
+    _ImageRow.indexed_at,
+)
+
+
+def _image_record(row: Sequence[Any]) -> ImageRecord:
+    """The record of a row of ``_RECORD_COLUMNS``."""
+    image_id, path, *rest = row
+    return ImageRecord(image_id, _text_path(path), *rest)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Stop sqlite3 from issuing BEGIN itself: it skips it before SELECT and DDL, which
+        # would leave reads and migrations outside any transaction. "begin" below does it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Connection) -> None:
+        # A writer takes the write lock at once: a transaction that read first and then
+        # writes after another process did fails at once with "database is locked", as
+        # busy_timeout does not cover that case.
+        writer = conn.get_execution_options().get(_WRITER, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+
+def _schema_version(conn: Connection) -> int:
+    if not inspect(conn).has_table(_SchemaVersionRow.__tablename__):
+        return 0
+    return conn.scalar(select(func.max(_SchemaVersionRow.version))) or 0
+
+
+# ---------------------------------------------------------------------------- catalog
+
+
+class Catalog:
+    """An open catalog database; use as a context manager or call ``close()``."""
+
+    def __init__(self, url: str | URL) -> None:
+        self._engine = create_engine(url)
+        if self._engine.dialect.name == "sqlite":
+            _configure_sqlite(self._engine)
+        self._writer = self._engine.execution_options(**{_WRITER: True})
+        try:
+            self._migrate()
+        except exc.DBAPIError as error:
+            self._engine.dispose()
+            raise GhostmatchError(
+                f"cannot open the catalog {self._where()}: {error.orig}"
+            ) from error
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @classmethod
+    def for_directory(cls, directory: Path) -> Catalog:
+        """Open (creating if needed) the catalog file of an index directory that exists."""
+        # A URL object, not a string: a folder name may hold "?" or "#".
+        return cls(URL.create("sqlite", database=os.fspath(Path(directory) / CATALOG_FILE)))
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _where(self) -> str:
+        url = self._engine.url
+        if url.get_backend_name() == "sqlite" and url.database:
+            return url.database
+        return url.render_as_string(hide_password=True)
+
+    def _migrate(self) -> None:
+        latest = MIGRATIONS[-1][0]
+        with self._engine.connect() as conn:
+            current = _schema_version(conn)
+        self._refuse_newer(current, latest)
+        if current == latest:
+            return
+        with self._writer.begin() as conn:
+            _Base.metadata.tables[_SchemaVersionRow.__tablename__].create(conn, checkfirst=True)
+            # Another process may have migrated between the read above and the lock.
+            current = _schema_version(conn)
+            self._refuse_newer(current, latest)
+            for version, reason, apply in MIGRATIONS:
+                if version > current:
+                    apply(conn)
+                    conn.execute(
+                        insert(_SchemaVersionRow),
+                        {"version": version, "reason": reason, "applied_at": _now()},
+                    )
+
+    def _refuse_newer(self, current: int, latest: int) -> None:
+        if current > latest:
+            raise GhostmatchError(
+                f"{self._where()} was written by a newer ghostmatch (schema version "
+                f"{current}, this one reads up to {latest}); upgrade ghostmatch"
+            )
+
+    def schema_version(self) -> int:
+        with self._engine.connect() as conn:
+            return _schema_version(conn)
+
+    # ------------------------------------------------------------------------ writes
+
+    @contextmanager
+    def transaction(self) -> Iterator[CatalogTransaction]:
+        """Writes that others see together when the block exits, and never if it raises."""
+        with self._writer.begin() as conn:
+            yield CatalogTransaction(conn)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value under ``key`` in its own transaction."""
+        with self.transaction() as tx:
+            tx.set_meta(key, value)
+
+    def add_roots(self, paths: Iterable[Path]) -> None:
+        """Remember folders as indexed, in their own transaction."""
+        with self.transaction() as tx:
+            tx.add_roots(paths)
+
+    def add_not_duplicate(self, a: Path, b: Path) -> None:
+        """Record that the user judged two images distinct, in its own transaction."""
+        with self.transaction() as tx:
+            tx.add_not_duplicate(a, b)
+
+    # ------------------------------------------------------------------------ reads
+
+    def get_meta(self, key: str) -> Any | None:
+        with self._engine.connect() as conn:
+            value = conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
+        return None if value is None else json.loads(value)
+
+    def roots(self) -> list[Path]:
+        with self._engine.connect() as conn:
+            texts = conn.scalars(select(_RootRow.path).order_by(_RootRow.path)).all()
+        return [_text_path(text) for text in texts]
+
+    def count(self) -> int:
+        with self._engine.connect() as conn:
+            return conn.scalar(select(func.count()).select_from(_ImageRow)) or 0
+
+    def ids(self) -> NDArray[np.int64]:
+        """All image ids, ascending."""
+        # Sorted here: ORDER BY id would walk the table, vectors and all, not a small index.
+        with self._engine.connect() as conn:
+            ids = conn.scalars(select(_ImageRow.id)).all()
+        return np.sort(np.array(ids, dtype=np.int64))
+
+    def get(self, ids: Sequence[int]) -> list[ImageRecord]:
+        """Records of ``ids`` in that order; ids not in the catalog are skipped."""
+        found: dict[int, ImageRecord] = {}
+        with self._engine.connect() as conn:
+            for chunk in _chunks(list(dict.fromkeys(ids))):
+                query = select(*_RECORD_COLUMNS).where(_ImageRow.id.in_(chunk))
+                found.update((r.id, r) for r in map(_image_record, conn.execute(query)))
+        return [found[image_id] for image_id in ids if image_id in found]
+
+    def records_by_path(self, paths: Iterable[Path]) -> dict[Path, ImageRecord]:
+        """Records of those ``paths`` that are cataloged."""
+        texts = list(dict.fromkeys(_path_text(path) for path in paths))
+        records: dict[Path, ImageRecord] = {}
+        with self._engine.connect() as conn:
+            for chunk in _chunks(texts):
+                query = select(*_RECORD_COLUMNS).where(_ImageRow.path.in_(chunk))
+                records.update((r.path, r) for r in map(_image_record, conn.execute(query)))
+        return records
+
+    def all_stat(self) -> dict[Path, tuple[int, int, int]]:
+        """path -> (id, size, mtime_ns) of every image: what an incremental scan compares."""
+        query = select(_ImageRow.path, _ImageRow.id, _ImageRow.size, _ImageRow.mtime_ns)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return {_text_path(path): (image_id, size, mtime) for path, image_id, size, mtime in rows}
+
+    def find_by_hash(self, hashes: Iterable[str]) -> dict[str, list[ImageRecord]]:
+        """Records per content hash, by id, for those ``hashes`` that are cataloged."""
+        found: dict[str, list[ImageRecord]] = {}
+        with self._engine.connect() as conn:
+            for chunk in _chunks(list(dict.fromkeys(hashes))):
+                query = (
+                    select(*_RECORD_COLUMNS)
+                    .where(_ImageRow.content_hash.in_(chunk))
+                    .order_by(_ImageRow.id)
+                )
+                for record in map(_image_record, conn.execute(query)):
+                    found.setdefault(record.content_hash, []).append(record)
+        return found
+
+    def paths_under(self, folder: Path) -> list[tuple[int, Path]]:
+        """(id, path) of the images inside ``folder`` at any depth, by path."""
+        prefix = _path_text(folder)
+        if not prefix.endswith(os.sep):
+            prefix += os.sep
+        # Every text that starts with the prefix lies in [prefix, prefix with its last
+        # character bumped), and nothing else does; the path index serves this range.
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        query = (
+            select(_ImageRow.id, _ImageRow.path)
+            .where(_ImageRow.path >= prefix, _ImageRow.path < end)
+            .order_by(_ImageRow.path)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [(image_id, _text_path(text)) for image_id, text in rows]
+
+    def vectors(
+        self, ids: Sequence[int] | None = None
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """(ids, (n, d) float32 vectors): all by id, or those of ``ids`` that exist, in order.
+
+        An empty result has shape (0, 0): the catalog does not know the dimension.
+        """
+        query = select(_ImageRow.id, _ImageRow.vector)
+        found: dict[int, bytes] = {}
+        with self._engine.connect() as conn:
+            if ids is None:
+                found.update(conn.execute(query.order_by(_ImageRow.id)).all())
+                order = list(found)
+            else:
+                for chunk in _chunks(list(dict.fromkeys(ids))):
+                    found.update(conn.execute(query.where(_ImageRow.id.in_(chunk))).all())
+                order = [image_id for image_id in ids if image_id in found]
+        return np.array(order, dtype=np.int64), _stack([found[image_id] for image_id in order])
+
+    def iter_vectors(
+        self, batch: int = 10_000
+    ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
+        """(ids, vectors) chunks of at most ``batch`` rows by id, from one consistent read,
+        so that an index can be rebuilt in bounded memory."""
+        query = select(_ImageRow.id, _ImageRow.vector).order_by(_ImageRow.id)
+        with self._engine.connect() as conn:
+            result = conn.execution_options(yield_per=batch).execute(query)
+            for part in result.partitions():
+                yield (
+                    np.array([image_id for image_id, _ in part], dtype=np.int64),
+                    _stack([blob for _, blob in part]),
+                )
+
+    def vector_of_path(self, path: Path) -> NDArray[np.float32] | None:
+        query = select(_ImageRow.vector).where(_ImageRow.path == _path_text(path))
+        with self._engine.connect() as conn:
+            blob = conn.scalar(query)
+        return None if blob is None else _stack([blob])[0]
+
+    def failures(self) -> list[FailureRecord]:
+        """Every recorded failure, by path."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(_FailureRow).order_by(_FailureRow.path)).all()
+        return [
+            FailureRecord(
+                path=_text_path(row.path),
+                size=row.size,
+                mtime_ns=row.mtime_ns,
+                reason=row.reason,
+                detail=row.detail,
+                seen_at=row.seen_at,
+            )
+            for row in rows
+        ]
+
+    def failure_counts(self) -> dict[str, int]:
+        """Number of failures per reason."""
+        query = select(_FailureRow.reason, func.count()).group_by(_FailureRow.reason)
+        with self._engine.connect() as conn:
+            return dict(conn.execute(query).all())
+
+    def not_duplicates(self) -> set[tuple[Path, Path]]:
+        """Pairs the user judged distinct, each in the order it is stored (sorted)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(_NotDuplicateRow.path_a, _NotDuplicateRow.path_b))
+            return {(_text_path(a), _text_path(b)) for a, b in rows}
+
+    def disk_size(self) -> int | None:
+        """Bytes the SQLite files take on disk, or None for a server database or memory."""
+        url = self._engine.url
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            return None
+        database = Path(url.database)
+        files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
+        return sum(file.stat().st_size for file in files if file.exists())
+
+
+class CatalogTransaction:
+    """The writes of one ``Catalog.transaction()`` block, committed together at its end."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def insert_images(self, rows: Sequence[NewImage]) -> list[int]:
+        """Add images (paths not yet cataloged) and return their new ids in order."""
+        if not rows:
+            return []
+        now = _now()
+        params = [
+            {
+                "path": _path_text(row.path),
+                "size": row.size,
+                "mtime_ns": row.mtime_ns,
+                "content_hash": row.content_hash,
+                "width": row.width,
+                "height": row.height,
+                "format": row.format,
+                "indexed_at": now,
+                "vector": _vector_bytes(row.vector),
+            }
+            for row in rows
+        ]
+        query = insert(_ImageRow).returning(_ImageRow.id, sort_by_parameter_order=True)
+        return list(self._conn.scalars(query, params))
+
+    def update_image(
+        self,
+        image_id: int,
+        *,
+        path: Path | None = None,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+        content_hash: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        format: str | None = None,
+        vector: NDArray[np.float32] | None = None,
+    ) -> None:
+        """Change the given fields of one image (None leaves a field as it is).
+
+        A new vector also sets ``indexed_at`` to now. Raises KeyError for an unknown id.
+        """
+        values: dict[str, Any] = {
+            "size": size,
+            "mtime_ns": mtime_ns,
+            "content_hash": content_hash,
+            "width": width,
+            "height": height,
+            "format": format,
+        }
+        values = {name: value for name, value in values.items() if value is not None}
+        if path is not None:
+            values["path"] = _path_text(path)
+        if vector is not None:
+            values["vector"] = _vector_bytes(vector)
+            values["indexed_at"] = _now()
+        if not values:
+            return
+        result = self._conn.execute(
+            update(_ImageRow).where(_ImageRow.id == image_id).values(values)
+        )
+        if result.rowcount == 0:
+            raise KeyError(image_id)
+
+    def delete_images(self, ids: Iterable[int]) -> None:
+        for chunk in _chunks(list(ids)):
+            self._conn.execute(delete(_ImageRow).where(_ImageRow.id.in_(chunk)))
+
+    def record_failures(self, rows: Sequence[NewFailure]) -> None:
+        """Record files that could not be indexed, replacing earlier failures of the paths."""
+        self.clear_failures(row.path for row in rows)
+        if not rows:
+            return
+        now = _now()
+        params = [
+            {
+                "path": _path_text(row.path),
+                "size": row.size,
+                "mtime_ns": row.mtime_ns,
+                "reason": row.reason,
+                "detail": row.detail,
+                "seen_at": now,
+            }
+            for row in rows
+        ]
+        self._conn.execute(insert(_FailureRow), params)
+
+    def clear_failures(self, paths: Iterable[Path]) -> None:
+        for chunk in _chunks([_path_text(path) for path in paths]):
+            self._conn.execute(delete(_FailureRow).where(_FailureRow.path.in_(chunk)))
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value under ``key``, replacing any earlier one."""
+        text = json.dumps(value)
+        result = self._conn.execute(update(_MetaRow).where(_MetaRow.key == key).values(value=text))
+        if result.rowcount == 0:
+            self._conn.execute(insert(_MetaRow), {"key": key, "value": text})
+
+    def add_roots(self, paths: Iterable[Path]) -> None:
+        """Remember folders as indexed; ones already known are left as they are."""
+        texts = list(dict.fromkeys(_path_text(path) for path in paths))
+        known: set[str] = set()
+        for chunk in _chunks(texts):
+            known.update(self._conn.scalars(select(_RootRow.path).where(_RootRow.path.in_(chunk))))
+        now = _now()
+        new = [{"path": text, "added_at": now} for text in texts if text not in known]
+        if new:
+            self._conn.execute(insert(_RootRow), new)
+
+    def add_not_duplicate(self, a: Path, b: Path) -> None:
+        """Record that two images are distinct; the pair is stored sorted, once."""
+        path_a, path_b = sorted((_path_text(a), _path_text(b)))
+        exists = self._conn.scalar(
+            select(func.count())
+            .select_from(_NotDuplicateRow)
+            .where(_NotDuplicateRow.path_a == path_a, _NotDuplicateRow.path_b == path_b)
+        )
+        if not exists:
+            self._conn.execute(insert(_NotDuplicateRow), {"path_a": path_a, "path_b": path_b})

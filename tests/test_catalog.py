@@ -1,0 +1,377 @@
+"""Contracts of the catalog, checked on real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Connection, Engine, create_engine, inspect, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateTable
+
+import ghostmatch.catalog as catalog_module
+from ghostmatch.catalog import Catalog, NewFailure, NewImage
+from ghostmatch.errors import GhostmatchError
+
+DIM = 8
+
+
+def new_image(path: str | Path, seed: int = 0, content_hash: str | None = None) -> NewImage:
+    vector = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return NewImage(
+        path=Path(path),
+        size=1000 + seed,
+        mtime_ns=1_700_000_000_123_456_789 + seed,
+        content_hash=content_hash or f"hash{seed}",
+        width=640,
+        height=480,
+        format="JPEG",
+        vector=vector / np.linalg.norm(vector),
+    )
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    with Catalog.for_directory(tmp_path) as opened:
+        yield opened
+
+
+def insert(catalog: Catalog, *images: NewImage) -> list[int]:
+    with catalog.transaction() as tx:
+        return tx.insert_images(images)
+
+
+def test_insert_then_read_back_everything(catalog: Catalog) -> None:
+    images = [new_image(f"/photos/{i}.jpg", seed=i, content_hash="same") for i in range(3)]
+    before = datetime.now(timezone.utc)
+    ids = insert(catalog, *images)
+
+    assert ids == [1, 2, 3]
+    assert catalog.count() == 3
+    assert catalog.ids().tolist() == ids
+    records = catalog.get([ids[2], 999, ids[0]])
+    assert [record.id for record in records] == [ids[2], ids[0]]
+    record = records[1]
+    assert record.path == images[0].path
+    assert (record.size, record.mtime_ns) == (images[0].size, images[0].mtime_ns)
+    assert (record.width, record.height, record.format) == (640, 480, "JPEG")
+    assert record.indexed_at.tzinfo == timezone.utc
+    assert before <= record.indexed_at <= datetime.now(timezone.utc)
+
+    all_ids, vectors = catalog.vectors()
+    assert all_ids.tolist() == ids
+    assert vectors.dtype == np.float32 and vectors.shape == (3, DIM)
+    assert vectors.tobytes() == np.stack([image.vector for image in images]).tobytes()
+    some_ids, some = catalog.vectors([ids[2], 999, ids[1]])
+    assert some_ids.tolist() == [ids[2], ids[1]]
+    assert some.tobytes() == np.stack([images[2].vector, images[1].vector]).tobytes()
+    found = catalog.vector_of_path(images[1].path)
+    assert found is not None and found.tobytes() == images[1].vector.tobytes()
+    assert catalog.vector_of_path(Path("/photos/missing.jpg")) is None
+
+    assert catalog.all_stat() == {
+        image.path: (image_id, image.size, image.mtime_ns)
+        for image_id, image in zip(ids, images, strict=True)
+    }
+    by_path = catalog.records_by_path([images[1].path, Path("/photos/missing.jpg")])
+    assert list(by_path) == [images[1].path] and by_path[images[1].path].id == ids[1]
+    by_hash = catalog.find_by_hash(["same", "other"])
+    assert [record.id for record in by_hash["same"]] == ids and "other" not in by_hash
+
+
+def test_empty_catalog_reads(catalog: Catalog) -> None:
+    assert catalog.count() == 0
+    assert catalog.ids().shape == (0,)
+    ids, vectors = catalog.vectors()
+    assert ids.shape == (0,) and vectors.shape == (0, 0)
+    assert list(catalog.iter_vectors()) == []
+    assert catalog.all_stat() == {} and catalog.get([1]) == []
+
+
+def test_deleted_ids_are_never_reused(tmp_path: Path) -> None:
+    with Catalog.for_directory(tmp_path) as catalog:
+        ids = insert(catalog, *(new_image(f"/p/{i}.jpg", i) for i in range(3)))
+        with catalog.transaction() as tx:
+            tx.delete_images([ids[2]])
+        assert insert(catalog, new_image("/p/new.jpg", 7)) == [4]
+        with catalog.transaction() as tx:
+            tx.delete_images([4])
+    with Catalog.for_directory(tmp_path) as catalog:
+        assert insert(catalog, new_image("/p/newer.jpg", 8)) == [5]
+        assert catalog.ids().tolist() == [ids[0], ids[1], 5]
+
+
+def test_an_exception_rolls_the_whole_transaction_back(catalog: Catalog) -> None:
+    insert(catalog, new_image("/p/kept.jpg"))
+    with pytest.raises(RuntimeError), catalog.transaction() as tx:
+        tx.insert_images([new_image("/p/a.jpg", 1), new_image("/p/b.jpg", 2)])
+        tx.update_image(1, size=5)
+        tx.record_failures([NewFailure(Path("/p/bad.jpg"), 1, 2, "decode", "truncated")])
+        tx.set_meta("model", "x")
+        tx.add_roots([Path("/p")])
+        raise RuntimeError("interrupted")
+
+    assert catalog.count() == 1 and catalog.get([1])[0].size == new_image("").size
+    assert catalog.failures() == [] and catalog.get_meta("model") is None
+    assert catalog.roots() == []
+
+
+def test_other_connections_see_writes_only_after_commit(tmp_path: Path) -> None:
+    with Catalog.for_directory(tmp_path) as writer, Catalog.for_directory(tmp_path) as reader:
+        with writer.transaction() as tx:
+            tx.insert_images([new_image("/p/a.jpg")])
+            assert reader.count() == 0
+            assert writer.count() == 0  # its reads use other connections too
+        assert reader.count() == 1
+
+
+def test_a_path_is_cataloged_once(catalog: Catalog) -> None:
+    insert(catalog, new_image("/p/a.jpg"))
+    with pytest.raises(IntegrityError):
+        insert(catalog, new_image("/p/b.jpg", 1), new_image("/p/a.jpg", 2))
+    with pytest.raises(IntegrityError), catalog.transaction() as tx:
+        tx.update_image(1, path=Path("/p/c.jpg"))
+        tx.insert_images([new_image("/p/c.jpg", 3)])
+    assert [record.path for record in catalog.get([1, 2, 3])] == [Path("/p/a.jpg")]
+
+
+def test_update_image(catalog: Catalog) -> None:
+    (image_id,) = insert(catalog, new_image("/p/a.jpg"))
+    first = catalog.get([image_id])[0]
+    with catalog.transaction() as tx:
+        tx.update_image(image_id, path=Path("/q/a.jpg"))
+    moved = catalog.get([image_id])[0]
+    assert moved.path == Path("/q/a.jpg") and moved.indexed_at == first.indexed_at
+    assert catalog.vector_of_path(Path("/p/a.jpg")) is None
+
+    vector = new_image("", seed=9).vector
+    with catalog.transaction() as tx:
+        tx.update_image(image_id, size=1, mtime_ns=2, content_hash="h", vector=vector)
+    changed = catalog.get([image_id])[0]
+    assert (changed.size, changed.mtime_ns, changed.content_hash) == (1, 2, "h")
+    assert changed.indexed_at >= first.indexed_at
+    assert catalog.vectors()[1][0].tobytes() == vector.tobytes()
+
+    with pytest.raises(KeyError), catalog.transaction() as tx:
+        tx.update_image(999, size=1)
+
+
+def test_a_non_utf8_file_name_round_trips(tmp_path: Path, catalog: Catalog) -> None:
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(folder)
+    names = [b"na\xefve.jpg", "real \ufffd and \ufffddc80.jpg".encode(), b"\xed\xb2\x80.png"]
+    for name in names:
+        open(folder + b"/" + name, "wb").close()
+    paths = sorted(Path(os.fsdecode(folder)).iterdir())
+    assert any("\udce9" in str(path) for path in paths)  # undecodable bytes came back escaped
+
+    ids = insert(catalog, *(new_image(path, i) for i, path in enumerate(paths)))
+
+    records = catalog.get(ids)
+    assert [record.path for record in records] == paths
+    assert all(record.path.exists() for record in records)
+    assert sorted(catalog.all_stat()) == paths
+    assert sorted(catalog.records_by_path(paths)) == paths
+    assert [path for _, path in catalog.paths_under(Path(os.fsdecode(folder)))] == paths
+    assert catalog.paths_under(tmp_path / "caf\ufffd") == []
+    # What lands in the database is valid text that a plain sqlite3 client can read.
+    with sqlite3.connect(tmp_path / "catalog.db") as raw:
+        stored = [row[0] for row in raw.execute("SELECT path FROM images")]
+    assert all(value.encode("utf-8") for value in stored)
+
+
+def test_an_index_directory_may_have_any_name(tmp_path: Path) -> None:
+    directory = Path(os.fsdecode(os.fsencode(tmp_path) + b"/odd ?#%20 \xff name"))
+    directory.mkdir()
+    with Catalog.for_directory(directory) as catalog:
+        insert(catalog, new_image("/p/a.jpg"))
+    assert (directory / "catalog.db").is_file()
+    with Catalog.for_directory(directory) as catalog:
+        assert catalog.count() == 1
+
+
+def test_paths_under_is_a_folder_prefix_not_a_string_prefix(catalog: Catalog) -> None:
+    names = ["a/b/x.jpg", "a/b/c/y.jpg", "a/bc/z.jpg", "a/b.jpg", "a/b", "A/b/w.jpg", "a/b0.jpg"]
+    ids = insert(catalog, *(new_image(f"/r/{name}", i) for i, name in enumerate(names)))
+
+    expected = [(ids[1], Path("/r/a/b/c/y.jpg")), (ids[0], Path("/r/a/b/x.jpg"))]
+    assert catalog.paths_under(Path("/r/a/b")) == expected
+    assert catalog.paths_under(Path("/r/a/b/")) == expected
+    assert len(catalog.paths_under(Path("/"))) == len(names)
+    assert catalog.paths_under(Path("/r/a/b/x.jpg")) == []
+
+
+def test_meta_holds_json(catalog: Catalog) -> None:
+    card = {"name": "ghostnet_100", "mean": [0.485, 0.456, 0.406], "size": 224, "gem": None}
+    catalog.set_meta("model", card)
+    catalog.set_meta("threshold", 0.8125)
+    assert catalog.get_meta("model") == card
+    assert catalog.get_meta("threshold") == 0.8125
+    assert catalog.get_meta("missing") is None
+    catalog.set_meta("threshold", 0.5)
+    assert catalog.get_meta("threshold") == 0.5
+
+
+def test_roots_are_kept_once(catalog: Catalog) -> None:
+    catalog.add_roots([Path("/b"), Path("/a"), Path("/a")])
+    catalog.add_roots([Path("/a/")])
+    assert catalog.roots() == [Path("/a"), Path("/b")]
+
+
+def test_not_duplicates_ignore_order(catalog: Catalog) -> None:
+    catalog.add_not_duplicate(Path("/p/b.jpg"), Path("/p/a.jpg"))
+    catalog.add_not_duplicate(Path("/p/a.jpg"), Path("/p/b.jpg"))
+    catalog.add_not_duplicate(Path("/p/b.jpg"), Path("/p/a.jpg"))
+    catalog.add_not_duplicate(Path("/p/c.jpg"), Path("/p/a.jpg"))
+    assert catalog.not_duplicates() == {
+        (Path("/p/a.jpg"), Path("/p/b.jpg")),
+        (Path("/p/a.jpg"), Path("/p/c.jpg")),
+    }
+
+
+def test_failures_are_counted_by_reason_and_replaced(catalog: Catalog) -> None:
+    with catalog.transaction() as tx:
+        tx.record_failures(
+            [
+                NewFailure(Path("/p/a.jpg"), 10, 20, "decode", "cannot identify image"),
+                NewFailure(Path("/p/b.jpg"), 11, 21, "decode", "truncated"),
+                NewFailure(Path("/p/c.jpg"), None, None, "permission", "denied"),
+            ]
+        )
+    assert catalog.failure_counts() == {"decode": 2, "permission": 1}
+
+    with catalog.transaction() as tx:
+        tx.record_failures([NewFailure(Path("/p/a.jpg"), 12, 22, "too_large", "1e9 pixels")])
+        tx.clear_failures([Path("/p/b.jpg")])
+    assert catalog.failure_counts() == {"permission": 1, "too_large": 1}
+    failures = catalog.failures()
+    assert [(f.path, f.size, f.reason) for f in failures] == [
+        (Path("/p/a.jpg"), 12, "too_large"),
+        (Path("/p/c.jpg"), None, "permission"),
+    ]
+    assert failures[0].seen_at.tzinfo == timezone.utc
+
+
+def test_bulk_insert_and_batched_vectors(catalog: Catalog) -> None:
+    n, dim = 10_000, 960
+    vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    rows = [
+        NewImage(Path(f"/bulk/{i % 97}/{i}.jpg"), i, i, f"h{i}", 1, 1, "PNG", vectors[i])
+        for i in range(n)
+    ]
+    with catalog.transaction() as tx:
+        ids = tx.insert_images(rows)
+
+    assert len(ids) == n == catalog.count() == len(catalog.all_stat())
+    chunks = list(catalog.iter_vectors(batch=3000))
+    assert [len(chunk_ids) for chunk_ids, _ in chunks] == [3000, 3000, 3000, 1000]
+    assert np.concatenate([chunk_ids for chunk_ids, _ in chunks]).tolist() == ids
+    assert np.array_equal(np.concatenate([chunk for _, chunk in chunks]), vectors)
+    assert (catalog.disk_size() or 0) > vectors.nbytes
+
+
+def test_migrations_run_once_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Catalog.for_directory(tmp_path) as catalog:
+        assert catalog.schema_version() == 1
+        insert(catalog, new_image("/p/a.jpg"))
+    applied: list[int] = []
+
+    def add_note_column(conn: Connection) -> None:
+        applied.append(2)
+        conn.execute(text("ALTER TABLE images ADD COLUMN note TEXT"))
+
+    migrations = [*catalog_module.MIGRATIONS, (2, "test: a note per image", add_note_column)]
+    monkeypatch.setattr(catalog_module, "MIGRATIONS", migrations)
+    for _ in range(2):
+        with Catalog.for_directory(tmp_path) as catalog:
+            assert catalog.schema_version() == 2
+            assert catalog.count() == 1
+    assert applied == [2]
+    with sqlite3.connect(tmp_path / "catalog.db") as raw:
+        history = raw.execute("SELECT version, reason FROM schema_version ORDER BY 1").fetchall()
+        columns = [row[1] for row in raw.execute("PRAGMA table_info(images)")]
+    assert [version for version, _ in history] == [1, 2]
+    assert history[1][1] == "test: a note per image"
+    assert "note" in columns
+
+
+def test_a_failed_migration_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Catalog.for_directory(tmp_path).close()
+
+    def half_done(conn: Connection) -> None:
+        conn.execute(text("CREATE TABLE half (x INTEGER)"))
+        raise RuntimeError("bug in migration")
+
+    monkeypatch.setattr(
+        catalog_module, "MIGRATIONS", [*catalog_module.MIGRATIONS, (2, "test", half_done)]
+    )
+    with pytest.raises(RuntimeError):
+        Catalog.for_directory(tmp_path)
+    monkeypatch.undo()
+    with Catalog.for_directory(tmp_path) as catalog:
+        assert catalog.schema_version() == 1
+    engine = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
+    assert not inspect(engine).has_table("half")
+    engine.dispose()
+
+
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    Catalog.for_directory(tmp_path).close()
+    with sqlite3.connect(tmp_path / "catalog.db") as raw:
+        raw.execute("INSERT INTO schema_version VALUES (99, 'future', '2099-01-01 00:00:00')")
+    with pytest.raises(GhostmatchError, match=r"newer ghostmatch.*upgrade"):
+        Catalog.for_directory(tmp_path)
+
+
+def test_a_file_that_is_no_database_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "catalog.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(GhostmatchError, match="cannot open the catalog"):
+        Catalog.for_directory(tmp_path)
+
+
+def test_migrations_build_exactly_the_declared_schema(tmp_path: Path) -> None:
+    versions = [version for version, _, _ in catalog_module.MIGRATIONS]
+    assert versions == list(range(1, len(versions) + 1))
+
+    Catalog.for_directory(tmp_path).close()
+    migrated = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
+    declared = create_engine("sqlite://")
+    catalog_module._Base.metadata.create_all(declared)
+
+    def schema(engine: Engine) -> dict[str, object]:
+        inspector = inspect(engine)
+        return {
+            table: (
+                [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
+                inspector.get_pk_constraint(table)["constrained_columns"],
+                sorted(
+                    (i["name"], tuple(i["column_names"]), i["unique"])
+                    for i in inspector.get_indexes(table)
+                ),
+                sorted(str(u["column_names"]) for u in inspector.get_unique_constraints(table)),
+            )
+            for table in sorted(inspector.get_table_names())
+        }
+
+    assert schema(migrated) == schema(declared)
+    migrated.dispose()
+    declared.dispose()
+
+
+def test_the_schema_compiles_for_postgresql() -> None:
+    dialect = postgresql.dialect()
+    ddl = {
+        table.name: str(CreateTable(table).compile(dialect=dialect))
+        for table in catalog_module._Base.metadata.sorted_tables
+    }
+    assert "id BIGSERIAL" in ddl["images"]
+    assert 'path TEXT COLLATE "C" NOT NULL' in ddl["images"]
+    assert "vector BYTEA NOT NULL" in ddl["images"]
