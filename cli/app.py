@@ -1,19 +1,374 @@
-"""Typer application: parses options, wires the library, prints results."""
+"""The ``ghostmatch`` command: parses options, opens the library, prints what it returns.
+
+Exit codes: 0 success (bad files are reported, not fatal), 1 an unexpected internal error,
+2 a mistake the user can fix (message on one line, no traceback), 130 interrupted (work
+done so far is kept).
+"""
 
 from __future__ import annotations
 
-import typer
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
 
-app = typer.Typer(no_args_is_help=True, add_completion=False)
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ghostmatch.errors import GhostmatchError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Find matching and duplicate photos with GhostNet descriptors and FAISS.",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+IndexOpt = Annotated[
+    Path | None,
+    typer.Option("--index", help="Index folder [default: $GHOSTMATCH_INDEX or user data dir]"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        help="imagenet, bundled, random or a checkpoint file (.pth/.pt/.safetensors). "
+        "Default: $GHOSTMATCH_WEIGHTS, else imagenet if cached or downloadable, else bundled.",
+    ),
+]
+RuntimeOpt = Annotated[
+    str, typer.Option("--runtime", help="auto, torch, onnx or eager (the model as loaded).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def _progress(enabled: bool, label: str) -> Iterator[Any]:
+    """A rich progress bar with rate and ETA on stderr; a no-op callback when disabled."""
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        task: TaskID | None = None
+
+        def update(stage: str, done: int, total: int | None) -> None:
+            nonlocal task
+            if stage == "scanned":
+                err.print(f"found {done} image files")
+                return
+            if task is None:
+                task = bar.add_task(label, total=total, rate="")
+            elapsed = bar.tasks[task].elapsed or 0.0
+            rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 else ""
+            bar.update(task, completed=done, total=total, rate=rate)
+
+        yield update
+
+
+def _open(index: Path | None, **options: Any) -> Any:
+    import ghostmatch
+
+    return ghostmatch.open(index, **options)
 
 
 @app.command()
-def version() -> None:
-    """Print the version."""
-    import ghostmatch
+def index(
+    folders: Annotated[list[Path], typer.Argument(help="Folders (or files) to index.")],
+    index: IndexOpt = None,
+    weights: WeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+    device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "auto",
+    max_megapixels: Annotated[float, typer.Option("--max-megapixels", min=0.01)] = 100.0,
+    index_type: Annotated[
+        str | None,
+        typer.Option("--index-type", help="FAISS index_factory string, e.g. Flat, IVF1024,Flat"),
+    ] = None,
+    no_prune: Annotated[
+        bool, typer.Option("--no-prune", help="Keep files that disappeared from the folders.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add the images under FOLDERS to the index, or bring it up to date."""
+    for folder in folders:
+        if not folder.exists():
+            raise GhostmatchError(f"{os.fsdecode(folder)} does not exist")
+    lib = _open(index, weights=weights, runtime=runtime, device=device, index_type=index_type)
+    try:
+        if not quiet and not as_json:
+            err.print(f"index {lib.path}")
+        show = not quiet and err.is_terminal
+        with _progress(show, "indexing") as progress:
+            report = lib.index(
+                folders,
+                batch_size=batch_size,
+                workers=workers,
+                max_megapixels=max_megapixels,
+                prune=not no_prune,
+                progress=progress,
+            )
+        if index_type is not None and lib.vector_index is not None:
+            if lib.vector_index.factory != index_type:
+                lib.rebuild(index_type)
+        card = lib.card
+    finally:
+        lib.close()
+    if as_json:
+        data = report.to_dict()
+        data["index"] = str(lib.path)
+        data["model"] = card.describe() if card else None
+        _print_json(data)
+    elif not quiet:
+        if card is not None:
+            err.print(f"model: {card.describe()}")
+        _print_report(report)
+    if report.interrupted:
+        raise typer.Exit(130)
 
-    typer.echo(ghostmatch.__version__)
+
+def _print_report(report: Any) -> None:
+    failed = sum(report.failed.values())
+    out.print(
+        f"added {report.added}, updated {report.updated}, moved {report.moved}, "
+        f"removed {report.removed}, unchanged {report.unchanged}, failed {failed}"
+        + (f", skipped {report.known_bad} known bad" if report.known_bad else "")
+        + f" in {report.seconds:.1f} s ({report.images_per_s:.1f} images/s)"
+    )
+    if report.failed:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.failed.items()))
+        out.print(f"failed by reason: {reasons}")
+        for path, reason, detail in report.failures[:20]:
+            out.print(f"  {os.fsdecode(path)}: {reason}: {detail}", markup=False)
+        if len(report.failures) > 20:
+            out.print(f"  ... and {len(report.failures) - 20} more (see ghostmatch info)")
+    if report.interrupted:
+        out.print("interrupted: the work done so far is saved; run the command again to resume")
+
+
+@app.command()
+def query(
+    images: Annotated[list[Path], typer.Argument(help="Query images (need not be indexed).")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Matches per query.")] = 10,
+    index: IndexOpt = None,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Only matches scoring at least this.")
+    ] = None,
+    under: Annotated[
+        Path | None, typer.Option("--under", help="Only matches below this folder.")
+    ] = None,
+    runtime: RuntimeOpt = "auto",
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the indexed images most like each IMAGE (cosine score, higher = more alike)."""
+    lib = _open(index, runtime=runtime, device=device, create=False)
+    try:
+        results = [
+            (image, lib.query(image, k, min_score=min_score, under=under)) for image in images
+        ]
+    finally:
+        lib.close()
+    if as_json:
+        _print_json(
+            [
+                {"query": os.fsdecode(image), "matches": [m.to_dict() for m in matches]}
+                for image, matches in results
+            ]
+        )
+        return
+    for image, matches in results:
+        table = Table(title=os.fsdecode(image), title_justify="left")
+        for column in ("rank", "score", "path", "width", "height", "bytes"):
+            justify = "left" if column == "path" else "right"
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for m in matches:
+            table.add_row(
+                str(m.rank),
+                f"{m.score:.4f}",
+                os.fsdecode(m.path),
+                str(m.width),
+                str(m.height),
+                str(m.bytes),
+            )
+        out.print(table)
+        if not matches:
+            out.print("no matches")
+
+
+@app.command()
+def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
+    """Images, folders, model, index type, sizes on disk and failures of an index."""
+    lib = _open(index, create=False)
+    try:
+        data = lib.info()
+    finally:
+        lib.close()
+    if as_json:
+        _print_json(data)
+        return
+    out.print(f"index        {data['index']}")
+    out.print(f"images       {data['images']}")
+    out.print(f"model        {data['model_summary']}")
+    out.print(f"index type   {data['index_type']}")
+    size = (data["catalog_bytes"] or 0) + data["index_bytes"]
+    out.print(f"on disk      {size / 1e6:.1f} MB")
+    for folder in data["folders"]:
+        out.print(f"folder       {folder}", markup=False)
+    for reason, count in sorted(data["failures"].items()):
+        out.print(f"failed       {count} {reason}")
+
+
+@app.command()
+def remove(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to forget.")],
+    index: IndexOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove files (or everything under folders) from the index; the files stay on disk."""
+    lib = _open(index, create=False)
+    try:
+        removed = lib.remove(paths)
+    finally:
+        lib.close()
+    if as_json:
+        _print_json({"removed": removed})
+    else:
+        out.print(f"removed {removed} images from the index")
+
+
+@app.command("make-copies")
+def make_copies_cmd(
+    source: Annotated[Path, typer.Argument(help="A folder of photos.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the test set.")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use at most N photos.")] = None,
+) -> None:
+    """Make a near-duplicate test set (originals, transformed copies, truth.json)."""
+    from ghostmatch.copies import make_copies
+    from ghostmatch.scan import scan
+
+    sources = sorted(entry.path for entry in scan([source]))
+    if limit is not None:
+        sources = sources[:limit]
+    truth = make_copies(sources, out_dir, seed)
+    out.print(f"wrote {truth}")
+
+
+@app.command()
+def train(
+    folder: Annotated[Path, typer.Argument(help="Training photos (sub-folders = classes).")],
+    out_file: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
+    mode: Annotated[str, typer.Option("--mode", help="ssl or supervised.")] = "ssl",
+    init: Annotated[
+        str, typer.Option("--init", help="imagenet, bundled, random or a checkpoint.")
+    ] = "random",
+    width: Annotated[float, typer.Option("--width")] = 1.0,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
+    image_size: Annotated[int, typer.Option("--image-size", min=32)] = 160,
+    dim: Annotated[int, typer.Option("--dim", min=8)] = 256,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    list_file: Annotated[
+        Path | None, typer.Option("--list", help="Only the images listed (relative paths).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt.")] = False,
+) -> None:
+    """Train a descriptor (self-supervised copy detection, or supervised classes)."""
+    import torch
+
+    from ghostmatch.train import TrainConfig
+    from ghostmatch.train import train as run_training
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = TrainConfig(
+        mode=mode,
+        init=init,
+        width=width,
+        epochs=epochs,
+        batch_size=batch_size,
+        image_size=image_size,
+        dim=dim,
+        seed=seed,
+    )
+
+    def report(event: str, data: dict[str, Any]) -> None:
+        if event == "step":
+            if data["step"] % 10 == 0 or data["step"] == data["steps"]:
+                err.print(
+                    f"epoch {data['epoch'] + 1}/{epochs} step {data['step']}/{data['steps']} "
+                    f"loss {data['loss']:.4f} {data['images_per_s']:.1f} img/s"
+                )
+        elif event == "epoch":
+            knn = f" knn-top1 {data['knn_top1']:.3f}" if data.get("knn_top1") is not None else ""
+            out.print(
+                f"epoch {data['epoch'] + 1}/{epochs}: loss {data['loss']:.4f}, "
+                f"{data['images_per_s']:.1f} img/s, {data['seconds']:.0f} s{knn}"
+            )
+        else:
+            err.print(f"{event}: {data}")
+
+    run_training(folder, out_file, config, list_file=list_file, resume=resume, report=report)
+    out.print(f"wrote {out_file}")
 
 
 def main() -> None:
-    app()
+    """Console entry point: user errors become one line and exit code 2."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}")
+    try:
+        app(standalone_mode=False)
+    except GhostmatchError as error:
+        err.print(f"error: {error}", markup=False, highlight=False)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as error:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,705 @@
+"""An index directory as one object: incremental indexing, queries, removal, repair.
+
+The directory holds ``catalog.db`` (the truth: paths, stats, hashes and vectors) and
+``vectors.faiss`` (a derived FAISS index, rebuilt from the catalog whenever they disagree).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from platformdirs import user_data_dir
+
+from ghostmatch.catalog import Catalog, ImageRecord, NewFailure, NewImage
+from ghostmatch.embedder import Embedder, prepare
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.images import ImageRejected, image_from_array, load_image, to_rgb
+from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
+from ghostmatch.modelcard import ModelCard
+from ghostmatch.scan import FileEntry, content_hash, scan
+from ghostmatch.weights import load_descriptor
+
+INDEX_FILE = "vectors.faiss"
+CHECKPOINT_IMAGES = 1000
+CARD_META = "model_card"
+WEIGHTS_META = "weights_spec"
+INDEX_TYPE_META = "index_type"
+GENERATION_META = "generation"
+
+ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
+Progress = Callable[[str, int, int | None], None]
+
+
+def default_index_path() -> Path:
+    """``GHOSTMATCH_INDEX``, else the per-user data folder ``ghostmatch/default``."""
+    configured = os.environ.get("GHOSTMATCH_INDEX")
+    return Path(configured) if configured else Path(user_data_dir("ghostmatch")) / "default"
+
+
+@dataclass(frozen=True)
+class Match:
+    """One search result; ``score`` is cosine similarity, higher = more alike."""
+
+    rank: int
+    path: Path
+    score: float
+    width: int
+    height: int
+    bytes: int
+    id: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "path": str(self.path),
+            "score": round(self.score, 6),
+            "width": self.width,
+            "height": self.height,
+            "bytes": self.bytes,
+        }
+
+
+@dataclass
+class IndexReport:
+    """What one indexing run did; ``failed`` counts this run's bad files by reason."""
+
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    known_bad: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[Path, str, str]] = field(default_factory=list)
+    embedded: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "moved": self.moved,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "skipped_known_bad": self.known_bad,
+            "failed": dict(self.failed),
+            "failures": [
+                {"path": os.fsdecode(p), "reason": r, "detail": d} for p, r, d in self.failures
+            ],
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 2),
+            "interrupted": self.interrupted,
+        }
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    entry: FileEntry
+    digest: str
+    width: int
+    height: int
+    format: str
+    pixels: np.ndarray | None  # None: a move, the vector comes from the catalog
+
+
+@dataclass(frozen=True)
+class _Failed:
+    entry: FileEntry
+    reason: str
+    detail: str
+
+
+class Library:
+    """An open index: ``with ghostmatch.open(path) as lib: lib.index([folder])``.
+
+    ``weights`` names the model for a new index; an existing index always uses the model
+    recorded in it, and naming a different one is refused rather than mixing vectors.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        runtime: str = "auto",
+        device: str = "auto",
+        index_type: str | None = None,
+        create: bool = True,
+    ) -> None:
+        self.path = Path(path) if path is not None else default_index_path()
+        if not self.path.is_dir():
+            if not create:
+                raise GhostmatchError(
+                    f"no index at {self.path}; create one with: ghostmatch index DIR "
+                    f"--index {self.path}"
+                )
+            if self.path.exists():
+                raise GhostmatchError(f"--index {self.path} is a file, not a folder")
+            self.path.mkdir(parents=True)
+        self.catalog = Catalog.for_directory(self.path)
+        self._weights = str(weights) if weights is not None else None
+        self._runtime, self._device = runtime, device
+        self._embedder: Embedder | None = None
+        self._index: VectorIndex | None = None
+        self._index_type = index_type
+        try:
+            self._check_card_request()
+        except BaseException:
+            self.catalog.close()
+            raise
+
+    # ------------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------ model
+
+    @property
+    def card(self) -> ModelCard | None:
+        """The model card of the vectors in this index (None before the first image)."""
+        data = self.catalog.get_meta(CARD_META)
+        return ModelCard.from_dict(data) if data else None
+
+    def _check_card_request(self) -> None:
+        stored = self.card
+        if stored is None or self._weights is None:
+            return
+        spec = self._weights
+        same_name = spec in (stored.weights, self.catalog.get_meta(WEIGHTS_META))
+        if same_name or Path(spec).name == stored.weights:
+            return
+        raise GhostmatchError(
+            f"index {self.path} was built with weights {stored.weights!r}, not {spec!r}; "
+            "drop --weights, or use another --index for the other model"
+        )
+
+    @property
+    def embedder(self) -> Embedder:
+        """The model, loaded on first use with the index's own weights and preprocessing."""
+        if self._embedder is None:
+            stored = self.card
+            spec = self._weights
+            if stored is not None:
+                spec = self.catalog.get_meta(WEIGHTS_META) or stored.weights
+            model = load_descriptor(spec)
+            if stored is not None and model.card.fingerprint != stored.fingerprint:
+                raise GhostmatchError(
+                    f"the weights {spec!r} no longer match index {self.path} (its card: "
+                    f"{stored.describe()}; found: {model.card.describe()}); rebuild the "
+                    "index or restore the original weights file"
+                )
+            self._embedder = Embedder(model, runtime=self._runtime, device=self._device)
+            if stored is None:
+                with self.catalog.transaction() as tx:
+                    tx.set_meta(CARD_META, model.card.to_dict())
+                    tx.set_meta(WEIGHTS_META, _weights_spec(spec, model.card))
+        return self._embedder
+
+    def embed(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Unit descriptors (n, dim) float32 for paths, PIL images or arrays."""
+        embedder = self.embedder
+        arrays = [prepare(self._to_image(x), embedder.card) for x in images]
+        return embedder.embed_arrays(arrays)
+
+    def _to_image(self, x: ImageLike) -> Image.Image:
+        if isinstance(x, Image.Image):
+            return to_rgb(x)
+        if isinstance(x, np.ndarray):
+            return image_from_array(x)
+        try:
+            return load_image(x, min_side=self.embedder.card.input_size).image
+        except ImageRejected as err:
+            raise GhostmatchError(f"cannot read {os.fsdecode(x)}: {err}") from err
+
+    # ------------------------------------------------------------------------ FAISS index
+
+    @property
+    def vector_index(self) -> VectorIndex | None:
+        """The FAISS index, loaded and checked against the catalog (repaired if needed)."""
+        if self._index is None:
+            self._index = self._open_index()
+        return self._index
+
+    def _open_index(self) -> VectorIndex | None:
+        """Load the FAISS file if it holds exactly the catalog's current vectors, else rebuild.
+
+        Every catalog commit bumps a generation number; the index file is saved with the
+        generation it reflects, so a crash between the two writes is always noticed, even
+        for a changed file whose id (and so the id set) stayed the same.
+        """
+        ids = self.catalog.ids()
+        file = self.path / INDEX_FILE
+        if file.exists() and _read_generation(file) == self._generation():
+            try:
+                index = VectorIndex.load(file, device=self._device)
+            except GhostmatchError:
+                index = None
+            if index is not None and np.array_equal(index.ids(), ids):
+                return index
+        if len(ids) == 0:
+            file.unlink(missing_ok=True)
+            return None
+        all_ids, vectors = self.catalog.vectors()
+        factory = self._index_type or self.catalog.get_meta(INDEX_TYPE_META)
+        factory = factory or default_factory(len(all_ids), vectors.shape[1])
+        index = build_index(all_ids, vectors, factory, device=self._device)
+        self._save(index)
+        return index
+
+    def _generation(self) -> int:
+        return int(self.catalog.get_meta(GENERATION_META) or 0)
+
+    def _save(self, index: VectorIndex) -> None:
+        file = self.path / INDEX_FILE
+        index.save(file)
+        _write_generation(file, self._generation())
+
+    def rebuild(self, index_type: str | None = None) -> str:
+        """Rebuild the FAISS index from the stored vectors, optionally as another type."""
+        ids, vectors = self.catalog.vectors()
+        if len(ids) == 0:
+            raise GhostmatchError("the index is empty; nothing to rebuild")
+        factory = index_type or default_factory(len(ids), vectors.shape[1])
+        self._index = build_index(ids, vectors, factory, device=self._device)
+        self.catalog.set_meta(INDEX_TYPE_META, index_type)
+        self._save(self._index)
+        return factory
+
+    def _apply(self, removed: Sequence[int], added_ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Mirror a committed catalog change in the FAISS index and save it."""
+        index = self._index
+        if index is None:
+            self._index = self._open_index()
+            return
+        if removed:
+            index.remove(np.asarray(removed, dtype=np.int64))
+        if added_ids:
+            index.add(np.asarray(added_ids, dtype=np.int64), vectors)
+        if index.ntotal == 0:
+            self._index = None
+            (self.path / INDEX_FILE).unlink(missing_ok=True)
+            return
+        self._save(index)
+
+    # ------------------------------------------------------------------------ indexing
+
+    def index(
+        self,
+        roots: Sequence[str | os.PathLike[str]],
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        max_megapixels: float = 100.0,
+        prune: bool = True,
+        progress: Progress | None = None,
+    ) -> IndexReport:
+        """Bring the index up to date with the images under ``roots``.
+
+        Unchanged files (same path, size and mtime) are not read; moved files keep their
+        vector (found by content hash); files gone from these roots leave the index unless
+        ``prune`` is False. Work is committed every ~1,000 images and on Ctrl-C.
+        """
+        folders = [Path(os.path.abspath(r)) for r in roots]
+        for folder in folders:
+            if not folder.exists():
+                raise GhostmatchError(f"{os.fsdecode(folder)} does not exist")
+        report = IndexReport()
+        start = time.monotonic()
+        scan_failures: list[tuple[Path, str, str]] = []
+        entries = list(scan(folders, on_error=lambda p, r, d: scan_failures.append((p, r, d))))
+        if progress:
+            progress("scanned", len(entries), None)
+        with self.catalog.transaction() as tx:
+            tx.add_roots(f for f in folders if f.is_dir())
+        known = self.catalog.all_stat()
+        bad = {f.path: (f.size, f.mtime_ns) for f in self.catalog.failures()}
+        seen = {e.path for e in entries}
+        todo: list[FileEntry] = []
+        changed_ids: dict[Path, int] = {}
+        for entry in entries:
+            stat = known.get(entry.path)
+            if stat is not None and stat[1:] == (entry.size, entry.mtime_ns):
+                report.unchanged += 1
+            elif stat is None and bad.get(entry.path) == (entry.size, entry.mtime_ns):
+                report.known_bad += 1
+            else:
+                if stat is not None:
+                    changed_ids[entry.path] = stat[0]
+                todo.append(entry)
+        gone = [
+            p
+            for p in known
+            if p not in seen and any(_is_under(p, f) for f in folders) and not p.exists()
+        ]
+        gone_records = self.catalog.records_by_path(gone)
+        movable = {r.content_hash: r for r in gone_records.values()}
+        moved_from: set[Path] = set()
+        report.failures.extend(scan_failures)
+        for _, reason, _ in scan_failures:
+            report.failed[reason] += 1
+        self._record_scan_failures(scan_failures)
+        try:
+            self._index_entries(
+                todo,
+                changed_ids,
+                movable,
+                moved_from,
+                report,
+                batch_size,
+                workers,
+                max_megapixels,
+                progress,
+            )
+        except KeyboardInterrupt:
+            report.interrupted = True
+        if prune and not report.interrupted:
+            doomed = [r for p, r in gone_records.items() if p not in moved_from]
+            if doomed:
+                self._delete([r.id for r in doomed])
+                report.removed = len(doomed)
+        report.seconds = time.monotonic() - start
+        return report
+
+    def add(self, paths: Sequence[str | os.PathLike[str]], **options: Any) -> IndexReport:
+        """Index individual files (or folders) without pruning anything."""
+        options["prune"] = False
+        return self.index(paths, **options)
+
+    def _record_scan_failures(self, failures: Sequence[tuple[Path, str, str]]) -> None:
+        if failures:
+            with self.catalog.transaction() as tx:
+                tx.record_failures([NewFailure(p, None, None, r, d) for p, r, d in failures])
+
+    def _index_entries(
+        self,
+        todo: Sequence[FileEntry],
+        changed_ids: dict[Path, int],
+        movable: dict[str, ImageRecord],
+        moved_from: set[Path],
+        report: IndexReport,
+        batch_size: int,
+        workers: int | None,
+        max_megapixels: float,
+        progress: Progress | None,
+    ) -> None:
+        if not todo:
+            return
+        embedder = self.embedder
+        card = embedder.card
+        claimed: set[str] = set()
+
+        def work(entry: FileEntry) -> _Embedded | _Failed:
+            try:
+                digest = content_hash(entry.path)
+            except OSError as err:
+                return _Failed(entry, "unreadable", str(err))
+            if entry.path not in changed_ids and digest in movable:
+                old = movable[digest]
+                return _Embedded(entry, digest, old.width, old.height, old.format, None)
+            try:
+                decoded = load_image(entry.path, card.input_size, max_megapixels)
+            except ImageRejected as err:
+                return _Failed(entry, err.reason, err.detail)
+            pixels = prepare(decoded.image, card)
+            return _Embedded(entry, digest, decoded.width, decoded.height, decoded.format, pixels)
+
+        threads = workers or min(8, max(2, os.cpu_count() or 2))
+        pending: list[_Embedded | _Failed] = []
+        waiting: list[_Embedded] = []  # decoded, not yet through the model
+        vectors: dict[int, np.ndarray] = {}
+
+        def run_model() -> None:
+            out = embedder.embed_arrays([r.pixels for r in waiting if r.pixels is not None])
+            vectors.update((id(r), v) for r, v in zip(waiting, out, strict=True))
+            report.embedded += len(waiting)
+            waiting.clear()
+
+        done = 0
+        with ThreadPoolExecutor(threads) as pool:
+            for item in _ordered(pool, work, todo, prefetch=max(64, 4 * batch_size)):
+                result = item
+                if isinstance(result, _Embedded) and result.pixels is None:
+                    if result.digest in claimed:  # a second copy of a moved file
+                        result = _decode_copy(result, card, max_megapixels)
+                    else:
+                        claimed.add(result.digest)
+                pending.append(result)
+                if isinstance(result, _Embedded) and result.pixels is not None:
+                    waiting.append(result)
+                    if len(waiting) >= batch_size:
+                        run_model()
+                done += 1
+                if len(pending) >= CHECKPOINT_IMAGES:
+                    run_model()
+                    self._commit(pending, vectors, changed_ids, movable, moved_from, report)
+                    pending, vectors = [], {}
+                if progress:
+                    progress("indexed", done, len(todo))
+        run_model()
+        self._commit(pending, vectors, changed_ids, movable, moved_from, report)
+
+    def _commit(
+        self,
+        results: Sequence[_Embedded | _Failed],
+        vectors: dict[int, np.ndarray],
+        changed_ids: dict[Path, int],
+        movable: dict[str, ImageRecord],
+        moved_from: set[Path],
+        report: IndexReport,
+    ) -> None:
+        """Write one catalog transaction for ``results``, then update and save the index."""
+        if not results:
+            return
+        _ = self.vector_index  # loaded (and checked) against the catalog before it changes
+        new_rows: list[NewImage] = []
+        removed: list[int] = []
+        updated_ids: list[int] = []
+        updated_vectors: list[np.ndarray] = []
+        failures: list[NewFailure] = []
+        ok_paths: list[Path] = []
+        with self.catalog.transaction() as tx:
+            for r in results:
+                if isinstance(r, _Failed):
+                    failures.append(
+                        NewFailure(r.entry.path, r.entry.size, r.entry.mtime_ns, r.reason, r.detail)
+                    )
+                    report.failed[r.reason] += 1
+                    report.failures.append((r.entry.path, r.reason, r.detail))
+                    if r.entry.path in changed_ids:  # it was an image; now it is broken
+                        removed.append(changed_ids[r.entry.path])
+                        tx.delete_images([changed_ids[r.entry.path]])
+                    continue
+                ok_paths.append(r.entry.path)
+                if r.pixels is None:
+                    old = movable[r.digest]
+                    tx.update_image(
+                        old.id, path=r.entry.path, size=r.entry.size, mtime_ns=r.entry.mtime_ns
+                    )
+                    moved_from.add(old.path)
+                    report.moved += 1
+                    continue
+                vector = vectors[id(r)]
+                if r.entry.path in changed_ids:
+                    image_id = changed_ids[r.entry.path]
+                    tx.update_image(
+                        image_id,
+                        size=r.entry.size,
+                        mtime_ns=r.entry.mtime_ns,
+                        content_hash=r.digest,
+                        width=r.width,
+                        height=r.height,
+                        format=r.format,
+                        vector=vector,
+                    )
+                    removed.append(image_id)
+                    updated_ids.append(image_id)
+                    updated_vectors.append(vector)
+                    report.updated += 1
+                else:
+                    new_rows.append(
+                        NewImage(
+                            r.entry.path,
+                            r.entry.size,
+                            r.entry.mtime_ns,
+                            r.digest,
+                            r.width,
+                            r.height,
+                            r.format,
+                            vector,
+                        )
+                    )
+            new_ids = tx.insert_images(new_rows)
+            report.added += len(new_rows)
+            tx.record_failures(failures)
+            tx.clear_failures(ok_paths)
+            tx.set_meta(GENERATION_META, self._generation() + 1)
+        all_ids = updated_ids + list(new_ids)
+        all_vectors = updated_vectors + [row.vector for row in new_rows]
+        dim = len(all_vectors[0]) if all_vectors else 1
+        stacked = np.array(all_vectors, dtype=np.float32).reshape(len(all_vectors), dim)
+        self._apply(removed, all_ids, stacked)
+
+    def remove(self, paths: Iterable[str | os.PathLike[str]]) -> int:
+        """Forget these files (or every file under these folders); the files stay on disk."""
+        ids: list[int] = []
+        for raw in paths:
+            path = Path(os.path.abspath(raw))
+            record = self.catalog.records_by_path([path]).get(path)
+            if record is not None:
+                ids.append(record.id)
+            ids.extend(i for i, _ in self.catalog.paths_under(path))
+        if ids:
+            self._delete(sorted(set(ids)))
+        return len(set(ids))
+
+    def _delete(self, ids: Sequence[int]) -> None:
+        _ = self.vector_index
+        with self.catalog.transaction() as tx:
+            tx.delete_images(ids)
+            tx.set_meta(GENERATION_META, self._generation() + 1)
+        self._apply(list(ids), [], np.zeros((0, 1), dtype=np.float32))
+
+    # ------------------------------------------------------------------------ queries
+
+    def query_vector(self, x: ImageLike) -> tuple[np.ndarray, int | None]:
+        """The descriptor of ``x`` and, for an unchanged indexed file, its own id."""
+        if isinstance(x, str | os.PathLike):
+            path = Path(os.path.abspath(x))
+            if not path.exists():
+                raise GhostmatchError(f"{os.fsdecode(path)} does not exist")
+            record = self.catalog.records_by_path([path]).get(path)
+            if record is not None:
+                st = path.stat()
+                if (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns):
+                    _, vectors = self.catalog.vectors([record.id])
+                    return vectors[0], record.id
+        return self.embed([x])[0], None
+
+    def query(
+        self,
+        x: ImageLike,
+        k: int = 10,
+        *,
+        min_score: float | None = None,
+        under: str | os.PathLike[str] | None = None,
+    ) -> list[Match]:
+        """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
+
+        An indexed file does not match itself. ``under`` keeps only results below a
+        folder (searched exactly over that folder's vectors).
+        """
+        if k < 1:
+            raise GhostmatchError("-k must be at least 1")
+        if self.card is None:
+            return []
+        vector, own_id = self.query_vector(x)
+        if under is not None:
+            folder = Path(os.path.abspath(under))
+            ids = [i for i, _ in self.catalog.paths_under(folder) if i != own_id]
+            found, vectors = self.catalog.vectors(ids)
+            scores_all = vectors @ vector if len(found) else np.zeros(0, np.float32)
+            order = np.argsort(-scores_all, kind="stable")[:k]
+            pairs = [(int(found[i]), float(scores_all[i])) for i in order]
+        else:
+            index = self.vector_index
+            if index is None:
+                return []
+            scores, ids_ = index.search(vector[None, :], k + 1)
+            pairs = [
+                (int(i), float(s))
+                for i, s in zip(ids_[0], scores[0], strict=True)
+                if i >= 0 and i != own_id
+            ][:k]
+        if min_score is not None:
+            pairs = [(i, s) for i, s in pairs if s >= min_score]
+        records = {r.id: r for r in self.catalog.get([i for i, _ in pairs])}
+        return [
+            Match(rank, records[i].path, s, records[i].width, records[i].height, records[i].size, i)
+            for rank, (i, s) in enumerate(((i, s) for i, s in pairs if i in records), start=1)
+        ]
+
+    # ------------------------------------------------------------------------ summary
+
+    def info(self) -> dict[str, Any]:
+        """Counts, folders, model card, index type and sizes on disk."""
+        card = self.card
+        index = self.vector_index
+        file = self.path / INDEX_FILE
+        return {
+            "index": str(self.path),
+            "images": self.catalog.count(),
+            "folders": [os.fsdecode(p) for p in self.catalog.roots()],
+            "model": card.to_dict() if card else None,
+            "model_summary": card.describe() if card else None,
+            "index_type": index.factory if index is not None else None,
+            "catalog_bytes": self.catalog.disk_size(),
+            "index_bytes": file.stat().st_size if file.exists() else 0,
+            "failures": self.catalog.failure_counts(),
+        }
+
+
+def _decode_copy(result: _Embedded, card: ModelCard, max_megapixels: float) -> _Embedded | _Failed:
+    """Decode a file whose content matched a moved image that another file already took."""
+    try:
+        decoded = load_image(result.entry.path, card.input_size, max_megapixels)
+    except ImageRejected as err:
+        return _Failed(result.entry, err.reason, err.detail)
+    pixels = prepare(decoded.image, card)
+    return _Embedded(
+        result.entry, result.digest, decoded.width, decoded.height, decoded.format, pixels
+    )
+
+
+def _ordered(
+    pool: ThreadPoolExecutor,
+    fn: Callable[[FileEntry], _Embedded | _Failed],
+    items: Sequence[FileEntry],
+    prefetch: int,
+) -> Iterator[_Embedded | _Failed]:
+    """``pool.map`` with at most ``prefetch`` items decoded ahead (bounded memory)."""
+    queue: list[Future[_Embedded | _Failed]] = []
+    position = 0
+    try:
+        while position < len(items) or queue:
+            while position < len(items) and len(queue) < prefetch:
+                queue.append(pool.submit(fn, items[position]))
+                position += 1
+            yield queue.pop(0).result()
+    finally:
+        for future in queue:
+            future.cancel()
+
+
+def _read_generation(file: Path) -> int | None:
+    try:
+        return int(file.with_name(file.name + ".generation").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_generation(file: Path, generation: int) -> None:
+    """Atomically record which catalog generation the index file reflects."""
+    target = file.with_name(file.name + ".generation")
+    tmp = target.with_name(target.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(str(generation))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _weights_spec(spec: str | None, card: ModelCard) -> str:
+    """What to load next time: a name, or the absolute path of a weights file."""
+    if spec is None or spec in ("imagenet", "bundled", "random"):
+        return card.weights
+    return os.path.abspath(spec)
+
+
+def open(path: str | os.PathLike[str] | None = None, **options: Any) -> Library:
+    """Open (or create) the index at ``path``; see :class:`Library` for the options."""
+    return Library(path, **options)
