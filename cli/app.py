@@ -139,9 +139,9 @@ def index(
                 prune=not no_prune,
                 progress=progress,
             )
-        if index_type is not None and lib.vector_index is not None:
-            if lib.vector_index.factory != index_type:
-                lib.rebuild(index_type)
+        current = lib.vector_index
+        if index_type is not None and current is not None and current.factory != index_type:
+            lib.rebuild(index_type)
         card = lib.card
     finally:
         lib.close()
@@ -212,7 +212,7 @@ def query(
         table = Table(title=os.fsdecode(image), title_justify="left")
         for column in ("rank", "score", "path", "width", "height", "bytes"):
             justify = "left" if column == "path" else "right"
-            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+            table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for m in matches:
             table.add_row(
                 str(m.rank),
@@ -368,6 +368,15 @@ def main() -> None:
             error.show()
             sys.exit(error.exit_code)
         raise
+
+
+def _register_commands() -> None:
+    from ghostmatch.cli import dupes_cmd
+
+    dupes_cmd.register(app)
+
+
+_register_commands()
 
 
 if __name__ == "__main__":

@@ -20,9 +20,18 @@ from PIL import Image
 from platformdirs import user_data_dir
 
 from ghostmatch.catalog import Catalog, ImageRecord, NewFailure, NewImage
+from ghostmatch.dupes import (
+    DEFAULT_THRESHOLD,
+    THRESHOLD_META,
+    DuplicateGroup,
+    DuplicateMember,
+    group_pairs,
+    tier_of,
+)
 from ghostmatch.embedder import Embedder, prepare
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, image_from_array, load_image, to_rgb
+from ghostmatch.indexes.allpairs import similar_pairs
 from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.scan import FileEntry, content_hash, scan
@@ -619,6 +628,100 @@ class Library:
             for rank, (i, s) in enumerate(((i, s) for i, s in pairs if i in records), start=1)
         ]
 
+    # ------------------------------------------------------------------------ duplicates
+
+    def duplicate_threshold(self) -> float:
+        """The calibrated threshold of this index, else the model's measured one, else 0.9."""
+        stored = self.catalog.get_meta(THRESHOLD_META)
+        if isinstance(stored, dict) and "threshold" in stored:
+            return float(stored["threshold"])
+        card = self.card
+        if card is not None and "dupe_threshold" in card.extra:
+            return float(card.extra["dupe_threshold"])
+        return DEFAULT_THRESHOLD
+
+    def find_duplicates(
+        self, threshold: float | None = None, *, keep: str = "pixels"
+    ) -> list[DuplicateGroup]:
+        """Groups of duplicate images, each with one kept file and its copies.
+
+        Pairs come from an all-pairs search of the stored vectors (exact for Flat indexes);
+        pairs marked ``--not-dup`` are ignored; grouping never chains (see ``group_pairs``).
+        """
+        t = self.duplicate_threshold() if threshold is None else _check_threshold(threshold)
+        ids, vectors = self.catalog.vectors()
+        if len(ids) < 2:
+            return []
+        index = self.vector_index
+        approximate = index if index is not None and index.factory != "Flat" else None
+        a, b, scores = similar_pairs(vectors, t, ids=ids, index=approximate)
+        involved = sorted(set(a.tolist()) | set(b.tolist()))
+        records = {r.id: r for r in self.catalog.get(involved)}
+        ignored = self.catalog.not_duplicates()
+        pairs = []
+        for i, j, score in zip(a.tolist(), b.tolist(), scores.tolist(), strict=True):
+            pa, pb = records[i].path, records[j].path
+            if (pa, pb) in ignored or (pb, pa) in ignored:
+                continue
+            pairs.append((i, j, float(score)))
+        members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
+        groups = []
+        for leader, taken in group_pairs(members, pairs, keep):
+            kept = records[leader]
+            groups.append(
+                DuplicateGroup(
+                    keep=members[leader],
+                    members=[
+                        _member(records[j], s, tier_of(kept, records[j], s, t)) for j, s in taken
+                    ],
+                )
+            )
+        groups.sort(key=lambda g: (-len(g.members), -g.members[0].score))
+        return groups
+
+    def duplicates_of(
+        self, x: ImageLike, threshold: float | None = None, k: int = 100
+    ) -> list[DuplicateMember]:
+        """Indexed files that duplicate ``x`` (a new image or an indexed path), best first.
+
+        Answered from the index alone: one k-NN search, no scan of the collection.
+        """
+        t = self.duplicate_threshold() if threshold is None else _check_threshold(threshold)
+        if self.card is None:
+            return []
+        vector, own_id = self.query_vector(x)
+        index = self.vector_index
+        if index is None:
+            return []
+        scores, ids = index.search(vector[None, :], k + 1)
+        hits = [
+            (int(i), float(s))
+            for i, s in zip(ids[0], scores[0], strict=True)
+            if i >= 0 and i != own_id and s >= t
+        ]
+        records = {r.id: r for r in self.catalog.get([i for i, _ in hits])}
+        digest = None
+        if isinstance(x, str | os.PathLike):
+            try:
+                digest = content_hash(Path(x))
+            except OSError:
+                digest = None
+        result = []
+        for i, s in hits:
+            record = records.get(i)
+            if record is None:
+                continue
+            tier = "exact" if digest is not None and digest == record.content_hash else None
+            result.append(_member(record, s, tier or tier_of(None, record, s, t)))
+        return result
+
+    def mark_not_duplicate(self, a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+        """Record that two files are not duplicates; later searches ignore the pair."""
+        pa, pb = Path(os.path.abspath(a)), Path(os.path.abspath(b))
+        if pa == pb:
+            raise GhostmatchError("--not-dup needs two different files")
+        self.catalog.add_not_duplicate(pa, pb)
+
     # ------------------------------------------------------------------------ summary
 
     def info(self) -> dict[str, Any]:
@@ -669,6 +772,24 @@ def _ordered(
     finally:
         for future in queue:
             future.cancel()
+
+
+def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
+    return DuplicateMember(
+        path=record.path,
+        score=score,
+        tier=tier,
+        width=record.width,
+        height=record.height,
+        bytes=record.size,
+        mtime_ns=record.mtime_ns,
+    )
+
+
+def _check_threshold(threshold: float) -> float:
+    if not -1.0 <= threshold <= 1.0:
+        raise GhostmatchError(f"--threshold is a cosine score in [-1, 1], not {threshold}")
+    return float(threshold)
 
 
 def _read_generation(file: Path) -> int | None:

@@ -1,0 +1,179 @@
+"""``ghostmatch dupes`` and ``ghostmatch undo``: find duplicate groups and act on them safely."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ghostmatch.errors import GhostmatchError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def dupes(
+    index: Annotated[Path | None, typer.Option("--index", help="Index folder.")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Cosine score for a duplicate [default: calibrated]."),
+    ] = None,
+    keep: Annotated[
+        str,
+        typer.Option(
+            "--keep", help="Which file of a group to keep: pixels, size, oldest, newest, path."
+        ),
+    ] = "pixels",
+    of: Annotated[
+        list[Path] | None,
+        typer.Option("--of", help="Only: is this image a duplicate of anything indexed?"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Write an HTML page.")] = None,
+    move_to: Annotated[
+        Path | None, typer.Option("--move-to", help="Move non-kept copies into this folder.")
+    ] = None,
+    delete: Annotated[
+        bool, typer.Option("--delete", help="Move non-kept copies to the ghostmatch trash.")
+    ] = False,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Really act (otherwise a dry run).")
+    ] = False,
+    journal: Annotated[
+        Path | None, typer.Option("--journal", help="Journal file for --apply (for undo).")
+    ] = None,
+    protect: Annotated[
+        list[Path] | None,
+        typer.Option("--protect", help="Never move or delete files under this folder."),
+    ] = None,
+    not_dup: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option("--not-dup", help="Record that A and B are not duplicates."),
+    ] = None,
+) -> None:
+    """Find groups of duplicate photos; optionally move or delete the copies (dry run first)."""
+    import ghostmatch
+
+    if as_json and as_csv:
+        raise GhostmatchError("choose one of --json and --csv")
+    if move_to is not None and delete:
+        raise GhostmatchError("choose one of --move-to and --delete")
+    lib = ghostmatch.open(index, create=False)
+    try:
+        if not_dup is not None:
+            lib.mark_not_duplicate(*not_dup)
+            out.print(f"recorded: {not_dup[0]} and {not_dup[1]} are not duplicates")
+            return
+        if of:
+            _report_of(lib, of, threshold, as_json)
+            return
+        used = lib.duplicate_threshold() if threshold is None else threshold
+        groups = lib.find_duplicates(threshold, keep=keep)
+    finally:
+        lib.close()
+    if html is not None:
+        from ghostmatch.html_report import write_html
+
+        write_html(groups, html)
+        err.print(f"wrote {html}")
+    if as_json:
+        data: dict[str, Any] = {"threshold": used, "groups": [g.to_dict() for g in groups]}
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    elif as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["group", "role", "path", "score", "tier", "width", "height", "bytes"])
+        for n, g in enumerate(groups, start=1):
+            for role, m in [("keep", g.keep)] + [("copy", m) for m in g.members]:
+                tier = m.tier if role == "copy" else ""
+                row = [n, role, os.fsdecode(m.path), f"{m.score:.6f}", tier]
+                writer.writerow([*row, m.width, m.height, m.bytes])
+    else:
+        _print_groups(groups, used)
+    if move_to is not None or delete:
+        _act(groups, "move" if move_to else "delete", move_to, protect or [], apply, journal)
+
+
+def _print_groups(groups: list[Any], threshold: float) -> None:
+    copies = sum(len(g.members) for g in groups)
+    reclaim = sum(m.bytes for g in groups for m in g.members)
+    for n, g in enumerate(groups, start=1):
+        table = Table(title=f"group {n}", title_justify="left")
+        for column in ("", "score", "tier", "path", "size", "bytes"):
+            justify = "left" if column in ("path", "tier") else "right"
+            table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        table.add_row("keep", "", "", os.fsdecode(g.keep.path), _dims(g.keep), str(g.keep.bytes))
+        for m in g.members:
+            table.add_row("", f"{m.score:.4f}", m.tier, os.fsdecode(m.path), _dims(m), str(m.bytes))
+        out.print(table)
+    out.print(
+        f"{len(groups)} groups, {copies} copies, {reclaim / 1e6:.1f} MB reclaimable "
+        f"(threshold {threshold:.4f})"
+    )
+
+
+def _dims(m: Any) -> str:
+    return f"{m.width}x{m.height}"
+
+
+def _report_of(lib: Any, images: list[Path], threshold: float | None, as_json: bool) -> None:
+    results = [(image, lib.duplicates_of(image, threshold)) for image in images]
+    if as_json:
+        data = [
+            {"query": os.fsdecode(image), "duplicates": [m.to_dict() for m in found]}
+            for image, found in results
+        ]
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    for image, found in results:
+        if not found:
+            out.print(f"{os.fsdecode(image)}: no duplicates in the index")
+            continue
+        out.print(f"{os.fsdecode(image)}: {len(found)} duplicate(s)")
+        for m in found:
+            out.print(f"  {m.score:.4f} {m.tier:7} {os.fsdecode(m.path)}", markup=False)
+
+
+def _act(
+    groups: list[Any],
+    op: str,
+    move_to: Path | None,
+    protect: list[Path],
+    apply: bool,
+    journal: Path | None,
+) -> None:
+    from ghostmatch.actions import apply_actions, plan_actions
+
+    actions, skipped = plan_actions(groups, op, move_to=move_to, protect=protect)
+    for path, reason in skipped:
+        err.print(f"skip {os.fsdecode(path)}: {reason}", markup=False)
+    if journal is None:
+        journal = Path(f"ghostmatch-journal-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    apply_actions(actions, journal, dry_run=not apply)
+    verb = "would " + op if not apply else op
+    out.print(f"{verb} {len(actions)} files" + ("" if apply else " (dry run; add --apply)"))
+    if apply:
+        out.print(f"journal: {journal} (undo with: ghostmatch undo {journal})")
+
+
+def undo(
+    journal: Annotated[Path, typer.Argument(help="Journal written by dupes --apply.")],
+) -> None:
+    """Put back every file that a dupes --apply run moved or deleted."""
+    from ghostmatch.actions import undo as undo_journal
+
+    report = undo_journal(journal)
+    out.print(str(report))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("dupes")(dupes)
+    app.command("undo")(undo)

@@ -1,0 +1,122 @@
+"""Duplicate groups: exact copies by content hash, near and edited copies by descriptor."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ghostmatch.errors import GhostmatchError
+
+TIERS = ("exact", "near", "edited")
+
+
+@dataclass(frozen=True)
+class DuplicateMember:
+    """One file of a group; ``score`` is its cosine similarity to the kept file."""
+
+    path: Path
+    score: float
+    tier: str
+    width: int
+    height: int
+    bytes: int
+    mtime_ns: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "score": round(self.score, 6),
+            "tier": self.tier,
+            "width": self.width,
+            "height": self.height,
+            "bytes": self.bytes,
+        }
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """A kept representative and the files that duplicate it (never empty)."""
+
+    keep: DuplicateMember
+    members: list[DuplicateMember] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "keep": str(self.keep.path),
+            "members": [m.to_dict() for m in self.members],
+        }
+
+
+KEEP_RULES = ("pixels", "size", "oldest", "newest", "path")
+# Until an index is calibrated, and for weights without a measured threshold in their model
+# card, this cosine is the line between "duplicate" and "similar"; see README (duplicates).
+DEFAULT_THRESHOLD = 0.90
+THRESHOLD_META = "dupe_threshold"
+
+
+def keep_priority(rule: str) -> Callable[[DuplicateMember], tuple[Any, ...]]:
+    """Sort key: the first member under ``rule`` is kept.
+
+    ``pixels`` (the default): most pixels, then larger file, then oldest, then path.
+    """
+    if rule not in KEEP_RULES:
+        raise GhostmatchError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {rule!r}")
+
+    def key(m: DuplicateMember) -> tuple[Any, ...]:
+        pixels, size, age, path = -m.width * m.height, -m.bytes, m.mtime_ns, os.fsdecode(m.path)
+        if rule == "size":
+            return (size, pixels, age, path)
+        if rule == "oldest":
+            return (age, pixels, size, path)
+        if rule == "newest":
+            return (-age, pixels, size, path)
+        if rule == "path":
+            return (path,)
+        return (pixels, size, age, path)
+
+    return key
+
+
+def group_pairs(
+    members: dict[int, DuplicateMember],
+    pairs: Iterable[tuple[int, int, float]],
+    keep_rule: str = "pixels",
+) -> list[tuple[int, list[tuple[int, float]]]]:
+    """Groups that cannot chain: (kept id, [(member id, score to the kept one), ...]).
+
+    Files are visited best-first under the keep rule; an unassigned file opens a group and
+    takes every unassigned file that scores at or above the threshold *with it*. So every
+    member is a duplicate of its group's kept file itself, and A~B~C~D chains of merely
+    similar photos never merge into one group.
+    """
+    neighbours: dict[int, dict[int, float]] = {}
+    for a, b, score in pairs:
+        neighbours.setdefault(a, {})[b] = score
+        neighbours.setdefault(b, {})[a] = score
+    key = keep_priority(keep_rule)
+    order = sorted(neighbours, key=lambda i: key(members[i]))
+    assigned: set[int] = set()
+    groups: list[tuple[int, list[tuple[int, float]]]] = []
+    for leader in order:
+        if leader in assigned:
+            continue
+        taken = [(j, s) for j, s in neighbours[leader].items() if j not in assigned]
+        if not taken:
+            continue
+        assigned.add(leader)
+        assigned.update(j for j, _ in taken)
+        taken.sort(key=lambda js: (-js[1], key(members[js[0]])))
+        groups.append((leader, taken))
+    return groups
+
+
+def tier_of(kept: Any, other: Any, score: float, threshold: float) -> str:
+    """``exact`` for the same bytes; ``near`` when the score sits in the upper half of the
+    band above the threshold (re-encodes, resizes, colour changes); else ``edited``
+    (crops, borders, overlays, flips move a global descriptor further)."""
+    if kept is not None and kept.content_hash == other.content_hash:
+        return "exact"
+    return "near" if score >= 1.0 - (1.0 - threshold) / 2 else "edited"
