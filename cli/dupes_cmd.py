@@ -32,6 +32,13 @@ def dupes(
             "--keep", help="Which file of a group to keep: pixels, size, oldest, newest, path."
         ),
     ] = "pixels",
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Skip the local-feature geometric check (faster, less precise).",
+        ),
+    ] = False,
     of: Annotated[
         list[Path] | None,
         typer.Option("--of", help="Only: is this image a duplicate of anything indexed?"),
@@ -77,7 +84,7 @@ def dupes(
             _report_of(lib, of, threshold, as_json)
             return
         used = lib.duplicate_threshold() if threshold is None else threshold
-        groups = lib.find_duplicates(threshold, keep=keep)
+        groups = lib.find_duplicates(threshold, keep=keep, verify=not no_verify)
     finally:
         lib.close()
     if html is not None:

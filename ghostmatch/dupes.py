@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.verify import Verification
 
 TIERS = ("exact", "near", "edited")
 
@@ -55,6 +56,9 @@ KEEP_RULES = ("pixels", "size", "oldest", "newest", "path")
 # card, this cosine is the line between "duplicate" and "similar"; see README (duplicates).
 DEFAULT_THRESHOLD = 0.90
 THRESHOLD_META = "dupe_threshold"
+# Stage 2: a candidate pair is a duplicate when this many stride-16 feature matches (of
+# 196 at 224 px) agree on one affine transform.
+DEFAULT_MIN_INLIERS = 24
 
 
 def keep_priority(rule: str) -> Callable[[DuplicateMember], tuple[Any, ...]]:
@@ -113,10 +117,15 @@ def group_pairs(
     return groups
 
 
-def tier_of(kept: Any, other: Any, score: float, threshold: float) -> str:
-    """``exact`` for the same bytes; ``near`` when the score sits in the upper half of the
-    band above the threshold (re-encodes, resizes, colour changes); else ``edited``
-    (crops, borders, overlays, flips move a global descriptor further)."""
+def tier_of(
+    kept: Any, other: Any, score: float, threshold: float, check: Verification | None = None
+) -> str:
+    """``exact`` for the same bytes. With a geometric check: ``near`` when the copy maps
+    onto the whole original unmirrored (re-encodes, resizes, colour changes), else
+    ``edited`` (crops, borders, flips, turns). Without one, ``near`` when the score sits in
+    the upper half of the band above the threshold."""
     if kept is not None and kept.content_hash == other.content_hash:
         return "exact"
+    if check is not None:
+        return "near" if check.is_identity() else "edited"
     return "near" if score >= 1.0 - (1.0 - threshold) / 2 else "edited"

@@ -113,6 +113,7 @@ class Embedder:
         if runtime not in RUNTIMES:
             raise GhostmatchError(f"--runtime must be one of {', '.join(RUNTIMES)}")
         self.card: ModelCard = model.card
+        self.model = model  # the eager model, for what the runtimes do not export (local maps)
         self.device = resolve_device(device)
         if runtime == "auto":
             runtime = "onnx" if self.device == "cpu" and onnx_available() else "torch"

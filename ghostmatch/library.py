@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from platformdirs import user_data_dir
 
 from ghostmatch.catalog import Catalog, ImageRecord, NewFailure, NewImage
 from ghostmatch.dupes import (
+    DEFAULT_MIN_INLIERS,
     DEFAULT_THRESHOLD,
     THRESHOLD_META,
     DuplicateGroup,
@@ -28,13 +29,14 @@ from ghostmatch.dupes import (
     group_pairs,
     tier_of,
 )
-from ghostmatch.embedder import Embedder, prepare
+from ghostmatch.embedder import Embedder, prepare, to_batch
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, image_from_array, load_image, to_rgb
 from ghostmatch.indexes.allpairs import similar_pairs
 from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.scan import FileEntry, content_hash, scan
+from ghostmatch.verify import Verification, local_features, verify_pair
 from ghostmatch.weights import load_descriptor
 
 INDEX_FILE = "vectors.faiss"
@@ -641,12 +643,20 @@ class Library:
         return DEFAULT_THRESHOLD
 
     def find_duplicates(
-        self, threshold: float | None = None, *, keep: str = "pixels"
+        self,
+        threshold: float | None = None,
+        *,
+        keep: str = "pixels",
+        verify: bool = True,
+        min_inliers: int | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies.
 
-        Pairs come from an all-pairs search of the stored vectors (exact for Flat indexes);
-        pairs marked ``--not-dup`` are ignored; grouping never chains (see ``group_pairs``).
+        Stage 1: an all-pairs search of the stored vectors (exact for Flat indexes) gives
+        candidate pairs scoring at least ``threshold``. Stage 2 (``verify``): each
+        candidate's local features must agree on one geometric transform (see
+        ``ghostmatch.verify``), which rejects other photos of the same scene and sets the
+        tier. Pairs marked ``--not-dup`` are ignored; grouping never chains.
         """
         t = self.duplicate_threshold() if threshold is None else _check_threshold(threshold)
         ids, vectors = self.catalog.vectors()
@@ -664,20 +674,72 @@ class Library:
             if (pa, pb) in ignored or (pb, pa) in ignored:
                 continue
             pairs.append((i, j, float(score)))
+        checks: dict[tuple[int, int], Verification] = {}
+        if verify and pairs:
+            needed = min_inliers if min_inliers is not None else self._min_inliers()
+            checks = self._verify_pairs([(i, j) for i, j, _ in pairs], records)
+            pairs = [
+                (i, j, s)
+                for i, j, s in pairs
+                if records[i].content_hash == records[j].content_hash
+                or checks[(i, j)].inliers >= needed
+            ]
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
         groups = []
         for leader, taken in group_pairs(members, pairs, keep):
             kept = records[leader]
-            groups.append(
-                DuplicateGroup(
-                    keep=members[leader],
-                    members=[
-                        _member(records[j], s, tier_of(kept, records[j], s, t)) for j, s in taken
-                    ],
-                )
-            )
+            group = []
+            for j, s in taken:
+                check = checks.get((leader, j)) or checks.get((j, leader))
+                group.append(_member(records[j], s, tier_of(kept, records[j], s, t, check)))
+            groups.append(DuplicateGroup(keep=members[leader], members=group))
         groups.sort(key=lambda g: (-len(g.members), -g.members[0].score))
         return groups
+
+    def _min_inliers(self) -> int:
+        stored = self.catalog.get_meta(THRESHOLD_META)
+        if isinstance(stored, dict) and "min_inliers" in stored:
+            return int(stored["min_inliers"])
+        card = self.card
+        if card is not None and "min_inliers" in card.extra:
+            return int(card.extra["min_inliers"])
+        return DEFAULT_MIN_INLIERS
+
+    def _verify_pairs(
+        self, pairs: Sequence[tuple[int, int]], records: dict[int, ImageRecord]
+    ) -> dict[tuple[int, int], Verification]:
+        """Local-feature verification of each pair; every image is decoded once."""
+        involved = sorted({i for pair in pairs for i in pair})
+        embedder = self.embedder
+        card = embedder.card
+
+        def decode(i: int) -> tuple[np.ndarray, np.ndarray] | None:
+            try:
+                image = load_image(records[i].path, card.input_size).image
+            except ImageRejected:
+                return None
+            return prepare(image, card), prepare(ImageOps.mirror(image), card)
+
+        maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+            decoded = list(pool.map(decode, involved))
+        ok = [(i, d) for i, d in zip(involved, decoded, strict=True) if d is not None]
+        for start in range(0, len(ok), 16):
+            chunk = ok[start : start + 16]
+            arrays = [d[0] for _, d in chunk] + [d[1] for _, d in chunk]
+            feats = local_features(embedder.model, to_batch(arrays)).astype(np.float16)
+            for n, (i, _) in enumerate(chunk):
+                maps[i] = (feats[n], feats[len(chunk) + n])
+        empty = Verification(0, 0, np.eye(2, 3), False)
+        results = {}
+        for i, j in pairs:
+            if i not in maps or j not in maps:
+                results[(i, j)] = empty
+                continue
+            fa = maps[i][0].astype(np.float32)
+            fb, fb_flip = (m.astype(np.float32) for m in maps[j])
+            results[(i, j)] = verify_pair(fa, fb, fb_flip)
+        return results
 
     def duplicates_of(
         self, x: ImageLike, threshold: float | None = None, k: int = 100

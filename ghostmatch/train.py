@@ -285,7 +285,9 @@ def train(
             t0 = time.monotonic()
             pending: Future[tuple[np.ndarray, np.ndarray]] | None = None
 
-            def submit(step: int) -> Future[tuple[np.ndarray, np.ndarray]]:
+            def submit(
+                step: int, batches: list[list[int]] = batches, epoch: int = epoch
+            ) -> Future[tuple[np.ndarray, np.ndarray]]:
                 picked = [images[i] for i in batches[step]]
                 return prefetch.submit(_views, picked, augment, config.seed, epoch, step)
 

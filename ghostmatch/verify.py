@@ -1,0 +1,145 @@
+"""Second-stage check of candidate duplicate pairs: do local features agree on one geometry?
+
+A global descriptor cannot tell a copy from another photo of the same object. Copies
+(re-encoded, resized, cropped, flipped, slightly rotated, with borders or text) are one
+affine map away from the original, so their stride-16 GhostNet features match mutually
+*and* those matches agree on a single affine transform; another shot of the scene gives
+matches that no one transform explains. The transform also tells the tier: identity means
+a ``near`` copy, anything else (crop, flip, border, rotation) an ``edited`` one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ghostmatch.descriptor import Descriptor
+
+# Stage of GhostNet after which the feature map has stride 16 (14 x 14 at 224 px).
+STRIDE16_STAGE = 7
+RANSAC_ITERATIONS = 256
+# Inlier tolerance in feature-grid cells, and the cosine below which a local match is noise.
+TOLERANCE_CELLS = 1.5
+MIN_LOCAL_SIMILARITY = 0.5
+SEED = 0
+# Copies scale by at most this much either way and keep their handedness (mirrors are
+# matched on the mirrored image), so wilder transforms are chance alignments.
+MAX_SCALE = 4.0
+MAX_ANISOTROPY = 3.0
+
+
+def plausible(affine: np.ndarray) -> bool:
+    """Whether a 2 x 3 affine could come from cropping, resizing, padding or a small turn."""
+    singular = np.linalg.svd(affine[:, :2], compute_uv=False)
+    if np.linalg.det(affine[:, :2]) <= 0 or singular[1] <= 1e-6:
+        return False
+    return (
+        1 / MAX_SCALE <= singular[1] <= singular[0] <= MAX_SCALE
+        and singular[0] / singular[1] <= MAX_ANISOTROPY
+    )
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Outcome for one pair: ``inliers`` of ``matches`` mutual matches fit ``affine``
+    (2 x 3, from B's unit-square coordinates to A's), ``flipped`` if B was mirrored."""
+
+    matches: int
+    inliers: int
+    affine: np.ndarray
+    flipped: bool
+
+    @property
+    def coverage(self) -> float:
+        """Share of the feature grid explained by the transform (0..1)."""
+        return self.inliers / 196.0
+
+    def is_identity(self, tolerance: float = 0.06) -> bool:
+        """The copy is the whole original, unmirrored (re-encoded, resized, recoloured)."""
+        eye = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        return not self.flipped and float(np.abs(self.affine - eye).max()) <= tolerance
+
+
+def local_features(model: Descriptor, batch: np.ndarray) -> np.ndarray:
+    """Unit local descriptors (n, h, w, c) from the stride-16 stage for a (n, 3, H, W) batch
+    in [0, 1] (the model's own input)."""
+    backbone = model.backbone
+    with torch.inference_mode():
+        x = torch.from_numpy(batch)
+        x = backbone.act1(backbone.bn1(backbone.conv_stem(model.normalize(x))))
+        for stage in backbone.blocks[:STRIDE16_STAGE]:
+            x = stage(x)
+        x = torch.nn.functional.normalize(x, dim=1)
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+
+
+def _grid(h: int, w: int) -> np.ndarray:
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([(xs.ravel() + 0.5) / w, (ys.ravel() + 0.5) / h], axis=1)
+
+
+def mutual_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (ia, ib) of features that are each other's nearest neighbour."""
+    sim = a @ b.T
+    best_b = sim.argmax(axis=1)
+    best_a = sim.argmax(axis=0)
+    ia = np.arange(len(a))
+    keep = (best_a[best_b] == ia) & (sim[ia, best_b] >= MIN_LOCAL_SIMILARITY)
+    return ia[keep], best_b[keep]
+
+
+def fit_affine(
+    src: np.ndarray, dst: np.ndarray, tolerance: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """RANSAC affine src -> dst: (2 x 3 matrix, inlier mask), refined on the inliers."""
+    n = len(src)
+    best = np.zeros(n, dtype=bool)
+    if n < 3:
+        return np.eye(2, 3), best
+    ones = np.ones((n, 1))
+    design = np.hstack([src, ones])
+    for _ in range(RANSAC_ITERATIONS):
+        pick = rng.choice(n, 3, replace=False)
+        try:
+            m = np.linalg.solve(design[pick], dst[pick]).T
+        except np.linalg.LinAlgError:
+            continue
+        if not plausible(m):
+            continue
+        err = np.linalg.norm(design @ m.T - dst, axis=1)
+        inliers = err <= tolerance
+        if inliers.sum() > best.sum():
+            best = inliers
+    if best.sum() < 3:
+        return np.eye(2, 3), np.zeros(n, dtype=bool)
+    m, *_ = np.linalg.lstsq(design[best], dst[best], rcond=None)
+    affine = m.T
+    if not plausible(affine):
+        return np.eye(2, 3), np.zeros(n, dtype=bool)
+    err = np.linalg.norm(design @ affine.T - dst, axis=1)
+    return affine, err <= tolerance
+
+
+def verify_pair(
+    fa: np.ndarray, fb: np.ndarray, fb_flipped: np.ndarray | None = None
+) -> Verification:
+    """Check one pair from their local feature maps (h, w, c); ``fb_flipped`` is B's map
+    computed on the mirrored image, to accept flipped copies."""
+    h, w, c = fa.shape
+    grid = _grid(h, w)
+    tolerance = TOLERANCE_CELLS / max(h, w)
+    rng = np.random.default_rng(SEED)
+    best: Verification | None = None
+    candidates = [(fb, False)] + ([(fb_flipped, True)] if fb_flipped is not None else [])
+    for feats, flipped in candidates:
+        ia, ib = mutual_matches(fa.reshape(-1, c), feats.reshape(-1, c))
+        affine, inliers = fit_affine(grid[ib], grid[ia], tolerance, rng)
+        if flipped:  # express the map from B's own (unmirrored) coordinates
+            affine = affine @ np.array([[-1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        result = Verification(len(ia), int(inliers.sum()), affine, flipped)
+        if best is None or result.inliers > best.inliers:
+            best = result
+    assert best is not None
+    return best
