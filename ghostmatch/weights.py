@@ -106,7 +106,19 @@ def load_descriptor(
     ghostmatch file carries its own model card, the others get ImageNet preprocessing.
     ``card_changes`` override card fields (pooling, input size) for experiments.
     """
-    spec = str(weights) if weights is not None else default_weights()
+    if weights is None:
+        spec = default_weights()
+        if spec == "imagenet" and BUNDLED_PATH.exists():
+            try:
+                fetch_imagenet(progress)
+            except GhostmatchError as err:
+                warnings.warn(
+                    f"ImageNet weights unavailable ({err}); using the bundled model",
+                    stacklevel=2,
+                )
+                spec = "bundled"
+        return load_descriptor(spec, progress, **card_changes)
+    spec = str(weights)
     if spec == "random":
         warnings.warn(
             "using RANDOM weights: descriptors are meaningless (tests and speed checks only)",
