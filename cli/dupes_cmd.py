@@ -50,13 +50,21 @@ def dupes(
         Path | None, typer.Option("--move-to", help="Move non-kept copies into this folder.")
     ] = None,
     delete: Annotated[
-        bool, typer.Option("--delete", help="Move non-kept copies to the ghostmatch trash.")
+        bool,
+        typer.Option(
+            "--delete",
+            help="Move non-kept copies to the trash folder <journal>.trash (undoable).",
+        ),
     ] = False,
     apply: Annotated[
         bool, typer.Option("--apply", help="Really act (otherwise a dry run).")
     ] = False,
     journal: Annotated[
-        Path | None, typer.Option("--journal", help="Journal file for --apply (for undo).")
+        Path | None,
+        typer.Option(
+            "--journal",
+            help="Journal for --apply [default: ./ghostmatch-journal-<time>.jsonl].",
+        ),
     ] = None,
     protect: Annotated[
         list[Path] | None,
@@ -164,11 +172,19 @@ def _act(
         err.print(f"skip {os.fsdecode(path)}: {reason}", markup=False)
     if journal is None:
         journal = Path(f"ghostmatch-journal-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-    apply_actions(actions, journal, dry_run=not apply)
-    verb = "would " + op if not apply else op
-    out.print(f"{verb} {len(actions)} files" + ("" if apply else " (dry run; add --apply)"))
+    report = apply_actions(actions, journal, dry_run=not apply)
+    for action, reason in report.failed:
+        err.print(f"cannot {op} {os.fsdecode(action.source)}: {reason}", markup=False)
     if apply:
+        out.print(f"{op}d {len(report.done)} files ({report.bytes / 1e6:.1f} MB)")
         out.print(f"journal: {journal} (undo with: ghostmatch undo {journal})")
+    else:
+        out.print(
+            f"would {op} {len(report.done)} files ({report.bytes / 1e6:.1f} MB); "
+            "dry run, add --apply to do it"
+        )
+    if report.failed:
+        raise typer.Exit(1)
 
 
 def undo(
@@ -178,7 +194,13 @@ def undo(
     from ghostmatch.actions import undo as undo_journal
 
     report = undo_journal(journal)
-    out.print(str(report))
+    out.print(f"restored {len(report.restored)} files", markup=False)
+    if report.already_undone:
+        out.print(f"{report.already_undone} were restored by an earlier undo")
+    for path, reason in report.skipped:
+        err.print(f"not restored {os.fsdecode(path)}: {reason}", markup=False)
+    if report.skipped:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

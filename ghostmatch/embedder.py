@@ -77,6 +77,14 @@ def fuse_batchnorm(model: Descriptor) -> Descriptor:
     return fused
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """``model.to(memory_format=...)``, which torch's type stubs do not declare."""
+    for param in model.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def resolve_device(device: str) -> str:
     if device not in DEVICES:
         raise GhostmatchError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -127,7 +135,7 @@ class Embedder:
             self._model = model.to(self.device).eval()
         else:
             self._model = fuse_batchnorm(model).to(self.device)
-            self._model = self._model.to(memory_format=torch.channels_last)
+            self._model = channels_last(self._model)
         if runtime == "onnx":
             self._session = self._onnx_session(self._model)
 
@@ -178,7 +186,9 @@ def export_onnx(model: nn.Module, card: ModelCard, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
     example = torch.zeros(2, 3, card.input_size, card.input_size)
-    cpu_model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format)
+    cpu_model = copy.deepcopy(model).cpu().float()
+    for param in cpu_model.parameters():
+        param.data = param.data.contiguous()
     torch.onnx.export(
         cpu_model,
         (example,),

@@ -24,6 +24,7 @@ from torch import nn
 
 from ghostmatch.augment import CopyAugment
 from ghostmatch.descriptor import Descriptor
+from ghostmatch.embedder import channels_last as channels_last_model
 from ghostmatch.embedder import to_batch
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, load_image
@@ -143,7 +144,11 @@ class MarginHead(nn.Module):
 
 
 def _build_model(config: TrainConfig) -> Descriptor:
-    card_changes = {"projection": "linear", "dim": config.dim, "input_size": config.image_size}
+    card_changes: dict[str, Any] = {
+        "projection": "linear",
+        "dim": config.dim,
+        "input_size": config.image_size,
+    }
     if config.init == "random":
         card = ModelCard(
             weights="trained", weights_sha256="0" * 64, width=config.width, **card_changes
@@ -222,7 +227,8 @@ def train(
         train_idx = [i for i in train_idx if i not in held]
 
     # channels_last makes CPU training of the depthwise-heavy GhostNet about 10x faster.
-    model = _build_model(config).to(memory_format=torch.channels_last)
+    model = _build_model(config)
+    channels_last_model(model)
     head: MarginHead | None = None
     if config.mode == "supervised":
         head = MarginHead(config.dim, len(classes), config.margin, config.scale)

@@ -69,8 +69,8 @@ def local_features(model: Descriptor, batch: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         x = torch.from_numpy(batch)
         x = backbone.act1(backbone.bn1(backbone.conv_stem(model.normalize(x))))
-        for stage in backbone.blocks[:STRIDE16_STAGE]:
-            x = stage(x)
+        for n in range(STRIDE16_STAGE):
+            x = backbone.blocks[n](x)
         x = torch.nn.functional.normalize(x, dim=1)
     return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 

@@ -1,0 +1,616 @@
+"""Acting on duplicate groups: move or trash every file but the kept one, journaled so that
+``undo`` can put each file back, even after a crash halfway through.
+
+Layout choices:
+
+- ``move`` keeps the folder structure below the common root of the files being moved:
+  with members under /photos/2019/a.jpg and /photos/2020/b.jpg and ``move_to=/dupes``
+  they land at /dupes/2019/a.jpg and /dupes/2020/b.jpg. Files on different drives share
+  no root; then the whole path is re-rooted (C:\\x\\a.jpg -> /dupes/C/x/a.jpg).
+- ``delete`` never unlinks: it moves the file into the ghostmatch trash, the folder
+  ``<journal>.trash`` beside the journal, at its re-rooted absolute path
+  (/photos/2019/a.jpg -> <journal>.trash/photos/2019/a.jpg). ``purge_trash`` deletes for real.
+- A name that is taken gets a numbered suffix (a.jpg -> a~1.jpg, a~2.jpg, ...); no
+  existing file is ever replaced, neither by an action nor by ``undo``.
+
+The journal is JSON lines, one record per event, fsynced before the next step: "planned"
+(the whole action, written before the file is touched), then "done" or "failed", later
+"undone" or "purged". Paths are stored with non-UTF-8 bytes as escaped surrogates, so every
+file name round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ghostmatch.dupes import DuplicateGroup
+from ghostmatch.errors import GhostmatchError
+
+OPS = ("move", "delete")
+TRASH_SUFFIX = ".trash"
+
+# Why plan_actions leaves a member alone; the second list it returns carries these.
+PROTECTED = "protected"
+KEPT_ELSEWHERE = "kept file of a group"
+LISTED_TWICE = "listed twice"
+ALREADY_MOVED = "already in move_to"
+PROTECTED_TARGET = "destination is in a protected folder"
+
+_COPY_CHUNK = 1 << 20
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Action:
+    """Move ``source``, a duplicate of ``keep``, to ``target``.
+
+    For "delete" the target is the trash location; ``plan_actions`` leaves it None and
+    ``apply_actions`` fills it in. ``bytes`` and ``mtime_ns`` describe the file as it was
+    grouped: a file that changed since is left alone (0 skips the mtime check).
+    """
+
+    op: str
+    source: Path
+    target: Path | None
+    keep: Path
+    score: float
+    tier: str
+    bytes: int = 0
+    mtime_ns: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "source": os.fsdecode(self.source),
+            "target": None if self.target is None else os.fsdecode(self.target),
+            "keep": os.fsdecode(self.keep),
+            "score": round(self.score, 6),
+            "tier": self.tier,
+            "bytes": self.bytes,
+            "mtime_ns": self.mtime_ns,
+        }
+
+    def to_json(self) -> str:
+        """One JSON line; non-UTF-8 bytes in paths are kept as ``\\udcXX`` escapes."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Action:
+        target = data.get("target")
+        return cls(
+            op=data["op"],
+            source=Path(data["source"]),
+            target=None if target is None else Path(target),
+            keep=Path(data["keep"]),
+            score=float(data.get("score", 0.0)),
+            tier=str(data.get("tier", "")),
+            bytes=int(data.get("bytes", 0)),
+            mtime_ns=int(data.get("mtime_ns", 0)),
+        )
+
+
+@dataclass
+class ActionReport:
+    """What ``apply_actions`` did; for a dry run, what it would do (nothing is touched).
+
+    ``done`` carries each action with its final target; ``failed`` pairs an action with
+    the reason it was not (or would not be) carried out.
+    """
+
+    dry_run: bool
+    journal: Path
+    done: list[Action] = field(default_factory=list)
+    failed: list[tuple[Action, str]] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes moved out of the photo folders (reclaimed once the target is emptied)."""
+        return sum(action.bytes for action in self.done)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "journal": os.fsdecode(self.journal),
+            "done": [action.to_dict() for action in self.done],
+            "failed": [{**action.to_dict(), "error": error} for action, error in self.failed],
+            "bytes": self.bytes,
+        }
+
+
+@dataclass
+class UndoReport:
+    """What ``undo`` did.
+
+    ``restored``: files moved back to where they were. ``not_moved``: actions a crash cut
+    short before the file moved, now closed. ``skipped``: files left where they are, with
+    the reason; fix that and run ``undo`` again, which retries exactly these.
+    ``already_undone``: actions an earlier ``undo`` reverted.
+    """
+
+    restored: list[Path] = field(default_factory=list)
+    not_moved: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    already_undone: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "restored": [os.fsdecode(path) for path in self.restored],
+            "not_moved": self.not_moved,
+            "skipped": [{"path": os.fsdecode(p), "reason": r} for p, r in self.skipped],
+            "already_undone": self.already_undone,
+        }
+
+
+def trash_folder(journal: Path) -> Path:
+    """The ghostmatch trash of ``journal``: where "delete" puts files, ``<journal>.trash``."""
+    journal = Path(os.path.abspath(journal))
+    return journal.with_name(journal.name + TRASH_SUFFIX)
+
+
+def plan_actions(
+    groups: Sequence[DuplicateGroup],
+    op: str,
+    move_to: Path | None = None,
+    protect: Sequence[Path] = (),
+) -> tuple[list[Action], list[tuple[Path, str]]]:
+    """One action per non-kept member of ``groups``, and the members left alone with why.
+
+    A member is left alone when it is under a ``protect`` folder ("protected"), is the kept
+    file of some group (acting on it would orphan that group), is listed twice, or is
+    already inside ``move_to``. ``move_to`` may not exist yet (``apply_actions`` creates
+    it) but must not be a file or lie inside a protected folder. Move targets follow the
+    layout in the module docstring, with a numbered suffix where a name is taken.
+    """
+    if op not in OPS:
+        raise GhostmatchError(f"unknown action {op!r}; use one of {', '.join(OPS)}")
+    if op == "move" and move_to is None:
+        raise GhostmatchError("moving duplicates needs a destination folder (--move-to)")
+    if op == "delete" and move_to is not None:
+        raise GhostmatchError("a destination folder is only for moving; drop --move-to")
+    guarded = []
+    for folder in protect:
+        if not os.path.exists(folder):
+            raise GhostmatchError(
+                f"protected folder {os.fsdecode(folder)} does not exist; check the --protect path"
+            )
+        guarded.append(Path(os.path.realpath(folder)))
+    destination: Path | None = None
+    real_destination: Path | None = None
+    if move_to is not None:
+        if os.path.exists(move_to) and not os.path.isdir(move_to):
+            raise GhostmatchError(
+                f"{os.fsdecode(move_to)} is not a directory; --move-to needs a folder"
+            )
+        destination = Path(os.path.abspath(move_to))
+        real_destination = Path(os.path.realpath(move_to))
+        for folder in guarded:
+            if _is_under(real_destination, folder):
+                raise GhostmatchError(
+                    f"{os.fsdecode(move_to)} is inside the protected folder "
+                    f"{os.fsdecode(folder)}; choose a destination outside it"
+                )
+
+    kept = {_real_file(Path(os.path.abspath(group.keep.path))) for group in groups}
+    seen: set[Path] = set()
+    chosen: list[Action] = []
+    skipped: list[tuple[Path, str]] = []
+    for group in groups:
+        keep = Path(os.path.abspath(group.keep.path))
+        for member in group.members:
+            source = Path(os.path.abspath(member.path))
+            real = _real_file(source)
+            reason = None
+            if real in kept:
+                reason = KEPT_ELSEWHERE
+            elif real in seen:
+                reason = LISTED_TWICE
+            elif any(_is_under(real, folder) for folder in guarded):
+                reason = PROTECTED
+            elif real_destination is not None and _is_under(real, real_destination):
+                reason = ALREADY_MOVED
+            if reason is not None:
+                skipped.append((source, reason))
+                continue
+            seen.add(real)
+            chosen.append(
+                Action(
+                    op=op,
+                    source=source,
+                    target=None,
+                    keep=keep,
+                    score=member.score,
+                    tier=member.tier,
+                    bytes=member.bytes,
+                    mtime_ns=member.mtime_ns,
+                )
+            )
+    if destination is None:
+        return chosen, skipped
+
+    root = _common_folder([action.source for action in chosen])
+    claimed: set[Path] = set()
+    actions: list[Action] = []
+    for action in chosen:
+        relative = action.source.relative_to(root) if root else _rerooted(action.source)
+        target = _free_name(destination / relative, claimed)
+        real_target = _real_file(target)
+        if any(_is_under(real_target, folder) for folder in guarded):
+            skipped.append((action.source, PROTECTED_TARGET))
+            continue
+        claimed.add(target)
+        actions.append(replace(action, target=target))
+    return actions, skipped
+
+
+def apply_actions(actions: Sequence[Action], journal: Path, dry_run: bool = True) -> ActionReport:
+    """Carry out ``actions``, journaling each one; with ``dry_run`` only say what would happen.
+
+    Before a file is touched its action is appended to ``journal`` as "planned" (fsynced),
+    then "done" or "failed" follows, so ``undo`` can always finish the job. A file is left
+    alone (and reported as failed) when it is missing, changed since it was grouped, or
+    when its kept file is gone. "delete" moves the file into ``trash_folder(journal)``.
+    Moves never replace an existing file, work across filesystems and keep mtime.
+    """
+    journal = Path(os.path.abspath(journal))
+    if not journal.parent.is_dir():
+        raise GhostmatchError(
+            f"folder {os.fsdecode(journal.parent)} for the journal does not exist; create it"
+        )
+    if journal.exists() and not journal.is_file():
+        raise GhostmatchError(f"journal {os.fsdecode(journal)} is not a file")
+    trash = trash_folder(journal)
+    report = ActionReport(dry_run=dry_run, journal=journal)
+    run = uuid.uuid4().hex[:12]
+    claimed: set[Path] = set()
+    with _journal_appender(journal, enabled=not dry_run) as append:
+        for number, given in enumerate(actions):
+            entry = f"{run}-{number}"
+            # Absolute paths, so that undo works from any working directory.
+            planned = replace(
+                given,
+                source=Path(os.path.abspath(given.source)),
+                keep=Path(os.path.abspath(given.keep)),
+                target=None if given.target is None else Path(os.path.abspath(given.target)),
+            )
+            problem = _problem(planned)
+            target = planned.target
+            if problem is None:
+                if planned.op == "delete":
+                    target = trash / _rerooted(planned.source)
+                if target is None:
+                    problem = "a move needs a target"
+                else:
+                    target = _free_name(target, claimed)
+                    claimed.add(target)
+            action = replace(planned, target=target)
+            if problem is not None:
+                report.failed.append((action, problem))
+                append({"event": "failed", "id": entry, **action.to_dict(), "error": problem})
+                continue
+            if dry_run:
+                report.done.append(action)
+                continue
+            assert action.target is not None
+            append({"event": "planned", "id": entry, **action.to_dict()})
+            try:
+                _move_exclusive(action.source, action.target)
+            except OSError as error:
+                message = _describe(error)
+                append({"event": "failed", "id": entry, "error": message})
+                report.failed.append((action, message))
+                continue
+            append({"event": "done", "id": entry})
+            report.done.append(action)
+    return report
+
+
+def undo(journal: Path) -> UndoReport:
+    """Put back every file ``journal`` moved or trashed, the latest first.
+
+    Nothing is overwritten: a file that now sits at the original place keeps both files
+    where they are and is reported in ``skipped``. Each reverted action gets an "undone"
+    record, so running ``undo`` again does nothing new (and retries only the skipped).
+    Actions a crash left "planned" are reverted if their file moved, closed if it did not.
+    """
+    journal = _existing_journal(journal)
+    entries = _read_entries(journal)
+    report = UndoReport()
+    trash = trash_folder(journal)
+    with _journal_appender(journal) as append:
+        for entry in reversed(entries):
+            action = entry.action
+            if entry.status == "undone":
+                report.already_undone += 1
+                continue
+            if entry.status == "failed":
+                continue
+            if entry.status == "purged":
+                report.skipped.append((action.source, "purged from the ghostmatch trash"))
+                continue
+            outcome, reason = _restore(action, moved=entry.status == "done")
+            if outcome == "skipped":
+                report.skipped.append((action.source, reason))
+                continue
+            if outcome == "restored":
+                report.restored.append(action.source)
+            else:
+                report.not_moved += 1
+            if action.op == "delete" and action.target is not None:
+                _remove_empty_folders(action.target.parent, trash)
+            append({"event": "undone", "id": entry.id})
+    return report
+
+
+def purge_trash(journal: Path) -> int:
+    """Delete for real the files "delete" put in the trash of ``journal``; how many.
+
+    Purged actions get a "purged" record, which ``undo`` then reports instead of restoring.
+    Only files inside ``trash_folder(journal)`` are ever removed.
+    """
+    journal = _existing_journal(journal)
+    trash = trash_folder(journal)
+    removed = 0
+    with _journal_appender(journal) as append:
+        for entry in _read_entries(journal):
+            target = entry.action.target
+            if entry.action.op != "delete" or entry.status not in ("planned", "done"):
+                continue
+            if target is None or not _is_under(Path(os.path.abspath(target)), trash):
+                continue
+            if not os.path.lexists(target):
+                continue
+            os.unlink(target)
+            removed += 1
+            append({"event": "purged", "id": entry.id})
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash)
+    return removed
+
+
+@dataclass
+class _Entry:
+    id: str
+    action: Action
+    status: str
+
+
+def _problem(action: Action) -> str | None:
+    """Why ``action`` must not run now, or None."""
+    if action.op not in OPS:
+        return f"unknown action {action.op!r}"
+    try:
+        st = os.stat(action.source)
+    except FileNotFoundError:
+        return "the file is missing"
+    except OSError as error:
+        return _describe(error)
+    if st.st_size != action.bytes or (action.mtime_ns and st.st_mtime_ns != action.mtime_ns):
+        return "the file changed since it was grouped; group again"
+    if not os.path.exists(action.keep):
+        return f"its kept file {os.fsdecode(action.keep)} is missing"
+    # The kept file may be a link to this one; moving it away would break the kept copy.
+    if _same_file(action.source, action.keep):
+        return "it is the same file as the kept one"
+    return None
+
+
+def _restore(action: Action, moved: bool) -> tuple[str, str]:
+    """Move ``action``'s file back: ("restored" | "not-moved" | "skipped", reason)."""
+    source, target = action.source, action.target
+    at_source = os.path.lexists(source)
+    at_target = target is not None and os.path.lexists(target)
+    if target is not None and at_target and not at_source:
+        try:
+            _move_exclusive(target, source)
+        except OSError as error:
+            return "skipped", f"cannot move it back: {_describe(error)}"
+        return "restored", ""
+    if target is not None and at_target and at_source:
+        if _second_name(target, source):
+            # A crash between linking the target and unlinking the source.
+            os.unlink(target)
+            return "not-moved", ""
+        return "skipped", (
+            f"a file now exists at the original place; {os.fsdecode(target)} is left as it is"
+        )
+    if at_source and not moved:
+        return "not-moved", ""
+    where = "" if target is None else f" at {os.fsdecode(target)}"
+    return "skipped", f"the moved file is no longer{where}"
+
+
+def _move_exclusive(source: Path, target: Path) -> None:
+    """Move a file to ``target``; FileExistsError rather than ever replacing a file there.
+
+    Not shutil.move: its os.rename silently replaces an existing target on POSIX. A hard
+    link fails if the target exists, so link-then-unlink is an atomic no-overwrite move on
+    one filesystem; across filesystems, or where hard links are not supported, the bytes go
+    into a file created with O_EXCL. Either way mtime (and mode) are kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+    else:
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            raise
+        except OSError:
+            _copy_exclusive(source, target)
+    try:
+        os.unlink(source)
+    except BaseException:
+        os.unlink(target)
+        raise
+
+
+def _copy_exclusive(source: Path, target: Path) -> None:
+    created = False
+    try:
+        with open(source, "rb") as reader, open(target, "xb") as writer:
+            created = True
+            shutil.copyfileobj(reader, writer, _COPY_CHUNK)
+            writer.flush()
+            os.fsync(writer.fileno())
+        shutil.copystat(source, target)
+    except BaseException:
+        if created:  # never a file that was there before
+            os.unlink(target)
+        raise
+
+
+def _free_name(target: Path, claimed: set[Path]) -> Path:
+    """``target``, or ``stem~N.ext`` with the smallest N that no file (or plan) takes."""
+    candidate = target
+    number = 0
+    while candidate in claimed or os.path.lexists(candidate):
+        number += 1
+        candidate = target.with_name(f"{target.stem}~{number}{target.suffix}")
+    return candidate
+
+
+def _common_folder(paths: Sequence[Path]) -> Path | None:
+    """The deepest folder holding all ``paths``; None when they share none (two drives)."""
+    if not paths:
+        return None
+    try:
+        return Path(os.path.commonpath([os.fspath(path.parent) for path in paths]))
+    except ValueError:
+        return None
+
+
+def _rerooted(path: Path) -> Path:
+    """``path`` as a relative path: /a/b.jpg -> a/b.jpg, C:\\a\\b.jpg -> C/a/b.jpg."""
+    drive = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.drive).strip("_")
+    parts = path.parts[1:]
+    return Path(drive, *parts) if drive else Path(*parts)
+
+
+def _real_file(path: Path) -> Path:
+    """``path`` with symlinked folders resolved but the file's own symlink kept."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _second_name(extra: Path, original: Path) -> bool:
+    """Whether ``extra`` is another directory entry for ``original``'s file (a hard link,
+    or a symlink with the same destination), so that removing ``extra`` loses nothing."""
+    if _real_file(extra) == _real_file(original):
+        return False  # one entry reached by two paths: removing it would remove the file
+    try:
+        a, b = os.lstat(extra), os.lstat(original)
+        if os.path.islink(extra) and os.path.islink(original):
+            return os.readlink(extra) == os.readlink(original)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and a.st_nlink > 1
+
+
+def _remove_empty_folders(folder: Path, stop: Path) -> None:
+    """Remove ``folder`` and its parents while empty, up to and including ``stop``."""
+    while _is_under(folder, stop):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _describe(error: OSError) -> str:
+    text = error.strerror or str(error)
+    return f"{text}: {os.fsdecode(error.filename)}" if error.filename else text
+
+
+def _existing_journal(journal: Path) -> Path:
+    journal = Path(os.path.abspath(journal))
+    if not journal.is_file():
+        raise GhostmatchError(
+            f"journal {os.fsdecode(journal)} does not exist; pass the journal that the "
+            "applied run wrote"
+        )
+    return journal
+
+
+def _read_entries(journal: Path) -> list[_Entry]:
+    """The actions in ``journal`` in the order they were planned, each with its last event.
+
+    A last line cut short by a crash is ignored; any other unreadable line is an error.
+    """
+    entries: dict[str, _Entry] = {}
+    with open(journal, encoding="utf-8", errors="surrogateescape") as reader:
+        lines = reader.read().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            entry_id = str(record["id"])
+            event = str(record["event"])
+            entry = entries.get(entry_id)
+            if entry is None:
+                entries[entry_id] = _Entry(entry_id, Action.from_dict(record), event)
+            else:
+                entry.status = event
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines):
+                break
+            raise GhostmatchError(
+                f"{os.fsdecode(journal)} line {number} is not a ghostmatch journal record "
+                f"({error}); pass the journal that the applied run wrote"
+            ) from error
+    return list(entries.values())
+
+
+@contextmanager
+def _journal_appender(journal: Path, enabled: bool = True) -> Iterator[Callable[[Record], None]]:
+    """Append records to ``journal``, each fsynced before the call returns."""
+    if not enabled:
+        yield lambda record: None
+        return
+    created = not journal.exists()
+    with open(journal, "a", encoding="utf-8") as writer:
+        if created:
+            _fsync_folder(journal.parent)
+
+        def append(record: Record) -> None:
+            record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            # ensure_ascii keeps non-UTF-8 names (lone surrogates) as escapes that round-trip.
+            writer.write(json.dumps(record, ensure_ascii=True) + "\n")
+            writer.flush()
+            os.fsync(writer.fileno())
+
+        yield append
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a new file's directory entry durable; not possible (or needed) on Windows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
