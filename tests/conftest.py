@@ -51,7 +51,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("photos")
     names = ["astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field"]
     for name in names:
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(folder / f"{name}.jpg", quality=92)
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(
+            folder / f"{name}.jpg", quality=92
+        )
     Image.fromarray(data.camera()).save(folder / "camera.png")
     yield folder
 

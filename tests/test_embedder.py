@@ -21,8 +21,12 @@ def _arrays(n: int, size: int = 224) -> list[np.ndarray]:
 def test_folded_equals_unfolded(random_model: Descriptor) -> None:
     x = torch.rand(4, 3, 160, 160)
     with torch.no_grad():
-        torch.testing.assert_close(fuse_batchnorm(random_model)(x), random_model(x), atol=1e-5, rtol=1e-4)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fuse_batchnorm(random_model).modules())
+        torch.testing.assert_close(
+            fuse_batchnorm(random_model)(x), random_model(x), atol=1e-5, rtol=1e-4
+        )
+    assert not any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in fuse_batchnorm(random_model).modules()
+    )
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])

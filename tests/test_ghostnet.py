@@ -49,7 +49,8 @@ def test_official_key_layout() -> None:
         "classifier.bias",
     }
     assert expected <= set(keys)
-    assert not any(".act" in k or "shortcut.0" in k and k.startswith("blocks.0.0") for k in keys)
+    assert not any(".act" in k for k in keys)
+    assert "blocks.0.0.shortcut.0.weight" not in keys  # identity shortcut: in == out, stride 1
 
 
 @pytest.mark.parametrize("width", WIDTHS)
