@@ -1,0 +1,314 @@
+"""``ghostmatch eval retrieval|dupes`` and ``ghostmatch calibrate``: parse, wire, print.
+
+The measuring lives in ``ghostmatch.evaluation``. This module does not import ``app`` (which
+imports it to register the commands), so it keeps its own consoles and option types.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.scan import display_path
+
+if TYPE_CHECKING:
+    from ghostmatch.library import Library
+
+eval_app = typer.Typer(
+    no_args_is_help=True,
+    help="Measure retrieval and duplicate detection on labelled photos.",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+FolderArg = Annotated[Path, typer.Argument(help="The labelled photos.")]
+IndexOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--index", help="Index folder to create or reuse (default: a temporary one, deleted)."
+    ),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        help="imagenet, bundled, random or a checkpoint file, for a new index "
+        "(default: as `ghostmatch index`).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+@eval_app.command("retrieval")
+def retrieval(
+    folder: FolderArg,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="CSV of path,label (paths relative to the CSV) "
+            "(default: the first folder below FOLDER is the class).",
+        ),
+    ] = None,
+    index: IndexOpt = None,
+    weights: WeightsOpt = None,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, help="Neighbours voting for k-NN top-1.")
+    ] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Query each labelled photo against the others: mAP, recall@1/5/10, k-NN top-1."""
+    from ghostmatch.evaluation import evaluate_retrieval, labels_from_folders, read_labels_csv
+
+    _check_folder(folder)
+    truth = read_labels_csv(labels) if labels is not None else labels_from_folders(folder)
+    if not truth:
+        raise GhostmatchError(
+            f"no labelled photos in {folder}: put them in one sub-folder per class, or pass "
+            "--labels CSV"
+        )
+    with _indexed(folder, index, weights, as_json) as lib:
+        result = evaluate_retrieval(lib, truth, knn_k=k)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    m = result.metrics
+    table = Table(title=f"retrieval on {escape(display_path(folder))}", title_justify="left")
+    for column in ("class", "images", "mAP", "R@1", "R@5", "R@10", f"{k}-NN top-1"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, c in result.per_class.items():
+        table.add_row(
+            name,
+            str(c.n_items),
+            *map(_rate, (c.map, c.recall_at_1, c.recall_at_5, c.recall_at_10, c.knn_top1)),
+        )
+    table.add_section()
+    table.add_row(
+        "all",
+        str(result.n_items),
+        *map(_rate, (m.map, m.recall_at_1, m.recall_at_5, m.recall_at_10, m.knn_top1)),
+        style="bold",
+    )
+    out.print(table)
+    if result.depth < result.n_items - 1:
+        out.print(f"each query ranked its top {result.depth}; mAP is a lower bound")
+    if result.n_unindexed:
+        out.print(f"{result.n_unindexed} labelled files are not in the index (unreadable?)")
+
+
+@eval_app.command("dupes")
+def dupes(
+    folder: FolderArg,
+    truth: Annotated[
+        Path,
+        typer.Option(
+            "--truth",
+            help="truth.json from `ghostmatch make-copies`, or a CSV of group_id,path.",
+        ),
+    ],
+    index: IndexOpt = None,
+    weights: WeightsOpt = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Duplicate threshold to report precision/recall at "
+            "(default: as `ghostmatch dupes`: calibrated, else the model's, else 0.9).",
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a precision-recall plot (PNG).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score each photo's nearest neighbours as duplicate pairs against the truth groups.
+
+    Measures descriptor scores: stage 1 of `ghostmatch dupes`, before verification.
+    """
+    from ghostmatch.evaluation import dupe_threshold, evaluate_duplicates, read_truth_any
+
+    _check_folder(folder)
+    groups = read_truth_any(truth)
+    with _indexed(folder, index, weights, as_json) as lib:
+        cut, source = dupe_threshold(lib, threshold)
+        result = evaluate_duplicates(lib, groups, cut, under=folder)
+    if plot is not None:
+        _plot(result.curve, plot, f"duplicates in {folder.name}")
+    if as_json:
+        data = result.to_dict()
+        data["threshold_source"] = source
+        if plot is not None:
+            data["plot"] = os.fsdecode(plot)
+        _print_json(data)
+        return
+    p = result.pairs
+    out.print(
+        f"{result.n_images} images, {result.n_groups} truth groups, {p.n_positive} true "
+        f"pairs; {p.n_pairs} candidate pairs ({result.k} nearest each) hold "
+        f"{p.n_positive_retrieved} of them"
+    )
+    out.print(f"micro-AP            {_rate(p.micro_ap)}")
+    out.print(
+        f"recall @ P=0.99     {_rate(p.recall_at_p99)}  (threshold {_score(p.threshold_at_p99)})"
+    )
+    out.print(
+        f"recall @ P=0.90     {_rate(p.recall_at_p90)}  (threshold {_score(p.threshold_at_p90)})"
+    )
+    out.print(
+        f"at threshold {_score(cut)} ({source}): precision {_rate(p.precision)}, "
+        f"recall {_rate(p.recall)}"
+    )
+    if result.per_transform:
+        table = Table(title=f"recall by transform at {_score(cut)}", title_justify="left")
+        for column in ("transform", "pairs", "found", "recall"):
+            table.add_column(column, justify="left" if column == "transform" else "right")
+        for name, t in result.per_transform.items():
+            table.add_row(name, str(t.n_pairs), str(t.n_found), _rate(t.recall))
+        out.print(table)
+    if result.n_unindexed:
+        out.print(
+            f"{result.n_unindexed} truth files are not in the index; their pairs count as missed"
+        )
+    if plot is not None:
+        out.print(f"wrote {display_path(plot)}", markup=False)
+
+
+def calibrate_cmd(
+    pairs: Annotated[
+        Path,
+        typer.Option(
+            "--pairs",
+            help="CSV of path,path,same|different (paths relative to the CSV); a few dozen.",
+        ),
+    ],
+    precision: Annotated[
+        float, typer.Option("--precision", help="Precision the threshold must reach.")
+    ] = 0.99,
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or user data dir)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pick the duplicate threshold from labelled pairs and store it in the index."""
+    import ghostmatch
+    from ghostmatch.evaluation import CONFIDENCE, calibrate, precision_lower_bound, read_pairs_csv
+
+    if not 0.0 < precision <= 1.0:
+        raise GhostmatchError(f"--precision must be in (0, 1], got {precision}")
+    labelled = read_pairs_csv(pairs)
+    lib = ghostmatch.open(index, create=False)
+    try:
+        choice = calibrate(lib, labelled, precision)
+        where = lib.path
+    finally:
+        lib.close()
+    bound = precision_lower_bound(choice)
+    same_above = round(choice.recall * choice.n_same)
+    if as_json:
+        _print_json(
+            {
+                "index": os.fsdecode(where),
+                "threshold": choice.threshold,
+                "target_precision": precision,
+                "precision": choice.precision,
+                "recall": choice.recall,
+                "support": choice.support,
+                "same_at_or_above": same_above,
+                "n_pairs": choice.n_same + choice.n_different,
+                "n_same": choice.n_same,
+                "n_different": choice.n_different,
+                "precision_lower_bound": bound,
+                "confidence": CONFIDENCE,
+            }
+        )
+        return
+    out.print(
+        f"duplicate threshold {choice.threshold:.4f} stored in {display_path(where)}", markup=False
+    )
+    out.print(
+        f"chosen from {choice.n_same + choice.n_different} labelled pairs ({choice.n_same} same, "
+        f"{choice.n_different} different); {choice.support} pairs score at or above it, "
+        f"{same_above} of them the same (precision {choice.precision:.3f}, recall "
+        f"{choice.recall:.3f})"
+    )
+    out.print(
+        f"with this few pairs the precision has a {CONFIDENCE:.0%} lower bound of {bound:.3f}"
+        + ("; label more pairs to tighten it" if bound < precision else "")
+    )
+
+
+@contextmanager
+def _indexed(
+    folder: Path, index: Path | None, weights: str | None, quiet: bool
+) -> Iterator[Library]:
+    """An index of ``folder`` brought up to date: ``index`` if given, else a temporary one
+    deleted afterwards."""
+    import ghostmatch
+
+    with ExitStack() as cleanup:
+        if index is None:
+            index = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ghostmatch-")))
+        lib = ghostmatch.open(index, weights=weights)
+        cleanup.callback(lib.close)
+        if not quiet:
+            err.print(
+                f"indexing {display_path(folder)} into {display_path(lib.path)}", markup=False
+            )
+        report = lib.index([folder])
+        if report.interrupted:
+            raise KeyboardInterrupt
+        failed = sum(report.failed.values())
+        if failed and not quiet:
+            err.print(f"{failed} files could not be read and are left out")
+        yield lib
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise GhostmatchError(f"{display_path(folder)} is not a folder")
+
+
+def _plot(curve: Any, path: Path, title: str) -> None:
+    from ghostmatch.metrics import plot_pr
+
+    try:
+        plot_pr({"all pairs": curve}, path, title=title)
+    except ImportError as exc:
+        raise GhostmatchError(
+            f"--plot needs matplotlib ({exc.name} is missing); pip install 'ghostmatch[bench]'"
+        ) from exc
+    except OSError as exc:
+        raise GhostmatchError(f"cannot write {display_path(path)}: {exc.strerror or exc}") from exc
+
+
+def _print_json(data: Any) -> None:
+    # ASCII escapes round-trip undecodable file names (lone surrogates) on a UTF-8 stdout.
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval retrieval``, ``eval dupes`` and ``calibrate`` to the main command."""
+    app.add_typer(eval_app, name="eval")
+    app.command("calibrate")(calibrate_cmd)
