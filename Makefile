@@ -28,8 +28,10 @@ lint: setup
 typecheck: setup
 	$(PY) tools/typecheck.py
 
+# One OpenMP thread per test process: on a shared or loaded machine, torch's and faiss's
+# spinning thread teams otherwise slow small tests down tenfold.
 test: lint typecheck
-	$(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
 
 bench: setup
 	$(PY) -m benchmarks --quick

@@ -1,0 +1,93 @@
+"""Training: the loss goes down, resume equals an uninterrupted run, supervised mode learns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.train import TrainConfig, info_nce, koleo_loss, train
+from ghostmatch.weights import load_descriptor
+
+TINY = {"width": 0.5, "image_size": 64, "cache_side": 72, "dim": 32, "batch_size": 8}
+
+
+def _folder(root: Path, classes: int = 2, per_class: int = 12, seed: int = 0) -> Path:
+    """Class folders of generated photos: each class a colour family with its own texture."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 255, 3)
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 40, (80, 96, 3)), 0, 255).astype(np.uint8)
+            if c % 2:
+                pixels[::8] = 255 - pixels[::8]  # stripes for odd classes
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_descriptor(path).state_dict()
+
+
+def test_losses_are_sane() -> None:
+    a = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    assert info_nce(a, a, 0.05) < info_nce(a, a.roll(1, 0), 0.05)
+    spread = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
+    clumped = torch.nn.functional.normalize(spread * 0.01 + torch.ones(16), dim=1)
+    assert koleo_loss(spread) < koleo_loss(clumped)
+
+
+def test_ssl_loss_goes_down(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", classes=2, per_class=8)
+    config = TrainConfig(epochs=4, lr=3e-3, **TINY)
+    history = train(data, tmp_path / "m.safetensors", config)
+    assert len(history) == 4
+    assert history[-1].loss < history[0].loss
+    model = load_descriptor(tmp_path / "m.safetensors")
+    assert model.card.dim == 32 and model.card.projection == "linear"
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2), atol=1e-3, rtol=0)
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", classes=2, per_class=8)
+    config = TrainConfig(epochs=2, **TINY)
+    whole = tmp_path / "whole.safetensors"
+    train(data, whole, config)
+    parts = tmp_path / "parts.safetensors"
+    train(data, parts, config, stop_after_steps=3)  # an interrupt mid-epoch 2 of 2 steps each
+    assert parts.with_name(parts.name + ".ckpt").exists()
+    train(data, parts, config, resume=True)
+    a, b = _state(whole), _state(parts)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", classes=2, per_class=8)
+    out = tmp_path / "m.safetensors"
+    train(data, out, TrainConfig(epochs=1, **TINY), stop_after_steps=1)
+    with pytest.raises(GhostmatchError, match="other settings"):
+        train(data, out, TrainConfig(epochs=3, **TINY), resume=True)
+
+
+def test_supervised_beats_chance(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", classes=3, per_class=16, seed=1)
+    config = TrainConfig(mode="supervised", epochs=3, lr=3e-3, **TINY)
+    history = train(data, tmp_path / "s.safetensors", config)
+    assert history[-1].knn_top1 is not None
+    assert history[-1].knn_top1 > 1 / 3 + 0.15
+
+
+def test_supervised_needs_classes(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", classes=1, per_class=8)
+    with pytest.raises(GhostmatchError, match="two class folders"):
+        train(data, tmp_path / "s.safetensors", TrainConfig(mode="supervised", **TINY))
