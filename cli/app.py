@@ -28,8 +28,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.scan import display_path
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -42,7 +44,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 IndexOpt = Annotated[
     Path | None,
-    typer.Option("--index", help="Index folder [default: $GHOSTMATCH_INDEX or user data dir]"),
+    typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or the user data dir)"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 WeightsOpt = Annotated[
@@ -60,7 +62,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    # ensure_ascii keeps non-UTF-8 names (lone surrogates) as escapes that round-trip, where
+    # writing them raw fails on a strict UTF-8 stdout.
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
 
 
 @contextmanager
@@ -170,7 +174,7 @@ def _print_report(report: Any) -> None:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.failed.items()))
         out.print(f"failed by reason: {reasons}")
         for path, reason, detail in report.failures[:20]:
-            out.print(f"  {os.fsdecode(path)}: {reason}: {detail}", markup=False)
+            out.print(f"  {display_path(path)}: {reason}: {detail}", markup=False)
         if len(report.failures) > 20:
             out.print(f"  ... and {len(report.failures) - 20} more (see ghostmatch info)")
     if report.interrupted:
@@ -209,7 +213,8 @@ def query(
         )
         return
     for image, matches in results:
-        table = Table(title=os.fsdecode(image), title_justify="left")
+        # Text, not markup: a file name may hold brackets.
+        table = Table(title=Text(display_path(image)), title_justify="left")
         for column in ("rank", "score", "path", "width", "height", "bytes"):
             justify = "left" if column == "path" else "right"
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -217,7 +222,7 @@ def query(
             table.add_row(
                 str(m.rank),
                 f"{m.score:.4f}",
-                os.fsdecode(m.path),
+                Text(display_path(m.path)),
                 str(m.width),
                 str(m.height),
                 str(m.bytes),
@@ -245,7 +250,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     size = (data["catalog_bytes"] or 0) + data["index_bytes"]
     out.print(f"on disk      {size / 1e6:.1f} MB")
     for folder in data["folders"]:
-        out.print(f"folder       {folder}", markup=False)
+        out.print(f"folder       {display_path(Path(folder))}", markup=False)
     for reason, count in sorted(data["failures"].items()):
         out.print(f"failed       {count} {reason}")
 
@@ -350,7 +355,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}")
     try:
-        app(standalone_mode=False)
+        # Not standalone, click returns the code of a typer.Exit instead of exiting with it.
+        status = app(standalone_mode=False)
     except GhostmatchError as error:
         err.print(f"error: {error}", markup=False, highlight=False)
         sys.exit(error.exit_code)
@@ -361,19 +367,23 @@ def main() -> None:
         sys.exit(done.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+    except Exception as error:
+        # Usage errors (click's, vendored by newer typer) carry a message and an exit code.
+        code = getattr(error, "exit_code", None)
+        describe = getattr(error, "format_message", None)
+        if not isinstance(code, int) or describe is None:
+            raise
+        message = " ".join(str(describe()).split())
+        err.print(f"error: {message} (see --help)", markup=False, highlight=False)
+        sys.exit(code)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 def _register_commands() -> None:
-    from ghostmatch.cli import dupes_cmd
+    from ghostmatch.cli import dupes_cmd, eval_cmd
 
     dupes_cmd.register(app)
+    eval_cmd.register(app)
 
 
 _register_commands()

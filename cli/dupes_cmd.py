@@ -24,7 +24,7 @@ def dupes(
     index: Annotated[Path | None, typer.Option("--index", help="Index folder.")] = None,
     threshold: Annotated[
         float | None,
-        typer.Option("--threshold", help="Cosine score for a duplicate [default: calibrated]."),
+        typer.Option("--threshold", help="Cosine score for a duplicate (default: calibrated)."),
     ] = None,
     keep: Annotated[
         str,
@@ -63,7 +63,7 @@ def dupes(
         Path | None,
         typer.Option(
             "--journal",
-            help="Journal for --apply [default: ./ghostmatch-journal-<time>.jsonl].",
+            help="Journal for --apply (default: ./ghostmatch-journal-<time>.jsonl).",
         ),
     ] = None,
     protect: Annotated[

@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.library import IndexReport, Library, Match, open
 
-__all__ = ["GhostmatchError", "IndexReport", "Library", "Match", "__version__", "open"]
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+    from ghostmatch.library import IndexReport, Library, Match, open
+
+__all__ = [
+    "DuplicateGroup",
+    "DuplicateMember",
+    "GhostmatchError",
+    "IndexReport",
+    "Library",
+    "Match",
+    "__version__",
+    "open",
+]
+
+_LAZY = {
+    "DuplicateGroup": "ghostmatch.dupes",
+    "DuplicateMember": "ghostmatch.dupes",
+    "IndexReport": "ghostmatch.library",
+    "Library": "ghostmatch.library",
+    "Match": "ghostmatch.library",
+    "open": "ghostmatch.library",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # torch, faiss and onnxruntime load only when the library is used, so the CLI answers
+    # --help and user mistakes without seconds of imports.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ghostmatch' has no attribute {name!r}")

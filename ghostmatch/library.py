@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from platformdirs import user_data_dir
 
-from ghostmatch.catalog import Catalog, ImageRecord, NewFailure, NewImage
+from ghostmatch.catalog import CATALOG_FILE, Catalog, ImageRecord, NewFailure, NewImage
 from ghostmatch.dupes import (
     DEFAULT_MIN_INLIERS,
     DEFAULT_THRESHOLD,
@@ -40,7 +40,20 @@ from ghostmatch.verify import Verification, local_features, verify_pair
 from ghostmatch.weights import load_descriptor
 
 INDEX_FILE = "vectors.faiss"
-CHECKPOINT_IMAGES = 1000
+
+
+def _checkpoint_images() -> int:
+    """Images per commit while indexing: a crash loses at most this much work.
+
+    ``GHOSTMATCH_CHECKPOINT_IMAGES`` overrides it, so a crash test can land after a commit.
+    """
+    try:
+        return max(1, int(os.environ.get("GHOSTMATCH_CHECKPOINT_IMAGES", "1000")))
+    except ValueError:
+        return 1000
+
+
+CHECKPOINT_IMAGES = _checkpoint_images()
 CARD_META = "model_card"
 WEIGHTS_META = "weights_spec"
 INDEX_TYPE_META = "index_type"
@@ -125,6 +138,7 @@ class _Embedded:
     height: int
     format: str
     pixels: np.ndarray | None  # None: a move, the vector comes from the catalog
+    source: ImageRecord | None = None  # for a move: the vanished image this file is
 
 
 @dataclass(frozen=True)
@@ -151,13 +165,17 @@ class Library:
         index_type: str | None = None,
         create: bool = True,
     ) -> None:
-        self.path = Path(path) if path is not None else default_index_path()
+        self.path = Path(
+            os.path.abspath(os.path.expanduser(path if path is not None else default_index_path()))
+        )
+        # A folder without a catalog is not an index: opening one without ``create`` must
+        # not leave a catalog.db behind in, say, a photo folder named by mistake.
+        if not create and not (self.path / CATALOG_FILE).is_file():
+            raise GhostmatchError(
+                f"no index at {self.path}; create one with: ghostmatch index DIR "
+                f"--index {self.path}"
+            )
         if not self.path.is_dir():
-            if not create:
-                raise GhostmatchError(
-                    f"no index at {self.path}; create one with: ghostmatch index DIR "
-                    f"--index {self.path}"
-                )
             if self.path.exists():
                 raise GhostmatchError(f"--index {self.path} is a file, not a folder")
             self.path.mkdir(parents=True)
@@ -331,14 +349,16 @@ class Library:
         vector (found by content hash); files gone from these roots leave the index unless
         ``prune`` is False. Work is committed every ~1,000 images and on Ctrl-C.
         """
-        folders = [Path(os.path.abspath(r)) for r in roots]
+        folders = [Path(os.path.abspath(os.path.expanduser(r))) for r in roots]
         for folder in folders:
             if not folder.exists():
                 raise GhostmatchError(f"{os.fsdecode(folder)} does not exist")
         report = IndexReport()
         start = time.monotonic()
         scan_failures: list[tuple[Path, str, str]] = []
-        entries = list(scan(folders, on_error=lambda p, r, d: scan_failures.append((p, r, d))))
+        found = scan(folders, on_error=lambda p, r, d: scan_failures.append((p, r, d)))
+        # A file inside a folder that is also named on its own comes twice; index it once.
+        entries = list({e.path: e for e in found}.values())
         if progress:
             progress("scanned", len(entries), None)
         with self.catalog.transaction() as tx:
@@ -364,7 +384,10 @@ class Library:
             if p not in seen and any(_is_under(p, f) for f in folders) and not p.exists()
         ]
         gone_records = self.catalog.records_by_path(gone)
-        movable = {r.content_hash: r for r in gone_records.values()}
+        # Several vanished files may share content (copies); each can be one file's origin.
+        movable: dict[str, list[ImageRecord]] = {}
+        for gone_record in gone_records.values():
+            movable.setdefault(gone_record.content_hash, []).append(gone_record)
         moved_from: set[Path] = set()
         report.failures.extend(scan_failures)
         for _, reason, _ in scan_failures:
@@ -384,6 +407,9 @@ class Library:
             )
         except KeyboardInterrupt:
             report.interrupted = True
+            # The interrupt may have cut a change to the in-memory index short; the next use
+            # reloads it from disk, checked against the catalog.
+            self._index = None
         if prune and not report.interrupted:
             doomed = [r for p, r in gone_records.items() if p not in moved_from]
             if doomed:
@@ -406,7 +432,7 @@ class Library:
         self,
         todo: Sequence[FileEntry],
         changed_ids: dict[Path, int],
-        movable: dict[str, ImageRecord],
+        movable: dict[str, list[ImageRecord]],
         moved_from: set[Path],
         report: IndexReport,
         batch_size: int,
@@ -418,7 +444,7 @@ class Library:
             return
         embedder = self.embedder
         card = embedder.card
-        claimed: set[str] = set()
+        claimed: Counter[str] = Counter()  # vanished images taken over, per content hash
 
         def work(entry: FileEntry) -> _Embedded | _Failed:
             try:
@@ -426,7 +452,7 @@ class Library:
             except OSError as err:
                 return _Failed(entry, "unreadable", str(err))
             if entry.path not in changed_ids and digest in movable:
-                old = movable[digest]
+                old = movable[digest][0]
                 return _Embedded(entry, digest, old.width, old.height, old.format, None)
             try:
                 decoded = load_image(entry.path, card.input_size, max_megapixels)
@@ -447,35 +473,49 @@ class Library:
             waiting.clear()
 
         done = 0
-        with ThreadPoolExecutor(threads) as pool:
-            for item in _ordered(pool, work, todo, prefetch=max(64, 4 * batch_size)):
-                result = item
-                if isinstance(result, _Embedded) and result.pixels is None:
-                    if result.digest in claimed:  # a second copy of a moved file
-                        result = _decode_copy(result, card, max_megapixels)
-                    else:
-                        claimed.add(result.digest)
-                pending.append(result)
-                if isinstance(result, _Embedded) and result.pixels is not None:
-                    waiting.append(result)
-                    if len(waiting) >= batch_size:
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                for item in _ordered(pool, work, todo, prefetch=max(64, 4 * batch_size)):
+                    result = item
+                    if isinstance(result, _Embedded) and result.pixels is None:
+                        origins = movable[result.digest]
+                        if claimed[result.digest] < len(origins):
+                            result = replace(result, source=origins[claimed[result.digest]])
+                            claimed[result.digest] += 1
+                        else:  # more copies than vanished originals: a new image
+                            result = _decode_copy(result, card, max_megapixels)
+                    pending.append(result)
+                    if isinstance(result, _Embedded) and result.pixels is not None:
+                        waiting.append(result)
+                        if len(waiting) >= batch_size:
+                            run_model()
+                    done += 1
+                    if len(pending) >= CHECKPOINT_IMAGES:
                         run_model()
-                done += 1
-                if len(pending) >= CHECKPOINT_IMAGES:
-                    run_model()
-                    self._commit(pending, vectors, changed_ids, movable, moved_from, report)
-                    pending, vectors = [], {}
-                if progress:
-                    progress("indexed", done, len(todo))
-        run_model()
-        self._commit(pending, vectors, changed_ids, movable, moved_from, report)
+                        # Handed over before the commit: interrupted, it is never redone.
+                        batch, batch_vectors = pending, vectors
+                        pending, vectors = [], {}
+                        self._commit(batch, batch_vectors, changed_ids, moved_from, report)
+                    if progress:
+                        progress("indexed", done, len(todo))
+            run_model()
+        except KeyboardInterrupt:
+            # Ctrl-C keeps the finished work: all but the images still waiting for the model.
+            self._index = None  # may hold half of an interrupted change; reload it checked
+            finished = [
+                r
+                for r in pending
+                if not (isinstance(r, _Embedded) and r.pixels is not None and id(r) not in vectors)
+            ]
+            self._commit(finished, vectors, changed_ids, moved_from, report)
+            raise
+        self._commit(pending, vectors, changed_ids, moved_from, report)
 
     def _commit(
         self,
         results: Sequence[_Embedded | _Failed],
         vectors: dict[int, np.ndarray],
         changed_ids: dict[Path, int],
-        movable: dict[str, ImageRecord],
         moved_from: set[Path],
         report: IndexReport,
     ) -> None:
@@ -502,8 +542,8 @@ class Library:
                         tx.delete_images([changed_ids[r.entry.path]])
                     continue
                 ok_paths.append(r.entry.path)
-                if r.pixels is None:
-                    old = movable[r.digest]
+                old = r.source
+                if old is not None:
                     tx.update_image(
                         old.id, path=r.entry.path, size=r.entry.size, mtime_ns=r.entry.mtime_ns
                     )
@@ -602,6 +642,8 @@ class Library:
         """
         if k < 1:
             raise GhostmatchError("-k must be at least 1")
+        if min_score is not None and not -1.0 <= min_score <= 1.0:
+            raise GhostmatchError(f"--min-score is a cosine score in [-1, 1], not {min_score}")
         if self.card is None:
             return []
         vector, own_id = self.query_vector(x)
@@ -855,21 +897,33 @@ def _check_threshold(threshold: float) -> float:
 
 
 def _read_generation(file: Path) -> int | None:
+    """The catalog generation the index file reflects, or None if that is unknown.
+
+    The record names the file it was written for by size and mtime, so an older copy of the
+    index put back in its place is not taken for the one that was saved (while a copy of the
+    whole folder, mtimes kept, stays valid).
+    """
     try:
-        return int(file.with_name(file.name + ".generation").read_text())
+        generation, identity = file.with_name(file.name + ".generation").read_text().split()
+        return int(generation) if identity == _file_identity(file) else None
     except (OSError, ValueError):
         return None
 
 
 def _write_generation(file: Path, generation: int) -> None:
-    """Atomically record which catalog generation the index file reflects."""
+    """Atomically record which catalog generation the just-saved index file reflects."""
     target = file.with_name(file.name + ".generation")
     tmp = target.with_name(target.name + ".tmp")
     with tmp.open("w") as f:
-        f.write(str(generation))
+        f.write(f"{generation} {_file_identity(file)}")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
+
+
+def _file_identity(file: Path) -> str:
+    st = file.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _is_under(path: Path, folder: Path) -> bool:

@@ -1,0 +1,395 @@
+"""The ``ghostmatch`` command run as a subprocess on real photos: its output formats, its
+exit codes and one-line errors, and indexing that survives Ctrl-C and kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from corpus import NON_UTF8_NAME, UNREADABLE_NAME, make_bad_files
+from PIL import Image, ImageOps
+
+import ghostmatch
+from ghostmatch.library import Library
+
+pytestmark = pytest.mark.filterwarnings("ignore:using RANDOM weights")
+
+CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
+MATCH_KEYS = {"rank", "path", "score", "width", "height", "bytes"}
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One GHOSTMATCH_CACHE for the session (test_library uses the same folder), so the
+    random model is exported to ONNX once."""
+    return tmp_path_factory.getbasetemp() / "model-cache"
+
+
+@pytest.fixture(autouse=True)
+def _shared_model_cache(_offline: None, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> None:
+    monkeypatch.setenv("GHOSTMATCH_CACHE", str(model_cache))
+
+
+def cli_env(model_cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
+    env.update(
+        GHOSTMATCH_OFFLINE="1",
+        GHOSTMATCH_CACHE=str(model_cache),
+        XDG_DATA_HOME=str(model_cache.parent / "xdg-data"),
+        # A strict UTF-8 stdout, as under the common en_US.UTF-8 locale (C.UTF-8 would
+        # silently let non-UTF-8 file names through).
+        PYTHONIOENCODING="utf-8",
+        COLUMNS="250",  # table rows on one line each
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    args: Sequence[object], model_cache: Path, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
+        env=cli_env(model_cache, **extra),
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=300,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """The session's gallery, indexed once by ``ghostmatch index --json``."""
+
+    gallery: Path
+    index: Path
+    report: dict[str, Any]
+    good: frozenset[Path]
+    bad: dict[str, str]  # file name -> reason
+
+
+@pytest.fixture(scope="session")
+def indexed(photos: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Indexed:
+    gallery = tmp_path_factory.mktemp("cli-gallery")
+    for file in sorted(photos.iterdir()):
+        shutil.copy2(file, gallery / file.name)
+    (gallery / "copies").mkdir()
+    shutil.copy2(photos / "astronaut.jpg", gallery / "copies" / "astronaut-copy.jpg")
+    (gallery / "variants").mkdir()
+    with Image.open(photos / "coffee.jpg") as coffee:
+        coffee.resize((300, 200)).save(gallery / "variants" / "coffee-small.jpg", quality=85)
+    with Image.open(photos / "rocket.jpg") as rocket:
+        ImageOps.mirror(rocket).save(gallery / "variants" / "rocket-mirrored.jpg", quality=90)
+    (gallery / "bad").mkdir()
+    expected = make_bad_files(gallery / "bad")
+    if os.access(gallery / "bad" / UNREADABLE_NAME, os.R_OK):
+        expected[UNREADABLE_NAME] = "ok"  # running as root: chmod 000 does not stop reads
+    bad = {name: reason for name, reason in expected.items() if reason != "ok"}
+    good = {gallery / "bad" / name for name, reason in expected.items() if reason == "ok"}
+    good |= {p for p in gallery.rglob("*") if p.parent.name != "bad" and p.is_file()}
+
+    index = tmp_path_factory.getbasetemp() / "cli-index"
+    args = ["index", gallery, "--index", index, "--weights", "random", "--batch-size", "4"]
+    result = run_cli([*args, "--json"], model_cache)
+    # Bad files are reported, not fatal: exit code 0.
+    assert result.returncode == 0, result.stderr
+    return Indexed(gallery, index, json.loads(result.stdout), frozenset(good), bad)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The error of a user mistake: exit code 2, one line on stderr, no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- index, info
+
+
+def test_index_json_reports_what_it_did(indexed: Indexed) -> None:
+    report = indexed.report
+    assert report["added"] == len(indexed.good)
+    assert (report["updated"], report["moved"], report["removed"]) == (0, 0, 0)
+    assert report["interrupted"] is False
+    assert report["failed"] == dict(Counter(indexed.bad.values()))
+    assert {Path(f["path"]).name: f["reason"] for f in report["failures"]} == indexed.bad
+    assert report["index"] == str(indexed.index)
+    assert "weights random" in report["model"]
+
+
+def test_info_json(indexed: Indexed, model_cache: Path) -> None:
+    info = json.loads(ok(run_cli(["info", "--index", indexed.index, "--json"], model_cache)).stdout)
+    assert info["index"] == str(indexed.index)
+    assert info["images"] == len(indexed.good)
+    assert info["folders"] == [str(indexed.gallery)]
+    assert info["model"]["weights"] == "random" and info["model"]["dim"] == 960
+    assert info["index_type"] == "Flat"
+    assert info["failures"] == dict(Counter(indexed.bad.values()))
+    assert info["catalog_bytes"] > 0 and info["index_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------- query
+
+
+def library_answer(indexed: Indexed, query: Path, k: int, **options: Any) -> list[dict[str, Any]]:
+    """What the engine itself answers (an indexed query needs no model)."""
+    with ghostmatch.open(indexed.index, create=False) as lib:
+        return [m.to_dict() for m in lib.query(query, k, **options)]
+
+
+def test_query_json(indexed: Indexed, tmp_path: Path, model_cache: Path) -> None:
+    known = indexed.gallery / "astronaut.jpg"
+    new = tmp_path / "new.jpg"  # not indexed: embedded on the fly
+    with Image.open(indexed.gallery / "coffee.jpg") as coffee:
+        ImageOps.mirror(coffee).save(new, quality=90)
+    result = ok(
+        run_cli(["query", known, new, "-k", "50", "--index", indexed.index, "--json"], model_cache)
+    )
+    answer = json.loads(result.stdout)
+
+    assert isinstance(answer, list) and len(answer) == 2
+    assert [set(entry) for entry in answer] == [{"query", "matches"}] * 2
+    assert [entry["query"] for entry in answer] == [str(known), str(new)]
+    for entry in answer:
+        matches = entry["matches"]
+        assert all(set(m) == MATCH_KEYS for m in matches)
+        assert [m["rank"] for m in matches] == list(range(1, len(matches) + 1))
+        assert all(isinstance(m["score"], float) and -1.0 <= m["score"] <= 1.0001 for m in matches)
+        scores = [m["score"] for m in matches]
+        assert scores == sorted(scores, reverse=True)
+        for m in matches:
+            path = Path(m["path"])  # non-UTF-8 names come back as the same bytes
+            assert path.is_absolute() and Path(m["path"]).stat().st_size == m["bytes"]
+            assert all(isinstance(m[key], int) and m[key] > 0 for key in ("width", "height"))
+        assert {Path(m["path"]) for m in matches} <= indexed.good
+
+    known_matches, new_matches = answer[0]["matches"], answer[1]["matches"]
+    assert len(known_matches) == len(indexed.good) - 1  # everything but itself
+    assert str(known) not in {m["path"] for m in known_matches}
+    assert known_matches[0]["path"] == str(indexed.gallery / "copies" / "astronaut-copy.jpg")
+    assert known_matches[0]["score"] >= 0.9999
+    assert len(new_matches) == len(indexed.good)
+    if (indexed.gallery / "bad" / NON_UTF8_NAME).exists():
+        assert str(indexed.gallery / "bad" / NON_UTF8_NAME) in {m["path"] for m in new_matches}
+    expected = library_answer(indexed, known, 50)
+    assert [m["path"] for m in known_matches] == [m["path"] for m in expected]
+    np.testing.assert_allclose(
+        [m["score"] for m in known_matches], [m["score"] for m in expected], atol=2e-6
+    )
+
+
+def test_query_table(indexed: Indexed, model_cache: Path) -> None:
+    known = indexed.gallery / "astronaut.jpg"
+    result = ok(run_cli(["query", known, "-k", "3", "--index", indexed.index], model_cache))
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(known)
+    header = next(line for line in lines if "rank" in line)
+    assert [word for word in header.split() if word.isalpha()] == [
+        "rank",
+        "score",
+        "path",
+        "width",
+        "height",
+        "bytes",
+    ]
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if "│" in line]
+    expected = library_answer(indexed, known, 3)
+    assert [row[0] for row in rows] == ["1", "2", "3"]
+    assert [row[2] for row in rows] == [m["path"] for m in expected]
+    assert [row[1] for row in rows] == [f"{m['score']:.4f}" for m in expected]
+    assert rows[0][1] == "1.0000"
+    assert [row[3:] for row in rows] == [
+        [str(m["width"]), str(m["height"]), str(m["bytes"])] for m in expected
+    ]
+
+
+def test_query_under_a_folder_with_a_min_score(indexed: Indexed, model_cache: Path) -> None:
+    known = indexed.gallery / "rocket.jpg"
+    folder = indexed.gallery / "bad"
+    inside = [m for m in library_answer(indexed, known, 100) if Path(m["path"]).parent == folder]
+    assert len(inside) >= 4
+    cut = (inside[1]["score"] + inside[2]["score"]) / 2  # keeps exactly two
+    args = ["query", known, "--under", folder, "--min-score", str(cut), "-k", "5"]
+    result = ok(run_cli([*args, "--index", indexed.index, "--json"], model_cache))
+    matches = json.loads(result.stdout)[0]["matches"]
+    assert [m["path"] for m in matches] == [m["path"] for m in inside[:2]]
+    assert all(m["score"] >= cut for m in matches)
+
+
+# ---------------------------------------------------------------------------- remove
+
+
+def test_remove_forgets_files_and_folders(
+    indexed: Indexed, tmp_path: Path, model_cache: Path
+) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(indexed.index, index)
+    variants = indexed.gallery / "variants"
+    single = indexed.gallery / "coffee.jpg"
+    result = ok(run_cli(["remove", variants, single, "--index", index, "--json"], model_cache))
+    assert json.loads(result.stdout) == {"removed": 3}
+    assert single.exists() and len(list(variants.iterdir())) == 2  # files stay on disk
+    with ghostmatch.open(index, create=False) as lib:
+        remaining = set(lib.catalog.all_stat())
+        assert remaining == indexed.good - {single, *variants.iterdir()}
+        assert lib.vector_index is not None
+        np.testing.assert_array_equal(lib.vector_index.ids(), lib.catalog.ids())
+
+
+# ---------------------------------------------------------------------------- mistakes
+
+
+def test_user_mistakes_print_one_line_and_exit_2(
+    indexed: Indexed, tmp_path: Path, model_cache: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(indexed.index, copy)
+    not_an_index = tmp_path / "photos"
+    not_an_index.mkdir()
+    photo = indexed.gallery / "rocket.jpg"
+    cases: dict[str, tuple[list[object], str]] = {
+        "missing folder": (["index", tmp_path / "nowhere", "--index", copy], "does not exist"),
+        "folder that is no index": (["info", "--index", not_an_index], "no index at"),
+        "other weights": (
+            ["index", indexed.gallery, "--index", copy, "--weights", "imagenet"],
+            "built with weights 'random'",
+        ),
+        "bad option": (["query", photo, "--index", copy, "--bogus"], "--bogus"),
+    }
+    # Two at a time: each one pays for starting Python and importing torch.
+    names = list(cases)
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+    for start in range(0, len(names), 2):
+        running = {
+            name: subprocess.Popen(
+                [*CLI, *map(os.fspath, cases[name][0])],  # type: ignore[arg-type]
+                env=cli_env(model_cache),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name in names[start : start + 2]
+        }
+        for name, proc in running.items():
+            out, err = proc.communicate(timeout=300)
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    for name, (_, needle) in cases.items():
+        line = one_line_error(results[name])
+        assert needle in line, (name, line)
+    assert list(not_an_index.iterdir()) == []  # no catalog.db left behind
+    with ghostmatch.open(copy, create=False) as lib:  # the refused run changed nothing
+        assert lib.catalog.count() == len(indexed.good)
+        assert lib.card is not None and lib.card.weights == "random"
+
+
+# ---------------------------------------------------------------------------- crashes
+
+
+def small_jpegs(folder: Path, n: int) -> set[Path]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=80)
+    return set(folder.iterdir())
+
+
+def catalog_count(index: Path) -> int:
+    """Images committed so far, read the way another process would."""
+    try:
+        with sqlite3.connect(f"file:{index / 'catalog.db'}?mode=ro", uri=True, timeout=10) as db:
+            return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
+    except sqlite3.Error:
+        return 0  # not created yet
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 240
+    while not condition():
+        assert proc.poll() is None, f"exited with {proc.returncode}: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+
+
+def assert_consistent(lib: Library, files: set[Path]) -> None:
+    ids, vectors = lib.catalog.vectors()
+    paths = list(lib.catalog.all_stat())
+    assert len(paths) == len(set(paths)) == len(ids) and set(paths) <= files
+    index = lib.vector_index
+    assert index is not None
+    np.testing.assert_array_equal(index.ids(), ids)
+    np.testing.assert_allclose(index.reconstruct(ids), vectors, atol=1e-6)
+
+
+def test_interrupted_and_killed_indexing_resumes(tmp_path: Path, model_cache: Path) -> None:
+    """Ctrl-C, then kill -9 twice, each at a random moment after checkpoints committed;
+    every time the index opens consistent, and the last run does only what is left."""
+    files = small_jpegs(tmp_path / "many", 240)
+    index = tmp_path / "index"
+    args = ["index", tmp_path / "many", "--index", index, "--weights", "random"]
+    args += ["--batch-size", "8", "--json"]
+    env = cli_env(model_cache, GHOSTMATCH_CHECKPOINT_IMAGES="20")
+    rng = np.random.default_rng(1)
+    committed = 0
+    for stop in (signal.SIGINT, signal.SIGKILL, signal.SIGKILL):
+        proc = subprocess.Popen(
+            [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            # Stop at a random moment between this run's second and third checkpoints,
+            # however fast the machine is.
+            before = committed
+            wait_for(lambda: catalog_count(index) >= before + 20, proc)  # noqa: B023
+            first = time.monotonic()
+            wait_for(lambda: catalog_count(index) >= before + 40, proc)  # noqa: B023
+            time.sleep(float(rng.uniform(0.0, time.monotonic() - first)))
+            assert proc.poll() is None, "finished before it could be stopped"
+            proc.send_signal(stop)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        if stop == signal.SIGINT:
+            assert proc.returncode == 130, err
+            report = json.loads(out)
+            assert report["interrupted"] is True
+            assert catalog_count(index) == report["added"]  # whatever it reported, it kept
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        with ghostmatch.open(index, create=False) as lib:
+            assert_consistent(lib, files)
+            committed = lib.catalog.count()
+        assert before < committed < len(files)
+
+    with ghostmatch.open(index, create=False) as lib:
+        report = lib.index([tmp_path / "many"], batch_size=8)
+        assert (report.unchanged, report.added) == (committed, len(files) - committed)
+        assert report.embedded == len(files) - committed  # committed work was not redone
+        assert set(lib.catalog.all_stat()) == files
+        assert_consistent(lib, files)
