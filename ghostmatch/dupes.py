@@ -59,6 +59,8 @@ THRESHOLD_META = "dupe_threshold"
 # Stage 2: a candidate pair is a duplicate when this many stride-16 feature matches (of
 # 196 at 224 px) agree on one affine transform.
 DEFAULT_MIN_INLIERS = 24
+# Stage 2 looks at pairs from this cosine up to the threshold.
+DEFAULT_VERIFY_THRESHOLD = 0.75
 
 
 def keep_priority(rule: str) -> Callable[[DuplicateMember], tuple[Any, ...]]:

@@ -23,6 +23,7 @@ from ghostmatch.catalog import CATALOG_FILE, Catalog, ImageRecord, NewFailure, N
 from ghostmatch.dupes import (
     DEFAULT_MIN_INLIERS,
     DEFAULT_THRESHOLD,
+    DEFAULT_VERIFY_THRESHOLD,
     THRESHOLD_META,
     DuplicateGroup,
     DuplicateMember,
@@ -694,19 +695,22 @@ class Library:
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies.
 
-        Stage 1: an all-pairs search of the stored vectors (exact for Flat indexes) gives
-        candidate pairs scoring at least ``threshold``. Stage 2 (``verify``): each
-        candidate's local features must agree on one geometric transform (see
-        ``ghostmatch.verify``), which rejects other photos of the same scene and sets the
+        Stage 1: an all-pairs search of the stored vectors (exact for Flat indexes); a pair
+        scoring at least ``threshold`` is a duplicate on its descriptors alone. Stage 2
+        (``verify``): a pair scoring between the verify threshold and ``threshold`` is a
+        duplicate when its local features agree on one geometric transform on at least
+        ``min_inliers`` points (see ``ghostmatch.verify``); the transform also sets the
         tier. Pairs marked ``--not-dup`` are ignored; grouping never chains.
         """
         t = self.duplicate_threshold() if threshold is None else _check_threshold(threshold)
+        low = min(t, self._stage2_setting("verify_threshold", DEFAULT_VERIFY_THRESHOLD))
         ids, vectors = self.catalog.vectors()
         if len(ids) < 2:
             return []
         index = self.vector_index
         approximate = index if index is not None and index.factory != "Flat" else None
-        a, b, scores = similar_pairs(vectors, t, ids=ids, index=approximate)
+        floor = low if verify else t
+        a, b, scores = similar_pairs(vectors, floor, ids=ids, index=approximate)
         involved = sorted(set(a.tolist()) | set(b.tolist()))
         records = {r.id: r for r in self.catalog.get(involved)}
         ignored = self.catalog.not_duplicates()
@@ -718,12 +722,15 @@ class Library:
             pairs.append((i, j, float(score)))
         checks: dict[tuple[int, int], Verification] = {}
         if verify and pairs:
-            needed = min_inliers if min_inliers is not None else self._min_inliers()
+            needed = min_inliers
+            if needed is None:
+                needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
             checks = self._verify_pairs([(i, j) for i, j, _ in pairs], records)
             pairs = [
                 (i, j, s)
                 for i, j, s in pairs
-                if records[i].content_hash == records[j].content_hash
+                if s >= t
+                or records[i].content_hash == records[j].content_hash
                 or checks[(i, j)].inliers >= needed
             ]
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
@@ -738,14 +745,15 @@ class Library:
         groups.sort(key=lambda g: (-len(g.members), -g.members[0].score))
         return groups
 
-    def _min_inliers(self) -> int:
+    def _stage2_setting(self, key: str, default: float) -> float:
+        """A stage-2 setting: calibrated in this index, else measured for the model."""
         stored = self.catalog.get_meta(THRESHOLD_META)
-        if isinstance(stored, dict) and "min_inliers" in stored:
-            return int(stored["min_inliers"])
+        if isinstance(stored, dict) and key in stored:
+            return float(stored[key])
         card = self.card
-        if card is not None and "min_inliers" in card.extra:
-            return int(card.extra["min_inliers"])
-        return DEFAULT_MIN_INLIERS
+        if card is not None and key in card.extra:
+            return float(card.extra[key])
+        return default
 
     def _verify_pairs(
         self, pairs: Sequence[tuple[int, int]], records: dict[int, ImageRecord]

@@ -30,15 +30,19 @@ MAX_SCALE = 4.0
 MAX_ANISOTROPY = 3.0
 
 
-def plausible(affine: np.ndarray) -> bool:
-    """Whether a 2 x 3 affine could come from cropping, resizing, padding or a small turn."""
-    singular = np.linalg.svd(affine[:, :2], compute_uv=False)
-    if np.linalg.det(affine[:, :2]) <= 0 or singular[1] <= 1e-6:
-        return False
-    return (
-        1 / MAX_SCALE <= singular[1] <= singular[0] <= MAX_SCALE
-        and singular[0] / singular[1] <= MAX_ANISOTROPY
-    )
+def plausible(affines: np.ndarray) -> np.ndarray:
+    """Which (..., 2, 3) affines could come from cropping, resizing, padding or a small turn
+    (bounded scale and aspect change, no mirror: mirrors are matched on the mirrored image)."""
+    linear = affines[..., :2]
+    singular = np.linalg.svd(linear, compute_uv=False)
+    big, small = singular[..., 0], singular[..., 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (
+            (np.linalg.det(linear) > 0)
+            & (small >= 1 / MAX_SCALE)
+            & (big <= MAX_SCALE)
+            & (big <= MAX_ANISOTROPY * small)
+        )
 
 
 @dataclass(frozen=True)
@@ -93,31 +97,39 @@ def mutual_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def fit_affine(
     src: np.ndarray, dst: np.ndarray, tolerance: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RANSAC affine src -> dst: (2 x 3 matrix, inlier mask), refined on the inliers."""
+    """RANSAC affine src -> dst: (2 x 3 matrix, inlier mask), refined on the inliers.
+
+    All hypotheses are solved and scored at once (one batched solve, one error matrix),
+    which is what keeps a pair to about a millisecond.
+    """
     n = len(src)
-    best = np.zeros(n, dtype=bool)
+    none = np.zeros(n, dtype=bool)
     if n < 3:
-        return np.eye(2, 3), best
-    ones = np.ones((n, 1))
-    design = np.hstack([src, ones])
-    for _ in range(RANSAC_ITERATIONS):
-        pick = rng.choice(n, 3, replace=False)
-        try:
-            m = np.linalg.solve(design[pick], dst[pick]).T
-        except np.linalg.LinAlgError:
-            continue
-        if not plausible(m):
-            continue
-        err = np.linalg.norm(design @ m.T - dst, axis=1)
-        inliers = err <= tolerance
-        if inliers.sum() > best.sum():
-            best = inliers
+        return np.eye(2, 3), none
+    design = np.hstack([src, np.ones((n, 1))])
+    picks = rng.integers(0, n, (RANSAC_ITERATIONS, 3))
+    picks = picks[(picks[:, 0] != picks[:, 1]) & (picks[:, 1] != picks[:, 2])]
+    picks = picks[picks[:, 0] != picks[:, 2]]
+    a = design[picks]  # (iterations, 3, 3)
+    b = dst[picks]  # (iterations, 3, 2)
+    solvable = np.abs(np.linalg.det(a)) > 1e-9
+    if not solvable.any():
+        return np.eye(2, 3), none
+    models = np.linalg.solve(a[solvable], b[solvable]).transpose(0, 2, 1)  # (m, 2, 3)
+    models = models[plausible(models)]
+    if len(models) == 0:
+        return np.eye(2, 3), none
+    projected = np.matmul(models, design.T)  # (m, 2, n)
+    offsets = projected - dst.T[None]
+    counts = ((offsets**2).sum(axis=1) <= tolerance**2).sum(axis=1)
+    best_model = models[int(counts.argmax())]
+    best = np.linalg.norm(design @ best_model.T - dst, axis=1) <= tolerance
     if best.sum() < 3:
-        return np.eye(2, 3), np.zeros(n, dtype=bool)
+        return np.eye(2, 3), none
     m, *_ = np.linalg.lstsq(design[best], dst[best], rcond=None)
     affine = m.T
     if not plausible(affine):
-        return np.eye(2, 3), np.zeros(n, dtype=bool)
+        return best_model, best
     err = np.linalg.norm(design @ affine.T - dst, axis=1)
     return affine, err <= tolerance
 

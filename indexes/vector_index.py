@@ -29,6 +29,7 @@ _SEED = 1234
 # Floats a query scans to pick its IVF lists before a HNSW graph over the centroids wins.
 _FLAT_QUANTIZER_BUDGET = 2**21
 _TUNE_QUERIES = 256
+_FEW_QUERIES = 4
 _TUNE_K = 10
 
 
@@ -192,7 +193,18 @@ class VectorIndex:
             raise ValueError(f"k must be at least 1, got {k}")
         if self.ntotal == 0:
             return np.full((len(x), k), -np.inf, np.float32), np.full((len(x), k), -1, np.int64)
-        scores, ids = self._searcher().search(x, k)
+        if len(x) <= _FEW_QUERIES and not self._use_gpu:
+            # A handful of queries cannot use a thread team; when another process holds a
+            # core, OpenMP's spinning team made one 100k Flat search 5-6x slower (55 ms vs
+            # 10 ms, benchmarks/query.py).
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                scores, ids = self._searcher().search(x, k)
+            finally:
+                faiss.omp_set_num_threads(threads)
+        else:
+            scores, ids = self._searcher().search(x, k)
         scores[ids < 0] = -np.inf
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 

@@ -1,0 +1,34 @@
+"""What a benchmark run was asked for: quick or full sizes, which weights, where results go."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from ghostmatch.weights import BUNDLED_PATH
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``quick`` picks the small sizes (the whole suite in about three minutes);
+    ``weights`` is a ``--weights`` spec for the benchmarks whose figures depend on it."""
+
+    quick: bool = False
+    weights: str = "random"
+    out: Path = RESULTS
+
+
+def default_weights() -> str:
+    """The bundled model when this build has one, else random weights (with a warning):
+    quality figures then mean nothing, speed figures are unaffected."""
+    if BUNDLED_PATH.exists():
+        return "bundled"
+    warnings.warn(
+        f"no bundled model at {BUNDLED_PATH}; benchmarking RANDOM weights (quality figures "
+        "are a floor, not the model's); pass --weights FILE for a trained one",
+        stacklevel=2,
+    )
+    return "random"

@@ -1,0 +1,128 @@
+"""The benchmark suite's pieces on tiny inputs: each runs, and its report is sound."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+# pytest puts tests/ on sys.path, not the checkout root that holds benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import allpairs, ann, descriptor, indexing, quality, query
+from benchmarks import data as bench_data
+from benchmarks.data import Photo, make_large_jpegs
+from benchmarks.report import Figure, Report, save, write_summary
+from benchmarks.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _one_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One cache for the module, so the ONNX model is exported once, not per test."""
+    monkeypatch.setenv("GHOSTMATCH_CACHE", str(tmp_path_factory.getbasetemp() / "bench-cache"))
+    warnings.filterwarnings("ignore", message="using RANDOM weights")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny inputs gain nothing from threads, and on a busy machine threads that wait for
+    each other at every layer make these tests several times slower."""
+    import faiss
+    import torch
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+def finite_figures(report: Report) -> list[Figure]:
+    assert report.figures, report.notes
+    for figure in report.figures:
+        assert math.isfinite(figure.value) and math.isfinite(figure.baseline_value), figure
+    return report.figures
+
+
+def test_descriptor_runtimes_agree_with_eager(tmp_path: Path) -> None:
+    report = descriptor.measure(rounds=1, out=tmp_path, batch=2)
+    figures = {f.name: f for f in finite_figures(report)}
+    assert figures["torch agreement: min cosine per image"].met
+    assert figures["onnx agreement: min cosine per image"].met
+    assert (tmp_path / "descriptor.png").stat().st_size > 0
+
+
+def test_index_folder_counts_every_photo(tmp_path: Path) -> None:
+    make_large_jpegs(tmp_path / "photos", 3, size=(400, 300))
+    run = indexing.index_folder(tmp_path / "photos", tmp_path / "index", "random", naive=2)
+    assert run.images == 3 and not run.failed
+    assert run.rss_peak >= run.rss_before > 0
+    assert run.naive_images_per_s is not None and run.naive_images_per_s > 0
+    report = Report("index", quick=True)
+    indexing.describe(report, {"small": run}, "random")
+    assert len(finite_figures(report)) == 4
+
+
+def test_query_finds_the_same_neighbours_as_numpy(tmp_path: Path) -> None:
+    report = query.measure(tmp_path, "random", n_vectors=500, n_queries=2, quick=True)
+    finite_figures(report)
+    assert report.details["faiss_top10_equals_numpy"] == 1.0
+
+
+def test_ann_recall_is_against_flat() -> None:
+    x = np.random.default_rng(0).standard_normal((2100, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    results = ann.measure(x[:2000], x[2000:], ann.factories(2000, 16))
+    assert [r.factory for r in results] == ["Flat", "IVF128,Flat", "HNSW32"]
+    assert results[0].recall_at_10 == 1.0
+    assert all(0.0 < r.recall_at_10 <= 1.0 for r in results)
+
+
+def test_allpairs_exact_path_equals_brute_force() -> None:
+    report = allpairs.measure(2000, 16)
+    finite_figures(report)
+    assert report.details["exact"]["identical"]
+
+
+def test_quality_scores_copies_above_distractors(tmp_path: Path) -> None:
+    photos = []
+    for name, label in (("astronaut", "a"), ("coffee", "b"), ("chelsea", "a"), ("rocket", "b")):
+        path = tmp_path / "photos" / label / f"{name}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(path, quality=90)
+        photos.append(Photo(path, label))
+    report = Report("quality", quick=True)
+    quality.evaluate(report, photos[:2], photos[2:], tmp_path / "work", "random", tmp_path)
+    figures = {f.name: f for f in finite_figures(report)}
+    assert 0.0 < figures["near-duplicates: micro-AP"].value <= 1.0
+    assert report.details["near_duplicates"]["model"]["n_positive"] == 2 * 14 * 13 // 2
+    assert report.details["class_retrieval_photos"] == 4
+    assert (tmp_path / "quality_pr.png").exists()
+
+
+def test_quality_without_shared_data_says_it_skipped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(bench_data, "CALTECH", tmp_path / "absent")
+    report = quality.run(Settings(quick=True, out=tmp_path))
+    assert not report.figures
+    assert "skipped" in report.notes[0]
+
+
+def test_summary_lists_reports_and_skips_foreign_json(tmp_path: Path) -> None:
+    report = Report("descriptor", quick=True, command="python -m benchmarks --only descriptor")
+    report.add(Figure("onnx", 25.0, "img/s", "eager", 10.0, target=">= 1.8x", met=True))
+    save(report, tmp_path)
+    (tmp_path / "allpairs.json").write_text(json.dumps({"params": {}}))
+    text = write_summary(tmp_path, ["descriptor", "allpairs"]).read_text()
+    assert "| onnx | 25.0 img/s | eager | 10.0 img/s | 2.5x | >= 1.8x: met |" in text
+    assert "## allpairs" not in text
