@@ -1,0 +1,191 @@
+"""Duplicate groups: no chaining, threshold semantics, tiers, --of, --not-dup, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+import ghostmatch
+from ghostmatch.dupes import DuplicateMember, group_pairs
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.verify import verify_pair
+from ghostmatch.weights import BUNDLED_PATH
+
+
+def _member(name: str, pixels: int = 100, size: int = 10, mtime: int = 0) -> DuplicateMember:
+    return DuplicateMember(Path(name), 1.0, "keep", pixels, 1, size, mtime)
+
+
+def test_grouping_does_not_chain() -> None:
+    # A~B, B~C, C~D each above threshold, A-C, A-D, B-D below: a chain of similar photos.
+    members = {i: _member(n, pixels=100 - i) for i, n in enumerate("ABCD")}
+    pairs = [(0, 1, 0.95), (1, 2, 0.95), (2, 3, 0.95)]
+    groups = group_pairs(members, pairs)
+    assert [(lead, [m for m, _ in taken]) for lead, taken in groups] == [(0, [1]), (2, [3])]
+    for leader, taken in groups:
+        for member, _ in taken:  # every member is a direct neighbour of its kept file
+            assert any({leader, member} == {a, b} for a, b, _ in pairs)
+
+
+def test_keep_rules() -> None:
+    big = DuplicateMember(Path("big.jpg"), 1, "keep", 200, 100, 50, 5)
+    heavy = DuplicateMember(Path("heavy.jpg"), 1, "keep", 100, 100, 900, 9)
+    old = DuplicateMember(Path("old.jpg"), 1, "keep", 100, 100, 50, 1)
+    members = {0: big, 1: heavy, 2: old}
+    pairs = [(0, 1, 0.99), (0, 2, 0.99), (1, 2, 0.99)]
+    assert group_pairs(members, pairs, "pixels")[0][0] == 0
+    assert group_pairs(members, pairs, "size")[0][0] == 1
+    assert group_pairs(members, pairs, "oldest")[0][0] == 2
+    with pytest.raises(GhostmatchError, match="--keep"):
+        group_pairs(members, pairs, "biggest")
+
+
+def test_geometric_check_accepts_a_copy_and_rejects_noise() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(14, 14, 64)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=2, keepdims=True)
+    mirrored = a[:, ::-1]
+    same = verify_pair(a, a + 0.01, mirrored[:, ::-1])
+    assert same.inliers == 196 and same.is_identity()
+    flip = verify_pair(a, mirrored, mirrored[:, ::-1])
+    assert flip.flipped and flip.inliers == 196 and not flip.is_identity()
+    other = rng.normal(size=(14, 14, 64)).astype(np.float32)
+    other /= np.linalg.norm(other, axis=2, keepdims=True)
+    assert verify_pair(a, other, other[:, ::-1]).inliers < 20
+
+
+@pytest.fixture(scope="module")
+def dupe_folder(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("dupes")
+    for name in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"):
+        shutil.copy(photos / name, folder / name)
+    shutil.copy(photos / "chelsea.jpg", folder / "chelsea_exact.jpg")
+    chelsea = Image.open(photos / "chelsea.jpg")
+    chelsea.save(folder / "chelsea_q40.jpg", quality=40)
+    chelsea.resize((chelsea.width // 2, chelsea.height // 2)).save(folder / "chelsea_half.jpg")
+    coffee = Image.open(photos / "coffee.jpg")
+    w, h = coffee.size
+    coffee.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(folder / "coffee_crop.jpg")
+    ImageOps.mirror(Image.open(photos / "astronaut.jpg")).save(folder / "astronaut_flip.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def random_lib(dupe_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    index = tmp_path_factory.mktemp("idx") / "index"
+    with pytest.warns(UserWarning), ghostmatch.open(index, weights="random") as lib:
+        lib.index([dupe_folder])
+    return index
+
+
+def test_exact_and_near_copies_with_a_tight_threshold(random_lib: Path, dupe_folder: Path) -> None:
+    # Random weights already put re-encodes and resizes above 0.995 and other photos below.
+    with ghostmatch.open(random_lib, create=False) as lib:
+        groups = lib.find_duplicates(0.995, verify=False)
+    assert len(groups) == 1
+    group = groups[0]
+    assert group.keep.path.name in ("chelsea.jpg", "chelsea_exact.jpg")
+    tiers = {m.path.name: m.tier for m in group.members}
+    assert set(tiers) | {group.keep.path.name} == {
+        "chelsea.jpg",
+        "chelsea_exact.jpg",
+        "chelsea_q40.jpg",
+        "chelsea_half.jpg",
+    }
+    exact = "chelsea_exact.jpg" if group.keep.path.name == "chelsea.jpg" else "chelsea.jpg"
+    assert tiers[exact] == "exact"
+    assert all(m.score >= 0.995 for m in group.members)
+
+
+def test_threshold_is_inclusive_and_monotone(random_lib: Path) -> None:
+    with ghostmatch.open(random_lib, create=False) as lib:
+        loose = lib.find_duplicates(0.9, verify=False)
+        tight = lib.find_duplicates(0.9999, verify=False)
+        scores = [m.score for g in loose for m in g.members]
+        lowest = min(scores)
+        at_lowest = lib.find_duplicates(lowest, verify=False)
+        with pytest.raises(GhostmatchError, match="threshold"):
+            lib.find_duplicates(1.5)
+    copies = {m.path for g in at_lowest for m in g.members}
+    assert any(m.score == lowest for g in at_lowest for m in g.members)
+    assert sum(len(g.members) for g in tight) <= sum(len(g.members) for g in loose)
+    assert len(copies) == sum(len(g.members) for g in at_lowest)  # each file in one group
+
+
+def test_not_dup_is_remembered(random_lib: Path, dupe_folder: Path) -> None:
+    with ghostmatch.open(random_lib, create=False) as lib:
+        lib.mark_not_duplicate(dupe_folder / "chelsea.jpg", dupe_folder / "chelsea_half.jpg")
+    with ghostmatch.open(random_lib, create=False) as lib:
+        groups = lib.find_duplicates(0.995, verify=False)
+    pairs = {(g.keep.path.name, m.path.name) for g in groups for m in g.members}
+    assert ("chelsea.jpg", "chelsea_half.jpg") not in pairs
+
+
+def test_duplicates_of_a_new_image(random_lib: Path, tmp_path: Path, photos: Path) -> None:
+    outside = tmp_path / "new.jpg"
+    Image.open(photos / "chelsea.jpg").save(outside, quality=60)
+    with ghostmatch.open(random_lib, create=False) as lib:
+        found = lib.duplicates_of(outside, threshold=0.995)
+        unrelated = lib.duplicates_of(photos / "camera.png", threshold=0.9999)
+    names = {m.path.name for m in found}
+    assert {"chelsea.jpg", "chelsea_exact.jpg"} <= names
+    assert "coffee.jpg" not in names
+    assert unrelated == []
+
+
+@pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
+def test_bundled_model_finds_edited_copies(dupe_folder: Path, tmp_path: Path) -> None:
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([dupe_folder])
+        groups = lib.find_duplicates()
+    found = {(g.keep.path.name, m.path.name): m.tier for g in groups for m in g.members}
+    assert found.get(("coffee.jpg", "coffee_crop.jpg")) == "edited"
+    copies = {name for _, name in found}
+    assert "chelsea_q40.jpg" in copies or "chelsea_half.jpg" in copies
+    assert not any({"coffee.jpg", "rocket.jpg"} <= {a, b} for a, b in found)
+
+
+def test_cli_json_csv_html_and_of(random_lib: Path, dupe_folder: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    base = [sys.executable, "-m", "ghostmatch.cli.app", "dupes", "--index", str(random_lib)]
+    html = tmp_path / "dupes.html"
+    done = subprocess.run(
+        [*base, "--threshold", "0.995", "--no-verify", "--json", "--html", str(html)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    data = json.loads(done.stdout)
+    assert data["threshold"] == 0.995
+    assert {"keep", "members"} <= set(data["groups"][0])
+    assert {"path", "score", "tier"} <= set(data["groups"][0]["members"][0])
+    assert html.read_text().count("<img") >= 2
+    done = subprocess.run(
+        [*base, "--threshold", "0.995", "--no-verify", "--csv"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert done.stdout.splitlines()[0].startswith("group,role,path")
+    done = subprocess.run(
+        [*base, "--of", str(dupe_folder / "chelsea_q40.jpg"), "--threshold", "0.995", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert json.loads(done.stdout)[0]["duplicates"]
+    bad = subprocess.run(
+        [*base, "--json", "--csv"], capture_output=True, text=True, env=env, check=False
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
