@@ -10,7 +10,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from benchmarks import allpairs, ann, descriptor, dupes_stages, indexing, quality, query
+from benchmarks import (
+    allpairs,
+    ann,
+    descriptor,
+    dupes_stages,
+    indexing,
+    quality,
+    query,
+    scale,
+)
 from benchmarks.report import Report, environment, save, write_summary
 from benchmarks.settings import RESULTS, Settings, default_weights
 
@@ -22,6 +31,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     "allpairs": allpairs.run,
     "quality": quality.run,
     "dupes_stages": dupes_stages.run,
+    "scale": scale.run,
 }
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -38,6 +39,7 @@ NAIVE_PHOTOS, NAIVE_PHOTOS_QUICK = 50, 15
 TARGET_VS_MODEL = 0.8
 TARGET_VS_NAIVE = 4.0
 _MB = 1e6
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def run(settings: Settings) -> Report:
     return report
 
 
-def in_fresh_process(work: Callable[..., FolderRun], *args: object) -> FolderRun:
+def in_fresh_process(work: Callable[..., Result], *args: object) -> Result:
     """Run ``work`` in a new interpreter, so that its peak RSS is its own and not what
     earlier benchmarks left behind in this process's allocators."""
     context = multiprocessing.get_context("spawn")
