@@ -22,6 +22,18 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One GHOSTMATCH_CACHE for the session, so the random model is exported to ONNX once."""
+    return tmp_path_factory.getbasetemp() / "model-cache"
+
+
+@pytest.fixture
+def shared_model_cache(_offline: None, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> None:
+    """Use the session's model cache instead of the per-test one."""
+    monkeypatch.setenv("GHOSTMATCH_CACHE", str(model_cache))
+
+
+@pytest.fixture(scope="session")
 def random_model():  # type: ignore[no-untyped-def]
     """A seeded random-weight descriptor with non-trivial BatchNorm statistics."""
     import torch

@@ -31,16 +31,7 @@ CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 MATCH_KEYS = {"rank", "path", "score", "width", "height", "bytes"}
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One GHOSTMATCH_CACHE for the session (test_library uses the same folder), so the
-    random model is exported to ONNX once."""
-    return tmp_path_factory.getbasetemp() / "model-cache"
-
-
-@pytest.fixture(autouse=True)
-def _shared_model_cache(_offline: None, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> None:
-    monkeypatch.setenv("GHOSTMATCH_CACHE", str(model_cache))
+pytestmark = pytest.mark.usefixtures("shared_model_cache")
 
 
 def cli_env(model_cache: Path, **extra: str) -> dict[str, str]:

@@ -29,16 +29,7 @@ DIM = 960  # the random model's descriptor size
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One GHOSTMATCH_CACHE for the session (test_cli uses the same folder), so the
-    random model is exported to ONNX once."""
-    return tmp_path_factory.getbasetemp() / "model-cache"
-
-
-@pytest.fixture(autouse=True)
-def _shared_model_cache(_offline: None, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> None:
-    monkeypatch.setenv("GHOSTMATCH_CACHE", str(model_cache))
+pytestmark = pytest.mark.usefixtures("shared_model_cache")
 
 
 @pytest.fixture(scope="session")
