@@ -145,7 +145,8 @@ def test_duplicates_of_a_new_image(random_lib: Path, tmp_path: Path, photos: Pat
 def test_bundled_model_finds_edited_copies(dupe_folder: Path, tmp_path: Path) -> None:
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([dupe_folder])
-        groups = lib.find_duplicates()
+        assert lib.duplicate_threshold() == lib.card.extra["dupe_threshold"]  # measured
+        groups = lib.find_duplicates(0.9)
     found = {(g.keep.path.name, m.path.name): m.tier for g in groups for m in g.members}
     assert found.get(("coffee.jpg", "coffee_crop.jpg")) == "edited"
     copies = {name for _, name in found}
