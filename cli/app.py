@@ -360,12 +360,8 @@ def main() -> None:
     except GhostmatchError as error:
         err.print(f"error: {error}", markup=False, highlight=False)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
         err.print("interrupted")
-        sys.exit(130)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
         sys.exit(130)
     except Exception as error:
         # Usage errors (click's, vendored by newer typer) carry a message and an exit code.
