@@ -87,7 +87,7 @@ def evaluate(
     clock = Stopwatch()
     with clock:
         records = {r.id: r for r in lib.catalog.get(ids.tolist())}
-        verified = lib._verify_pairs(pairs, records)
+        verified = lib.verify_pairs(pairs, records)
     inliers = np.zeros(len(candidates.scores))
     inliers[checked] = [verified[p].inliers for p in pairs]
     # Stage-2 score: inliers first, the cosine breaks ties; unchecked pairs rank below.

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.transforms import (
     add_border,
     blur,
-    center_crop_to,
     change_aspect,
     color_shift,
     grayscale,
@@ -30,7 +26,6 @@ from ghostmatch.transforms import (
     random_color,
     random_text,
     reencode_jpeg,
-    resize_shorter_side,
     rotate,
     to_rgb,
 )
@@ -154,37 +149,6 @@ def random_resized_crop(
         left, top = (width - crop_w) // 2, (height - crop_h) // 2
     box = (left, top, left + crop_w, top + crop_h)
     return to_rgb(img).resize((size, size), BICUBIC, box=box)
-
-
-def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB image -> (3, H, W) float32 tensor of ``(pixel / 255 - mean) / std`` per channel."""
-    mean_array = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
-    std_array = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
-    if mean_array.size != 3 or std_array.size != 3:
-        raise ValueError("mean and std need one value per RGB channel")
-    pixels = np.asarray(to_rgb(img), dtype=np.float32)
-    # One subtract and one multiply over the pixels instead of three passes.
-    normalised = (pixels - 255.0 * mean_array) * (1.0 / (255.0 * std_array))
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
-
-
-def eval_transform(
-    img: Image.Image,
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop: float = 1.0,
-) -> torch.Tensor:
-    """Inference preprocessing: (3, size, size) float32 tensor from any PIL image.
-
-    Resize (bicubic) so that the shorter side is ``floor(size / crop)``, as timm does, cut
-    the centred ``size`` x ``size`` window and normalise with ``mean`` and ``std``. With
-    ``crop=1`` the whole shorter side is kept. Orientation (EXIF) is the loader's job.
-    """
-    if not 0.0 < crop <= 1.0:
-        raise ValueError(f"crop fraction must be in (0, 1], got {crop}")
-    resized = resize_shorter_side(img, max(size, math.floor(size / crop)), BICUBIC)
-    return to_tensor(center_crop_to(resized, size, size), mean, std)
 
 
 def _cap_shorter_side(img: Image.Image, limit: int) -> Image.Image:

@@ -445,7 +445,7 @@ def evaluate_duplicates(
     )
     rows_a, rows_b = keys // len(ids), keys % len(ids)
     # The duplicate finder's own scoring, so that thresholds mean the same thing here.
-    scores = allpairs._exact_scores(np.ascontiguousarray(vectors), rows_a, rows_b)
+    scores = allpairs.pair_scores(np.ascontiguousarray(vectors), rows_a, rows_b)
     score_of = dict(zip(keys.tolist(), scores.astype(np.float64).tolist(), strict=True))
 
     def key(a: Path, b: Path) -> int:
@@ -518,7 +518,7 @@ def calibrate(
     x = np.ascontiguousarray(np.stack(vectors), dtype=np.float32)
     rows_a = np.array([row_of[p.a] for p in pairs], dtype=np.int64)
     rows_b = np.array([row_of[p.b] for p in pairs], dtype=np.int64)
-    scores = allpairs._exact_scores(x, rows_a, rows_b)
+    scores = allpairs.pair_scores(x, rows_a, rows_b)
     choice = pick_threshold(scores, [p.same for p in pairs], precision)
     if store:
         stored = lib.catalog.get_meta(DUPE_THRESHOLD_META)

@@ -725,7 +725,7 @@ class Library:
             needed = min_inliers
             if needed is None:
                 needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-            checks = self._verify_pairs([(i, j) for i, j, _ in pairs], records)
+            checks = self.verify_pairs([(i, j) for i, j, _ in pairs], records)
             pairs = [
                 (i, j, s)
                 for i, j, s in pairs
@@ -755,7 +755,7 @@ class Library:
             return float(card.extra[key])
         return default
 
-    def _verify_pairs(
+    def verify_pairs(
         self, pairs: Sequence[tuple[int, int]], records: dict[int, ImageRecord]
     ) -> dict[tuple[int, int], Verification]:
         """Local-feature verification of each pair; every image is decoded once."""

@@ -173,7 +173,7 @@ def _collect(
     order each pair a < b and all pairs by score descending."""
     kept_a, kept_b, kept_scores = [], [], []
     for rows_a, rows_b in candidates:
-        scores = _exact_scores(x, rows_a, rows_b)
+        scores = pair_scores(x, rows_a, rows_b)
         passed = scores >= np.float32(threshold)
         kept_a.append(rows_a[passed])
         kept_b.append(rows_b[passed])
@@ -190,7 +190,7 @@ def _collect(
     return a_ids[order], b_ids[order], scores[order]
 
 
-def _exact_scores(x: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+def pair_scores(x: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
     """The one definition of a pair's score: float64 dot product rounded to float32."""
     out = np.empty(len(rows_a), np.float32)
     for start in range(0, len(rows_a), _RESCORE_BATCH):
