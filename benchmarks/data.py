@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
 CALTECH = REPO.parent / "shared" / "data" / "caltech101"
+DUPLICATES_FILE = Path(__file__).with_name("caltech_test_duplicates.txt")
 LARGE_SIZE = (4000, 3000)
 # Colour photos from scikit-image (bundled with it, no download).
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
@@ -26,14 +27,32 @@ class Photo:
     label: str
 
 
-def caltech_test(root: Path | None = None) -> list[Photo] | None:
-    """The photos of ``test.txt`` (never trained on), or None when the data is absent."""
+def caltech_test(root: Path | None = None, distinct: bool = True) -> list[Photo] | None:
+    """The photos of ``test.txt`` (never trained on), or None when the data is absent.
+
+    ``distinct`` leaves out the second photo of each pair in ``caltech_test_duplicates.txt``
+    (the same photograph twice in the data set), so that no two photos are duplicates
+    unless a benchmark made them so.
+    """
     root = root or CALTECH
     listing = root / "test.txt"
     if not listing.is_file():
         return None
     lines = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if distinct:
+        dropped = {second for _, second in known_duplicates()}
+        lines = [line for line in lines if line not in dropped]
     return [Photo(root / line, line.split("/", 1)[0]) for line in lines]
+
+
+def known_duplicates() -> list[tuple[str, str]]:
+    """Pairs of caltech101 test photos (``class/file``) that are the same photograph."""
+    pairs = []
+    for line in DUPLICATES_FILE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            first, second = line.split()
+            pairs.append((first, second))
+    return pairs
 
 
 def missing_caltech_note(what: str) -> str:

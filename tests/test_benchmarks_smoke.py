@@ -126,3 +126,18 @@ def test_summary_lists_reports_and_skips_foreign_json(tmp_path: Path) -> None:
     text = write_summary(tmp_path, ["descriptor", "allpairs"]).read_text()
     assert "| onnx | 25.0 img/s | eager | 10.0 img/s | 2.5x | >= 1.8x: met |" in text
     assert "## allpairs" not in text
+
+
+def test_caltech_test_leaves_out_the_second_photo_of_each_known_duplicate(
+    tmp_path: Path,
+) -> None:
+    pairs = bench_data.known_duplicates()
+    assert len(pairs) >= 20
+    root = tmp_path / "caltech101"
+    listed = [p for pair in pairs for p in pair] + ["cat/image_0001.jpg"]
+    (root / "test.txt").parent.mkdir()
+    (root / "test.txt").write_text("\n".join(listed) + "\n")
+    kept = {str(p.path.relative_to(root)) for p in bench_data.caltech_test(root) or []}
+    assert kept == {first for first, _ in pairs} | {"cat/image_0001.jpg"}
+    everything = bench_data.caltech_test(root, distinct=False) or []
+    assert len(everything) == len(listed)
