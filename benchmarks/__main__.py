@@ -46,6 +46,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="weights for index, query and quality (default: bundled, else random)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder ({RESULTS})")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="skip a size whose estimated run is longer (ann at 1M vectors; default 600)",
+    )
     return parser.parse_args(argv)
 
 
@@ -58,13 +65,15 @@ def command(name: str, args: argparse.Namespace) -> str:
         parts += ["--weights", args.weights]
     if args.out != RESULTS:
         parts += ["--out", str(args.out)]
+    if args.budget != 600.0:
+        parts += ["--budget", f"{args.budget:g}"]
     return " ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     weights = args.weights or default_weights()
-    settings = Settings(quick=args.quick, weights=weights, out=args.out)
+    settings = Settings(quick=args.quick, weights=weights, out=args.out, budget_s=args.budget)
     settings.out.mkdir(parents=True, exist_ok=True)
     # Said once above; random weights warn again on every model load.
     warnings.filterwarnings("ignore", message="using RANDOM weights")

@@ -21,8 +21,8 @@ K = 10
 SIZES = (100_000, 1_000_000)
 DIMS, DIMS_QUICK = (256, 960), (256,)
 QUERIES, QUERIES_QUICK = 1000, 300
-# A size is skipped when the estimate of its run, from the size before it, exceeds this.
-BUDGET_S = 600.0
+# A size is skipped when the estimate of its run, from the size before it, exceeds the
+# settings' budget (``--budget``, 600 s by default).
 # How build time grows from 100k to 1M vectors: IVF k-means and assignment scale with
 # vectors x lists (10x the vectors, 4x the lists); HNSW insertion with about n log n.
 _IVF_GROWTH, _HNSW_GROWTH, _LINEAR_GROWTH = 40.0, 12.0, 10.0
@@ -54,10 +54,11 @@ def run(settings: Settings) -> Report:
             if previous:
                 estimate = estimate_seconds(previous, generation * n / previous[0].n)
                 memory = 4 * n * dim * 4  # data, Flat, the index under test and a copy
-                if estimate > BUDGET_S or memory > psutil.virtual_memory().available:
+                if estimate > settings.budget_s or memory > psutil.virtual_memory().available:
                     report.notes.append(
                         f"{n:,} x {dim}: skipped, estimated {estimate / 60:.0f} min and "
-                        f"{memory / 1e9:.1f} GB on this machine (budget {BUDGET_S / 60:.0f} min)"
+                        f"{memory / 1e9:.1f} GB on this machine (budget "
+                        f"{settings.budget_s / 60:.0f} min, --budget)"
                     )
                     continue
             with Stopwatch() as making:

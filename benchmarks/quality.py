@@ -107,10 +107,14 @@ def evaluate(
         ids, vectors = lib.catalog.vectors()
         paths = [r.path for r in lib.catalog.get(ids.tolist())]
         lib_card = lib.embedder.card
+        offsets = lib.score_offsets(vectors)
     if indexed.failed:
         report.notes.append(f"files that failed to index: {dict(indexed.failed)}")
     dataset = duplicate_set(paths, read_truth(truth))
-    model = evaluate_pairs(dataset, knn_by_vectors(vectors))
+    model = evaluate_pairs(dataset, knn_by_vectors(vectors, offsets))
+    if offsets is not None:
+        raw = evaluate_pairs(dataset, knn_by_vectors(vectors))
+        add_normalisation_figures(report, model, raw)
     with stages["pHash"]:
         phash = evaluate_pairs(dataset, knn_by_phash(paths))
     add_duplicate_figures(report, dataset, model, phash)
@@ -153,7 +157,9 @@ def evaluate(
         f"weights {weights!r}; {len(sources)} test photos x {len(dataset.copies) // len(sources)} "
         f"transforms (seed {SEED}) among {len(distractors)} distractor test photos; candidates "
         f"= each photo's {KNN} nearest (faiss for the model, Hamming for 64-bit pHash, "
-        "score 1 - distance/64); positives = pairs in one truth group, all of them counted "
+        "score 1 - distance/64); model scores are the duplicate finder's (cosine, less the "
+        "two background offsets when the model carries a score background); positives = "
+        "pairs in one truth group, all of them counted "
         "in recall; per-transform recall = original-copy pairs at the p99 threshold; class "
         f"retrieval over the {len(rows)} original and distractor photos (BACKGROUND_Google "
         "counts as a class)"
@@ -179,9 +185,15 @@ def duplicate_set(paths: Sequence[Path], groups: Sequence[Sequence[Path]]) -> Du
     return DuplicateSet(list(paths), group, n_positive, copies)
 
 
-def knn_by_vectors(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) of each row's KNN nearest others by inner product (exact)."""
+def knn_by_vectors(
+    vectors: np.ndarray, offsets: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of each row's KNN nearest others by inner product (exact); with
+    ``offsets`` (the model's score background) the scores are the duplicate finder's
+    normalised ones, cosine less both offsets."""
     scores, rows = faiss.knn(vectors, vectors, KNN + 1, faiss.METRIC_INNER_PRODUCT)
+    if offsets is not None:
+        scores = scores - offsets[:, None] - np.where(rows >= 0, offsets[rows], 0.0)
     return scores, rows
 
 
@@ -272,6 +284,23 @@ def add_duplicate_figures(
         "phash": theirs.threshold_at_p99,
     }
     report.details["true_pairs"] = dataset.n_positive
+
+
+def add_normalisation_figures(report: Report, normalised: PairResult, raw: PairResult) -> None:
+    """What the score background adds: the same candidates scored both ways."""
+    base = "raw cosine"
+    ours, theirs = normalised.metrics, raw.metrics
+    report.add(Figure("normalised scores: micro-AP", ours.micro_ap, "", base, theirs.micro_ap))
+    report.add(
+        Figure(
+            "normalised scores: recall @ precision 0.99",
+            ours.recall_at_p99,
+            "",
+            base,
+            theirs.recall_at_p99,
+        )
+    )
+    report.details["raw_cosine"] = {**asdict(theirs), "per_transform": raw.per_transform}
 
 
 def add_retrieval_figures(report: Report, ours: RetrievalMetrics, random: RetrievalMetrics) -> None:

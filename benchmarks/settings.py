@@ -14,11 +14,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @dataclass(frozen=True)
 class Settings:
     """``quick`` picks the small sizes (the whole suite in about three minutes);
-    ``weights`` is a ``--weights`` spec for the benchmarks whose figures depend on it."""
+    ``weights`` is a ``--weights`` spec for the benchmarks whose figures depend on it;
+    ``budget_s`` bounds the estimated time of one size of a scaling benchmark (ann)."""
 
     quick: bool = False
     weights: str = "random"
     out: Path = RESULTS
+    # Longest a benchmark may plan one size for (seconds); larger sizes are skipped.
+    budget_s: float = 600.0
 
 
 def default_weights() -> str:

@@ -310,6 +310,14 @@ def train(
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt.")] = False,
+    background: Annotated[
+        int,
+        typer.Option(
+            "--background",
+            min=0,
+            help="Training photos whose descriptors normalise duplicate scores (0: none).",
+        ),
+    ] = 2000,
 ) -> None:
     """Train a descriptor (self-supervised copy detection, or supervised classes)."""
     import torch
@@ -328,6 +336,7 @@ def train(
         image_size=image_size,
         dim=dim,
         seed=seed,
+        background=background,
     )
 
     def report(event: str, data: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ghostmatch.ghostnet import GhostNet
 from ghostmatch.modelcard import ModelCard
+from ghostmatch.scorenorm import ScoreNorm
 
 
 class Normalize(nn.Module):
@@ -88,6 +89,8 @@ class Descriptor(nn.Module):
         elif card.dim != pooled:
             raise ValueError(f"card says {card.dim}-d but {card.pooling} pooling gives {pooled}")
         self.l2norm = L2Norm()
+        # Not a module: a model file may carry one for duplicate scores (ghostmatch.scorenorm).
+        self.score_norm: ScoreNorm | None = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map (N, 960 * width, H/32, W/32)."""

@@ -16,7 +16,8 @@ TIERS = ("exact", "near", "edited")
 
 @dataclass(frozen=True)
 class DuplicateMember:
-    """One file of a group; ``score`` is its cosine similarity to the kept file."""
+    """One file of a group; ``score`` is its duplicate score with the kept file: cosine
+    similarity, less background offsets when the model has a score background."""
 
     path: Path
     score: float
@@ -61,6 +62,17 @@ THRESHOLD_META = "dupe_threshold"
 DEFAULT_MIN_INLIERS = 24
 # Stage 2 looks at pairs from this cosine up to the threshold.
 DEFAULT_VERIFY_THRESHOLD = 0.75
+# The same two lines for a model whose file carries a score background
+# (ghostmatch.scorenorm): its duplicate scores are cosines less two background offsets.
+DEFAULT_NORMALISED_THRESHOLD = 0.30
+DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.15
+
+
+def default_thresholds(normalised: bool) -> tuple[float, float]:
+    """(duplicate threshold, stage-2 verify threshold) when nothing measured is known."""
+    if normalised:
+        return DEFAULT_NORMALISED_THRESHOLD, DEFAULT_NORMALISED_VERIFY_THRESHOLD
+    return DEFAULT_THRESHOLD, DEFAULT_VERIFY_THRESHOLD
 
 
 def keep_priority(rule: str) -> Callable[[DuplicateMember], tuple[Any, ...]]:

@@ -1,9 +1,11 @@
 """Measure an index against ground truth: retrieval by class, duplicate pairs, and the
 calibration of the duplicate threshold from labelled pairs.
 
-Scores are cosine similarities of the stored unit vectors, higher = more alike. Pair scores
-come from the duplicate finder's own scoring (``indexes.allpairs``), so a threshold chosen
-here cuts exactly where ``ghostmatch dupes`` will.
+Scores are cosine similarities of the stored unit vectors, higher = more alike, less two
+background offsets when the model carries a score background (``ghostmatch.scorenorm``).
+Pair scores come from the duplicate finder's own scoring (``indexes.allpairs`` with
+``Library.score_offsets``), so a threshold chosen here cuts exactly where
+``ghostmatch dupes`` will.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ghostmatch.copies import read_truth, transform_of
 from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes import allpairs
-from ghostmatch.library import Library
+from ghostmatch.library import Library, check_threshold
 from ghostmatch.metrics import (
     PairMetrics,
     PRCurve,
@@ -389,9 +391,7 @@ def dupe_threshold(lib: Library, override: float | None = None) -> tuple[float, 
     """The duplicate threshold and where it came from: ``override`` ("option"), else the one
     ``Library.duplicate_threshold`` uses: "calibrated", "model card" or "default"."""
     if override is not None:
-        if not -1.0 <= override <= 1.0:
-            raise GhostmatchError(f"--threshold is a cosine score in [-1, 1], not {override}")
-        return float(override), "option"
+        return check_threshold(override, lib.normalised_scores), "option"
     stored = lib.catalog.get_meta(DUPE_THRESHOLD_META)
     card = lib.card
     if isinstance(stored, dict) and "threshold" in stored:
@@ -445,7 +445,8 @@ def evaluate_duplicates(
     )
     rows_a, rows_b = keys // len(ids), keys % len(ids)
     # The duplicate finder's own scoring, so that thresholds mean the same thing here.
-    scores = allpairs.pair_scores(np.ascontiguousarray(vectors), rows_a, rows_b)
+    x = np.ascontiguousarray(vectors)
+    scores = allpairs.pair_scores(x, rows_a, rows_b, lib.score_offsets(x))
     score_of = dict(zip(keys.tolist(), scores.astype(np.float64).tolist(), strict=True))
 
     def key(a: Path, b: Path) -> int:
@@ -518,7 +519,7 @@ def calibrate(
     x = np.ascontiguousarray(np.stack(vectors), dtype=np.float32)
     rows_a = np.array([row_of[p.a] for p in pairs], dtype=np.int64)
     rows_b = np.array([row_of[p.b] for p in pairs], dtype=np.int64)
-    scores = allpairs.pair_scores(x, rows_a, rows_b)
+    scores = allpairs.pair_scores(x, rows_a, rows_b, lib.score_offsets(x))
     choice = pick_threshold(scores, [p.same for p in pairs], precision)
     if store:
         stored = lib.catalog.get_meta(DUPE_THRESHOLD_META)

@@ -55,8 +55,8 @@ def write_html(groups: Sequence[DuplicateGroup], path: Path, thumb_size: int = 1
     """Write the review page of ``groups`` to ``path`` and return ``path``.
 
     Thumbnails fit a ``thumb_size`` square, EXIF orientation applied; a file that cannot
-    be decoded gets a placeholder saying why. Each file shows its score (cosine similarity
-    to the kept file), tier, size and dimensions; the header sums groups, files and the
+    be decoded gets a placeholder saying why. Each file shows its duplicate score with the
+    kept file (``DuplicateMember.score``), tier, size and dimensions; the header sums groups, files and the
     bytes that removing every non-kept file would reclaim. The page is written to a
     temporary name and renamed, so a failed run never leaves half a page.
     """
@@ -107,7 +107,7 @@ def _page(groups: Sequence[DuplicateGroup], size: int) -> Iterator[str]:
         f"<b>{files}</b> {_plural(files, 'file')}, "
         f'<b title="{reclaimable} bytes">{_human_bytes(reclaimable)}</b> reclaimable</p>\n'
         '<p class="legend">The kept file of each group has a green frame and a '
-        "<b>keep</b> badge; the score of every other file is its cosine similarity to the "
+        "<b>keep</b> badge; the score of every other file is its duplicate score with the "
         "kept one (higher = more alike). Click a thumbnail to open the file."
         "</p>\n"
         '<table class="groups">\n<tbody>\n'

@@ -22,21 +22,21 @@ from platformdirs import user_data_dir
 from ghostmatch.catalog import CATALOG_FILE, Catalog, ImageRecord, NewFailure, NewImage
 from ghostmatch.dupes import (
     DEFAULT_MIN_INLIERS,
-    DEFAULT_THRESHOLD,
-    DEFAULT_VERIFY_THRESHOLD,
     THRESHOLD_META,
     DuplicateGroup,
     DuplicateMember,
+    default_thresholds,
     group_pairs,
     tier_of,
 )
 from ghostmatch.embedder import Embedder, prepare, to_batch
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, image_from_array, load_image, to_rgb
-from ghostmatch.indexes.allpairs import similar_pairs
+from ghostmatch.indexes.allpairs import pair_scores, similar_pairs
 from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.scan import FileEntry, content_hash, scan
+from ghostmatch.scorenorm import RANK_KEY
 from ghostmatch.verify import Verification, local_features, verify_pair
 from ghostmatch.weights import load_descriptor
 
@@ -676,14 +676,35 @@ class Library:
     # ------------------------------------------------------------------------ duplicates
 
     def duplicate_threshold(self) -> float:
-        """The calibrated threshold of this index, else the model's measured one, else 0.9."""
+        """The calibrated threshold of this index, else the model's measured one, else the
+        default (0.9 for plain cosines)."""
         stored = self.catalog.get_meta(THRESHOLD_META)
         if isinstance(stored, dict) and "threshold" in stored:
             return float(stored["threshold"])
         card = self.card
         if card is not None and "dupe_threshold" in card.extra:
             return float(card.extra["dupe_threshold"])
-        return DEFAULT_THRESHOLD
+        return default_thresholds(self.normalised_scores)[0]
+
+    @property
+    def normalised_scores(self) -> bool:
+        """Whether duplicate scores are background-normalised (the model file carries a
+        score background, ``ghostmatch.scorenorm``) rather than plain cosines."""
+        card = self.card
+        return card is not None and RANK_KEY in card.extra
+
+    def score_offsets(self, vectors: np.ndarray) -> np.ndarray | None:
+        """Each vector's background offset for duplicate scores, or None when the model has
+        no score background (duplicate scores are then plain cosines)."""
+        if not self.normalised_scores:
+            return None
+        norm = self.embedder.model.score_norm
+        if norm is None:
+            raise GhostmatchError(
+                f"the model card of index {self.path} names a score background that its "
+                "weights file lacks; restore the original weights file"
+            )
+        return norm.offsets(vectors)
 
     def find_duplicates(
         self,
@@ -702,15 +723,22 @@ class Library:
         ``min_inliers`` points (see ``ghostmatch.verify``); the transform also sets the
         tier. Pairs marked ``--not-dup`` are ignored; grouping never chains.
         """
-        t = self.duplicate_threshold() if threshold is None else _check_threshold(threshold)
-        low = min(t, self._stage2_setting("verify_threshold", DEFAULT_VERIFY_THRESHOLD))
+        normalised = self.normalised_scores
+        t = (
+            self.duplicate_threshold()
+            if threshold is None
+            else check_threshold(threshold, normalised)
+        )
+        verify_default = default_thresholds(normalised)[1]
+        low = min(t, self._stage2_setting("verify_threshold", verify_default))
         ids, vectors = self.catalog.vectors()
         if len(ids) < 2:
             return []
         index = self.vector_index
         approximate = index if index is not None and index.factory != "Flat" else None
         floor = low if verify else t
-        a, b, scores = similar_pairs(vectors, floor, ids=ids, index=approximate)
+        offsets = self.score_offsets(vectors)
+        a, b, scores = similar_pairs(vectors, floor, ids=ids, index=approximate, offsets=offsets)
         involved = sorted(set(a.tolist()) | set(b.tolist()))
         records = {r.id: r for r in self.catalog.get(involved)}
         ignored = self.catalog.not_duplicates()
@@ -798,19 +826,30 @@ class Library:
 
         Answered from the index alone: one k-NN search, no scan of the collection.
         """
-        t = self.duplicate_threshold() if threshold is None else _check_threshold(threshold)
+        normalised = self.normalised_scores
+        t = (
+            self.duplicate_threshold()
+            if threshold is None
+            else check_threshold(threshold, normalised)
+        )
         if self.card is None:
             return []
         vector, own_id = self.query_vector(x)
         index = self.vector_index
         if index is None:
             return []
-        scores, ids = index.search(vector[None, :], k + 1)
-        hits = [
-            (int(i), float(s))
-            for i, s in zip(ids[0], scores[0], strict=True)
-            if i >= 0 and i != own_id and s >= t
-        ]
+        _, found = index.search(vector[None, :], k + 1)
+        ids, vectors = self.catalog.vectors([int(i) for i in found[0] if i >= 0 and i != own_id])
+        # Rescored from the stored vectors, the way find_duplicates scores a pair.
+        rows = np.vstack([vector[None, :], vectors]) if len(ids) else vector[None, :]
+        offsets = self.score_offsets(rows)
+        scores = pair_scores(
+            rows, np.zeros(len(ids), np.int64), np.arange(1, len(ids) + 1), offsets
+        )
+        hits = sorted(
+            ((int(i), float(s)) for i, s in zip(ids, scores, strict=True) if s >= t),
+            key=lambda hit: (-hit[1], hit[0]),
+        )
         records = {r.id: r for r in self.catalog.get([i for i, _ in hits])}
         digest = None
         if isinstance(x, str | os.PathLike):
@@ -898,9 +937,12 @@ def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
     )
 
 
-def _check_threshold(threshold: float) -> float:
-    if not -1.0 <= threshold <= 1.0:
-        raise GhostmatchError(f"--threshold is a cosine score in [-1, 1], not {threshold}")
+def check_threshold(threshold: float, normalised: bool = False) -> float:
+    """A duplicate threshold: a cosine in [-1, 1], or for background-normalised scores
+    (a cosine less two offsets of at most 1 each) a number in [-3, 1]."""
+    low, kind = (-3.0, "normalised score") if normalised else (-1.0, "cosine score")
+    if not low <= threshold <= 1.0:
+        raise GhostmatchError(f"--threshold is a {kind} in [{low:g}, 1], not {threshold}")
     return float(threshold)
 
 

@@ -30,6 +30,7 @@ from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, load_image
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.scan import scan
+from ghostmatch.scorenorm import DEFAULT_BACKGROUND_SIZE, ScoreNorm, pick_background
 from ghostmatch.weights import load_descriptor, save_descriptor
 
 MODES = ("ssl", "supervised")
@@ -55,6 +56,8 @@ class TrainConfig:
     cache_side: int = 288
     seed: int = 0
     max_images: int | None = None
+    # Training photos whose descriptors become the model's score background (0: none).
+    background: int = DEFAULT_BACKGROUND_SIZE
 
 
 @dataclass
@@ -352,9 +355,60 @@ def train(
             save_checkpoint(epoch + 1, 0)
             last_save = time.monotonic()
             export = model.eval()
+            if epoch + 1 == config.epochs and config.background > 0:
+                say("background", {"images": min(config.background, len(train_idx))})
+                export.score_norm = fit_background(
+                    export, [images[i] for i in train_idx], config.background, config.seed
+                )
             save_descriptor(export, out, half=True)
             say("epoch", asdict(report_))
     return history
+
+
+def fit_background(
+    model: Descriptor, images: Sequence[Image.Image], size: int, seed: int = 0
+) -> ScoreNorm:
+    """A score background (``ghostmatch.scorenorm``) from ``size`` of the training images,
+    chosen by ``seed``, embedded as the model sees them at inference."""
+    picked = pick_background(len(images), size, seed)
+    vectors = _embed_images(model, [images[i] for i in picked])
+    return ScoreNorm(vectors.numpy())
+
+
+def add_background(
+    weights: Path,
+    root: Path,
+    out: Path,
+    list_file: Path | None = None,
+    size: int = DEFAULT_BACKGROUND_SIZE,
+    config: TrainConfig | None = None,
+) -> str:
+    """Give a trained model file the score background that ``train`` would have given it
+    (same images, decoding and choice); writes ``out`` and returns its sha256."""
+    config = config or TrainConfig()
+    model = load_descriptor(weights)
+    paths = list_images(root, list_file)
+    if config.max_images is not None:
+        paths = sorted(paths)[: config.max_images]
+    decoded = _decode_all(paths, config.cache_side, max(1, os.cpu_count() or 1))
+    images = [im for im in decoded if im is not None]
+    model.score_norm = fit_background(model, images, size, config.seed)
+    return save_descriptor(model, out, half=True)
+
+
+def _embed_images(model: Descriptor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Descriptors of decoded images with the model's own preprocessing (eval mode)."""
+    from ghostmatch.embedder import prepare
+
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), 64):
+            arrays = [prepare(image, model.card) for image in images[i : i + 64]]
+            out.append(model(torch.from_numpy(to_batch(arrays))))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.card.dim)
 
 
 def knn_accuracy(
@@ -365,21 +419,8 @@ def knn_accuracy(
     test_idx: Sequence[int],
 ) -> float:
     """Top-1 accuracy of 1-NN classification of ``test_idx`` against ``train_idx``."""
-    from ghostmatch.embedder import prepare
-
-    model.eval()
-    card = model.card
-
-    def embed(indices: Sequence[int]) -> torch.Tensor:
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(indices), 64):
-                arrays = [prepare(images[j], card) for j in indices[i : i + 64]]
-                out.append(model(torch.from_numpy(to_batch(arrays))))
-        return torch.cat(out)
-
-    train_vecs, test_vecs = embed(train_idx), embed(test_idx)
+    train_vecs = _embed_images(model, [images[i] for i in train_idx])
+    test_vecs = _embed_images(model, [images[i] for i in test_idx])
     nearest = (test_vecs @ train_vecs.t()).argmax(dim=1).tolist()
     hits = sum(labels[train_idx[n]] == labels[t] for n, t in zip(nearest, test_idx, strict=True))
-    model.train()
     return hits / max(1, len(test_idx))

@@ -17,6 +17,7 @@ from ghostmatch.download import Progress, download, offline, sha256_of
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ghostnet import GhostNet, infer_width, unwrap_state_dict
 from ghostmatch.modelcard import ModelCard
+from ghostmatch.scorenorm import BACKGROUND_KEY, from_tensors
 
 CARD_KEY = "ghostmatch_card"
 BUNDLED_PATH = Path(__file__).parent / "weights" / "bundled.safetensors"
@@ -145,8 +146,11 @@ def load_descriptor(
         card_data = json.loads(metadata[CARD_KEY])
         card_data.update(weights=name, weights_sha256=digest)
         card = ModelCard.from_dict(card_data)
+        background = tensors.pop(BACKGROUND_KEY, None)
         model = Descriptor(card.with_changes(**card_changes))
         _load(model, tensors, path, prefixed=True)
+        if background is not None:
+            model.score_norm = from_tensors(background.float().numpy(), card.extra)
         return model.eval()
     try:
         width = infer_width(tensors)
@@ -180,13 +184,18 @@ def _load(
 
 
 def save_descriptor(model: Descriptor, path: Path, half: bool = False) -> str:
-    """Write ``model`` as safetensors with its card inside; returns the file's sha256."""
+    """Write ``model`` as safetensors with its card (and its score background, if any)
+    inside; returns the file's sha256."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    card_obj = model.card
+    if model.score_norm is not None:
+        state[BACKGROUND_KEY] = torch.from_numpy(model.score_norm.background.copy())
+        card_obj = card_obj.with_changes(extra={**card_obj.extra, **model.score_norm.card_extra()})
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    card = model.card.to_dict()
+    card = card_obj.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={CARD_KEY: json.dumps(card)})

@@ -1,6 +1,10 @@
 """Every pair of vectors scoring at least a threshold (duplicate search), in bounded memory.
 
-Scores are inner products of unit vectors (cosine), higher = more alike.
+Scores are inner products of unit vectors (cosine), higher = more alike; with per-vector
+``offsets`` (background score normalisation, ``ghostmatch.scorenorm``) a pair scores
+``cos(a, b) - offset(a) - offset(b)``. That too is an inner product, of asymmetric
+augmented vectors ``[a, -1, -offset(a)] . [b, offset(b), 1]``, so the exact search stays a
+faiss range search.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def similar_pairs(
     index: VectorIndex | None = None,
     chunk: int = 4096,
     max_neighbors: int = 100,
+    offsets: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All unordered pairs with score >= ``threshold``: (a_ids, b_ids, scores), a < b,
     best first (ties by a, then b). ``ids`` label the rows of ``vectors`` (default arange).
@@ -49,66 +54,89 @@ def similar_pairs(
     index that pass the threshold: a row with more such neighbours loses the excess (the
     partner may still find the pair from its side), and pairs the index misses or
     under-scores (PQ) are lost. The GPU path is the same k-NN search.
+
+    ``offsets`` (one per row) turn scores into normalised scores (see the module).
     """
-    x, keys = _prepare(vectors, threshold, ids)
+    x, keys, off = _prepare(vectors, threshold, ids, offsets)
     if chunk < 1 or max_neighbors < 1:
         raise ValueError(f"chunk and max_neighbors must be positive, got {chunk}, {max_neighbors}")
     floor = float(threshold) - _SLACK
     if index is None or index.factory == "Flat":
         # A Flat index holds nothing the vectors do not, and range search is exact.
-        return _collect(x, keys, threshold, _exact_candidates(x, floor, chunk), dedupe=False)
-    candidates = _knn_candidates(x, keys, index, floor, chunk, max_neighbors)
-    return _collect(x, keys, threshold, candidates, dedupe=True)
+        queries, base = (x, x) if off is None else _augmented(x, off)
+        candidates = _exact_candidates(queries, base, floor, chunk)
+        return _collect(x, keys, threshold, candidates, dedupe=False, offsets=off)
+    candidates = _knn_candidates(x, keys, index, floor, chunk, max_neighbors, off)
+    return _collect(x, keys, threshold, candidates, dedupe=True, offsets=off)
+
+
+def _augmented(x: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, base) whose inner products are the normalised scores."""
+    n = len(x)
+    queries = np.empty((n, x.shape[1] + 2), np.float32)
+    base = np.empty_like(queries)
+    queries[:, :-2] = base[:, :-2] = x
+    queries[:, -2], queries[:, -1] = -1.0, -off
+    base[:, -2], base[:, -1] = off, 1.0
+    return queries, base
 
 
 def brute_force_pairs(
-    vectors: np.ndarray, threshold: float, ids: np.ndarray | None = None
+    vectors: np.ndarray,
+    threshold: float,
+    ids: np.ndarray | None = None,
+    offsets: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The O(n^2) numpy reference for :func:`similar_pairs`: every block of the score
     matrix above the diagonal, same scoring and ordering."""
-    x, keys = _prepare(vectors, threshold, ids)
+    x, keys, off = _prepare(vectors, threshold, ids, offsets)
     floor = float(threshold) - _SLACK
+    shift = np.zeros(len(x)) if off is None else off
 
     def blocks() -> Candidates:
         n = len(x)
         for i0 in range(0, n, _BRUTE_BLOCK):
             for j0 in range(i0, n, _BRUTE_BLOCK):
-                rows, cols = np.nonzero(
-                    x[i0 : i0 + _BRUTE_BLOCK] @ x[j0 : j0 + _BRUTE_BLOCK].T >= floor
-                )
+                block = x[i0 : i0 + _BRUTE_BLOCK] @ x[j0 : j0 + _BRUTE_BLOCK].T
+                block = block - shift[i0 : i0 + _BRUTE_BLOCK, None]
+                block = block - shift[None, j0 : j0 + _BRUTE_BLOCK]
+                rows, cols = np.nonzero(block >= floor)
                 rows += i0
                 cols += j0
                 above = cols > rows
                 yield rows[above], cols[above]
 
-    return _collect(x, keys, threshold, blocks(), dedupe=False)
+    return _collect(x, keys, threshold, blocks(), dedupe=False, offsets=off)
 
 
-def _exact_candidates(x: np.ndarray, floor: float, chunk: int) -> Candidates:
-    """Row pairs (i < j) scoring above ``floor`` (float32), one query chunk at a time."""
+def _exact_candidates(
+    queries: np.ndarray, base: np.ndarray, floor: float, chunk: int
+) -> Candidates:
+    """Row pairs (i < j) with queries[i] . base[j] above ``floor`` (float32), one query
+    chunk at a time; the score must be symmetric (queries[i] . base[j] = queries[j] . base[i])."""
     if faiss.get_num_gpus() > 0:
-        yield from _exact_candidates_gpu(x, floor, chunk)
+        yield from _exact_candidates_gpu(queries, base, floor, chunk)
         return
-    for start in range(0, len(x), chunk):
-        stop = min(start + chunk, len(x))
+    for start in range(0, len(queries), chunk):
+        stop = min(start + chunk, len(queries))
         # Rows before `start` already met this chunk as queries: scan only the tail.
-        lims, found = _range_search_tail(x, start, stop, floor)
-        queries = np.repeat(np.arange(start, stop), np.diff(lims))
+        lims, found = _range_search_tail(queries, base, start, stop, floor)
+        rows = np.repeat(np.arange(start, stop), np.diff(lims))
         partners = found + start
-        later = partners > queries
-        yield queries[later], partners[later]
+        later = partners > rows
+        yield rows[later], partners[later]
 
 
 def _range_search_tail(
-    x: np.ndarray, start: int, stop: int, floor: float
+    queries: np.ndarray, base: np.ndarray, start: int, stop: int, floor: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """faiss's exhaustive inner-product range search of rows [start, stop) against rows
-    [start, n), run on ``x`` itself: an IndexFlatIP would first copy the tail (n x dim)."""
-    n, dim = x.shape
+    """faiss's exhaustive inner-product range search of query rows [start, stop) against
+    base rows [start, n), run in place: an IndexFlatIP would first copy the tail."""
+    n, dim = base.shape
     result = faiss.RangeSearchResult(stop - start)
     faiss.range_search_inner_product(
-        faiss.swig_ptr(x[start:stop]),
-        faiss.swig_ptr(x[start:]),
+        faiss.swig_ptr(queries[start:stop]),
+        faiss.swig_ptr(base[start:]),
         dim,
         stop - start,
         n - start,
@@ -121,18 +149,20 @@ def _range_search_tail(
     return lims, faiss.rev_swig_ptr(result.labels, int(lims[-1])).astype(np.int64)
 
 
-def _exact_candidates_gpu(x: np.ndarray, floor: float, chunk: int) -> Candidates:
+def _exact_candidates_gpu(
+    queries: np.ndarray, base: np.ndarray, floor: float, chunk: int
+) -> Candidates:
     """GPU has no range search: faiss's helper runs k-NN there and redoes on CPU the
     queries whose k-th neighbour is still above the floor, so the result stays exact."""
-    cpu = faiss.IndexFlatIP(x.shape[1])
-    cpu.add(x)
+    cpu = faiss.IndexFlatIP(base.shape[1])
+    cpu.add(base)
     gpu = faiss.index_cpu_to_all_gpus(cpu)
-    for start in range(0, len(x), chunk):
-        stop = min(start + chunk, len(x))
-        lims, _, found = range_search_gpu(x[start:stop], floor, gpu, cpu)
-        queries = np.repeat(np.arange(start, stop), np.diff(lims).astype(np.int64))
-        later = found > queries
-        yield queries[later], found[later]
+    for start in range(0, len(queries), chunk):
+        stop = min(start + chunk, len(queries))
+        lims, _, found = range_search_gpu(queries[start:stop], floor, gpu, cpu)
+        rows = np.repeat(np.arange(start, stop), np.diff(lims).astype(np.int64))
+        later = found > rows
+        yield rows[later], found[later]
 
 
 def _knn_candidates(
@@ -142,8 +172,10 @@ def _knn_candidates(
     floor: float,
     chunk: int,
     max_neighbors: int,
+    off: np.ndarray | None = None,
 ) -> Candidates:
-    """Row pairs (i < j) from each row's k-NN in ``index``, index score above ``floor``."""
+    """Row pairs (i < j) from each row's k-NN in ``index`` (by cosine), index score
+    (less both offsets, when given) above ``floor``."""
     order = np.argsort(keys)
     sorted_keys = keys[order]
     if index.dim != x.shape[1] or not np.array_equal(index.ids(), sorted_keys):
@@ -158,22 +190,32 @@ def _knn_candidates(
     for start in range(0, len(x), chunk):
         stop = min(start + chunk, len(x))
         scores, found = index.search(x[start:stop], k)
-        hit = (found >= 0) & (scores >= floor)
+        valid = found >= 0
+        rows = np.full(found.shape, -1, np.int64)
+        rows[valid] = order[np.searchsorted(sorted_keys, found[valid])]
+        if off is not None:
+            scores = scores - off[start:stop, None] - np.where(valid, off[rows], 0.0)
+        hit = valid & (scores >= floor)
         queries = np.broadcast_to(np.arange(start, stop)[:, None], found.shape)[hit]
-        partners = order[np.searchsorted(sorted_keys, found[hit])]
+        partners = rows[hit]
         other = partners != queries
         queries, partners = queries[other], partners[other]
         yield np.minimum(queries, partners), np.maximum(queries, partners)
 
 
 def _collect(
-    x: np.ndarray, keys: np.ndarray, threshold: float, candidates: Candidates, dedupe: bool
+    x: np.ndarray,
+    keys: np.ndarray,
+    threshold: float,
+    candidates: Candidates,
+    dedupe: bool,
+    offsets: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rescore candidate row pairs exactly, keep score >= threshold, map rows to ids,
     order each pair a < b and all pairs by score descending."""
     kept_a, kept_b, kept_scores = [], [], []
     for rows_a, rows_b in candidates:
-        scores = pair_scores(x, rows_a, rows_b)
+        scores = pair_scores(x, rows_a, rows_b, offsets)
         passed = scores >= np.float32(threshold)
         kept_a.append(rows_a[passed])
         kept_b.append(rows_b[passed])
@@ -190,32 +232,48 @@ def _collect(
     return a_ids[order], b_ids[order], scores[order]
 
 
-def pair_scores(x: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
-    """The one definition of a pair's score: float64 dot product rounded to float32."""
+def pair_scores(
+    x: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray, offsets: np.ndarray | None = None
+) -> np.ndarray:
+    """The one definition of a pair's score: the float64 dot product, less both rows'
+    ``offsets`` when given, rounded to float32."""
     out = np.empty(len(rows_a), np.float32)
     for start in range(0, len(rows_a), _RESCORE_BATCH):
-        a = x[rows_a[start : start + _RESCORE_BATCH]].astype(np.float64)
-        b = x[rows_b[start : start + _RESCORE_BATCH]].astype(np.float64)
-        out[start : start + _RESCORE_BATCH] = np.einsum("ij,ij->i", a, b)
+        ra = rows_a[start : start + _RESCORE_BATCH]
+        rb = rows_b[start : start + _RESCORE_BATCH]
+        score = np.einsum("ij,ij->i", x[ra].astype(np.float64), x[rb].astype(np.float64))
+        if offsets is not None:
+            score = score - offsets[ra] - offsets[rb]
+        out[start : start + _RESCORE_BATCH] = score
     return out
 
 
 def _prepare(
-    vectors: np.ndarray, threshold: float, ids: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
+    vectors: np.ndarray,
+    threshold: float,
+    ids: np.ndarray | None,
+    offsets: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"expected vectors of shape (n, dim), got {x.shape}")
-    if not -1.0 <= threshold <= 1.0:
+    off = None
+    if offsets is not None:
+        off = np.asarray(offsets, dtype=np.float64)
+        if off.shape != (len(x),) or not np.isfinite(off).all():
+            raise ValueError(f"expected {len(x)} finite offsets, got {off.dtype} {off.shape}")
+    # A normalised score is a cosine less two offsets (each within [-1, 1]).
+    low = -1.0 if off is None else -3.0
+    if not low <= threshold <= 1.0:
         raise GhostmatchError(
-            f"similarity threshold must be a cosine between -1 and 1, got {threshold}"
+            f"similarity threshold must be between {low:g} and 1, got {threshold}"
         )
     if ids is None:
-        return x, np.arange(len(x), dtype=np.int64)
+        return x, np.arange(len(x), dtype=np.int64), off
     keys = np.asarray(ids)
     if keys.shape != (len(x),) or not np.issubdtype(keys.dtype, np.integer):
         raise ValueError(f"expected {len(x)} integer ids, got {keys.dtype} {keys.shape}")
     keys = keys.astype(np.int64)
     if np.unique(keys).size != keys.size:
         raise ValueError("ids must be unique")
-    return x, keys
+    return x, keys, off

@@ -170,3 +170,52 @@ def test_edge_cases(data: Dataset) -> None:
         similar_pairs(data.x[:3], 0.5, ids=np.array([1, 1, 2]))
     with pytest.raises(ValueError, match="integer ids"):
         similar_pairs(data.x[:3], 0.5, ids=np.arange(4))
+
+
+def _offsets(data: Dataset) -> np.ndarray:
+    """Per-vector offsets like a score background gives: larger in crowded places."""
+    rng = np.random.default_rng(7)
+    return rng.uniform(0.05, 0.35, len(data.x))
+
+
+def test_offsets_subtract_from_every_pair_score(data: Dataset) -> None:
+    off = _offsets(data)
+    x = data.x[:400]
+    got = brute_force_pairs(x, 0.0, offsets=off[:400])
+    dense = x.astype(np.float64) @ x.T.astype(np.float64) - off[:400, None] - off[None, :400]
+    rows, cols = np.nonzero(np.triu(dense >= 0.0, k=1))
+    assert pairs(got) == set(zip(rows.tolist(), cols.tolist(), strict=True))
+    np.testing.assert_allclose(got[2], np.sort(dense[rows, cols])[::-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.1])
+def test_exact_path_with_offsets_equals_brute_force(data: Dataset, threshold: float) -> None:
+    off = _offsets(data)
+    want = brute_force_pairs(data.x, threshold, data.ids, offsets=off)
+    assert len(want[0]) > len(data.planted) // 2
+    assert_same(similar_pairs(data.x, threshold, data.ids, offsets=off, chunk=700), want)
+    # Offsets change which pairs pass, not just their scores.
+    raw = brute_force_pairs(data.x, threshold, data.ids)
+    assert pairs(raw) != pairs(want)
+
+
+def test_approximate_path_with_offsets_keeps_true_pairs_only(data: Dataset) -> None:
+    off = _offsets(data)
+    want = brute_force_pairs(data.x, 0.3, data.ids, offsets=off)
+    index = build_index(data.ids, data.x, "IVF64,Flat", device="cpu")
+    index.set_search_params(nprobe=64)  # every list: the k-NN candidates are exact
+    # Enough neighbours that no crowded point loses any.
+    got = similar_pairs(data.x, 0.3, data.ids, index=index, offsets=off, max_neighbors=1000)
+    assert_same(got, want)
+
+
+def test_offsets_are_checked(data: Dataset) -> None:
+    with pytest.raises(ValueError, match="finite offsets"):
+        similar_pairs(data.x[:3], 0.5, offsets=np.zeros(4))
+    with pytest.raises(ValueError, match="finite offsets"):
+        similar_pairs(data.x[:3], 0.5, offsets=np.array([0.1, np.nan, 0.1]))
+    # Offsets widen the range a score can take.
+    a, _, _ = similar_pairs(data.x[:3], -2.5, offsets=np.full(3, 0.5))
+    assert len(a) == 3
+    with pytest.raises(GhostmatchError, match="between -3 and 1"):
+        similar_pairs(data.x[:3], -3.5, offsets=np.full(3, 0.5))

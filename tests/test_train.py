@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.train import TrainConfig, info_nce, koleo_loss, train
-from ghostmatch.weights import load_descriptor
+from ghostmatch.train import TrainConfig, add_background, info_nce, koleo_loss, train
+from ghostmatch.weights import load_descriptor, save_descriptor
 
 TINY = {"width": 0.5, "image_size": 64, "cache_side": 72, "dim": 32, "batch_size": 8}
 
@@ -54,6 +54,18 @@ def test_ssl_loss_goes_down(tmp_path: Path) -> None:
     with torch.no_grad():
         out = model(torch.rand(2, 3, 64, 64))
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2), atol=1e-3, rtol=0)
+    # The finished model carries a score background of its training photos (all 16 here),
+    # and add_background rebuilds the same one for a model trained without.
+    assert model.score_norm is not None and model.score_norm.background.shape == (16, 32)
+    model.score_norm = None
+    save_descriptor(model, tmp_path / "plain.safetensors", half=True)
+    add_background(
+        tmp_path / "plain.safetensors", data, tmp_path / "again.safetensors", config=config
+    )
+    again = load_descriptor(tmp_path / "again.safetensors").score_norm
+    first = load_descriptor(tmp_path / "m.safetensors").score_norm
+    assert again is not None and first is not None
+    np.testing.assert_allclose(again.background, first.background, atol=2e-3)
 
 
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
@@ -69,6 +81,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    norm_a, norm_b = load_descriptor(whole).score_norm, load_descriptor(parts).score_norm
+    assert norm_a is not None and norm_b is not None
+    np.testing.assert_array_equal(norm_a.background, norm_b.background)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
