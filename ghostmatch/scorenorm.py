@@ -96,4 +96,3 @@ def from_tensors(background: np.ndarray, extra: dict[str, object]) -> ScoreNorm:
     if not isinstance(rank, int | float) or not isinstance(beta, int | float):
         raise GhostmatchError("the model card's score normalisation settings are not numbers")
     return ScoreNorm(background, int(rank), float(beta))
-
