@@ -57,8 +57,8 @@ def write_html(groups: Sequence[DuplicateGroup], path: Path, thumb_size: int = 1
     Thumbnails fit a ``thumb_size`` square, EXIF orientation applied; a file that cannot
     be decoded gets a placeholder saying why. Each file shows its duplicate score with the
     kept file (``DuplicateMember.score``), tier, size and dimensions; the header sums
-    groups, files and the bytes that removing every non-kept file would reclaim. The page is written to a
-    temporary name and renamed, so a failed run never leaves half a page.
+    groups, files and the bytes that removing every non-kept file would reclaim. The page
+    is written to a temporary name and renamed, so a failed run never leaves half a page.
     """
     if thumb_size < 16:
         raise GhostmatchError(f"thumbnail size must be at least 16 pixels, got {thumb_size}")
