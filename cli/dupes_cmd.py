@@ -24,7 +24,10 @@ def dupes(
     index: Annotated[Path | None, typer.Option("--index", help="Index folder.")] = None,
     threshold: Annotated[
         float | None,
-        typer.Option("--threshold", help="Cosine score for a duplicate (default: calibrated)."),
+        typer.Option(
+            "--threshold",
+            help="Lowest duplicate score that counts (default: calibrated, else the model's).",
+        ),
     ] = None,
     keep: Annotated[
         str,

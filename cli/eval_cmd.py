@@ -126,7 +126,7 @@ def dupes(
         typer.Option(
             "--threshold",
             help="Duplicate threshold to report precision/recall at "
-            "(default: as `ghostmatch dupes`: calibrated, else the model's, else 0.9).",
+            "(default: as `ghostmatch dupes`: calibrated, else the model's, else the default).",
         ),
     ] = None,
     plot: Annotated[
