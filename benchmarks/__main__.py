@@ -15,6 +15,7 @@ from benchmarks import (
     ann,
     descriptor,
     dupes_stages,
+    heldout,
     indexing,
     quality,
     query,
@@ -31,6 +32,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     "allpairs": allpairs.run,
     "quality": quality.run,
     "dupes_stages": dupes_stages.run,
+    "heldout": heldout.run,
     "scale": scale.run,
 }
 

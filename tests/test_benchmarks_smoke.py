@@ -141,3 +141,24 @@ def test_caltech_test_leaves_out_the_second_photo_of_each_known_duplicate(
     assert kept == {first for first, _ in pairs} | {"cat/image_0001.jpg"}
     everything = bench_data.caltech_test(root, distinct=False) or []
     assert len(everything) == len(listed)
+
+
+def test_heldout_scoring_of_groups(tmp_path: Path) -> None:
+    from benchmarks.heldout import score
+    from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+
+    def member(name: str) -> DuplicateMember:
+        return DuplicateMember(tmp_path / name, 0.5, "near", 1, 1, 1, 0)
+
+    truth = [
+        [tmp_path / "a.jpg", tmp_path / "a__flip.jpg", tmp_path / "a__gray.jpg"],
+        [tmp_path / "b.jpg", tmp_path / "b__flip.jpg"],
+    ]
+    groups = [
+        DuplicateGroup(keep=member("a.jpg"), members=[member("a__flip.jpg"), member("c.jpg")]),
+        DuplicateGroup(keep=member("b__flip.jpg"), members=[member("b.jpg")]),
+    ]
+    got = score(groups, truth)
+    assert got["precision"] == 2 / 3 and got["reported_pairs"] == 3
+    assert got["recall"] == 2 / 3  # a__gray was missed
+    assert got["per_transform"] == {"flip": 1.0, "gray": 0.0}
