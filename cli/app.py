@@ -318,6 +318,12 @@ def train(
             help="Training photos whose descriptors normalise duplicate scores (0: none).",
         ),
     ] = 2000,
+    grey: Annotated[
+        float, typer.Option("--grey", min=0.0, max=1.0, help="Probability of a grey view.")
+    ] = 0.1,
+    blur: Annotated[
+        float, typer.Option("--blur", min=0.0, max=1.0, help="Probability of a blurred view.")
+    ] = 0.2,
 ) -> None:
     """Train a descriptor (self-supervised copy detection, or supervised classes)."""
     import torch
@@ -337,6 +343,8 @@ def train(
         dim=dim,
         seed=seed,
         background=background,
+        grey=grey,
+        blur=blur,
     )
 
     def report(event: str, data: dict[str, Any]) -> None:

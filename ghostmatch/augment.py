@@ -40,21 +40,26 @@ class CopyAugment:
     Steps, each with its probability at ``strength=1``: aspect change (0.2, up to 1.5x),
     random resized crop (always; area 0.2-1, aspect 3/4-4/3), flip (0.5), rotation
     (0.2, up to 15 degrees, cropped so no corners show), colour jitter (0.8; brightness,
-    contrast and saturation +-40%, hue +-0.1), grey (0.1), blur (0.2, sigma 0.1-2 at 224 px),
-    text or a shape pasted on (0.2), border or uneven padding (0.2) and JPEG re-encoding
-    (0.3, quality 20-90). ``strength`` multiplies the probabilities and the size of each
-    edit; at 0 the result is the centred square crop, resized. All randomness comes from the
-    ``rng`` passed to each call.
+    contrast and saturation +-40%, hue +-0.1), grey (``grey``, 0.1), blur (``blur``, 0.2;
+    sigma 0.1-2 at 224 px), text or a shape pasted on (0.2), border or uneven padding (0.2)
+    and JPEG re-encoding (0.3, quality 20-90). ``strength`` multiplies the probabilities and
+    the size of each edit; at 0 the result is the centred square crop, resized. All
+    randomness comes from the ``rng`` passed to each call.
     """
 
     size: int
     strength: float = 1.0
+    grey: float = 0.1
+    blur: float = 0.2
 
     def __post_init__(self) -> None:
         if self.size < 16:
             raise GhostmatchError(f"augmentation size must be at least 16 pixels, got {self.size}")
         if not 0.0 <= self.strength <= 3.0:
             raise GhostmatchError(f"augmentation strength must be in [0, 3], got {self.strength}")
+        for name in ("grey", "blur"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise GhostmatchError(f"{name} probability must be in [0, 1]")
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
         """Apply one random draw of the edits; the same ``rng`` state gives the same pixels."""
@@ -86,9 +91,9 @@ class CopyAugment:
                 brightness=rng.uniform(max(0.05, 1.0 - jitter), 1.0 + jitter),
                 contrast=rng.uniform(max(0.05, 1.0 - jitter), 1.0 + jitter),
             )
-        if self._happens(0.1, rng):
+        if self._happens(self.grey, rng):
             out = grayscale(out)
-        if self._happens(0.2, rng):
+        if self._happens(self.blur, rng):
             out = blur(out, rng.uniform(0.1, 0.1 + 1.9 * strength) * size / 224)
         if self._happens(0.2, rng):
             if rng.random() < 0.5:

@@ -58,6 +58,9 @@ class TrainConfig:
     max_images: int | None = None
     # Training photos whose descriptors become the model's score background (0: none).
     background: int = DEFAULT_BACKGROUND_SIZE
+    # Probabilities of the grey and blur augmentations (see CopyAugment).
+    grey: float = 0.1
+    blur: float = 0.2
 
 
 @dataclass
@@ -277,7 +280,7 @@ def train(
         torch.save(state, tmp)
         os.replace(tmp, ckpt_path)
 
-    augment = CopyAugment(config.image_size)
+    augment = CopyAugment(config.image_size, grey=config.grey, blur=config.blur)
     steps_done = 0
     last_save = time.monotonic()
     with ThreadPoolExecutor(1) as prefetch:

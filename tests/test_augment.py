@@ -62,3 +62,16 @@ def test_rotation_crops_away_the_corners(photo: Image.Image) -> None:
     for degrees in (8.0, -15.0, 90.0):
         turned = np.asarray(rotate(white, degrees))
         assert turned.min() > 200, degrees
+
+
+def test_grey_probability_one_gives_grey_views(photo: Image.Image) -> None:
+    always = CopyAugment(64, grey=1.0, blur=0.0)
+    never = CopyAugment(64, grey=0.0)
+    for seed in range(6):
+        out = np.asarray(always(photo, random.Random(seed))).astype(int)
+        # Coloured text, shapes and borders come after the grey step; the photo stays grey.
+        assert np.median(np.abs(out[..., 0] - out[..., 1])) <= 1
+        coloured = np.asarray(never(photo, random.Random(seed))).astype(int)
+        assert np.median(np.abs(coloured[..., 0] - coloured[..., 1])) > 1
+    with pytest.raises(GhostmatchError, match="grey probability"):
+        CopyAugment(64, grey=1.5)
