@@ -67,6 +67,19 @@ def sample(photos: Sequence[Photo], n: int, seed: int) -> list[Photo]:
     return [p for i, p in enumerate(photos) if i in chosen]
 
 
+def copy_set(
+    sources: Sequence[Photo], distractors: Sequence[Photo], folder: Path, seed: int
+) -> tuple[Path, Path]:
+    """A near-duplicate set under ``folder``: ``set/`` holds the sources' originals and
+    seeded copies (``ghostmatch.copies``) and the distractors; returns (``set/``, truth)."""
+    from ghostmatch.copies import make_copies
+
+    links = link_photos(sources, folder / "sources")
+    truth = make_copies(links, folder / "set", seed=seed)
+    link_photos(distractors, folder / "set" / "distractors")
+    return folder / "set", truth
+
+
 def link_photos(photos: Sequence[Photo], folder: Path) -> list[Path]:
     """Symlink ``photos`` into ``folder`` as ``<class>-<file>``, so the data is read in place
     and file names are unique (caltech repeats ``image_0001.jpg`` in every class)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from ghostmatch.indexes.allpairs import pair_scores
 
-from benchmarks.data import caltech_test, link_photos, missing_caltech_note, sample
+from benchmarks.data import caltech_test, copy_set, missing_caltech_note, sample
 from benchmarks.measure import Stopwatch
 from benchmarks.quality import (
     Candidates,
@@ -23,7 +23,7 @@ from benchmarks.quality import (
 )
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.copies import make_copies, read_truth
+from ghostmatch.copies import read_truth
 from ghostmatch.library import Library
 from ghostmatch.metrics import pair_metrics, plot_pr, precision_recall_curve
 
@@ -47,9 +47,7 @@ def run(settings: Settings) -> Report:
     distractors = sample(others, DISTRACTORS_QUICK if settings.quick else DISTRACTORS, SEED + 1)
     with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
         folder = Path(tmp)
-        links = link_photos(sources, folder / "sources")
-        truth = make_copies(links, folder / "set", seed=SEED)
-        link_photos(distractors, folder / "set" / "distractors")
+        _, truth = copy_set(sources, distractors, folder, SEED)
         with Library(folder / "index", weights=settings.weights, device="cpu") as lib:
             lib.index([folder / "set"])
             ids, vectors = lib.catalog.vectors()

@@ -14,10 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks import dupes_stages
-from benchmarks.data import caltech_test, link_photos, missing_caltech_note, sample
+from benchmarks.data import caltech_test, copy_set, missing_caltech_note, sample
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.copies import make_copies, read_truth, transform_of
+from ghostmatch.copies import read_truth, transform_of
 from ghostmatch.dupes import DuplicateGroup
 from ghostmatch.library import Library
 
@@ -42,9 +42,7 @@ def run(settings: Settings) -> Report:
     distractors = sample([p for p in rest if p not in chosen], n_distractors, SEED + 1)
     with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
         folder = Path(tmp)
-        links = link_photos(sources, folder / "sources")
-        truth = make_copies(links, folder / "set", seed=SEED)
-        link_photos(distractors, folder / "set" / "distractors")
+        _, truth = copy_set(sources, distractors, folder, SEED)
         with Library(folder / "index", weights=settings.weights, device="cpu") as lib:
             lib.index([folder / "set"])
             threshold = lib.duplicate_threshold()

@@ -14,11 +14,11 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from benchmarks.data import Photo, caltech_test, link_photos, missing_caltech_note, sample
+from benchmarks.data import Photo, caltech_test, copy_set, missing_caltech_note, sample
 from benchmarks.measure import Stopwatch
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.copies import make_copies, read_truth, transform_of
+from ghostmatch.copies import read_truth, transform_of
 from ghostmatch.descriptor import Descriptor
 from ghostmatch.embedder import Embedder, prepare
 from ghostmatch.errors import GhostmatchError
@@ -98,9 +98,7 @@ def evaluate(
     through the Library, and add the near-duplicate and class-retrieval figures."""
     stages: dict[str, Stopwatch] = {name: Stopwatch() for name in STAGES}
     with stages["make copies"]:
-        links = link_photos(sources, folder / "sources")
-        truth = make_copies(links, folder / "set", seed=SEED)
-        link_photos(distractors, folder / "set" / "distractors")
+        _, truth = copy_set(sources, distractors, folder, SEED)
     label_of = {f"{p.label}-{p.path.name}": p.label for p in (*sources, *distractors)}
     with stages["index"], Library(folder / "index", weights=weights, device="cpu") as lib:
         indexed = lib.index([folder / "set"])
