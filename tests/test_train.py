@@ -106,3 +106,24 @@ def test_supervised_needs_classes(tmp_path: Path) -> None:
     data = _folder(tmp_path / "data", classes=1, per_class=8)
     with pytest.raises(GhostmatchError, match="two class folders"):
         train(data, tmp_path / "s.safetensors", TrainConfig(mode="supervised", **TINY))
+
+
+def test_train_command_writes_a_model_with_its_background(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = _folder(tmp_path / "data", classes=2, per_class=8)
+    out = tmp_path / "cli.safetensors"
+    base = [sys.executable, "-m", "ghostmatch.cli.app", "train", str(data), "--out", str(out)]
+    tiny = ["--width", "0.5", "--image-size", "64", "--dim", "32", "--batch-size", "8"]
+    done = subprocess.run(
+        [*base, *tiny, "--epochs", "1", "--threads", "1", "--grey", "0.5", "--background", "5"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    norm = load_descriptor(out).score_norm
+    assert norm is not None and norm.background.shape == (5, 32)
+    bad = subprocess.run([*base, "--grey", "1.5"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--grey" in bad.stderr
