@@ -81,10 +81,14 @@ class ModelCard:
 
     def describe(self) -> str:
         """One line for humans: which weights and how they see an image."""
+        # The key ghostmatch.scorenorm writes when the file carries a score background.
+        scores = (
+            ", background-normalised duplicate scores" if "score_norm_rank" in self.extra else ""
+        )
         return (
             f"{self.architecture} {self.width}x, weights {self.weights} "
             f"({self.weights_sha256[:12]}), {self.input_size}px {self.resize}, "
-            f"{self.pooling} pooling, {self.dim}-d"
+            f"{self.pooling} pooling, {self.dim}-d{scores}"
         )
 
     def with_changes(self, **changes: Any) -> ModelCard:

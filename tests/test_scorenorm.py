@@ -66,6 +66,7 @@ def test_model_file_round_trip(normalised_weights: Path, tmp_path: Path) -> None
     assert norm.background.shape == (40, model.card.dim)
     np.testing.assert_allclose(np.linalg.norm(norm.background, axis=1), 1.0, atol=2e-3)
     assert model.card.extra[RANK_KEY] == 3 and model.card.extra[BETA_KEY] == 1.0
+    assert "background-normalised" in model.card.describe()
     # The background is not a weight: the file still loads into the plain network, and a
     # file saved without one has none.
     model.score_norm = None
