@@ -37,7 +37,7 @@ from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_fa
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.scan import FileEntry, content_hash, scan
 from ghostmatch.scorenorm import RANK_KEY
-from ghostmatch.verify import Verification, local_features, verify_pair
+from ghostmatch.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
 from ghostmatch.weights import load_descriptor
 
 INDEX_FILE = "vectors.faiss"
@@ -753,7 +753,7 @@ class Library:
             needed = min_inliers
             if needed is None:
                 needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-            checks = self.verify_pairs([(i, j) for i, j, _ in pairs], records)
+            checks = self.verify_pairs([(i, j) for i, j, _ in pairs], records, needed)
             pairs = [
                 (i, j, s)
                 for i, j, s in pairs
@@ -784,39 +784,54 @@ class Library:
         return default
 
     def verify_pairs(
-        self, pairs: Sequence[tuple[int, int]], records: dict[int, ImageRecord]
+        self,
+        pairs: Sequence[tuple[int, int]],
+        records: dict[int, ImageRecord],
+        enough: int | None = None,
     ) -> dict[tuple[int, int], Verification]:
-        """Local-feature verification of each pair; every image is decoded once."""
+        """Local-feature verification of each pair (``ghostmatch.verify.verify_scales``);
+        every image is decoded once. A pair whose equal-scale check already has ``enough``
+        inliers skips the zoomed checks."""
         involved = sorted({i for pair in pairs for i in pair})
         embedder = self.embedder
         card = embedder.card
+        zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
 
-        def decode(i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        def decode(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
             try:
-                image = load_image(records[i].path, card.input_size).image
+                image = load_image(records[i].path, zoomed_card.input_size).image
             except ImageRejected:
                 return None
-            return prepare(image, card), prepare(ImageOps.mirror(image), card)
+            return (
+                prepare(image, card),
+                prepare(ImageOps.mirror(image), card),
+                prepare(image, zoomed_card),
+            )
 
-        maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        maps: dict[int, ScaledMaps] = {}
         with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
-            decoded = list(pool.map(decode, involved))
-        ok = [(i, d) for i, d in zip(involved, decoded, strict=True) if d is not None]
-        for start in range(0, len(ok), 16):
-            chunk = ok[start : start + 16]
-            arrays = [d[0] for _, d in chunk] + [d[1] for _, d in chunk]
-            feats = local_features(embedder.model, to_batch(arrays)).astype(np.float16)
-            for n, (i, _) in enumerate(chunk):
-                maps[i] = (feats[n], feats[len(chunk) + n])
+            # In chunks, so that only a chunk's pixels are held at once.
+            for start in range(0, len(involved), 32):
+                chunk_ids = involved[start : start + 32]
+                decoded = list(pool.map(decode, chunk_ids))
+                ok = [(i, d) for i, d in zip(chunk_ids, decoded, strict=True) if d is not None]
+                if not ok:
+                    continue
+                n = len(ok)
+                base = local_features(
+                    embedder.model, to_batch([d[0] for _, d in ok] + [d[1] for _, d in ok])
+                ).astype(np.float16)
+                zoomed = local_features(embedder.model, to_batch([d[2] for _, d in ok]))
+                zoomed = zoomed.astype(np.float16)
+                for k, (i, _) in enumerate(ok):
+                    maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
         empty = Verification(0, 0, np.eye(2, 3), False)
         results = {}
         for i, j in pairs:
             if i not in maps or j not in maps:
                 results[(i, j)] = empty
                 continue
-            fa = maps[i][0].astype(np.float32)
-            fb, fb_flip = (m.astype(np.float32) for m in maps[j])
-            results[(i, j)] = verify_pair(fa, fb, fb_flip)
+            results[(i, j)] = verify_scales(_as_float(maps[i]), _as_float(maps[j]), enough)
         return results
 
     def duplicates_of(
@@ -935,6 +950,10 @@ def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
         bytes=record.size,
         mtime_ns=record.mtime_ns,
     )
+
+
+def _as_float(maps: ScaledMaps) -> ScaledMaps:
+    return ScaledMaps(*(m.astype(np.float32) for m in (maps.base, maps.mirrored, maps.zoomed)))
 
 
 def check_threshold(threshold: float, normalised: bool = False) -> float:

@@ -6,6 +6,11 @@ affine map away from the original, so their stride-16 GhostNet features match mu
 *and* those matches agree on a single affine transform; another shot of the scene gives
 matches that no one transform explains. The transform also tells the tier: identity means
 a ``near`` copy, anything else (crop, flip, border, rotation) an ``edited`` one.
+
+Stride-16 features are not scale invariant: a crop to 60% of the side shows everything 1.7x
+larger than its original. Each image therefore also has a map at ``ZOOM`` times the input
+size, and a pair is tried at equal scales and with either image zoomed
+(:func:`verify_scales`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ SEED = 0
 # matched on the mirrored image), so wilder transforms are chance alignments.
 MAX_SCALE = 4.0
 MAX_ANISOTROPY = 3.0
+# The second scale: a 60-80% crop's content is 1.25-1.7x larger than in its original.
+ZOOM = 1.6
 
 
 def plausible(affines: np.ndarray) -> np.ndarray:
@@ -54,11 +61,12 @@ class Verification:
     inliers: int
     affine: np.ndarray
     flipped: bool
+    cells: int = 196
 
     @property
     def coverage(self) -> float:
-        """Share of the feature grid explained by the transform (0..1)."""
-        return self.inliers / 196.0
+        """Share of the (smaller) feature grid explained by the transform (0..1)."""
+        return self.inliers / max(1, self.cells)
 
     def is_identity(self, tolerance: float = 0.06, min_coverage: float = 0.4) -> bool:
         """The copy is the whole original, unmirrored (re-encoded, resized, recoloured):
@@ -137,24 +145,58 @@ def fit_affine(
     return affine, err <= tolerance
 
 
+_MIRROR = np.array([[-1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
 def verify_pair(
     fa: np.ndarray, fb: np.ndarray, fb_flipped: np.ndarray | None = None
 ) -> Verification:
-    """Check one pair from their local feature maps (h, w, c); ``fb_flipped`` is B's map
-    computed on the mirrored image, to accept flipped copies."""
-    h, w, c = fa.shape
-    grid = _grid(h, w)
-    tolerance = TOLERANCE_CELLS / max(h, w)
+    """Check one pair from their local feature maps (h, w, c), which may differ in size;
+    ``fb_flipped`` is B's map computed on the mirrored image, to accept flipped copies."""
+    (ha, wa, c), (hb, wb, _) = fa.shape, fb.shape
+    grid_a, grid_b = _grid(ha, wa), _grid(hb, wb)
+    # The coarser grid's cell, in the unit coordinates both grids share.
+    tolerance = TOLERANCE_CELLS / min(max(ha, wa), max(hb, wb))
+    cells = min(ha * wa, hb * wb)
     rng = np.random.default_rng(SEED)
     best: Verification | None = None
     candidates = [(fb, False)] + ([(fb_flipped, True)] if fb_flipped is not None else [])
     for feats, flipped in candidates:
         ia, ib = mutual_matches(fa.reshape(-1, c), feats.reshape(-1, c))
-        affine, inliers = fit_affine(grid[ib], grid[ia], tolerance, rng)
+        affine, inliers = fit_affine(grid_b[ib], grid_a[ia], tolerance, rng)
         if flipped:  # express the map from B's own (unmirrored) coordinates
-            affine = affine @ np.array([[-1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-        result = Verification(len(ia), int(inliers.sum()), affine, flipped)
+            affine = affine @ _MIRROR
+        result = Verification(len(ia), int(inliers.sum()), affine, flipped, cells)
         if best is None or result.inliers > best.inliers:
             best = result
     assert best is not None
+    return best
+
+
+@dataclass(frozen=True)
+class ScaledMaps:
+    """One image's local feature maps: at the input size, mirrored, and ``ZOOM`` x larger."""
+
+    base: np.ndarray
+    mirrored: np.ndarray
+    zoomed: np.ndarray
+
+
+def verify_scales(a: ScaledMaps, b: ScaledMaps, enough: int | None = None) -> Verification:
+    """Check a pair at equal scales and, unless that already finds ``enough`` inliers, with
+    A zoomed (B a crop of A) and with B zoomed (A a crop of B); the best fit wins. The
+    affine always maps B's unit square to A's."""
+    best = verify_pair(a.base, b.base, b.mirrored)
+    if enough is not None and best.inliers >= enough:
+        return best
+    tries = [verify_pair(a.zoomed, b.base, b.mirrored)]
+    # Roles swapped, the fit maps A's own coordinates (mirror included) to B's: invert it.
+    swapped = verify_pair(b.zoomed, a.base, a.mirrored)
+    affine = np.linalg.inv(np.vstack([swapped.affine, [0.0, 0.0, 1.0]]))[:2]
+    tries.append(
+        Verification(swapped.matches, swapped.inliers, affine, swapped.flipped, swapped.cells)
+    )
+    for result in tries:
+        if result.inliers > best.inliers:
+            best = result
     return best

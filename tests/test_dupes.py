@@ -54,12 +54,53 @@ def test_geometric_check_accepts_a_copy_and_rejects_noise() -> None:
     a /= np.linalg.norm(a, axis=2, keepdims=True)
     mirrored = a[:, ::-1]
     same = verify_pair(a, a + 0.01, mirrored[:, ::-1])
-    assert same.inliers == 196 and same.is_identity()
+    assert same.inliers == 196 and same.is_identity() and same.coverage == 1.0
     flip = verify_pair(a, mirrored, mirrored[:, ::-1])
     assert flip.flipped and flip.inliers == 196 and not flip.is_identity()
     other = rng.normal(size=(14, 14, 64)).astype(np.float32)
     other /= np.linalg.norm(other, axis=2, keepdims=True)
     assert verify_pair(a, other, other[:, ::-1]).inliers < 20
+
+
+@pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
+@pytest.mark.parametrize("name", ["coffee.jpg", "astronaut.jpg"])
+def test_zoomed_check_finds_a_tight_crop_and_where_it_is(name: str, photos: Path) -> None:
+    from ghostmatch.embedder import prepare, to_batch
+    from ghostmatch.verify import ZOOM, ScaledMaps, local_features, verify_scales
+    from ghostmatch.weights import load_descriptor
+
+    model = load_descriptor("bundled")
+    card = model.card
+    zoomed = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
+
+    def maps(image: Image.Image) -> ScaledMaps:
+        pair = [prepare(image, card), prepare(ImageOps.mirror(image), card)]
+        base = local_features(model, to_batch(pair))
+        return ScaledMaps(
+            base[0], base[1], local_features(model, to_batch([prepare(image, zoomed)]))[0]
+        )
+
+    image = Image.open(photos / name).convert("RGB")
+    w, h = image.size
+    window = np.array([0.25, 0.15, 0.85, 0.75])  # a 60% crop
+    crop = image.crop(tuple(int(v) for v in window * [w, h, w, h]))
+    original, copy = maps(image), maps(crop)
+    equal_scale = verify_pair(original.base, copy.base, copy.mirrored)
+    found = verify_scales(original, copy)
+    assert found.inliers >= 2 * equal_scale.inliers and found.coverage >= 0.35
+    assert not found.is_identity()  # a crop is an edited copy
+    # The affine maps the crop's unit square onto its window in the original ...
+    corners = found.affine @ np.array([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]).T
+    np.testing.assert_allclose(corners.T.ravel(), window, atol=0.08)
+    # ... and the other way round when the crop is the first image.
+    back = (
+        verify_scales(copy, original).affine @ np.array([[*window[:2], 1.0], [*window[2:], 1.0]]).T
+    )
+    np.testing.assert_allclose(back.T.ravel(), [0, 0, 1, 1], atol=0.08)
+    mirrored = verify_scales(original, maps(ImageOps.mirror(crop)))
+    assert mirrored.flipped and mirrored.inliers >= 2 * equal_scale.inliers
+    # Enough inliers at equal scale stop the search there.
+    assert verify_scales(original, copy, enough=1).inliers == equal_scale.inliers
 
 
 @pytest.fixture(scope="module")
