@@ -64,7 +64,7 @@ DEFAULT_MIN_INLIERS = 24
 DEFAULT_VERIFY_THRESHOLD = 0.75
 # The same two lines for a model whose file carries a score background
 # (ghostmatch.scorenorm): its duplicate scores are cosines less two background offsets.
-DEFAULT_NORMALISED_THRESHOLD = 0.34
+DEFAULT_NORMALISED_THRESHOLD = 0.37
 DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.26
 
 
