@@ -162,7 +162,9 @@ def _build_model(config: TrainConfig) -> Descriptor:
         torch.manual_seed(config.seed)
         return Descriptor(card)
     base = load_descriptor(config.init)
-    card = base.card.with_changes(resize="squash", crop_fraction=1.0, **card_changes)
+    # extra holds what was measured for the init weights (thresholds, score background
+    # settings): none of it holds for the weights this run makes.
+    card = base.card.with_changes(resize="squash", crop_fraction=1.0, extra={}, **card_changes)
     model = Descriptor(card, base.backbone)
     if isinstance(base.projection, nn.Linear) and base.card.dim == config.dim:
         model.projection.load_state_dict(base.projection.state_dict())

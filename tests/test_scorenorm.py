@@ -71,7 +71,8 @@ def test_model_file_round_trip(normalised_weights: Path, tmp_path: Path) -> None
     # file saved without one has none.
     model.score_norm = None
     save_descriptor(model, tmp_path / "plain.safetensors")
-    assert load_descriptor(tmp_path / "plain.safetensors").score_norm is None
+    plain = load_descriptor(tmp_path / "plain.safetensors")
+    assert plain.score_norm is None and RANK_KEY not in plain.card.extra
 
 
 def test_library_duplicate_scores_subtract_both_offsets(

@@ -127,3 +127,18 @@ def test_train_command_writes_a_model_with_its_background(tmp_path: Path) -> Non
     assert norm is not None and norm.background.shape == (5, 32)
     bad = subprocess.run([*base, "--grey", "1.5"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--grey" in bad.stderr
+
+
+def test_a_run_from_trained_weights_keeps_none_of_their_measurements(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", classes=2, per_class=8)
+    first = tmp_path / "first.safetensors"
+    train(data, first, TrainConfig(epochs=1, **TINY))
+    model = load_descriptor(first)
+    assert model.score_norm is not None
+    model.card = model.card.with_changes(extra={**model.card.extra, "dupe_threshold": 0.5})
+    save_descriptor(model, first)
+    second = tmp_path / "second.safetensors"
+    # Stopped in epoch 2 of 3: the file written after epoch 1 has no background yet.
+    train(data, second, TrainConfig(init=str(first), epochs=3, **TINY), stop_after_steps=3)
+    partial = load_descriptor(second)
+    assert partial.score_norm is None and partial.card.extra == {}
