@@ -64,8 +64,8 @@ DEFAULT_MIN_INLIERS = 24
 DEFAULT_VERIFY_THRESHOLD = 0.75
 # The same two lines for a model whose file carries a score background
 # (ghostmatch.scorenorm): its duplicate scores are cosines less two background offsets.
-DEFAULT_NORMALISED_THRESHOLD = 0.37
-DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.26
+DEFAULT_NORMALISED_THRESHOLD = 0.36
+DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.24
 
 
 def default_thresholds(normalised: bool) -> tuple[float, float]:
