@@ -27,8 +27,8 @@ from ghostmatch.copies import read_truth
 from ghostmatch.library import Library
 from ghostmatch.metrics import pair_metrics, plot_pr, precision_recall_curve
 
-SOURCES, SOURCES_QUICK = 300, 60
-DISTRACTORS, DISTRACTORS_QUICK = 1500, 240
+SOURCES, SOURCES_QUICK = 300, 30
+DISTRACTORS, DISTRACTORS_QUICK = 1500, 120
 SEED = 0
 # Stage 2 checks the candidates of stage 1 from this recall of the retrieved true pairs on.
 VERIFY_RECALL = 0.995

@@ -21,8 +21,8 @@ from ghostmatch.copies import read_truth, transform_of
 from ghostmatch.dupes import DuplicateGroup
 from ghostmatch.library import Library
 
-SOURCES, SOURCES_QUICK = 300, 60
-DISTRACTORS, DISTRACTORS_QUICK = 1500, 240
+SOURCES, SOURCES_QUICK = 300, 30
+DISTRACTORS, DISTRACTORS_QUICK = 1500, 120
 # Not dupes_stages' seeds: other photos, other random crops, texts and colours.
 SEED = 11
 
