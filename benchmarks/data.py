@@ -67,6 +67,19 @@ def sample(photos: Sequence[Photo], n: int, seed: int) -> list[Photo]:
     return [p for i, p in enumerate(photos) if i in chosen]
 
 
+def split_photos(
+    photos: Sequence[Photo], n_sources: int, n_distractors: int | None, seed: int
+) -> tuple[list[Photo], list[Photo]]:
+    """(sources, distractors): ``n_sources`` photos chosen by ``seed``, and ``n_distractors``
+    of the others chosen by ``seed + 1`` (all the others when None)."""
+    sources = sample(photos, n_sources, seed)
+    chosen = set(sources)
+    others = [p for p in photos if p not in chosen]
+    if n_distractors is None:
+        return sources, others
+    return sources, sample(others, n_distractors, seed + 1)
+
+
 def copy_set(
     sources: Sequence[Photo], distractors: Sequence[Photo], folder: Path, seed: int
 ) -> tuple[Path, Path]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from ghostmatch.indexes.allpairs import pair_scores
 
-from benchmarks.data import caltech_test, copy_set, missing_caltech_note, sample
+from benchmarks.data import caltech_test, copy_set, missing_caltech_note, split_photos
 from benchmarks.measure import Stopwatch
 from benchmarks.quality import (
     Candidates,
@@ -41,15 +41,17 @@ def run(settings: Settings) -> Report:
     if photos is None:
         report.notes.append(missing_caltech_note("two-stage duplicate detection"))
         return report
-    sources = sample(photos, SOURCES_QUICK if settings.quick else SOURCES, SEED)
-    chosen = set(sources)
-    others = [p for p in photos if p not in chosen]
-    distractors = sample(others, DISTRACTORS_QUICK if settings.quick else DISTRACTORS, SEED + 1)
+    sources, distractors = split_photos(
+        photos,
+        SOURCES_QUICK if settings.quick else SOURCES,
+        DISTRACTORS_QUICK if settings.quick else DISTRACTORS,
+        SEED,
+    )
     with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
         folder = Path(tmp)
-        _, truth = copy_set(sources, distractors, folder, SEED)
+        copies, truth = copy_set(sources, distractors, folder, SEED)
         with Library(folder / "index", weights=settings.weights, device="cpu") as lib:
-            lib.index([folder / "set"])
+            lib.index([copies])
             ids, vectors = lib.catalog.vectors()
             records = lib.catalog.get(ids.tolist())
             dataset = duplicate_set([r.path for r in records], read_truth(truth))

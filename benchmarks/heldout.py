@@ -14,7 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks import dupes_stages
-from benchmarks.data import caltech_test, copy_set, missing_caltech_note, sample
+from benchmarks.data import (
+    caltech_test,
+    copy_set,
+    missing_caltech_note,
+    sample,
+    split_photos,
+)
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
 from ghostmatch.copies import read_truth, transform_of
@@ -33,18 +39,18 @@ def run(settings: Settings) -> Report:
     if photos is None:
         report.notes.append(missing_caltech_note("held-out duplicate check"))
         return report
-    n_sources = SOURCES_QUICK if settings.quick else SOURCES
-    n_distractors = DISTRACTORS_QUICK if settings.quick else DISTRACTORS
     tuned = set(sample(photos, dupes_stages.SOURCES, dupes_stages.SEED))
-    rest = [p for p in photos if p not in tuned]
-    sources = sample(rest, n_sources, SEED)
-    chosen = set(sources)
-    distractors = sample([p for p in rest if p not in chosen], n_distractors, SEED + 1)
+    sources, distractors = split_photos(
+        [p for p in photos if p not in tuned],
+        SOURCES_QUICK if settings.quick else SOURCES,
+        DISTRACTORS_QUICK if settings.quick else DISTRACTORS,
+        SEED,
+    )
     with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
         folder = Path(tmp)
-        _, truth = copy_set(sources, distractors, folder, SEED)
+        copies, truth = copy_set(sources, distractors, folder, SEED)
         with Library(folder / "index", weights=settings.weights, device="cpu") as lib:
-            lib.index([folder / "set"])
+            lib.index([copies])
             threshold = lib.duplicate_threshold()
             two_stages = score(lib.find_duplicates(), read_truth(truth))
             one_stage = score(lib.find_duplicates(verify=False), read_truth(truth))

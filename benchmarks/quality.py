@@ -14,7 +14,13 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from benchmarks.data import Photo, caltech_test, copy_set, missing_caltech_note, sample
+from benchmarks.data import (
+    Photo,
+    caltech_test,
+    copy_set,
+    missing_caltech_note,
+    split_photos,
+)
 from benchmarks.measure import Stopwatch
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
@@ -73,10 +79,12 @@ def run(settings: Settings) -> Report:
     if photos is None:
         report.notes.append(missing_caltech_note("near-duplicate and class retrieval"))
         return report
-    sources = sample(photos, SOURCES_QUICK if settings.quick else SOURCES, SEED)
-    chosen = set(sources)
-    others = [p for p in photos if p not in chosen]
-    distractors = sample(others, DISTRACTORS_QUICK, SEED + 1) if settings.quick else others
+    sources, distractors = split_photos(
+        photos,
+        SOURCES_QUICK if settings.quick else SOURCES,
+        DISTRACTORS_QUICK if settings.quick else None,  # the full run: every other photo
+        SEED,
+    )
     with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
         evaluate(report, sources, distractors, Path(tmp), settings.weights, settings.out)
     if settings.quick:
@@ -98,10 +106,10 @@ def evaluate(
     through the Library, and add the near-duplicate and class-retrieval figures."""
     stages: dict[str, Stopwatch] = {name: Stopwatch() for name in STAGES}
     with stages["make copies"]:
-        _, truth = copy_set(sources, distractors, folder, SEED)
+        copies, truth = copy_set(sources, distractors, folder, SEED)
     label_of = {f"{p.label}-{p.path.name}": p.label for p in (*sources, *distractors)}
     with stages["index"], Library(folder / "index", weights=weights, device="cpu") as lib:
-        indexed = lib.index([folder / "set"])
+        indexed = lib.index([copies])
         ids, vectors = lib.catalog.vectors()
         paths = [r.path for r in lib.catalog.get(ids.tolist())]
         lib_card = lib.embedder.card
