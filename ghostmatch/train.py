@@ -207,17 +207,8 @@ def train(
     ckpt_path = out.with_name(out.name + ".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
     say = report or (lambda event, data: None)
-    paths = list_images(root, list_file)
-    if config.max_images is not None:
-        paths = sorted(paths)[: config.max_images]
-    if not paths:
-        raise GhostmatchError(f"no training images under {root}")
-    threads = max(1, (os.cpu_count() or 1))
-    images_or_none = _decode_all(paths, config.cache_side, threads)
-    pairs = [(p, im) for p, im in zip(paths, images_or_none, strict=True) if im is not None]
-    paths = [p for p, _ in pairs]
-    images = [im for _, im in pairs]
-    say("data", {"images": len(images), "skipped": len(images_or_none) - len(images)})
+    paths, images, skipped = _training_images(root, list_file, config)
+    say("data", {"images": len(images), "skipped": skipped})
 
     labels: list[int] = []
     train_idx = list(range(len(images)))
@@ -385,20 +376,30 @@ def add_background(
     root: Path,
     out: Path,
     list_file: Path | None = None,
-    size: int = DEFAULT_BACKGROUND_SIZE,
     config: TrainConfig | None = None,
 ) -> str:
-    """Give a trained model file the score background that ``train`` would have given it
-    (same images, decoding and choice); writes ``out`` and returns its sha256."""
+    """Give a trained model file the score background that an ssl ``train`` run with
+    ``config`` would have given it (same images, decoding, choice and ``config.background``
+    size); writes ``out`` and returns its sha256."""
     config = config or TrainConfig()
     model = load_descriptor(weights)
+    _, images, _ = _training_images(root, list_file, config)
+    model.score_norm = fit_background(model, images, config.background, config.seed)
+    return save_descriptor(model, out, half=True)
+
+
+def _training_images(
+    root: Path, list_file: Path | None, config: TrainConfig
+) -> tuple[list[Path], list[Image.Image], int]:
+    """(paths, decoded images, how many failed to decode) of a run's training photos."""
     paths = list_images(root, list_file)
     if config.max_images is not None:
         paths = sorted(paths)[: config.max_images]
+    if not paths:
+        raise GhostmatchError(f"no training images under {root}")
     decoded = _decode_all(paths, config.cache_side, max(1, os.cpu_count() or 1))
-    images = [im for im in decoded if im is not None]
-    model.score_norm = fit_background(model, images, size, config.seed)
-    return save_descriptor(model, out, half=True)
+    pairs = [(p, im) for p, im in zip(paths, decoded, strict=True) if im is not None]
+    return [p for p, _ in pairs], [im for _, im in pairs], len(paths) - len(pairs)
 
 
 def _embed_images(model: Descriptor, images: Sequence[Image.Image]) -> torch.Tensor:
