@@ -153,6 +153,12 @@ class Embedder:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     @property
+    def local_model(self) -> Descriptor:
+        """The torch model for local feature maps (which the ONNX export leaves out): the
+        folded, channels_last copy unless the runtime is ``eager``."""
+        return self.model if self.runtime == "eager" else self._model  # type: ignore[return-value]
+
+    @property
     def dim(self) -> int:
         return self.card.dim
 

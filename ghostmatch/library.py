@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -789,49 +789,43 @@ class Library:
         records: dict[int, ImageRecord],
         enough: int | None = None,
     ) -> dict[tuple[int, int], Verification]:
-        """Local-feature verification of each pair (``ghostmatch.verify.verify_scales``);
-        every image is decoded once. A pair whose equal-scale check already has ``enough``
-        inliers skips the zoomed checks."""
-        involved = sorted({i for pair in pairs for i in pair})
-        embedder = self.embedder
-        card = embedder.card
-        zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
+        """Local-feature verification of each pair (``ghostmatch.verify.verify_scales``).
+        A pair whose equal-scale check already has ``enough`` inliers skips the zoomed checks.
 
-        def decode(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-            try:
-                image = load_image(records[i].path, zoomed_card.input_size).image
-            except ImageRejected:
-                return None
-            return (
-                prepare(image, card),
-                prepare(ImageOps.mirror(image), card),
-                prepare(image, zoomed_card),
-            )
-
-        maps: dict[int, ScaledMaps] = {}
-        with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
-            # In chunks, so that only a chunk's pixels are held at once.
-            for start in range(0, len(involved), 32):
-                chunk_ids = involved[start : start + 32]
-                decoded = list(pool.map(decode, chunk_ids))
-                ok = [(i, d) for i, d in zip(chunk_ids, decoded, strict=True) if d is not None]
-                if not ok:
-                    continue
-                n = len(ok)
-                base = local_features(
-                    embedder.model, to_batch([d[0] for _, d in ok] + [d[1] for _, d in ok])
-                ).astype(np.float16)
-                zoomed = local_features(embedder.model, to_batch([d[2] for _, d in ok]))
-                zoomed = zoomed.astype(np.float16)
-                for k, (i, _) in enumerate(ok):
-                    maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
+        Memory stays bounded however many pairs there are: at most ``MAP_CACHE_IMAGES``
+        images' maps are held (about 0.2 MB each), least recently used dropped first. Pairs
+        are taken in breadth-first order of the pair graph (:func:`_locality_order`), so
+        the two images of a pair are seldom far apart and most images are decoded once.
+        """
+        cache = _MapCache(self.embedder, records)
         empty = Verification(0, 0, np.eye(2, 3), False)
-        results = {}
-        for i, j in pairs:
-            if i not in maps or j not in maps:
-                results[(i, j)] = empty
-                continue
-            results[(i, j)] = verify_scales(_as_float(maps[i]), _as_float(maps[j]), enough)
+        results: dict[tuple[int, int], Verification] = {}
+        ordered = _locality_order(pairs)
+        block: list[tuple[int, int]] = []
+        with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+
+            def flush() -> None:
+                cache.load({i for pair in block for i in pair}, pool)
+                for i, j in block:
+                    a, b = cache.get(i), cache.get(j)
+                    results[(i, j)] = (
+                        empty
+                        if a is None or b is None
+                        else verify_scales(_as_float(a), _as_float(b), enough)
+                    )
+                block.clear()
+
+            new: set[int] = set()
+            for pair in ordered:
+                new.update(i for i in pair if i not in cache)
+                block.append(pair)
+                # A block needs its images' maps at once: few enough new ones to embed as
+                # one batch, and few enough in all to fit the cache.
+                if len(new) >= MAP_BATCH or len(block) >= MAP_CACHE_IMAGES // 4:
+                    flush()
+                    new.clear()
+            if block:
+                flush()
         return results
 
     def duplicates_of(
@@ -952,8 +946,96 @@ def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
     )
 
 
+# Images whose local maps verify_pairs embeds together, and the most it holds at once.
+MAP_BATCH = 32
+MAP_CACHE_IMAGES = 4096
+
+
+def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pairs, each once, in an order that keeps the images they share close together:
+    images numbered breadth-first over the pair graph (lowest degree first in each
+    component, as in Cuthill-McKee), pairs sorted by the later of their two numbers."""
+    neighbours: dict[int, set[int]] = {}
+    for i, j in pairs:
+        neighbours.setdefault(i, set()).add(j)
+        neighbours.setdefault(j, set()).add(i)
+    position: dict[int, int] = {}
+    for root in sorted(neighbours, key=lambda i: (len(neighbours[i]), i)):
+        if root in position:
+            continue
+        position[root] = len(position)
+        queue = [root]
+        while queue:
+            frontier = []
+            for i in queue:
+                for j in sorted(
+                    neighbours[i] - position.keys(), key=lambda j: (len(neighbours[j]), j)
+                ):
+                    position[j] = len(position)
+                    frontier.append(j)
+            queue = frontier
+    unique = {(i, j) for i, j in pairs}
+    return sorted(
+        unique,
+        key=lambda p: (max(position[p[0]], position[p[1]]), min(position[p[0]], position[p[1]])),
+    )
+
+
 def _as_float(maps: ScaledMaps) -> ScaledMaps:
     return ScaledMaps(*(m.astype(np.float32) for m in (maps.base, maps.mirrored, maps.zoomed)))
+
+
+class _MapCache:
+    """Local feature maps (fp16 ``ScaledMaps``) of recently used images, LRU-bounded."""
+
+    def __init__(self, embedder: Embedder, records: dict[int, ImageRecord]) -> None:
+        self.embedder = embedder
+        self.records = records
+        card = embedder.card
+        self.card = card
+        self.zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
+        # None marks an image that could not be decoded, so it is not tried again.
+        self.maps: OrderedDict[int, ScaledMaps | None] = OrderedDict()
+
+    def __contains__(self, i: int) -> bool:
+        return i in self.maps
+
+    def get(self, i: int) -> ScaledMaps | None:
+        self.maps.move_to_end(i)
+        return self.maps[i]
+
+    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        try:
+            image = load_image(self.records[i].path, self.zoomed_card.input_size).image
+        except (ImageRejected, KeyError):
+            return None
+        return (
+            prepare(image, self.card),
+            prepare(ImageOps.mirror(image), self.card),
+            prepare(image, self.zoomed_card),
+        )
+
+    def load(self, ids: set[int], pool: ThreadPoolExecutor) -> None:
+        """Make sure every image in ``ids`` has its maps (or a failure mark) cached."""
+        for i in ids & self.maps.keys():
+            self.maps.move_to_end(i)
+        missing = sorted(ids - self.maps.keys())
+        for start in range(0, len(missing), MAP_BATCH):
+            chunk = missing[start : start + MAP_BATCH]
+            decoded = list(pool.map(self._decode, chunk))
+            ok = [(i, d) for i, d in zip(chunk, decoded, strict=True) if d is not None]
+            self.maps.update((i, None) for i, d in zip(chunk, decoded, strict=True) if d is None)
+            if ok:
+                model, n = self.embedder.local_model, len(ok)
+                base = local_features(
+                    model, to_batch([d[0] for _, d in ok] + [d[1] for _, d in ok])
+                ).astype(np.float16)
+                zoomed = local_features(model, to_batch([d[2] for _, d in ok]))
+                zoomed = zoomed.astype(np.float16)
+                for k, (i, _) in enumerate(ok):
+                    self.maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
+        while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
+            self.maps.popitem(last=False)
 
 
 def check_threshold(threshold: float, normalised: bool = False) -> float:

@@ -15,6 +15,7 @@ size, and a pair is tried at equal scales and with either image zoomed
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,16 +41,18 @@ ZOOM = 1.6
 def plausible(affines: np.ndarray) -> np.ndarray:
     """Which (..., 2, 3) affines could come from cropping, resizing, padding or a small turn
     (bounded scale and aspect change, no mirror: mirrors are matched on the mirrored image)."""
-    linear = affines[..., :2]
-    singular = np.linalg.svd(linear, compute_uv=False)
-    big, small = singular[..., 0], singular[..., 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (
-            (np.linalg.det(linear) > 0)
-            & (small >= 1 / MAX_SCALE)
-            & (big <= MAX_SCALE)
-            & (big <= MAX_ANISOTROPY * small)
-        )
+    a, b = affines[..., 0, 0], affines[..., 0, 1]
+    c, d = affines[..., 1, 0], affines[..., 1, 1]
+    # Singular values of a 2 x 2 matrix in closed form: s1 * s2 = |det| and
+    # s1^2 + s2^2 = the squared Frobenius norm.
+    det = a * d - b * c
+    frobenius = a * a + b * b + c * c + d * d
+    root = np.sqrt(np.maximum(frobenius * frobenius - 4.0 * det * det, 0.0))
+    big = np.sqrt((frobenius + root) / 2.0)
+    small = np.sqrt(np.maximum((frobenius - root) / 2.0, 0.0))
+    return (
+        (det > 0) & (small >= 1 / MAX_SCALE) & (big <= MAX_SCALE) & (big <= MAX_ANISOTROPY * small)
+    )
 
 
 @dataclass(frozen=True)
@@ -79,20 +82,30 @@ class Verification:
 
 def local_features(model: Descriptor, batch: np.ndarray) -> np.ndarray:
     """Unit local descriptors (n, h, w, c) from the stride-16 stage for a (n, 3, H, W) batch
-    in [0, 1] (the model's own input)."""
+    in [0, 1] (the model's own input). ``model`` may be the embedder's BatchNorm-folded,
+    channels_last copy, on any device; the maps come back as float32 on the CPU."""
     backbone = model.backbone
+    weight = backbone.conv_stem.weight
     with torch.inference_mode():
-        x = torch.from_numpy(batch)
+        x = torch.from_numpy(batch).to(weight.device)
+        if weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
         x = backbone.act1(backbone.bn1(backbone.conv_stem(model.normalize(x))))
         for n in range(STRIDE16_STAGE):
             x = backbone.blocks[n](x)
-        x = torch.nn.functional.normalize(x, dim=1)
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+        x = torch.nn.functional.normalize(x.float(), dim=1)
+        # NHWC is channels_last's own layout, so this permute copies nothing there.
+        out = x.permute(0, 2, 3, 1).cpu().numpy()
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=64)
 def _grid(h: int, w: int) -> np.ndarray:
+    """Cell centres of an h x w map in unit coordinates, (h * w, 2) as (x, y); read-only."""
     ys, xs = np.mgrid[0:h, 0:w]
-    return np.stack([(xs.ravel() + 0.5) / w, (ys.ravel() + 0.5) / h], axis=1)
+    grid = np.stack([(xs.ravel() + 0.5) / w, (ys.ravel() + 0.5) / h], axis=1)
+    grid.flags.writeable = False
+    return grid
 
 
 def mutual_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,13 +118,31 @@ def mutual_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return ia[keep], best_b[keep]
 
 
+def _affines_from_triples(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The (m, 2, 3) affines taking each triple of points src (m, 3, 2) onto dst (m, 3, 2),
+    in closed form; degenerate (collinear) triples are left out."""
+    p = (src[:, 1:] - src[:, :1]).transpose(0, 2, 1)  # (m, 2, 2): columns are the edges
+    q = (dst[:, 1:] - dst[:, :1]).transpose(0, 2, 1)
+    det = p[:, 0, 0] * p[:, 1, 1] - p[:, 0, 1] * p[:, 1, 0]
+    keep = np.abs(det) > 1e-9
+    p, q, det = p[keep], q[keep], det[keep]
+    # The inverse of each 2 x 2 edge matrix: its adjugate over its determinant.
+    adjugate = np.empty_like(p)
+    adjugate[:, 0, 0], adjugate[:, 0, 1] = p[:, 1, 1], -p[:, 0, 1]
+    adjugate[:, 1, 0], adjugate[:, 1, 1] = -p[:, 1, 0], p[:, 0, 0]
+    inverse = adjugate / det[:, None, None]
+    linear = q @ inverse
+    shift = dst[keep, 0] - np.einsum("mij,mj->mi", linear, src[keep, 0])
+    return np.concatenate([linear, shift[:, :, None]], axis=2)
+
+
 def fit_affine(
     src: np.ndarray, dst: np.ndarray, tolerance: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """RANSAC affine src -> dst: (2 x 3 matrix, inlier mask), refined on the inliers.
 
-    All hypotheses are solved and scored at once (one batched solve, one error matrix),
-    which is what keeps a pair to about a millisecond.
+    All hypotheses are solved in closed form and scored at once (one error matrix), which
+    is what keeps a pair to about a millisecond.
     """
     n = len(src)
     none = np.zeros(n, dtype=bool)
@@ -121,12 +152,7 @@ def fit_affine(
     picks = rng.integers(0, n, (RANSAC_ITERATIONS, 3))
     picks = picks[(picks[:, 0] != picks[:, 1]) & (picks[:, 1] != picks[:, 2])]
     picks = picks[picks[:, 0] != picks[:, 2]]
-    a = design[picks]  # (iterations, 3, 3)
-    b = dst[picks]  # (iterations, 3, 2)
-    solvable = np.abs(np.linalg.det(a)) > 1e-9
-    if not solvable.any():
-        return np.eye(2, 3), none
-    models = np.linalg.solve(a[solvable], b[solvable]).transpose(0, 2, 1)  # (m, 2, 3)
+    models = _affines_from_triples(src[picks], dst[picks])
     models = models[plausible(models)]
     if len(models) == 0:
         return np.eye(2, 3), none

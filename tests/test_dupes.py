@@ -62,6 +62,65 @@ def test_geometric_check_accepts_a_copy_and_rejects_noise() -> None:
     assert verify_pair(a, other, other[:, ::-1]).inliers < 20
 
 
+def test_closed_form_geometry_matches_numpy() -> None:
+    from ghostmatch.verify import MAX_ANISOTROPY, MAX_SCALE, _affines_from_triples, plausible
+
+    rng = np.random.default_rng(1)
+    affines = rng.normal(scale=1.5, size=(2000, 2, 3))
+    singular = np.linalg.svd(affines[:, :, :2], compute_uv=False)
+    expected = (
+        (np.linalg.det(affines[:, :, :2]) > 0)
+        & (singular[:, 1] >= 1 / MAX_SCALE)
+        & (singular[:, 0] <= MAX_SCALE)
+        & (singular[:, 0] <= MAX_ANISOTROPY * singular[:, 1])
+    )
+    assert 100 < expected.sum() < 1900  # both outcomes are exercised
+    np.testing.assert_array_equal(plausible(affines), expected)
+    src = rng.random((500, 3, 2))
+    dst = np.einsum("mij,mkj->mki", affines[:500, :, :2], src) + affines[:500, None, :, 2]
+    src[0, 2] = src[0, 0] + 2 * (src[0, 1] - src[0, 0])  # a collinear triple is left out
+    solved = _affines_from_triples(src, dst)
+    assert len(solved) == 499
+    np.testing.assert_allclose(solved, affines[1:500], atol=1e-6)
+
+
+def test_locality_order_keeps_every_pair_once() -> None:
+    from ghostmatch.library import _locality_order
+
+    rng = np.random.default_rng(2)
+    pairs = [(int(a), int(b)) for a, b in rng.integers(0, 300, (2000, 2)) if a != b]
+    ordered = _locality_order(pairs + pairs[:50])
+    assert sorted(ordered) == sorted(set(pairs)) and len(ordered) == len(set(pairs))
+    # A chain 0-1-2-...-99 given shuffled comes back walking along the chain.
+    chain = [(i, i + 1) for i in range(99)]
+    shuffled = [chain[i] for i in rng.permutation(99)]
+    assert _locality_order(shuffled) == chain
+
+
+@pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
+def test_verification_is_the_same_with_a_small_map_cache(
+    dupe_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ghostmatch.library as library
+
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([dupe_folder])
+        ids, _ = lib.catalog.vectors()
+        records = {r.id: r for r in lib.catalog.get(ids.tolist())}
+        pairs = [(int(a), int(b)) for a in ids for b in ids if a < b]
+        roomy = lib.verify_pairs(pairs, records)
+        monkeypatch.setattr(library, "MAP_CACHE_IMAGES", 4)
+        monkeypatch.setattr(library, "MAP_BATCH", 2)
+        tight = lib.verify_pairs(pairs, records)
+    assert set(roomy) == set(pairs) == set(tight)
+    for pair in pairs:
+        assert (roomy[pair].inliers, roomy[pair].flipped) == (
+            tight[pair].inliers,
+            tight[pair].flipped,
+        )
+    assert max(v.inliers for v in roomy.values()) >= 100  # real copies are among the pairs
+
+
 @pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
 @pytest.mark.parametrize("name", ["coffee.jpg", "astronaut.jpg"])
 def test_zoomed_check_finds_a_tight_crop_and_where_it_is(name: str, photos: Path) -> None:
