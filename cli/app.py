@@ -324,6 +324,9 @@ def train(
     blur: Annotated[
         float, typer.Option("--blur", min=0.0, max=1.0, help="Probability of a blurred view.")
     ] = 0.2,
+    pooling: Annotated[
+        str, typer.Option("--pooling", help="gem or avg over the 960 channels, or head (1280-d).")
+    ] = "gem",
 ) -> None:
     """Train a descriptor (self-supervised copy detection, or supervised classes)."""
     import torch
@@ -345,6 +348,7 @@ def train(
         background=background,
         grey=grey,
         blur=blur,
+        pooling=pooling,
     )
 
     def report(event: str, data: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from ghostmatch.embedder import channels_last as channels_last_model
 from ghostmatch.embedder import to_batch
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, load_image
-from ghostmatch.modelcard import ModelCard
+from ghostmatch.modelcard import POOLINGS, ModelCard
 from ghostmatch.scan import scan
 from ghostmatch.scorenorm import DEFAULT_BACKGROUND_SIZE, ScoreNorm, pick_background
 from ghostmatch.weights import load_descriptor, save_descriptor
@@ -61,6 +61,8 @@ class TrainConfig:
     # Probabilities of the grey and blur augmentations (see CopyAugment).
     grey: float = 0.1
     blur: float = 0.2
+    # What the descriptor pools: GeM or average over the 960 channels, or the 1280-d head.
+    pooling: str = "gem"
 
 
 @dataclass
@@ -151,6 +153,7 @@ class MarginHead(nn.Module):
 
 def _build_model(config: TrainConfig) -> Descriptor:
     card_changes: dict[str, Any] = {
+        "pooling": config.pooling,
         "projection": "linear",
         "dim": config.dim,
         "input_size": config.image_size,
@@ -166,7 +169,8 @@ def _build_model(config: TrainConfig) -> Descriptor:
     # settings): none of it holds for the weights this run makes.
     card = base.card.with_changes(resize="squash", crop_fraction=1.0, extra={}, **card_changes)
     model = Descriptor(card, base.backbone)
-    if isinstance(base.projection, nn.Linear) and base.card.dim == config.dim:
+    same_input = base.card.pooling == config.pooling
+    if isinstance(base.projection, nn.Linear) and base.card.dim == config.dim and same_input:
         model.projection.load_state_dict(base.projection.state_dict())
     return model
 
@@ -204,6 +208,8 @@ def train(
     """
     if config.mode not in MODES:
         raise GhostmatchError(f"--mode must be one of {', '.join(MODES)}")
+    if config.pooling not in POOLINGS:
+        raise GhostmatchError(f"--pooling must be one of {', '.join(POOLINGS)}")
     ckpt_path = out.with_name(out.name + ".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
     say = report or (lambda event, data: None)

@@ -142,3 +142,18 @@ def test_a_run_from_trained_weights_keeps_none_of_their_measurements(tmp_path: P
     train(data, second, TrainConfig(init=str(first), epochs=3, **TINY), stop_after_steps=3)
     partial = load_descriptor(second)
     assert partial.score_norm is None and partial.card.extra == {}
+
+
+@pytest.mark.parametrize("pooling", ["avg", "head"])
+def test_other_poolings_train_and_load(tmp_path: Path, pooling: str) -> None:
+    data = _folder(tmp_path / "data", classes=2, per_class=4)
+    out = tmp_path / f"{pooling}.safetensors"
+    train(data, out, TrainConfig(epochs=1, pooling=pooling, background=0, **TINY))
+    model = load_descriptor(out)
+    assert model.card.pooling == pooling
+    # The head is 1280-d at every width (as in the official and timm models).
+    assert model.projection.in_features == (1280 if pooling == "head" else 480)
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 32)
+    with pytest.raises(GhostmatchError, match="--pooling"):
+        train(data, out, TrainConfig(pooling="max", **TINY))
