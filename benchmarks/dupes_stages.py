@@ -1,6 +1,8 @@
 """Duplicate detection in two stages on caltech101 test photos: the global descriptor alone
 (stage 1) beside the descriptor plus geometric verification of local features (stage 2),
-and the (threshold, min_inliers) rule with the best recall at precision >= 0.99."""
+and the (threshold, min_inliers) rule to ship: the best recall at precision >= 0.995 here,
+a margin over the 0.99 the rule must keep on collections it was not tuned on (the
+held-out benchmark checks that)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ SEED = 0
 # Stage 2 checks the candidates of stage 1 from this recall of the retrieved true pairs on.
 VERIFY_RECALL = 0.995
 INLIER_GRID = tuple(range(4, 120, 2))
+# The precision the shipped rule is chosen for on this set. A rule tuned to exactly 0.99
+# here kept 0.984 on held-out copies, so the choice leaves a margin.
+SHIPPED_PRECISION = 0.995
 
 
 def run(settings: Settings) -> Report:
@@ -99,7 +104,8 @@ def evaluate(
     # Stage-2 score: inliers first, the cosine breaks ties; unchecked pairs rank below.
     second_scores = np.where(checked, inliers + candidates.scores, candidates.scores - 2.0)
     second = pair_metrics(second_scores, candidates.same, dataset.n_positive)
-    rule = best_rule(candidates, inliers, checked, exact, dataset.n_positive)
+    rule = best_rule(candidates, inliers, checked, exact, dataset.n_positive, SHIPPED_PRECISION)
+    rule_p99 = best_rule(candidates, inliers, checked, exact, dataset.n_positive, 0.99)
     base = "stage 1 (descriptor only)"
     report.add(Figure("micro-AP, stage 2", second.micro_ap, "", base, first.micro_ap))
     report.add(
@@ -113,7 +119,16 @@ def evaluate(
     )
     report.add(
         Figure(
-            "recall @ precision 0.99, shipped rule",
+            "recall @ precision 0.99, best rule",
+            rule_p99["recall"],
+            "",
+            base,
+            first.recall_at_p99,
+        )
+    )
+    report.add(
+        Figure(
+            f"recall, shipped rule (precision >= {SHIPPED_PRECISION} here)",
             rule["recall"],
             "",
             base,
@@ -145,6 +160,7 @@ def evaluate(
             "stage1": asdict(first),
             "stage2": asdict(second),
             "rule": rule,
+            "rule_at_p99": rule_p99,
             "verified_pairs": len(pairs),
             "verify_floor_score": floor,
             "verify_seconds": round(clock.seconds, 1),
@@ -161,9 +177,10 @@ def best_rule(
     checked: np.ndarray,
     exact: np.ndarray,
     n_positive: int,
+    precision: float = 0.99,
 ) -> dict[str, float]:
     """The rule "cosine >= threshold, or cosine >= verify_threshold with min_inliers
-    geometric inliers" with the most recall at precision >= 0.99 on this set."""
+    geometric inliers" with the most recall at ``precision`` or more on this set."""
     best = {"recall": 0.0, "precision": 1.0, "threshold": 1.0, "verify_threshold": 1.0}
     best["min_inliers"] = 0.0
     levels = np.unique(np.quantile(candidates.scores[checked], np.linspace(0, 1, 26)))
@@ -176,7 +193,7 @@ def best_rule(
                 accepted = alone | (band & (inliers >= n))
                 total = int(accepted.sum())
                 hits = int((accepted & same).sum())
-                if total and hits / total >= 0.99 and hits / n_positive > best["recall"]:
+                if total and hits / total >= precision and hits / n_positive > best["recall"]:
                     best = {
                         "recall": hits / n_positive,
                         "precision": hits / total,

@@ -29,6 +29,11 @@ RANSAC_ITERATIONS = 256
 # Inlier tolerance in feature-grid cells, and the cosine below which a local match is noise.
 TOLERANCE_CELLS = 1.5
 MIN_LOCAL_SIMILARITY = 0.5
+# Lowe's ratio test on feature distances: a match counts only when its distance is below
+# this fraction of the distance to the second-nearest feature of the other image. Cells of
+# a plain background (sky, a white studio sweep) match many cells about equally well, and
+# would otherwise line up under the identity map between any two photos framed alike.
+MATCH_RATIO = 0.9
 SEED = 0
 # Copies scale by at most this much either way and keep their handedness (mirrors are
 # matched on the mirrored image), so wilder transforms are chance alignments.
@@ -109,12 +114,18 @@ def _grid(h: int, w: int) -> np.ndarray:
 
 
 def mutual_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (ia, ib) of features that are each other's nearest neighbour."""
+    """Indices (ia, ib) of features that are each other's nearest neighbour (and pass the
+    ratio test, ``MATCH_RATIO``)."""
     sim = a @ b.T
     best_b = sim.argmax(axis=1)
     best_a = sim.argmax(axis=0)
     ia = np.arange(len(a))
-    keep = (best_a[best_b] == ia) & (sim[ia, best_b] >= MIN_LOCAL_SIMILARITY)
+    best = sim[ia, best_b]
+    keep = (best_a[best_b] == ia) & (best >= MIN_LOCAL_SIMILARITY)
+    if MATCH_RATIO < 1.0 and sim.shape[1] > 1:
+        second = np.partition(sim, -2, axis=1)[:, -2]
+        # Squared distances of unit vectors: 2 - 2 * cosine.
+        keep &= (1.0 - best) < MATCH_RATIO**2 * (1.0 - second)
     return ia[keep], best_b[keep]
 
 

@@ -62,6 +62,27 @@ def test_geometric_check_accepts_a_copy_and_rejects_noise() -> None:
     assert verify_pair(a, other, other[:, ::-1]).inliers < 20
 
 
+def test_plain_background_cells_seldom_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ghostmatch.verify as verify
+
+    rng = np.random.default_rng(3)
+    textured = rng.normal(size=(60, 32))
+
+    def plain() -> np.ndarray:  # cells of one colour, differing only by JPEG-like noise
+        return np.ones(32) + rng.normal(scale=0.01, size=(136, 32))
+
+    a = np.vstack([textured, plain()])
+    b = np.vstack([textured + rng.normal(scale=0.05, size=textured.shape), plain()])
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    ia, ib = verify.mutual_matches(a, b)
+    textured_matches = ia < 60
+    assert textured_matches.sum() == 60 and (ia[textured_matches] == ib[textured_matches]).all()
+    assert (~textured_matches).sum() <= 10  # the ratio test drops most background matches
+    monkeypatch.setattr(verify, "MATCH_RATIO", 1.0)
+    assert (verify.mutual_matches(a, b)[0] >= 60).sum() >= 30  # which it otherwise keeps
+
+
 def test_closed_form_geometry_matches_numpy() -> None:
     from ghostmatch.verify import MAX_ANISOTROPY, MAX_SCALE, _affines_from_triples, plausible
 
