@@ -154,7 +154,7 @@ def _embed_in_batches(embedder: Embedder, arrays: Sequence[np.ndarray]) -> None:
 def describe(report: Report, runs: dict[str, FolderRun], weights: str) -> None:
     for label, r in runs.items():
         name = f"Library.index, {r.images} {label} photos"
-        model_baseline = "model alone on the same photos pre-decoded to 224 px"
+        model_baseline = "model alone on the same photos, pre-decoded to its input size"
         if r.naive_images_per_s is None:
             report.add(
                 Figure(

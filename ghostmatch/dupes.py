@@ -57,15 +57,17 @@ KEEP_RULES = ("pixels", "size", "oldest", "newest", "path")
 # card, this cosine is the line between "duplicate" and "similar"; see README (duplicates).
 DEFAULT_THRESHOLD = 0.90
 THRESHOLD_META = "dupe_threshold"
-# Stage 2: a candidate pair is a duplicate when this many stride-16 feature matches (of
-# 196 at 224 px) agree on one affine transform.
-DEFAULT_MIN_INLIERS = 24
+# Stage 2: a candidate pair is a duplicate when this many stride-16 feature matches (that
+# pass the ratio test; 196 cells at 224 px) agree on one affine transform. The bundled
+# model's measured value.
+DEFAULT_MIN_INLIERS = 28
 # Stage 2 looks at pairs from this cosine up to the threshold.
 DEFAULT_VERIFY_THRESHOLD = 0.75
 # The same two lines for a model whose file carries a score background
 # (ghostmatch.scorenorm): its duplicate scores are cosines less two background offsets.
-DEFAULT_NORMALISED_THRESHOLD = 0.36
-DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.24
+# The bundled model's measured rule (README, duplicate thresholds).
+DEFAULT_NORMALISED_THRESHOLD = 0.335
+DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.288
 
 
 def default_thresholds(normalised: bool) -> tuple[float, float]:
