@@ -327,6 +327,14 @@ def train(
     pooling: Annotated[
         str, typer.Option("--pooling", help="gem or avg over the 960 channels, or head (1280-d).")
     ] = "gem",
+    neighbour_groups: Annotated[
+        int,
+        typer.Option(
+            "--neighbour-groups",
+            min=0,
+            help="ssl: batches of groups of N look-alike photos (hard negatives); 0: random.",
+        ),
+    ] = 0,
 ) -> None:
     """Train a descriptor (self-supervised copy detection, or supervised classes)."""
     import torch
@@ -349,6 +357,7 @@ def train(
         grey=grey,
         blur=blur,
         pooling=pooling,
+        neighbour_groups=neighbour_groups,
     )
 
     def report(event: str, data: dict[str, Any]) -> None:

@@ -63,6 +63,10 @@ class TrainConfig:
     blur: float = 0.2
     # What the descriptor pools: GeM or average over the 960 channels, or the 1280-d head.
     pooling: str = "gem"
+    # ssl: 0 draws batches at random; N > 0 fills each batch with groups of N photos that
+    # the model of the epoch's start finds alike, so every photo meets look-alikes as
+    # negatives (other airplanes in an even sky, other motorbikes on white).
+    neighbour_groups: int = 0
 
 
 @dataclass
@@ -250,6 +254,8 @@ def train(
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     start_epoch, start_step, history = 0, 0, []
+    resumed_batches: list[list[int]] | None = None
+    epoch_batches: list[list[int]] = []
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state["config"] != asdict(config):
@@ -263,6 +269,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step = state["epoch"], state["step"]
         history = [EpochReport(**h) for h in state["history"]]
+        resumed_batches = state.get("batches")
         say("resume", {"epoch": start_epoch, "step": start_step})
 
     def save_checkpoint(epoch: int, step: int) -> None:
@@ -274,6 +281,8 @@ def train(
             "epoch": epoch,
             "step": step,
             "history": [asdict(h) for h in history],
+            # This epoch's batches, when they came from the model (neighbour groups).
+            "batches": epoch_batches if config.neighbour_groups and step else None,
         }
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
         torch.save(state, tmp)
@@ -286,10 +295,20 @@ def train(
         for epoch in range(start_epoch, config.epochs):
             order = list(train_idx)
             random.Random(f"{config.seed}:order:{epoch}").shuffle(order)
-            batches = [
-                order[i * config.batch_size : (i + 1) * config.batch_size]
-                for i in range(steps_per_epoch)
-            ]
+            if epoch == start_epoch and resumed_batches is not None:
+                batches = resumed_batches  # made from the weights of this epoch's start
+            elif config.neighbour_groups and config.mode == "ssl":
+                say("grouping", {"epoch": epoch})
+                vectors = _embed_images(model, [images[i] for i in order])
+                batches = neighbour_batches(
+                    vectors, order, config.neighbour_groups, config.batch_size, steps_per_epoch
+                )
+            else:
+                batches = [
+                    order[i * config.batch_size : (i + 1) * config.batch_size]
+                    for i in range(steps_per_epoch)
+                ]
+            epoch_batches = batches
             first_step = start_step if epoch == start_epoch else 0
             model.train()
             losses: list[float] = []
@@ -406,6 +425,34 @@ def _training_images(
     decoded = _decode_all(paths, config.cache_side, max(1, os.cpu_count() or 1))
     pairs = [(p, im) for p, im in zip(paths, decoded, strict=True) if im is not None]
     return [p for p, _ in pairs], [im for _, im in pairs], len(paths) - len(pairs)
+
+
+def neighbour_batches(
+    vectors: torch.Tensor, order: Sequence[int], group: int, batch_size: int, steps: int
+) -> list[list[int]]:
+    """``steps`` batches of ``batch_size`` image indices built from groups of ``group``
+    look-alikes: rows of ``vectors`` are the images of ``order``; taken in that order, each
+    image not yet placed starts a group with its nearest neighbours not yet placed."""
+    x = torch.nn.functional.normalize(vectors.float(), dim=1)
+    n = len(order)
+    k = min(n, 4 * group)
+    nearest = torch.cat(
+        [(x[i : i + 1024] @ x.t()).topk(k, dim=1).indices for i in range(0, n, 1024)]
+    ).tolist()
+    placed = [False] * n
+    flat: list[int] = []
+    for row in range(n):
+        if placed[row]:
+            continue
+        members = 0
+        for candidate in [row, *nearest[row]]:
+            if members == group:
+                break
+            if not placed[candidate]:
+                placed[candidate] = True
+                flat.append(order[candidate])
+                members += 1
+    return [flat[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
 def _embed_images(model: Descriptor, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -157,3 +157,33 @@ def test_other_poolings_train_and_load(tmp_path: Path, pooling: str) -> None:
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 32)
     with pytest.raises(GhostmatchError, match="--pooling"):
         train(data, out, TrainConfig(pooling="max", **TINY))
+
+
+def test_neighbour_batches_group_look_alikes() -> None:
+    from ghostmatch.train import neighbour_batches
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16))
+    cluster = np.repeat(np.arange(8), 6)  # 8 clusters of 6 photos
+    vectors = torch.from_numpy(centres[cluster] + rng.normal(scale=0.05, size=(48, 16)))
+    order = list(rng.permutation(48) + 100)  # image indices, not rows
+    batches = neighbour_batches(vectors, order, group=6, batch_size=12, steps=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(100, 148))  # every image once
+    cluster_of = {image: cluster[row] for row, image in enumerate(order)}  # rows follow order
+    for batch in batches:  # two whole clusters per batch
+        counts = np.bincount([cluster_of[i] for i in batch], minlength=8)
+        assert sorted(counts) == [0] * 6 + [6, 6]
+
+
+def test_resume_equals_uninterrupted_with_neighbour_groups(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", classes=2, per_class=8)
+    config = TrainConfig(epochs=2, neighbour_groups=4, background=0, **TINY)
+    whole = tmp_path / "whole.safetensors"
+    train(data, whole, config)
+    parts = tmp_path / "parts.safetensors"
+    train(data, parts, config, stop_after_steps=3)  # mid-epoch 2: its batches come from the ckpt
+    train(data, parts, config, resume=True)
+    a, b = _state(whole), _state(parts)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
