@@ -17,6 +17,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #             (the ImageNet evaluation protocol, best for recognition with ImageNet weights).
 RESIZE_RULES = ("squash", "center-crop")
 POOLINGS = ("gem", "avg", "head")
+# The card extras of a model file that carries a score background (ghostmatch.scorenorm
+# reads them; they live here so that this light module can tell without importing faiss).
+SCORE_NORM_RANK_KEY = "score_norm_rank"
+SCORE_NORM_BETA_KEY = "score_norm_beta"
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,8 @@ class ModelCard:
 
     def describe(self) -> str:
         """One line for humans: which weights and how they see an image."""
-        # The key ghostmatch.scorenorm writes when the file carries a score background.
-        scores = (
-            ", background-normalised duplicate scores" if "score_norm_rank" in self.extra else ""
-        )
+        normalised = SCORE_NORM_RANK_KEY in self.extra
+        scores = ", background-normalised duplicate scores" if normalised else ""
         return (
             f"{self.architecture} {self.width}x, weights {self.weights} "
             f"({self.weights_sha256[:12]}), {self.input_size}px {self.resize}, "

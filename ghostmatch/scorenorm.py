@@ -25,11 +25,12 @@ import faiss
 import numpy as np
 
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY
 
 # Where a model file keeps its background, and the card extras that say how to use it.
 BACKGROUND_KEY = "score_norm.background"
-RANK_KEY = "score_norm_rank"
-BETA_KEY = "score_norm_beta"
+RANK_KEY = SCORE_NORM_RANK_KEY
+BETA_KEY = SCORE_NORM_BETA_KEY
 DEFAULT_RANK = 2
 DEFAULT_BETA = 0.75
 # Enough photos to stand for "unrelated"; 2,000 x 256 fp16 adds 1 MB to a model file.
