@@ -37,14 +37,16 @@ BICUBIC = Image.Resampling.BICUBIC
 class CopyAugment:
     """Random copy-like edit of a PIL image into a ``size`` x ``size`` RGB image.
 
-    Steps, each with its probability at ``strength=1``: aspect change (0.2, up to 1.5x),
-    random resized crop (always; area 0.2-1, aspect 3/4-4/3), flip (0.5), rotation
-    (0.2, up to 15 degrees, cropped so no corners show), colour jitter (0.8; brightness,
-    contrast and saturation +-40%, hue +-0.1), grey (``grey``, 0.1), blur (``blur``, 0.2;
-    sigma 0.1-2 at 224 px), text or a shape pasted on (0.2), border or uneven padding (0.2)
-    and JPEG re-encoding (0.3, quality 20-90). ``strength`` multiplies the probabilities and
-    the size of each edit; at 0 the result is the centred square crop, resized. All
-    randomness comes from the ``rng`` passed to each call.
+    Steps, each with its probability at ``strength=1``: blur of the photo itself (``blur``,
+    0.2; sigma 0.05-1% of its longer side, as a user blurs a whole photo), aspect change
+    (0.2, up to 1.5x), random resized crop (always; area 0.2-1, aspect within 3/4-4/3 of
+    the photo's own, squashed to a square as inference squashes the whole photo), flip
+    (0.5), rotation (0.2, up to 15 degrees, cropped so no corners show), colour jitter
+    (0.8; brightness, contrast and saturation +-40%, hue +-0.1), grey (``grey``, 0.1), text
+    or a shape pasted on (0.2), border or uneven padding (0.2) and JPEG re-encoding (0.3,
+    quality 20-90). ``strength`` multiplies the probabilities and the size of each edit; at
+    0 the result is the whole photo squashed to the square, which is the inference input.
+    All randomness comes from the ``rng`` passed to each call.
     """
 
     size: int
@@ -67,14 +69,24 @@ class CopyAugment:
         # The crop below keeps at least ~45% of a side; more source pixels than that only
         # cost time.
         out = _cap_shorter_side(to_rgb(img), 3 * size)
+        if self._happens(self.blur, rng):
+            # Before the crop, so that a tighter crop magnifies the blur and a wide photo,
+            # squashed to the square, is blurred more across its height than its width, as
+            # in the blurred copies users meet. Drawn at a fixed size in model pixels after
+            # the crop, it never reached a wide photo blurred by 0.6% of its width.
+            out = blur(out, rng.uniform(0.0005, 0.0005 + 0.0095 * strength) * max(out.size))
         if self._happens(0.2, rng):
             out = change_aspect(out, math.exp(rng.uniform(-1.0, 1.0) * math.log(1.5) * strength))
+        # Windows shaped like the photo (within 3/4-4/3 of it), because the model is shown
+        # whole photos squashed to a square: a 2.4:1 airplane photo is squashed 2.4x at
+        # inference, and near-square windows of it never showed the model such inputs.
         log_ratio = math.log(4.0 / 3.0) * strength
+        shape = out.width / out.height
         out = random_resized_crop(
             out,
             size,
             scale=(max(0.05, 1.0 - 0.8 * strength), 1.0),
-            ratio=(math.exp(-log_ratio), math.exp(log_ratio)),
+            ratio=(shape * math.exp(-log_ratio), shape * math.exp(log_ratio)),
             rng=rng,
         )
         if self._happens(0.5, rng):
@@ -93,8 +105,6 @@ class CopyAugment:
             )
         if self._happens(self.grey, rng):
             out = grayscale(out)
-        if self._happens(self.blur, rng):
-            out = blur(out, rng.uniform(0.1, 0.1 + 1.9 * strength) * size / 224)
         if self._happens(0.2, rng):
             if rng.random() < 0.5:
                 height = rng.uniform(0.05, 0.05 + 0.15 * strength)

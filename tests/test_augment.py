@@ -36,13 +36,10 @@ def test_copy_augment_accepts_any_mode_and_strength(photo: Image.Image) -> None:
     rng = random.Random(0)
     for image in (photo.convert("L"), photo.convert("RGBA"), photo.convert("P")):
         assert CopyAugment(64, strength=2.5)(image, rng).size == (64, 64)
-    # At strength 0 only the centred square crop and the resize are left (the photo is small
-    # enough that it is not downscaled first).
+    # At strength 0 only the squash of the whole photo to the square is left: the inference
+    # input (the photo is small enough that it is not downscaled first).
     plain = CopyAugment(160, strength=0.0)(photo, random.Random(1))
-    side = min(photo.size)
-    left = (photo.width - side) // 2
-    box = (left, 0, left + side, side)
-    expected = photo.resize((160, 160), Image.Resampling.BICUBIC, box=box)
+    expected = photo.resize((160, 160), Image.Resampling.BICUBIC)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(expected))
     with pytest.raises(GhostmatchError):
         CopyAugment(8)
@@ -75,3 +72,21 @@ def test_grey_probability_one_gives_grey_views(photo: Image.Image) -> None:
         assert np.median(np.abs(coloured[..., 0] - coloured[..., 1])) > 1
     with pytest.raises(GhostmatchError, match="grey probability"):
         CopyAugment(64, grey=1.5)
+
+
+def test_views_of_a_wide_photo_are_shaped_like_it() -> None:
+    # A 4:1 photo, red at its left end and blue at its right: inference squashes all of it
+    # to the square, so light crops must keep both ends in view, as near-square windows
+    # (a third of its width at most) never could.
+    pixels = np.full((100, 400, 3), 128, np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    pixels[:, -30:] = (0, 0, 255)
+    wide = Image.fromarray(pixels)
+    augment = CopyAugment(64, strength=0.2, grey=0.0, blur=0.0)
+    both = 0
+    for seed in range(20):
+        out = np.asarray(augment(wide, random.Random(seed))).astype(int)
+        red = ((out[..., 0] > 150) & (out[..., 2] < 100)).any()
+        blue = ((out[..., 2] > 150) & (out[..., 0] < 100)).any()
+        both += bool(red and blue)
+    assert both >= 15
