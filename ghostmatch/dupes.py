@@ -60,14 +60,14 @@ THRESHOLD_META = "dupe_threshold"
 # Stage 2: a candidate pair is a duplicate when this many stride-16 feature matches (that
 # pass the ratio test; 196 cells at 224 px) agree on one affine transform. The bundled
 # model's measured value.
-DEFAULT_MIN_INLIERS = 28
+DEFAULT_MIN_INLIERS = 36
 # Stage 2 looks at pairs from this cosine up to the threshold.
 DEFAULT_VERIFY_THRESHOLD = 0.75
 # The same two lines for a model whose file carries a score background
 # (ghostmatch.scorenorm): its duplicate scores are cosines less two background offsets.
 # The bundled model's measured rule (README, duplicate thresholds).
-DEFAULT_NORMALISED_THRESHOLD = 0.335
-DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.288
+DEFAULT_NORMALISED_THRESHOLD = 0.357
+DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.264
 
 
 def default_thresholds(normalised: bool) -> tuple[float, float]:
