@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,12 @@ def save_descriptor(model: Descriptor, path: Path, half: bool = False) -> str:
     card = card_obj.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    # safetensors makes its file readable by the owner alone; a model file gets the mode
+    # any new file gets here (the umask's), so that a model shared on a server stays usable.
+    with open(tmp, "wb"):
+        pass
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     save_file(state, str(tmp), metadata={CARD_KEY: json.dumps(card)})
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
     return sha256_of(path)

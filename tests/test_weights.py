@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,11 @@ def test_ghostmatch_file_round_trip_keeps_card(tmp_path: Path) -> None:
     with torch.no_grad():
         cos = (model(x) * loaded(x)).sum(1)
     assert cos.min() > 0.999  # fp16 storage
+    # The file has the mode any new file gets here, not safetensors' owner-only one.
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    assert not (tmp_path / "mine.safetensors.tmp").exists()
 
 
 def test_wrong_files_are_user_errors(tmp_path: Path) -> None:
