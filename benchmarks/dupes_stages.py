@@ -27,7 +27,12 @@ from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
 from ghostmatch.copies import read_truth
 from ghostmatch.library import Library
-from ghostmatch.metrics import pair_metrics, plot_pr, precision_recall_curve
+from ghostmatch.metrics import (
+    pair_metrics,
+    plot_pr,
+    precision_recall_curve,
+    recall_at_precision,
+)
 
 SOURCES, SOURCES_QUICK = 300, 30
 DISTRACTORS, DISTRACTORS_QUICK = 1500, 120
@@ -213,22 +218,13 @@ def best_threshold(
     """The cosine threshold alone (exact copies always in) with the most recall at
     ``precision`` or more on this set: the rule without a geometric stage. Every candidate
     score is tried, so the baseline gets its best threshold, not a grid's."""
-    order = np.argsort(-candidates.scores, kind="stable")
-    scores = candidates.scores[order]
-    same, forced = candidates.same[order], exact[order]
-    best = {"recall": 0.0, "precision": 1.0, "threshold": 1.0}
-    # Accepting the first i scores (and every exact pair) for each i at a score boundary.
-    hits_above = np.cumsum(same & ~forced)
-    total_above = np.cumsum(~forced)
-    forced_hits, forced_total = int((same & forced).sum()), int(forced.sum())
-    last = np.r_[scores[1:] != scores[:-1], True]
-    for i in np.flatnonzero(last):
-        hits = int(hits_above[i]) + forced_hits
-        total = int(total_above[i]) + forced_total
-        if hits / total >= precision and hits / n_positive > best["recall"]:
-            best = {"recall": hits / n_positive, "precision": hits / total}
-            best["threshold"] = float(scores[i])
-    return best
+    # Exact copies rank above every score, so every threshold keeps them.
+    scores = np.where(exact, candidates.scores.max() + 1.0, candidates.scores)
+    recall, threshold = recall_at_precision(scores, candidates.same, precision, n_positive)
+    accepted = scores >= threshold
+    kept = int(accepted.sum())
+    hits = int((accepted & candidates.same).sum())
+    return {"recall": recall, "precision": hits / kept if kept else 1.0, "threshold": threshold}
 
 
 def per_transform(
