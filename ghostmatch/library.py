@@ -36,7 +36,6 @@ from ghostmatch.indexes.allpairs import pair_scores, similar_pairs
 from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.scan import FileEntry, content_hash, scan
-from ghostmatch.scorenorm import RANK_KEY
 from ghostmatch.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
 from ghostmatch.weights import load_descriptor
 
@@ -690,8 +689,7 @@ class Library:
     def normalised_scores(self) -> bool:
         """Whether duplicate scores are background-normalised (the model file carries a
         score background, ``ghostmatch.scorenorm``) rather than plain cosines."""
-        card = self.card
-        return card is not None and RANK_KEY in card.extra
+        return self.card is not None and self.card.normalised_scores
 
     def score_offsets(self, vectors: np.ndarray) -> np.ndarray | None:
         """Each vector's background offset for duplicate scores, or None when the model has

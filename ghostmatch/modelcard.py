@@ -83,10 +83,15 @@ class ModelCard:
     def from_json(cls, text: str) -> ModelCard:
         return cls.from_dict(json.loads(text))
 
+    @property
+    def normalised_scores(self) -> bool:
+        """Whether the model file carries a score background (``ghostmatch.scorenorm``), so
+        that duplicate scores are background-normalised rather than plain cosines."""
+        return SCORE_NORM_RANK_KEY in self.extra
+
     def describe(self) -> str:
         """One line for humans: which weights and how they see an image."""
-        normalised = SCORE_NORM_RANK_KEY in self.extra
-        scores = ", background-normalised duplicate scores" if normalised else ""
+        scores = ", background-normalised duplicate scores" if self.normalised_scores else ""
         return (
             f"{self.architecture} {self.width}x, weights {self.weights} "
             f"({self.weights_sha256[:12]}), {self.input_size}px {self.resize}, "

@@ -27,10 +27,9 @@ import numpy as np
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY
 
-# Where a model file keeps its background, and the card extras that say how to use it.
+# Where a model file keeps its background (the card extras that say how to use it are
+# ghostmatch.modelcard.SCORE_NORM_RANK_KEY and SCORE_NORM_BETA_KEY).
 BACKGROUND_KEY = "score_norm.background"
-RANK_KEY = SCORE_NORM_RANK_KEY
-BETA_KEY = SCORE_NORM_BETA_KEY
 DEFAULT_RANK = 2
 DEFAULT_BETA = 0.75
 # Enough photos to stand for "unrelated"; 2,000 x 256 fp16 adds 1 MB to a model file.
@@ -80,7 +79,7 @@ class ScoreNorm:
 
     def card_extra(self) -> dict[str, float]:
         """The card entries that go with this background in a model file."""
-        return {RANK_KEY: self.rank, BETA_KEY: self.beta}
+        return {SCORE_NORM_RANK_KEY: self.rank, SCORE_NORM_BETA_KEY: self.beta}
 
 
 def pick_background(n_items: int, size: int = DEFAULT_BACKGROUND_SIZE, seed: int = 0) -> list[int]:
@@ -92,8 +91,8 @@ def pick_background(n_items: int, size: int = DEFAULT_BACKGROUND_SIZE, seed: int
 
 def from_tensors(background: np.ndarray, extra: dict[str, object]) -> ScoreNorm:
     """The ScoreNorm a model file describes (its background tensor and card extras)."""
-    rank = extra.get(RANK_KEY, DEFAULT_RANK)
-    beta = extra.get(BETA_KEY, DEFAULT_BETA)
+    rank = extra.get(SCORE_NORM_RANK_KEY, DEFAULT_RANK)
+    beta = extra.get(SCORE_NORM_BETA_KEY, DEFAULT_BETA)
     if not isinstance(rank, int | float) or not isinstance(beta, int | float):
         raise GhostmatchError("the model card's score normalisation settings are not numbers")
     return ScoreNorm(background, int(rank), float(beta))

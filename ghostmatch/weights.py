@@ -17,8 +17,8 @@ from ghostmatch.descriptor import Descriptor
 from ghostmatch.download import Progress, download, offline, sha256_of
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ghostnet import GhostNet, infer_width, unwrap_state_dict
-from ghostmatch.modelcard import ModelCard
-from ghostmatch.scorenorm import BACKGROUND_KEY, BETA_KEY, RANK_KEY, from_tensors
+from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY, ModelCard
+from ghostmatch.scorenorm import BACKGROUND_KEY, from_tensors
 
 CARD_KEY = "ghostmatch_card"
 BUNDLED_PATH = Path(__file__).parent / "weights" / "bundled.safetensors"
@@ -195,7 +195,11 @@ def save_descriptor(model: Descriptor, path: Path, half: bool = False) -> str:
         state[BACKGROUND_KEY] = torch.from_numpy(model.score_norm.background.copy())
         card_obj = card_obj.with_changes(extra={**card_obj.extra, **model.score_norm.card_extra()})
     else:  # the card must not promise a background the file lacks
-        extra = {k: v for k, v in card_obj.extra.items() if k not in (RANK_KEY, BETA_KEY)}
+        extra = {
+            k: v
+            for k, v in card_obj.extra.items()
+            if k not in (SCORE_NORM_RANK_KEY, SCORE_NORM_BETA_KEY)
+        }
         card_obj = card_obj.with_changes(extra=extra)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}

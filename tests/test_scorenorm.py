@@ -14,7 +14,8 @@ from PIL import Image
 import ghostmatch
 from ghostmatch.dupes import DEFAULT_NORMALISED_THRESHOLD
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scorenorm import BETA_KEY, RANK_KEY, ScoreNorm, pick_background
+from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY
+from ghostmatch.scorenorm import ScoreNorm, pick_background
 from ghostmatch.weights import load_descriptor, save_descriptor
 
 
@@ -65,14 +66,15 @@ def test_model_file_round_trip(normalised_weights: Path, tmp_path: Path) -> None
     assert norm is not None and norm.rank == 3 and norm.beta == 1.0
     assert norm.background.shape == (40, model.card.dim)
     np.testing.assert_allclose(np.linalg.norm(norm.background, axis=1), 1.0, atol=2e-3)
-    assert model.card.extra[RANK_KEY] == 3 and model.card.extra[BETA_KEY] == 1.0
+    assert model.card.extra[SCORE_NORM_RANK_KEY] == 3
+    assert model.card.extra[SCORE_NORM_BETA_KEY] == 1.0
     assert "background-normalised" in model.card.describe()
     # The background is not a weight: the file still loads into the plain network, and a
     # file saved without one has none.
     model.score_norm = None
     save_descriptor(model, tmp_path / "plain.safetensors")
     plain = load_descriptor(tmp_path / "plain.safetensors")
-    assert plain.score_norm is None and RANK_KEY not in plain.card.extra
+    assert plain.score_norm is None and SCORE_NORM_RANK_KEY not in plain.card.extra
 
 
 def test_library_duplicate_scores_subtract_both_offsets(
