@@ -208,6 +208,7 @@ def save_descriptor(model: Descriptor, path: Path, half: bool = False) -> str:
     tmp = path.with_name(path.name + ".tmp")
     # safetensors makes its file readable by the owner alone; a model file gets the mode
     # any new file gets here (the umask's), so that a model shared on a server stays usable.
+    tmp.unlink(missing_ok=True)  # a crashed save's file would lend its own mode
     with open(tmp, "wb"):
         pass
     mode = stat.S_IMODE(tmp.stat().st_mode)

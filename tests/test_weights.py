@@ -64,6 +64,10 @@ def test_ghostmatch_file_round_trip_keeps_card(tmp_path: Path) -> None:
     card = ModelCard(weights="x", weights_sha256="0" * 64, projection="linear", dim=128)
     model = Descriptor(card).eval()
     path = tmp_path / "mine.safetensors"
+    # A crashed save's owner-only temp file is not reused with its mode.
+    stale = tmp_path / "mine.safetensors.tmp"
+    stale.write_bytes(b"half a model")
+    stale.chmod(0o600)
     digest = save_descriptor(model, path, half=True)
     loaded = load_descriptor(path)
     assert loaded.card.dim == 128 and loaded.card.projection == "linear"
