@@ -135,7 +135,10 @@ def test_move_touches_only_members_and_keeps_the_layout(library: Path) -> None:
     }
     for name, content in moved.items():
         assert content == before[name]
-    events = [(r["event"], r["id"]) for r in records(journal)]
+    header, *rest = records(journal)
+    # The run's record names the folder it moved into, the only place undo takes files from.
+    assert header["event"] == "run" and header["moved_into"] == str(dupes)
+    events = [(r["event"], r["id"]) for r in rest]
     ids = [i for e, i in events if e == "planned"]
     assert len(ids) == 3 and [i for e, i in events if e == "done"] == ids
     assert all(Path(r["target"]).is_relative_to(dupes) for r in records(journal) if "target" in r)
@@ -147,7 +150,7 @@ def test_undo_restores_every_file_byte_identical(library: Path) -> None:
     planned, _ = plan_actions(groups_of(library), "move", move_to=library.parent / "dupes")
     apply_actions(planned, journal, dry_run=False)
 
-    report = undo(journal)
+    report = undo(journal, [library])
     assert sorted(report.restored) == sorted(a.source for a in planned)
     assert not report.skipped and report.not_moved == 0
     after = {k: v for k, v in snapshot(library.parent).items() if not k.startswith("state/")}
@@ -159,10 +162,10 @@ def test_undo_twice_is_harmless(library: Path) -> None:
     journal = library.parent / "state" / "journal.jsonl"
     planned, _ = plan_actions(groups_of(library), "delete")
     apply_actions(planned, journal, dry_run=False)
-    undo(journal)
+    undo(journal, [library])
     lines = journal.read_text()
 
-    again = undo(journal)
+    again = undo(journal, [library])
     assert again.restored == [] and again.skipped == [] and again.already_undone == 3
     assert journal.read_text() == lines
     assert snapshot(library) == before
@@ -182,7 +185,7 @@ def test_delete_moves_into_the_trash_and_undo_brings_it_back(library: Path) -> N
         assert (
             action.target.read_bytes() == before[os.fsdecode(action.source.relative_to(library))][0]
         )
-    undo(journal)
+    undo(journal, [library])
     assert snapshot(library) == before
     assert not trash.exists()  # emptied folders of the trash are removed
 
@@ -214,12 +217,12 @@ def test_mistakes_a_user_can_make_are_ghostmatch_errors(library: Path, tmp_path:
         with pytest.raises(GhostmatchError):
             plan_actions(groups, **case)  # type: ignore[arg-type]
     with pytest.raises(GhostmatchError, match="does not exist"):
-        undo(tmp_path / "state" / "missing.jsonl")
+        undo(tmp_path / "state" / "missing.jsonl", [tmp_path])
     with pytest.raises(GhostmatchError, match="does not exist"):
         apply_actions([], tmp_path / "nowhere" / "journal.jsonl")
     with pytest.raises(GhostmatchError, match="not a ghostmatch journal"):
         (tmp_path / "state" / "bad.jsonl").write_text("garbage\n{}\n")
-        undo(tmp_path / "state" / "bad.jsonl")
+        undo(tmp_path / "state" / "bad.jsonl", [tmp_path])
 
 
 def test_collisions_get_a_numbered_name_and_nothing_is_overwritten(library: Path) -> None:
@@ -241,12 +244,12 @@ def test_collisions_get_a_numbered_name_and_nothing_is_overwritten(library: Path
     # Undo does not overwrite a file that now sits at the original place ...
     blocker = library / "2020" / "astronaut copy.jpg"
     blocker.write_bytes(b"new file")
-    first = undo(journal)
+    first = undo(journal, [library])
     assert [p for p, _ in first.skipped] == [blocker] and len(first.restored) == 2
     assert blocker.read_bytes() == b"new file"
     # ... and once it is out of the way, running undo again finishes the job.
     blocker.unlink()
-    second = undo(journal)
+    second = undo(journal, [library])
     assert second.restored == [blocker] and second.already_undone == 2
     assert blocker.read_bytes() != b"new file"
 
@@ -270,12 +273,12 @@ def test_a_crash_before_the_move_undoes_cleanly(
     with pytest.raises(KeyboardInterrupt):
         apply_actions(planned, journal, dry_run=False)
     monkeypatch.undo()
-    assert [r["event"] for r in records(journal)] == ["planned", "done", "planned"]
+    assert [r["event"] for r in records(journal)] == ["run", "planned", "done", "planned"]
 
-    report = undo(journal)
+    report = undo(journal, [library])
     assert len(report.restored) == 1 and report.not_moved == 1 and not report.skipped
     assert snapshot(library) == before
-    assert undo(journal).already_undone == 2
+    assert undo(journal, [library]).already_undone == 2
 
 
 def test_a_crash_after_the_move_undoes_cleanly(library: Path) -> None:
@@ -291,7 +294,7 @@ def test_a_crash_after_the_move_undoes_cleanly(library: Path) -> None:
     assert first.target is not None
     os.link(first.target, first.source)
 
-    result = undo(journal)
+    result = undo(journal, [library])
     assert len(result.restored) == 2 and result.not_moved == 1 and not result.skipped
     assert snapshot(library) == before
     assert not trash_folder(journal).exists()
@@ -314,7 +317,7 @@ def test_changed_or_orphaned_files_are_left_alone(library: Path) -> None:
     assert [a.source.name for a in report.done] == ["astronaut copy.jpg"]
     after = snapshot(library)
     assert after == {k: v for k, v in before.items() if k != "2020/astronaut copy.jpg"}
-    assert undo(journal).restored == [library / "2020" / "astronaut copy.jpg"]
+    assert undo(journal, [library]).restored == [library / "2020" / "astronaut copy.jpg"]
 
 
 def test_a_kept_file_is_never_acted_on(library: Path) -> None:
@@ -352,7 +355,7 @@ def test_moves_across_filesystems_keep_bytes_and_mtime(
         assert action.target is not None
         name = os.fsdecode(action.source.relative_to(library))
         assert (action.target.read_bytes(), action.target.stat().st_mtime_ns) == before[name]
-    undo(journal)
+    undo(journal, [library])
     assert snapshot(library) == before
 
 
@@ -369,8 +372,9 @@ def test_purge_deletes_the_trash_for_good(library: Path) -> None:
 
     assert purge_trash(journal) == 3
     assert not trash_folder(journal).exists() and outside.exists()
-    report = undo(journal)
-    assert report.restored == [] and len(report.skipped) == 4
+    report = undo(journal, [library])
+    assert report.restored == [] and len(report.skipped) == 3
+    assert [path for path, _ in report.rejected] == [outside]
     assert outside.read_bytes() == b"not in the trash"
     assert all(not a.source.exists() for a in planned)
 
@@ -388,7 +392,7 @@ def test_non_utf8_names_round_trip_through_the_journal(library: Path, encoded: d
     apply_actions(planned, journal, dry_run=False)
     journal.read_text(encoding="ascii")  # surrogates are stored as escapes
     assert not odd.exists()
-    assert undo(journal).restored == [odd]
+    assert undo(journal, [library]).restored == [odd]
     assert odd.read_bytes() == encoded["astronaut"]
 
 
@@ -416,5 +420,5 @@ def test_a_symlink_is_moved_as_a_link_and_its_file_stays(library: Path) -> None:
     target = report.done[0].target
     assert target is not None and target.is_symlink() and not os.path.lexists(link)
     assert snapshot(library / "backup") == backup
-    assert undo(journal).restored == [link]
+    assert undo(journal, [library]).restored == [link]
     assert os.readlink(link) == os.path.join("..", "backup", "coffee.jpg")
