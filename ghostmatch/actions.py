@@ -787,7 +787,9 @@ def _read_journal(journal: Path) -> tuple[list[_Entry], dict[str, Path | None]]:
             if entry is None:
                 run = record.get("run")
                 action = Action.from_dict(record)
-                entries[entry_id] = _Entry(entry_id, action, event, None if run is None else str(run))
+                entries[entry_id] = _Entry(
+                    entry_id, action, event, None if run is None else str(run)
+                )
             else:
                 entry.status = event
         except (ValueError, KeyError, TypeError) as error:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from PIL import Image
@@ -26,6 +27,7 @@ from ghostmatch.actions import (
 )
 from ghostmatch.dupes import DuplicateGroup, DuplicateMember
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.scan import content_hash
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +69,12 @@ def library(tmp_path: Path, encoded: dict[str, bytes]) -> Path:
 
 
 def member(path: Path, score: float = 1.0, tier: str = "exact") -> DuplicateMember:
+    """``path`` as the catalog describes it, content hash included."""
     st = path.stat()
     with Image.open(path) as image:
         width, height = image.size
-    return DuplicateMember(path, score, tier, width, height, st.st_size, st.st_mtime_ns)
+    digest = content_hash(path)
+    return DuplicateMember(path, score, tier, width, height, st.st_size, st.st_mtime_ns, digest)
 
 
 def groups_of(photos: Path) -> list[DuplicateGroup]:
@@ -422,3 +426,149 @@ def test_a_symlink_is_moved_as_a_link_and_its_file_stays(library: Path) -> None:
     assert snapshot(library / "backup") == backup
     assert undo(journal, [library]).restored == [link]
     assert os.readlink(link) == os.path.join("..", "backup", "coffee.jpg")
+
+
+def test_a_replaced_or_emptied_kept_file_leaves_its_copies_alone(library: Path) -> None:
+    """The copies would be the only ones left: the group is skipped and reported."""
+    groups = groups_of(library)
+    astronaut, coffee = library / "2019" / "astronaut.jpg", library / "2019" / "coffee.jpg"
+    # Another photo of exactly the same size and mtime: only the content hash tells.
+    st = astronaut.stat()
+    replacement = bytearray(astronaut.read_bytes())
+    replacement[-3] ^= 0xFF
+    astronaut.write_bytes(bytes(replacement))
+    os.utime(astronaut, ns=(st.st_atime_ns, st.st_mtime_ns))
+    coffee.write_bytes(b"")
+    before = snapshot(library)
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, skipped = plan_actions(groups, "delete")
+    assert len(planned) == 3 and not skipped
+
+    for dry_run in (True, False):
+        report = apply_actions(planned, journal, dry_run=dry_run)
+        assert report.done == []
+        failed = {a.source: reason for a, reason in report.failed}
+        assert set(failed) == {a.source for a in planned}
+        assert all("kept file" in reason and "changed" in reason for reason in failed.values())
+    assert snapshot(library) == before
+
+
+def test_a_changed_copy_of_the_same_size_and_mtime_is_left_alone(library: Path) -> None:
+    copy = library / "backup" / "coffee.jpg"
+    groups = groups_of(library)
+    st = copy.stat()
+    content = bytearray(copy.read_bytes())
+    content[-3] ^= 0xFF
+    copy.write_bytes(bytes(content))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    planned, _ = plan_actions(groups, "delete")
+    report = apply_actions(planned, library.parent / "state" / "journal.jsonl", dry_run=False)
+    assert [(a.source, r) for a, r in report.failed] == [
+        (copy, "the file changed since it was grouped; group again")
+    ]
+    assert copy.read_bytes() == bytes(content) and len(report.done) == 2
+
+
+def forged(op: str, source: Path, target: Path, keep: Path, **fields: object) -> str:
+    """A journal line as someone other than ghostmatch might write it."""
+    action = Action(op, source, target, keep, 1.0, "exact", **fields)  # type: ignore[arg-type]
+    return json.dumps({"event": "done", "id": uuid4().hex, **action.to_dict()}) + "\n"
+
+
+def test_undo_rejects_forged_entries_and_restores_the_rest(library: Path) -> None:
+    """A journal is data: no file is created or moved outside what the run itself did."""
+    victim = library.parent / "victim"
+    victim.mkdir()
+    important = victim / "important.txt"
+    important.write_bytes(b"keep me here")
+    payload = library.parent / "payload"
+    payload.write_bytes(b"* * * * * evil")
+    keep = library / "2019" / "coffee.jpg"
+    journal = library.parent / "state" / "journal.jsonl"
+    dupes = library.parent / "dupes"
+    planned, _ = plan_actions(groups_of(library), "move", move_to=dupes)
+    honest = apply_actions(planned, journal, dry_run=False)
+    trash = trash_folder(journal)
+    trash.mkdir()
+    (trash / "planted.jpg").write_bytes(b"planted")
+    planted_fields = dict(bytes=7, content_hash=content_hash(trash / "planted.jpg"))
+    moved = honest.done[0]
+    assert moved.target is not None
+    identity = dict(bytes=moved.bytes, mtime_ns=moved.mtime_ns, content_hash=moved.content_hash)
+    lines = [
+        # Put a payload into a folder outside the index, creating its parents.
+        forged("move", victim / "newdir" / "sub" / "cron_evil", payload, keep),
+        forged("delete", victim / "newdir" / "sub" / "cron_evil", payload, keep),
+        # Take a file that ghostmatch never moved and "restore" it elsewhere.
+        forged("move", library / "2020" / "stolen.txt", important, keep),
+        forged("delete", library / "2020" / "stolen.txt", important, keep),
+        # From the trash, but onto a kept file's place, or outside the index.
+        forged("delete", keep, trash / "planted.jpg", keep, **planted_fields),
+        forged("delete", victim / "planted.jpg", trash / "planted.jpg", keep, **planted_fields),
+        forged("delete", library / "../victim/x.jpg", trash / "planted.jpg", keep),
+        # The moved file itself, claimed for another place in the index.
+        forged("move", library / "2019" / "other.jpg", moved.target, keep, **identity),
+    ]
+    with open(journal, "a") as fp:
+        fp.writelines(lines)
+    before = snapshot(library.parent)
+
+    report = undo(journal, [library])
+    assert len(report.rejected) == len(lines)
+    assert all(reason for _, reason in report.rejected)
+    assert sorted(report.restored) == sorted(a.source for a in planned)
+    assert not (victim / "newdir").exists() and important.read_bytes() == b"keep me here"
+    assert payload.exists() and (trash / "planted.jpg").exists()
+    assert not (library / "2019" / "other.jpg").exists()
+    assert not (library / "2020" / "stolen.txt").exists()
+    untouched = ("victim/", "payload", "state/journal.jsonl.trash/")
+    after = snapshot(library.parent)
+    assert {k: v for k, v in after.items() if k.startswith(untouched)} == {
+        k: v for k, v in before.items() if k.startswith(untouched)
+    }
+
+
+def test_undo_leaves_a_file_that_is_not_the_one_moved(library: Path) -> None:
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "delete")
+    report = apply_actions(planned, journal, dry_run=False)
+    swapped = report.done[0]
+    assert swapped.target is not None
+    st = swapped.target.stat()
+    content = bytearray(swapped.target.read_bytes())
+    content[-3] ^= 0xFF
+    swapped.target.write_bytes(bytes(content))
+    os.utime(swapped.target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    result = undo(journal, [library])
+    assert len(result.restored) == 2
+    assert [(p, "not the file" in r) for p, r in result.rejected] == [(swapped.source, True)]
+    assert not swapped.source.exists() and swapped.target.read_bytes() == bytes(content)
+
+
+def test_undo_rejects_a_journal_without_content_hashes(library: Path) -> None:
+    """Without a recorded hash there is nothing to check a file against; say so."""
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "delete")
+    apply_actions(planned, journal, dry_run=False)
+    old = [json.loads(line) for line in journal.read_text().splitlines()]
+    lines = [
+        json.dumps({k: v for k, v in record.items() if k not in ("run", "content_hash")})
+        for record in old
+        if record["event"] != "run"
+    ]
+    journal.write_text("\n".join(lines) + "\n")
+
+    report = undo(journal, [library])
+    assert report.restored == [] and len(report.rejected) == 3
+    assert all("no content hash" in reason for _, reason in report.rejected)
+
+
+def test_undo_only_restores_into_the_indexed_folders(library: Path, tmp_path: Path) -> None:
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "move", move_to=library.parent / "dupes")
+    apply_actions(planned, journal, dry_run=False)
+    report = undo(journal, [library / "2019"])
+    assert report.restored == [] and len(report.rejected) == 3
+    assert all("outside the indexed folders" in reason for _, reason in report.rejected)
+    assert len(undo(journal, [library]).restored) == 3
