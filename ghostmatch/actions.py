@@ -358,7 +358,15 @@ def apply_actions(actions: Sequence[Action], journal: Path, dry_run: bool = True
                 append({"event": "failed", "id": entry, "error": message})
                 report.failed.append((action, message))
                 continue
-            append({"event": "done", "id": entry})
+            done: Record = {"event": "done", "id": entry}
+            try:
+                if not os.path.islink(action.target):
+                    # A filesystem with coarser timestamps (FAT, NTFS) rounds the mtime on a
+                    # move across drives; undo checks the file against the mtime it has there.
+                    done["mtime_ns"] = os.stat(action.target).st_mtime_ns
+            except OSError:
+                pass
+            append(done)
             report.done.append(action)
     return report
 
@@ -792,6 +800,9 @@ def _read_journal(journal: Path) -> tuple[list[_Entry], dict[str, Path | None]]:
                 )
             else:
                 entry.status = event
+                if event == "done" and "mtime_ns" in record:
+                    mtime_ns = int(record["mtime_ns"])
+                    entry.action = replace(entry.action, mtime_ns=mtime_ns)
         except (ValueError, KeyError, TypeError) as error:
             if number == len(lines):
                 break

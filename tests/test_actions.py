@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from uuid import uuid4
 
@@ -361,6 +362,33 @@ def test_moves_across_filesystems_keep_bytes_and_mtime(
         assert (action.target.read_bytes(), action.target.stat().st_mtime_ns) == before[name]
     undo(journal, [library])
     assert snapshot(library) == before
+
+
+def test_undo_after_a_move_onto_coarser_timestamps(
+    library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drive that keeps mtimes to 2 s (FAT) rounds them; undo still knows the file."""
+    real_copystat = shutil.copystat
+
+    def no_cross_device_links(source: object, target: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def fat_copystat(source: Path, target: Path) -> None:
+        real_copystat(source, target)
+        mtime_ns = target.stat().st_mtime_ns // (2 * 10**9) * (2 * 10**9)
+        os.utime(target, ns=(mtime_ns, mtime_ns))
+
+    for file in library.rglob("*.jpg"):
+        os.utime(file, ns=(0, file.stat().st_mtime_ns + 123_456_789))
+    monkeypatch.setattr(os, "link", no_cross_device_links)
+    monkeypatch.setattr(shutil, "copystat", fat_copystat)
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "move", move_to=library.parent / "dupes")
+    report = apply_actions(planned, journal, dry_run=False)
+    assert all(a.target and a.target.stat().st_mtime_ns != a.mtime_ns for a in report.done)
+
+    result = undo(journal, [library])
+    assert sorted(result.restored) == sorted(a.source for a in planned) and not result.rejected
 
 
 def test_purge_deletes_the_trash_for_good(library: Path) -> None:
