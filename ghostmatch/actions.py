@@ -460,7 +460,7 @@ class _UndoRules:
 
     trash: Path
     roots: list[tuple[Path, Path]]  # (as given, symlinks resolved)
-    kept: frozenset[Path]
+    kept: dict[str | None, set[Path]]  # each run's kept files
     runs: dict[str, Path | None]
 
     @classmethod
@@ -472,11 +472,14 @@ class _UndoRules:
         entries: Sequence[_Entry],
     ) -> _UndoRules:
         folders = [Path(os.path.abspath(root)) for root in roots]
-        kept = {Path(os.path.abspath(entry.action.keep)) for entry in entries}
+        kept: dict[str | None, set[Path]] = {}
+        for entry in entries:
+            keep = Path(os.path.abspath(entry.action.keep))
+            kept.setdefault(entry.run, set()).update((keep, _real_file(keep)))
         return cls(
             trash=Path(os.path.realpath(trash)),
             roots=[(folder, Path(os.path.realpath(folder))) for folder in folders],
-            kept=frozenset(kept | {_real_file(path) for path in kept}),
+            kept=kept,
             runs=runs,
         )
 
@@ -487,8 +490,10 @@ class _UndoRules:
         if target is None or not (_is_clean_absolute(source) and _is_clean_absolute(target)):
             return "its paths are not absolute, normalised paths"
         real_source = _real_file(source)
-        if source in self.kept or real_source in self.kept:
-            return "it is the kept file of a group in this journal"
+        # Within a run no kept file is acted on (plan_actions); a later run may keep another.
+        kept = self.kept.get(entry.run, set())
+        if source in kept or real_source in kept:
+            return "it is the kept file of a group of its run"
         root = next(
             (
                 folder

@@ -600,3 +600,15 @@ def test_undo_only_restores_into_the_indexed_folders(library: Path, tmp_path: Pa
     assert report.restored == [] and len(report.rejected) == 3
     assert all("outside the indexed folders" in reason for _, reason in report.rejected)
     assert len(undo(journal, [library]).restored) == 3
+
+
+def test_a_later_run_in_the_same_journal_may_move_an_earlier_runs_kept_file(
+    library: Path,
+) -> None:
+    keep, copy = library / "2019" / "coffee.jpg", library / "backup" / "coffee.jpg"
+    journal = library.parent / "state" / "journal.jsonl"
+    for kept, moved in ((keep, copy), (copy, keep)):
+        group = DuplicateGroup(member(kept), [member(moved)])
+        apply_actions(plan_actions([group], "delete")[0], journal, dry_run=False)
+        report = undo(journal, [library])
+        assert report.restored == [moved] and not report.rejected
