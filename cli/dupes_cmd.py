@@ -192,17 +192,33 @@ def _act(
 
 def undo(
     journal: Annotated[Path, typer.Argument(help="Journal written by dupes --apply.")],
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            "--index",
+            help="Index the duplicates were found in; files go back only into its folders.",
+        ),
+    ] = None,
 ) -> None:
     """Put back every file that a dupes --apply run moved or deleted."""
+    import ghostmatch
     from ghostmatch.actions import undo as undo_journal
 
-    report = undo_journal(journal)
+    # The indexed folders come from the catalog, never from the journal: a journal is data.
+    lib = ghostmatch.open(index, create=False)
+    try:
+        roots = lib.catalog.roots()
+    finally:
+        lib.close()
+    report = undo_journal(journal, roots)
     out.print(f"restored {len(report.restored)} files", markup=False)
     if report.already_undone:
         out.print(f"{report.already_undone} were restored by an earlier undo")
+    for path, reason in report.rejected:
+        err.print(f"rejected {os.fsdecode(path)}: {reason}", markup=False)
     for path, reason in report.skipped:
         err.print(f"not restored {os.fsdecode(path)}: {reason}", markup=False)
-    if report.skipped:
+    if report.skipped or report.rejected:
         raise typer.Exit(1)
 
 

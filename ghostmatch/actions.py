@@ -13,10 +13,15 @@ Layout choices:
 - A name that is taken gets a numbered suffix (a.jpg -> a~1.jpg, a~2.jpg, ...); no
   existing file is ever replaced, neither by an action nor by ``undo``.
 
-The journal is JSON lines, one record per event, fsynced before the next step: "planned"
-(the whole action, written before the file is touched), then "done" or "failed", later
-"undone" or "purged". Paths are stored with non-UTF-8 bytes as escaped surrogates, so every
-file name round-trips.
+The journal is JSON lines, one record per event, fsynced before the next step: "run" (once
+per applied run: the folder it moves files into), "planned" (the whole action, with the
+file's size, mtime and content hash, written before the file is touched), then "done" or
+"failed", later "undone" or "purged". Paths are stored with non-UTF-8 bytes as escaped
+surrogates, so every file name round-trips.
+
+A journal is data, not instructions: ``undo`` moves a file back only from this journal's
+trash or its run's move-to folder, only to a place inside the indexed folders that was not
+a kept file, and only when the file still has the recorded size, mtime and content hash.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ from typing import Any
 
 from ghostmatch.dupes import DuplicateGroup
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.scan import content_hash
 
 OPS = ("move", "delete")
 TRASH_SUFFIX = ".trash"
+# Journals with "run" records and per-file content hashes; undo needs both.
+JOURNAL_FORMAT = 2
 
 # Why plan_actions leaves a member alone; the second list it returns carries these.
 PROTECTED = "protected"
@@ -55,8 +63,9 @@ class Action:
     """Move ``source``, a duplicate of ``keep``, to ``target``.
 
     For "delete" the target is the trash location; ``plan_actions`` leaves it None and
-    ``apply_actions`` fills it in. ``bytes`` and ``mtime_ns`` describe the file as it was
-    grouped: a file that changed since is left alone (0 skips the mtime check).
+    ``apply_actions`` fills it in. ``bytes``, ``mtime_ns`` and ``content_hash`` describe the
+    file as it was grouped, the ``keep_*`` fields the kept file: when either file changed
+    since, the action is left alone (0, None or "" skip that check).
     """
 
     op: str
@@ -67,6 +76,10 @@ class Action:
     tier: str
     bytes: int = 0
     mtime_ns: int = 0
+    content_hash: str = ""
+    keep_bytes: int | None = None
+    keep_mtime_ns: int | None = None
+    keep_hash: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +91,10 @@ class Action:
             "tier": self.tier,
             "bytes": self.bytes,
             "mtime_ns": self.mtime_ns,
+            "content_hash": self.content_hash,
+            "keep_bytes": self.keep_bytes,
+            "keep_mtime_ns": self.keep_mtime_ns,
+            "keep_hash": self.keep_hash,
         }
 
     def to_json(self) -> str:
@@ -87,6 +104,7 @@ class Action:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Action:
         target = data.get("target")
+        keep_bytes, keep_mtime_ns = data.get("keep_bytes"), data.get("keep_mtime_ns")
         return cls(
             op=data["op"],
             source=Path(data["source"]),
@@ -96,6 +114,10 @@ class Action:
             tier=str(data.get("tier", "")),
             bytes=int(data.get("bytes", 0)),
             mtime_ns=int(data.get("mtime_ns", 0)),
+            content_hash=str(data.get("content_hash") or ""),
+            keep_bytes=None if keep_bytes is None else int(keep_bytes),
+            keep_mtime_ns=None if keep_mtime_ns is None else int(keep_mtime_ns),
+            keep_hash=str(data.get("keep_hash") or ""),
         )
 
 
@@ -134,13 +156,16 @@ class UndoReport:
     ``restored``: files moved back to where they were. ``not_moved``: actions a crash cut
     short before the file moved, now closed. ``skipped``: files left where they are, with
     the reason; fix that and run ``undo`` again, which retries exactly these.
-    ``already_undone``: actions an earlier ``undo`` reverted.
+    ``already_undone``: actions an earlier ``undo`` reverted. ``rejected``: journal entries
+    that fail the checks in the module docstring (a forged or edited journal, or a file that
+    is not the one moved), by their original path, with the reason; nothing is done for them.
     """
 
     restored: list[Path] = field(default_factory=list)
     not_moved: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     already_undone: int = 0
+    rejected: list[tuple[Path, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +173,7 @@ class UndoReport:
             "not_moved": self.not_moved,
             "skipped": [{"path": os.fsdecode(p), "reason": r} for p, r in self.skipped],
             "already_undone": self.already_undone,
+            "rejected": [{"path": os.fsdecode(p), "reason": r} for p, r in self.rejected],
         }
 
 
@@ -232,6 +258,10 @@ def plan_actions(
                     tier=member.tier,
                     bytes=member.bytes,
                     mtime_ns=member.mtime_ns,
+                    content_hash=member.content_hash,
+                    keep_bytes=group.keep.bytes,
+                    keep_mtime_ns=group.keep.mtime_ns,
+                    keep_hash=group.keep.content_hash,
                 )
             )
     if destination is None:
@@ -257,9 +287,10 @@ def apply_actions(actions: Sequence[Action], journal: Path, dry_run: bool = True
 
     Before a file is touched its action is appended to ``journal`` as "planned" (fsynced),
     then "done" or "failed" follows, so ``undo`` can always finish the job. A file is left
-    alone (and reported as failed) when it is missing, changed since it was grouped, or
-    when its kept file is gone. "delete" moves the file into ``trash_folder(journal)``.
-    Moves never replace an existing file, work across filesystems and keep mtime.
+    alone (and reported as failed) when it is missing or changed since it was grouped (size,
+    mtime or content hash), or when its kept file is gone or changed: then the copies are
+    the only ones left. "delete" moves the file into ``trash_folder(journal)``. Moves never
+    replace an existing file, work across filesystems and keep mtime.
     """
     journal = Path(os.path.abspath(journal))
     if not journal.parent.is_dir():
@@ -272,7 +303,20 @@ def apply_actions(actions: Sequence[Action], journal: Path, dry_run: bool = True
     report = ActionReport(dry_run=dry_run, journal=journal)
     run = uuid.uuid4().hex[:12]
     claimed: set[Path] = set()
+    kept_hashes: dict[Path, str] = {}
     with _journal_appender(journal, enabled=not dry_run) as append:
+        if actions:
+            # Undo trusts no path in the journal by itself: this says where this run's moves
+            # may be taken back from.
+            moved_into = _common_folder(
+                [
+                    Path(os.path.abspath(a.target))
+                    for a in actions
+                    if a.op == "move" and a.target is not None
+                ]
+            )
+            folder = None if moved_into is None else os.fsdecode(moved_into)
+            append({"event": "run", "run": run, "format": JOURNAL_FORMAT, "moved_into": folder})
         for number, given in enumerate(actions):
             entry = f"{run}-{number}"
             # Absolute paths, so that undo works from any working directory.
@@ -282,7 +326,11 @@ def apply_actions(actions: Sequence[Action], journal: Path, dry_run: bool = True
                 keep=Path(os.path.abspath(given.keep)),
                 target=None if given.target is None else Path(os.path.abspath(given.target)),
             )
-            problem = _problem(planned)
+            problem, found = _problem(planned, kept_hashes)
+            if found is not None:
+                # The journal records the file as it is moved, for undo to check against.
+                size, mtime_ns, digest = found
+                planned = replace(planned, bytes=size, mtime_ns=mtime_ns, content_hash=digest)
             target = planned.target
             if problem is None:
                 if planned.op == "delete":
@@ -295,13 +343,14 @@ def apply_actions(actions: Sequence[Action], journal: Path, dry_run: bool = True
             action = replace(planned, target=target)
             if problem is not None:
                 report.failed.append((action, problem))
-                append({"event": "failed", "id": entry, **action.to_dict(), "error": problem})
+                failed = {"event": "failed", "id": entry, "run": run, **action.to_dict()}
+                append({**failed, "error": problem})
                 continue
             if dry_run:
                 report.done.append(action)
                 continue
             assert action.target is not None
-            append({"event": "planned", "id": entry, **action.to_dict()})
+            append({"event": "planned", "id": entry, "run": run, **action.to_dict()})
             try:
                 _move_exclusive(action.source, action.target)
             except OSError as error:
@@ -309,23 +358,35 @@ def apply_actions(actions: Sequence[Action], journal: Path, dry_run: bool = True
                 append({"event": "failed", "id": entry, "error": message})
                 report.failed.append((action, message))
                 continue
-            append({"event": "done", "id": entry})
+            done: Record = {"event": "done", "id": entry}
+            try:
+                if not os.path.islink(action.target):
+                    # A filesystem with coarser timestamps (FAT, NTFS) rounds the mtime on a
+                    # move across drives; undo checks the file against the mtime it has there.
+                    done["mtime_ns"] = os.stat(action.target).st_mtime_ns
+            except OSError:
+                pass
+            append(done)
             report.done.append(action)
     return report
 
 
-def undo(journal: Path) -> UndoReport:
+def undo(journal: Path, roots: Sequence[Path]) -> UndoReport:
     """Put back every file ``journal`` moved or trashed, the latest first.
 
-    Nothing is overwritten: a file that now sits at the original place keeps both files
-    where they are and is reported in ``skipped``. Each reverted action gets an "undone"
-    record, so running ``undo`` again does nothing new (and retries only the skipped).
-    Actions a crash left "planned" are reverted if their file moved, closed if it did not.
+    ``roots`` are the indexed folders (``Catalog.roots()``): a file goes back only to a
+    place inside one of them. Entries that fail the checks of the module docstring are
+    ``rejected`` and left alone; the rest are restored. Nothing is overwritten: a file that
+    now sits at the original place keeps both files where they are and is reported in
+    ``skipped``. Each reverted action gets an "undone" record, so running ``undo`` again
+    does nothing new (and retries only the skipped). Actions a crash left "planned" are
+    reverted if their file moved, closed if it did not.
     """
     journal = _existing_journal(journal)
-    entries = _read_entries(journal)
+    entries, runs = _read_journal(journal)
     report = UndoReport()
     trash = trash_folder(journal)
+    rules = _UndoRules.make(trash, roots, runs, entries)
     with _journal_appender(journal) as append:
         for entry in reversed(entries):
             action = entry.action
@@ -337,7 +398,14 @@ def undo(journal: Path) -> UndoReport:
             if entry.status == "purged":
                 report.skipped.append((action.source, "purged from the ghostmatch trash"))
                 continue
-            outcome, reason = _restore(action, moved=entry.status == "done")
+            rejected = rules.problem(entry)
+            if rejected is None:
+                outcome, reason = _restore(action, moved=entry.status == "done")
+            else:
+                outcome, reason = "rejected", rejected
+            if outcome == "rejected":
+                report.rejected.append((action.source, reason))
+                continue
             if outcome == "skipped":
                 report.skipped.append((action.source, reason))
                 continue
@@ -361,7 +429,7 @@ def purge_trash(journal: Path) -> int:
     trash = trash_folder(journal)
     removed = 0
     with _journal_appender(journal) as append:
-        for entry in _read_entries(journal):
+        for entry in _read_journal(journal)[0]:
             target = entry.action.target
             if entry.action.op != "delete" or entry.status not in ("planned", "done"):
                 continue
@@ -382,34 +450,185 @@ class _Entry:
     id: str
     action: Action
     status: str
+    run: str | None = None
 
 
-def _problem(action: Action) -> str | None:
-    """Why ``action`` must not run now, or None."""
+@dataclass(frozen=True)
+class _UndoRules:
+    """What ``undo`` may do, from what it can trust: the journal's own location (its
+    trash), the indexed folders, and each run's record of the folder it moved files into."""
+
+    trash: Path
+    roots: list[tuple[Path, Path]]  # (as given, symlinks resolved)
+    kept: dict[str | None, set[Path]]  # each run's kept files
+    runs: dict[str, Path | None]
+
+    @classmethod
+    def make(
+        cls,
+        trash: Path,
+        roots: Sequence[Path],
+        runs: dict[str, Path | None],
+        entries: Sequence[_Entry],
+    ) -> _UndoRules:
+        folders = [Path(os.path.abspath(root)) for root in roots]
+        kept: dict[str | None, set[Path]] = {}
+        for entry in entries:
+            keep = Path(os.path.abspath(entry.action.keep))
+            kept.setdefault(entry.run, set()).update((keep, _real_file(keep)))
+        return cls(
+            trash=Path(os.path.realpath(trash)),
+            roots=[(folder, Path(os.path.realpath(folder))) for folder in folders],
+            kept=kept,
+            runs=runs,
+        )
+
+    def problem(self, entry: _Entry) -> str | None:
+        """Why ``entry`` must not be undone, or None."""
+        action = entry.action
+        source, target = action.source, action.target
+        if target is None or not (_is_clean_absolute(source) and _is_clean_absolute(target)):
+            return "its paths are not absolute, normalised paths"
+        real_source = _real_file(source)
+        # Within a run no kept file is acted on (plan_actions); a later run may keep another.
+        kept = self.kept.get(entry.run, set())
+        if source in kept or real_source in kept:
+            return "it is the kept file of a group of its run"
+        root = next(
+            (
+                folder
+                for folder, real in self.roots
+                if _is_under(source, folder) and _is_under(real_source, real)
+            ),
+            None,
+        )
+        if root is None:
+            folders = ", ".join(os.fsdecode(folder) for folder, _ in self.roots) or "none"
+            return (
+                f"its original place is outside the indexed folders ({folders}); pass the "
+                "--index its duplicates were found in"
+            )
+        if not root.is_dir():
+            return f"the indexed folder {os.fsdecode(root)} is missing"
+        if action.op == "delete":
+            home, name = self.trash, f"this journal's trash {os.fsdecode(self.trash)}"
+        elif action.op == "move":
+            moved_into = self.runs.get(entry.run or "")
+            if moved_into is None:
+                return (
+                    "the journal does not say which folder its run moved files into (a "
+                    f"journal of an older ghostmatch); move {os.fsdecode(target)} back by hand"
+                )
+            home = Path(os.path.realpath(moved_into))
+            if any(_is_under(real, home) for _, real in self.roots):
+                return f"its move-to folder {os.fsdecode(moved_into)} holds an indexed folder"
+            name = f"the move-to folder {os.fsdecode(moved_into)}"
+        else:
+            return f"unknown action {action.op!r}"
+        if _is_under(real_source, home) or _is_under(real_source, self.trash):
+            return "its original place is inside a trash or move-to folder"
+        if not _is_under(_real_file(target), home):
+            return f"{os.fsdecode(target)} is outside {name}"
+        if not action.content_hash:
+            return (
+                "the journal records no content hash for it (a journal of an older "
+                f"ghostmatch); check {os.fsdecode(target)} and move it back by hand"
+            )
+        return None
+
+
+def _problem(
+    action: Action, kept_hashes: dict[Path, str]
+) -> tuple[str | None, tuple[int, int, str] | None]:
+    """Why ``action`` must not run now (or None), and its file's (size, mtime, hash)."""
     if action.op not in OPS:
-        return f"unknown action {action.op!r}"
+        return f"unknown action {action.op!r}", None
     try:
         st = os.stat(action.source)
     except FileNotFoundError:
-        return "the file is missing"
+        return "the file is missing", None
     except OSError as error:
-        return _describe(error)
+        return _describe(error), None
+    changed = "the file changed since it was grouped; group again"
     if st.st_size != action.bytes or (action.mtime_ns and st.st_mtime_ns != action.mtime_ns):
-        return "the file changed since it was grouped; group again"
-    if not os.path.exists(action.keep):
-        return f"its kept file {os.fsdecode(action.keep)} is missing"
+        return changed, None
+    kept = _kept_problem(action, kept_hashes)
+    if kept is not None:
+        return kept, None
     # The kept file may be a link to this one; moving it away would break the kept copy.
     if _same_file(action.source, action.keep):
-        return "it is the same file as the kept one"
+        return "it is the same file as the kept one", None
+    try:
+        digest = content_hash(action.source)
+    except OSError as error:
+        return _describe(error), None
+    if action.content_hash and digest != action.content_hash:
+        return changed, None
+    return None, (st.st_size, st.st_mtime_ns, digest)
+
+
+def _kept_problem(action: Action, kept_hashes: dict[Path, str]) -> str | None:
+    """Why ``action``'s kept file no longer stands for its group, or None.
+
+    Replaced or emptied since it was grouped, the kept file is no copy of the others, which
+    are then the only copies left; ``kept_hashes`` saves hashing it once per copy.
+    """
+    keep = action.keep
+    try:
+        st = os.stat(keep)
+    except FileNotFoundError:
+        return f"its kept file {os.fsdecode(keep)} is missing"
+    except OSError as error:
+        return f"its kept file cannot be read: {_describe(error)}"
+    changed = f"its kept file {os.fsdecode(keep)} changed since it was grouped; group again"
+    if action.keep_bytes is not None and st.st_size != action.keep_bytes:
+        return changed
+    if action.keep_mtime_ns and st.st_mtime_ns != action.keep_mtime_ns:
+        return changed
+    if action.keep_hash:
+        digest = kept_hashes.get(keep)
+        if digest is None:
+            try:
+                digest = kept_hashes[keep] = content_hash(keep)
+            except OSError as error:
+                return f"its kept file cannot be read: {_describe(error)}"
+        if digest != action.keep_hash:
+            return changed
+    return None
+
+
+def _identity_problem(action: Action) -> str | None:
+    """Why the file at ``action.target`` is not the one the action moved there, or None."""
+    assert action.target is not None
+    target = action.target
+    file = target
+    if os.path.islink(target):
+        # A link was moved as a link: check what it will point to once back in place.
+        file = Path(os.path.join(os.path.dirname(action.source), os.readlink(target)))
+    try:
+        st = os.stat(file)
+        digest = content_hash(file)
+    except OSError as error:
+        return f"cannot check {os.fsdecode(target)}: {_describe(error)}"
+    recorded = (action.bytes, action.mtime_ns, action.content_hash)
+    if (st.st_size, st.st_mtime_ns, digest) != recorded:
+        return (
+            f"{os.fsdecode(target)} is not the file that was moved there (its size, mtime or "
+            "content differ)"
+        )
     return None
 
 
 def _restore(action: Action, moved: bool) -> tuple[str, str]:
-    """Move ``action``'s file back: ("restored" | "not-moved" | "skipped", reason)."""
+    """Move ``action``'s file back: ("restored" | "not-moved" | "skipped" | "rejected",
+    reason)."""
     source, target = action.source, action.target
     at_source = os.path.lexists(source)
     at_target = target is not None and os.path.lexists(target)
     if target is not None and at_target and not at_source:
+        problem = _identity_problem(action)
+        if problem is not None:
+            return "rejected", problem
         try:
             _move_exclusive(target, source)
         except OSError as error:
@@ -505,6 +724,11 @@ def _is_under(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _is_clean_absolute(path: Path) -> bool:
+    """Absolute, without "." or ".." parts or doubled separators."""
+    return path.is_absolute() and os.path.normpath(path) == os.fspath(path)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -551,12 +775,14 @@ def _existing_journal(journal: Path) -> Path:
     return journal
 
 
-def _read_entries(journal: Path) -> list[_Entry]:
-    """The actions in ``journal`` in the order they were planned, each with its last event.
+def _read_journal(journal: Path) -> tuple[list[_Entry], dict[str, Path | None]]:
+    """The actions in ``journal`` in the order they were planned, each with its last event,
+    and each run's folder it moved files into (None: it moved none).
 
     A last line cut short by a crash is ignored; any other unreadable line is an error.
     """
     entries: dict[str, _Entry] = {}
+    runs: dict[str, Path | None] = {}
     with open(journal, encoding="utf-8", errors="surrogateescape") as reader:
         lines = reader.read().splitlines()
     for number, line in enumerate(lines, 1):
@@ -564,13 +790,24 @@ def _read_entries(journal: Path) -> list[_Entry]:
             continue
         try:
             record = json.loads(line)
-            entry_id = str(record["id"])
             event = str(record["event"])
+            if event == "run":
+                folder = record.get("moved_into")
+                runs[str(record["run"])] = None if folder is None else Path(str(folder))
+                continue
+            entry_id = str(record["id"])
             entry = entries.get(entry_id)
             if entry is None:
-                entries[entry_id] = _Entry(entry_id, Action.from_dict(record), event)
+                run = record.get("run")
+                action = Action.from_dict(record)
+                entries[entry_id] = _Entry(
+                    entry_id, action, event, None if run is None else str(run)
+                )
             else:
                 entry.status = event
+                if event == "done" and "mtime_ns" in record:
+                    mtime_ns = int(record["mtime_ns"])
+                    entry.action = replace(entry.action, mtime_ns=mtime_ns)
         except (ValueError, KeyError, TypeError) as error:
             if number == len(lines):
                 break
@@ -578,7 +815,7 @@ def _read_entries(journal: Path) -> list[_Entry]:
                 f"{os.fsdecode(journal)} line {number} is not a ghostmatch journal record "
                 f"({error}); pass the journal that the applied run wrote"
             ) from error
-    return list(entries.values())
+    return list(entries.values()), runs
 
 
 @contextmanager

@@ -17,7 +17,9 @@ TIERS = ("exact", "near", "edited")
 @dataclass(frozen=True)
 class DuplicateMember:
     """One file of a group; ``score`` is its duplicate score with the kept file: cosine
-    similarity, less background offsets when the model has a score background."""
+    similarity, less background offsets when the model has a score background.
+    ``content_hash`` is the file's hash as indexed ("" when unknown), so that acting on a
+    group can check that no file changed since."""
 
     path: Path
     score: float
@@ -26,6 +28,7 @@ class DuplicateMember:
     height: int
     bytes: int
     mtime_ns: int
+    content_hash: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {

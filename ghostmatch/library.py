@@ -942,6 +942,7 @@ def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
         height=record.height,
         bytes=record.size,
         mtime_ns=record.mtime_ns,
+        content_hash=record.content_hash,
     )
 
 

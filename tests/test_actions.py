@@ -7,7 +7,9 @@ import errno
 import io
 import json
 import os
+import shutil
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from PIL import Image
@@ -26,6 +28,7 @@ from ghostmatch.actions import (
 )
 from ghostmatch.dupes import DuplicateGroup, DuplicateMember
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.scan import content_hash
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +70,12 @@ def library(tmp_path: Path, encoded: dict[str, bytes]) -> Path:
 
 
 def member(path: Path, score: float = 1.0, tier: str = "exact") -> DuplicateMember:
+    """``path`` as the catalog describes it, content hash included."""
     st = path.stat()
     with Image.open(path) as image:
         width, height = image.size
-    return DuplicateMember(path, score, tier, width, height, st.st_size, st.st_mtime_ns)
+    digest = content_hash(path)
+    return DuplicateMember(path, score, tier, width, height, st.st_size, st.st_mtime_ns, digest)
 
 
 def groups_of(photos: Path) -> list[DuplicateGroup]:
@@ -135,7 +140,10 @@ def test_move_touches_only_members_and_keeps_the_layout(library: Path) -> None:
     }
     for name, content in moved.items():
         assert content == before[name]
-    events = [(r["event"], r["id"]) for r in records(journal)]
+    header, *rest = records(journal)
+    # The run's record names the folder it moved into, the only place undo takes files from.
+    assert header["event"] == "run" and header["moved_into"] == str(dupes)
+    events = [(r["event"], r["id"]) for r in rest]
     ids = [i for e, i in events if e == "planned"]
     assert len(ids) == 3 and [i for e, i in events if e == "done"] == ids
     assert all(Path(r["target"]).is_relative_to(dupes) for r in records(journal) if "target" in r)
@@ -147,7 +155,7 @@ def test_undo_restores_every_file_byte_identical(library: Path) -> None:
     planned, _ = plan_actions(groups_of(library), "move", move_to=library.parent / "dupes")
     apply_actions(planned, journal, dry_run=False)
 
-    report = undo(journal)
+    report = undo(journal, [library])
     assert sorted(report.restored) == sorted(a.source for a in planned)
     assert not report.skipped and report.not_moved == 0
     after = {k: v for k, v in snapshot(library.parent).items() if not k.startswith("state/")}
@@ -159,10 +167,10 @@ def test_undo_twice_is_harmless(library: Path) -> None:
     journal = library.parent / "state" / "journal.jsonl"
     planned, _ = plan_actions(groups_of(library), "delete")
     apply_actions(planned, journal, dry_run=False)
-    undo(journal)
+    undo(journal, [library])
     lines = journal.read_text()
 
-    again = undo(journal)
+    again = undo(journal, [library])
     assert again.restored == [] and again.skipped == [] and again.already_undone == 3
     assert journal.read_text() == lines
     assert snapshot(library) == before
@@ -182,7 +190,7 @@ def test_delete_moves_into_the_trash_and_undo_brings_it_back(library: Path) -> N
         assert (
             action.target.read_bytes() == before[os.fsdecode(action.source.relative_to(library))][0]
         )
-    undo(journal)
+    undo(journal, [library])
     assert snapshot(library) == before
     assert not trash.exists()  # emptied folders of the trash are removed
 
@@ -214,12 +222,12 @@ def test_mistakes_a_user_can_make_are_ghostmatch_errors(library: Path, tmp_path:
         with pytest.raises(GhostmatchError):
             plan_actions(groups, **case)  # type: ignore[arg-type]
     with pytest.raises(GhostmatchError, match="does not exist"):
-        undo(tmp_path / "state" / "missing.jsonl")
+        undo(tmp_path / "state" / "missing.jsonl", [tmp_path])
     with pytest.raises(GhostmatchError, match="does not exist"):
         apply_actions([], tmp_path / "nowhere" / "journal.jsonl")
     with pytest.raises(GhostmatchError, match="not a ghostmatch journal"):
         (tmp_path / "state" / "bad.jsonl").write_text("garbage\n{}\n")
-        undo(tmp_path / "state" / "bad.jsonl")
+        undo(tmp_path / "state" / "bad.jsonl", [tmp_path])
 
 
 def test_collisions_get_a_numbered_name_and_nothing_is_overwritten(library: Path) -> None:
@@ -241,12 +249,12 @@ def test_collisions_get_a_numbered_name_and_nothing_is_overwritten(library: Path
     # Undo does not overwrite a file that now sits at the original place ...
     blocker = library / "2020" / "astronaut copy.jpg"
     blocker.write_bytes(b"new file")
-    first = undo(journal)
+    first = undo(journal, [library])
     assert [p for p, _ in first.skipped] == [blocker] and len(first.restored) == 2
     assert blocker.read_bytes() == b"new file"
     # ... and once it is out of the way, running undo again finishes the job.
     blocker.unlink()
-    second = undo(journal)
+    second = undo(journal, [library])
     assert second.restored == [blocker] and second.already_undone == 2
     assert blocker.read_bytes() != b"new file"
 
@@ -270,12 +278,12 @@ def test_a_crash_before_the_move_undoes_cleanly(
     with pytest.raises(KeyboardInterrupt):
         apply_actions(planned, journal, dry_run=False)
     monkeypatch.undo()
-    assert [r["event"] for r in records(journal)] == ["planned", "done", "planned"]
+    assert [r["event"] for r in records(journal)] == ["run", "planned", "done", "planned"]
 
-    report = undo(journal)
+    report = undo(journal, [library])
     assert len(report.restored) == 1 and report.not_moved == 1 and not report.skipped
     assert snapshot(library) == before
-    assert undo(journal).already_undone == 2
+    assert undo(journal, [library]).already_undone == 2
 
 
 def test_a_crash_after_the_move_undoes_cleanly(library: Path) -> None:
@@ -291,7 +299,7 @@ def test_a_crash_after_the_move_undoes_cleanly(library: Path) -> None:
     assert first.target is not None
     os.link(first.target, first.source)
 
-    result = undo(journal)
+    result = undo(journal, [library])
     assert len(result.restored) == 2 and result.not_moved == 1 and not result.skipped
     assert snapshot(library) == before
     assert not trash_folder(journal).exists()
@@ -314,7 +322,7 @@ def test_changed_or_orphaned_files_are_left_alone(library: Path) -> None:
     assert [a.source.name for a in report.done] == ["astronaut copy.jpg"]
     after = snapshot(library)
     assert after == {k: v for k, v in before.items() if k != "2020/astronaut copy.jpg"}
-    assert undo(journal).restored == [library / "2020" / "astronaut copy.jpg"]
+    assert undo(journal, [library]).restored == [library / "2020" / "astronaut copy.jpg"]
 
 
 def test_a_kept_file_is_never_acted_on(library: Path) -> None:
@@ -352,8 +360,35 @@ def test_moves_across_filesystems_keep_bytes_and_mtime(
         assert action.target is not None
         name = os.fsdecode(action.source.relative_to(library))
         assert (action.target.read_bytes(), action.target.stat().st_mtime_ns) == before[name]
-    undo(journal)
+    undo(journal, [library])
     assert snapshot(library) == before
+
+
+def test_undo_after_a_move_onto_coarser_timestamps(
+    library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drive that keeps mtimes to 2 s (FAT) rounds them; undo still knows the file."""
+    real_copystat = shutil.copystat
+
+    def no_cross_device_links(source: object, target: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def fat_copystat(source: Path, target: Path) -> None:
+        real_copystat(source, target)
+        mtime_ns = target.stat().st_mtime_ns // (2 * 10**9) * (2 * 10**9)
+        os.utime(target, ns=(mtime_ns, mtime_ns))
+
+    for file in library.rglob("*.jpg"):
+        os.utime(file, ns=(0, file.stat().st_mtime_ns + 123_456_789))
+    monkeypatch.setattr(os, "link", no_cross_device_links)
+    monkeypatch.setattr(shutil, "copystat", fat_copystat)
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "move", move_to=library.parent / "dupes")
+    report = apply_actions(planned, journal, dry_run=False)
+    assert all(a.target and a.target.stat().st_mtime_ns != a.mtime_ns for a in report.done)
+
+    result = undo(journal, [library])
+    assert sorted(result.restored) == sorted(a.source for a in planned) and not result.rejected
 
 
 def test_purge_deletes_the_trash_for_good(library: Path) -> None:
@@ -369,8 +404,9 @@ def test_purge_deletes_the_trash_for_good(library: Path) -> None:
 
     assert purge_trash(journal) == 3
     assert not trash_folder(journal).exists() and outside.exists()
-    report = undo(journal)
-    assert report.restored == [] and len(report.skipped) == 4
+    report = undo(journal, [library])
+    assert report.restored == [] and len(report.skipped) == 3
+    assert [path for path, _ in report.rejected] == [outside]
     assert outside.read_bytes() == b"not in the trash"
     assert all(not a.source.exists() for a in planned)
 
@@ -388,7 +424,7 @@ def test_non_utf8_names_round_trip_through_the_journal(library: Path, encoded: d
     apply_actions(planned, journal, dry_run=False)
     journal.read_text(encoding="ascii")  # surrogates are stored as escapes
     assert not odd.exists()
-    assert undo(journal).restored == [odd]
+    assert undo(journal, [library]).restored == [odd]
     assert odd.read_bytes() == encoded["astronaut"]
 
 
@@ -416,5 +452,163 @@ def test_a_symlink_is_moved_as_a_link_and_its_file_stays(library: Path) -> None:
     target = report.done[0].target
     assert target is not None and target.is_symlink() and not os.path.lexists(link)
     assert snapshot(library / "backup") == backup
-    assert undo(journal).restored == [link]
+    assert undo(journal, [library]).restored == [link]
     assert os.readlink(link) == os.path.join("..", "backup", "coffee.jpg")
+
+
+def test_a_replaced_or_emptied_kept_file_leaves_its_copies_alone(library: Path) -> None:
+    """The copies would be the only ones left: the group is skipped and reported."""
+    groups = groups_of(library)
+    astronaut, coffee = library / "2019" / "astronaut.jpg", library / "2019" / "coffee.jpg"
+    # Another photo of exactly the same size and mtime: only the content hash tells.
+    st = astronaut.stat()
+    replacement = bytearray(astronaut.read_bytes())
+    replacement[-3] ^= 0xFF
+    astronaut.write_bytes(bytes(replacement))
+    os.utime(astronaut, ns=(st.st_atime_ns, st.st_mtime_ns))
+    coffee.write_bytes(b"")
+    before = snapshot(library)
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, skipped = plan_actions(groups, "delete")
+    assert len(planned) == 3 and not skipped
+
+    for dry_run in (True, False):
+        report = apply_actions(planned, journal, dry_run=dry_run)
+        assert report.done == []
+        failed = {a.source: reason for a, reason in report.failed}
+        assert set(failed) == {a.source for a in planned}
+        assert all("kept file" in reason and "changed" in reason for reason in failed.values())
+    assert snapshot(library) == before
+
+
+def test_a_changed_copy_of_the_same_size_and_mtime_is_left_alone(library: Path) -> None:
+    copy = library / "backup" / "coffee.jpg"
+    groups = groups_of(library)
+    st = copy.stat()
+    content = bytearray(copy.read_bytes())
+    content[-3] ^= 0xFF
+    copy.write_bytes(bytes(content))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    planned, _ = plan_actions(groups, "delete")
+    report = apply_actions(planned, library.parent / "state" / "journal.jsonl", dry_run=False)
+    assert [(a.source, r) for a, r in report.failed] == [
+        (copy, "the file changed since it was grouped; group again")
+    ]
+    assert copy.read_bytes() == bytes(content) and len(report.done) == 2
+
+
+def forged(op: str, source: Path, target: Path, keep: Path, **fields: object) -> str:
+    """A journal line as someone other than ghostmatch might write it."""
+    action = Action(op, source, target, keep, 1.0, "exact", **fields)  # type: ignore[arg-type]
+    return json.dumps({"event": "done", "id": uuid4().hex, **action.to_dict()}) + "\n"
+
+
+def test_undo_rejects_forged_entries_and_restores_the_rest(library: Path) -> None:
+    """A journal is data: no file is created or moved outside what the run itself did."""
+    victim = library.parent / "victim"
+    victim.mkdir()
+    important = victim / "important.txt"
+    important.write_bytes(b"keep me here")
+    payload = library.parent / "payload"
+    payload.write_bytes(b"* * * * * evil")
+    keep = library / "2019" / "coffee.jpg"
+    journal = library.parent / "state" / "journal.jsonl"
+    dupes = library.parent / "dupes"
+    planned, _ = plan_actions(groups_of(library), "move", move_to=dupes)
+    honest = apply_actions(planned, journal, dry_run=False)
+    trash = trash_folder(journal)
+    trash.mkdir()
+    (trash / "planted.jpg").write_bytes(b"planted")
+    planted_fields = dict(bytes=7, content_hash=content_hash(trash / "planted.jpg"))
+    moved = honest.done[0]
+    assert moved.target is not None
+    identity = dict(bytes=moved.bytes, mtime_ns=moved.mtime_ns, content_hash=moved.content_hash)
+    lines = [
+        # Put a payload into a folder outside the index, creating its parents.
+        forged("move", victim / "newdir" / "sub" / "cron_evil", payload, keep),
+        forged("delete", victim / "newdir" / "sub" / "cron_evil", payload, keep),
+        # Take a file that ghostmatch never moved and "restore" it elsewhere.
+        forged("move", library / "2020" / "stolen.txt", important, keep),
+        forged("delete", library / "2020" / "stolen.txt", important, keep),
+        # From the trash, but onto a kept file's place, or outside the index.
+        forged("delete", keep, trash / "planted.jpg", keep, **planted_fields),
+        forged("delete", victim / "planted.jpg", trash / "planted.jpg", keep, **planted_fields),
+        forged("delete", library / "../victim/x.jpg", trash / "planted.jpg", keep),
+        # The moved file itself, claimed for another place in the index.
+        forged("move", library / "2019" / "other.jpg", moved.target, keep, **identity),
+    ]
+    with open(journal, "a") as fp:
+        fp.writelines(lines)
+    before = snapshot(library.parent)
+
+    report = undo(journal, [library])
+    assert len(report.rejected) == len(lines)
+    assert all(reason for _, reason in report.rejected)
+    assert sorted(report.restored) == sorted(a.source for a in planned)
+    assert not (victim / "newdir").exists() and important.read_bytes() == b"keep me here"
+    assert payload.exists() and (trash / "planted.jpg").exists()
+    assert not (library / "2019" / "other.jpg").exists()
+    assert not (library / "2020" / "stolen.txt").exists()
+    untouched = ("victim/", "payload", "state/journal.jsonl.trash/")
+    after = snapshot(library.parent)
+    assert {k: v for k, v in after.items() if k.startswith(untouched)} == {
+        k: v for k, v in before.items() if k.startswith(untouched)
+    }
+
+
+def test_undo_leaves_a_file_that_is_not_the_one_moved(library: Path) -> None:
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "delete")
+    report = apply_actions(planned, journal, dry_run=False)
+    swapped = report.done[0]
+    assert swapped.target is not None
+    st = swapped.target.stat()
+    content = bytearray(swapped.target.read_bytes())
+    content[-3] ^= 0xFF
+    swapped.target.write_bytes(bytes(content))
+    os.utime(swapped.target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    result = undo(journal, [library])
+    assert len(result.restored) == 2
+    assert [(p, "not the file" in r) for p, r in result.rejected] == [(swapped.source, True)]
+    assert not swapped.source.exists() and swapped.target.read_bytes() == bytes(content)
+
+
+def test_undo_rejects_a_journal_without_content_hashes(library: Path) -> None:
+    """Without a recorded hash there is nothing to check a file against; say so."""
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "delete")
+    apply_actions(planned, journal, dry_run=False)
+    old = [json.loads(line) for line in journal.read_text().splitlines()]
+    lines = [
+        json.dumps({k: v for k, v in record.items() if k not in ("run", "content_hash")})
+        for record in old
+        if record["event"] != "run"
+    ]
+    journal.write_text("\n".join(lines) + "\n")
+
+    report = undo(journal, [library])
+    assert report.restored == [] and len(report.rejected) == 3
+    assert all("no content hash" in reason for _, reason in report.rejected)
+
+
+def test_undo_only_restores_into_the_indexed_folders(library: Path, tmp_path: Path) -> None:
+    journal = library.parent / "state" / "journal.jsonl"
+    planned, _ = plan_actions(groups_of(library), "move", move_to=library.parent / "dupes")
+    apply_actions(planned, journal, dry_run=False)
+    report = undo(journal, [library / "2019"])
+    assert report.restored == [] and len(report.rejected) == 3
+    assert all("outside the indexed folders" in reason for _, reason in report.rejected)
+    assert len(undo(journal, [library]).restored) == 3
+
+
+def test_a_later_run_in_the_same_journal_may_move_an_earlier_runs_kept_file(
+    library: Path,
+) -> None:
+    keep, copy = library / "2019" / "coffee.jpg", library / "backup" / "coffee.jpg"
+    journal = library.parent / "state" / "journal.jsonl"
+    for kept, moved in ((keep, copy), (copy, keep)):
+        group = DuplicateGroup(member(kept), [member(moved)])
+        apply_actions(plan_actions([group], "delete")[0], journal, dry_run=False)
+        report = undo(journal, [library])
+        assert report.restored == [moved] and not report.rejected
