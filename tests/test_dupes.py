@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -312,3 +314,100 @@ def test_cli_json_csv_html_and_of(random_lib: Path, dupe_folder: Path, tmp_path:
         [*base, "--json", "--csv"], capture_output=True, text=True, env=env, check=False
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# The last one, through its folder "stray [", holds a closing tag with nothing to close.
+ODD_NAMES = ["holiday [copy].jpg", "[red]alert.jpg", "stray [/bold] tag.jpg"]
+NON_UTF8 = b"caf\xe9.jpg"
+
+
+@pytest.fixture(scope="module")
+def odd_names(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(folder, index): chelsea.jpg and exact copies of it under names that look like
+    rich markup and under a name that is not UTF-8, indexed with random weights."""
+    folder = tmp_path_factory.mktemp("odd")
+    shutil.copy(photos / "chelsea.jpg", folder / "chelsea.jpg")
+    shutil.copy(photos / "coffee.jpg", folder / "coffee.jpg")
+    (folder / "stray [").mkdir()
+    for name in ODD_NAMES:
+        shutil.copy(photos / "chelsea.jpg", folder / name)
+    try:
+        with open(os.fsencode(folder) + b"/" + NON_UTF8, "wb") as copy:
+            copy.write((photos / "chelsea.jpg").read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses non-UTF-8 names")
+    index = tmp_path_factory.mktemp("odd-index") / "index"
+    with pytest.warns(UserWarning), ghostmatch.open(index, weights="random") as lib:
+        lib.index([folder])
+    return folder, index
+
+
+def _run(*args: object) -> subprocess.CompletedProcess[str]:
+    # A strict UTF-8 stdout, as under en_US.UTF-8, and a terminal wide enough for one line
+    # per table row.
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="400")
+    return subprocess.run(
+        [sys.executable, "-m", "ghostmatch.cli.app", *map(os.fspath, args)],  # type: ignore[arg-type]
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        env=env,
+        check=False,
+    )
+
+
+def test_cli_shows_every_path_as_it_is(odd_names: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, index = odd_names
+    odd = Path(os.fsdecode(os.fsencode(folder) + b"/" + NON_UTF8))
+    shown = os.fsdecode(folder) + "/caf\\xe9.jpg"  # the byte as an escape, in human output
+    expected = {os.fsdecode(folder / name) for name in ODD_NAMES} | {shown}
+    base = ["dupes", "--index", index, "--threshold", "0.99", "--no-verify"]
+    html = tmp_path / "page.html"
+
+    table = _run(*base, "--html", html)
+    assert table.returncode == 0, table.stderr
+    for text in expected | {os.fsdecode(folder / "chelsea.jpg")}:
+        assert text in table.stdout
+    page = html.read_text(encoding="utf-8")
+    assert all(text in page for text in expected)
+
+    as_csv = _run(*base, "--csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert {row["path"] for row in rows if row["role"] == "copy"} | {
+        row["path"] for row in rows if row["role"] == "keep"
+    } == expected | {os.fsdecode(folder / "chelsea.jpg")}
+
+    as_json = _run(*base, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    [group] = json.loads(as_json.stdout)["groups"]
+    paths = {group["keep"]} | {m["path"] for m in group["members"]}
+    # JSON keeps the undecodable byte as a surrogate escape: it maps back to the file.
+    assert {os.fsencode(p) for p in paths} == {
+        os.fsencode(folder / name) for name in [*ODD_NAMES, "chelsea.jpg"]
+    } | {os.fsencode(odd)}
+
+    of = _run("dupes", "--index", index, "--threshold", "0.99", "--of", odd)
+    assert of.returncode == 0, of.stderr
+    assert of.stdout.startswith(f"{shown}: 4 duplicate(s)")
+    assert all(text in of.stdout for text in expected - {shown})
+    of_json = _run("dupes", "--index", index, "--threshold", "0.99", "--of", odd, "--json")
+    assert os.fsencode(json.loads(of_json.stdout)[0]["query"]) == os.fsencode(odd)
+
+
+def test_machine_output_stays_pure_with_a_planned_action(
+    odd_names: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, index = odd_names
+    base = ["dupes", "--index", index, "--threshold", "0.99", "--no-verify"]
+    moved = _run(*base, "--json", "--move-to", tmp_path / "moved")
+    assert moved.returncode == 0, moved.stderr
+    assert len(json.loads(moved.stdout)["groups"]) == 1  # nothing but the JSON on stdout
+    assert "would move 4 files" in moved.stderr
+    deleted = _run(*base, "--csv", "--delete", "--journal", tmp_path / "journal.jsonl")
+    assert deleted.returncode == 0, deleted.stderr
+    rows = list(csv.reader(io.StringIO(deleted.stdout)))
+    assert rows[0][:3] == ["group", "role", "path"] and len(rows) == 6
+    assert all(len(row) == 8 for row in rows)
+    assert "would delete 4 files" in deleted.stderr
+    assert not (tmp_path / "moved").exists()  # still a dry run
