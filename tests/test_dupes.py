@@ -55,7 +55,9 @@ def test_geometric_check_accepts_a_copy_and_rejects_noise() -> None:
     a = rng.normal(size=(14, 14, 64)).astype(np.float32)
     a /= np.linalg.norm(a, axis=2, keepdims=True)
     mirrored = a[:, ::-1]
-    same = verify_pair(a, a + 0.01, mirrored[:, ::-1])
+    copy = a + 0.01
+    # The third map is the copy's own mirror image, which must not be what matches.
+    same = verify_pair(a, copy, copy[:, ::-1])
     assert same.inliers == 196 and same.is_identity() and same.coverage == 1.0
     flip = verify_pair(a, mirrored, mirrored[:, ::-1])
     assert flip.flipped and flip.inliers == 196 and not flip.is_identity()
@@ -264,18 +266,89 @@ def test_duplicates_of_a_new_image(random_lib: Path, tmp_path: Path, photos: Pat
     assert unrelated == []
 
 
-@pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
-def test_bundled_model_finds_edited_copies(dupe_folder: Path, tmp_path: Path) -> None:
-    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
-        lib.index([dupe_folder])
-        assert lib.duplicate_threshold() == lib.card.extra["dupe_threshold"]  # measured
+@pytest.fixture(scope="module")
+def bundled_lib(dupe_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not BUNDLED_PATH.exists():
+        pytest.skip("no bundled model in this build")
+    # Two more plain copies, of photos whose copies score well under 1 with the bundled
+    # model's normalised scores (chelsea's score near 0.68).
+    folder = tmp_path_factory.mktemp("bundled-dupes")
+    shutil.copytree(dupe_folder, folder, dirs_exist_ok=True)
+    Image.open(dupe_folder / "coffee.jpg").save(folder / "coffee_q40.jpg", quality=40)
+    astronaut = Image.open(dupe_folder / "astronaut.jpg")
+    astronaut.resize((astronaut.width // 2, astronaut.height // 2)).save(
+        folder / "astronaut_half.jpg"
+    )
+    index = tmp_path_factory.mktemp("bundled") / "index"
+    with ghostmatch.open(index, weights="bundled") as lib:
+        lib.index([folder])
+    return index
+
+
+# The tier of each copy in dupe_folder, with its kept file.
+TIERS = {
+    ("chelsea.jpg", "chelsea_exact.jpg"): "exact",
+    ("chelsea.jpg", "chelsea_q40.jpg"): "near",
+    ("chelsea.jpg", "chelsea_half.jpg"): "near",
+    ("coffee.jpg", "coffee_crop.jpg"): "edited",
+    ("coffee.jpg", "coffee_q40.jpg"): "near",
+    ("astronaut.jpg", "astronaut_flip.jpg"): "edited",
+    ("astronaut.jpg", "astronaut_half.jpg"): "near",
+}
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_bundled_model_finds_and_tiers_every_copy(bundled_lib: Path, verify: bool) -> None:
+    with ghostmatch.open(bundled_lib, create=False) as lib:
         assert lib.normalised_scores  # the bundled model carries a score background
-        groups = lib.find_duplicates()
+        groups = lib.find_duplicates(verify=verify)
     found = {(g.keep.path.name, m.path.name): m.tier for g in groups for m in g.members}
-    assert found.get(("coffee.jpg", "coffee_crop.jpg")) == "edited"
-    copies = {name for _, name in found}
-    assert "chelsea_q40.jpg" in copies or "chelsea_half.jpg" in copies
-    assert not any({"coffee.jpg", "rocket.jpg"} <= {a, b} for a, b in found)
+    # Which of two byte-identical files is kept only depends on their mtimes.
+    exact = [pair for pair in found if set(pair) == {"chelsea.jpg", "chelsea_exact.jpg"}]
+    assert len(exact) == 1
+    found[("chelsea.jpg", "chelsea_exact.jpg")] = found.pop(exact[0])
+    assert found == TIERS
+
+
+def test_bundled_model_thresholds_are_the_measured_ones(bundled_lib: Path, tmp_path: Path) -> None:
+    from ghostmatch.dupes import THRESHOLD_META
+
+    with ghostmatch.open(bundled_lib, create=False) as lib:
+        extra = lib.card.extra
+        # The rule the README states, stored in the model's card.
+        assert (extra["dupe_threshold"], extra["verify_threshold"], extra["min_inliers"]) == (
+            0.357,
+            0.264,
+            36,
+        )
+        assert lib.duplicate_threshold() == 0.357
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(bundled_lib, calibrated)
+    with ghostmatch.open(calibrated, create=False) as lib:
+        lib.catalog.set_meta(THRESHOLD_META, {"threshold": 0.5})
+        assert lib.duplicate_threshold() == 0.5  # a calibrated threshold comes first
+
+
+def test_duplicates_of_tiers_like_find_duplicates(bundled_lib: Path) -> None:
+    with ghostmatch.open(bundled_lib, create=False) as lib:
+        folder = lib.catalog.roots()[0]
+        for (kept, copy), tier in TIERS.items():
+            found = {m.path.name: m.tier for m in lib.duplicates_of(folder / copy)}
+            assert found[kept] == tier, copy
+
+
+def test_byte_identical_files_are_duplicates_whatever_their_score(bundled_lib: Path) -> None:
+    # A normalised score puts even an exact copy under 1 (here under 0.7): a threshold
+    # above that still groups byte-identical files, and nothing else.
+    with ghostmatch.open(bundled_lib, create=False) as lib:
+        [group] = lib.find_duplicates(0.99, verify=False)
+        names = {group.keep.path.name} | {m.path.name for m in group.members}
+        assert names == {"chelsea.jpg", "chelsea_exact.jpg"}
+        assert group.members[0].tier == "exact" and group.members[0].score < 0.99
+        folder = lib.catalog.roots()[0]
+        [same] = lib.duplicates_of(folder / "chelsea.jpg", threshold=0.99)
+        assert (same.path.name, same.tier) == ("chelsea_exact.jpg", "exact")
+        assert same.score < 0.99
 
 
 def test_cli_json_csv_html_and_of(random_lib: Path, dupe_folder: Path, tmp_path: Path) -> None:
