@@ -888,7 +888,9 @@ class Library:
     ) -> list[DuplicateMember]:
         """Indexed files that duplicate ``x`` (a new image or an indexed path), best first.
 
-        Answered from the index alone: one k-NN search, no scan of the collection.
+        One k-NN search of the index (at most ``k`` candidates), no scan of the collection;
+        indexed files with the same bytes as ``x`` always count, as ``exact``. The tiers of
+        the others come from the geometric check of ``x`` against each.
         """
         normalised = self.normalised_scores
         t = (
