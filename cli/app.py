@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scan import display_path
+from ghostmatch.pathtext import path_text
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -128,11 +128,11 @@ def index(
     """Add the images under FOLDERS to the index, or bring it up to date."""
     for folder in folders:
         if not folder.exists():
-            raise GhostmatchError(f"{os.fsdecode(folder)} does not exist")
+            raise GhostmatchError(f"{path_text(folder)} does not exist")
     lib = _open(index, weights=weights, runtime=runtime, device=device, index_type=index_type)
     try:
         if not quiet and not as_json:
-            err.print(f"index {lib.path}")
+            err.print(f"index {path_text(lib.path)}", markup=False)
         show = not quiet and err.is_terminal
         with _progress(show, "indexing") as progress:
             report = lib.index(
@@ -174,7 +174,7 @@ def _print_report(report: Any) -> None:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.failed.items()))
         out.print(f"failed by reason: {reasons}")
         for path, reason, detail in report.failures[:20]:
-            out.print(f"  {display_path(path)}: {reason}: {detail}", markup=False)
+            out.print(f"  {path_text(path)}: {reason}: {detail}", markup=False)
         if len(report.failures) > 20:
             out.print(f"  ... and {len(report.failures) - 20} more (see ghostmatch info)")
     if report.interrupted:
@@ -214,7 +214,7 @@ def query(
         return
     for image, matches in results:
         # Text, not markup: a file name may hold brackets.
-        table = Table(title=Text(display_path(image)), title_justify="left")
+        table = Table(title=Text(path_text(image)), title_justify="left")
         for column in ("rank", "score", "path", "width", "height", "bytes"):
             justify = "left" if column == "path" else "right"
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -222,7 +222,7 @@ def query(
             table.add_row(
                 str(m.rank),
                 f"{m.score:.4f}",
-                Text(display_path(m.path)),
+                Text(path_text(m.path)),
                 str(m.width),
                 str(m.height),
                 str(m.bytes),
@@ -250,7 +250,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     size = (data["catalog_bytes"] or 0) + data["index_bytes"]
     out.print(f"on disk      {size / 1e6:.1f} MB")
     for folder in data["folders"]:
-        out.print(f"folder       {display_path(Path(folder))}", markup=False)
+        out.print(f"folder       {path_text(Path(folder))}", markup=False)
     for reason, count in sorted(data["failures"].items()):
         out.print(f"failed       {count} {reason}")
 

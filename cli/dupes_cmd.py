@@ -13,8 +13,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.pathtext import path_text
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -89,7 +91,10 @@ def dupes(
     try:
         if not_dup is not None:
             lib.mark_not_duplicate(*not_dup)
-            out.print(f"recorded: {not_dup[0]} and {not_dup[1]} are not duplicates")
+            out.print(
+                f"recorded: {path_text(not_dup[0])} and {path_text(not_dup[1])} are not duplicates",
+                markup=False,
+            )
             return
         if of:
             _report_of(lib, of, threshold, as_json)
@@ -102,22 +107,25 @@ def dupes(
         from ghostmatch.html_report import write_html
 
         write_html(groups, html)
-        err.print(f"wrote {html}")
+        err.print(f"wrote {path_text(html)}", markup=False)
     if as_json:
         data: dict[str, Any] = {"threshold": used, "groups": [g.to_dict() for g in groups]}
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        _write_json(data)
     elif as_csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["group", "role", "path", "score", "tier", "width", "height", "bytes"])
         for n, g in enumerate(groups, start=1):
             for role, m in [("keep", g.keep)] + [("copy", m) for m in g.members]:
                 tier = m.tier if role == "copy" else ""
-                row = [n, role, os.fsdecode(m.path), f"{m.score:.6f}", tier]
+                row = [n, role, path_text(m.path), f"{m.score:.6f}", tier]
                 writer.writerow([*row, m.width, m.height, m.bytes])
     else:
         _print_groups(groups, used)
     if move_to is not None or delete:
-        _act(groups, "move" if move_to else "delete", move_to, protect or [], apply, journal)
+        # With --json or --csv, stdout holds only that output; the plan goes to stderr.
+        say = err if as_json or as_csv else out
+        op = "move" if move_to else "delete"
+        _act(groups, op, move_to, protect or [], apply, journal, say=say)
 
 
 def _print_groups(groups: list[Any], threshold: float) -> None:
@@ -128,9 +136,12 @@ def _print_groups(groups: list[Any], threshold: float) -> None:
         for column in ("", "score", "tier", "path", "size", "bytes"):
             justify = "left" if column in ("path", "tier") else "right"
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
-        table.add_row("keep", "", "", os.fsdecode(g.keep.path), _dims(g.keep), str(g.keep.bytes))
+        # Text, not markup: a file name may hold brackets.
+        keep = Text(path_text(g.keep.path))
+        table.add_row("keep", "", "", keep, _dims(g.keep), str(g.keep.bytes))
         for m in g.members:
-            table.add_row("", f"{m.score:.4f}", m.tier, os.fsdecode(m.path), _dims(m), str(m.bytes))
+            path = Text(path_text(m.path))
+            table.add_row("", f"{m.score:.4f}", m.tier, path, _dims(m), str(m.bytes))
         out.print(table)
     out.print(
         f"{len(groups)} groups, {copies} copies, {reclaim / 1e6:.1f} MB reclaimable "
@@ -149,15 +160,21 @@ def _report_of(lib: Any, images: list[Path], threshold: float | None, as_json: b
             {"query": os.fsdecode(image), "duplicates": [m.to_dict() for m in found]}
             for image, found in results
         ]
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        _write_json(data)
         return
     for image, found in results:
         if not found:
-            out.print(f"{os.fsdecode(image)}: no duplicates in the index")
+            out.print(f"{path_text(image)}: no duplicates in the index", markup=False)
             continue
-        out.print(f"{os.fsdecode(image)}: {len(found)} duplicate(s)")
+        out.print(f"{path_text(image)}: {len(found)} duplicate(s)", markup=False)
         for m in found:
-            out.print(f"  {m.score:.4f} {m.tier:7} {os.fsdecode(m.path)}", markup=False)
+            out.print(f"  {m.score:.4f} {m.tier:7} {path_text(m.path)}", markup=False)
+
+
+def _write_json(data: Any) -> None:
+    # ensure_ascii writes non-UTF-8 names (lone surrogates) as \udcNN escapes that
+    # round-trip, where writing them raw fails on a strict UTF-8 stdout.
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
 
 
 def _act(
@@ -167,22 +184,26 @@ def _act(
     protect: list[Path],
     apply: bool,
     journal: Path | None,
+    say: Console = out,
 ) -> None:
     from ghostmatch.actions import apply_actions, plan_actions
 
     actions, skipped = plan_actions(groups, op, move_to=move_to, protect=protect)
     for path, reason in skipped:
-        err.print(f"skip {os.fsdecode(path)}: {reason}", markup=False)
+        err.print(f"skip {path_text(path)}: {reason}", markup=False)
     if journal is None:
         journal = Path(f"ghostmatch-journal-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     report = apply_actions(actions, journal, dry_run=not apply)
     for action, reason in report.failed:
-        err.print(f"cannot {op} {os.fsdecode(action.source)}: {reason}", markup=False)
+        err.print(f"cannot {op} {path_text(action.source)}: {reason}", markup=False)
     if apply:
-        out.print(f"{op}d {len(report.done)} files ({report.bytes / 1e6:.1f} MB)")
-        out.print(f"journal: {journal} (undo with: ghostmatch undo {journal})")
+        say.print(f"{op}d {len(report.done)} files ({report.bytes / 1e6:.1f} MB)")
+        say.print(
+            f"journal: {path_text(journal)} (undo with: ghostmatch undo {path_text(journal)})",
+            markup=False,
+        )
     else:
-        out.print(
+        say.print(
             f"would {op} {len(report.done)} files ({report.bytes / 1e6:.1f} MB); "
             "dry run, add --apply to do it"
         )
@@ -215,9 +236,9 @@ def undo(
     if report.already_undone:
         out.print(f"{report.already_undone} were restored by an earlier undo")
     for path, reason in report.rejected:
-        err.print(f"rejected {os.fsdecode(path)}: {reason}", markup=False)
+        err.print(f"rejected {path_text(path)}: {reason}", markup=False)
     for path, reason in report.skipped:
-        err.print(f"not restored {os.fsdecode(path)}: {reason}", markup=False)
+        err.print(f"not restored {path_text(path)}: {reason}", markup=False)
     if report.skipped or report.rejected:
         raise typer.Exit(1)
 

@@ -552,6 +552,23 @@ class Catalog:
                     found.setdefault(record.content_hash, []).append(record)
         return found
 
+    def shared_hashes(self) -> list[list[int]]:
+        """Ids of byte-identical images: one list (ascending) per content hash that more
+        than one image has."""
+        shared = (
+            select(_ImageRow.content_hash).group_by(_ImageRow.content_hash).having(func.count() > 1)
+        )
+        query = (
+            select(_ImageRow.content_hash, _ImageRow.id)
+            .where(_ImageRow.content_hash.in_(shared))
+            .order_by(_ImageRow.content_hash, _ImageRow.id)
+        )
+        groups: dict[str, list[int]] = {}
+        with self._engine.connect() as conn:
+            for digest, image_id in conn.execute(query):
+                groups.setdefault(digest, []).append(image_id)
+        return list(groups.values())
+
     def paths_under(self, folder: Path) -> list[tuple[int, Path]]:
         """(id, path) of the images inside ``folder`` at any depth, by path."""
         prefix = _path_text(folder)

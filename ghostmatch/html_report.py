@@ -14,6 +14,7 @@ from pathlib import Path
 from ghostmatch.dupes import DuplicateGroup, DuplicateMember
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, load_image
+from ghostmatch.pathtext import path_text
 
 THUMB_QUALITY = 80
 # Groups whose thumbnails are made (in parallel) and written at a time: keeps memory flat
@@ -71,7 +72,7 @@ def write_html(groups: Sequence[DuplicateGroup], path: Path, thumb_size: int = 1
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise GhostmatchError(f"cannot write {os.fsdecode(path)}: {error.strerror}") from error
+        raise GhostmatchError(f"cannot write {path_text(path)}: {error.strerror}") from error
     return path
 
 
@@ -87,12 +88,6 @@ def thumbnail_uri(path: Path, size: int) -> tuple[str | None, str]:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=THUMB_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), ""
-
-
-def path_text(path: Path) -> str:
-    """``path`` as text that can be encoded and shown: bytes that are not UTF-8 (kept by
-    Python as lone surrogates) become ``\\xNN`` escapes instead of failing to encode."""
-    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def _page(groups: Sequence[DuplicateGroup], size: int) -> Iterator[str]:

@@ -6,6 +6,7 @@ The directory holds ``catalog.db`` (the truth: paths, stats, hashes and vectors)
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections import Counter, OrderedDict
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps
 from platformdirs import user_data_dir
 
 from ghostmatch.catalog import CATALOG_FILE, Catalog, ImageRecord, NewFailure, NewImage
+from ghostmatch.download import sha256_of
 from ghostmatch.dupes import (
     DEFAULT_MIN_INLIERS,
     THRESHOLD_META,
@@ -35,6 +37,7 @@ from ghostmatch.images import ImageRejected, image_from_array, load_image, to_rg
 from ghostmatch.indexes.allpairs import pair_scores, similar_pairs
 from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
 from ghostmatch.modelcard import ModelCard
+from ghostmatch.pathtext import path_text
 from ghostmatch.scan import FileEntry, content_hash, scan
 from ghostmatch.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
 from ghostmatch.weights import load_descriptor
@@ -58,6 +61,8 @@ CARD_META = "model_card"
 WEIGHTS_META = "weights_spec"
 INDEX_TYPE_META = "index_type"
 GENERATION_META = "generation"
+# Weights named rather than given as a file (ghostmatch.weights.load_descriptor).
+NAMED_WEIGHTS = ("imagenet", "bundled", "random")
 
 ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
 Progress = Callable[[str, int, int | None], None]
@@ -211,15 +216,33 @@ class Library:
         return ModelCard.from_dict(data) if data else None
 
     def _check_card_request(self) -> None:
+        """Refuse weights other than the index's: a file counts as the same only when it
+        is the recorded file or has the recorded sha256, never for its name alone."""
         stored = self.card
         if stored is None or self._weights is None:
             return
         spec = self._weights
-        same_name = spec in (stored.weights, self.catalog.get_meta(WEIGHTS_META))
-        if same_name or Path(spec).name == stored.weights:
-            return
+        if spec in NAMED_WEIGHTS:
+            if spec == stored.weights:
+                return
+        else:
+            file = Path(spec).expanduser()
+            recorded = self.catalog.get_meta(WEIGHTS_META)
+            if recorded not in (None, *NAMED_WEIGHTS) and os.path.realpath(
+                file
+            ) == os.path.realpath(recorded):
+                return
+            try:
+                digest = sha256_of(file) if file.is_file() else None
+            except OSError as error:
+                raise GhostmatchError(
+                    f"cannot read weights file {path_text(file)}: {error.strerror}"
+                ) from error
+            if digest == stored.weights_sha256:
+                return
         raise GhostmatchError(
-            f"index {self.path} was built with weights {stored.weights!r}, not {spec!r}; "
+            f"index {self.path} was built with weights {stored.weights!r} (sha256 "
+            f"{stored.weights_sha256[:12]}), not {path_text(spec)!r}; "
             "drop --weights, or use another --index for the other model"
         )
 
@@ -614,17 +637,23 @@ class Library:
     # ------------------------------------------------------------------------ queries
 
     def query_vector(self, x: ImageLike) -> tuple[np.ndarray, int | None]:
-        """The descriptor of ``x`` and, for an unchanged indexed file, its own id."""
+        """The descriptor of ``x`` and, for an indexed path, the id of its entry.
+
+        An unchanged indexed file (same size and mtime) uses its stored vector; a changed
+        one is embedded afresh, and its entry, which describes the file as it was, is
+        still returned so that searches leave it out: the file must not match itself.
+        """
         if isinstance(x, str | os.PathLike):
             path = Path(os.path.abspath(x))
             if not path.exists():
-                raise GhostmatchError(f"{os.fsdecode(path)} does not exist")
+                raise GhostmatchError(f"{path_text(path)} does not exist")
             record = self.catalog.records_by_path([path]).get(path)
             if record is not None:
                 st = path.stat()
                 if (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns):
                     _, vectors = self.catalog.vectors([record.id])
                     return vectors[0], record.id
+                return self.embed([x])[0], record.id
         return self.embed([x])[0], None
 
     def query(
@@ -640,12 +669,14 @@ class Library:
         An indexed file does not match itself. ``under`` keeps only results below a
         folder (searched exactly over that folder's vectors).
         """
-        if k < 1:
-            raise GhostmatchError("-k must be at least 1")
+        k = _check_k(k)
         if min_score is not None and not -1.0 <= min_score <= 1.0:
             raise GhostmatchError(f"--min-score is a cosine score in [-1, 1], not {min_score}")
         if self.card is None:
             return []
+        # More results than the index holds cannot come back, and FAISS allocates room for
+        # all k per query up front (a k of 10**9 would take tens of GB).
+        k = min(k, self.catalog.count())
         vector, own_id = self.query_vector(x)
         if under is not None:
             folder = Path(os.path.abspath(under))
@@ -737,27 +768,47 @@ class Library:
         floor = low if verify else t
         offsets = self.score_offsets(vectors)
         a, b, scores = similar_pairs(vectors, floor, ids=ids, index=approximate, offsets=offsets)
-        involved = sorted(set(a.tolist()) | set(b.tolist()))
+        found = {
+            (min(i, j), max(i, j)): s
+            for i, j, s in zip(a.tolist(), b.tolist(), scores.tolist(), strict=True)
+        }
+        # Byte-identical files are duplicates whatever their score: a photo much like the
+        # score background can score an exact copy of itself under the threshold.
+        exact = [
+            (same[m], same[n])
+            for same in self.catalog.shared_hashes()
+            for m in range(len(same))
+            for n in range(m + 1, len(same))
+        ]
+        exact = [pair for pair in exact if pair not in found]
+        if exact:
+            rows = np.searchsorted(ids, np.array(exact, dtype=np.int64))
+            exact_scores = pair_scores(vectors, rows[:, 0], rows[:, 1], offsets)
+            found.update(zip(exact, exact_scores.tolist(), strict=True))
+        involved = sorted({i for pair in found for i in pair})
         records = {r.id: r for r in self.catalog.get(involved)}
         ignored = self.catalog.not_duplicates()
         pairs = []
-        for i, j, score in zip(a.tolist(), b.tolist(), scores.tolist(), strict=True):
+        for (i, j), score in found.items():
             pa, pb = records[i].path, records[j].path
             if (pa, pb) in ignored or (pb, pa) in ignored:
                 continue
             pairs.append((i, j, float(score)))
+
+        def identical(i: int, j: int) -> bool:
+            return records[i].content_hash == records[j].content_hash
+
         checks: dict[tuple[int, int], Verification] = {}
         if verify and pairs:
             needed = min_inliers
             if needed is None:
                 needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-            checks = self.verify_pairs([(i, j) for i, j, _ in pairs], records, needed)
+            to_check = [(i, j) for i, j, _ in pairs if not identical(i, j)]
+            checks = self.verify_pairs(to_check, records, needed)
             pairs = [
                 (i, j, s)
                 for i, j, s in pairs
-                if s >= t
-                or records[i].content_hash == records[j].content_hash
-                or checks[(i, j)].inliers >= needed
+                if s >= t or identical(i, j) or checks[(i, j)].inliers >= needed
             ]
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
         groups = []
@@ -766,7 +817,12 @@ class Library:
             group = []
             for j, s in taken:
                 check = checks.get((leader, j)) or checks.get((j, leader))
-                group.append(_member(records[j], s, tier_of(kept, records[j], s, t, check)))
+                ceiling = 1.0
+                if offsets is not None:  # an identical copy scores 1 less both offsets
+                    rows = np.searchsorted(ids, [leader, j])
+                    ceiling -= float(offsets[rows[0]] + offsets[rows[1]])
+                tier = tier_of(kept, records[j], s, t, check, ceiling)
+                group.append(_member(records[j], s, tier))
             groups.append(DuplicateGroup(keep=members[leader], members=group))
         groups.sort(key=lambda g: (-len(g.members), -g.members[0].score))
         return groups
@@ -832,7 +888,9 @@ class Library:
     ) -> list[DuplicateMember]:
         """Indexed files that duplicate ``x`` (a new image or an indexed path), best first.
 
-        Answered from the index alone: one k-NN search, no scan of the collection.
+        One k-NN search of the index (at most ``k`` candidates), no scan of the collection;
+        indexed files with the same bytes as ``x`` always count, as ``exact``. The tiers of
+        the others come from the geometric check of ``x`` against each.
         """
         normalised = self.normalised_scores
         t = (
@@ -840,14 +898,26 @@ class Library:
             if threshold is None
             else check_threshold(threshold, normalised)
         )
+        k = _check_k(k)
         if self.card is None:
             return []
         vector, own_id = self.query_vector(x)
         index = self.vector_index
         if index is None:
             return []
-        _, found = index.search(vector[None, :], k + 1)
-        ids, vectors = self.catalog.vectors([int(i) for i in found[0] if i >= 0 and i != own_id])
+        digest = None
+        if isinstance(x, str | os.PathLike):
+            try:
+                digest = content_hash(Path(x))
+            except OSError:
+                digest = None
+        # Byte-identical indexed files are duplicates whatever their score (see
+        # find_duplicates), so they are looked up by content hash, not left to the search.
+        same = self.catalog.find_by_hash([digest]).get(digest, []) if digest else []
+        exact = {r.id for r in same if r.id != own_id}
+        _, found = index.search(vector[None, :], min(k, index.ntotal) + 1)
+        near = [int(i) for i in found[0] if i >= 0 and i != own_id and i not in exact]
+        ids, vectors = self.catalog.vectors(sorted(exact) + near)
         # Rescored from the stored vectors, the way find_duplicates scores a pair.
         rows = np.vstack([vector[None, :], vectors]) if len(ids) else vector[None, :]
         offsets = self.score_offsets(rows)
@@ -855,24 +925,57 @@ class Library:
             rows, np.zeros(len(ids), np.int64), np.arange(1, len(ids) + 1), offsets
         )
         hits = sorted(
-            ((int(i), float(s)) for i, s in zip(ids, scores, strict=True) if s >= t),
+            (
+                (int(i), float(s))
+                for i, s in zip(ids, scores, strict=True)
+                if s >= t or int(i) in exact
+            ),
             key=lambda hit: (-hit[1], hit[0]),
         )
         records = {r.id: r for r in self.catalog.get([i for i, _ in hits])}
-        digest = None
-        if isinstance(x, str | os.PathLike):
-            try:
-                digest = content_hash(Path(x))
-            except OSError:
-                digest = None
+        # Tiers from the same geometric check as find_duplicates: a score alone cannot
+        # tell a flip or a mild crop from a recoloured copy.
+        checks = self._check_against(x, {i: r for i, r in records.items() if i not in exact})
         result = []
         for i, s in hits:
             record = records.get(i)
             if record is None:
                 continue
-            tier = "exact" if digest is not None and digest == record.content_hash else None
-            result.append(_member(record, s, tier or tier_of(None, record, s, t)))
+            tier = "exact" if i in exact else tier_of(None, record, s, t, checks.get(i))
+            result.append(_member(record, s, tier))
         return result
+
+    def _check_against(
+        self, x: ImageLike, records: dict[int, ImageRecord]
+    ) -> dict[int, Verification]:
+        """The geometric check of ``x`` (the copy) against each indexed image in
+        ``records`` (the original), as ``verify_pairs`` checks an indexed pair."""
+        if not records:
+            return {}
+        cache = _MapCache(self.embedder, records)
+        if isinstance(x, Image.Image):
+            image = to_rgb(x)
+        elif isinstance(x, np.ndarray):
+            image = image_from_array(x)
+        else:
+            try:
+                image = load_image(x, cache.zoomed_card.input_size).image
+            except ImageRejected as err:
+                raise GhostmatchError(f"cannot read {path_text(x)}: {err}") from err
+        model = self.embedder.local_model
+        pixels = [prepare(image, cache.card), prepare(ImageOps.mirror(image), cache.card)]
+        base = local_features(model, to_batch(pixels)).astype(np.float16)
+        zoomed = local_features(model, to_batch([prepare(image, cache.zoomed_card)]))
+        mine = _as_float(ScaledMaps(base[0], base[1], zoomed[0].astype(np.float16)))
+        enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
+        with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+            cache.load(set(records), pool)
+        checks = {}
+        for i in records:
+            maps = cache.get(i)
+            if maps is not None:
+                checks[i] = verify_scales(_as_float(maps), mine, enough)
+        return checks
 
     def mark_not_duplicate(self, a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
         """Record that two files are not duplicates; later searches ignore the pair."""
@@ -1036,6 +1139,15 @@ class _MapCache:
                     self.maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)
+
+
+def _check_k(k: int) -> int:
+    """A number of results: a whole number of at least 1 (any size: callers cap it)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise GhostmatchError(f"the number of matches must be a whole number, not {k!r}")
+    if k < 1:
+        raise GhostmatchError(f"the number of matches must be at least 1, not {k}")
+    return int(k)
 
 
 def check_threshold(threshold: float, normalised: bool = False) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -53,7 +55,9 @@ def test_geometric_check_accepts_a_copy_and_rejects_noise() -> None:
     a = rng.normal(size=(14, 14, 64)).astype(np.float32)
     a /= np.linalg.norm(a, axis=2, keepdims=True)
     mirrored = a[:, ::-1]
-    same = verify_pair(a, a + 0.01, mirrored[:, ::-1])
+    copy = a + 0.01
+    # The third map is the copy's own mirror image, which must not be what matches.
+    same = verify_pair(a, copy, copy[:, ::-1])
     assert same.inliers == 196 and same.is_identity() and same.coverage == 1.0
     flip = verify_pair(a, mirrored, mirrored[:, ::-1])
     assert flip.flipped and flip.inliers == 196 and not flip.is_identity()
@@ -262,18 +266,89 @@ def test_duplicates_of_a_new_image(random_lib: Path, tmp_path: Path, photos: Pat
     assert unrelated == []
 
 
-@pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
-def test_bundled_model_finds_edited_copies(dupe_folder: Path, tmp_path: Path) -> None:
-    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
-        lib.index([dupe_folder])
-        assert lib.duplicate_threshold() == lib.card.extra["dupe_threshold"]  # measured
+@pytest.fixture(scope="module")
+def bundled_lib(dupe_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not BUNDLED_PATH.exists():
+        pytest.skip("no bundled model in this build")
+    # Two more plain copies, of photos whose copies score well under 1 with the bundled
+    # model's normalised scores (chelsea's score near 0.68).
+    folder = tmp_path_factory.mktemp("bundled-dupes")
+    shutil.copytree(dupe_folder, folder, dirs_exist_ok=True)
+    Image.open(dupe_folder / "coffee.jpg").save(folder / "coffee_q40.jpg", quality=40)
+    astronaut = Image.open(dupe_folder / "astronaut.jpg")
+    astronaut.resize((astronaut.width // 2, astronaut.height // 2)).save(
+        folder / "astronaut_half.jpg"
+    )
+    index = tmp_path_factory.mktemp("bundled") / "index"
+    with ghostmatch.open(index, weights="bundled") as lib:
+        lib.index([folder])
+    return index
+
+
+# The tier of each copy in dupe_folder, with its kept file.
+TIERS = {
+    ("chelsea.jpg", "chelsea_exact.jpg"): "exact",
+    ("chelsea.jpg", "chelsea_q40.jpg"): "near",
+    ("chelsea.jpg", "chelsea_half.jpg"): "near",
+    ("coffee.jpg", "coffee_crop.jpg"): "edited",
+    ("coffee.jpg", "coffee_q40.jpg"): "near",
+    ("astronaut.jpg", "astronaut_flip.jpg"): "edited",
+    ("astronaut.jpg", "astronaut_half.jpg"): "near",
+}
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_bundled_model_finds_and_tiers_every_copy(bundled_lib: Path, verify: bool) -> None:
+    with ghostmatch.open(bundled_lib, create=False) as lib:
         assert lib.normalised_scores  # the bundled model carries a score background
-        groups = lib.find_duplicates()
+        groups = lib.find_duplicates(verify=verify)
     found = {(g.keep.path.name, m.path.name): m.tier for g in groups for m in g.members}
-    assert found.get(("coffee.jpg", "coffee_crop.jpg")) == "edited"
-    copies = {name for _, name in found}
-    assert "chelsea_q40.jpg" in copies or "chelsea_half.jpg" in copies
-    assert not any({"coffee.jpg", "rocket.jpg"} <= {a, b} for a, b in found)
+    # Which of two byte-identical files is kept only depends on their mtimes.
+    exact = [pair for pair in found if set(pair) == {"chelsea.jpg", "chelsea_exact.jpg"}]
+    assert len(exact) == 1
+    found[("chelsea.jpg", "chelsea_exact.jpg")] = found.pop(exact[0])
+    assert found == TIERS
+
+
+def test_bundled_model_thresholds_are_the_measured_ones(bundled_lib: Path, tmp_path: Path) -> None:
+    from ghostmatch.dupes import THRESHOLD_META
+
+    with ghostmatch.open(bundled_lib, create=False) as lib:
+        extra = lib.card.extra
+        # The rule the README states, stored in the model's card.
+        assert (extra["dupe_threshold"], extra["verify_threshold"], extra["min_inliers"]) == (
+            0.357,
+            0.264,
+            36,
+        )
+        assert lib.duplicate_threshold() == 0.357
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(bundled_lib, calibrated)
+    with ghostmatch.open(calibrated, create=False) as lib:
+        lib.catalog.set_meta(THRESHOLD_META, {"threshold": 0.5})
+        assert lib.duplicate_threshold() == 0.5  # a calibrated threshold comes first
+
+
+def test_duplicates_of_tiers_like_find_duplicates(bundled_lib: Path) -> None:
+    with ghostmatch.open(bundled_lib, create=False) as lib:
+        folder = lib.catalog.roots()[0]
+        for (kept, copy), tier in TIERS.items():
+            found = {m.path.name: m.tier for m in lib.duplicates_of(folder / copy)}
+            assert found[kept] == tier, copy
+
+
+def test_byte_identical_files_are_duplicates_whatever_their_score(bundled_lib: Path) -> None:
+    # A normalised score puts even an exact copy under 1 (here under 0.7): a threshold
+    # above that still groups byte-identical files, and nothing else.
+    with ghostmatch.open(bundled_lib, create=False) as lib:
+        [group] = lib.find_duplicates(0.99, verify=False)
+        names = {group.keep.path.name} | {m.path.name for m in group.members}
+        assert names == {"chelsea.jpg", "chelsea_exact.jpg"}
+        assert group.members[0].tier == "exact" and group.members[0].score < 0.99
+        folder = lib.catalog.roots()[0]
+        [same] = lib.duplicates_of(folder / "chelsea.jpg", threshold=0.99)
+        assert (same.path.name, same.tier) == ("chelsea_exact.jpg", "exact")
+        assert same.score < 0.99
 
 
 def test_cli_json_csv_html_and_of(random_lib: Path, dupe_folder: Path, tmp_path: Path) -> None:
@@ -312,3 +387,100 @@ def test_cli_json_csv_html_and_of(random_lib: Path, dupe_folder: Path, tmp_path:
         [*base, "--json", "--csv"], capture_output=True, text=True, env=env, check=False
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# The last one, through its folder "stray [", holds a closing tag with nothing to close.
+ODD_NAMES = ["holiday [copy].jpg", "[red]alert.jpg", "stray [/bold] tag.jpg"]
+NON_UTF8 = b"caf\xe9.jpg"
+
+
+@pytest.fixture(scope="module")
+def odd_names(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(folder, index): chelsea.jpg and exact copies of it under names that look like
+    rich markup and under a name that is not UTF-8, indexed with random weights."""
+    folder = tmp_path_factory.mktemp("odd")
+    shutil.copy(photos / "chelsea.jpg", folder / "chelsea.jpg")
+    shutil.copy(photos / "coffee.jpg", folder / "coffee.jpg")
+    (folder / "stray [").mkdir()
+    for name in ODD_NAMES:
+        shutil.copy(photos / "chelsea.jpg", folder / name)
+    try:
+        with open(os.fsencode(folder) + b"/" + NON_UTF8, "wb") as copy:
+            copy.write((photos / "chelsea.jpg").read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses non-UTF-8 names")
+    index = tmp_path_factory.mktemp("odd-index") / "index"
+    with pytest.warns(UserWarning), ghostmatch.open(index, weights="random") as lib:
+        lib.index([folder])
+    return folder, index
+
+
+def _run(*args: object) -> subprocess.CompletedProcess[str]:
+    # A strict UTF-8 stdout, as under en_US.UTF-8, and a terminal wide enough for one line
+    # per table row.
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="400")
+    return subprocess.run(
+        [sys.executable, "-m", "ghostmatch.cli.app", *map(os.fspath, args)],  # type: ignore[arg-type]
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        env=env,
+        check=False,
+    )
+
+
+def test_cli_shows_every_path_as_it_is(odd_names: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, index = odd_names
+    odd = Path(os.fsdecode(os.fsencode(folder) + b"/" + NON_UTF8))
+    shown = os.fsdecode(folder) + "/caf\\xe9.jpg"  # the byte as an escape, in human output
+    expected = {os.fsdecode(folder / name) for name in ODD_NAMES} | {shown}
+    base = ["dupes", "--index", index, "--threshold", "0.99", "--no-verify"]
+    html = tmp_path / "page.html"
+
+    table = _run(*base, "--html", html)
+    assert table.returncode == 0, table.stderr
+    for text in expected | {os.fsdecode(folder / "chelsea.jpg")}:
+        assert text in table.stdout
+    page = html.read_text(encoding="utf-8")
+    assert all(text in page for text in expected)
+
+    as_csv = _run(*base, "--csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert {row["path"] for row in rows if row["role"] == "copy"} | {
+        row["path"] for row in rows if row["role"] == "keep"
+    } == expected | {os.fsdecode(folder / "chelsea.jpg")}
+
+    as_json = _run(*base, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    [group] = json.loads(as_json.stdout)["groups"]
+    paths = {group["keep"]} | {m["path"] for m in group["members"]}
+    # JSON keeps the undecodable byte as a surrogate escape: it maps back to the file.
+    assert {os.fsencode(p) for p in paths} == {
+        os.fsencode(folder / name) for name in [*ODD_NAMES, "chelsea.jpg"]
+    } | {os.fsencode(odd)}
+
+    of = _run("dupes", "--index", index, "--threshold", "0.99", "--of", odd)
+    assert of.returncode == 0, of.stderr
+    assert of.stdout.startswith(f"{shown}: 4 duplicate(s)")
+    assert all(text in of.stdout for text in expected - {shown})
+    of_json = _run("dupes", "--index", index, "--threshold", "0.99", "--of", odd, "--json")
+    assert os.fsencode(json.loads(of_json.stdout)[0]["query"]) == os.fsencode(odd)
+
+
+def test_machine_output_stays_pure_with_a_planned_action(
+    odd_names: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, index = odd_names
+    base = ["dupes", "--index", index, "--threshold", "0.99", "--no-verify"]
+    moved = _run(*base, "--json", "--move-to", tmp_path / "moved")
+    assert moved.returncode == 0, moved.stderr
+    assert len(json.loads(moved.stdout)["groups"]) == 1  # nothing but the JSON on stdout
+    assert "would move 4 files" in moved.stderr
+    deleted = _run(*base, "--csv", "--delete", "--journal", tmp_path / "journal.jsonl")
+    assert deleted.returncode == 0, deleted.stderr
+    rows = list(csv.reader(io.StringIO(deleted.stdout)))
+    assert rows[0][:3] == ["group", "role", "path"] and len(rows) == 6
+    assert all(len(row) == 8 for row in rows)
+    assert "would delete 4 files" in deleted.stderr
+    assert not (tmp_path / "moved").exists()  # still a dry run
