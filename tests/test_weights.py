@@ -110,7 +110,7 @@ def test_bundled_model_loads_with_unit_norm() -> None:
     model = load_descriptor("bundled")
     assert model.card.weights == "bundled"
     # The card says the p that GeM pools with (learnt in training: 3.19, not the initial 3).
-    assert model.card.gem_p == float(model.pool.p) == pytest.approx(3.19, abs=0.01)
+    assert model.card.gem_p == model.pool.p.item() == pytest.approx(3.19, abs=0.01)
     with torch.no_grad():
         out = model(torch.rand(3, 3, model.card.input_size, model.card.input_size))
     assert out.shape == (3, model.card.dim)
