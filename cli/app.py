@@ -52,7 +52,7 @@ WeightsOpt = Annotated[
     typer.Option(
         "--weights",
         help="imagenet, bundled, random or a checkpoint file (.pth/.pt/.safetensors). "
-        "Default: $GHOSTMATCH_WEIGHTS, else imagenet if cached or downloadable, else bundled.",
+        "Default: $GHOSTMATCH_WEIGHTS, else bundled.",
     ),
 ]
 RuntimeOpt = Annotated[

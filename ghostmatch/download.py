@@ -1,23 +1,33 @@
-"""Downloading model files once: resumable, checked by sha256, quick to give up offline."""
+"""Fetching model files from the Hugging Face hub once: a pinned revision, checked by sha256,
+resumed after a dropped connection, quick to give up offline."""
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
-import urllib.error
-import urllib.request
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ghostmatch.errors import GhostmatchError
 
 CHUNK = 1 << 20
-# Offline machines must hear "no" quickly: each connection attempt and each read gives up
-# after this many seconds, so the whole failure stays under the promised 10 s.
+# Offline machines must hear "no" quickly: the hub client gives up on its first request after
+# this many seconds, so the whole failure stays under the promised 10 s.
 CONNECT_TIMEOUT_S = 8.0
 
-Progress = Callable[[int, int | None], None]
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a hub repository at a fixed commit.
+
+    ``revision`` is a full commit hash, so the file cannot change under it; ``sha256`` is
+    the file's git-lfs object id at that commit, checked after every download.
+    """
+
+    repo_id: str
+    filename: str
+    revision: str
+    sha256: str
 
 
 def offline() -> bool:
@@ -33,83 +43,96 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _announced_sha256(headers: object) -> str | None:
-    """The Hugging Face hub announces the LFS sha256 of a file in ``X-Linked-Etag``."""
-    get = getattr(headers, "get", None)
-    if get is None:
-        return None
-    value = get("X-Linked-Etag") or ""
-    value = value.strip().strip('"').removeprefix("W/").strip('"')
-    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
+def hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` (a mirror of the hub), read on each call: huggingface_hub itself reads
+    it once, at import, so a later change would otherwise be ignored."""
+    return os.environ.get("HF_ENDPOINT") or None
 
 
-def download(
-    url: str,
-    dest: Path,
-    sha256: str | None = None,
-    progress: Progress | None = None,
-    timeout: float = CONNECT_TIMEOUT_S,
-) -> Path:
-    """Fetch ``url`` into ``dest`` unless a verified copy is already there.
+def fetch(file: HubFile, cache: Path) -> Path:
+    """The path of ``file`` in the hub cache under ``cache``, downloading it the first time.
 
-    A partial ``dest.part`` left by an interrupted run is resumed with an HTTP Range request.
-    The file is checked against ``sha256`` (or, when none is pinned, against the hash the
-    server announces) before it is moved into place, so ``dest`` is never a bad file.
+    With ``GHOSTMATCH_OFFLINE`` set only the cache is looked at. A cached or downloaded file
+    whose sha256 is not the pinned one is deleted and refused.
     """
-    if dest.exists() and (sha256 is None or sha256_of(dest) == sha256):
-        return dest
-    if offline():
-        raise GhostmatchError(
-            f"cannot download {url}: GHOSTMATCH_OFFLINE is set. Download the file on a "
-            f"machine with network and pass it with --weights PATH, or put it at {dest}"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "ghostmatch"})
-    if have:
-        request.add_header("Range", f"bytes={have}-")
+    # Without this the hub client first looks up a registry on huggingface.co for its
+    # telemetry (up to 3 s more without network, past the 10 s promise); the client reads
+    # the setting once, when first imported. ghostmatch sends no telemetry.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    where = f"{file.repo_id}/{file.filename} at {file.revision[:12]}"
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and have:
-            part.unlink()
-            return download(url, dest, sha256, progress, timeout)
-        raise GhostmatchError(f"cannot download {url}: HTTP {err.code}") from err
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
-        reason = getattr(err, "reason", err)
-        raise GhostmatchError(
-            f"cannot download {url} ({reason}); this machine seems offline. Download the "
-            f"file elsewhere and pass it with --weights PATH, or put it at {dest}"
-        ) from err
-    with response:
-        expected = sha256 or _announced_sha256(response.headers)
-        if response.status != 206:
-            have = 0
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        try:
-            with open(part, "ab" if have else "wb") as out:
-                done = have
-                while block := response.read(CHUNK):
-                    out.write(block)
-                    done += len(block)
-                    if progress is not None:
-                        progress(done, total)
-                out.flush()
-                os.fsync(out.fileno())
-            if total is not None and done < total:
-                raise OSError(f"connection closed after {done} of {total} bytes")
-        except (OSError, TimeoutError, http.client.HTTPException) as err:
-            raise GhostmatchError(
-                f"download of {url} stopped ({err}); run the command again to resume"
-            ) from err
-    actual = sha256_of(part)
-    if expected is not None and actual != expected:
-        part.unlink()
-        raise GhostmatchError(
-            f"download of {url} is corrupt (sha256 {actual[:12]}..., expected "
-            f"{expected[:12]}...); run the command again"
+        path = Path(
+            hf_hub_download(
+                file.repo_id,
+                file.filename,
+                revision=file.revision,
+                cache_dir=cache,
+                local_files_only=True,
+            )
         )
-    os.replace(part, dest)
-    return dest
+    except LocalEntryNotFoundError:
+        if offline():
+            raise GhostmatchError(
+                f"cannot download {where}: GHOSTMATCH_OFFLINE is set; {_ADVICE}"
+            ) from None
+        path = _download(file, cache, where)
+    actual = sha256_of(path)
+    if actual != file.sha256:
+        # The cache holds a symlink to a blob: both must go, or the next run would find
+        # the bad blob again without downloading.
+        blob = path.resolve()
+        path.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+        raise GhostmatchError(
+            f"download of {where} is corrupt (sha256 {actual[:12]}..., expected "
+            f"{file.sha256[:12]}...); run the command again"
+        )
+    return path
+
+
+_ADVICE = (
+    "download it on a machine with network and pass it with --weights PATH, or use "
+    "--weights bundled"
+)
+
+
+def _download(file: HubFile, cache: Path, where: str) -> Path:
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    endpoint = hub_endpoint()
+    url = hf_hub_url(file.repo_id, file.filename, revision=file.revision, endpoint=endpoint)
+    # One request, not retried, under our own timeout: when it fails the client would ask
+    # again with a 60 s timeout and back-offs, minutes on a host that never answers.
+    # Whatever the client raises (no route, timeout, HTTP error) means the same: no file.
+    try:
+        announced = get_hf_file_metadata(url, timeout=CONNECT_TIMEOUT_S, endpoint=endpoint).etag
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise GhostmatchError(
+            f"cannot download {where} ({reason}); this machine seems offline or the hub "
+            f"does not answer; {_ADVICE}"
+        ) from err
+    if announced != file.sha256:
+        raise GhostmatchError(
+            f"the hub announces sha256 {str(announced)[:12]}... for {where}, not the pinned "
+            f"{file.sha256[:12]}...; check HF_ENDPOINT (a mirror must serve the same file)"
+        )
+    try:
+        return Path(
+            hf_hub_download(
+                file.repo_id,
+                file.filename,
+                revision=file.revision,
+                cache_dir=cache,
+                etag_timeout=CONNECT_TIMEOUT_S,
+                endpoint=endpoint,
+            )
+        )
+    except Exception as err:  # a transfer cut short after the client's retries, a full disk
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise GhostmatchError(
+            f"download of {where} stopped ({reason}); run the command again"
+        ) from err

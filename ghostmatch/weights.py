@@ -14,7 +14,7 @@ import torch
 from platformdirs import user_cache_dir
 
 from ghostmatch.descriptor import Descriptor
-from ghostmatch.download import Progress, download, offline, sha256_of
+from ghostmatch.download import HubFile, fetch, sha256_of
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ghostnet import GhostNet, infer_width, unwrap_state_dict
 from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY, ModelCard
@@ -27,20 +27,23 @@ WEIGHT_CHOICES = ("imagenet", "bundled", "random")
 
 @dataclass(frozen=True)
 class RemoteWeights:
-    """A checkpoint on the internet; ``sha256`` None means trust the hub's announced hash."""
+    """A checkpoint on the Hugging Face hub and the card its weights need."""
 
-    url: str
-    filename: str
-    sha256: str | None
+    file: HubFile
     card: dict[str, Any]
 
 
 # timm's ImageNet-1k GhostNet 1.0x (73.9% top-1, the paper's figure), preprocessed the way
-# timm evaluates it: bicubic, crop 0.875, ImageNet mean/std.
+# timm evaluates it: bicubic, crop 0.875, ImageNet mean/std. The revision is the model repo's
+# commit of 2023-08-20 ("Update model config and README"); model.safetensors came in with
+# d461b859 the day before and has this git-lfs sha256 in both.
 IMAGENET = RemoteWeights(
-    url="https://huggingface.co/timm/ghostnet_100.in1k/resolve/main/model.safetensors",
-    filename="ghostnet_100.in1k.safetensors",
-    sha256=None,
+    file=HubFile(
+        repo_id="timm/ghostnet_100.in1k",
+        filename="model.safetensors",
+        revision="700dcdf6314c1b68f170e6ba1ee85ee94e5b37b5",
+        sha256="8efbcf55d97872c828768b096d4ebebc51f8b7e29623fd3b3933d78cc230e2e2",
+    ),
     card={"resize": "center-crop", "crop_fraction": 0.875, "pooling": "gem", "dim": 960},
 )
 
@@ -50,28 +53,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GHOSTMATCH_CACHE") or user_cache_dir("ghostmatch"))
 
 
-def imagenet_url() -> str:
-    """The download address; ``GHOSTMATCH_IMAGENET_URL`` points it at a mirror."""
-    return os.environ.get("GHOSTMATCH_IMAGENET_URL") or IMAGENET.url
-
-
-def fetch_imagenet(progress: Progress | None = None) -> Path:
-    """The cached ImageNet checkpoint, downloading it the first time."""
-    return download(imagenet_url(), cache_dir() / IMAGENET.filename, IMAGENET.sha256, progress)
+def fetch_imagenet() -> Path:
+    """The cached ImageNet checkpoint, downloading it the first time (``HF_ENDPOINT`` points
+    the download at a mirror of the hub)."""
+    return fetch(IMAGENET.file, cache_dir() / "hub")
 
 
 def default_weights() -> str:
-    """The weights used when none are named.
-
-    A file the user configured (``GHOSTMATCH_WEIGHTS``), else ImageNet when cached or when
-    the network is allowed, else the bundled model that ships inside the package.
-    """
-    configured = os.environ.get("GHOSTMATCH_WEIGHTS")
-    if configured:
-        return configured
-    if (cache_dir() / IMAGENET.filename).exists() or not offline():
-        return "imagenet"
-    return "bundled"
+    """The weights used when none are named: a file the user configured
+    (``GHOSTMATCH_WEIGHTS``), else the bundled model, the one whose duplicate rule and
+    quality figures were measured (ImageNet weights have neither)."""
+    return os.environ.get("GHOSTMATCH_WEIGHTS") or "bundled"
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -99,7 +91,6 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def load_descriptor(
     weights: str | Path | None = None,
-    progress: Progress | None = None,
     **card_changes: Any,
 ) -> Descriptor:
     """A descriptor model in eval mode for ``weights`` (a name or a checkpoint path).
@@ -109,17 +100,7 @@ def load_descriptor(
     ``card_changes`` override card fields (pooling, input size) for experiments.
     """
     if weights is None:
-        spec = default_weights()
-        if spec == "imagenet" and BUNDLED_PATH.exists():
-            try:
-                fetch_imagenet(progress)
-            except GhostmatchError as err:
-                warnings.warn(
-                    f"ImageNet weights unavailable ({err}); using the bundled model",
-                    stacklevel=2,
-                )
-                spec = "bundled"
-        return load_descriptor(spec, progress, **card_changes)
+        return load_descriptor(default_weights(), **card_changes)
     spec = str(weights)
     if spec == "random":
         warnings.warn(
@@ -130,7 +111,7 @@ def load_descriptor(
         torch.manual_seed(0)
         return Descriptor(card).eval()
     if spec == "imagenet":
-        path = fetch_imagenet(progress)
+        path = fetch_imagenet()
         name, base = "imagenet", dict(IMAGENET.card)
     elif spec == "bundled":
         if not BUNDLED_PATH.exists():
@@ -146,7 +127,7 @@ def load_descriptor(
     if CARD_KEY in metadata:
         card_data = json.loads(metadata[CARD_KEY])
         card_data.update(weights=name, weights_sha256=digest)
-        card = ModelCard.from_dict(card_data)
+        card = _with_learnt_p(ModelCard.from_dict(card_data), tensors)
         background = tensors.pop(BACKGROUND_KEY, None)
         model = Descriptor(card.with_changes(**card_changes))
         _load(model, tensors, path, prefixed=True)
@@ -164,6 +145,15 @@ def load_descriptor(
     _load(backbone, backbone_keys, path, prefixed=False)
     model = Descriptor(_fix_dim(card, backbone), backbone)
     return model.eval()
+
+
+def _with_learnt_p(card: ModelCard, tensors: dict[str, torch.Tensor]) -> ModelCard:
+    """The card with GeM's p as the weights hold it: p is learnt, and a card written when
+    training began still says the starting value."""
+    learnt = tensors.get("pool.p")
+    if card.pooling != "gem" or learnt is None:
+        return card
+    return card.with_changes(gem_p=float(learnt))
 
 
 def _fix_dim(card: ModelCard, backbone: GhostNet) -> ModelCard:

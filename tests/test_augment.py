@@ -47,11 +47,49 @@ def test_copy_augment_accepts_any_mode_and_strength(photo: Image.Image) -> None:
         CopyAugment(64, strength=-1.0)
 
 
-def test_random_resized_crop_stays_inside_the_image(photo: Image.Image) -> None:
+def _coordinates(width: int, height: int) -> Image.Image:
+    """Red is the column and green the row of each pixel, so a crop shows where it was cut."""
+    x, y = np.meshgrid(np.arange(width), np.arange(height))
+    return Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8))
+
+
+def _window(out: Image.Image) -> tuple[float, float, float, float]:
+    """(left, top, width, height) of the window that ``out`` was resized from."""
+    pixels = np.asarray(out, dtype=float)
+    size = out.size[0]
+    # Bicubic resizing keeps a linear ramp linear: output pixel i shows source column
+    # left + (i + 0.5) * width / size - 0.5.
+    width = (pixels[:, -1, 0].mean() - pixels[:, 0, 0].mean()) * size / (size - 1)
+    height = (pixels[-1, :, 1].mean() - pixels[0, :, 1].mean()) * size / (size - 1)
+    left = pixels[:, 0, 0].mean() + 0.5 - 0.5 * width / size
+    top = pixels[0, :, 1].mean() + 0.5 - 0.5 * height / size
+    return left, top, width, height
+
+
+def test_random_resized_crop_draws_windows_of_the_asked_area_and_shape() -> None:
+    image = _coordinates(240, 200)
     rng = random.Random(3)
-    for _ in range(20):
-        out = random_resized_crop(photo, 32, scale=(0.2, 1.0), ratio=(0.75, 4 / 3), rng=rng)
-        assert out.size == (32, 32)
+    lefts = set()
+    for _ in range(30):
+        out = random_resized_crop(image, 64, scale=(0.2, 0.5), ratio=(0.75, 4 / 3), rng=rng)
+        assert out.size == (64, 64)
+        left, top, width, height = _window(out)
+        assert left > -1 and top > -1 and left + width < 241 and top + height < 201
+        assert 0.19 < width * height / (240 * 200) < 0.52
+        assert 0.72 < width / height < 4 / 3 + 0.04
+        lefts.add(round(left))
+    assert len(lefts) > 10  # placed at random, not always in one spot
+
+
+def test_random_resized_crop_falls_back_to_the_centre_of_a_strip() -> None:
+    # No window of 20-50% of a 240 x 24 strip has an aspect ratio within 3/4-4/3: the
+    # widest allowed one, 32 x 24, is cut from the middle.
+    image = _coordinates(240, 24)
+    out = random_resized_crop(
+        image, 24, scale=(0.2, 0.5), ratio=(0.75, 4 / 3), rng=random.Random(0)
+    )
+    left, top, width, height = _window(out)
+    assert abs(left - 104) < 1 and abs(top) < 1 and abs(width - 32) < 1 and abs(height - 24) < 1
 
 
 def test_rotation_crops_away_the_corners(photo: Image.Image) -> None:

@@ -25,13 +25,13 @@ from PIL import Image, ImageOps
 import ghostmatch
 from ghostmatch.library import Library
 
-pytestmark = pytest.mark.filterwarnings("ignore:using RANDOM weights")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:using RANDOM weights"),
+    pytest.mark.usefixtures("shared_model_cache"),
+]
 
 CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 MATCH_KEYS = {"rank", "path", "score", "width", "height", "bytes"}
-
-
-pytestmark = pytest.mark.usefixtures("shared_model_cache")
 
 
 def cli_env(model_cache: Path, **extra: str) -> dict[str, str]:

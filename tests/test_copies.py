@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
@@ -39,24 +44,45 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_transform_families_and_tiers() -> None:
-    assert list(TRANSFORMS) == [
-        "reencode-q20",
-        "resize-40",
-        "crop-80",
-        "crop-60",
-        "flip",
-        "rotate-8",
-        "color",
-        "gray",
-        "blur",
-        "text",
-        "border",
-        "aspect",
-        "combo",
-    ]
+def _structure(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Grey levels at ``size``, standardised so that a change of tone alone does not count."""
+    grey = np.asarray(image.convert("L").resize(size, Image.Resampling.BILINEAR), dtype=float)
+    return (grey - grey.mean()) / grey.std()
+
+
+def test_each_copy_is_what_its_tier_says(sources: list[Path], tmp_path: Path) -> None:
+    # "near": the copy maps onto the whole original (re-encoded, resized, re-toned);
+    # "edited": content was cut, moved or added, or the shape changed.
     assert set(TIER_OF_TRANSFORM) == set(TRANSFORMS)
-    assert set(TIER_OF_TRANSFORM.values()) == {"near", "edited"}
+    groups = read_truth(make_copies(sources, tmp_path / "out", seed=7))
+    assert len(groups) == 3
+    for group in groups:
+        with Image.open(group[0]) as opened:
+            original = opened.convert("RGB")
+        base = _structure(original, original.size)
+        shape = original.size[0] / original.size[1]
+        alike: dict[str, float] = {}
+        worst_block: dict[str, float] = {}
+        reshaped: dict[str, float] = {}
+        for path in group[1:]:
+            name = transform_of(path)
+            assert name is not None
+            with Image.open(path) as copy:
+                structure = _structure(copy, original.size)
+                reshaped[name] = abs(math.log(copy.size[0] / copy.size[1] / shape))
+            alike[name] = float(np.corrcoef(base.ravel(), structure.ravel())[0, 1])
+            diff = np.abs(base - structure)
+            h, w = (d // 8 * 8 for d in diff.shape)
+            worst_block[name] = float(diff[:h, :w].reshape(h // 8, 8, w // 8, 8).mean((1, 3)).max())
+        near = [n for n in alike if TIER_OF_TRANSFORM[n] == "near"]
+        edited = [n for n in alike if TIER_OF_TRANSFORM[n] == "edited"]
+        assert near and edited
+        for name in near:
+            assert alike[name] > 0.9 and reshaped[name] < 0.03, (group[0], name)
+        for name in edited:
+            cut_or_moved = alike[name] < 0.9
+            added = worst_block[name] > max(worst_block[n] for n in near)
+            assert cut_or_moved or added or reshaped[name] > 0.1, (group[0], name)
 
 
 def test_make_copies_is_deterministic_and_complete(sources: list[Path], tmp_path: Path) -> None:
@@ -121,3 +147,37 @@ def test_transform_of_parses_copy_names() -> None:
     assert transform_of("originals/a.jpg") is None
     assert transform_of("a__sepia.jpg") is None
     assert transform_of("__flip.jpg") is None
+
+
+def _cli(*args: object) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
+    return subprocess.run(
+        [sys.executable, "-m", "ghostmatch.cli.app", "make-copies", *map(str, args)],
+        env={**env, "GHOSTMATCH_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_make_copies_command_writes_the_same_set(sources: list[Path], tmp_path: Path) -> None:
+    folder = sources[0].parent
+    result = _cli(folder, tmp_path / "cli", "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "cli" / "truth.json") in result.stdout
+    make_copies(sources, tmp_path / "api", seed=7)
+    cli_files, api_files = _files(tmp_path / "cli"), _files(tmp_path / "api")
+    assert cli_files.keys() == api_files.keys()
+    # The truth file names its sources; every image is the same byte for byte.
+    assert {k: v for k, v in cli_files.items() if k != "truth.json"} == {
+        k: v for k, v in api_files.items() if k != "truth.json"
+    }
+    assert read_truth(tmp_path / "cli" / "truth.json")[0][0].name == "astronaut.jpg"
+
+    limited = _cli(folder, tmp_path / "one", "--seed", "7", "--limit", "1")
+    assert limited.returncode == 0, limited.stderr
+    assert [len(g) for g in read_truth(tmp_path / "one" / "truth.json")] == [1 + len(TRANSFORMS)]
+
+    again = _cli(folder, tmp_path / "cli", "--seed", "7")
+    assert again.returncode == 2
+    assert "not an empty folder" in again.stderr and "Traceback" not in again.stderr

@@ -19,7 +19,6 @@ import ghostmatch
 from ghostmatch.dupes import DuplicateMember, group_pairs
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.verify import verify_pair
-from ghostmatch.weights import BUNDLED_PATH
 
 
 def _member(name: str, pixels: int = 100, size: int = 10, mtime: int = 0) -> DuplicateMember:
@@ -122,7 +121,6 @@ def test_locality_order_keeps_every_pair_once() -> None:
     assert _locality_order(shuffled) == chain
 
 
-@pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
 def test_verification_is_the_same_with_a_small_map_cache(
     dupe_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,7 +144,6 @@ def test_verification_is_the_same_with_a_small_map_cache(
     assert max(v.inliers for v in roomy.values()) >= 100  # real copies are among the pairs
 
 
-@pytest.mark.skipif(not BUNDLED_PATH.exists(), reason="no bundled model in this build")
 @pytest.mark.parametrize("name", ["coffee.jpg", "astronaut.jpg"])
 def test_zoomed_check_finds_a_tight_crop_and_where_it_is(name: str, photos: Path) -> None:
     from ghostmatch.embedder import prepare, to_batch
@@ -268,8 +265,6 @@ def test_duplicates_of_a_new_image(random_lib: Path, tmp_path: Path, photos: Pat
 
 @pytest.fixture(scope="module")
 def bundled_lib(dupe_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not BUNDLED_PATH.exists():
-        pytest.skip("no bundled model in this build")
     # Two more plain copies, of photos whose copies score well under 1 with the bundled
     # model's normalised scores (chelsea's score near 0.68).
     folder = tmp_path_factory.mktemp("bundled-dupes")

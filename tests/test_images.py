@@ -366,3 +366,24 @@ def _encoded_head(fmt: str) -> bytes:
 )
 def test_sniff_image(head: bytes, expected: str | None) -> None:
     assert sniff_image(head) == expected
+
+
+def test_avif_photo_is_decoded_and_indexed(tmp_path: Path) -> None:
+    import ghostmatch
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = data.chelsea()  # 451 x 300
+    # A real AVIF (AV1 in HEIF boxes), written by Pillow's own encoder.
+    Image.fromarray(photo).save(folder / "cat.avif", quality=90)
+    assert (folder / "cat.avif").read_bytes()[4:12] == b"ftypavif"
+    decoded = load_image(folder / "cat.avif", min_side=300)
+    assert (decoded.format, decoded.width, decoded.height) == ("AVIF", 451, 300)
+    assert decoded.image.mode == "RGB" and decoded.image.size == (451, 300)
+    error = np.abs(np.asarray(decoded.image, dtype=float) - photo.astype(float)).mean()
+    assert error < 6, error  # lossy, but the same picture
+    with pytest.warns(UserWarning), ghostmatch.open(tmp_path / "index", weights="random") as lib:
+        report = lib.index([folder])
+        records = lib.catalog.records_by_path([folder / "cat.avif"])
+    assert report.added == 1 and not report.failed
+    assert records[folder / "cat.avif"].format == "AVIF"

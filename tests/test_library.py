@@ -21,15 +21,15 @@ from ghostmatch.catalog import NewImage
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.library import CARD_META, INDEX_FILE, WEIGHTS_META, Library
 
-pytestmark = pytest.mark.filterwarnings("ignore:using RANDOM weights")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:using RANDOM weights"),
+    pytest.mark.usefixtures("shared_model_cache"),
+]
 
 DIM = 960  # the random model's descriptor size
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-pytestmark = pytest.mark.usefixtures("shared_model_cache")
 
 
 @pytest.fixture(scope="session")
