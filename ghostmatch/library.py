@@ -255,6 +255,8 @@ class Library:
             if stored is not None:
                 spec = self.catalog.get_meta(WEIGHTS_META) or stored.weights
             model = load_descriptor(spec)
+            if stored is not None and _only_learnt_p_differs(stored, model.card):
+                stored = model.card
             if stored is not None and model.card.fingerprint != stored.fingerprint:
                 raise GhostmatchError(
                     f"the weights {spec!r} no longer match index {self.path} (its card: "
@@ -1187,6 +1189,17 @@ def _write_generation(file: Path, generation: int) -> None:
 def _file_identity(file: Path) -> str:
     st = file.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _only_learnt_p_differs(stored: ModelCard, loaded: ModelCard) -> bool:
+    """True when ``loaded`` is ``stored``'s very file, whose card now reports GeM's learnt p
+    instead of the starting value an older ghostmatch recorded: the vectors are the same,
+    since p was always loaded from the file's bytes."""
+    return (
+        stored.weights_sha256 == loaded.weights_sha256
+        and stored.gem_p != loaded.gem_p
+        and stored.with_changes(gem_p=loaded.gem_p).fingerprint == loaded.fingerprint
+    )
 
 
 def _is_under(path: Path, folder: Path) -> bool:
