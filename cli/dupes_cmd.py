@@ -87,6 +87,10 @@ def dupes(
         raise GhostmatchError("choose one of --json and --csv")
     if move_to is not None and delete:
         raise GhostmatchError("choose one of --move-to and --delete")
+    if (apply or journal is not None or protect) and move_to is None and not delete:
+        raise GhostmatchError(
+            "--apply, --journal and --protect act on copies: add --move-to DIR or --delete"
+        )
     lib = ghostmatch.open(index, create=False)
     try:
         if not_dup is not None:

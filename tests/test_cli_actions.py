@@ -195,6 +195,17 @@ def test_a_dry_run_changes_nothing(gallery: Gallery, tmp_path: Path) -> None:
     assert not journal.exists() and not (tmp_path / "dupes").exists()
 
 
+def test_apply_without_an_action_is_refused_and_changes_nothing(
+    gallery: Gallery, tmp_path: Path
+) -> None:
+    for extra in (["--apply"], ["--journal", tmp_path / "j.jsonl"], ["--protect", tmp_path]):
+        result = gallery.dupes(*extra)
+        assert result.returncode == 2
+        [line] = result.stderr.strip().splitlines()
+        assert "--move-to DIR or --delete" in line
+    assert snapshot(gallery.photos) == gallery.files
+
+
 def test_move_to_moves_only_the_copies_and_undo_puts_them_back(
     gallery: Gallery, tmp_path: Path
 ) -> None:
