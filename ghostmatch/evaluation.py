@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ghostmatch.copies import read_truth, transform_of
-from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META
+from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META, DuplicateGroup
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes import allpairs
 from ghostmatch.library import Library, check_threshold
@@ -164,6 +164,21 @@ class DuplicateEvaluation:
                 for name, t in self.per_transform.items()
             },
         }
+
+
+@dataclass(frozen=True)
+class GroupEvaluation:
+    """The duplicate finder's groups against true groups: ``precision`` of the
+    ``reported_pairs`` (kept, member) pairs, ``recall`` of copies put in the same group as
+    their original (the first path of a truth group), and that recall ``per_transform``."""
+
+    precision: float
+    recall: float
+    reported_pairs: int
+    per_transform: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -484,6 +499,41 @@ def evaluate_duplicates(
         n_groups=len(groups),
         n_unindexed=len(members) - len(found),
         k=k,
+    )
+
+
+def evaluate_groups(
+    groups: Sequence[DuplicateGroup], truth: Sequence[Sequence[Path]]
+) -> GroupEvaluation:
+    """Score what ``Library.find_duplicates`` (``ghostmatch dupes``) reported against
+    ``truth`` groups, whose first path is the original (as in a make-copies truth.json).
+    Paths are compared with symlinks resolved; a file in no truth group is no one's copy."""
+    group_of = {p.resolve(): g for g, members in enumerate(truth) for p in members}
+    reported = correct = 0
+    placed: dict[Path, int] = {}
+    for n, group in enumerate(groups):
+        keep = group.keep.path.resolve()
+        placed[keep] = n
+        for member in group.members:
+            path = member.path.resolve()
+            placed[path] = n
+            reported += 1
+            same = group_of.get(keep)
+            correct += same is not None and same == group_of.get(path)
+    found: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for members in truth:
+        original = members[0].resolve()
+        for copy in members[1:]:
+            name = transform_of(copy) or "?"
+            total[name] += 1
+            where = placed.get(copy.resolve())
+            found[name] += where is not None and where == placed.get(original)
+    return GroupEvaluation(
+        precision=correct / reported if reported else 1.0,
+        recall=sum(found.values()) / max(1, sum(total.values())),
+        reported_pairs=reported,
+        per_transform={name: found[name] / total[name] for name in total},
     )
 
 

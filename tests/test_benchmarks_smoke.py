@@ -143,25 +143,36 @@ def test_caltech_test_leaves_out_the_second_photo_of_each_known_duplicate(
     assert len(everything) == len(listed)
 
 
-def test_heldout_scoring_of_groups(tmp_path: Path) -> None:
-    from benchmarks.heldout import score
-    from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+def test_heldout_photos_are_in_no_tuning_set() -> None:
+    from benchmarks import dupes_stages, heldout
 
-    def member(name: str) -> DuplicateMember:
-        return DuplicateMember(tmp_path / name, 0.5, "near", 1, 1, 1, 0)
+    photos = [Photo(Path(f"/data/c{i % 9}/image_{i:04d}.jpg"), f"c{i % 9}") for i in range(2735)]
+    tuned_sources, tuned_distractors = dupes_stages.choose(photos, quick=False)
+    tuned = {p.path for p in (*tuned_sources, *tuned_distractors)}
+    assert len(tuned) == dupes_stages.SOURCES + dupes_stages.DISTRACTORS
+    trained = {photos[3].path, photos[-1].path}
+    for quick in (False, True):
+        sources, distractors = heldout.split(photos, quick, trained)
+        held = [p.path for p in (*sources, *distractors)]
+        assert len(set(held)) == len(held)
+        assert not set(held) & tuned and not set(held) & trained
+        assert len(sources) == (heldout.SOURCES_QUICK if quick else heldout.SOURCES)
+    # The full run uses every photo left, not a sample of them.
+    sources, distractors = heldout.split(photos, False, trained)
+    assert {p.path for p in (*sources, *distractors)} == {p.path for p in photos} - tuned - trained
 
-    truth = [
-        [tmp_path / "a.jpg", tmp_path / "a__flip.jpg", tmp_path / "a__gray.jpg"],
-        [tmp_path / "b.jpg", tmp_path / "b__flip.jpg"],
-    ]
-    groups = [
-        DuplicateGroup(keep=member("a.jpg"), members=[member("a__flip.jpg"), member("c.jpg")]),
-        DuplicateGroup(keep=member("b__flip.jpg"), members=[member("b.jpg")]),
-    ]
-    got = score(groups, truth)
-    assert got["precision"] == 2 / 3 and got["reported_pairs"] == 3
-    assert got["recall"] == 2 / 3  # a__gray was missed
-    assert got["per_transform"] == {"flip": 1.0, "gray": 0.0}
+
+def test_heldout_split_of_the_real_test_photos() -> None:
+    from benchmarks import heldout
+
+    photos = bench_data.caltech_test()
+    if photos is None:
+        pytest.skip("no caltech101 photos beside the checkout")
+    trained = heldout.trained_photos(bench_data.CALTECH)
+    assert trained and not trained & {p.path for p in photos}
+    sources, distractors = heldout.split(photos, False, trained)
+    assert len(sources) == heldout.SOURCES
+    assert len(sources) + len(distractors) == len(photos) - len(heldout.tuning_photos(photos))
 
 
 def test_shipped_rule_search_and_its_threshold_alone_baseline() -> None:
