@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ghostmatch.copies import read_truth, transform_of
-from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META, DuplicateGroup
+from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META, DuplicateGroup, threshold_of
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes import allpairs
 from ghostmatch.library import Library, check_threshold
@@ -407,15 +407,9 @@ def dupe_threshold(lib: Library, override: float | None = None) -> tuple[float, 
     ``Library.duplicate_threshold`` uses: "calibrated", "model card" or "default"."""
     if override is not None:
         return check_threshold(override, lib.normalised_scores), "option"
-    stored = lib.catalog.get_meta(DUPE_THRESHOLD_META)
     card = lib.card
-    if isinstance(stored, dict) and "threshold" in stored:
-        source = "calibrated"
-    elif card is not None and "dupe_threshold" in card.extra:
-        source = "model card"
-    else:
-        source = "default"
-    return lib.duplicate_threshold(), source
+    extra = card.extra if card is not None else None
+    return threshold_of(lib.catalog.get_meta(DUPE_THRESHOLD_META), extra, lib.normalised_scores)
 
 
 def evaluate_duplicates(
