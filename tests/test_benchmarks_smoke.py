@@ -177,23 +177,21 @@ def test_heldout_split_of_the_real_test_photos() -> None:
 
 def test_shipped_rule_search_and_its_threshold_alone_baseline() -> None:
     from benchmarks.dupes_stages import best_rule, best_threshold
-    from benchmarks.quality import Candidates
 
     # Scores high to low; the 0.7 and 0.6 pairs are true only with enough inliers seen.
     scores = np.array([0.95, 0.9, 0.85, 0.7, 0.7, 0.6, 0.6, 0.5])
     same = np.array([True, True, False, True, False, True, False, False])
     inliers = np.array([0, 0, 0, 40, 3, 50, 5, 2], float)
     exact = np.zeros(8, bool)
-    pairs = Candidates(np.arange(8), np.arange(8) + 8, scores, same)
-    alone = best_threshold(pairs, exact, n_positive=5, precision=0.99)
+    alone = best_threshold(scores, same, exact, n_positive=5, precision=0.99)
     # Only the two top pairs keep precision 1 by score alone.
     assert alone == {"recall": 0.4, "precision": 1.0, "threshold": 0.9}
     # An exact pair is in whatever the threshold.
     exact[2] = True
     same[2] = True
-    assert best_threshold(pairs, exact, n_positive=5, precision=0.99)["recall"] == 0.6
+    assert best_threshold(scores, same, exact, n_positive=5, precision=0.99)["recall"] == 0.6
     exact[2], same[2] = False, False
-    rule = best_rule(pairs, inliers, np.ones(8, bool), exact, n_positive=5, precision=0.99)
+    rule = best_rule(scores, same, inliers, np.ones(8, bool), exact, n_positive=5, precision=0.99)
     # Inliers rescue the 0.7 and 0.6 true pairs and reject their look-alikes.
     assert rule["recall"] == 0.8 and rule["precision"] == 1.0
     assert rule["threshold"] > 0.85 and 6 <= rule["min_inliers"] <= 40
