@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -114,11 +115,35 @@ def test_quality_scores_copies_above_distractors(tmp_path: Path) -> None:
         photos.append(Photo(path, label))
     report = Report("quality", quick=True)
     quality.evaluate(report, photos[:2], photos[2:], tmp_path / "work", "random", tmp_path)
-    figures = {f.name: f for f in finite_figures(report)}
-    assert 0.0 < figures["near-duplicates: micro-AP"].value <= 1.0
+    figures = {f.name: f.value for f in finite_figures(report)}
     assert report.details["near_duplicates"]["model"]["n_positive"] == 2 * 14 * 13 // 2
     assert report.details["class_retrieval_photos"] == 4
     assert (tmp_path / "quality_pr.png").exists()
+
+    # The figures are what a user gets from `ghostmatch eval dupes` on the same set.
+    at_p99 = report.details["thresholds_at_p99"]["model"]
+    work = tmp_path / "work"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "ghostmatch.cli.app", "eval", "dupes", str(work / "set"),
+            "--truth", str(work / "set" / "truth.json"), "--index", str(work / "index"),
+            "--threshold", repr(at_p99), "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cli = json.loads(done.stdout)
+    assert cli["positive_pairs"] == 2 * 14 * 13 // 2
+    assert cli["micro_ap"] == pytest.approx(figures["near-duplicates: micro-AP"], abs=1e-6)
+    for level in ("0.99", "0.90"):
+        key = f"recall_at_p{level[2:]}"
+        value = figures[f"near-duplicates: recall @ precision {level}"]
+        assert cli[key] == pytest.approx(value, abs=1e-6)
+    for name, row in cli["per_transform"].items():
+        assert row["recall"] == pytest.approx(figures[f"recall @ p99 threshold: {name}"], abs=1e-6)
+    assert len(cli["per_transform"]) == 13
 
 
 def test_quality_without_shared_data_says_it_skipped(
