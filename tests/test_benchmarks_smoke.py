@@ -146,6 +146,37 @@ def test_quality_scores_copies_above_distractors(tmp_path: Path) -> None:
     assert len(cli["per_transform"]) == 13
 
 
+def test_dupes_stages_measures_stage_one_as_eval_dupes(tmp_path: Path) -> None:
+    from benchmarks import dupes_stages
+    from ghostmatch.copies import read_truth
+    from ghostmatch.evaluation import duplicate_candidates, evaluate_duplicates
+    from ghostmatch.library import Library
+
+    photos = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        path = tmp_path / "photos" / f"{name}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(path, quality=90)
+        photos.append(Photo(path, name))
+    copies, truth = bench_data.copy_set(photos[:2], photos[2:], tmp_path / "work", 0)
+    report = Report("dupes_stages", quick=True)
+    with Library(tmp_path / "work" / "index", weights="random", device="cpu") as lib:
+        lib.index([copies])
+        candidates = duplicate_candidates(lib, read_truth(truth))
+        exact = np.zeros(len(candidates.scores), bool)
+        dupes_stages.evaluate(report, lib, candidates, exact, tmp_path)
+        expected = evaluate_duplicates(lib, read_truth(truth), under=copies)
+    figures = {f.name: f for f in finite_figures(report)}
+    stage1 = report.details["stage1"]
+    assert stage1["n_positive"] == 2 * 14 * 13 // 2
+    assert stage1["micro_ap"] == expected.pairs.micro_ap
+    assert figures["micro-AP, stage 2"].baseline_value == expected.pairs.micro_ap
+    by_transform = {name: t.recall for name, t in expected.per_transform.items()}
+    assert report.details["per_transform_stage1"] == by_transform
+    assert report.details["verified_pairs"] > 0
+    assert (tmp_path / "dupes_stages_pr.png").exists()
+
+
 def test_quality_without_shared_data_says_it_skipped(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
