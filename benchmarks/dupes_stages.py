@@ -7,32 +7,26 @@ held-out benchmark checks that)."""
 from __future__ import annotations
 
 import tempfile
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from ghostmatch.indexes.allpairs import pair_scores
 
-from benchmarks.data import caltech_test, copy_set, missing_caltech_note, split_photos
+from benchmarks.data import Photo, caltech_test, copy_set, missing_caltech_note, split_photos
 from benchmarks.measure import Stopwatch
-from benchmarks.quality import (
-    Candidates,
-    DuplicateSet,
-    candidate_pairs,
-    duplicate_set,
-    knn_by_vectors,
-)
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
 from ghostmatch.copies import read_truth
-from ghostmatch.library import Library
-from ghostmatch.metrics import (
-    pair_metrics,
-    plot_pr,
-    precision_recall_curve,
-    recall_at_precision,
+from ghostmatch.evaluation import (
+    DuplicateCandidates,
+    duplicate_candidates,
+    evaluate_candidates,
+    transform_recall,
 )
+from ghostmatch.library import Library
+from ghostmatch.metrics import plot_pr, recall_at_precision
 
 SOURCES, SOURCES_QUICK = 300, 30
 DISTRACTORS, DISTRACTORS_QUICK = 1500, 120
@@ -51,25 +45,17 @@ def run(settings: Settings) -> Report:
     if photos is None:
         report.notes.append(missing_caltech_note("two-stage duplicate detection"))
         return report
-    sources, distractors = split_photos(
-        photos,
-        SOURCES_QUICK if settings.quick else SOURCES,
-        DISTRACTORS_QUICK if settings.quick else DISTRACTORS,
-        SEED,
-    )
+    sources, distractors = choose(photos, settings.quick)
     with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
         folder = Path(tmp)
         copies, truth = copy_set(sources, distractors, folder, SEED)
         with Library(folder / "index", weights=settings.weights, device="cpu") as lib:
             lib.index([copies])
-            ids, vectors = lib.catalog.vectors()
-            records = lib.catalog.get(ids.tolist())
-            dataset = duplicate_set([r.path for r in records], read_truth(truth))
-            offsets = lib.score_offsets(vectors)
-            candidates = candidate_pairs(*knn_by_vectors(vectors, offsets), dataset.group)
+            # Stage 1 exactly as `ghostmatch eval dupes` measures it.
+            candidates = duplicate_candidates(lib, read_truth(truth))
             # Same bytes is "exact" before any model: a cosine of 1 stands in for the hash.
-            exact = pair_scores(vectors, candidates.a, candidates.b) >= 0.99999
-            evaluate(report, lib, dataset, candidates, exact, ids, settings.out)
+            cosines = pair_scores(candidates.vectors, candidates.a, candidates.b)
+            evaluate(report, lib, candidates, cosines >= 0.99999, settings.out)
     report.notes.append(
         f"weights {settings.weights!r}; {len(sources)} test photos x 13 transforms (seed "
         f"{SEED}) among {len(distractors)} distractors; stage 1 = cosine of the global "
@@ -81,21 +67,33 @@ def run(settings: Settings) -> Report:
     return report
 
 
+def choose(photos: Sequence[Photo], quick: bool) -> tuple[list[Photo], list[Photo]]:
+    """(sources, distractors) of the run: the full run's are the photos the shipped rule is
+    tuned on, which the held-out check must leave out."""
+    return split_photos(
+        photos,
+        SOURCES_QUICK if quick else SOURCES,
+        DISTRACTORS_QUICK if quick else DISTRACTORS,
+        SEED,
+    )
+
+
 def evaluate(
     report: Report,
     lib: Library,
-    dataset: DuplicateSet,
-    candidates: Candidates,
+    candidates: DuplicateCandidates,
     exact: np.ndarray,
-    ids: np.ndarray,
     out: Path,
 ) -> None:
-    first = pair_metrics(candidates.scores, candidates.same, dataset.n_positive)
-    order = np.argsort(-candidates.scores)
-    found = np.cumsum(candidates.same[order])
+    ids, scores, same = candidates.ids, candidates.scores, candidates.same
+    n_positive = candidates.truth.n_positive
+    stage1 = evaluate_candidates(candidates)
+    first = stage1.pairs
+    order = np.argsort(-scores)
+    found = np.cumsum(same[order])
     cut = int(np.searchsorted(found, VERIFY_RECALL * found[-1])) if found[-1] else 0
-    floor = float(candidates.scores[order[min(cut, len(order) - 1)]])
-    checked = candidates.scores >= floor
+    floor = float(scores[order[min(cut, len(order) - 1)]])
+    checked = scores >= floor
     pairs = [
         (int(ids[a]), int(ids[b]))
         for a, b in zip(candidates.a[checked], candidates.b[checked], strict=True)
@@ -104,15 +102,16 @@ def evaluate(
     with clock:
         records = {r.id: r for r in lib.catalog.get(ids.tolist())}
         verified = lib.verify_pairs(pairs, records)
-    inliers = np.zeros(len(candidates.scores))
+    inliers = np.zeros(len(scores))
     inliers[checked] = [verified[p].inliers for p in pairs]
     # Stage-2 score: inliers first, the cosine breaks ties; unchecked pairs rank below.
-    second_scores = np.where(checked, inliers + candidates.scores, candidates.scores - 2.0)
-    second = pair_metrics(second_scores, candidates.same, dataset.n_positive)
-    rule = best_rule(candidates, inliers, checked, exact, dataset.n_positive, SHIPPED_PRECISION)
-    rule_p99 = best_rule(candidates, inliers, checked, exact, dataset.n_positive, 0.99)
+    second_scores = np.where(checked, inliers + scores, scores - 2.0)
+    stage2 = evaluate_candidates(candidates.rescored(candidates.a, candidates.b, second_scores))
+    second = stage2.pairs
+    rule = best_rule(scores, same, inliers, checked, exact, n_positive, SHIPPED_PRECISION)
+    rule_p99 = best_rule(scores, same, inliers, checked, exact, n_positive, 0.99)
     # The baseline at the shipped precision: a threshold alone, no geometric stage.
-    alone = best_threshold(candidates, exact, dataset.n_positive, SHIPPED_PRECISION)
+    alone = best_threshold(scores, same, exact, n_positive, SHIPPED_PRECISION)
     base = "stage 1 (descriptor only)"
     report.add(Figure("micro-AP, stage 2", second.micro_ap, "", base, first.micro_ap))
     report.add(
@@ -142,22 +141,19 @@ def evaluate(
             alone["recall"],
         )
     )
-    per_first = per_transform(dataset, candidates, candidates.scores >= first.threshold_at_p99)
-    band = (candidates.scores >= rule["verify_threshold"]) & (inliers >= rule["min_inliers"])
-    accepted = (candidates.scores >= rule["threshold"]) | band | exact
-    per_second = per_transform(dataset, candidates, accepted)
+    # Stage 1 at its p99 threshold, beside the shipped rule.
+    per_first = {name: t.recall for name, t in stage1.per_transform.items()}
+    band = (scores >= rule["verify_threshold"]) & (inliers >= rule["min_inliers"])
+    accepted = (scores >= rule["threshold"]) | band | exact
+    per_second = {name: t.recall for name, t in transform_recall(candidates, accepted).items()}
     for name in per_first:
         report.add(
             Figure(f"recall, {name}: two stages", per_second[name], "", base, per_first[name])
         )
-    hard = hard_negatives(dataset, candidates)
+    paths = [records[int(image_id)].path for image_id in ids]
+    hard = hard_negatives(paths, candidates)
     plot_pr(
-        {
-            "stage 1": precision_recall_curve(
-                candidates.scores, candidates.same, dataset.n_positive
-            ),
-            "stage 2": precision_recall_curve(second_scores, candidates.same, dataset.n_positive),
-        },
+        {"stage 1": stage1.curve, "stage 2": stage2.curve},
         out / "dupes_stages_pr.png",
         title="duplicates: descriptor vs descriptor + geometric check",
     )
@@ -180,7 +176,8 @@ def evaluate(
 
 
 def best_rule(
-    candidates: Candidates,
+    scores: np.ndarray,
+    same: np.ndarray,
     inliers: np.ndarray,
     checked: np.ndarray,
     exact: np.ndarray,
@@ -188,11 +185,11 @@ def best_rule(
     precision: float = 0.99,
 ) -> dict[str, float]:
     """The rule "cosine >= threshold, or cosine >= verify_threshold with min_inliers
-    geometric inliers" with the most recall at ``precision`` or more on this set."""
+    geometric inliers" with the most recall at ``precision`` or more on the candidate pairs
+    (``scores``, and ``same``: whether each is a true pair)."""
     best = {"recall": 0.0, "precision": 1.0, "threshold": 1.0, "verify_threshold": 1.0}
     best["min_inliers"] = 0.0
-    levels = np.unique(np.quantile(candidates.scores[checked], np.linspace(0, 1, 26)))
-    scores, same = candidates.scores, candidates.same
+    levels = np.unique(np.quantile(scores[checked], np.linspace(0, 1, 26)))
     for high in levels:
         alone = (scores >= high) | exact
         for low in levels[levels <= high]:
@@ -213,38 +210,25 @@ def best_rule(
 
 
 def best_threshold(
-    candidates: Candidates, exact: np.ndarray, n_positive: int, precision: float
+    scores: np.ndarray, same: np.ndarray, exact: np.ndarray, n_positive: int, precision: float
 ) -> dict[str, float]:
     """The cosine threshold alone (exact copies always in) with the most recall at
-    ``precision`` or more on this set: the rule without a geometric stage. Every candidate
-    score is tried, so the baseline gets its best threshold, not a grid's."""
+    ``precision`` or more on the candidate pairs: the rule without a geometric stage.
+    Every candidate score is tried, so the baseline gets its best threshold, not a grid's."""
     # Exact copies rank above every score, so every threshold keeps them.
-    scores = np.where(exact, candidates.scores.max() + 1.0, candidates.scores)
-    recall, threshold = recall_at_precision(scores, candidates.same, precision, n_positive)
-    accepted = scores >= threshold
+    ranked = np.where(exact, scores.max() + 1.0, scores)
+    recall, threshold = recall_at_precision(ranked, same, precision, n_positive)
+    accepted = ranked >= threshold
     kept = int(accepted.sum())
-    hits = int((accepted & candidates.same).sum())
+    hits = int((accepted & same).sum())
     return {"recall": recall, "precision": hits / kept if kept else 1.0, "threshold": threshold}
 
 
-def per_transform(
-    dataset: DuplicateSet, candidates: Candidates, accepted: np.ndarray
-) -> dict[str, float]:
-    n = len(dataset.paths)
-    keys = set((candidates.a * n + candidates.b)[accepted].tolist())
-    found: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    for original, copy, name in dataset.copies:
-        total[name] += 1
-        found[name] += (min(original, copy) * n + max(original, copy)) in keys
-    return {name: found[name] / total[name] for name in total}
-
-
-def hard_negatives(dataset: DuplicateSet, candidates: Candidates) -> float:
+def hard_negatives(paths: Sequence[Path], candidates: DuplicateCandidates) -> float:
     """Share of the 2,000 best-scoring false pairs that are two photos of one class
-    (file names start with ``<class>-``, copies included)."""
+    (file names start with ``<class>-``, copies included); ``paths`` in row order."""
     wrong = np.flatnonzero(~candidates.same)
     top = wrong[np.argsort(-candidates.scores[wrong])[:2000]]
-    labels = [p.name.split("-", 1)[0] for p in dataset.paths]
+    labels = [p.name.split("-", 1)[0] for p in paths]
     same = [labels[int(candidates.a[i])] == labels[int(candidates.b[i])] for i in top]
     return float(np.mean(same)) if same else 0.0

@@ -4,14 +4,14 @@ the caltech101 test photos: the chosen weights beside pHash and beside random we
 from __future__ import annotations
 
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import faiss
 import imagehash
 import numpy as np
+from ghostmatch.indexes.allpairs import pair_scores
 from PIL import Image
 
 from benchmarks.data import (
@@ -28,17 +28,16 @@ from ghostmatch.copies import read_truth, transform_of
 from ghostmatch.descriptor import Descriptor
 from ghostmatch.embedder import Embedder, prepare
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.evaluation import (
+    DuplicateEvaluation,
+    DuplicateTruth,
+    duplicate_candidates,
+    evaluate_candidates,
+    neighbour_pairs,
+)
 from ghostmatch.images import load_image
 from ghostmatch.library import Library
-from ghostmatch.metrics import (
-    PairMetrics,
-    PRCurve,
-    RetrievalMetrics,
-    pair_metrics,
-    plot_pr,
-    precision_recall_curve,
-    retrieval_metrics,
-)
+from ghostmatch.metrics import RetrievalMetrics, plot_pr, retrieval_metrics
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.weights import load_descriptor
 
@@ -49,28 +48,6 @@ SEED = 0
 POOLINGS = ("gem", "avg", "head")
 STAGES = ("make copies", "index", "pHash", "random weights")
 _BATCH = 32
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Unordered candidate pairs (row ``a`` < row ``b``) with their scores (higher = more
-    alike) and whether they are true duplicates."""
-
-    a: np.ndarray
-    b: np.ndarray
-    scores: np.ndarray
-    same: np.ndarray
-
-
-@dataclass(frozen=True)
-class DuplicateSet:
-    """The indexed photos: ``paths`` in row order, ``group`` of each row (its truth group,
-    -1 for a distractor), the true pairs in all and each copy's (original row, transform)."""
-
-    paths: list[Path]
-    group: np.ndarray
-    n_positive: int
-    copies: list[tuple[int, int, str]]  # (original row, copy row, transform)
 
 
 def run(settings: Settings) -> Report:
@@ -108,22 +85,26 @@ def evaluate(
     with stages["make copies"]:
         copies, truth = copy_set(sources, distractors, folder, SEED)
     label_of = {f"{p.label}-{p.path.name}": p.label for p in (*sources, *distractors)}
-    with stages["index"], Library(folder / "index", weights=weights, device="cpu") as lib:
-        indexed = lib.index([copies])
-        ids, vectors = lib.catalog.vectors()
-        paths = [r.path for r in lib.catalog.get(ids.tolist())]
+    with Library(folder / "index", weights=weights, device="cpu") as lib:
+        with stages["index"]:
+            indexed = lib.index([copies])
+        # What `ghostmatch eval dupes` measures, with the per-transform recall at each
+        # scorer's own p99 threshold.
+        candidates = duplicate_candidates(lib, read_truth(truth), k=KNN)
+        paths = [r.path for r in lib.catalog.get(candidates.ids.tolist())]
         lib_card = lib.embedder.card
-        offsets = lib.score_offsets(vectors)
+        normalised = lib.normalised_scores
     if indexed.failed:
         report.notes.append(f"files that failed to index: {dict(indexed.failed)}")
-    dataset = duplicate_set(paths, read_truth(truth))
-    model = evaluate_pairs(dataset, knn_by_vectors(vectors, offsets))
-    if offsets is not None:
-        raw = evaluate_pairs(dataset, knn_by_vectors(vectors))
+    vectors = candidates.vectors
+    model = evaluate_candidates(candidates)
+    if normalised:
+        cosines = pair_scores(vectors, candidates.a, candidates.b)
+        raw = evaluate_candidates(candidates.rescored(candidates.a, candidates.b, cosines))
         add_normalisation_figures(report, model, raw)
     with stages["pHash"]:
-        phash = evaluate_pairs(dataset, knn_by_phash(paths))
-    add_duplicate_figures(report, dataset, model, phash)
+        phash = evaluate_candidates(candidates.rescored(*neighbour_pairs(*knn_by_phash(paths))))
+    add_duplicate_figures(report, candidates.truth, model, phash)
     plot_pr(
         {"model": model.curve, "pHash": phash.curve},
         out / "quality_pr.png",
@@ -152,18 +133,20 @@ def evaluate(
             "class_retrieval_photos": len(rows),
             "knn": KNN,
             "near_duplicates": {
-                "model": {**asdict(model.metrics), "per_transform": model.per_transform},
-                "phash": {**asdict(phash.metrics), "per_transform": phash.per_transform},
+                "model": {**asdict(model.pairs), "per_transform": recalls(model)},
+                "phash": {**asdict(phash.pairs), "per_transform": recalls(phash)},
             },
             "class_retrieval": {"model": asdict(ours), "random_weights": asdict(baseline)},
             "stage_seconds": {name: round(clock.seconds, 1) for name, clock in stages.items()},
         }
     )
     report.notes.append(
-        f"weights {weights!r}; {len(sources)} test photos x {len(dataset.copies) // len(sources)} "
+        f"weights {weights!r}; {len(sources)} test photos x "
+        f"{len(candidates.truth.copies) // len(sources)} "
         f"transforms (seed {SEED}) among {len(distractors)} distractor test photos; candidates "
-        f"= each photo's {KNN} nearest (faiss for the model, Hamming for 64-bit pHash, "
-        "score 1 - distance/64); model scores are the duplicate finder's (cosine, less the "
+        f"= each photo's {KNN} nearest (exact inner product for the model, Hamming for 64-bit "
+        "pHash, score 1 - distance/64), measured by ghostmatch.evaluation as `ghostmatch "
+        "eval dupes` measures; model scores are the duplicate finder's (cosine, less the "
         "two background offsets when the model carries a score background); positives = "
         "pairs in one truth group, all of them counted "
         "in recall; per-transform recall = original-copy pairs at the p99 threshold; class "
@@ -172,45 +155,14 @@ def evaluate(
     )
 
 
-def duplicate_set(paths: Sequence[Path], groups: Sequence[Sequence[Path]]) -> DuplicateSet:
-    row_of = {p.resolve(): i for i, p in enumerate(paths)}
-    group = np.full(len(paths), -1, np.int64)
-    copies = []
-    n_positive = 0
-    for g, members in enumerate(groups):
-        n_positive += len(members) * (len(members) - 1) // 2
-        rows = [row_of.get(m.resolve()) for m in members]
-        for row in rows:
-            if row is not None:
-                group[row] = g
-        original = rows[0]
-        for member, row in zip(members[1:], rows[1:], strict=True):
-            name = transform_of(member)
-            if original is not None and row is not None and name is not None:
-                copies.append((original, row, name))
-    return DuplicateSet(list(paths), group, n_positive, copies)
-
-
-def knn_by_vectors(
-    vectors: np.ndarray, offsets: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) of each row's KNN nearest others by inner product (exact); with
-    ``offsets`` (the model's score background) the scores are the duplicate finder's
-    normalised ones, cosine less both offsets."""
-    scores, rows = faiss.knn(vectors, vectors, KNN + 1, faiss.METRIC_INNER_PRODUCT)
-    if offsets is not None:
-        scores = scores - offsets[:, None] - np.where(rows >= 0, offsets[rows], 0.0)
-    return scores, rows
-
-
 def knn_by_phash(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) of each photo's KNN nearest by pHash Hamming distance, scored
+    """(rows, scores) of each photo's KNN nearest by pHash Hamming distance, scored
     1 - distance / 64 so that higher = more alike, like the model's cosines."""
     codes = np.stack([np.packbits(_phash(p)) for p in paths])
     index = faiss.IndexBinaryFlat(64)
     index.add(codes)
     distances, rows = index.search(codes, KNN + 1)
-    return 1.0 - distances / 64.0, rows
+    return rows, 1.0 - distances / 64.0
 
 
 def _phash(path: Path) -> np.ndarray:
@@ -218,49 +170,15 @@ def _phash(path: Path) -> np.ndarray:
         return np.asarray(imagehash.phash(image).hash, dtype=bool).reshape(-1)
 
 
-def candidate_pairs(scores: np.ndarray, rows: np.ndarray, group: np.ndarray) -> Candidates:
-    """Unique unordered pairs from k-NN lists (a row's own entry dropped)."""
-    n = len(rows)
-    queries = np.repeat(np.arange(n), rows.shape[1])
-    found, score = rows.reshape(-1), scores.reshape(-1).astype(np.float64)
-    keep = (found >= 0) & (found != queries)
-    a = np.minimum(queries[keep], found[keep])
-    b = np.maximum(queries[keep], found[keep])
-    _, first = np.unique(a * n + b, return_index=True)
-    a, b, score = a[first], b[first], score[keep][first]
-    same = (group[a] == group[b]) & (group[a] >= 0)
-    return Candidates(a, b, score, same)
-
-
-@dataclass(frozen=True)
-class PairResult:
-    """One scorer's near-duplicate quality: metrics, its precision-recall curve (recall over
-    all true pairs) and, per transform, the share of original-copy pairs at the p99 threshold."""
-
-    metrics: PairMetrics
-    curve: PRCurve
-    per_transform: dict[str, float]
-
-
-def evaluate_pairs(dataset: DuplicateSet, knn: tuple[np.ndarray, np.ndarray]) -> PairResult:
-    candidates = candidate_pairs(knn[0], knn[1], dataset.group)
-    metrics = pair_metrics(candidates.scores, candidates.same, dataset.n_positive)
-    curve = precision_recall_curve(candidates.scores, candidates.same, dataset.n_positive)
-    n = len(dataset.paths)
-    keys = candidates.a * n + candidates.b
-    accepted = set(keys[candidates.scores >= metrics.threshold_at_p99].tolist())
-    found: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    for original, copy, name in dataset.copies:
-        total[name] += 1
-        found[name] += (min(original, copy) * n + max(original, copy)) in accepted
-    return PairResult(metrics, curve, {name: found[name] / total[name] for name in total})
+def recalls(result: DuplicateEvaluation) -> dict[str, float]:
+    """Recall of each transform's (original, copy) pairs."""
+    return {name: t.recall for name, t in result.per_transform.items()}
 
 
 def add_duplicate_figures(
-    report: Report, dataset: DuplicateSet, model: PairResult, phash: PairResult
+    report: Report, truth: DuplicateTruth, model: DuplicateEvaluation, phash: DuplicateEvaluation
 ) -> None:
-    ours, theirs = model.metrics, phash.metrics
+    ours, theirs = model.pairs, phash.pairs
     base = "pHash (64-bit)"
     report.add(Figure("near-duplicates: micro-AP", ours.micro_ap, "", base, theirs.micro_ap))
     report.add(
@@ -281,21 +199,24 @@ def add_duplicate_figures(
             theirs.recall_at_p90,
         )
     )
-    for name, recall in model.per_transform.items():
+    theirs_by_transform = recalls(phash)
+    for name, recall in recalls(model).items():
         report.add(
-            Figure(f"recall @ p99 threshold: {name}", recall, "", base, phash.per_transform[name])
+            Figure(f"recall @ p99 threshold: {name}", recall, "", base, theirs_by_transform[name])
         )
     report.details["thresholds_at_p99"] = {
         "model": ours.threshold_at_p99,
         "phash": theirs.threshold_at_p99,
     }
-    report.details["true_pairs"] = dataset.n_positive
+    report.details["true_pairs"] = truth.n_positive
 
 
-def add_normalisation_figures(report: Report, normalised: PairResult, raw: PairResult) -> None:
+def add_normalisation_figures(
+    report: Report, normalised: DuplicateEvaluation, raw: DuplicateEvaluation
+) -> None:
     """What the score background adds: the same candidates scored both ways."""
     base = "raw cosine"
-    ours, theirs = normalised.metrics, raw.metrics
+    ours, theirs = normalised.pairs, raw.pairs
     report.add(Figure("normalised scores: micro-AP", ours.micro_ap, "", base, theirs.micro_ap))
     report.add(
         Figure(
@@ -306,7 +227,7 @@ def add_normalisation_figures(report: Report, normalised: PairResult, raw: PairR
             theirs.recall_at_p99,
         )
     )
-    report.details["raw_cosine"] = {**asdict(theirs), "per_transform": raw.per_transform}
+    report.details["raw_cosine"] = {**asdict(theirs), "per_transform": recalls(raw)}
 
 
 def add_retrieval_figures(report: Report, ours: RetrievalMetrics, random: RetrievalMetrics) -> None:

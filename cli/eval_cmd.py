@@ -132,24 +132,50 @@ def dupes(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a precision-recall plot (PNG).")
     ] = None,
+    finder: Annotated[
+        bool,
+        typer.Option(
+            "--finder",
+            help="Also run the duplicate finder over the index as `ghostmatch dupes` does "
+            "(both stages, grouping) and score its groups against the truth, whose first "
+            "path of each group is the original.",
+        ),
+    ] = False,
+    no_verify: Annotated[
+        bool,
+        typer.Option("--no-verify", help="With --finder: stage 1 only, as `dupes --no-verify`."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Score each photo's nearest neighbours as duplicate pairs against the truth groups.
 
-    Measures descriptor scores: stage 1 of `ghostmatch dupes`, before verification.
+    Measures descriptor scores: stage 1 of `ghostmatch dupes`, before verification;
+    --finder also measures the groups `ghostmatch dupes` reports.
     """
-    from ghostmatch.evaluation import dupe_threshold, evaluate_duplicates, read_truth_any
+    from ghostmatch.evaluation import (
+        dupe_threshold,
+        evaluate_duplicates,
+        evaluate_groups,
+        read_truth_any,
+    )
 
+    if no_verify and not finder:
+        raise GhostmatchError("--no-verify applies to --finder; add --finder")
     _check_folder(folder)
     groups = read_truth_any(truth)
+    found = None
     with _indexed(folder, index, weights, as_json) as lib:
         cut, source = dupe_threshold(lib, threshold)
         result = evaluate_duplicates(lib, groups, cut, under=folder)
+        if finder:
+            found = evaluate_groups(lib.find_duplicates(threshold, verify=not no_verify), groups)
     if plot is not None:
         _plot(result.curve, plot, f"duplicates in {folder.name}")
     if as_json:
         data = result.to_dict()
         data["threshold_source"] = source
+        if found is not None:
+            data["finder"] = {**found.to_dict(), "verify": not no_verify}
         if plot is not None:
             data["plot"] = os.fsdecode(plot)
         _print_json(data)
@@ -178,6 +204,13 @@ def dupes(
         for name, t in result.per_transform.items():
             table.add_row(name, str(t.n_pairs), str(t.n_found), _rate(t.recall))
         out.print(table)
+    if found is not None:
+        how = "--no-verify" if no_verify else "both stages"
+        out.print(
+            f"`ghostmatch dupes` ({how}): precision {_rate(found.precision)} over "
+            f"{found.reported_pairs} reported pairs, recall {_rate(found.recall)} of the "
+            "copies grouped with their original"
+        )
     if result.n_unindexed:
         out.print(
             f"{result.n_unindexed} truth files are not in the index; their pairs count as missed"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,20 @@ def default_thresholds(normalised: bool) -> tuple[float, float]:
     if normalised:
         return DEFAULT_NORMALISED_THRESHOLD, DEFAULT_NORMALISED_VERIFY_THRESHOLD
     return DEFAULT_THRESHOLD, DEFAULT_VERIFY_THRESHOLD
+
+
+def threshold_of(
+    stored: object, card_extra: Mapping[str, Any] | None, normalised: bool
+) -> tuple[float, str]:
+    """An index's duplicate threshold and where it comes from, first found wins: the one
+    ``ghostmatch calibrate`` stored (``stored``, the index's THRESHOLD_META) "calibrated",
+    the weights' measured one (their card's ``dupe_threshold``) "model card", else "default".
+    The one place this order lives, so `dupes` and `eval dupes` cannot disagree."""
+    if isinstance(stored, dict) and "threshold" in stored:
+        return float(stored["threshold"]), "calibrated"
+    if card_extra is not None and "dupe_threshold" in card_extra:
+        return float(card_extra["dupe_threshold"]), "model card"
+    return default_thresholds(normalised)[0], "default"
 
 
 def keep_priority(rule: str) -> Callable[[DuplicateMember], tuple[Any, ...]]:

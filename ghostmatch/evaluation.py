@@ -16,15 +16,15 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
-from ghostmatch.copies import read_truth, transform_of
-from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META
+from ghostmatch.copies import TRANSFORMS, read_truth, transform_of
+from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META, DuplicateGroup, threshold_of
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes import allpairs
 from ghostmatch.library import Library, check_threshold
@@ -128,9 +128,10 @@ class DuplicateEvaluation:
 
     ``pairs`` holds micro-AP, recall at precision 0.9/0.99 and precision/recall at
     ``pairs.threshold``; true pairs never proposed count as missed. ``per_transform`` is
-    recall at that threshold of the pairs (original, copy) by the copy's transform, for
-    files named ``<stem>__<transform>.<ext>``. ``curve`` is the precision-recall curve.
-    ``n_images`` were searched; ``n_unindexed`` truth files are not in the index.
+    recall at that threshold (when None, at ``pairs.threshold_at_p99``) of the pairs
+    (original, copy) by the copy's transform, for files named ``<stem>__<transform>.<ext>``.
+    ``curve`` is the precision-recall curve. ``n_images`` were searched; ``n_unindexed``
+    truth files are not in the index.
     """
 
     pairs: PairMetrics
@@ -164,6 +165,67 @@ class DuplicateEvaluation:
                 for name, t in self.per_transform.items()
             },
         }
+
+
+@dataclass(frozen=True)
+class DuplicateTruth:
+    """Truth groups over the rows of a searched set of images.
+
+    ``group`` is each row's truth group (-1: in none). ``n_positive`` counts every true pair,
+    those of the ``n_unsearched`` truth files not searched included, so that they count as
+    missed. ``copies`` holds (original row, copy row, transform) of each pair of an original
+    and a copy named ``<stem>__<transform>.<ext>``, row -1 for a file not searched.
+    """
+
+    group: np.ndarray
+    n_positive: int
+    copies: list[tuple[int, int, str]]
+    n_groups: int
+    n_unsearched: int
+
+
+@dataclass(frozen=True)
+class DuplicateCandidates:
+    """Candidate duplicate pairs of the searched images and their truth.
+
+    Row ``i`` is catalog id ``ids[i]`` with stored unit vector ``vectors[i]``. Pair ``j`` is
+    rows ``a[j] < b[j]`` with duplicate score ``scores[j]`` (float64, higher = more alike);
+    ``same[j]`` says whether the two are in one truth group. ``k`` nearest neighbours of
+    each row were proposed.
+    """
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    scores: np.ndarray
+    truth: DuplicateTruth
+    k: int
+
+    @property
+    def same(self) -> np.ndarray:
+        group = self.truth.group
+        return (group[self.a] == group[self.b]) & (group[self.a] >= 0)
+
+    def rescored(self, a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> DuplicateCandidates:
+        """The same images and truth with other candidate pairs and scores: another
+        scorer's (a baseline's), measured by the same rules."""
+        return replace(self, a=a, b=b, scores=np.asarray(scores, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class GroupEvaluation:
+    """The duplicate finder's groups against true groups: ``precision`` of the
+    ``reported_pairs`` (kept, member) pairs, ``recall`` of copies put in the same group as
+    their original (the first path of a truth group), and that recall ``per_transform``."""
+
+    precision: float
+    recall: float
+    reported_pairs: int
+    per_transform: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -392,37 +454,24 @@ def dupe_threshold(lib: Library, override: float | None = None) -> tuple[float, 
     ``Library.duplicate_threshold`` uses: "calibrated", "model card" or "default"."""
     if override is not None:
         return check_threshold(override, lib.normalised_scores), "option"
-    stored = lib.catalog.get_meta(DUPE_THRESHOLD_META)
     card = lib.card
-    if isinstance(stored, dict) and "threshold" in stored:
-        source = "calibrated"
-    elif card is not None and "dupe_threshold" in card.extra:
-        source = "model card"
-    else:
-        source = "default"
-    return lib.duplicate_threshold(), source
+    extra = card.extra if card is not None else None
+    return threshold_of(lib.catalog.get_meta(DUPE_THRESHOLD_META), extra, lib.normalised_scores)
 
 
-def evaluate_duplicates(
+def duplicate_candidates(
     lib: Library,
     groups: Sequence[Sequence[Path]],
-    threshold: float,
     *,
     under: Path | None = None,
     k: int = DUPE_CANDIDATES,
-) -> DuplicateEvaluation:
-    """Score each image's ``k`` nearest neighbours as candidate pairs against ``groups``
-    (paths showing the same image). The search set is the index (or the images below
-    ``under``) plus every indexed truth image."""
+) -> DuplicateCandidates:
+    """Each searched image's ``k`` nearest neighbours (exact inner product of the stored
+    vectors) as candidate pairs, scored as the duplicate finder scores them, against
+    ``groups`` (paths showing the same image). The search set is the index (or the images
+    below ``under``) plus every indexed truth image."""
     if k < 1:
         raise GhostmatchError(f"k must be at least 1, got {k}")
-    truth_pairs = {
-        (min(a, b), max(a, b))
-        for group in groups
-        for i, a in enumerate(group)
-        for b in group[i + 1 :]
-        if a != b
-    }
     members = {path for group in groups for path in group}
     found = _indexed_ids(lib, members)
     if under is not None:
@@ -434,56 +483,159 @@ def evaluate_duplicates(
     ids, vectors = lib.catalog.vectors(sorted(set(pool_ids) | set(found.values())))
     if len(ids) < 2:
         raise GhostmatchError(f"only {len(ids)} indexed images to compare; index more images")
-    row_of = {int(image_id): row for row, image_id in enumerate(ids)}
-
-    neighbors, _ = _nearest(vectors, k + 1)
-    queries = np.repeat(np.arange(len(ids)), neighbors.shape[1])
-    partners = neighbors.reshape(-1)
-    other = partners != queries
-    keys = np.unique(
-        np.minimum(queries, partners)[other] * len(ids) + np.maximum(queries, partners)[other]
-    )
-    rows_a, rows_b = keys // len(ids), keys % len(ids)
+    row_of_id = {int(image_id): row for row, image_id in enumerate(ids)}
+    truth = duplicate_truth(groups, {path: row_of_id[i] for path, i in found.items()}, len(ids))
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    a, b, _ = neighbour_pairs(*_nearest(x, k + 1))
     # The duplicate finder's own scoring, so that thresholds mean the same thing here.
-    x = np.ascontiguousarray(vectors)
-    scores = allpairs.pair_scores(x, rows_a, rows_b, lib.score_offsets(x))
-    score_of = dict(zip(keys.tolist(), scores.astype(np.float64).tolist(), strict=True))
+    scores = allpairs.pair_scores(x, a, b, lib.score_offsets(x)).astype(np.float64)
+    return DuplicateCandidates(ids, x, a, b, scores, truth, k)
 
-    def key(a: Path, b: Path) -> int:
-        """The pair's key in ``keys``, or -1 when either file is not indexed."""
-        if a not in found or b not in found:
-            return -1
-        ra, rb = row_of[found[a]], row_of[found[b]]
-        return min(ra, rb) * len(ids) + max(ra, rb)
 
-    positive_keys = np.array(sorted({key(a, b) for a, b in truth_pairs}), dtype=np.int64)
-    labels = np.isin(keys, positive_keys)
-    metrics = pair_metrics(scores, labels, len(truth_pairs), threshold)
-
-    counts: dict[str, list[int]] = {}
-    for a, b in sorted(truth_pairs):
+def duplicate_truth(
+    groups: Sequence[Sequence[Path]], row_of: Mapping[Path, int], n_rows: int
+) -> DuplicateTruth:
+    """``groups`` of paths over ``n_rows`` searched images, ``row_of`` mapping the searched
+    truth paths to their rows (a path not in it was not searched)."""
+    pairs = {
+        (min(a, b), max(a, b))
+        for group in groups
+        for i, a in enumerate(group)
+        for b in group[i + 1 :]
+        if a != b
+    }
+    group_of = np.full(n_rows, -1, dtype=np.int64)
+    for g, group in enumerate(groups):
+        for path in group:
+            if path in row_of:
+                group_of[row_of[path]] = g
+    copies = []
+    for a, b in sorted(pairs):
         kind_a, kind_b = transform_of(a), transform_of(b)
         if kind_a is None and kind_b is not None:
-            name = kind_b
+            original, copy, name = a, b, kind_b
         elif kind_b is None and kind_a is not None:
-            name = kind_a
+            original, copy, name = b, a, kind_a
         else:  # two originals, or two copies: not the recall of one transform
             continue
-        hit = score_of.get(key(a, b), -math.inf) >= threshold
+        copies.append((row_of.get(original, -1), row_of.get(copy, -1), name))
+    members = {path for group in groups for path in group}
+    return DuplicateTruth(
+        group=group_of,
+        n_positive=len(pairs),
+        copies=copies,
+        n_groups=len(groups),
+        n_unsearched=len(members - set(row_of)),
+    )
+
+
+def neighbour_pairs(
+    neighbors: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows a, rows b, scores) of the unordered pairs in k-NN lists ``neighbors`` (n, k)
+    with their ``scores`` (n, k): a < b, each pair once in (a, b) order with the score where
+    it was first listed, a row itself and -1 padding left out."""
+    n = len(neighbors)
+    queries = np.repeat(np.arange(n), neighbors.shape[1])
+    partners = neighbors.reshape(-1)
+    keep = (partners >= 0) & (partners != queries)
+    a = np.minimum(queries[keep], partners[keep])
+    b = np.maximum(queries[keep], partners[keep])
+    keys, first = np.unique(a * n + b, return_index=True)
+    return keys // n, keys % n, scores.reshape(-1)[keep][first].astype(np.float64)
+
+
+def evaluate_candidates(
+    candidates: DuplicateCandidates, threshold: float | None = None
+) -> DuplicateEvaluation:
+    """Micro-AP, recall at precision 0.9/0.99, the precision-recall curve and, at
+    ``threshold`` (default: the lowest reaching precision 0.99), precision, recall and the
+    recall of each transform's (original, copy) pairs."""
+    c = candidates
+    same = c.same
+    metrics = pair_metrics(c.scores, same, c.truth.n_positive, threshold)
+    cut = metrics.threshold_at_p99 if threshold is None else threshold
+    return DuplicateEvaluation(
+        pairs=metrics,
+        per_transform=transform_recall(c, c.scores >= cut),
+        curve=precision_recall_curve(c.scores, same, c.truth.n_positive),
+        n_images=len(c.ids),
+        n_groups=c.truth.n_groups,
+        n_unindexed=c.truth.n_unsearched,
+        k=c.k,
+    )
+
+
+def transform_recall(
+    candidates: DuplicateCandidates, accepted: np.ndarray
+) -> dict[str, TransformRecall]:
+    """Of each transform's (original, copy) pairs, how many are ``accepted`` candidates
+    (a boolean per candidate pair); a pair never proposed, or not searched, is missed."""
+    c = candidates
+    n = len(c.ids)
+    kept = set((c.a * n + c.b)[accepted].tolist())
+    counts: dict[str, list[int]] = {}
+    for original, copy, name in c.truth.copies:
+        hit = original >= 0 and copy >= 0 and min(original, copy) * n + max(original, copy) in kept
         tally = counts.setdefault(name, [0, 0])
         tally[0] += 1
         tally[1] += int(hit)
-    return DuplicateEvaluation(
-        pairs=metrics,
-        per_transform={
-            name: TransformRecall(total, hits, hits / total)
-            for name, (total, hits) in sorted(counts.items())
-        },
-        curve=precision_recall_curve(scores, labels, len(truth_pairs)),
-        n_images=len(ids),
-        n_groups=len(groups),
-        n_unindexed=len(members) - len(found),
-        k=k,
+    # In make-copies' order of transforms, the order of its truth groups.
+    return {
+        name: TransformRecall(total, hits, hits / total)
+        for name, (total, hits) in sorted(counts.items(), key=lambda item: _order(item[0]))
+    }
+
+
+def _order(transform: str) -> tuple[int, str]:
+    names = list(TRANSFORMS)
+    return (names.index(transform) if transform in names else len(names), transform)
+
+
+def evaluate_duplicates(
+    lib: Library,
+    groups: Sequence[Sequence[Path]],
+    threshold: float | None = None,
+    *,
+    under: Path | None = None,
+    k: int = DUPE_CANDIDATES,
+) -> DuplicateEvaluation:
+    """``ghostmatch eval dupes``: ``evaluate_candidates`` of ``duplicate_candidates``."""
+    return evaluate_candidates(duplicate_candidates(lib, groups, under=under, k=k), threshold)
+
+
+def evaluate_groups(
+    groups: Sequence[DuplicateGroup], truth: Sequence[Sequence[Path]]
+) -> GroupEvaluation:
+    """Score what ``Library.find_duplicates`` (``ghostmatch dupes``) reported against
+    ``truth`` groups, whose first path is the original (as in a make-copies truth.json).
+    Paths are compared with symlinks resolved; a file in no truth group is no one's copy."""
+    group_of = {p.resolve(): g for g, members in enumerate(truth) for p in members}
+    reported = correct = 0
+    placed: dict[Path, int] = {}
+    for n, group in enumerate(groups):
+        keep = group.keep.path.resolve()
+        placed[keep] = n
+        for member in group.members:
+            path = member.path.resolve()
+            placed[path] = n
+            reported += 1
+            same = group_of.get(keep)
+            correct += same is not None and same == group_of.get(path)
+    found: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for members in truth:
+        original = members[0].resolve()
+        for copy in members[1:]:
+            name = transform_of(copy) or "?"
+            total[name] += 1
+            where = placed.get(copy.resolve())
+            found[name] += where is not None and where == placed.get(original)
+    return GroupEvaluation(
+        precision=correct / reported if reported else 1.0,
+        recall=sum(found.values()) / max(1, sum(total.values())),
+        reported_pairs=reported,
+        per_transform={name: found[name] / total[name] for name in total},
     )
 
 

@@ -29,6 +29,7 @@ from ghostmatch.dupes import (
     DuplicateMember,
     default_thresholds,
     group_pairs,
+    threshold_of,
     tier_of,
 )
 from ghostmatch.embedder import Embedder, prepare, to_batch
@@ -710,13 +711,9 @@ class Library:
     def duplicate_threshold(self) -> float:
         """The calibrated threshold of this index, else the model's measured one, else the
         default (0.9 for plain cosines)."""
-        stored = self.catalog.get_meta(THRESHOLD_META)
-        if isinstance(stored, dict) and "threshold" in stored:
-            return float(stored["threshold"])
         card = self.card
-        if card is not None and "dupe_threshold" in card.extra:
-            return float(card.extra["dupe_threshold"])
-        return default_thresholds(self.normalised_scores)[0]
+        extra = card.extra if card is not None else None
+        return threshold_of(self.catalog.get_meta(THRESHOLD_META), extra, self.normalised_scores)[0]
 
     @property
     def normalised_scores(self) -> bool:

@@ -24,6 +24,12 @@ from typer.testing import CliRunner
 
 import ghostmatch
 from ghostmatch.copies import make_copies, transform_of
+from ghostmatch.dupes import (
+    DEFAULT_NORMALISED_THRESHOLD,
+    DuplicateGroup,
+    DuplicateMember,
+    threshold_of,
+)
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.evaluation import (
     DEFAULT_DUPE_THRESHOLD,
@@ -31,6 +37,7 @@ from ghostmatch.evaluation import (
     LabelledPair,
     calibrate,
     evaluate_duplicates,
+    evaluate_groups,
     evaluate_retrieval,
     labels_from_folders,
     read_labels_csv,
@@ -38,7 +45,7 @@ from ghostmatch.evaluation import (
     read_truth_any,
     wilson_lower_bound,
 )
-from ghostmatch.metrics import average_precision, retrieval_metrics
+from ghostmatch.metrics import average_precision, pick_threshold, retrieval_metrics
 
 CLASSES = {
     "space": ("astronaut", "rocket", "hubble_deep_field"),
@@ -334,16 +341,7 @@ def test_unreadable_csv_files(tmp_path):
 # ---------------------------------------------------------------------------- real command
 
 
-def _registered() -> bool:
-    from ghostmatch.cli.app import app
-
-    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    return "eval" in commands and "calibrate" in commands
-
-
 def test_real_command_end_to_end(classes: Path, classes_index: Path, tmp_path):
-    if not _registered():
-        pytest.skip("`eval` and `calibrate` are not registered in ghostmatch.cli.app yet")
     command = [sys.executable, "-m", "ghostmatch.cli.app"]
     done = subprocess.run(
         [*command, "eval", "retrieval", str(classes), "--index", str(classes_index), "--json"],
@@ -368,3 +366,105 @@ def test_real_command_end_to_end(classes: Path, classes_index: Path, tmp_path):
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("error: ") and "line 2" in done.stderr
+
+
+def _command(*args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "ghostmatch.cli.app", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_normalised_scores_through_the_commands(
+    copies: Path, tmp_path: Path, shared_model_cache: None
+) -> None:
+    """The bundled model carries a score background: `eval dupes` and `calibrate` score
+    pairs as cosine less both offsets, and use the card's threshold until calibrated."""
+    index, truth = tmp_path / "index", copies / "truth.json"
+    where = ("--index", str(index))
+    got = _command(
+        "eval", "dupes", str(copies), "--truth", str(truth), *where, "--weights", "bundled",
+        "--finder", "--json",
+    )  # fmt: skip
+    groups = read_truth_any(truth)
+    with ghostmatch.open(index, create=False) as lib:
+        assert lib.normalised_scores
+        card_threshold = float(lib.card.extra["dupe_threshold"])
+        ids, vectors = lib.catalog.vectors()
+        paths = {r.id: r.path for r in lib.catalog.get(ids.tolist())}
+        offsets = lib.score_offsets(vectors)
+        finder = evaluate_groups(lib.find_duplicates(), groups)
+    assert offsets is not None
+    group_of = {p.resolve(): g for g, members in enumerate(groups) for p in members}
+    rows = list(zip([paths[i] for i in ids.tolist()], vectors, offsets, strict=True))
+    scores, cosines, same, labelled = [], [], [], []
+    for (pa, va, oa), (pb, vb, ob) in itertools.combinations(rows, 2):
+        cosine = float(np.dot(va.astype(np.float64), vb.astype(np.float64)))
+        scores.append(float(np.float32(cosine - oa - ob)))
+        cosines.append(cosine)
+        same.append(group_of[pa.resolve()] == group_of[pb.resolve()])
+        labelled.append(f"{pa},{pb},{'same' if same[-1] else 'different'}")
+    assert got["threshold_source"] == "model card"
+    assert got["threshold"] == pytest.approx(card_threshold)
+    assert got["candidate_pairs"] == math.comb(15, 2)
+    assert got["micro_ap"] == pytest.approx(average_precision(scores, same), abs=1e-6)
+    accepted = np.array(scores) >= card_threshold
+    hits = int((accepted & np.array(same)).sum())
+    # Plain cosines accept other pairs at this threshold, so the checks tell the two apart.
+    assert (np.array(cosines) >= card_threshold).sum() != accepted.sum()
+    assert got["recall"] == pytest.approx(hits / 30, abs=1e-6)
+    assert got["precision"] == pytest.approx(hits / max(1, int(accepted.sum())), abs=1e-6)
+    assert got["finder"] == {**finder.to_dict(), "verify": True}
+
+    pairs_csv = tmp_path / "pairs.csv"
+    pairs_csv.write_text("\n".join(labelled) + "\n")
+    chosen = _command(
+        "calibrate", "--pairs", str(pairs_csv), "--precision", "0.9", *where, "--json"
+    )
+    expected = pick_threshold(scores, same, 0.9)
+    assert chosen["threshold"] == pytest.approx(expected.threshold, abs=1e-6)
+    assert (chosen["support"], chosen["n_same"]) == (expected.support, 30)
+    again = _command("eval", "dupes", str(copies), "--truth", str(truth), *where, "--json")
+    assert again["threshold_source"] == "calibrated"
+    assert again["threshold"] == pytest.approx(chosen["threshold"], abs=1e-6)
+    with ghostmatch.open(index, create=False) as lib:
+        assert lib.duplicate_threshold() == chosen["threshold"]
+
+
+def test_eval_dupes_no_verify_needs_finder(copies: Path, copies_index: Path) -> None:
+    truth = str(copies / "truth.json")
+    args = ["eval", "dupes", str(copies), "--truth", truth, "--index", str(copies_index)]
+    result = CliRunner().invoke(_cli(), [*args, "--no-verify"])
+    assert result.exit_code != 0 and isinstance(result.exception, GhostmatchError)
+    assert "--finder" in str(result.exception)
+
+
+def test_threshold_order_calibrated_then_card_then_default() -> None:
+    card = {"dupe_threshold": 0.3}
+    assert threshold_of({"threshold": 0.5, "min_inliers": 9}, card, True) == (0.5, "calibrated")
+    assert threshold_of({"min_inliers": 9}, card, True) == (0.3, "model card")
+    assert threshold_of(None, {}, False) == (DEFAULT_DUPE_THRESHOLD, "default")
+    assert threshold_of(None, None, True) == (DEFAULT_NORMALISED_THRESHOLD, "default")
+
+
+def test_finder_groups_are_scored_by_pairs_and_copies(tmp_path: Path) -> None:
+    def member(name: str) -> DuplicateMember:
+        return DuplicateMember(tmp_path / name, 0.5, "near", 1, 1, 1, 0)
+
+    truth = [
+        [tmp_path / "a.jpg", tmp_path / "a__flip.jpg", tmp_path / "a__gray.jpg"],
+        [tmp_path / "b.jpg", tmp_path / "b__flip.jpg"],
+    ]
+    groups = [
+        DuplicateGroup(keep=member("a.jpg"), members=[member("a__flip.jpg"), member("c.jpg")]),
+        DuplicateGroup(keep=member("b__flip.jpg"), members=[member("b.jpg")]),
+    ]
+    got = evaluate_groups(groups, truth)
+    assert got.precision == 2 / 3 and got.reported_pairs == 3
+    assert got.recall == 2 / 3  # a__gray was missed
+    assert got.per_transform == {"flip": 1.0, "gray": 0.0}
+    assert evaluate_groups([], truth).precision == 1.0
