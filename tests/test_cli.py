@@ -69,7 +69,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
 
 @dataclass(frozen=True)
 class Indexed:
-    """The session's gallery, indexed once by ``ghostmatch index --json``."""
+    """The test run's gallery, indexed once by ``ghostmatch index --json``."""
 
     gallery: Path
     index: Path
