@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Engine,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -40,7 +43,9 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    make_url,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -132,6 +137,8 @@ class _FailureRow(_Base):
     reason: Mapped[str] = mapped_column(String)
     detail: Mapped[str] = mapped_column(Text)
     seen_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+    ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    max_megapixels: Mapped[float | None] = mapped_column(Float)
 
 
 class _RootRow(_Base):
@@ -218,10 +225,25 @@ def _create_tables_v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _add_failure_retry_columns_v2(conn: Connection) -> None:
+    for column, kind in (("ctime_ns", BigInteger()), ("max_megapixels", Float())):
+        conn.execute(
+            text(f"ALTER TABLE failures ADD COLUMN {column} {kind.compile(dialect=conn.dialect)}")
+        )
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
+    (
+        2,
+        "failures keep the file's ctime and the pixel limit, so that a chmod or a higher "
+        "--max-megapixels retries the file",
+        _add_failure_retry_columns_v2,
+    ),
 ]
+# The first version whose failures table has the columns of version 2.
+_FAILURE_RETRY_VERSION = 2
 
 
 # ---------------------------------------------------------------------------- records
@@ -258,13 +280,19 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class NewFailure:
-    """A file that could not be indexed; size and mtime are None where stat failed too."""
+    """A file that could not be indexed; size and mtime are None where stat failed too.
+
+    ``ctime_ns`` (which a chmod changes) and the ``max_megapixels`` limit in force let a
+    later run tell whether trying the file again could succeed.
+    """
 
     path: Path
     size: int | None
     mtime_ns: int | None
     reason: str
     detail: str
+    ctime_ns: int | None = None
+    max_megapixels: float | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +305,8 @@ class FailureRecord:
     reason: str
     detail: str
     seen_at: datetime
+    ctime_ns: int | None = None
+    max_megapixels: float | None = None
 
 
 # ---------------------------------------------------------------------------- path text
@@ -359,7 +389,7 @@ def _image_record(row: Sequence[Any]) -> ImageRecord:
     return ImageRecord(image_id, _text_path(path), *rest)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def connect(dbapi_connection: Any, connection_record: Any) -> None:
         # Stop sqlite3 from issuing BEGIN itself: it skips it before SELECT and DDL, which
@@ -367,8 +397,9 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        if not read_only:  # setting the journal mode may write the file's header
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
@@ -381,6 +412,88 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
 
+def _sqlite_file(url: URL) -> Path | None:
+    """The database file of an SQLite URL; None for another database or one in memory."""
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    if url.database.startswith("file:"):  # already a URI: leave it as it is
+        return None
+    return Path(url.database)
+
+
+def _read_only_connector(file: Path) -> Callable[[], sqlite3.Connection]:
+    """Connections that can only read ``file``, so a reading command never needs write access.
+
+    Where its folder is not writable SQLite cannot create the WAL index (``-shm``) a reader
+    needs, so the file is opened as immutable instead: without locks, which is safe because
+    no one who could write there shares this view of it. A WAL file with commits still in it
+    rules that out (an immutable reader would not see them), and then a plain read-only
+    connection is all that can be tried.
+    """
+
+    def connect() -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(os.fsencode(file.absolute())) + "?mode=ro"
+        wal = file.with_name(file.name + "-wal")
+        pending = wal.exists() and wal.stat().st_size > 0
+        if not pending and not os.access(file.parent, os.W_OK):
+            uri += "&immutable=1"
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    return connect
+
+
+# The SQLite result codes of damage or of a machine that cannot do what is asked; the
+# others (a duplicate path, a bad statement) are bugs and keep their own exception type.
+_CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _is_environmental(error: BaseException) -> bool:
+    """Whether a database error comes from the disk, the file or other processes."""
+    if isinstance(error, exc.DBAPIError):
+        return isinstance(error, exc.OperationalError) or type(error) is exc.DatabaseError
+    return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
+
+
+def _catalog_error(error: BaseException, where: str) -> GhostmatchError:
+    """A database error as one line that says what the user can do about it."""
+    orig = error.orig if isinstance(error, exc.DBAPIError) else error
+    code = getattr(orig, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    reason = " ".join(str(orig).split()) or type(orig).__name__
+    if primary in _CORRUPT:
+        return GhostmatchError(
+            f"the catalog {where} is damaged ({reason}); restore it from a backup, or move "
+            "the index folder away and run ghostmatch index again"
+        )
+    if primary == sqlite3.SQLITE_FULL:
+        return GhostmatchError(
+            f"no space left to write the catalog {where} ({reason}); free some disk space and "
+            "run the command again (work committed so far is kept)"
+        )
+    if primary == sqlite3.SQLITE_IOERR:
+        return GhostmatchError(
+            f"cannot read or write the catalog {where} ({reason}); check that its disk has "
+            "free space (and quota) and works, then run the command again"
+        )
+    if primary == sqlite3.SQLITE_READONLY:
+        return GhostmatchError(
+            f"cannot write the catalog {where} ({reason}); this command changes the index, "
+            "so run it as a user who may write to that folder (query and info only read)"
+        )
+    if primary in _BUSY:
+        return GhostmatchError(
+            f"the catalog {where} is busy ({reason}): another ghostmatch is writing to it; "
+            "wait for it to finish and run the command again"
+        )
+    if primary == sqlite3.SQLITE_CANTOPEN:
+        return GhostmatchError(
+            f"cannot open the catalog {where} ({reason}); check that the folder exists and "
+            "that you may read it"
+        )
+    return GhostmatchError(f"the catalog {where} cannot be used: {reason}")
+
+
 def _schema_version(conn: Connection) -> int:
     if not inspect(conn).has_table(_SchemaVersionRow.__tablename__):
         return 0
@@ -391,22 +504,31 @@ def _schema_version(conn: Connection) -> int:
 
 
 class Catalog:
-    """An open catalog database; use as a context manager or call ``close()``."""
+    """An open catalog database; use as a context manager or call ``close()``.
+
+    Reads of an SQLite file go through read-only connections and writes through others, so
+    that reading an index needs no write access to it, and no write happens until one is
+    asked for. Database failures the user can act on (damage, a full disk, no write access,
+    another writer) raise ``GhostmatchError``.
+    """
 
     def __init__(self, url: str | URL) -> None:
-        self._engine = create_engine(url)
-        if self._engine.dialect.name == "sqlite":
-            _configure_sqlite(self._engine)
-        self._writer = self._engine.execution_options(**{_WRITER: True})
+        url = make_url(url)
+        self._file = _sqlite_file(url)
+        writer = create_engine(url)
+        if writer.dialect.name == "sqlite":
+            _configure_sqlite(writer)
+        self._writer = writer.execution_options(**{_WRITER: True})
+        self._engine = writer
+        if self._file is not None:
+            self._engine = create_engine(url, creator=_read_only_connector(self._file))
+            _configure_sqlite(self._engine, read_only=True)
+        self._version = 0
         try:
-            self._migrate()
-        except exc.DBAPIError as error:
-            self._engine.dispose()
-            raise GhostmatchError(
-                f"cannot open the catalog {self._where()}: {error.orig}"
-            ) from error
+            with self._errors():
+                self._migrate()
         except BaseException:
-            self._engine.dispose()
+            self.close()
             raise
 
     @classmethod
@@ -417,6 +539,7 @@ class Catalog:
 
     def close(self) -> None:
         self._engine.dispose()
+        self._writer.engine.dispose()
 
     def __enter__(self) -> Catalog:
         return self
@@ -435,12 +558,40 @@ class Catalog:
             return url.database
         return url.render_as_string(hide_password=True)
 
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn the database errors a user can act on into ``GhostmatchError``."""
+        try:
+            yield
+        except (exc.DBAPIError, sqlite3.Error) as error:
+            if not _is_environmental(error):
+                raise
+            raise _catalog_error(error, self._where()) from error
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._errors(), self._engine.connect() as conn:
+            yield conn
+
+    def _writable(self) -> bool:
+        """Whether this process may write the catalog file (always assumed for a server)."""
+        if self._file is None:
+            return True
+        folder_ok = os.access(self._file.parent, os.W_OK)
+        return folder_ok and (not self._file.exists() or os.access(self._file, os.W_OK))
+
     def _migrate(self) -> None:
         latest = MIGRATIONS[-1][0]
-        with self._engine.connect() as conn:
-            current = _schema_version(conn)
+        if self._file is not None and not self._file.exists():
+            current = 0  # a new catalog: there is nothing to read yet
+        else:
+            with self._engine.connect() as conn:
+                current = _schema_version(conn)
         self._refuse_newer(current, latest)
-        if current == latest:
+        self._version = current
+        # An older catalog that cannot be written is read as it is: reading needs no
+        # migration, and a command that writes says it cannot.
+        if current == latest or (current > 0 and not self._writable()):
             return
         with self._writer.begin() as conn:
             _Base.metadata.tables[_SchemaVersionRow.__tablename__].create(conn, checkfirst=True)
@@ -454,6 +605,7 @@ class Catalog:
                         insert(_SchemaVersionRow),
                         {"version": version, "reason": reason, "applied_at": _now()},
                     )
+        self._version = latest
 
     def _refuse_newer(self, current: int, latest: int) -> None:
         if current > latest:
@@ -463,7 +615,7 @@ class Catalog:
             )
 
     def schema_version(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return _schema_version(conn)
 
     # ------------------------------------------------------------------------ writes
@@ -471,7 +623,7 @@ class Catalog:
     @contextmanager
     def transaction(self) -> Iterator[CatalogTransaction]:
         """Writes that others see together when the block exits, and never if it raises."""
-        with self._writer.begin() as conn:
+        with self._errors(), self._writer.begin() as conn:
             yield CatalogTransaction(conn)
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -489,33 +641,39 @@ class Catalog:
         with self.transaction() as tx:
             tx.add_not_duplicate(a, b)
 
+    def forget_failures(self, paths: Iterable[Path]) -> int:
+        """Drop the recorded failures of these files and of every file under these folders,
+        in one transaction; returns how many were dropped."""
+        with self.transaction() as tx:
+            return tx.forget_failures(paths)
+
     # ------------------------------------------------------------------------ reads
 
     def get_meta(self, key: str) -> Any | None:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             value = conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
         return None if value is None else json.loads(value)
 
     def roots(self) -> list[Path]:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             texts = conn.scalars(select(_RootRow.path).order_by(_RootRow.path)).all()
         return [_text_path(text) for text in texts]
 
     def count(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(_ImageRow)) or 0
 
     def ids(self) -> NDArray[np.int64]:
         """All image ids, ascending."""
         # Sorted here: ORDER BY id would walk the table, vectors and all, not a small index.
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             ids = conn.scalars(select(_ImageRow.id)).all()
         return np.sort(np.array(ids, dtype=np.int64))
 
     def get(self, ids: Sequence[int]) -> list[ImageRecord]:
         """Records of ``ids`` in that order; ids not in the catalog are skipped."""
         found: dict[int, ImageRecord] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(list(dict.fromkeys(ids))):
                 query = select(*_RECORD_COLUMNS).where(_ImageRow.id.in_(chunk))
                 found.update((r.id, r) for r in map(_image_record, conn.execute(query)))
@@ -525,7 +683,7 @@ class Catalog:
         """Records of those ``paths`` that are cataloged."""
         texts = list(dict.fromkeys(_path_text(path) for path in paths))
         records: dict[Path, ImageRecord] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(texts):
                 query = select(*_RECORD_COLUMNS).where(_ImageRow.path.in_(chunk))
                 records.update((r.path, r) for r in map(_image_record, conn.execute(query)))
@@ -534,14 +692,14 @@ class Catalog:
     def all_stat(self) -> dict[Path, tuple[int, int, int]]:
         """path -> (id, size, mtime_ns) of every image: what an incremental scan compares."""
         query = select(_ImageRow.path, _ImageRow.id, _ImageRow.size, _ImageRow.mtime_ns)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query).all()
         return {_text_path(path): (image_id, size, mtime) for path, image_id, size, mtime in rows}
 
     def find_by_hash(self, hashes: Iterable[str]) -> dict[str, list[ImageRecord]]:
         """Records per content hash, by id, for those ``hashes`` that are cataloged."""
         found: dict[str, list[ImageRecord]] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(list(dict.fromkeys(hashes))):
                 query = (
                     select(*_RECORD_COLUMNS)
@@ -565,7 +723,7 @@ class Catalog:
             .where(_ImageRow.path >= prefix, _ImageRow.path < end)
             .order_by(_ImageRow.path)
         )
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query).all()
         return [(image_id, _text_path(text)) for image_id, text in rows]
 
@@ -578,7 +736,7 @@ class Catalog:
         """
         query = select(_ImageRow.id, _ImageRow.vector)
         found: dict[int, bytes] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             if ids is None:
                 found.update(conn.execute(query.order_by(_ImageRow.id)).all())
                 order = list(found)
@@ -594,7 +752,7 @@ class Catalog:
         """(ids, vectors) chunks of at most ``batch`` rows by id, from one consistent read,
         so that an index can be rebuilt in bounded memory."""
         query = select(_ImageRow.id, _ImageRow.vector).order_by(_ImageRow.id)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             result = conn.execution_options(yield_per=batch).execute(query)
             for part in result.partitions():
                 yield (
@@ -604,35 +762,35 @@ class Catalog:
 
     def vector_of_path(self, path: Path) -> NDArray[np.float32] | None:
         query = select(_ImageRow.vector).where(_ImageRow.path == _path_text(path))
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             blob = conn.scalar(query)
         return None if blob is None else _stack([blob])[0]
 
     def failures(self) -> list[FailureRecord]:
         """Every recorded failure, by path."""
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(_FailureRow).order_by(_FailureRow.path)).all()
-        return [
-            FailureRecord(
-                path=_text_path(row.path),
-                size=row.size,
-                mtime_ns=row.mtime_ns,
-                reason=row.reason,
-                detail=row.detail,
-                seen_at=row.seen_at,
-            )
-            for row in rows
+        columns: list[Any] = [
+            _FailureRow.path,
+            _FailureRow.size,
+            _FailureRow.mtime_ns,
+            _FailureRow.reason,
+            _FailureRow.detail,
+            _FailureRow.seen_at,
         ]
+        if self._version >= _FAILURE_RETRY_VERSION:  # an older one read as it is lacks them
+            columns += [_FailureRow.ctime_ns, _FailureRow.max_megapixels]
+        with self._read() as conn:
+            rows = conn.execute(select(*columns).order_by(_FailureRow.path)).all()
+        return [FailureRecord(_text_path(row[0]), *row[1:]) for row in rows]
 
     def failure_counts(self) -> dict[str, int]:
         """Number of failures per reason."""
         query = select(_FailureRow.reason, func.count()).group_by(_FailureRow.reason)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return dict(conn.execute(query).all())
 
     def not_duplicates(self) -> set[tuple[Path, Path]]:
         """Pairs the user judged distinct, each in the order it is stored (sorted)."""
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(select(_NotDuplicateRow.path_a, _NotDuplicateRow.path_b))
             return {(_text_path(a), _text_path(b)) for a, b in rows}
 
@@ -731,6 +889,8 @@ class CatalogTransaction:
                 "reason": row.reason,
                 "detail": row.detail,
                 "seen_at": now,
+                "ctime_ns": row.ctime_ns,
+                "max_megapixels": row.max_megapixels,
             }
             for row in rows
         ]
@@ -739,6 +899,20 @@ class CatalogTransaction:
     def clear_failures(self, paths: Iterable[Path]) -> None:
         for chunk in _chunks([_path_text(path) for path in paths]):
             self._conn.execute(delete(_FailureRow).where(_FailureRow.path.in_(chunk)))
+
+    def forget_failures(self, paths: Iterable[Path]) -> int:
+        """Drop the failures of these paths and of everything under them, as folders."""
+        dropped = 0
+        for path in paths:
+            exact = _path_text(path)
+            prefix = exact if exact.endswith(os.sep) else exact + os.sep
+            end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # as in Catalog.paths_under
+            inside = (_FailureRow.path >= prefix) & (_FailureRow.path < end)
+            result = self._conn.execute(
+                delete(_FailureRow).where((_FailureRow.path == exact) | inside)
+            )
+            dropped += result.rowcount
+        return dropped
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``, replacing any earlier one."""
