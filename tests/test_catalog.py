@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -256,6 +256,71 @@ def test_failures_are_counted_by_reason_and_replaced(catalog: Catalog) -> None:
         (Path("/p/c.jpg"), None, "permission"),
     ]
     assert failures[0].seen_at.tzinfo == timezone.utc
+
+
+def test_failures_keep_what_decides_a_retry(catalog: Catalog) -> None:
+    with catalog.transaction() as tx:
+        tx.record_failures(
+            [
+                NewFailure(Path("/p/big.jpg"), 10, 20, "too-large", "huge", 30, 0.5),
+                NewFailure(Path("/p/gone.jpg"), None, None, "unreadable", "no such file"),
+            ]
+        )
+    big, gone = catalog.failures()
+    assert (big.ctime_ns, big.max_megapixels) == (30, 0.5)
+    assert (gone.ctime_ns, gone.max_megapixels) == (None, None)
+
+
+def test_forget_failures_of_files_and_folders(catalog: Catalog) -> None:
+    paths = ["/p/a.jpg", "/p/sub/b.jpg", "/p/sub/deeper/c.jpg", "/p/sub-other/d.jpg", "/q/e.jpg"]
+    with catalog.transaction() as tx:
+        tx.record_failures([NewFailure(Path(p), 1, 2, "corrupt", "bad") for p in paths])
+    assert catalog.forget_failures([Path("/p/sub"), Path("/q/e.jpg"), Path("/nowhere")]) == 3
+    assert [str(f.path) for f in catalog.failures()] == ["/p/a.jpg", "/p/sub-other/d.jpg"]
+
+
+def test_failures_recorded_before_version_2_are_kept(tmp_path: Path) -> None:
+    with Catalog.for_directory(tmp_path) as catalog, catalog.transaction() as tx:
+        tx.record_failures([NewFailure(Path("/p/a.jpg"), 10, 20, "corrupt", "bad")])
+    with sqlite3.connect(tmp_path / "catalog.db") as raw:  # as version 1 left it
+        raw.execute("DELETE FROM schema_version WHERE version > 1")
+        raw.execute("ALTER TABLE failures DROP COLUMN ctime_ns")
+        raw.execute("ALTER TABLE failures DROP COLUMN max_megapixels")
+    raw.close()
+    with Catalog.for_directory(tmp_path) as catalog:
+        assert catalog.schema_version() == catalog_module.MIGRATIONS[-1][0]
+        [failure] = catalog.failures()
+    assert (failure.path, failure.size, failure.mtime_ns) == (Path("/p/a.jpg"), 10, 20)
+    assert (failure.ctime_ns, failure.max_megapixels) == (None, None)  # so tried again once
+
+
+def test_a_damaged_catalog_raises_ghostmatch_errors_only(tmp_path: Path) -> None:
+    with Catalog.for_directory(tmp_path) as catalog:
+        insert(catalog, *(new_image(f"/p/{i}.jpg", seed=i) for i in range(200)))
+    file = tmp_path / "catalog.db"
+    size = file.stat().st_size
+    with file.open("r+b") as f:  # every page but the first (the schema) and the last
+        f.seek(4096)
+        f.write(b"\x5a" * (size - 2 * 4096))
+
+    def delete(catalog: Catalog) -> None:
+        with catalog.transaction() as tx:
+            tx.delete_images([1, 2])
+
+    uses: list[Callable[[Catalog], object]] = [
+        Catalog.count,
+        Catalog.all_stat,
+        Catalog.vectors,
+        Catalog.failures,
+        delete,
+    ]
+    for use in uses:
+        # Opening reads the schema version, which may already meet the damage.
+        with (
+            pytest.raises(GhostmatchError, match=r"is damaged .*restore it from a backup"),
+            Catalog.for_directory(tmp_path) as catalog,
+        ):
+            use(catalog)
 
 
 def test_bulk_insert_and_batched_vectors(catalog: Catalog) -> None:
