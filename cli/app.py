@@ -425,6 +425,13 @@ def main() -> None:
         err.print(f"error: {message}", markup=False, highlight=False)
         sys.exit(GhostmatchError.exit_code)
     except Exception as error:
+        from ghostmatch.catalog import user_error
+
+        # The catalog turns database failures into GhostmatchError; this catches any other.
+        database = user_error(error)
+        if database is not None:
+            err.print(f"error: {database}", markup=False, highlight=False)
+            sys.exit(database.exit_code)
         # Usage errors (click's, vendored by newer typer) carry a message and an exit code.
         code = getattr(error, "exit_code", None)
         describe = getattr(error, "format_message", None)

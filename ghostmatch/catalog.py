@@ -61,6 +61,7 @@ __all__ = [
     "ImageRecord",
     "NewFailure",
     "NewImage",
+    "user_error",
 ]
 
 CATALOG_FILE = "catalog.db"
@@ -643,7 +644,11 @@ class Catalog:
 
     def forget_failures(self, paths: Iterable[Path]) -> int:
         """Drop the recorded failures of these files and of every file under these folders,
-        in one transaction; returns how many were dropped."""
+        in one transaction; returns how many were dropped. Writes only if there are any."""
+        paths = list(paths)
+        with self._read() as conn:
+            if not any(conn.scalar(select(func.count()).where(_under(p))) for p in paths):
+                return 0
         with self.transaction() as tx:
             return tx.forget_failures(paths)
 
@@ -804,6 +809,22 @@ class Catalog:
         return sum(file.stat().st_size for file in files if file.exists())
 
 
+def _under(path: Path) -> Any:
+    """A condition on failures: the file ``path``, or any file inside it as a folder."""
+    exact = _path_text(path)
+    prefix = exact if exact.endswith(os.sep) else exact + os.sep
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # as in Catalog.paths_under
+    return (_FailureRow.path == exact) | ((_FailureRow.path >= prefix) & (_FailureRow.path < end))
+
+
+def user_error(error: BaseException) -> GhostmatchError | None:
+    """The ``GhostmatchError`` for a database error from the disk, the file or another
+    process that reached the caller without going through a ``Catalog``; else None."""
+    if isinstance(error, exc.DBAPIError | sqlite3.Error) and _is_environmental(error):
+        return _catalog_error(error, "of the index")
+    return None
+
+
 class CatalogTransaction:
     """The writes of one ``Catalog.transaction()`` block, committed together at its end."""
 
@@ -902,17 +923,7 @@ class CatalogTransaction:
 
     def forget_failures(self, paths: Iterable[Path]) -> int:
         """Drop the failures of these paths and of everything under them, as folders."""
-        dropped = 0
-        for path in paths:
-            exact = _path_text(path)
-            prefix = exact if exact.endswith(os.sep) else exact + os.sep
-            end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # as in Catalog.paths_under
-            inside = (_FailureRow.path >= prefix) & (_FailureRow.path < end)
-            result = self._conn.execute(
-                delete(_FailureRow).where((_FailureRow.path == exact) | inside)
-            )
-            dropped += result.rowcount
-        return dropped
+        return sum(self._conn.execute(delete(_FailureRow).where(_under(p))).rowcount for p in paths)
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``, replacing any earlier one."""

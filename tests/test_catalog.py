@@ -447,3 +447,16 @@ def test_the_schema_compiles_for_postgresql() -> None:
     assert "id BIGSERIAL" in ddl["images"]
     assert 'path TEXT COLLATE "C" NOT NULL' in ddl["images"]
     assert "vector BYTEA NOT NULL" in ddl["images"]
+
+
+def test_user_error_names_what_to_do_for_failures_of_the_machine_only(tmp_path: Path) -> None:
+    file = tmp_path / "junk.db"
+    file.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(sqlite3.DatabaseError) as damaged:
+        sqlite3.connect(file).execute("SELECT 1 FROM sqlite_master")
+    error = catalog_module.user_error(damaged.value)
+    assert error is not None and "is damaged (file is not a database)" in str(error)
+    with sqlite3.connect(":memory:") as raw, pytest.raises(sqlite3.IntegrityError) as bug:
+        raw.execute("CREATE TABLE t (x UNIQUE)")
+        raw.execute("INSERT INTO t VALUES (1), (1)")
+    assert catalog_module.user_error(bug.value) is None  # a bug keeps its traceback
