@@ -56,7 +56,7 @@ class FileEntry:
     path: Path
     size: int
     mtime_ns: int
-    ctime_ns: int = 0
+    ctime_ns: int
 
 
 def scan(roots: Sequence[Path], on_error: ErrorHandler | None = None) -> Iterator[FileEntry]:
