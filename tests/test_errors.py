@@ -110,9 +110,9 @@ def test_a_full_disk_is_one_line_and_reading_commands_still_answer(
     index = tmp_path / "index"
     first = run_cli(["index", gallery, "--index", index, "--weights", "random", "-q"], model_cache)
     assert first.returncode == 0, first.stderr
-    noise_images(gallery, 16, seed=1)
-    # Above the 32 KiB SQLite needs for a reader's shared memory, far below what sixteen
-    # 960-d vectors (one 4 KiB page each) add to the catalog.
+    noise_images(gallery, 40, seed=1)
+    # Above the 32 KiB SQLite needs for a reader's shared memory, far below what forty
+    # vectors (a 4 KiB page each at 960-d) add to the catalog.
     limit = file_size_limit(40_000)
 
     full = run_cli(["index", gallery, "--index", index, "-q"], model_cache, limit)
@@ -127,7 +127,7 @@ def test_a_full_disk_is_one_line_and_reading_commands_still_answer(
     # With room again, the run completes.
     again = run_cli(["index", gallery, "--index", index, "--json"], model_cache)
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["added"] == 16
+    assert json.loads(again.stdout)["added"] == 40
 
 
 def test_an_index_file_that_cannot_be_saved_is_one_line(tmp_path: Path, model_cache: Path) -> None:
@@ -138,17 +138,16 @@ def test_an_index_file_that_cannot_be_saved_is_one_line(tmp_path: Path, model_ca
     assert first.returncode == 0, first.stderr
     assert (index / "vectors.faiss").stat().st_size > 60_000
     noise_images(gallery, 1, seed=1)
-    # One more image fits in the catalog's log, but the FAISS file of all 17 vectors
-    # does not fit under the limit: the failure is an OSError from the save.
-    result = run_cli(
-        ["index", gallery, "--index", index, "-q"], model_cache, file_size_limit(40_000)
-    )
+    # One more image fits in the catalog's log (a few 4 KiB pages), but the FAISS file of
+    # all 17 vectors does not fit under the limit: the failure is an OSError from the save.
+    limit = file_size_limit(48_000)
+    result = run_cli(["index", gallery, "--index", index, "-q"], model_cache, limit)
     line = error_line(result)
     assert "File too large" in line and "free some disk space" in line, line
     for command in (["info"], ["query", gallery / "noise-1-00.png"]):
         # A reading command answers, or if it had to save the index again, says so in one
         # line too; never a traceback.
-        done = run_cli([*command, "--index", index], model_cache, file_size_limit(40_000))
+        done = run_cli([*command, "--index", index], model_cache, limit)
         if done.returncode != 0:
             error_line(done)
     again = run_cli(["info", "--index", index, "--json"], model_cache)
