@@ -426,10 +426,10 @@ def _read_only_connector(file: Path) -> Callable[[], sqlite3.Connection]:
     """Connections that can only read ``file``, so a reading command never needs write access.
 
     Where its folder is not writable SQLite cannot create the WAL index (``-shm``) a reader
-    needs, so the file is opened as immutable instead: without locks, which is safe because
-    no one who could write there shares this view of it. A WAL file with commits still in it
-    rules that out (an immutable reader would not see them), and then a plain read-only
-    connection is all that can be tried.
+    needs, so the file is opened as immutable instead: without locks, so a writer elsewhere
+    at that very moment could show it a torn state, a risk taken only where there is no
+    other way to read. A WAL file with commits still in it rules that out (an immutable
+    reader would not see them), and then a plain read-only connection is all there is.
     """
 
     def connect() -> sqlite3.Connection:
@@ -520,10 +520,10 @@ class Catalog:
         if writer.dialect.name == "sqlite":
             _configure_sqlite(writer)
         self._writer = writer.execution_options(**{_WRITER: True})
-        self._engine = writer
+        self._reader = writer  # one database in memory, or a server's own permissions
         if self._file is not None:
-            self._engine = create_engine(url, creator=_read_only_connector(self._file))
-            _configure_sqlite(self._engine, read_only=True)
+            self._reader = create_engine(url, creator=_read_only_connector(self._file))
+            _configure_sqlite(self._reader, read_only=True)
         self._version = 0
         try:
             with self._errors():
@@ -539,7 +539,7 @@ class Catalog:
         return cls(URL.create("sqlite", database=os.fspath(Path(directory) / CATALOG_FILE)))
 
     def close(self) -> None:
-        self._engine.dispose()
+        self._reader.dispose()
         self._writer.engine.dispose()
 
     def __enter__(self) -> Catalog:
@@ -554,7 +554,7 @@ class Catalog:
         self.close()
 
     def _where(self) -> str:
-        url = self._engine.url
+        url = self._reader.url
         if url.get_backend_name() == "sqlite" and url.database:
             return url.database
         return url.render_as_string(hide_password=True)
@@ -571,7 +571,7 @@ class Catalog:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self._errors(), self._engine.connect() as conn:
+        with self._errors(), self._reader.connect() as conn:
             yield conn
 
     def _writable(self) -> bool:
@@ -586,7 +586,7 @@ class Catalog:
         if self._file is not None and not self._file.exists():
             current = 0  # a new catalog: there is nothing to read yet
         else:
-            with self._engine.connect() as conn:
+            with self._reader.connect() as conn:
                 current = _schema_version(conn)
         self._refuse_newer(current, latest)
         self._version = current
@@ -801,7 +801,7 @@ class Catalog:
 
     def disk_size(self) -> int | None:
         """Bytes the SQLite files take on disk, or None for a server database or memory."""
-        url = self._engine.url
+        url = self._reader.url
         if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
             return None
         database = Path(url.database)
