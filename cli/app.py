@@ -7,6 +7,7 @@ done so far is kept).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -380,6 +381,30 @@ def train(
     out.print(f"wrote {out_file}")
 
 
+# A full disk or quota, a file over the size limit (RLIMIT_FSIZE: what a full disk looks like
+# to a process limited that way), and a place the user may not write: the machine's state,
+# not a bug, so one line that says what to do rather than a traceback.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_NO_ACCESS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _os_error_message(error: OSError) -> str | None:
+    """The one-line message for an OSError the user can fix, else None."""
+    where = f" {path_text(os.fsdecode(error.filename))}" if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno in _NO_SPACE:
+        return (
+            f"cannot write{where}: {reason}; free some disk space (or raise the quota) and "
+            "run the command again (work committed so far is kept)"
+        )
+    if error.errno in _NO_ACCESS:
+        return (
+            f"no access to{where} ({reason}); a command that changes the index needs write "
+            "access to its folder: run it as a user who has that, or use another --index"
+        )
+    return None
+
+
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -393,7 +418,20 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
         err.print("interrupted")
         sys.exit(130)
+    except OSError as error:
+        message = _os_error_message(error)
+        if message is None:
+            raise
+        err.print(f"error: {message}", markup=False, highlight=False)
+        sys.exit(GhostmatchError.exit_code)
     except Exception as error:
+        from ghostmatch.catalog import user_error
+
+        # The catalog turns database failures into GhostmatchError; this catches any other.
+        database = user_error(error)
+        if database is not None:
+            err.print(f"error: {database}", markup=False, highlight=False)
+            sys.exit(database.exit_code)
         # Usage errors (click's, vendored by newer typer) carry a message and an exit code.
         code = getattr(error, "exit_code", None)
         describe = getattr(error, "format_message", None)

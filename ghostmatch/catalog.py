@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Engine,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -40,7 +43,9 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    make_url,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -56,6 +61,7 @@ __all__ = [
     "ImageRecord",
     "NewFailure",
     "NewImage",
+    "user_error",
 ]
 
 CATALOG_FILE = "catalog.db"
@@ -132,6 +138,8 @@ class _FailureRow(_Base):
     reason: Mapped[str] = mapped_column(String)
     detail: Mapped[str] = mapped_column(Text)
     seen_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+    ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    max_megapixels: Mapped[float | None] = mapped_column(Float)
 
 
 class _RootRow(_Base):
@@ -218,10 +226,25 @@ def _create_tables_v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _add_failure_retry_columns_v2(conn: Connection) -> None:
+    for column, kind in (("ctime_ns", BigInteger()), ("max_megapixels", Float())):
+        conn.execute(
+            text(f"ALTER TABLE failures ADD COLUMN {column} {kind.compile(dialect=conn.dialect)}")
+        )
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
+    (
+        2,
+        "failures keep the file's ctime and the pixel limit, so that a chmod or a higher "
+        "--max-megapixels retries the file",
+        _add_failure_retry_columns_v2,
+    ),
 ]
+# The first version whose failures table has the columns of version 2.
+_FAILURE_RETRY_VERSION = 2
 
 
 # ---------------------------------------------------------------------------- records
@@ -258,13 +281,19 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class NewFailure:
-    """A file that could not be indexed; size and mtime are None where stat failed too."""
+    """A file that could not be indexed; size and mtime are None where stat failed too.
+
+    ``ctime_ns`` (which a chmod changes) and the ``max_megapixels`` limit in force let a
+    later run tell whether trying the file again could succeed.
+    """
 
     path: Path
     size: int | None
     mtime_ns: int | None
     reason: str
     detail: str
+    ctime_ns: int | None = None
+    max_megapixels: float | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +306,8 @@ class FailureRecord:
     reason: str
     detail: str
     seen_at: datetime
+    ctime_ns: int | None = None
+    max_megapixels: float | None = None
 
 
 # ---------------------------------------------------------------------------- path text
@@ -359,7 +390,7 @@ def _image_record(row: Sequence[Any]) -> ImageRecord:
     return ImageRecord(image_id, _text_path(path), *rest)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def connect(dbapi_connection: Any, connection_record: Any) -> None:
         # Stop sqlite3 from issuing BEGIN itself: it skips it before SELECT and DDL, which
@@ -367,8 +398,9 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        if not read_only:  # setting the journal mode may write the file's header
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
@@ -381,6 +413,88 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
 
+def _sqlite_file(url: URL) -> Path | None:
+    """The database file of an SQLite URL; None for another database or one in memory."""
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    if url.database.startswith("file:"):  # already a URI: leave it as it is
+        return None
+    return Path(url.database)
+
+
+def _read_only_connector(file: Path) -> Callable[[], sqlite3.Connection]:
+    """Connections that can only read ``file``, so a reading command never needs write access.
+
+    Where its folder is not writable SQLite cannot create the WAL index (``-shm``) a reader
+    needs, so the file is opened as immutable instead: without locks, so a writer elsewhere
+    at that very moment could show it a torn state, a risk taken only where there is no
+    other way to read. A WAL file with commits still in it rules that out (an immutable
+    reader would not see them), and then a plain read-only connection is all there is.
+    """
+
+    def connect() -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(os.fsencode(file.absolute())) + "?mode=ro"
+        wal = file.with_name(file.name + "-wal")
+        pending = wal.exists() and wal.stat().st_size > 0
+        if not pending and not os.access(file.parent, os.W_OK):
+            uri += "&immutable=1"
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    return connect
+
+
+# The SQLite result codes of damage or of a machine that cannot do what is asked; the
+# others (a duplicate path, a bad statement) are bugs and keep their own exception type.
+_CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _is_environmental(error: BaseException) -> bool:
+    """Whether a database error comes from the disk, the file or other processes."""
+    if isinstance(error, exc.DBAPIError):
+        return isinstance(error, exc.OperationalError) or type(error) is exc.DatabaseError
+    return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
+
+
+def _catalog_error(error: BaseException, where: str) -> GhostmatchError:
+    """A database error as one line that says what the user can do about it."""
+    orig = error.orig if isinstance(error, exc.DBAPIError) else error
+    code = getattr(orig, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    reason = " ".join(str(orig).split()) or type(orig).__name__
+    if primary in _CORRUPT:
+        return GhostmatchError(
+            f"the catalog {where} is damaged ({reason}); restore it from a backup, or move "
+            "the index folder away and run ghostmatch index again"
+        )
+    if primary == sqlite3.SQLITE_FULL:
+        return GhostmatchError(
+            f"no space left to write the catalog {where} ({reason}); free some disk space and "
+            "run the command again (work committed so far is kept)"
+        )
+    if primary == sqlite3.SQLITE_IOERR:
+        return GhostmatchError(
+            f"cannot read or write the catalog {where} ({reason}); check that its disk has "
+            "free space (and quota) and works, then run the command again"
+        )
+    if primary == sqlite3.SQLITE_READONLY:
+        return GhostmatchError(
+            f"cannot write the catalog {where} ({reason}); this command changes the index, "
+            "so run it as a user who may write to that folder (query and info only read)"
+        )
+    if primary in _BUSY:
+        return GhostmatchError(
+            f"the catalog {where} is busy ({reason}): another ghostmatch is writing to it; "
+            "wait for it to finish and run the command again"
+        )
+    if primary == sqlite3.SQLITE_CANTOPEN:
+        return GhostmatchError(
+            f"cannot open the catalog {where} ({reason}); check that the folder exists and "
+            "that you may read it"
+        )
+    return GhostmatchError(f"the catalog {where} cannot be used: {reason}")
+
+
 def _schema_version(conn: Connection) -> int:
     if not inspect(conn).has_table(_SchemaVersionRow.__tablename__):
         return 0
@@ -391,22 +505,31 @@ def _schema_version(conn: Connection) -> int:
 
 
 class Catalog:
-    """An open catalog database; use as a context manager or call ``close()``."""
+    """An open catalog database; use as a context manager or call ``close()``.
+
+    Reads of an SQLite file go through read-only connections and writes through others, so
+    that reading an index needs no write access to it, and no write happens until one is
+    asked for. Database failures the user can act on (damage, a full disk, no write access,
+    another writer) raise ``GhostmatchError``.
+    """
 
     def __init__(self, url: str | URL) -> None:
-        self._engine = create_engine(url)
-        if self._engine.dialect.name == "sqlite":
-            _configure_sqlite(self._engine)
-        self._writer = self._engine.execution_options(**{_WRITER: True})
+        url = make_url(url)
+        self._file = _sqlite_file(url)
+        writer = create_engine(url)
+        if writer.dialect.name == "sqlite":
+            _configure_sqlite(writer)
+        self._writer = writer.execution_options(**{_WRITER: True})
+        self._reader = writer  # one database in memory, or a server's own permissions
+        if self._file is not None:
+            self._reader = create_engine(url, creator=_read_only_connector(self._file))
+            _configure_sqlite(self._reader, read_only=True)
+        self._version = 0
         try:
-            self._migrate()
-        except exc.DBAPIError as error:
-            self._engine.dispose()
-            raise GhostmatchError(
-                f"cannot open the catalog {self._where()}: {error.orig}"
-            ) from error
+            with self._errors():
+                self._migrate()
         except BaseException:
-            self._engine.dispose()
+            self.close()
             raise
 
     @classmethod
@@ -416,7 +539,8 @@ class Catalog:
         return cls(URL.create("sqlite", database=os.fspath(Path(directory) / CATALOG_FILE)))
 
     def close(self) -> None:
-        self._engine.dispose()
+        self._reader.dispose()
+        self._writer.engine.dispose()
 
     def __enter__(self) -> Catalog:
         return self
@@ -430,17 +554,45 @@ class Catalog:
         self.close()
 
     def _where(self) -> str:
-        url = self._engine.url
+        url = self._reader.url
         if url.get_backend_name() == "sqlite" and url.database:
             return url.database
         return url.render_as_string(hide_password=True)
 
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn the database errors a user can act on into ``GhostmatchError``."""
+        try:
+            yield
+        except (exc.DBAPIError, sqlite3.Error) as error:
+            if not _is_environmental(error):
+                raise
+            raise _catalog_error(error, self._where()) from error
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._errors(), self._reader.connect() as conn:
+            yield conn
+
+    def _writable(self) -> bool:
+        """Whether this process may write the catalog file (always assumed for a server)."""
+        if self._file is None:
+            return True
+        folder_ok = os.access(self._file.parent, os.W_OK)
+        return folder_ok and (not self._file.exists() or os.access(self._file, os.W_OK))
+
     def _migrate(self) -> None:
         latest = MIGRATIONS[-1][0]
-        with self._engine.connect() as conn:
-            current = _schema_version(conn)
+        if self._file is not None and not self._file.exists():
+            current = 0  # a new catalog: there is nothing to read yet
+        else:
+            with self._reader.connect() as conn:
+                current = _schema_version(conn)
         self._refuse_newer(current, latest)
-        if current == latest:
+        self._version = current
+        # An older catalog that cannot be written is read as it is: reading needs no
+        # migration, and a command that writes says it cannot.
+        if current == latest or (current > 0 and not self._writable()):
             return
         with self._writer.begin() as conn:
             _Base.metadata.tables[_SchemaVersionRow.__tablename__].create(conn, checkfirst=True)
@@ -454,6 +606,7 @@ class Catalog:
                         insert(_SchemaVersionRow),
                         {"version": version, "reason": reason, "applied_at": _now()},
                     )
+        self._version = latest
 
     def _refuse_newer(self, current: int, latest: int) -> None:
         if current > latest:
@@ -463,7 +616,7 @@ class Catalog:
             )
 
     def schema_version(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return _schema_version(conn)
 
     # ------------------------------------------------------------------------ writes
@@ -471,7 +624,7 @@ class Catalog:
     @contextmanager
     def transaction(self) -> Iterator[CatalogTransaction]:
         """Writes that others see together when the block exits, and never if it raises."""
-        with self._writer.begin() as conn:
+        with self._errors(), self._writer.begin() as conn:
             yield CatalogTransaction(conn)
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -489,33 +642,43 @@ class Catalog:
         with self.transaction() as tx:
             tx.add_not_duplicate(a, b)
 
+    def forget_failures(self, paths: Iterable[Path]) -> int:
+        """Drop the recorded failures of these files and of every file under these folders,
+        in one transaction; returns how many were dropped. Writes only if there are any."""
+        paths = list(paths)
+        with self._read() as conn:
+            if not any(conn.scalar(select(func.count()).where(_under(p))) for p in paths):
+                return 0
+        with self.transaction() as tx:
+            return tx.forget_failures(paths)
+
     # ------------------------------------------------------------------------ reads
 
     def get_meta(self, key: str) -> Any | None:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             value = conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
         return None if value is None else json.loads(value)
 
     def roots(self) -> list[Path]:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             texts = conn.scalars(select(_RootRow.path).order_by(_RootRow.path)).all()
         return [_text_path(text) for text in texts]
 
     def count(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(_ImageRow)) or 0
 
     def ids(self) -> NDArray[np.int64]:
         """All image ids, ascending."""
         # Sorted here: ORDER BY id would walk the table, vectors and all, not a small index.
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             ids = conn.scalars(select(_ImageRow.id)).all()
         return np.sort(np.array(ids, dtype=np.int64))
 
     def get(self, ids: Sequence[int]) -> list[ImageRecord]:
         """Records of ``ids`` in that order; ids not in the catalog are skipped."""
         found: dict[int, ImageRecord] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(list(dict.fromkeys(ids))):
                 query = select(*_RECORD_COLUMNS).where(_ImageRow.id.in_(chunk))
                 found.update((r.id, r) for r in map(_image_record, conn.execute(query)))
@@ -525,7 +688,7 @@ class Catalog:
         """Records of those ``paths`` that are cataloged."""
         texts = list(dict.fromkeys(_path_text(path) for path in paths))
         records: dict[Path, ImageRecord] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(texts):
                 query = select(*_RECORD_COLUMNS).where(_ImageRow.path.in_(chunk))
                 records.update((r.path, r) for r in map(_image_record, conn.execute(query)))
@@ -534,14 +697,14 @@ class Catalog:
     def all_stat(self) -> dict[Path, tuple[int, int, int]]:
         """path -> (id, size, mtime_ns) of every image: what an incremental scan compares."""
         query = select(_ImageRow.path, _ImageRow.id, _ImageRow.size, _ImageRow.mtime_ns)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query).all()
         return {_text_path(path): (image_id, size, mtime) for path, image_id, size, mtime in rows}
 
     def find_by_hash(self, hashes: Iterable[str]) -> dict[str, list[ImageRecord]]:
         """Records per content hash, by id, for those ``hashes`` that are cataloged."""
         found: dict[str, list[ImageRecord]] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(list(dict.fromkeys(hashes))):
                 query = (
                     select(*_RECORD_COLUMNS)
@@ -564,7 +727,7 @@ class Catalog:
             .order_by(_ImageRow.content_hash, _ImageRow.id)
         )
         groups: dict[str, list[int]] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for digest, image_id in conn.execute(query):
                 groups.setdefault(digest, []).append(image_id)
         return list(groups.values())
@@ -582,7 +745,7 @@ class Catalog:
             .where(_ImageRow.path >= prefix, _ImageRow.path < end)
             .order_by(_ImageRow.path)
         )
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query).all()
         return [(image_id, _text_path(text)) for image_id, text in rows]
 
@@ -595,7 +758,7 @@ class Catalog:
         """
         query = select(_ImageRow.id, _ImageRow.vector)
         found: dict[int, bytes] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             if ids is None:
                 found.update(conn.execute(query.order_by(_ImageRow.id)).all())
                 order = list(found)
@@ -611,7 +774,7 @@ class Catalog:
         """(ids, vectors) chunks of at most ``batch`` rows by id, from one consistent read,
         so that an index can be rebuilt in bounded memory."""
         query = select(_ImageRow.id, _ImageRow.vector).order_by(_ImageRow.id)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             result = conn.execution_options(yield_per=batch).execute(query)
             for part in result.partitions():
                 yield (
@@ -621,46 +784,62 @@ class Catalog:
 
     def vector_of_path(self, path: Path) -> NDArray[np.float32] | None:
         query = select(_ImageRow.vector).where(_ImageRow.path == _path_text(path))
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             blob = conn.scalar(query)
         return None if blob is None else _stack([blob])[0]
 
     def failures(self) -> list[FailureRecord]:
         """Every recorded failure, by path."""
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(_FailureRow).order_by(_FailureRow.path)).all()
-        return [
-            FailureRecord(
-                path=_text_path(row.path),
-                size=row.size,
-                mtime_ns=row.mtime_ns,
-                reason=row.reason,
-                detail=row.detail,
-                seen_at=row.seen_at,
-            )
-            for row in rows
+        columns: list[Any] = [
+            _FailureRow.path,
+            _FailureRow.size,
+            _FailureRow.mtime_ns,
+            _FailureRow.reason,
+            _FailureRow.detail,
+            _FailureRow.seen_at,
         ]
+        if self._version >= _FAILURE_RETRY_VERSION:  # an older one read as it is lacks them
+            columns += [_FailureRow.ctime_ns, _FailureRow.max_megapixels]
+        with self._read() as conn:
+            rows = conn.execute(select(*columns).order_by(_FailureRow.path)).all()
+        return [FailureRecord(_text_path(row[0]), *row[1:]) for row in rows]
 
     def failure_counts(self) -> dict[str, int]:
         """Number of failures per reason."""
         query = select(_FailureRow.reason, func.count()).group_by(_FailureRow.reason)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return dict(conn.execute(query).all())
 
     def not_duplicates(self) -> set[tuple[Path, Path]]:
         """Pairs the user judged distinct, each in the order it is stored (sorted)."""
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(select(_NotDuplicateRow.path_a, _NotDuplicateRow.path_b))
             return {(_text_path(a), _text_path(b)) for a, b in rows}
 
     def disk_size(self) -> int | None:
         """Bytes the SQLite files take on disk, or None for a server database or memory."""
-        url = self._engine.url
+        url = self._reader.url
         if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
             return None
         database = Path(url.database)
         files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
         return sum(file.stat().st_size for file in files if file.exists())
+
+
+def _under(path: Path) -> Any:
+    """A condition on failures: the file ``path``, or any file inside it as a folder."""
+    exact = _path_text(path)
+    prefix = exact if exact.endswith(os.sep) else exact + os.sep
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # as in Catalog.paths_under
+    return (_FailureRow.path == exact) | ((_FailureRow.path >= prefix) & (_FailureRow.path < end))
+
+
+def user_error(error: BaseException) -> GhostmatchError | None:
+    """The ``GhostmatchError`` for a database error from the disk, the file or another
+    process that reached the caller without going through a ``Catalog``; else None."""
+    if isinstance(error, exc.DBAPIError | sqlite3.Error) and _is_environmental(error):
+        return _catalog_error(error, "of the index")
+    return None
 
 
 class CatalogTransaction:
@@ -748,6 +927,8 @@ class CatalogTransaction:
                 "reason": row.reason,
                 "detail": row.detail,
                 "seen_at": now,
+                "ctime_ns": row.ctime_ns,
+                "max_megapixels": row.max_megapixels,
             }
             for row in rows
         ]
@@ -756,6 +937,10 @@ class CatalogTransaction:
     def clear_failures(self, paths: Iterable[Path]) -> None:
         for chunk in _chunks([_path_text(path) for path in paths]):
             self._conn.execute(delete(_FailureRow).where(_FailureRow.path.in_(chunk)))
+
+    def forget_failures(self, paths: Iterable[Path]) -> int:
+        """Drop the failures of these paths and of everything under them, as folders."""
+        return sum(self._conn.execute(delete(_FailureRow).where(_under(p))).rowcount for p in paths)
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``, replacing any earlier one."""

@@ -179,8 +179,9 @@ def _decode(fp: BinaryIO, fmt: str, min_side: int, max_megapixels: float) -> Dec
     if width * height > max_megapixels * 1e6:
         raise ImageRejected(
             "too-large",
-            f"{width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
-            f"{max_megapixels:g}",
+            # Every digit of the pixel count: rounded, a small image read "0.0 megapixels".
+            f"{width}x{height} is {_megapixels(width * height)} megapixels, over the "
+            f"--max-megapixels limit of {max_megapixels:g}",
         )
     if image.format in ("JPEG", "MPO"):
         request = _draft_request(image.size, min_side)
@@ -348,6 +349,11 @@ def _header_points_past_end(fmt: str, head: bytes, size: int) -> bool:
         (offset,) = struct.unpack_from(order + ("Q" if big else "I"), head, 8 if big else 4)
         return bool(offset >= size)
     return False
+
+
+def _megapixels(pixels: int) -> str:
+    """A pixel count in megapixels, exactly: 30000 -> "0.03", 24000000 -> "24"."""
+    return f"{pixels / 1e6:.6f}".rstrip("0").rstrip(".")
 
 
 def describe_os_error(path: str, error: OSError) -> str:

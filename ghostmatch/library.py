@@ -20,7 +20,14 @@ import numpy as np
 from PIL import Image, ImageOps
 from platformdirs import user_data_dir
 
-from ghostmatch.catalog import CATALOG_FILE, Catalog, ImageRecord, NewFailure, NewImage
+from ghostmatch.catalog import (
+    CATALOG_FILE,
+    Catalog,
+    FailureRecord,
+    ImageRecord,
+    NewFailure,
+    NewImage,
+)
 from ghostmatch.download import sha256_of
 from ghostmatch.dupes import (
     DEFAULT_MIN_INLIERS,
@@ -152,6 +159,7 @@ class _Failed:
     entry: FileEntry
     reason: str
     detail: str
+    max_megapixels: float | None = None  # the pixel limit of a rejected image
 
 
 class Library:
@@ -176,17 +184,20 @@ class Library:
         )
         # A folder without a catalog is not an index: opening one without ``create`` must
         # not leave a catalog.db behind in, say, a photo folder named by mistake.
-        if not create and not (self.path / CATALOG_FILE).is_file():
+        new = not (self.path / CATALOG_FILE).is_file()
+        if not create and new:
             raise GhostmatchError(
                 f"no index at {self.path}; create one with: ghostmatch index DIR "
                 f"--index {self.path}"
             )
-        if not self.path.is_dir():
-            if self.path.exists():
-                raise GhostmatchError(f"--index {self.path} is a file, not a folder")
-            self.path.mkdir(parents=True)
-        self.catalog = Catalog.for_directory(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            raise GhostmatchError(f"--index {self.path} is a file, not a folder")
         self._weights = str(weights) if weights is not None else None
+        # Named weights for a new index are loaded before anything is created, so that a
+        # wrong name or file leaves no empty index behind.
+        self._model = load_descriptor(self._weights) if new and self._weights else None
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog.for_directory(self.path)
         self._runtime, self._device = runtime, device
         self._embedder: Embedder | None = None
         self._index: VectorIndex | None = None
@@ -255,7 +266,9 @@ class Library:
             spec = self._weights
             if stored is not None:
                 spec = self.catalog.get_meta(WEIGHTS_META) or stored.weights
-            model = load_descriptor(spec)
+            preloaded = self._model if stored is None else None
+            model = preloaded if preloaded is not None else load_descriptor(spec)
+            self._model = None
             if stored is not None and _only_learnt_p_differs(stored, model.card):
                 stored = model.card
             if stored is not None and model.card.fingerprint != stored.fingerprint:
@@ -390,7 +403,7 @@ class Library:
         with self.catalog.transaction() as tx:
             tx.add_roots(f for f in folders if f.is_dir())
         known = self.catalog.all_stat()
-        bad = {f.path: (f.size, f.mtime_ns) for f in self.catalog.failures()}
+        bad = {f.path: f for f in self.catalog.failures()}
         seen = {e.path for e in entries}
         todo: list[FileEntry] = []
         changed_ids: dict[Path, int] = {}
@@ -398,7 +411,7 @@ class Library:
             stat = known.get(entry.path)
             if stat is not None and stat[1:] == (entry.size, entry.mtime_ns):
                 report.unchanged += 1
-            elif stat is None and bad.get(entry.path) == (entry.size, entry.mtime_ns):
+            elif stat is None and _fails_again(bad.get(entry.path), entry, max_megapixels):
                 report.known_bad += 1
             else:
                 if stat is not None:
@@ -483,7 +496,7 @@ class Library:
             try:
                 decoded = load_image(entry.path, card.input_size, max_megapixels)
             except ImageRejected as err:
-                return _Failed(entry, err.reason, err.detail)
+                return _Failed(entry, err.reason, err.detail, max_megapixels)
             pixels = prepare(decoded.image, card)
             return _Embedded(entry, digest, decoded.width, decoded.height, decoded.format, pixels)
 
@@ -558,9 +571,7 @@ class Library:
         with self.catalog.transaction() as tx:
             for r in results:
                 if isinstance(r, _Failed):
-                    failures.append(
-                        NewFailure(r.entry.path, r.entry.size, r.entry.mtime_ns, r.reason, r.detail)
-                    )
+                    failures.append(_new_failure(r))
                     report.failed[r.reason] += 1
                     report.failures.append((r.entry.path, r.reason, r.detail))
                     if r.entry.path in changed_ids:  # it was an image; now it is broken
@@ -620,14 +631,16 @@ class Library:
     def remove(self, paths: Iterable[str | os.PathLike[str]]) -> int:
         """Forget these files (or every file under these folders); the files stay on disk."""
         ids: list[int] = []
-        for raw in paths:
-            path = Path(os.path.abspath(raw))
+        absolute = [Path(os.path.abspath(raw)) for raw in paths]
+        for path in absolute:
             record = self.catalog.records_by_path([path]).get(path)
             if record is not None:
                 ids.append(record.id)
             ids.extend(i for i, _ in self.catalog.paths_under(path))
         if ids:
             self._delete(sorted(set(ids)))
+        # A forgotten file that had failed is no longer skipped as known bad either.
+        self.catalog.forget_failures(absolute)
         return len(set(ids))
 
     def _delete(self, ids: Sequence[int]) -> None:
@@ -1003,12 +1016,41 @@ class Library:
         }
 
 
+def _new_failure(failed: _Failed) -> NewFailure:
+    entry = failed.entry
+    return NewFailure(
+        entry.path,
+        entry.size,
+        entry.mtime_ns,
+        failed.reason,
+        failed.detail,
+        entry.ctime_ns,
+        failed.max_megapixels,
+    )
+
+
+def _fails_again(failure: FailureRecord | None, entry: FileEntry, max_megapixels: float) -> bool:
+    """Whether a file that failed before would fail the same way now, so is not read again.
+
+    Only if its stat is as it was (a chmod changes ctime, an edit size or mtime) and, for
+    one over the pixel limit, the limit is no higher than it was then.
+    """
+    if failure is None:
+        return False
+    stat = (entry.size, entry.mtime_ns, entry.ctime_ns)
+    if (failure.size, failure.mtime_ns, failure.ctime_ns) != stat:
+        return False
+    if failure.reason == "too-large":
+        return failure.max_megapixels is not None and max_megapixels <= failure.max_megapixels
+    return True
+
+
 def _decode_copy(result: _Embedded, card: ModelCard, max_megapixels: float) -> _Embedded | _Failed:
     """Decode a file whose content matched a moved image that another file already took."""
     try:
         decoded = load_image(result.entry.path, card.input_size, max_megapixels)
     except ImageRejected as err:
-        return _Failed(result.entry, err.reason, err.detail)
+        return _Failed(result.entry, err.reason, err.detail, max_megapixels)
     pixels = prepare(decoded.image, card)
     return _Embedded(
         result.entry, result.digest, decoded.width, decoded.height, decoded.format, pixels

@@ -48,13 +48,15 @@ ErrorHandler = Callable[[Path, str, str], None]
 class FileEntry:
     """A candidate image file: ``path`` is absolute but keeps the file's own symlink.
 
-    ``size`` and ``mtime_ns`` are of the file a symlink points to, so incremental indexing
-    notices when the target changes.
+    ``size``, ``mtime_ns`` and ``ctime_ns`` are of the file a symlink points to, so
+    incremental indexing notices when the target changes; ``ctime_ns`` also changes with
+    the file's permissions, so a file that could not be read is tried again after a chmod.
     """
 
     path: Path
     size: int
     mtime_ns: int
+    ctime_ns: int
 
 
 def scan(roots: Sequence[Path], on_error: ErrorHandler | None = None) -> Iterator[FileEntry]:
@@ -81,7 +83,7 @@ def scan(roots: Sequence[Path], on_error: ErrorHandler | None = None) -> Iterato
             report(Path(top), "unreadable", "not a regular file or directory")
         elif top not in root_files:
             root_files.add(top)
-            yield FileEntry(Path(top), st.st_size, st.st_mtime_ns)
+            yield FileEntry(Path(top), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _walk(
@@ -144,7 +146,7 @@ def _file_entry(entry: os.DirEntry[str], report: ErrorHandler) -> FileEntry | No
             return None
         if sniff_image(head) is None:
             return None
-    return FileEntry(Path(entry.path), st.st_size, st.st_mtime_ns)
+    return FileEntry(Path(entry.path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def content_hash(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import warnings
 from dataclasses import dataclass
@@ -66,9 +67,21 @@ def default_weights() -> str:
     return os.environ.get("GHOSTMATCH_WEIGHTS") or "bundled"
 
 
+def _first_line(error: BaseException) -> str:
+    """An exception's message cut to its first sentence-sized line (torch's run to pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise GhostmatchError(f"weights file {path} does not exist")
+        if path.exists():
+            raise GhostmatchError(f"weights file {path} is not a file")
+        raise GhostmatchError(
+            f"weights file {os.fsdecode(path)} does not exist; --weights takes "
+            f"{', '.join(WEIGHT_CHOICES)} or a checkpoint file (.pth, .pt, .safetensors)"
+        )
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -77,16 +90,31 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
                 metadata = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
         except Exception as err:
-            raise GhostmatchError(f"{path} is not a readable safetensors file: {err}") from err
+            raise GhostmatchError(
+                f"{path} is not a readable safetensors file: {_first_line(err)}"
+            ) from err
         return tensors, metadata
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise GhostmatchError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        # Only tensors are loaded, never pickled code: a file holding other Python objects is
+        # refused with torch's page of advice, of which the offending name is the useful part.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = (
+            f"it holds a Python object ({found.group(1)}), and only tensors are loaded"
+            if found
+            else _first_line(err)
+        )
+        raise GhostmatchError(
+            f"{path} is not a readable PyTorch checkpoint (a model's state dict): {reason}"
+        ) from err
     try:
         return unwrap_state_dict(obj), {}
     except TypeError as err:
-        raise GhostmatchError(f"{path}: {err}") from err
+        raise GhostmatchError(
+            f"{path} is not a model checkpoint: it holds a {type(obj).__name__}, not a "
+            "state dict of tensors"
+        ) from err
 
 
 def load_descriptor(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -258,6 +258,71 @@ def test_failures_are_counted_by_reason_and_replaced(catalog: Catalog) -> None:
     assert failures[0].seen_at.tzinfo == timezone.utc
 
 
+def test_failures_keep_what_decides_a_retry(catalog: Catalog) -> None:
+    with catalog.transaction() as tx:
+        tx.record_failures(
+            [
+                NewFailure(Path("/p/big.jpg"), 10, 20, "too-large", "huge", 30, 0.5),
+                NewFailure(Path("/p/gone.jpg"), None, None, "unreadable", "no such file"),
+            ]
+        )
+    big, gone = catalog.failures()
+    assert (big.ctime_ns, big.max_megapixels) == (30, 0.5)
+    assert (gone.ctime_ns, gone.max_megapixels) == (None, None)
+
+
+def test_forget_failures_of_files_and_folders(catalog: Catalog) -> None:
+    paths = ["/p/a.jpg", "/p/sub/b.jpg", "/p/sub/deeper/c.jpg", "/p/sub-other/d.jpg", "/q/e.jpg"]
+    with catalog.transaction() as tx:
+        tx.record_failures([NewFailure(Path(p), 1, 2, "corrupt", "bad") for p in paths])
+    assert catalog.forget_failures([Path("/p/sub"), Path("/q/e.jpg"), Path("/nowhere")]) == 3
+    assert [str(f.path) for f in catalog.failures()] == ["/p/a.jpg", "/p/sub-other/d.jpg"]
+
+
+def test_failures_recorded_before_version_2_are_kept(tmp_path: Path) -> None:
+    with Catalog.for_directory(tmp_path) as catalog, catalog.transaction() as tx:
+        tx.record_failures([NewFailure(Path("/p/a.jpg"), 10, 20, "corrupt", "bad")])
+    with sqlite3.connect(tmp_path / "catalog.db") as raw:  # as version 1 left it
+        raw.execute("DELETE FROM schema_version WHERE version > 1")
+        raw.execute("ALTER TABLE failures DROP COLUMN ctime_ns")
+        raw.execute("ALTER TABLE failures DROP COLUMN max_megapixels")
+    raw.close()
+    with Catalog.for_directory(tmp_path) as catalog:
+        assert catalog.schema_version() == catalog_module.MIGRATIONS[-1][0]
+        [failure] = catalog.failures()
+    assert (failure.path, failure.size, failure.mtime_ns) == (Path("/p/a.jpg"), 10, 20)
+    assert (failure.ctime_ns, failure.max_megapixels) == (None, None)  # so tried again once
+
+
+def test_a_damaged_catalog_raises_ghostmatch_errors_only(tmp_path: Path) -> None:
+    with Catalog.for_directory(tmp_path) as catalog:
+        insert(catalog, *(new_image(f"/p/{i}.jpg", seed=i) for i in range(200)))
+    file = tmp_path / "catalog.db"
+    size = file.stat().st_size
+    with file.open("r+b") as f:  # every page but the first (the schema) and the last
+        f.seek(4096)
+        f.write(b"\x5a" * (size - 2 * 4096))
+
+    def delete(catalog: Catalog) -> None:
+        with catalog.transaction() as tx:
+            tx.delete_images([1, 2])
+
+    uses: list[Callable[[Catalog], object]] = [
+        Catalog.count,
+        Catalog.all_stat,
+        Catalog.vectors,
+        Catalog.failures,
+        delete,
+    ]
+    for use in uses:
+        # Opening reads the schema version, which may already meet the damage.
+        with (
+            pytest.raises(GhostmatchError, match=r"is damaged .*restore it from a backup"),
+            Catalog.for_directory(tmp_path) as catalog,
+        ):
+            use(catalog)
+
+
 def test_bulk_insert_and_batched_vectors(catalog: Catalog) -> None:
     n, dim = 10_000, 960
     vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
@@ -277,27 +342,31 @@ def test_bulk_insert_and_batched_vectors(catalog: Catalog) -> None:
 
 
 def test_migrations_run_once_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    latest = catalog_module.MIGRATIONS[-1][0]
     with Catalog.for_directory(tmp_path) as catalog:
-        assert catalog.schema_version() == 1
+        assert catalog.schema_version() == latest
         insert(catalog, new_image("/p/a.jpg"))
     applied: list[int] = []
 
     def add_note_column(conn: Connection) -> None:
-        applied.append(2)
+        applied.append(latest + 1)
         conn.execute(text("ALTER TABLE images ADD COLUMN note TEXT"))
 
-    migrations = [*catalog_module.MIGRATIONS, (2, "test: a note per image", add_note_column)]
+    migrations = [
+        *catalog_module.MIGRATIONS,
+        (latest + 1, "test: a note per image", add_note_column),
+    ]
     monkeypatch.setattr(catalog_module, "MIGRATIONS", migrations)
     for _ in range(2):
         with Catalog.for_directory(tmp_path) as catalog:
-            assert catalog.schema_version() == 2
+            assert catalog.schema_version() == latest + 1
             assert catalog.count() == 1
-    assert applied == [2]
+    assert applied == [latest + 1]
     with sqlite3.connect(tmp_path / "catalog.db") as raw:
         history = raw.execute("SELECT version, reason FROM schema_version ORDER BY 1").fetchall()
         columns = [row[1] for row in raw.execute("PRAGMA table_info(images)")]
-    assert [version for version, _ in history] == [1, 2]
-    assert history[1][1] == "test: a note per image"
+    assert [version for version, _ in history] == list(range(1, latest + 2))
+    assert history[-1][1] == "test: a note per image"
     assert "note" in columns
 
 
@@ -310,14 +379,17 @@ def test_a_failed_migration_changes_nothing(
         conn.execute(text("CREATE TABLE half (x INTEGER)"))
         raise RuntimeError("bug in migration")
 
+    latest = catalog_module.MIGRATIONS[-1][0]
     monkeypatch.setattr(
-        catalog_module, "MIGRATIONS", [*catalog_module.MIGRATIONS, (2, "test", half_done)]
+        catalog_module,
+        "MIGRATIONS",
+        [*catalog_module.MIGRATIONS, (latest + 1, "test", half_done)],
     )
     with pytest.raises(RuntimeError):
         Catalog.for_directory(tmp_path)
     monkeypatch.undo()
     with Catalog.for_directory(tmp_path) as catalog:
-        assert catalog.schema_version() == 1
+        assert catalog.schema_version() == latest
     engine = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
     assert not inspect(engine).has_table("half")
     engine.dispose()
@@ -333,7 +405,7 @@ def test_a_newer_database_is_refused(tmp_path: Path) -> None:
 
 def test_a_file_that_is_no_database_is_refused(tmp_path: Path) -> None:
     (tmp_path / "catalog.db").write_bytes(b"not a database at all" * 100)
-    with pytest.raises(GhostmatchError, match="cannot open the catalog"):
+    with pytest.raises(GhostmatchError, match=r"catalog .* is damaged .*not a database"):
         Catalog.for_directory(tmp_path)
 
 
@@ -375,3 +447,16 @@ def test_the_schema_compiles_for_postgresql() -> None:
     assert "id BIGSERIAL" in ddl["images"]
     assert 'path TEXT COLLATE "C" NOT NULL' in ddl["images"]
     assert "vector BYTEA NOT NULL" in ddl["images"]
+
+
+def test_user_error_names_what_to_do_for_failures_of_the_machine_only(tmp_path: Path) -> None:
+    file = tmp_path / "junk.db"
+    file.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(sqlite3.DatabaseError) as damaged:
+        sqlite3.connect(file).execute("SELECT 1 FROM sqlite_master")
+    error = catalog_module.user_error(damaged.value)
+    assert error is not None and "is damaged (file is not a database)" in str(error)
+    with sqlite3.connect(":memory:") as raw, pytest.raises(sqlite3.IntegrityError) as bug:
+        raw.execute("CREATE TABLE t (x UNIQUE)")
+        raw.execute("INSERT INTO t VALUES (1), (1)")
+    assert catalog_module.user_error(bug.value) is None  # a bug keeps its traceback

@@ -191,3 +191,14 @@ def test_content_hash_is_blake2b_128_of_all_bytes(tmp_path: Path) -> None:
     changed = tmp_path / "changed.bin"
     changed.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
     assert content_hash(changed) != digest
+
+
+def test_entries_carry_the_ctime_that_a_chmod_changes(tmp_path: Path) -> None:
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(_image_bytes("JPEG"))
+    [before] = scan([tmp_path])
+    assert before.ctime_ns == os.stat(photo).st_ctime_ns
+    photo.chmod(0o600)  # the kernel moves ctime, never size or mtime
+    [after] = scan([tmp_path])
+    assert (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
+    assert after.ctime_ns == os.stat(photo).st_ctime_ns
