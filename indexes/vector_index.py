@@ -5,6 +5,7 @@ Scores are inner products of L2-normalised float32 vectors (cosine): higher = mo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import stat
@@ -74,6 +75,7 @@ class VectorIndex:
         self._factory = factory
         self._use_gpu = _resolve_device(device, index.index, factory)
         self._gpu: faiss.Index | None = None
+        self._checksum: str | None = None
         self._sorted_ids = np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
         ivf = _find_ivf(index.index)
         if ivf is not None and ivf.direct_map.no():
@@ -205,6 +207,8 @@ class VectorIndex:
                 faiss.omp_set_num_threads(threads)
         else:
             scores, ids = self._searcher().search(x, k)
+        # Inner products of unit vectors are cosines; float rounding can step past 1.
+        np.clip(scores, -1.0, 1.0, out=scores)
         scores[ids < 0] = -np.inf
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
@@ -245,18 +249,32 @@ class VectorIndex:
             space.set_index_parameter(self._cpu, name, ef_search)
         self._gpu = None
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    @property
+    def checksum(self) -> str | None:
+        """sha256 of the file this index was last saved to or loaded from (None: neither)."""
+        return self._checksum
+
+    def save(self, path: str | os.PathLike[str]) -> str:
         """Write atomically: a temp file in the same directory, fsync, rename, fsync the
-        directory. A crash or full disk leaves the previous file intact."""
+        directory. A crash or full disk leaves the previous file intact. Returns the sha256
+        of what was written, so a later load can tell the file was not changed since."""
         target = Path(path)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as f:
-                if target.exists():
-                    os.fchmod(f.fileno(), stat.S_IMODE(target.stat().st_mode))
+                # mkstemp makes the file owner-only; the index gets the mode it had, else
+                # the umask's, like the catalog beside it, so a shared index stays readable.
+                mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _umask_mode()
+                os.fchmod(f.fileno(), mode)
+
+                def write(data: bytes) -> None:
+                    digest.update(data)
+                    f.write(data)
+
                 # Stream through Python so write errors (ENOSPC, EFBIG) raise; faiss's own
                 # FILE* writer only reports a failed final flush on stderr.
-                writer = faiss.PyCallbackIOWriter(f.write)  # type: ignore[attr-defined]  # not in stub
+                writer = faiss.PyCallbackIOWriter(write)  # type: ignore[attr-defined]  # not in stub
                 try:
                     faiss.write_index(self._cpu, writer)
                 finally:
@@ -268,16 +286,31 @@ class VectorIndex:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        self._checksum = digest.hexdigest()
+        return self._checksum
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> VectorIndex:
-        """Read an index written by :meth:`save`; search parameters come with it."""
+        """Read an index written by :meth:`save`; search parameters come with it, and
+        :attr:`checksum` is the sha256 of the bytes read."""
         source = Path(path)
         if not source.is_file():
             raise VectorIndexError(f"no vector index at {source}; build the index first")
+        digest = hashlib.sha256()
         try:
-            index = faiss.read_index(str(source))
-        except RuntimeError as exc:
+            with source.open("rb") as f:
+
+                def read(size: int) -> bytes:
+                    data = f.read(size)
+                    digest.update(data)
+                    return data
+
+                reader = faiss.PyCallbackIOReader(read)  # type: ignore[attr-defined]  # not in stub
+                try:
+                    index = faiss.read_index(reader)
+                finally:
+                    del reader
+        except (RuntimeError, OSError) as exc:
             raise VectorIndexError(
                 f"{source} is not a readable faiss index ({_faiss_reason(exc)}); rebuild it"
             ) from exc
@@ -290,6 +323,7 @@ class VectorIndex:
             )
         loaded = cls.__new__(cls)
         loaded._setup(index, _factory_of(index), device)
+        loaded._checksum = digest.hexdigest()
         return loaded
 
     def _searcher(self) -> faiss.Index:
@@ -487,6 +521,20 @@ def _isin_sorted(values: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
 def _preview(ids: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(int(i)) for i in ids[:limit])
     return f"{shown}, ... ({ids.size} in all)" if ids.size > limit else shown
+
+
+def _umask_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(directory: Path) -> None:
