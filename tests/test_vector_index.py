@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import resource
@@ -237,6 +238,44 @@ def test_save_keeps_mode_of_replaced_file(data: Data, tmp_path: Path) -> None:
     index.save(path)
     assert path.stat().st_mode & 0o777 == 0o640
     assert VectorIndex.load(path).ntotal == 2
+
+
+def test_a_new_file_gets_the_umask_mode(data: Data, tmp_path: Path) -> None:
+    """Like the catalog beside it, not mkstemp's owner-only 0600: a shared index stays
+    readable by the others the umask lets read it."""
+    old = os.umask(0o022)
+    try:
+        VectorIndex(DIM, "Flat", device="cpu").save(tmp_path / "index.faiss")
+        os.umask(0o002)
+        VectorIndex(DIM, "Flat", device="cpu").save(tmp_path / "other.faiss")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "index.faiss").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "other.faiss").stat().st_mode & 0o777 == 0o664
+
+
+def test_checksum_names_the_bytes_saved_and_loaded(data: Data, tmp_path: Path) -> None:
+    path = tmp_path / "index.faiss"
+    index = VectorIndex(DIM, "Flat", device="cpu")
+    index.add(np.arange(50), data["base"][:50])
+    saved = index.save(path)
+    assert saved == index.checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert VectorIndex.load(path).checksum == saved
+    # Overwritten in the middle, size kept: it still loads, but not as the file saved.
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 16] = b"\x7f" * 16
+    path.write_bytes(bytes(raw))
+    assert VectorIndex.load(path).checksum != saved
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_scores_are_cosines_within_minus_one_and_one(
+    factory: str, data: Data, built: Built
+) -> None:
+    """A query longer than unit length (or rounding) never reports a cosine past 1."""
+    scores, ids = built[factory].search(3.0 * data["queries"][:5], K)
+    assert np.all(scores[ids >= 0] <= 1.0) and np.all(scores[ids >= 0] >= -1.0)
+    assert np.any(scores[:, 0] == 1.0)
 
 
 def test_load_refuses_missing_and_foreign_files(tmp_path: Path) -> None:
