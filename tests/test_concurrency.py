@@ -1,11 +1,15 @@
-"""Several ``ghostmatch index`` processes on one index at once: one writes at a time,
-the others wait (or, with --no-wait, fail at once), and every image ends up indexed once."""
+"""Processes sharing one index: ``ghostmatch index`` runs write one at a time, the others
+wait (or, with --no-wait, fail at once), every image ends up indexed once, and a reader
+never needs write access."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,3 +126,61 @@ def test_a_writer_waits_for_the_lock_or_fails_fast_with_no_wait(
     assert patient.returncode == 0, (tmp_path / "patient").read_text()
     assert "added 12" in out
     assert_every_image_once(index, files)
+
+
+NOBODY = 65534
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or SETPRIV is None,
+    reason="needs root and setpriv to read an index as a user who cannot write it",
+)
+def test_a_reader_without_write_access_repairs_the_index_in_memory(
+    photos: Path, model_cache: Path
+) -> None:
+    """A shared index whose folder only its owner may write, with a stale FAISS file:
+    another user's query rebuilds it in memory, answers, and leaves the folder as it was."""
+    shared = Path(tempfile.mkdtemp(prefix="ghostmatch-reader-"))
+    try:
+        shared.chmod(0o755)
+        index = shared / "index"
+        env = cli_env(model_cache)
+        args = ["index", photos, "--index", index, "--weights", "random", "--quiet"]
+        subprocess.run([*CLI, *map(os.fspath, args)], env=env, check=True, timeout=300)
+        with ghostmatch.open(index, create=False) as lib:
+            lib.catalog.close()  # folds the WAL into catalog.db
+        (index / INDEX_FILE).unlink()  # lost: every open must rebuild it
+        for path in index.iterdir():
+            path.chmod(0o644)
+        index.chmod(0o755)
+        home = shared / "home"
+        home.mkdir()
+        os.chown(home, NOBODY, NOBODY)
+        reader_env = {**env, "HOME": str(home), "GHOSTMATCH_CACHE": str(home / "cache")}
+        query = [*CLI, "query", str(photos / "rocket.jpg"), "--index", str(index), "--json"]
+        prefix = [SETPRIV or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}"]
+        probe = subprocess.run(
+            [*prefix, "--clear-groups", sys.executable, "-c", "import ghostmatch.cli.app"],
+            env=reader_env,
+            capture_output=True,
+            text=True,
+        )
+        if probe.returncode != 0:
+            pytest.skip(f"nobody cannot run this checkout's Python: {probe.stderr[-200:]}")
+        before = sorted(os.listdir(index))
+        done = subprocess.run(
+            [*prefix, "--clear-groups", *query],
+            env=reader_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if "cannot open the catalog" in done.stderr:
+            pytest.skip(f"this build cannot open a catalog read-only: {done.stderr.strip()}")
+        assert done.returncode == 0, done.stderr
+        (result,) = json.loads(done.stdout)
+        assert result["matches"] and all(-1 <= m["score"] <= 1 for m in result["matches"])
+        assert sorted(os.listdir(index)) == before
+    finally:
+        shutil.rmtree(shared)

@@ -804,3 +804,20 @@ def test_a_reader_repairs_in_memory_while_a_writer_holds_the_lock(
         held.release()
     with ghostmatch.open(index_dir, create=False) as lib:
         assert_consistent(lib)
+
+
+def test_a_reader_that_cannot_save_the_repair_still_answers(
+    before_and_after: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Saving a rebuilt index is a courtesy: when the file cannot be written (here a folder
+    stands in its place), the query is answered from the index rebuilt in memory."""
+    _, after, changed = before_and_after
+    index_dir = tmp_path / "index"
+    shutil.copytree(after, index_dir)
+    (index_dir / INDEX_FILE).unlink()
+    (index_dir / INDEX_FILE).mkdir()
+    with ghostmatch.open(index_dir, create=False) as lib:
+        matches = lib.query(changed, k=3)
+        assert len(matches) == 3
+    assert (index_dir / INDEX_FILE).is_dir()
+    assert not [p for p in index_dir.iterdir() if p.name.endswith(".tmp")]
