@@ -219,6 +219,7 @@ class Library:
         self._delta_generation: int | None = None
         self._delta_removed: set[int] = set()
         self._delta_added: set[int] = set()
+        self._run_started = time.monotonic()
         try:
             self._check_card_request()
         except BaseException:
@@ -228,7 +229,8 @@ class Library:
     # ------------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        self._lock.release()
+        while self._lock.held:
+            self._lock.release()
         self.catalog.close()
 
     @contextmanager
@@ -310,6 +312,10 @@ class Library:
     @property
     def vector_index(self) -> VectorIndex | None:
         """The FAISS index, loaded and checked against the catalog (repaired if needed)."""
+        # Another process may have changed the index since it was loaded here.
+        stale = self._index is not None and self._index_generation != self._generation()
+        if stale and not self._lock.held:
+            self._forget_index()
         if self._index is None:
             self._index = self._open_index()
         return self._index
@@ -372,8 +378,10 @@ class Library:
 
     def _load_before_change(self) -> None:
         """Load the index (checked against the catalog) before a commit changes the catalog,
-        once per write: the commits' changes are then applied to it, not rebuilt."""
-        if self._index_generation is None:
+        unless what is held is current: the commits' changes are then applied to it, not
+        rebuilt. Another process may have written since this object last looked."""
+        if self._delta_generation is None or self._delta_generation != self._generation():
+            self._forget_index()
             self._index = self._open_index()
 
     def _loaded(self, index: VectorIndex | None, generation: int) -> None:
@@ -499,7 +507,7 @@ class Library:
             if not folder.exists():
                 raise GhostmatchError(f"{os.fsdecode(folder)} does not exist")
         report = IndexReport()
-        start = time.monotonic()
+        start = self._run_started = time.monotonic()
         start_generation = self._generation()
         scan_failures: list[tuple[Path, str, str]] = []
         found = scan(folders, on_error=lambda p, r, d: scan_failures.append((p, r, d)))
@@ -619,7 +627,8 @@ class Library:
             waiting.clear()
 
         done = 0
-        last_commit = time.monotonic()
+        # Counted from the run's start: the scan and the model's loading are work too.
+        last_commit = self._run_started
         try:
             with ThreadPoolExecutor(threads) as pool:
                 for item in _ordered(pool, work, todo, prefetch=max(64, 4 * batch_size)):
@@ -678,7 +687,6 @@ class Library:
         new_rows: list[NewImage] = []
         removed: list[int] = []
         updated_ids: list[int] = []
-        updated_vectors: list[np.ndarray] = []
         failures: list[NewFailure] = []
         ok_paths: list[Path] = []
         with self._catalog_change() as tx:
@@ -718,7 +726,6 @@ class Library:
                     )
                     removed.append(image_id)
                     updated_ids.append(image_id)
-                    updated_vectors.append(vector)
                     report.updated += 1
                 else:
                     new_rows.append(
