@@ -175,18 +175,46 @@ class VectorIndex:
         if not gone.size:
             return 0
         keep = self._sorted_ids[~_isin_sorted(self._sorted_ids, gone)]
+        ivf = _find_ivf(self._cpu.index)
         if isinstance(faiss.downcast_index(self._cpu.index), faiss.IndexFlat):
             self._cpu.remove_ids(faiss.IDSelectorBatch(gone))
+        elif ivf is not None:
+            self._remove_from_ivf(ivf, gone)
         else:
-            # HNSW graphs cannot delete, and IndexIDMap2.remove_ids over IVF leaves the lists
-            # holding stale positions (every later hit gets the wrong id), so rebuild from the
-            # stored vectors. PQ codes re-encode their own reconstruction unchanged.
+            # HNSW graphs cannot delete, so rebuild from the stored vectors. PQ codes
+            # re-encode their own reconstruction unchanged.
             kept = self._cpu.reconstruct_batch(keep)
             self._cpu.reset()
             self._cpu.add_with_ids(kept, keep)
         self._sorted_ids = keep
         self._gpu = None
         return int(gone.size)
+
+    def _remove_from_ivf(self, ivf: faiss.IndexIVF, gone: np.ndarray) -> None:
+        """Delete from the inverted lists in place: no re-encoding, no re-assignment.
+
+        IndexIDMap2 compacts its id map after a removal, as if the sub-index renumbered
+        its entries; IVF lists keep the positions they were added under, so they are
+        renumbered here to match (else every later hit would get the wrong id)."""
+        positions = np.flatnonzero(
+            _isin_sorted(faiss.vector_to_array(self._cpu.id_map).astype(np.int64), gone)
+        )
+        # The array direct map cannot delete; it is rebuilt once the lists are renumbered.
+        ivf.make_direct_map(False)
+        self._cpu.remove_ids(faiss.IDSelectorBatch(gone))
+        invlists = ivf.invlists
+        assert invlists is not None  # an IVF index always has its lists
+        for number in range(ivf.nlist):
+            size = invlists.list_size(number)
+            if size == 0:
+                continue
+            pointer = invlists.get_ids(number)
+            try:
+                stored = faiss.rev_swig_ptr(pointer, size)
+                stored -= np.searchsorted(positions, stored)
+            finally:
+                invlists.release_ids(number, pointer)  # type: ignore[attr-defined]  # not in stub
+        ivf.make_direct_map(True)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores float32 (n, k), ids int64 (n, k)), best first, padded -inf / -1."""

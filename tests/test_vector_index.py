@@ -166,6 +166,22 @@ def test_remove_then_add_back(factory: str, data: Data, built: Built, tmp_path: 
     assert recall_at(index.search(data["queries"], K)[1], data["truth_ids"]) >= MIN_RECALL[factory]
 
 
+@pytest.mark.parametrize("factory", [f for f in FACTORIES if f.startswith("IVF")])
+def test_ivf_removal_deletes_in_place(factory: str, data: Data) -> None:
+    """An IVF index deletes from its lists: the entries that stay are neither re-encoded
+    nor re-added (a rebuild would re-add them in id order), so a removal costs no
+    re-assignment of the whole collection."""
+    order = np.random.default_rng(4).permutation(N)
+    index = build_index(data["ids"][order], data["base"][order], factory, device="cpu")
+    added_order = faiss.vector_to_array(index._cpu.id_map)
+    gone = data["ids"][order[::7]]
+    index.remove(gone)
+    left = added_order[~np.isin(added_order, gone)]
+    np.testing.assert_array_equal(faiss.vector_to_array(index._cpu.id_map), left)
+    _, top = index.search(data["base"][order[1::7]], K)
+    assert (top == data["ids"][order[1::7]][:, None]).any(axis=1).mean() >= 0.95
+
+
 def test_duplicate_ids_refused(data: Data) -> None:
     index = VectorIndex(DIM, "Flat", device="cpu")
     index.add(np.array([1, 2, 3]), data["base"][:3])
