@@ -175,6 +175,8 @@ class Library:
 
     ``weights`` names the model for a new index; an existing index always uses the model
     recorded in it, and naming a different one is refused rather than mixing vectors.
+    A change (``index``, ``remove``, ``rebuild``) waits while another process writes the
+    index, telling ``on_wait`` so; with ``wait=False`` it raises a GhostmatchError instead.
     """
 
     def __init__(
