@@ -103,6 +103,8 @@ def _progress(enabled: bool, label: str) -> Iterator[Any]:
 def _open(index: Path | None, **options: Any) -> Any:
     import ghostmatch
 
+    # A write waits for another process writing the same index, and says so.
+    options.setdefault("on_wait", lambda message: err.print(message, markup=False))
     return ghostmatch.open(index, **options)
 
 
@@ -123,6 +125,10 @@ def index(
     no_prune: Annotated[
         bool, typer.Option("--no-prune", help="Keep files that disappeared from the folders.")
     ] = False,
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="Fail at once if another process is writing the index."),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -130,7 +136,14 @@ def index(
     for folder in folders:
         if not folder.exists():
             raise GhostmatchError(f"{path_text(folder)} does not exist")
-    lib = _open(index, weights=weights, runtime=runtime, device=device, index_type=index_type)
+    lib = _open(
+        index,
+        weights=weights,
+        runtime=runtime,
+        device=device,
+        index_type=index_type,
+        wait=not no_wait,
+    )
     try:
         if not quiet and not as_json:
             err.print(f"index {path_text(lib.path)}", markup=False)

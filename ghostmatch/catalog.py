@@ -942,6 +942,11 @@ class CatalogTransaction:
         """Drop the failures of these paths and of everything under them, as folders."""
         return sum(self._conn.execute(delete(_FailureRow).where(_under(p))).rowcount for p in paths)
 
+    def get_meta(self, key: str) -> Any | None:
+        """The value under ``key`` as this transaction sees it (its own writes included)."""
+        value = self._conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
+        return None if value is None else json.loads(value)
+
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``, replacing any earlier one."""
         text = json.dumps(value)

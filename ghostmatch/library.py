@@ -12,6 +12,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 from platformdirs import user_data_dir
+from sqlalchemy.exc import IntegrityError
 
 from ghostmatch.catalog import (
     CATALOG_FILE,
     Catalog,
+    CatalogTransaction,
     FailureRecord,
     ImageRecord,
     NewFailure,
@@ -44,6 +47,7 @@ from ghostmatch.errors import GhostmatchError
 from ghostmatch.images import ImageRejected, image_from_array, load_image, to_rgb
 from ghostmatch.indexes.allpairs import pair_scores, similar_pairs
 from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
+from ghostmatch.locking import WriterLock
 from ghostmatch.modelcard import ModelCard
 from ghostmatch.pathtext import path_text
 from ghostmatch.scan import FileEntry, content_hash, scan
@@ -64,7 +68,19 @@ def _checkpoint_images() -> int:
         return 1000
 
 
+def _checkpoint_seconds() -> float:
+    """Seconds of work between commits while indexing (``GHOSTMATCH_CHECKPOINT_SECONDS``),
+    so that ``kill -9`` loses about this much however slow each image is."""
+    try:
+        return max(0.0, float(os.environ.get("GHOSTMATCH_CHECKPOINT_SECONDS", "10")))
+    except ValueError:
+        return 10.0
+
+
 CHECKPOINT_IMAGES = _checkpoint_images()
+CHECKPOINT_SECONDS = _checkpoint_seconds()
+# Vectors fetched from the catalog at once when the FAISS index catches up with it.
+_SYNC_CHUNK = 50_000
 CARD_META = "model_card"
 WEIGHTS_META = "weights_spec"
 INDEX_TYPE_META = "index_type"
@@ -167,6 +183,8 @@ class Library:
 
     ``weights`` names the model for a new index; an existing index always uses the model
     recorded in it, and naming a different one is refused rather than mixing vectors.
+    A change (``index``, ``remove``, ``rebuild``) waits while another process writes the
+    index, telling ``on_wait`` so; with ``wait=False`` it raises a GhostmatchError instead.
     """
 
     def __init__(
@@ -178,6 +196,8 @@ class Library:
         device: str = "auto",
         index_type: str | None = None,
         create: bool = True,
+        wait: bool = True,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.path = Path(
             os.path.abspath(os.path.expanduser(path if path is not None else default_index_path()))
@@ -202,6 +222,17 @@ class Library:
         self._embedder: Embedder | None = None
         self._index: VectorIndex | None = None
         self._index_type = index_type
+        # One writer at a time per index folder (``wait`` False: fail instead of waiting).
+        self._lock = WriterLock(self.path)
+        self._wait, self._on_wait = wait, on_wait
+        # The catalog generation ``_index`` holds, and the changes this object committed
+        # since (ids to drop, ids whose catalog vectors to add) up to ``_delta_generation``:
+        # the FAISS index catches up once, at the end of a write, not at every checkpoint.
+        self._index_generation: int | None = None
+        self._delta_generation: int | None = None
+        self._delta_removed: set[int] = set()
+        self._delta_added: set[int] = set()
+        self._run_started = time.monotonic()
         try:
             self._check_card_request()
         except BaseException:
@@ -211,7 +242,18 @@ class Library:
     # ------------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        while self._lock.held:
+            self._lock.release()
         self.catalog.close()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the index's writer lock (re-entrant) for a change of catalog and FAISS file."""
+        self._lock.acquire(self._wait, self._on_wait)
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Library:
         return self
@@ -305,6 +347,10 @@ class Library:
     @property
     def vector_index(self) -> VectorIndex | None:
         """The FAISS index, loaded and checked against the catalog (repaired if needed)."""
+        # Another process may have changed the index since it was loaded here.
+        stale = self._index is not None and self._index_generation != self._generation()
+        if stale and not self._lock.held:
+            self._forget_index()
         if self._index is None:
             self._index = self._open_index()
         return self._index
@@ -313,62 +359,141 @@ class Library:
         """Load the FAISS file if it holds exactly the catalog's current vectors, else rebuild.
 
         Every catalog commit bumps a generation number; the index file is saved with the
-        generation it reflects, so a crash between the two writes is always noticed, even
-        for a changed file whose id (and so the id set) stayed the same.
+        generation of what it holds and the sha256 of its bytes, so a crash between the two
+        writes, a stale copy put back or a file damaged in place is always noticed, even
+        for a changed file whose id (and so the id set) stayed the same. A rebuild is saved
+        only when that is possible (writable folder, no other writer); a reader never
+        fails for want of write access.
         """
-        ids = self.catalog.ids()
+        # Read before the vectors: a concurrent commit can then only make what is built
+        # newer than its stamp (a needless rebuild later), never older.
+        generation = self._generation()
         file = self.path / INDEX_FILE
-        if file.exists() and _read_generation(file) == self._generation():
+        stamp = _read_generation(file)
+        if stamp is not None and stamp[0] == generation:
             try:
                 index = VectorIndex.load(file, device=self._device)
             except GhostmatchError:
                 index = None
-            if index is not None and np.array_equal(index.ids(), ids):
+            if (
+                index is not None
+                and index.checksum == stamp[1]
+                and np.array_equal(index.ids(), self.catalog.ids())
+            ):
+                self._loaded(index, generation)
                 return index
-        if len(ids) == 0:
-            file.unlink(missing_ok=True)
-            return None
         all_ids, vectors = self.catalog.vectors()
-        factory = self._index_type or self.catalog.get_meta(INDEX_TYPE_META)
-        factory = factory or default_factory(len(all_ids), vectors.shape[1])
+        if len(all_ids) == 0:
+            self._loaded(None, generation)
+            if self._lock.try_acquire():
+                try:
+                    if self._generation() == generation:
+                        file.unlink(missing_ok=True)
+                except OSError:
+                    pass  # a read-only folder: the stale file is never trusted anyway
+                finally:
+                    self._lock.release()
+            return None
+        stored_type = self.catalog.get_meta(INDEX_TYPE_META)
+        factory = self._index_type or stored_type or default_factory(len(all_ids), vectors.shape[1])
         index = build_index(all_ids, vectors, factory, device=self._device)
-        self._save(index)
+        self._loaded(index, generation)
+        if self._lock.try_acquire():
+            try:
+                if self._index_type is not None and stored_type != self._index_type:
+                    # The type asked for when the index was made outlives a lost file.
+                    self.catalog.set_meta(INDEX_TYPE_META, self._index_type)
+                if self._generation() == generation:
+                    self._save(index, generation)
+            except OSError:
+                pass  # read-only or full: the rebuilt index serves from memory this time
+            finally:
+                self._lock.release()
         return index
+
+    def _load_before_change(self) -> None:
+        """Load the index (checked against the catalog) before a commit changes the catalog,
+        unless what is held is current: the commits' changes are then applied to it, not
+        rebuilt. Another process may have written since this object last looked."""
+        if self._delta_generation is None or self._delta_generation != self._generation():
+            self._forget_index()
+            self._index = self._open_index()
+
+    def _loaded(self, index: VectorIndex | None, generation: int) -> None:
+        self._index = index
+        self._index_generation = self._delta_generation = generation
+        self._delta_removed, self._delta_added = set(), set()
+
+    def _forget_index(self) -> None:
+        """Drop the in-memory index; the next use reloads it checked against the catalog."""
+        self._index = None
+        self._index_generation = self._delta_generation = None
+        self._delta_removed, self._delta_added = set(), set()
 
     def _generation(self) -> int:
         return int(self.catalog.get_meta(GENERATION_META) or 0)
 
-    def _save(self, index: VectorIndex) -> None:
+    def _save(self, index: VectorIndex, generation: int) -> None:
+        """Save ``index``, stamped with the catalog generation whose vectors it holds."""
         file = self.path / INDEX_FILE
-        index.save(file)
-        _write_generation(file, self._generation())
+        checksum = index.save(file)
+        _write_generation(file, generation, checksum)
 
     def rebuild(self, index_type: str | None = None) -> str:
         """Rebuild the FAISS index from the stored vectors, optionally as another type."""
-        ids, vectors = self.catalog.vectors()
-        if len(ids) == 0:
-            raise GhostmatchError("the index is empty; nothing to rebuild")
-        factory = index_type or default_factory(len(ids), vectors.shape[1])
-        self._index = build_index(ids, vectors, factory, device=self._device)
-        self.catalog.set_meta(INDEX_TYPE_META, index_type)
-        self._save(self._index)
+        with self._writing():
+            generation = self._generation()
+            ids, vectors = self.catalog.vectors()
+            if len(ids) == 0:
+                raise GhostmatchError("the index is empty; nothing to rebuild")
+            factory = index_type or default_factory(len(ids), vectors.shape[1])
+            index = build_index(ids, vectors, factory, device=self._device)
+            self.catalog.set_meta(INDEX_TYPE_META, index_type)
+            self._loaded(index, generation)
+            self._save(index, generation)
         return factory
 
-    def _apply(self, removed: Sequence[int], added_ids: Sequence[int], vectors: np.ndarray) -> None:
-        """Mirror a committed catalog change in the FAISS index and save it."""
+    def _track(self, before: int, removed: Iterable[int], added: Iterable[int]) -> None:
+        """Note a committed catalog change (generation ``before`` to ``before + 1``) for
+        the in-memory index to catch up with in :meth:`_apply`."""
+        if self._delta_generation is None:
+            return  # not loaded: the next use loads it checked against the catalog
+        if self._delta_generation != before:
+            # Someone else committed in between: what the changes build on is unknown.
+            self._forget_index()
+            return
+        gone = set(removed)
+        self._delta_removed |= gone
+        self._delta_added = (self._delta_added - gone) | set(added)
+        self._delta_generation = before + 1
+
+    def _apply(self) -> None:
+        """Bring the FAISS index up to this object's committed catalog changes, then save
+        it once, stamped with the generation it now holds. Call with the writer lock."""
+        target = self._delta_generation
         index = self._index
-        if index is None:
+        if target is not None and target == self._index_generation:
+            return
+        if index is None or target is None or target != self._generation():
+            # Empty before, not loaded, or the catalog moved on without us: load it checked
+            # (built from the catalog and saved when the file is behind).
+            self._forget_index()
             self._index = self._open_index()
             return
+        removed, added = sorted(self._delta_removed), sorted(self._delta_added)
+        self._index = None  # half-changed if interrupted here: reload it next time
         if removed:
             index.remove(np.asarray(removed, dtype=np.int64))
-        if added_ids:
-            index.add(np.asarray(added_ids, dtype=np.int64), vectors)
+        for start in range(0, len(added), _SYNC_CHUNK):
+            ids, vectors = self.catalog.vectors(added[start : start + _SYNC_CHUNK])
+            if len(ids):
+                index.add(ids, vectors)
         if index.ntotal == 0:
-            self._index = None
             (self.path / INDEX_FILE).unlink(missing_ok=True)
+            self._loaded(None, target)
             return
-        self._save(index)
+        self._save(index, target)
+        self._loaded(index, target)
 
     # ------------------------------------------------------------------------ indexing
 
@@ -386,14 +511,39 @@ class Library:
 
         Unchanged files (same path, size and mtime) are not read; moved files keep their
         vector (found by content hash); files gone from these roots leave the index unless
-        ``prune`` is False. Work is committed every ~1,000 images and on Ctrl-C.
+        ``prune`` is False. Work is committed every ~1,000 images or ~10 s and on Ctrl-C.
+        One process writes an index at a time: another one's run is waited for (or, opened
+        with ``wait=False``, refused).
         """
+        with self._writing():
+            # Another writer may have given a new index its model while this one waited.
+            self._check_card_request()
+            return self._index_run(
+                roots,
+                batch_size=batch_size,
+                workers=workers,
+                max_megapixels=max_megapixels,
+                prune=prune,
+                progress=progress,
+            )
+
+    def _index_run(
+        self,
+        roots: Sequence[str | os.PathLike[str]],
+        *,
+        batch_size: int,
+        workers: int | None,
+        max_megapixels: float,
+        prune: bool,
+        progress: Progress | None,
+    ) -> IndexReport:
         folders = [Path(os.path.abspath(os.path.expanduser(r))) for r in roots]
         for folder in folders:
             if not folder.exists():
                 raise GhostmatchError(f"{os.fsdecode(folder)} does not exist")
         report = IndexReport()
-        start = time.monotonic()
+        start = self._run_started = time.monotonic()
+        start_generation = self._generation()
         scan_failures: list[tuple[Path, str, str]] = []
         found = scan(folders, on_error=lambda p, r, d: scan_failures.append((p, r, d)))
         # A file inside a folder that is also named on its own comes twice; index it once.
@@ -446,14 +596,13 @@ class Library:
             )
         except KeyboardInterrupt:
             report.interrupted = True
-            # The interrupt may have cut a change to the in-memory index short; the next use
-            # reloads it from disk, checked against the catalog.
-            self._index = None
         if prune and not report.interrupted:
             doomed = [r for p, r in gone_records.items() if p not in moved_from]
             if doomed:
                 self._delete([r.id for r in doomed])
                 report.removed = len(doomed)
+        if self._generation() != start_generation:
+            self._apply()  # the FAISS file catches up once, after all of the run's commits
         report.seconds = time.monotonic() - start
         return report
 
@@ -500,6 +649,7 @@ class Library:
             pixels = prepare(decoded.image, card)
             return _Embedded(entry, digest, decoded.width, decoded.height, decoded.format, pixels)
 
+        pause_after, pause_marker = _pause_hook()
         threads = workers or min(8, max(2, os.cpu_count() or 2))
         pending: list[_Embedded | _Failed] = []
         waiting: list[_Embedded] = []  # decoded, not yet through the model
@@ -512,6 +662,8 @@ class Library:
             waiting.clear()
 
         done = 0
+        # Counted from the run's start: the scan and the model's loading are work too.
+        last_commit = self._run_started
         try:
             with ThreadPoolExecutor(threads) as pool:
                 for item in _ordered(pool, work, todo, prefetch=max(64, 4 * batch_size)):
@@ -529,18 +681,22 @@ class Library:
                         if len(waiting) >= batch_size:
                             run_model()
                     done += 1
-                    if len(pending) >= CHECKPOINT_IMAGES:
+                    if len(pending) >= CHECKPOINT_IMAGES or (
+                        pending and time.monotonic() - last_commit >= CHECKPOINT_SECONDS
+                    ):
                         run_model()
                         # Handed over before the commit: interrupted, it is never redone.
                         batch, batch_vectors = pending, vectors
                         pending, vectors = [], {}
                         self._commit(batch, batch_vectors, changed_ids, moved_from, report)
+                        last_commit = time.monotonic()
                     if progress:
                         progress("indexed", done, len(todo))
+                    if done == pause_after:
+                        _pause(pause_marker)
             run_model()
         except KeyboardInterrupt:
             # Ctrl-C keeps the finished work: all but the images still waiting for the model.
-            self._index = None  # may hold half of an interrupted change; reload it checked
             finished = [
                 r
                 for r in pending
@@ -558,17 +714,18 @@ class Library:
         moved_from: set[Path],
         report: IndexReport,
     ) -> None:
-        """Write one catalog transaction for ``results``, then update and save the index."""
+        """Write one catalog transaction for ``results``; the FAISS index catches up later
+        (:meth:`_apply`), from the changes noted here."""
         if not results:
             return
-        _ = self.vector_index  # loaded (and checked) against the catalog before it changes
+        self._load_before_change()
         new_rows: list[NewImage] = []
         removed: list[int] = []
         updated_ids: list[int] = []
-        updated_vectors: list[np.ndarray] = []
         failures: list[NewFailure] = []
         ok_paths: list[Path] = []
-        with self.catalog.transaction() as tx:
+        with self._catalog_change() as tx:
+            before = int(tx.get_meta(GENERATION_META) or 0)
             for r in results:
                 if isinstance(r, _Failed):
                     failures.append(_new_failure(r))
@@ -602,7 +759,6 @@ class Library:
                     )
                     removed.append(image_id)
                     updated_ids.append(image_id)
-                    updated_vectors.append(vector)
                     report.updated += 1
                 else:
                     new_rows.append(
@@ -621,12 +777,21 @@ class Library:
             report.added += len(new_rows)
             tx.record_failures(failures)
             tx.clear_failures(ok_paths)
-            tx.set_meta(GENERATION_META, self._generation() + 1)
-        all_ids = updated_ids + list(new_ids)
-        all_vectors = updated_vectors + [row.vector for row in new_rows]
-        dim = len(all_vectors[0]) if all_vectors else 1
-        stacked = np.array(all_vectors, dtype=np.float32).reshape(len(all_vectors), dim)
-        self._apply(removed, all_ids, stacked)
+            tx.set_meta(GENERATION_META, before + 1)
+        self._track(before, removed, updated_ids + list(new_ids))
+
+    @contextmanager
+    def _catalog_change(self) -> Iterator[CatalogTransaction]:
+        """A catalog transaction of an index change; a clash with a writer that ignores
+        the lock (an older ghostmatch) becomes a GhostmatchError, not a database one."""
+        try:
+            with self.catalog.transaction() as tx:
+                yield tx
+        except IntegrityError as error:
+            raise GhostmatchError(
+                f"another program changed the index {self.path} at the same time "
+                f"({error.orig}); run the command again"
+            ) from error
 
     def remove(self, paths: Iterable[str | os.PathLike[str]]) -> int:
         """Forget these files (or every file under these folders); the files stay on disk."""
@@ -638,17 +803,21 @@ class Library:
                 ids.append(record.id)
             ids.extend(i for i, _ in self.catalog.paths_under(path))
         if ids:
-            self._delete(sorted(set(ids)))
+            with self._writing():
+                self._delete(sorted(set(ids)))
+                self._apply()
         # A forgotten file that had failed is no longer skipped as known bad either.
         self.catalog.forget_failures(absolute)
         return len(set(ids))
 
     def _delete(self, ids: Sequence[int]) -> None:
-        _ = self.vector_index
-        with self.catalog.transaction() as tx:
+        """Delete catalog rows; the FAISS index catches up in :meth:`_apply`."""
+        self._load_before_change()
+        with self._catalog_change() as tx:
+            before = int(tx.get_meta(GENERATION_META) or 0)
             tx.delete_images(ids)
-            tx.set_meta(GENERATION_META, self._generation() + 1)
-        self._apply(list(ids), [], np.zeros((0, 1), dtype=np.float32))
+            tx.set_meta(GENERATION_META, before + 1)
+        self._track(before, ids, [])
 
     # ------------------------------------------------------------------------ queries
 
@@ -1200,34 +1369,52 @@ def check_threshold(threshold: float, normalised: bool = False) -> float:
     return float(threshold)
 
 
-def _read_generation(file: Path) -> int | None:
-    """The catalog generation the index file reflects, or None if that is unknown.
-
-    The record names the file it was written for by size and mtime, so an older copy of the
-    index put back in its place is not taken for the one that was saved (while a copy of the
-    whole folder, mtimes kept, stays valid).
-    """
+def _read_generation(file: Path) -> tuple[int, str] | None:
+    """(catalog generation, sha256) of what the index file was saved holding, or None if
+    unknown. The checksum names the exact bytes saved, so an older copy put back in its
+    place, or a file overwritten in part, is not taken for the one that was saved (while a
+    copy of the whole folder stays valid)."""
     try:
-        generation, identity = file.with_name(file.name + ".generation").read_text().split()
-        return int(generation) if identity == _file_identity(file) else None
+        generation, checksum = file.with_name(file.name + ".generation").read_text().split()
+        return int(generation), checksum
     except (OSError, ValueError):
         return None
 
 
-def _write_generation(file: Path, generation: int) -> None:
-    """Atomically record which catalog generation the just-saved index file reflects."""
+def _write_generation(file: Path, generation: int, checksum: str) -> None:
+    """Atomically record the catalog generation and checksum of the just-saved index file."""
     target = file.with_name(file.name + ".generation")
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(f"{generation} {_file_identity(file)}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    # Named per process: a temp name shared by two writers was renamed away under one.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(f"{generation} {checksum}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _file_identity(file: Path) -> str:
-    st = file.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+def _pause_hook() -> tuple[int | None, Path | None]:
+    """``GHOSTMATCH_PAUSE_AFTER_IMAGES=N``: after N images of a run the indexer creates
+    ``GHOSTMATCH_PAUSE_MARKER`` and waits there for a signal, so a crash test's Ctrl-C or
+    ``kill -9`` lands mid-run however fast or loaded the machine is."""
+    try:
+        after = int(os.environ.get("GHOSTMATCH_PAUSE_AFTER_IMAGES", ""))
+    except ValueError:
+        return None, None
+    marker = os.environ.get("GHOSTMATCH_PAUSE_MARKER")
+    return after, Path(marker) if marker else None
+
+
+def _pause(marker: Path | None) -> None:
+    if marker is not None:
+        marker.touch()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _only_learnt_p_differs(stored: ModelCard, loaded: ModelCard) -> bool:

@@ -5,6 +5,7 @@ Scores are inner products of L2-normalised float32 vectors (cosine): higher = mo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import stat
@@ -74,6 +75,7 @@ class VectorIndex:
         self._factory = factory
         self._use_gpu = _resolve_device(device, index.index, factory)
         self._gpu: faiss.Index | None = None
+        self._checksum: str | None = None
         self._sorted_ids = np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
         ivf = _find_ivf(index.index)
         if ivf is not None and ivf.direct_map.no():
@@ -173,18 +175,46 @@ class VectorIndex:
         if not gone.size:
             return 0
         keep = self._sorted_ids[~_isin_sorted(self._sorted_ids, gone)]
+        ivf = _find_ivf(self._cpu.index)
         if isinstance(faiss.downcast_index(self._cpu.index), faiss.IndexFlat):
             self._cpu.remove_ids(faiss.IDSelectorBatch(gone))
+        elif ivf is not None:
+            self._remove_from_ivf(ivf, gone)
         else:
-            # HNSW graphs cannot delete, and IndexIDMap2.remove_ids over IVF leaves the lists
-            # holding stale positions (every later hit gets the wrong id), so rebuild from the
-            # stored vectors. PQ codes re-encode their own reconstruction unchanged.
+            # HNSW graphs cannot delete, so rebuild from the stored vectors. PQ codes
+            # re-encode their own reconstruction unchanged.
             kept = self._cpu.reconstruct_batch(keep)
             self._cpu.reset()
             self._cpu.add_with_ids(kept, keep)
         self._sorted_ids = keep
         self._gpu = None
         return int(gone.size)
+
+    def _remove_from_ivf(self, ivf: faiss.IndexIVF, gone: np.ndarray) -> None:
+        """Delete from the inverted lists in place: no re-encoding, no re-assignment.
+
+        IndexIDMap2 compacts its id map after a removal, as if the sub-index renumbered
+        its entries; IVF lists keep the positions they were added under, so they are
+        renumbered here to match (else every later hit would get the wrong id)."""
+        positions = np.flatnonzero(
+            _isin_sorted(faiss.vector_to_array(self._cpu.id_map).astype(np.int64), gone)
+        )
+        # The array direct map cannot delete; it is rebuilt once the lists are renumbered.
+        ivf.make_direct_map(False)
+        self._cpu.remove_ids(faiss.IDSelectorBatch(gone))
+        invlists = ivf.invlists
+        assert invlists is not None  # an IVF index always has its lists
+        for number in range(ivf.nlist):
+            size = invlists.list_size(number)
+            if size == 0:
+                continue
+            pointer = invlists.get_ids(number)
+            try:
+                stored = faiss.rev_swig_ptr(pointer, size)
+                stored -= np.searchsorted(positions, stored)
+            finally:
+                invlists.release_ids(number, pointer)  # type: ignore[attr-defined]  # not in stub
+        ivf.make_direct_map(True)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores float32 (n, k), ids int64 (n, k)), best first, padded -inf / -1."""
@@ -205,6 +235,8 @@ class VectorIndex:
                 faiss.omp_set_num_threads(threads)
         else:
             scores, ids = self._searcher().search(x, k)
+        # Inner products of unit vectors are cosines; float rounding can step past 1.
+        np.clip(scores, -1.0, 1.0, out=scores)
         scores[ids < 0] = -np.inf
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
@@ -245,18 +277,32 @@ class VectorIndex:
             space.set_index_parameter(self._cpu, name, ef_search)
         self._gpu = None
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    @property
+    def checksum(self) -> str | None:
+        """sha256 of the file this index was last saved to or loaded from (None: neither)."""
+        return self._checksum
+
+    def save(self, path: str | os.PathLike[str]) -> str:
         """Write atomically: a temp file in the same directory, fsync, rename, fsync the
-        directory. A crash or full disk leaves the previous file intact."""
+        directory. A crash or full disk leaves the previous file intact. Returns the sha256
+        of what was written, so a later load can tell the file was not changed since."""
         target = Path(path)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as f:
-                if target.exists():
-                    os.fchmod(f.fileno(), stat.S_IMODE(target.stat().st_mode))
+                # mkstemp makes the file owner-only; the index gets the mode it had, else
+                # the umask's, like the catalog beside it, so a shared index stays readable.
+                mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _umask_mode()
+                os.fchmod(f.fileno(), mode)
+
+                def write(data: bytes) -> None:
+                    digest.update(data)
+                    f.write(data)
+
                 # Stream through Python so write errors (ENOSPC, EFBIG) raise; faiss's own
                 # FILE* writer only reports a failed final flush on stderr.
-                writer = faiss.PyCallbackIOWriter(f.write)  # type: ignore[attr-defined]  # not in stub
+                writer = faiss.PyCallbackIOWriter(write)  # type: ignore[attr-defined]  # not in stub
                 try:
                     faiss.write_index(self._cpu, writer)
                 finally:
@@ -268,16 +314,31 @@ class VectorIndex:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        self._checksum = digest.hexdigest()
+        return self._checksum
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> VectorIndex:
-        """Read an index written by :meth:`save`; search parameters come with it."""
+        """Read an index written by :meth:`save`; search parameters come with it, and
+        :attr:`checksum` is the sha256 of the bytes read."""
         source = Path(path)
         if not source.is_file():
             raise VectorIndexError(f"no vector index at {source}; build the index first")
+        digest = hashlib.sha256()
         try:
-            index = faiss.read_index(str(source))
-        except RuntimeError as exc:
+            with source.open("rb") as f:
+
+                def read(size: int) -> bytes:
+                    data = f.read(size)
+                    digest.update(data)
+                    return data
+
+                reader = faiss.PyCallbackIOReader(read)  # type: ignore[attr-defined]  # not in stub
+                try:
+                    index = faiss.read_index(reader)
+                finally:
+                    del reader
+        except (RuntimeError, OSError) as exc:
             raise VectorIndexError(
                 f"{source} is not a readable faiss index ({_faiss_reason(exc)}); rebuild it"
             ) from exc
@@ -290,6 +351,7 @@ class VectorIndex:
             )
         loaded = cls.__new__(cls)
         loaded._setup(index, _factory_of(index), device)
+        loaded._checksum = digest.hexdigest()
         return loaded
 
     def _searcher(self) -> faiss.Index:
@@ -487,6 +549,20 @@ def _isin_sorted(values: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
 def _preview(ids: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(int(i)) for i in ids[:limit])
     return f"{shown}, ... ({ids.size} in all)" if ids.size > limit else shown
+
+
+def _umask_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -334,16 +334,25 @@ def assert_consistent(lib: Library, files: set[Path]) -> None:
 
 
 def test_interrupted_and_killed_indexing_resumes(tmp_path: Path, model_cache: Path) -> None:
-    """Ctrl-C, then kill -9 twice, each at a random moment after checkpoints committed;
-    every time the index opens consistent, and the last run does only what is left."""
+    """Ctrl-C, then kill -9 twice, each while the run is held mid-way (past two checkpoints,
+    between the next two) by the indexer's pause hook, so the signal always lands mid-run
+    however loaded the machine is; every time the index opens consistent, and the last
+    run does only what is left."""
     files = small_jpegs(tmp_path / "many", 240)
     index = tmp_path / "index"
+    marker = tmp_path / "paused"
     args = ["index", tmp_path / "many", "--index", index, "--weights", "random"]
     args += ["--batch-size", "8", "--json"]
-    env = cli_env(model_cache, GHOSTMATCH_CHECKPOINT_IMAGES="20")
-    rng = np.random.default_rng(1)
+    env = cli_env(
+        model_cache,
+        GHOSTMATCH_CHECKPOINT_IMAGES="20",
+        GHOSTMATCH_CHECKPOINT_SECONDS="100000",  # checkpoints by count alone here
+        GHOSTMATCH_PAUSE_AFTER_IMAGES="50",
+        GHOSTMATCH_PAUSE_MARKER=str(marker),
+    )
     committed = 0
     for stop in (signal.SIGINT, signal.SIGKILL, signal.SIGKILL):
+        marker.unlink(missing_ok=True)
         proc = subprocess.Popen(
             [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
             env=env,
@@ -352,17 +361,10 @@ def test_interrupted_and_killed_indexing_resumes(tmp_path: Path, model_cache: Pa
             text=True,
         )
         try:
-            # Stop at a random moment between this run's second and third checkpoints,
-            # however fast the machine is. The pause is capped: on a loaded machine the
-            # polling itself can wait seconds for SQLite's lock, and an uncapped pause then
-            # outlasted the whole run (a signal that lands during interpreter shutdown is
-            # never seen, and the run exits 0).
             before = committed
-            wait_for(lambda: catalog_count(index) >= before + 20, proc)  # noqa: B023
-            first = time.monotonic()
-            wait_for(lambda: catalog_count(index) >= before + 40, proc)  # noqa: B023
-            time.sleep(float(rng.uniform(0.0, min(0.25, time.monotonic() - first))))
-            assert proc.poll() is None, "finished before it could be stopped"
+            wait_for(marker.exists, proc)
+            # Two checkpoints of 20 are in; the next 10 images are not yet.
+            assert catalog_count(index) == before + 40
             proc.send_signal(stop)
             out, err = proc.communicate(timeout=120)
         finally:
@@ -373,9 +375,11 @@ def test_interrupted_and_killed_indexing_resumes(tmp_path: Path, model_cache: Pa
             assert proc.returncode == 130, err
             report = json.loads(out)
             assert report["interrupted"] is True
-            assert catalog_count(index) == report["added"]  # whatever it reported, it kept
+            # Whatever went through the model is kept: 48 of the 50 (batches of 8).
+            assert catalog_count(index) == report["added"] == before + 48
         else:
             assert proc.returncode == -signal.SIGKILL
+            assert catalog_count(index) == before + 40
         with ghostmatch.open(index, create=False) as lib:
             assert_consistent(lib, files)
             committed = lib.catalog.count()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,8 @@ from PIL import Image, ImageOps
 import ghostmatch
 from ghostmatch.catalog import NewImage
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.library import CARD_META, INDEX_FILE, WEIGHTS_META, Library
+from ghostmatch.library import CARD_META, INDEX_FILE, WEIGHTS_META, IndexReport, Library
+from ghostmatch.locking import WriterLock
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:using RANDOM weights"),
@@ -566,6 +569,7 @@ GENERATION = INDEX_FILE + ".generation"
         "generation of another commit",
         "index deleted",
         "index garbled",
+        "index overwritten in place",  # same size, mtime put back
     ],
 )
 def test_opening_repairs_an_index_that_lags_the_catalog(
@@ -587,6 +591,13 @@ def test_opening_repairs_an_index_that_lags_the_catalog(
         (index_dir / GENERATION).write_text((before / GENERATION).read_text())
     elif scenario == "index deleted":
         (index_dir / INDEX_FILE).unlink()
+    elif scenario == "index overwritten in place":
+        file = index_dir / INDEX_FILE
+        st = file.stat()
+        raw = bytearray(file.read_bytes())
+        raw[len(raw) // 2 : len(raw) // 2 + 64] = b"\x7f" * 64  # floats of about 3.4e38
+        file.write_bytes(bytes(raw))
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:
         (index_dir / INDEX_FILE).write_bytes(b"\x00" * 100)
 
@@ -608,3 +619,205 @@ def test_opening_repairs_an_index_that_lags_the_catalog(
         assert float(old_vector @ stored_vector(old, changed)) > 0.99999
     with ghostmatch.open(after) as new:
         assert float(old_vector @ stored_vector(new, changed)) < 0.9999
+
+
+def test_a_query_never_trusts_an_index_file_overwritten_in_place(
+    before_and_after: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, after, changed = before_and_after
+    index_dir = tmp_path / "index"
+    shutil.copytree(after, index_dir)
+    file = index_dir / INDEX_FILE
+    st = file.stat()
+    raw = bytearray(file.read_bytes())
+    # Every stored float from a quarter of the file on becomes about 3.4e38.
+    raw[len(raw) // 4 : len(raw) - 64] = b"\x7f" * (len(raw) - 64 - len(raw) // 4)
+    file.write_bytes(bytes(raw))
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with ghostmatch.open(index_dir) as lib:
+        matches = lib.query(changed, k=10)
+        assert matches and all(-1.0 <= m.score <= 1.0 for m in matches)
+        ids, vectors = lib.catalog.vectors()
+        own_id = record(lib, changed).id
+        own = vectors[list(ids).index(own_id)]
+        scores = sorted(
+            (float(v @ own) for i, v in zip(ids, vectors, strict=True) if i != own_id),
+            reverse=True,
+        )
+        np.testing.assert_allclose([m.score for m in matches], scores[: len(matches)], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- index file
+
+
+def test_the_index_type_chosen_at_creation_survives_a_rebuild(photos: Path, tmp_path: Path) -> None:
+    with ghostmatch.open(tmp_path / "index", weights="random", index_type="HNSW32") as lib:
+        lib.index([photos], batch_size=4)
+        assert lib.vector_index is not None and lib.vector_index.factory.startswith("HNSW32")
+    (tmp_path / "index" / INDEX_FILE).unlink()  # lost; rebuilt from the catalog on open
+    with ghostmatch.open(tmp_path / "index") as lib:
+        assert lib.vector_index is not None
+        assert lib.vector_index.factory.startswith("HNSW32")
+
+
+def test_checkpoints_write_the_catalog_and_the_index_file_once_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HNSW index cannot delete, so each removal rebuilds it: a run of many checkpoints
+    that changes files must remove (and save) once, not at every checkpoint."""
+    files = small_jpegs(tmp_path / "many", 24)
+    with ghostmatch.open(tmp_path / "index", weights="random", index_type="HNSW32") as lib:
+        lib.index([tmp_path / "many"], batch_size=4)
+        for file in files[:16]:
+            small_jpegs(tmp_path / "other", 1, seed=files.index(file) + 100)
+            shutil.move(tmp_path / "other" / "0000.jpg", file)
+        calls: Counter[str] = Counter()
+        for name in ("remove", "save"):
+            original = getattr(VectorIndex, name)
+
+            def counted(self, *args, _name=name, _original=original):  # type: ignore[no-untyped-def]
+                calls[_name] += 1
+                return _original(self, *args)
+
+            monkeypatch.setattr(VectorIndex, name, counted)
+        monkeypatch.setattr("ghostmatch.library.CHECKPOINT_IMAGES", 4)
+        report = lib.index([tmp_path / "many"], batch_size=4)
+        assert report.updated == 16
+        assert calls == Counter(remove=1, save=1)
+        assert_consistent(lib)
+
+
+def test_work_is_committed_every_few_seconds_as_well(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However few images a checkpoint's count would take, seconds of work are committed:
+    with the time limit at 0 each finished image is in the catalog before the next."""
+    small_jpegs(tmp_path / "many", 12)
+    monkeypatch.setattr("ghostmatch.library.CHECKPOINT_IMAGES", 1000)
+    monkeypatch.setattr("ghostmatch.library.CHECKPOINT_SECONDS", 0.0)
+    seen: list[tuple[int, int]] = []
+    with ghostmatch.open(tmp_path / "index", weights="random") as lib:
+
+        def look(stage: str, done: int, total: int | None) -> None:
+            if stage == "indexed":
+                seen.append((done, committed_images(lib.path)))
+
+        lib.index([tmp_path / "many"], batch_size=4, progress=look)
+        assert_consistent(lib)
+    assert seen == [(n, n) for n in range(1, 13)]
+
+
+def committed_images(index: Path) -> int:
+    """Images committed so far, read the way another process would."""
+    with sqlite3.connect(f"file:{index / 'catalog.db'}?mode=ro", uri=True) as db:
+        return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
+
+
+def test_the_saved_index_holds_what_its_stamp_says_with_two_writers(
+    photos: Path, tmp_path: Path
+) -> None:
+    """One writer holds the index in memory while another rewrites X.jpg; the first then
+    adds a folder. The file it saves must hold X's new vector, or be marked stale."""
+    album = tmp_path / "album"
+    album.mkdir()
+    shutil.copy2(photos / "rocket.jpg", album / "X.jpg")
+    shutil.copy2(photos / "coffee.jpg", album / "coffee.jpg")
+    (tmp_path / "more").mkdir()
+    shutil.copy2(photos / "astronaut.jpg", tmp_path / "more" / "astronaut.jpg")
+    with ghostmatch.open(tmp_path / "index", weights="random") as first:
+        first.index([album])
+        assert first.vector_index is not None  # held in memory from here on
+        with ghostmatch.open(tmp_path / "index") as second:
+            with Image.open(photos / "chelsea.jpg") as cat:
+                cat.save(album / "X.jpg", quality=90)
+            assert second.index([album]).updated == 1
+        assert first.index([tmp_path / "more"]).added == 1
+        assert_consistent(first)
+    shutil.copy2(album / "X.jpg", tmp_path / "copy-of-X.jpg")
+    with ghostmatch.open(tmp_path / "index") as lib:
+        assert lib.query(tmp_path / "copy-of-X.jpg", k=1)[0].path == album / "X.jpg"
+
+
+# ---------------------------------------------------------------------------- one writer
+
+
+def test_a_second_writer_waits_for_the_first_or_fails_fast(photos: Path, tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    held = WriterLock(index)
+    index.mkdir()
+    held.acquire()
+    try:
+        with ghostmatch.open(index, weights="random", wait=False) as lib:
+            with pytest.raises(GhostmatchError, match="another ghostmatch process is writing"):
+                lib.index([photos])
+            assert lib.catalog.count() == 0
+        waiting = threading.Event()
+        messages: list[str] = []
+        outcome: list[object] = []
+
+        def writer() -> None:
+            def on_wait(message: str) -> None:
+                messages.append(message)
+                waiting.set()
+
+            try:
+                with ghostmatch.open(index, weights="random", on_wait=on_wait) as lib:
+                    outcome.append(lib.index([photos], batch_size=4))
+            except BaseException as error:  # reported below
+                outcome.append(error)
+                waiting.set()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert waiting.wait(120)
+        assert messages == ["another ghostmatch index is writing this index; waiting..."]
+        assert not outcome  # still waiting for the lock held here
+    finally:
+        held.release()
+    thread.join(300)
+    (report,) = outcome
+    assert isinstance(report, IndexReport) and report.added == len(image_files(photos))
+
+
+def test_a_reader_repairs_in_memory_while_a_writer_holds_the_lock(
+    before_and_after: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    before, after, changed = before_and_after
+    index_dir = tmp_path / "index"
+    shutil.copytree(after, index_dir)
+    shutil.copy2(before / INDEX_FILE, index_dir / INDEX_FILE)  # stale
+    stale = (index_dir / INDEX_FILE).read_bytes()
+    held = WriterLock(index_dir)
+    held.acquire()
+    try:
+        with ghostmatch.open(index_dir, create=False) as lib:
+            index = lib.vector_index
+            assert index is not None
+            np.testing.assert_allclose(
+                index.reconstruct(np.array([record(lib, changed).id]))[0],
+                stored_vector(lib, changed),
+                atol=1e-6,
+            )
+        # Not saved under another writer's feet.
+        assert (index_dir / INDEX_FILE).read_bytes() == stale
+    finally:
+        held.release()
+    with ghostmatch.open(index_dir, create=False) as lib:
+        assert_consistent(lib)
+
+
+def test_a_reader_that_cannot_save_the_repair_still_answers(
+    before_and_after: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Saving a rebuilt index is a courtesy: when the file cannot be written (here a folder
+    stands in its place), the query is answered from the index rebuilt in memory."""
+    _, after, changed = before_and_after
+    index_dir = tmp_path / "index"
+    shutil.copytree(after, index_dir)
+    (index_dir / INDEX_FILE).unlink()
+    (index_dir / INDEX_FILE).mkdir()
+    with ghostmatch.open(index_dir, create=False) as lib:
+        matches = lib.query(changed, k=3)
+        assert len(matches) == 3
+    assert (index_dir / INDEX_FILE).is_dir()
+    assert not [p for p in index_dir.iterdir() if p.name.endswith(".tmp")]

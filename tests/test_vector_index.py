@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import resource
@@ -165,6 +166,22 @@ def test_remove_then_add_back(factory: str, data: Data, built: Built, tmp_path: 
     assert recall_at(index.search(data["queries"], K)[1], data["truth_ids"]) >= MIN_RECALL[factory]
 
 
+@pytest.mark.parametrize("factory", [f for f in FACTORIES if f.startswith("IVF")])
+def test_ivf_removal_deletes_in_place(factory: str, data: Data) -> None:
+    """An IVF index deletes from its lists: the entries that stay are neither re-encoded
+    nor re-added (a rebuild would re-add them in id order), so a removal costs no
+    re-assignment of the whole collection."""
+    order = np.random.default_rng(4).permutation(N)
+    index = build_index(data["ids"][order], data["base"][order], factory, device="cpu")
+    added_order = faiss.vector_to_array(index._cpu.id_map)
+    gone = data["ids"][order[::7]]
+    index.remove(gone)
+    left = added_order[~np.isin(added_order, gone)]
+    np.testing.assert_array_equal(faiss.vector_to_array(index._cpu.id_map), left)
+    _, top = index.search(data["base"][order[1::7]], K)
+    assert (top == data["ids"][order[1::7]][:, None]).any(axis=1).mean() >= 0.95
+
+
 def test_duplicate_ids_refused(data: Data) -> None:
     index = VectorIndex(DIM, "Flat", device="cpu")
     index.add(np.array([1, 2, 3]), data["base"][:3])
@@ -237,6 +254,44 @@ def test_save_keeps_mode_of_replaced_file(data: Data, tmp_path: Path) -> None:
     index.save(path)
     assert path.stat().st_mode & 0o777 == 0o640
     assert VectorIndex.load(path).ntotal == 2
+
+
+def test_a_new_file_gets_the_umask_mode(data: Data, tmp_path: Path) -> None:
+    """Like the catalog beside it, not mkstemp's owner-only 0600: a shared index stays
+    readable by the others the umask lets read it."""
+    old = os.umask(0o022)
+    try:
+        VectorIndex(DIM, "Flat", device="cpu").save(tmp_path / "index.faiss")
+        os.umask(0o002)
+        VectorIndex(DIM, "Flat", device="cpu").save(tmp_path / "other.faiss")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "index.faiss").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "other.faiss").stat().st_mode & 0o777 == 0o664
+
+
+def test_checksum_names_the_bytes_saved_and_loaded(data: Data, tmp_path: Path) -> None:
+    path = tmp_path / "index.faiss"
+    index = VectorIndex(DIM, "Flat", device="cpu")
+    index.add(np.arange(50), data["base"][:50])
+    saved = index.save(path)
+    assert saved == index.checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert VectorIndex.load(path).checksum == saved
+    # Overwritten in the middle, size kept: it still loads, but not as the file saved.
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 16] = b"\x7f" * 16
+    path.write_bytes(bytes(raw))
+    assert VectorIndex.load(path).checksum != saved
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_scores_are_cosines_within_minus_one_and_one(
+    factory: str, data: Data, built: Built
+) -> None:
+    """A query longer than unit length (or rounding) never reports a cosine past 1."""
+    scores, ids = built[factory].search(3.0 * data["queries"][:5], K)
+    assert np.all(scores[ids >= 0] <= 1.0) and np.all(scores[ids >= 0] >= -1.0)
+    assert np.any(scores[:, 0] == 1.0)
 
 
 def test_load_refuses_missing_and_foreign_files(tmp_path: Path) -> None:
