@@ -412,8 +412,8 @@ def _os_error_message(error: OSError) -> str | None:
         )
     if error.errno in _NO_ACCESS:
         return (
-            f"no access to{where} ({reason}); a command that changes the index needs write "
-            "access to its folder: run it as a user who has that, or use another --index"
+            f"no access to{where} ({reason}); check its permissions (a command that changes "
+            "the index needs write access to its folder), or run as a user who has access"
         )
     return None
 

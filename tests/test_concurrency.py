@@ -113,8 +113,10 @@ def test_a_writer_waits_for_the_lock_or_fails_fast_with_no_wait(
     try:
         fast = start([*args, "--no-wait", "--quiet"], env, tmp_path / "fast")
         fast.communicate(timeout=300)
-        message = (tmp_path / "fast").read_text().strip()
-        assert fast.returncode == 2 and "\n" not in message, message
+        lines = (tmp_path / "fast").read_text().strip().splitlines()
+        # Only the random weights' own warning may come before the one error line.
+        [message] = [line for line in lines if not line.startswith("warning: using RANDOM")]
+        assert fast.returncode == 2, lines
         assert "another ghostmatch process is writing" in message and "--no-wait" in message
 
         patient = start(args, env, tmp_path / "patient")
@@ -158,7 +160,10 @@ def test_a_reader_without_write_access_repairs_the_index_in_memory(
         home.mkdir()
         os.chown(home, NOBODY, NOBODY)
         reader_env = {**env, "HOME": str(home), "GHOSTMATCH_CACHE": str(home / "cache")}
-        query = [*CLI, "query", str(photos / "rocket.jpg"), "--index", str(index), "--json"]
+        # The reader can see only the shared folder, so it asks with a copy placed there.
+        asked = shutil.copy(photos / "rocket.jpg", shared / "rocket.jpg")
+        os.chmod(asked, 0o644)
+        query = [*CLI, "query", str(asked), "--index", str(index), "--json"]
         prefix = [SETPRIV or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}"]
         probe = subprocess.run(
             [*prefix, "--clear-groups", sys.executable, "-c", "import ghostmatch.cli.app"],
@@ -176,8 +181,6 @@ def test_a_reader_without_write_access_repairs_the_index_in_memory(
             text=True,
             timeout=300,
         )
-        if "cannot open the catalog" in done.stderr:
-            pytest.skip(f"this build cannot open a catalog read-only: {done.stderr.strip()}")
         assert done.returncode == 0, done.stderr
         (result,) = json.loads(done.stdout)
         assert result["matches"] and all(-1 <= m["score"] <= 1 for m in result["matches"])
