@@ -3,6 +3,7 @@ duplicates."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -97,7 +98,11 @@ def serve(
             highlight=False,
         )
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        uvicorn.Server(config).run(sockets=[listener])
+        # uvicorn re-raises Ctrl-C once it has shut down cleanly: stopping a server this
+        # way is the normal end, not an interruption of work.
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run(sockets=[listener])
+        err.print("stopped")
     finally:
         listener.close()
 

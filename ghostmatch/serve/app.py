@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ghostmatch import __version__
@@ -25,11 +26,15 @@ from ghostmatch.errors import GhostmatchError
 from ghostmatch.serve.engine import QueryEngine, RequestRefused, ServeSettings
 
 API = "/api/v1"
+# Scope key the guard sets when a body goes over the upload limit while it is read.
+TOO_LARGE = "ghostmatch.too_large"
 TOKEN_COOKIE = "ghostmatch_token"
 # POST routes that change files or the index: token (when set), same origin, JSON body.
 _ACTIONS = frozenset(f"{API}/{name}" for name in ("index", "actions", "undo", "not-duplicate"))
 # Room for the multipart envelope around an upload of the largest allowed size.
 _FORM_OVERHEAD = 64 * 1024
+# How much of a refused body is read and dropped before answering.
+_DRAIN_BYTES = 64 * 1024 * 1024
 _PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -52,10 +57,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Guard:
@@ -97,30 +98,31 @@ class Guard:
             return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
+            await _drain(receive)
             await _error(413, self._too_large())(scope, receive, send)
             return
-        started = False
         seen = 0
 
         async def counted() -> Message:
+            # Past the limit the app sees the client go away (Starlette raises
+            # ClientDisconnect); the mark in the scope turns that into 413.
             nonlocal seen
+            if TOO_LARGE in scope:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise _TooLarge
+                    scope[TOO_LARGE] = self._too_large()
+                    return {"type": "http.disconnect"}
             return message
 
         async def sending(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start" and TOO_LARGE in scope:
+                await _drain(receive)
             await send(message)
 
-        try:
-            await self.app(scope, counted, sending)
-        except _TooLarge:
-            if not started:
-                await _error(413, self._too_large())(scope, receive, send)
+        await self.app(scope, counted, sending)
 
     def _too_large(self) -> str:
         return f"the upload is over the limit of {self.settings.max_upload_bytes / 1e6:g} MB"
@@ -159,6 +161,19 @@ class Guard:
             if headers.get("content-type", "").split(";")[0].strip() != "application/json":
                 return 415, "send a JSON body (Content-Type: application/json)", {}
         return None
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop what is left of a refused body (up to ``_DRAIN_BYTES``), so that a
+    client still sending it reads the answer instead of a reset connection."""
+    dropped = 0
+    while dropped < _DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _query(scope: Scope) -> dict[str, list[str]]:
@@ -209,17 +224,19 @@ class NotDuplicateRequest(BaseModel):
     b: int
 
 
-_UPLOAD_BODY = {
+_MULTIPART = "multipart/form-data"
+_FORM: dict[str, Any] = {
+    "schema": {
+        "type": "object",
+        "properties": {"image": {"type": "string", "format": "binary"}},
+        "required": ["image"],
+    }
+}
+_UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"image": {"type": "string", "format": "binary"}},
-                    "required": ["image"],
-                }
-            },
+            _MULTIPART: _FORM,
             "application/json": {"schema": PathQuery.model_json_schema()},
         },
     }
@@ -320,8 +337,7 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
     @app.post(
         f"{API}/duplicates-of",
         summary="Indexed duplicates of an upload (multipart field `image`): `dupes --of --json`",
-        openapi_extra={"requestBody": {"content": {"multipart/form-data": _UPLOAD_BODY[
-            "requestBody"]["content"]["multipart/form-data"]}}},
+        openapi_extra={"requestBody": {"required": True, "content": {_MULTIPART: _FORM}}},
     )
     async def duplicates_of(request: Request) -> dict[str, Any]:
         with engine.admitted():
@@ -392,9 +408,20 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def _over_limit(request: Request) -> None:
+    message = request.scope.get(TOO_LARGE)
+    if message is not None:
+        raise RequestRefused(413, message)
+
+
 async def _json(request: Request) -> Any:
     try:
-        return json.loads(await request.body())
+        body = await request.body()
+    except ClientDisconnect:
+        _over_limit(request)
+        raise
+    try:
+        return json.loads(body)
     except ValueError:
         raise RequestRefused(422, "the body is not valid JSON") from None
 
@@ -405,11 +432,10 @@ async def _upload(request: Request) -> tuple[bytes, str]:
         raise RequestRefused(415, "send the image as multipart/form-data in the field 'image'")
     try:
         form = await request.form(max_files=1, max_fields=10)
-    except GhostmatchError:
+    except ClientDisconnect:
+        _over_limit(request)
         raise
     except Exception as error:  # a malformed multipart body is the client's
-        if isinstance(error, _TooLarge):
-            raise
         raise RequestRefused(400, f"cannot read the form: {error}") from None
     try:
         image = form.get("image")

@@ -47,6 +47,12 @@ class MicroBatcher:
             self._cond.notify_all()
         return future
 
+    @property
+    def pending(self) -> int:
+        """Arrays submitted and not yet taken into a batch."""
+        with self._cond:
+            return len(self._items)
+
     def close(self) -> None:
         """Stop the worker once the submitted arrays are done."""
         with self._cond:
