@@ -44,6 +44,8 @@ async function call(method, path, body) {
 
 function megabytes(bytes) { return (bytes / 1e6).toFixed(2) + " MB"; }
 
+function count(n, one, many) { return `${n} ${n === 1 ? one : many}`; }
+
 function thumb(id) {
   return el("img", { src: `${API}/images/${id}/thumbnail?size=256`, alt: "", loading: "lazy" });
 }
@@ -114,8 +116,8 @@ function setUpSearch() {
 
 // ---------------------------------------------------------------- duplicates
 
-function memberCard(member, kept) {
-  const card = el("div", { className: "card" + (kept ? " kept" : "") + (member.exists ? "" : " missing") },
+function memberCard(member, kept, gone) {
+  const card = el("div", { className: "card" + (kept ? " kept" : "") + (gone ? " missing" : "") },
     el("div", { className: "label" }, kept ? "kept" : `${member.tier} ${member.score.toFixed(4)}`),
     thumb(member.id),
     el("div", { className: "path" }, member.path),
@@ -128,6 +130,8 @@ function groupView(group) {
   // The page may choose another kept file; the copies are then all the others.
   let keep = group.keep;
   let members = group.members.slice();
+  // Files not on disk now: trashed here, or moved away since the index was made.
+  const gone = new Set([group.keep, ...group.members].filter((m) => !m.exists).map((m) => m.id));
   const box = el("div", { className: "group" });
   const row = el("div", { className: "row" });
   const actions = el("div", { className: "actions" });
@@ -136,9 +140,11 @@ function groupView(group) {
   box.append(row, actions);
 
   function render() {
-    const cards = [memberCard(keep, true)];
+    const cards = [memberCard(keep, true, gone.has(keep.id))];
     for (const member of members) {
-      const card = memberCard(member, false);
+      const card = memberCard(member, false, gone.has(member.id));
+      cards.push(card);
+      if (gone.size) continue;  // no choices while copies are in the trash
       const instead = el("button", { type: "button", className: "keep-instead" }, "keep this one instead");
       instead.addEventListener("click", () => {
         members = members.filter((m) => m !== member).concat([keep]);
@@ -156,7 +162,6 @@ function groupView(group) {
         } catch (error) { say(error.message); }
       });
       card.append(el("div", {}, instead), el("div", {}, notDup));
-      cards.push(card);
     }
     row.replaceChildren(...cards);
   }
@@ -169,17 +174,23 @@ function groupView(group) {
       });
       const failed = report.failed.length ? `, ${report.failed.length} left (changed or missing)` : "";
       const undo = el("button", { type: "button", className: "undo" }, "undo");
-      actions.replaceChildren(
-        el("span", { className: "done" }, `trashed ${report.done.length} copies${failed}`), undo);
-      say(`trashed ${report.done.length} copies (${megabytes(report.bytes)})`, true);
+      const trashed = count(report.done.length, "copy", "copies");
+      actions.replaceChildren(el("span", { className: "done" }, `trashed ${trashed}${failed}`), undo);
+      say(`trashed ${trashed} (${megabytes(report.bytes)})`, true);
+      const bySource = new Map(members.map((m) => [m.path, m.id]));
+      for (const action of report.done) gone.add(bySource.get(action.source));
+      render();
       undo.addEventListener("click", async () => {
         undo.disabled = true;
         try {
           const back = await call("POST", "/undo", { journal: report.journal });
-          actions.replaceChildren(
-            el("span", { className: "done" }, `restored ${back.restored.length} files`), trash);
+          const restored = count(back.restored.length, "file", "files");
+          actions.replaceChildren(el("span", { className: "done" }, `restored ${restored}`), trash);
           trash.disabled = false;
-          say(`restored ${back.restored.length} files`, true);
+          const bySourcePath = new Map(members.map((m) => [m.path, m.id]));
+          for (const path of back.restored) gone.delete(bySourcePath.get(path));
+          render();
+          say(`restored ${restored}`, true);
         } catch (error) { undo.disabled = false; say(error.message); }
       });
     } catch (error) {
