@@ -651,3 +651,53 @@ def test_page_escapes_file_names(client: httpx.Client) -> None:
     script = client.get("/static/app.js").text
     assert "innerHTML" not in script and "textContent" in script
     assert XSS_NAME not in page.text
+
+
+# ---------------------------------------------------------------------- the batcher
+
+
+def test_a_lone_request_does_not_wait_for_a_batch() -> None:
+    from ghostmatch.serve.batching import MicroBatcher
+
+    # A wait of an hour: the answer can only come back if nobody expected makes it wait.
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda xs: [x * 2 for x in xs], 16, 3600.0)
+    try:
+        with batcher.expecting():
+            future = batcher.submit(21)
+        assert future.result(timeout=60) == 42
+        assert batcher.batch_sizes == [1]
+    finally:
+        batcher.close()
+
+
+def test_a_batch_waits_for_requests_still_preparing() -> None:
+    from ghostmatch.serve.batching import MicroBatcher
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda xs: [x + 1 for x in xs], 16, 3600.0)
+    try:
+        with batcher.expecting():  # a second request is still decoding its image
+            with batcher.expecting():
+                first = batcher.submit(1)
+            assert not first.done()
+            second = batcher.submit(2)
+        assert (first.result(timeout=60), second.result(timeout=60)) == (2, 3)
+        assert batcher.batch_sizes == [2]
+    finally:
+        batcher.close()
+
+
+def test_a_failed_batch_fails_its_requests_only() -> None:
+    from ghostmatch.serve.batching import MicroBatcher
+
+    def run(xs: list[int]) -> list[int]:
+        if 0 in xs:
+            raise ValueError("bad item")
+        return xs
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, 16, 0.0)
+    try:
+        with pytest.raises(ValueError, match="bad item"):
+            batcher.submit(0).result(timeout=60)
+        assert batcher.submit(5).result(timeout=60) == 5
+    finally:
+        batcher.close()

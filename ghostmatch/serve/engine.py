@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +111,24 @@ class Job:
 
 
 @dataclass(frozen=True)
+class _Upload:
+    """One upload for the batcher: its prepared pixels and how many neighbours to find in
+    the FAISS index (0: none, the caller searches a folder itself)."""
+
+    pixels: np.ndarray
+    k: int
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An upload's descriptor and its neighbours (id, cosine), best first, in ``lib``."""
+
+    vector: np.ndarray
+    lib: Library
+    pairs: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
 class _Listing:
     """Duplicate groups found once for one catalog generation and settings."""
 
@@ -146,8 +164,8 @@ class QueryEngine:
         # Called on the batcher's thread before each model call with the batch size: a
         # deterministic hook for tests (hold the model to fill the queue).
         self.before_embed: Callable[[int], None] | None = None
-        self.batcher = MicroBatcher(
-            self._embed, settings.max_batch, settings.batch_wait_ms / 1000.0
+        self.batcher: MicroBatcher[_Upload, _Found] = MicroBatcher(
+            self._run_batch, settings.max_batch, settings.batch_wait_ms / 1000.0
         )
         self._slots = threading.BoundedSemaphore(settings.queue)
         self._busy = 0
@@ -223,11 +241,30 @@ class QueryEngine:
         """Heavy requests being answered now."""
         return self._busy
 
-    def _embed(self, arrays: Any) -> np.ndarray:
+    def _run_batch(self, items: Sequence[_Upload]) -> list[_Found]:
+        """Descriptors of a batch of uploads in one model call, and their neighbours in one
+        FAISS search (which reads the stored vectors once for the whole batch)."""
         hook = self.before_embed
         if hook is not None:
-            hook(len(arrays))
-        return self.embedder.embed_arrays(arrays)
+            hook(len(items))
+        vectors = self.embedder.embed_arrays([item.pixels for item in items])
+        lib = self.library()
+        index = lib.vector_index
+        want = max(item.k for item in items)
+        if index is None or want == 0:
+            return [_Found(v, lib, []) for v in vectors]
+        # FAISS sets aside room for k results per query: no more than it holds.
+        top, ids = index.search(vectors, min(want, index.ntotal))
+        return [
+            _Found(
+                vector,
+                lib,
+                [(int(i), float(s)) for i, s in zip(ids[n], top[n], strict=True) if i >= 0][
+                    : item.k
+                ],
+            )
+            for n, (item, vector) in enumerate(zip(items, vectors, strict=True))
+        ]
 
     # ------------------------------------------------------------------ summary
 
@@ -252,10 +289,13 @@ class QueryEngine:
         its descriptor computed in a shared batch."""
         lib = self.library()
         folder = self._under(lib, under)
-        with self._upload_file(data) as file:
-            pixels = prepare(self._decode(file, self.card.input_size).image, self.card)
-        vector = self.batcher.submit(pixels).result()
-        matches = self._search(lib, vector, k, min_score, folder)
+        with self.batcher.expecting():
+            with self._upload_file(data) as file:
+                pixels = prepare(self._decode(file, self.card.input_size).image, self.card)
+            # A query limited to a folder scans that folder's vectors itself.
+            future = self.batcher.submit(_Upload(pixels, 0 if folder else k))
+        found = future.result()
+        matches = self._matches(found, k, min_score, folder)
         return {"query": name, "matches": [_match(m) for m in matches]}
 
     def query_path(
@@ -280,30 +320,17 @@ class QueryEngine:
             "duplicates": [{**m.to_dict(), "id": ids.get(m.path)} for m in found],
         }
 
-    def _search(
-        self,
-        lib: Library,
-        vector: np.ndarray,
-        k: int,
-        min_score: float | None,
-        under: Path | None,
+    def _matches(
+        self, found: _Found, k: int, min_score: float | None, under: Path | None
     ) -> list[Match]:
-        """``Library.query`` for a descriptor already computed (an upload is never an
+        """``Library.query``'s answer for an upload's descriptor (an upload is never an
         indexed file, so nothing is left out)."""
-        k = min(k, lib.catalog.count())
-        if k < 1:
-            return []
+        lib, vector, pairs = found.lib, found.vector, found.pairs
         if under is not None:
-            found, vectors = lib.catalog.vectors([i for i, _ in lib.catalog.paths_under(under)])
-            scores = vectors @ vector if len(found) else np.zeros(0, np.float32)
+            ids, vectors = lib.catalog.vectors([i for i, _ in lib.catalog.paths_under(under)])
+            scores = vectors @ vector if len(ids) else np.zeros(0, np.float32)
             order = np.argsort(-scores, kind="stable")[:k]
-            pairs = [(int(found[i]), float(scores[i])) for i in order]
-        else:
-            index = lib.vector_index
-            if index is None:
-                return []
-            top, ids = index.search(vector[None, :], k)
-            pairs = [(int(i), float(s)) for i, s in zip(ids[0], top[0], strict=True) if i >= 0]
+            pairs = [(int(ids[i]), float(scores[i])) for i in order]
         if min_score is not None:
             pairs = [(i, s) for i, s in pairs if s >= min_score]
         records = {r.id: r for r in lib.catalog.get([i for i, _ in pairs])}
