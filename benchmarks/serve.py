@@ -190,8 +190,7 @@ def measure(
                 single[n]["queries_per_s"],
                 target=f">= {TARGET_BATCHING_GAIN}x" if n == 16 else "",
                 met=(
-                    batched[n]["queries_per_s"]
-                    >= TARGET_BATCHING_GAIN * single[n]["queries_per_s"]
+                    batched[n]["queries_per_s"] >= TARGET_BATCHING_GAIN * single[n]["queries_per_s"]
                     if n == 16
                     else None
                 ),
