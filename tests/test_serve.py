@@ -701,3 +701,37 @@ def test_a_failed_batch_fails_its_requests_only() -> None:
         assert batcher.submit(5).result(timeout=60) == 5
     finally:
         batcher.close()
+
+
+# ---------------------------------------------------------------------- more routes
+
+
+def test_duplicates_take_a_threshold_and_the_geometric_check(client: httpx.Client) -> None:
+    default = client.get("/api/v1/duplicates").json()
+    strict = client.get("/api/v1/duplicates", params={"similar": 0.99, "verify": False}).json()
+    assert strict["threshold"] == 0.99 and default["threshold"] != 0.99
+    # Exact copies are grouped whatever the threshold.
+    assert strict["total"] == default["total"] == 2
+    for bad in ({"similar": 5}, {"limit": 0}, {"offset": -1}, {"limit": 100_000}):
+        assert client.get("/api/v1/duplicates", params=bad).status_code == 422
+
+
+def test_move_the_copies_into_the_servers_folder_then_undo(fresh: Indexed) -> None:
+    f = fresh.files
+    dupes = fresh.root / "dupes"
+    with serving(fresh.index, move_to=dupes) as running, running.client() as c:
+        group = groups_by_keep(c)[str(f["astronaut"])]
+        choice = {"keep": group["keep"]["id"], "copies": [m["id"] for m in group["members"]]}
+        done = c.post("/api/v1/actions", json={"op": "move", "groups": [choice]}).json()
+        moved = [Path(a["target"]) for a in done["done"]]
+        assert len(moved) == 1 and moved[0].is_relative_to(dupes) and moved[0].is_file()
+        assert not f["astronaut-copy"].exists()
+        c.post("/api/v1/undo", json={"journal": done["journal"]})
+        assert f["astronaut-copy"].exists() and not moved[0].exists()
+
+
+def test_a_taken_port_is_a_one_line_error(env: Path, indexed: Indexed, server: Server) -> None:
+    result = run_cli(env, "serve", "--index", indexed.index, "--port", server.port)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "--port" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
