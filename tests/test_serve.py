@@ -735,3 +735,11 @@ def test_a_taken_port_is_a_one_line_error(env: Path, indexed: Indexed, server: S
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "--port" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_docs_page_uses_no_other_site(client: httpx.Client) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower()
+    for asset in ("/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"):
+        assert client.get(asset).status_code == 200

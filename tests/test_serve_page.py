@@ -147,3 +147,17 @@ def test_search_review_trash_and_undo_in_a_browser(
     assert no_alert(browser)
     browser.save_screenshot(str(shots / "5-undone.png"))
     print(f"screenshots: {shots}")
+
+
+def test_the_api_docs_render_without_a_network(
+    browser: Any, server: Server, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/docs")
+    wait_for(
+        browser,
+        lambda d: any("/api/v1/query" in t for t in texts(d, ".opblock-summary-path")),
+    )
+    assert "ghostmatch" in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+    browser.save_screenshot(str(tmp_path / "docs.png"))

@@ -10,11 +10,14 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
@@ -265,6 +268,10 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
         description="Top-k image matches and duplicate review over an index.",
         default_response_class=AsciiJSONResponse,
         lifespan=lifespan,
+        # /docs is served below from a local copy of Swagger UI: the default one loads it
+        # from a CDN, which a machine without internet access cannot reach.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.engine = engine
 
@@ -301,6 +308,34 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
     @app.get("/static/style.css", include_in_schema=False)
     def style() -> Response:
         return page_file("style.css", "text/css; charset=utf-8")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="ghostmatch API",
+            swagger_js_url="/docs/swagger-ui-bundle.js",
+            swagger_css_url="/docs/swagger-ui.css",
+            swagger_favicon_url="/docs/favicon-32x32.png",
+        )
+
+    def swagger_file(name: str, media: str) -> Response:
+        import swagger_ui_bundle
+
+        data = (Path(swagger_ui_bundle.swagger_ui_path) / name).read_bytes()
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/docs/swagger-ui-bundle.js", include_in_schema=False)
+    def swagger_script() -> Response:
+        return swagger_file("swagger-ui-bundle.js", "text/javascript; charset=utf-8")
+
+    @app.get("/docs/swagger-ui.css", include_in_schema=False)
+    def swagger_style() -> Response:
+        return swagger_file("swagger-ui.css", "text/css; charset=utf-8")
+
+    @app.get("/docs/favicon-32x32.png", include_in_schema=False)
+    def swagger_icon() -> Response:
+        return swagger_file("favicon-32x32.png", "image/png")
 
     # ------------------------------------------------------------------ API
 
@@ -358,7 +393,7 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
 
     @app.get(f"{API}/images/{{image_id}}/thumbnail", summary="A JPEG thumbnail by catalog id")
     def thumbnail(
-        image_id: Annotated[int, Path(ge=1)],
+        image_id: Annotated[int, PathParam(ge=1)],
         size: Annotated[int, Query()] = 256,
     ) -> Response:
         return Response(
@@ -368,7 +403,7 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
         )
 
     @app.get(f"{API}/images/{{image_id}}/file", summary="The indexed file by catalog id")
-    def file(image_id: Annotated[int, Path(ge=1)]) -> Response:
+    def file(image_id: Annotated[int, PathParam(ge=1)]) -> Response:
         fd, media, name = engine.open_file(image_id)
         return StreamingResponse(
             _chunks(fd),
@@ -385,7 +420,7 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
         return engine.start_index().to_dict()
 
     @app.get(f"{API}/jobs/{{job_id}}", summary="Progress of an index run")
-    def job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+    def job(job_id: Annotated[str, PathParam(max_length=64)]) -> dict[str, Any]:
         return engine.job(job_id).to_dict()
 
     @app.post(f"{API}/actions", summary="Move or trash the copies of chosen groups (journaled)")
