@@ -126,6 +126,7 @@ class _Found:
     vector: np.ndarray
     lib: Library
     pairs: list[tuple[int, float]]
+    records: dict[int, ImageRecord]
 
 
 @dataclass(frozen=True)
@@ -252,18 +253,18 @@ class QueryEngine:
         index = lib.vector_index
         want = max(item.k for item in items)
         if index is None or want == 0:
-            return [_Found(v, lib, []) for v in vectors]
+            return [_Found(v, lib, [], {}) for v in vectors]
         # FAISS sets aside room for k results per query: no more than it holds.
         top, ids = index.search(vectors, min(want, index.ntotal))
+        hits = [
+            [(int(i), float(t)) for i, t in zip(ids[n], top[n], strict=True) if i >= 0][: item.k]
+            for n, item in enumerate(items)
+        ]
+        # The records of the whole batch in one catalog read.
+        records = {r.id: r for r in lib.catalog.get(sorted({i for h in hits for i, _ in h}))}
         return [
-            _Found(
-                vector,
-                lib,
-                [(int(i), float(s)) for i, s in zip(ids[n], top[n], strict=True) if i >= 0][
-                    : item.k
-                ],
-            )
-            for n, (item, vector) in enumerate(zip(items, vectors, strict=True))
+            _Found(vector, lib, pairs, {i: records[i] for i, _ in pairs if i in records})
+            for vector, pairs in zip(vectors, hits, strict=True)
         ]
 
     # ------------------------------------------------------------------ summary
@@ -325,15 +326,15 @@ class QueryEngine:
     ) -> list[Match]:
         """``Library.query``'s answer for an upload's descriptor (an upload is never an
         indexed file, so nothing is left out)."""
-        lib, vector, pairs = found.lib, found.vector, found.pairs
+        lib, vector, pairs, records = found.lib, found.vector, found.pairs, found.records
         if under is not None:
             ids, vectors = lib.catalog.vectors([i for i, _ in lib.catalog.paths_under(under)])
             scores = vectors @ vector if len(ids) else np.zeros(0, np.float32)
             order = np.argsort(-scores, kind="stable")[:k]
             pairs = [(int(ids[i]), float(scores[i])) for i in order]
+            records = {r.id: r for r in lib.catalog.get([i for i, _ in pairs])}
         if min_score is not None:
             pairs = [(i, s) for i, s in pairs if s >= min_score]
-        records = {r.id: r for r in lib.catalog.get([i for i, _ in pairs])}
         kept = [(i, s) for i, s in pairs if i in records]
         return [
             Match(rank, r.path, s, r.width, r.height, r.size, i)
