@@ -142,7 +142,7 @@ class Server:
             time.sleep(0.05)
 
     def client(self, **options: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, **options)
+        return httpx.Client(base_url=self.url, **{"timeout": 120, **options})
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -532,6 +532,28 @@ def test_an_index_job_runs_while_queries_are_answered(env: Path, fresh: Indexed)
         assert c.get("/api/v1/jobs/nope").status_code == 404
 
 
+def test_queries_are_answered_while_another_process_holds_the_write_lock(
+    server: Server, indexed: Indexed
+) -> None:
+    import sqlite3
+
+    # Another writer (an index run committing) holds the catalog's write lock and has
+    # changed rows it has not committed: readers see the last commit and do not wait.
+    writer = sqlite3.connect(indexed.index / "catalog.db", isolation_level=None, timeout=0)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE images SET width = width + 1")
+        with server.client(timeout=20) as c:
+            health = c.get("/api/v1/health")
+            answer = c.post("/api/v1/query", files=upload(indexed.files["rocket"]))
+            by_path = c.post("/api/v1/query", json={"path": str(indexed.files["rocket"])})
+        assert health.status_code == answer.status_code == by_path.status_code == 200
+        assert answer.json()["matches"][0]["width"] == 640  # the committed value
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 def test_an_index_changed_by_another_process_is_picked_up(env: Path, fresh: Indexed) -> None:
     new = fresh.gallery / "hubble.jpg"
     with serving(fresh.index) as running, running.client() as c:
