@@ -765,3 +765,25 @@ def test_the_docs_page_uses_no_other_site(client: httpx.Client) -> None:
     assert "cdn" not in page.text.lower()
     for asset in ("/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"):
         assert client.get(asset).status_code == 200
+
+
+def test_a_file_name_that_is_not_utf8_round_trips(env: Path, fresh: Indexed) -> None:
+    import ghostmatch
+
+    name = os.fsdecode(b"caf\xe9.jpg")
+    odd = fresh.gallery / name
+    odd.write_bytes(fresh.files["chelsea"].read_bytes())
+    with ghostmatch.open(fresh.index) as lib:
+        lib.index([fresh.gallery])
+    with serving(fresh.index) as running, running.client() as c:
+        response = c.post("/api/v1/query", json={"path": str(fresh.files["chelsea"])})
+        assert response.status_code == 200, response.text
+        assert b"caf\\udce9.jpg" in response.content  # as --json writes it
+        first = response.json()["matches"][0]
+        assert os.fsencode(first["path"]) == os.fsencode(odd)
+        # The path comes back as a query that names the file exactly (sent with the same
+        # \udcNN escape: a strict UTF-8 encoder cannot write it raw).
+        body = json.dumps({"path": first["path"]})
+        again = c.post("/api/v1/query", content=body, headers={"Content-Type": "application/json"})
+        assert again.status_code == 200 and again.json()["query"] == first["path"]
+        assert c.get(f"/api/v1/images/{first['id']}/file").content == odd.read_bytes()
