@@ -5,6 +5,7 @@ text. A screenshot of each step is saved in the test's tmp folder."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,21 @@ pytestmark = [
     ),
     pytest.mark.usefixtures("shared_model_cache"),
 ]
+
+# Hands the page a JPEG (base64) as a file dropped on the drop zone or pasted.
+DROP_OR_PASTE = """
+const [data, kind, name] = arguments;
+const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+const options = { bubbles: true, cancelable: true };
+if (kind === "drop") {
+  document.getElementById("drop").dispatchEvent(
+    new DragEvent("drop", { ...options, dataTransfer: transfer }));
+} else {
+  document.dispatchEvent(new ClipboardEvent("paste", { ...options, clipboardData: transfer }));
+}
+"""
 
 FLAGS = [
     "--headless",
@@ -120,6 +136,13 @@ def test_search_review_trash_and_undo_in_a_browser(
     assert browser.find_elements(By.CSS_SELECTOR, "img[src='x']") == []
     assert no_alert(browser)
     browser.save_screenshot(str(shots / "2-search-by-result.png"))
+
+    # Drop a photo, then paste one (the page gets a File either way).
+    chelsea = base64.b64encode(jpeg("chelsea", (300, 200), quality=85)).decode()
+    for event, name in (("drop", "dropped.jpg"), ("paste", "pasted.jpg")):
+        browser.execute_script(DROP_OR_PASTE, chelsea, event, name)
+        wait_for(browser, lambda d, n=name: d.find_element(By.ID, "query-name").text == n)
+        wait_for(browser, lambda d: texts(d, "#results .card .path")[:1] == [str(f["chelsea"])])
 
     # The duplicates view: the kept astronaut beside its copy; trash the copy, then undo.
     browser.find_element(By.ID, "tab-dupes").click()
