@@ -168,6 +168,22 @@ def test_search_review_trash_and_undo_in_a_browser(
     assert f["astronaut-copy"].exists()
     assert group.find_elements(By.CSS_SELECTOR, ".card.missing") == []
     assert no_alert(browser)
+
+    # The coffee group: keep the copy instead, then say the two are not duplicates.
+    coffee = next(
+        g
+        for g in browser.find_elements(By.CSS_SELECTOR, ".group")
+        if g.find_element(By.CSS_SELECTOR, ".card.kept .path").text == str(f["coffee"])
+    )
+    coffee.find_element(By.CLASS_NAME, "keep-instead").click()
+    kept = coffee.find_element(By.CSS_SELECTOR, ".card.kept .path").text
+    assert kept == str(f["coffee-copy"])
+    coffee.find_element(By.CLASS_NAME, "not-dup").click()
+    wait_for(browser, lambda d: "not a duplicate" in d.find_element(By.ID, "status").text)
+    assert coffee.find_elements(By.CSS_SELECTOR, ".card:not(.kept)") == []
+    with server.client() as c:
+        keeps = {g["keep"]["path"] for g in c.get("/api/v1/duplicates").json()["groups"]}
+    assert keeps == {str(f["astronaut"])}  # stored: the pair is no longer grouped
     browser.save_screenshot(str(shots / "5-undone.png"))
     print(f"screenshots: {shots}")
 
