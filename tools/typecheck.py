@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAPPING = {"ghostmatch": "ghostmatch", "ghostmatch/indexes": "indexes", "ghostmatch/cli": "cli"}
+MAPPING = {
+    "ghostmatch": "ghostmatch",
+    "ghostmatch/indexes": "indexes",
+    "ghostmatch/cli": "cli",
+    "ghostmatch/serve": "ghostmatch/serve",
+}
 
 
 def main() -> int:
