@@ -295,8 +295,8 @@ def make_copies_cmd(
     limit: Annotated[int | None, typer.Option("--limit", help="Use at most N photos.")] = None,
 ) -> None:
     """Make a near-duplicate test set (originals, transformed copies, truth.json)."""
-    from ghostmatch.copies import make_copies
-    from ghostmatch.scan import scan
+    from ghostmatch.eval.copies import make_copies
+    from ghostmatch.ingest.scan import scan
 
     sources = sorted(entry.path for entry in scan([source]))
     if limit is not None:
@@ -353,8 +353,8 @@ def train(
     """Train a descriptor (self-supervised copy detection, or supervised classes)."""
     import torch
 
-    from ghostmatch.train import TrainConfig
-    from ghostmatch.train import train as run_training
+    from ghostmatch.train.training import TrainConfig
+    from ghostmatch.train.training import train as run_training
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -438,7 +438,7 @@ def main() -> None:
         err.print(f"error: {message}", markup=False, highlight=False)
         sys.exit(GhostmatchError.exit_code)
     except Exception as error:
-        from ghostmatch.catalog import user_error
+        from ghostmatch.store.catalog import user_error
 
         # The catalog turns database failures into GhostmatchError; this catches any other.
         database = user_error(error)

@@ -108,7 +108,7 @@ def dupes(
     finally:
         lib.close()
     if html is not None:
-        from ghostmatch.html_report import write_html
+        from ghostmatch.dupes.report import write_html
 
         write_html(groups, html)
         err.print(f"wrote {path_text(html)}", markup=False)
@@ -190,7 +190,7 @@ def _act(
     journal: Path | None,
     say: Console = out,
 ) -> None:
-    from ghostmatch.actions import apply_actions, plan_actions
+    from ghostmatch.dupes.actions import apply_actions, plan_actions
 
     actions, skipped = plan_actions(groups, op, move_to=move_to, protect=protect)
     for path, reason in skipped:
@@ -227,7 +227,7 @@ def undo(
 ) -> None:
     """Put back every file that a dupes --apply run moved or deleted."""
     import ghostmatch
-    from ghostmatch.actions import undo as undo_journal
+    from ghostmatch.dupes.actions import undo as undo_journal
 
     # The indexed folders come from the catalog, never from the journal: a journal is data.
     lib = ghostmatch.open(index, create=False)

@@ -1,6 +1,6 @@
 """``ghostmatch eval retrieval|dupes`` and ``ghostmatch calibrate``: parse, wire, print.
 
-The measuring lives in ``ghostmatch.evaluation``. This module does not import ``app`` (which
+The measuring lives in ``ghostmatch.eval.evaluation``. This module does not import ``app`` (which
 imports it to register the commands), so it keeps its own consoles and option types.
 """
 
@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scan import display_path
+from ghostmatch.ingest.scan import display_path
 
 if TYPE_CHECKING:
     from ghostmatch.library import Library
@@ -71,7 +71,7 @@ def retrieval(
     as_json: JsonOpt = False,
 ) -> None:
     """Query each labelled photo against the others: mAP, recall@1/5/10, k-NN top-1."""
-    from ghostmatch.evaluation import evaluate_retrieval, labels_from_folders, read_labels_csv
+    from ghostmatch.eval.evaluation import evaluate_retrieval, labels_from_folders, read_labels_csv
 
     _check_folder(folder)
     truth = read_labels_csv(labels) if labels is not None else labels_from_folders(folder)
@@ -152,7 +152,7 @@ def dupes(
     Measures descriptor scores: stage 1 of `ghostmatch dupes`, before verification;
     --finder also measures the groups `ghostmatch dupes` reports.
     """
-    from ghostmatch.evaluation import (
+    from ghostmatch.eval.evaluation import (
         dupe_threshold,
         evaluate_duplicates,
         evaluate_groups,
@@ -238,7 +238,12 @@ def calibrate_cmd(
 ) -> None:
     """Pick the duplicate threshold from labelled pairs and store it in the index."""
     import ghostmatch
-    from ghostmatch.evaluation import CONFIDENCE, calibrate, precision_lower_bound, read_pairs_csv
+    from ghostmatch.eval.evaluation import (
+        CONFIDENCE,
+        calibrate,
+        precision_lower_bound,
+        read_pairs_csv,
+    )
 
     if not 0.0 < precision <= 1.0:
         raise GhostmatchError(f"--precision must be in (0, 1], got {precision}")
@@ -316,7 +321,7 @@ def _check_folder(folder: Path) -> None:
 
 
 def _plot(curve: Any, path: Path, title: str) -> None:
-    from ghostmatch.metrics import plot_pr
+    from ghostmatch.eval.metrics import plot_pr
 
     try:
         plot_pr({"all pairs": curve}, path, title=title)

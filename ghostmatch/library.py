@@ -22,17 +22,7 @@ from PIL import Image, ImageOps
 from platformdirs import user_data_dir
 from sqlalchemy.exc import IntegrityError
 
-from ghostmatch.catalog import (
-    CATALOG_FILE,
-    Catalog,
-    CatalogTransaction,
-    FailureRecord,
-    ImageRecord,
-    NewFailure,
-    NewImage,
-)
-from ghostmatch.download import sha256_of
-from ghostmatch.dupes import (
+from ghostmatch.dupes.groups import (
     DEFAULT_MIN_INLIERS,
     THRESHOLD_META,
     DuplicateGroup,
@@ -42,17 +32,27 @@ from ghostmatch.dupes import (
     threshold_of,
     tier_of,
 )
-from ghostmatch.embedder import Embedder, prepare, to_batch
+from ghostmatch.dupes.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.images import ImageRejected, image_from_array, load_image, to_rgb
 from ghostmatch.indexes.allpairs import pair_scores, similar_pairs
 from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
-from ghostmatch.locking import WriterLock
-from ghostmatch.modelcard import ModelCard
+from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
+from ghostmatch.ingest.scan import FileEntry, content_hash, scan
+from ghostmatch.model.card import ModelCard
+from ghostmatch.model.download import sha256_of
+from ghostmatch.model.embedder import Embedder, prepare, to_batch
+from ghostmatch.model.weights import load_descriptor
 from ghostmatch.pathtext import path_text
-from ghostmatch.scan import FileEntry, content_hash, scan
-from ghostmatch.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
-from ghostmatch.weights import load_descriptor
+from ghostmatch.store.catalog import (
+    CATALOG_FILE,
+    Catalog,
+    CatalogTransaction,
+    FailureRecord,
+    ImageRecord,
+    NewFailure,
+    NewImage,
+)
+from ghostmatch.store.locking import WriterLock
 
 INDEX_FILE = "vectors.faiss"
 
@@ -85,7 +85,7 @@ CARD_META = "model_card"
 WEIGHTS_META = "weights_spec"
 INDEX_TYPE_META = "index_type"
 GENERATION_META = "generation"
-# Weights named rather than given as a file (ghostmatch.weights.load_descriptor).
+# Weights named rather than given as a file (ghostmatch.model.weights.load_descriptor).
 NAMED_WEIGHTS = ("imagenet", "bundled", "random")
 
 ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
@@ -900,7 +900,7 @@ class Library:
     @property
     def normalised_scores(self) -> bool:
         """Whether duplicate scores are background-normalised (the model file carries a
-        score background, ``ghostmatch.scorenorm``) rather than plain cosines."""
+        score background, ``ghostmatch.model.scorenorm``) rather than plain cosines."""
         return self.card is not None and self.card.normalised_scores
 
     def score_offsets(self, vectors: np.ndarray) -> np.ndarray | None:
@@ -930,7 +930,7 @@ class Library:
         scoring at least ``threshold`` is a duplicate on its descriptors alone. Stage 2
         (``verify``): a pair scoring between the verify threshold and ``threshold`` is a
         duplicate when its local features agree on one geometric transform on at least
-        ``min_inliers`` points (see ``ghostmatch.verify``); the transform also sets the
+        ``min_inliers`` points (see ``ghostmatch.dupes.verify``); the transform also sets the
         tier. Pairs marked ``--not-dup`` are ignored; grouping never chains.
         """
         normalised = self.normalised_scores
@@ -1024,7 +1024,7 @@ class Library:
         records: dict[int, ImageRecord],
         enough: int | None = None,
     ) -> dict[tuple[int, int], Verification]:
-        """Local-feature verification of each pair (``ghostmatch.verify.verify_scales``).
+        """Local-feature verification of each pair (``ghostmatch.dupes.verify.verify_scales``).
         A pair whose equal-scale check already has ``enough`` inliers skips the zoomed checks.
 
         Memory stays bounded however many pairs there are: at most ``MAP_CACHE_IMAGES``

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ghostmatch import actions
-from ghostmatch.actions import (
+from ghostmatch.dupes import actions
+from ghostmatch.dupes.actions import (
     KEPT_ELSEWHERE,
     PROTECTED,
     Action,
@@ -26,9 +26,9 @@ from ghostmatch.actions import (
     trash_folder,
     undo,
 )
-from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scan import content_hash
+from ghostmatch.ingest.scan import content_hash
 
 
 @pytest.fixture(scope="module")

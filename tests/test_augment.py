@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ghostmatch.augment import CopyAugment, random_resized_crop
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.transforms import rotate
+from ghostmatch.train.augment import CopyAugment, random_resized_crop
+from ghostmatch.train.transforms import rotate
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -15,9 +15,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
-import ghostmatch.catalog as catalog_module
-from ghostmatch.catalog import Catalog, NewFailure, NewImage
+import ghostmatch.store.catalog as catalog_module
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.store.catalog import Catalog, NewFailure, NewImage
 
 DIM = 8
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from corpus import UNREADABLE_NAME, make_bad_files
-from ghostmatch.indexes.vector_index import VectorIndex
 from PIL import Image, ImageOps
 
 import ghostmatch
-from ghostmatch.catalog import NewImage
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.indexes.vector_index import VectorIndex
 from ghostmatch.library import CARD_META, INDEX_FILE, WEIGHTS_META, IndexReport, Library
-from ghostmatch.locking import WriterLock
+from ghostmatch.store.catalog import NewImage
+from ghostmatch.store.locking import WriterLock
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:using RANDOM weights"),

@@ -1,4 +1,4 @@
-"""Contracts of ghostmatch.scan: which files a walk yields, in which order, and what it
+"""Contracts of ghostmatch.ingest.scan: which files a walk yields, in which order, and what it
 reports instead of crashing."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ghostmatch.images import REASONS
-from ghostmatch.scan import FileEntry, content_hash, display_path, scan
+from ghostmatch.ingest.images import REASONS
+from ghostmatch.ingest.scan import FileEntry, content_hash, display_path, scan
 
 
 def _image_bytes(fmt: str) -> bytes:

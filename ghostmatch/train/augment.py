@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.transforms import (
+from ghostmatch.train.transforms import (
     add_border,
     blur,
     change_aspect,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ghostmatch.images import SNIFF_BYTES, describe_os_error, sniff_image
+from ghostmatch.ingest.images import SNIFF_BYTES, describe_os_error, sniff_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -17,7 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #             (the ImageNet evaluation protocol, best for recognition with ImageNet weights).
 RESIZE_RULES = ("squash", "center-crop")
 POOLINGS = ("gem", "avg", "head")
-# The card extras of a model file that carries a score background (ghostmatch.scorenorm
+# The card extras of a model file that carries a score background (ghostmatch.model.scorenorm
 # reads them; they live here so that this light module can tell without importing faiss).
 SCORE_NORM_RANK_KEY = "score_norm_rank"
 SCORE_NORM_BETA_KEY = "score_norm_beta"
@@ -85,7 +85,7 @@ class ModelCard:
 
     @property
     def normalised_scores(self) -> bool:
-        """Whether the model file carries a score background (``ghostmatch.scorenorm``), so
+        """Whether the model file carries a score background (``ghostmatch.model.scorenorm``), so
         that duplicate scores are background-normalised rather than plain cosines."""
         return SCORE_NORM_RANK_KEY in self.extra
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ghostmatch.dupes.verify import Verification
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.verify import Verification
 
 TIERS = ("exact", "near", "edited")
 
@@ -67,7 +67,7 @@ DEFAULT_MIN_INLIERS = 36
 # Stage 2 looks at pairs from this cosine up to the threshold.
 DEFAULT_VERIFY_THRESHOLD = 0.75
 # The same two lines for a model whose file carries a score background
-# (ghostmatch.scorenorm): its duplicate scores are cosines less two background offsets.
+# (ghostmatch.model.scorenorm): its duplicate scores are cosines less two background offsets.
 # The bundled model's measured rule (README, duplicate thresholds).
 DEFAULT_NORMALISED_THRESHOLD = 0.357
 DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.264
@@ -172,7 +172,7 @@ def tier_of(
     ``edited`` (crops, borders, flips, turns). Without one, a guess from the score:
     ``near`` when it lies in the top ``NEAR_BAND`` of the band from the threshold up to
     ``ceiling``, the score the pair would get were the copy identical (1 for plain
-    cosines; 1 less both offsets for normalised scores, ``ghostmatch.scorenorm``)."""
+    cosines; 1 less both offsets for normalised scores, ``ghostmatch.model.scorenorm``)."""
     if kept is not None and kept.content_hash == other.content_hash:
         return "exact"
     if check is not None:

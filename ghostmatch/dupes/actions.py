@@ -37,9 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ghostmatch.dupes import DuplicateGroup
+from ghostmatch.dupes.groups import DuplicateGroup
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scan import content_hash
+from ghostmatch.ingest.scan import content_hash
 
 OPS = ("move", "delete")
 TRASH_SUFFIX = ".trash"
