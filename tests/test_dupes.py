@@ -109,7 +109,7 @@ def test_closed_form_geometry_matches_numpy() -> None:
 
 
 def test_locality_order_keeps_every_pair_once() -> None:
-    from ghostmatch.library import _locality_order
+    from ghostmatch.dupes.finder import _locality_order
 
     rng = np.random.default_rng(2)
     pairs = [(int(a), int(b)) for a, b in rng.integers(0, 300, (2000, 2)) if a != b]
@@ -124,7 +124,7 @@ def test_locality_order_keeps_every_pair_once() -> None:
 def test_verification_is_the_same_with_a_small_map_cache(
     dupe_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ghostmatch.library as library
+    import ghostmatch.dupes.finder as finder
 
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([dupe_folder])
@@ -132,8 +132,8 @@ def test_verification_is_the_same_with_a_small_map_cache(
         records = {r.id: r for r in lib.catalog.get(ids.tolist())}
         pairs = [(int(a), int(b)) for a in ids for b in ids if a < b]
         roomy = lib.verify_pairs(pairs, records)
-        monkeypatch.setattr(library, "MAP_CACHE_IMAGES", 4)
-        monkeypatch.setattr(library, "MAP_BATCH", 2)
+        monkeypatch.setattr(finder, "MAP_CACHE_IMAGES", 4)
+        monkeypatch.setattr(finder, "MAP_BATCH", 2)
         tight = lib.verify_pairs(pairs, records)
     assert set(roomy) == set(pairs) == set(tight)
     for pair in pairs:

@@ -680,7 +680,7 @@ def test_checkpoints_write_the_catalog_and_the_index_file_once_per_run(
                 return _original(self, *args)
 
             monkeypatch.setattr(VectorIndex, name, counted)
-        monkeypatch.setattr("ghostmatch.library.CHECKPOINT_IMAGES", 4)
+        monkeypatch.setattr("ghostmatch.ingest.indexer.CHECKPOINT_IMAGES", 4)
         report = lib.index([tmp_path / "many"], batch_size=4)
         assert report.updated == 16
         assert calls == Counter(remove=1, save=1)
@@ -693,8 +693,8 @@ def test_work_is_committed_every_few_seconds_as_well(
     """However few images a checkpoint's count would take, seconds of work are committed:
     with the time limit at 0 each finished image is in the catalog before the next."""
     small_jpegs(tmp_path / "many", 12)
-    monkeypatch.setattr("ghostmatch.library.CHECKPOINT_IMAGES", 1000)
-    monkeypatch.setattr("ghostmatch.library.CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr("ghostmatch.ingest.indexer.CHECKPOINT_IMAGES", 1000)
+    monkeypatch.setattr("ghostmatch.ingest.indexer.CHECKPOINT_SECONDS", 0.0)
     seen: list[tuple[int, int]] = []
     with ghostmatch.open(tmp_path / "index", weights="random") as lib:
 
