@@ -8,7 +8,6 @@ done so far is kept).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 import warnings
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,6 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ghostmatch.cli.output import JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
@@ -40,14 +39,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find matching and duplicate photos with GhostNet descriptors and FAISS.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
 IndexOpt = Annotated[
     Path | None,
     typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or the user data dir)"),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 WeightsOpt = Annotated[
     str | None,
     typer.Option(
@@ -60,12 +55,6 @@ RuntimeOpt = Annotated[
     str, typer.Option("--runtime", help="auto, torch, onnx or eager (the model as loaded).")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-
-
-def _print_json(data: Any) -> None:
-    # ensure_ascii keeps non-UTF-8 names (lone surrogates) as escapes that round-trip, where
-    # writing them raw fails on a strict UTF-8 stdout.
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
 
 
 @contextmanager
@@ -167,7 +156,7 @@ def index(
         data = report.to_dict()
         data["index"] = str(lib.path)
         data["model"] = card.describe() if card else None
-        _print_json(data)
+        print_json(data)
     elif not quiet:
         if card is not None:
             err.print(f"model: {card.describe()}")
@@ -219,7 +208,7 @@ def query(
     finally:
         lib.close()
     if as_json:
-        _print_json(
+        print_json(
             [
                 {"query": os.fsdecode(image), "matches": [m.to_dict() for m in matches]}
                 for image, matches in results
@@ -255,7 +244,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     finally:
         lib.close()
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     out.print(f"index        {data['index']}")
     out.print(f"images       {data['images']}")
@@ -282,7 +271,7 @@ def remove(
     finally:
         lib.close()
     if as_json:
-        _print_json({"removed": removed})
+        print_json({"removed": removed})
     else:
         out.print(f"removed {removed} images from the index")
 

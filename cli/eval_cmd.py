@@ -1,15 +1,13 @@
 """``ghostmatch eval retrieval|dupes`` and ``ghostmatch calibrate``: parse, wire, print.
 
 The measuring lives in ``ghostmatch.eval.evaluation``. This module does not import ``app`` (which
-imports it to register the commands), so it keeps its own consoles and option types.
+imports it to register the commands); the consoles come from ``ghostmatch.cli.output``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -17,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ghostmatch.cli.output import JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.scan import display_path
 
@@ -31,8 +29,6 @@ eval_app = typer.Typer(
     no_args_is_help=True,
     help="Measure retrieval and duplicate detection on labelled photos.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 FolderArg = Annotated[Path, typer.Argument(help="The labelled photos.")]
 IndexOpt = Annotated[
@@ -49,7 +45,6 @@ WeightsOpt = Annotated[
         "(default: as `ghostmatch index`).",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
 
 @eval_app.command("retrieval")
@@ -83,7 +78,7 @@ def retrieval(
     with _indexed(folder, index, weights, as_json) as lib:
         result = evaluate_retrieval(lib, truth, knn_k=k)
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     m = result.metrics
     table = Table(title=f"retrieval on {escape(display_path(folder))}", title_justify="left")
@@ -178,7 +173,7 @@ def dupes(
             data["finder"] = {**found.to_dict(), "verify": not no_verify}
         if plot is not None:
             data["plot"] = os.fsdecode(plot)
-        _print_json(data)
+        print_json(data)
         return
     p = result.pairs
     out.print(
@@ -257,7 +252,7 @@ def calibrate_cmd(
     bound = precision_lower_bound(choice)
     same_above = round(choice.recall * choice.n_same)
     if as_json:
-        _print_json(
+        print_json(
             {
                 "index": os.fsdecode(where),
                 "threshold": choice.threshold,
@@ -331,11 +326,6 @@ def _plot(curve: Any, path: Path, title: str) -> None:
         ) from exc
     except OSError as exc:
         raise GhostmatchError(f"cannot write {display_path(path)}: {exc.strerror or exc}") from exc
-
-
-def _print_json(data: Any) -> None:
-    # ASCII escapes round-trip undecodable file names (lone surrogates) on a UTF-8 stdout.
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
 
 
 def _rate(value: float | None) -> str:

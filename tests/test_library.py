@@ -135,9 +135,10 @@ def record(lib: Library, path: Path):  # type: ignore[no-untyped-def]
 
 
 def stored_vector(lib: Library, path: Path) -> np.ndarray:
-    vector = lib.catalog.vector_of_path(path)
-    assert vector is not None, f"{path} is not in the catalog"
-    return vector
+    found = lib.catalog.records_by_path([path])
+    assert path in found, f"{path} is not in the catalog"
+    _, vectors = lib.catalog.vectors([found[path].id])
+    return vectors[0]
 
 
 def bump_mtime(path: Path) -> None:

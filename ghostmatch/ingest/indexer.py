@@ -16,7 +16,7 @@ import numpy as np
 
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import ImageRejected, load_image
-from ghostmatch.ingest.scan import FileEntry, content_hash, scan
+from ghostmatch.ingest.scan import FileEntry, content_hash, is_under, scan
 from ghostmatch.model.binding import ModelBinding
 from ghostmatch.model.card import ModelCard
 from ghostmatch.model.embedder import prepare
@@ -164,7 +164,7 @@ class Indexer:
         gone = [
             p
             for p in known
-            if p not in seen and any(_is_under(p, f) for f in folders) and not p.exists()
+            if p not in seen and any(is_under(p, f) for f in folders) and not p.exists()
         ]
         gone_records = self.catalog.records_by_path(gone)
         # Several vanished files may share content (copies); each can be one file's origin.
@@ -444,7 +444,3 @@ def _pause(marker: Path | None) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         time.sleep(0.1)
-
-
-def _is_under(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents

@@ -158,6 +158,11 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_under(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or inside it, by their names (no symlinks followed)."""
+    return path == folder or folder in path.parents
+
+
 def display_path(path: Path) -> str:
     """``path`` as printable text: bytes that are not UTF-8 become U+FFFD.
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
-from ghostmatch.model.card import ModelCard
+from ghostmatch.model.card import NAMED_WEIGHTS, ModelCard
 from ghostmatch.model.download import sha256_of
 from ghostmatch.pathtext import path_text
 
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 CARD_META = "model_card"
 WEIGHTS_META = "weights_spec"
-# Weights named rather than given as a file (ghostmatch.model.weights.load_descriptor).
-NAMED_WEIGHTS = ("imagenet", "bundled", "random")
 
 ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
 

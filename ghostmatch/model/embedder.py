@@ -182,10 +182,6 @@ class Embedder:
             y = torch.nn.functional.normalize(y.float(), dim=1)
         return np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)
 
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Descriptors for RGB PIL images."""
-        return self.embed_arrays([prepare(image, self.card) for image in images])
-
 
 def export_onnx(model: nn.Module, card: ModelCard, path: Path) -> Path:
     """Export the whole descriptor (normalise ... L2) with a dynamic batch axis, atomically."""

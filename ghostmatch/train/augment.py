@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.ingest.images import to_rgb
 from ghostmatch.train.transforms import (
     add_border,
     blur,
@@ -27,7 +28,6 @@ from ghostmatch.train.transforms import (
     random_text,
     reencode_jpeg,
     rotate,
-    to_rgb,
 )
 
 BICUBIC = Image.Resampling.BICUBIC
