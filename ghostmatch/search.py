@@ -84,7 +84,7 @@ class Searcher:
         """
         k = check_k(k)
         if min_score is not None and not -1.0 <= min_score <= 1.0:
-            raise GhostmatchError(f"--min-score is a cosine score in [-1, 1], not {min_score}")
+            raise GhostmatchError(f"min_score is a cosine score in [-1, 1], not {min_score}")
         if self.model.card is None:
             return []
         # More results than the index holds cannot come back, and FAISS allocates room for

@@ -4,12 +4,14 @@ catalog, search over a tiny index, and the refusal of another model's weights.""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ghostmatch.dupes.finder import DuplicateFinder, check_threshold
+from ghostmatch.dupes.groups import group_pairs
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.binding import CARD_META, ModelBinding
 from ghostmatch.model.card import ModelCard
@@ -159,3 +161,25 @@ def test_model_binding_refuses_other_named_weights(tmp_path: Path) -> None:
         ModelBinding(tmp_path, catalog, None).check_request()
         with pytest.raises(GhostmatchError, match="built with weights 'bundled'"):
             ModelBinding(tmp_path, catalog, "imagenet").check_request()
+
+
+def test_library_errors_name_parameters_not_command_line_flags(
+    folder: tuple[Path, Catalog, list[Path], np.ndarray],
+) -> None:
+    path, catalog, files, _ = folder
+    catalog.set_meta(CARD_META, ModelCard("test", "0" * 64, dim=DIM).to_dict())
+    store, model = VectorStore(path, catalog), ModelBinding(path, catalog, None)
+    searcher = Searcher(catalog, store, model)
+    finder = DuplicateFinder(catalog, store, model, searcher)
+    calls: list[Callable[[], object]] = [
+        lambda: searcher.query(files[0], k=0),
+        lambda: searcher.query(files[0], min_score=2.0),
+        lambda: check_threshold(1.5),
+        lambda: finder.find_duplicates(-7.0),
+        lambda: finder.mark_not_duplicate(files[0], files[0]),
+        lambda: group_pairs({}, [], "biggest"),
+    ]
+    for call in calls:
+        with pytest.raises(GhostmatchError) as raised:
+            call()
+        assert "--" not in str(raised.value) and "-k" not in str(raised.value)

@@ -45,7 +45,7 @@ def test_keep_rules() -> None:
     assert group_pairs(members, pairs, "pixels")[0][0] == 0
     assert group_pairs(members, pairs, "size")[0][0] == 1
     assert group_pairs(members, pairs, "oldest")[0][0] == 2
-    with pytest.raises(GhostmatchError, match="--keep"):
+    with pytest.raises(GhostmatchError, match="keep rule must be one of"):
         group_pairs(members, pairs, "biggest")
 
 

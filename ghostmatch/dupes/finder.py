@@ -328,7 +328,7 @@ class DuplicateFinder:
         """Record that two files are not duplicates; later searches ignore the pair."""
         pa, pb = Path(os.path.abspath(a)), Path(os.path.abspath(b))
         if pa == pb:
-            raise GhostmatchError("--not-dup needs two different files")
+            raise GhostmatchError("a pair of non-duplicates needs two different files")
         self.catalog.add_not_duplicate(pa, pb)
 
 
@@ -442,5 +442,5 @@ def check_threshold(threshold: float, normalised: bool = False) -> float:
     (a cosine less two offsets of at most 1 each) a number in [-3, 1]."""
     low, kind = (-3.0, "normalised score") if normalised else (-1.0, "cosine score")
     if not low <= threshold <= 1.0:
-        raise GhostmatchError(f"--threshold is a {kind} in [{low:g}, 1], not {threshold}")
+        raise GhostmatchError(f"a duplicate threshold is a {kind} in [{low:g}, 1], not {threshold}")
     return float(threshold)

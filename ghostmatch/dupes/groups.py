@@ -11,8 +11,6 @@ from typing import Any
 from ghostmatch.dupes.verify import Verification
 from ghostmatch.errors import GhostmatchError
 
-TIERS = ("exact", "near", "edited")
-
 
 @dataclass(frozen=True)
 class DuplicateMember:
@@ -100,7 +98,7 @@ def keep_priority(rule: str) -> Callable[[DuplicateMember], tuple[Any, ...]]:
     ``pixels`` (the default): most pixels, then larger file, then oldest, then path.
     """
     if rule not in KEEP_RULES:
-        raise GhostmatchError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {rule!r}")
+        raise GhostmatchError(f"the keep rule must be one of {', '.join(KEEP_RULES)}, not {rule!r}")
 
     def key(m: DuplicateMember) -> tuple[Any, ...]:
         pixels, size, age, path = -m.width * m.height, -m.bytes, m.mtime_ns, os.fsdecode(m.path)

@@ -358,7 +358,7 @@ def evaluate_retrieval(
     stored vectors; same label = relevant. ``depth`` caps the neighbours ranked per query
     (default: all of them while n^2 <= ``MAX_RANKED``)."""
     if knn_k < 1:
-        raise GhostmatchError(f"-k must be at least 1, got {knn_k}")
+        raise GhostmatchError(f"knn_k must be at least 1, got {knn_k}")
     found = _indexed_ids(lib, labels)
     label_of: dict[int, str] = {}
     for path, image_id in found.items():
