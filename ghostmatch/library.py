@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from platformdirs import user_data_dir
 
-from ghostmatch.dupes.finder import DuplicateFinder, check_threshold
-from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
-from ghostmatch.dupes.verify import Verification
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember, check_threshold
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.indexer import Indexer, IndexReport, Progress
 from ghostmatch.model.binding import CARD_META, WEIGHTS_META, ImageLike, ModelBinding
@@ -29,6 +27,8 @@ from ghostmatch.store.catalog import CATALOG_FILE, Catalog, ImageRecord
 from ghostmatch.store.vectors import INDEX_FILE, VectorStore
 
 if TYPE_CHECKING:
+    from ghostmatch.dupes.finder import DuplicateFinder
+    from ghostmatch.dupes.verify import Verification
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
 
@@ -110,12 +110,22 @@ class Library:
         )
         self.indexer = Indexer(self.catalog, self.vectors, self.model)
         self.searcher = Searcher(self.catalog, self.vectors, self.model)
-        self.finder = DuplicateFinder(self.catalog, self.vectors, self.model, self.searcher)
+        self._finder: DuplicateFinder | None = None
         try:
             self.model.check_request()
         except BaseException:
             self.catalog.close()
             raise
+
+    @property
+    def finder(self) -> DuplicateFinder:
+        """The duplicate search, imported on first use: it needs torch and faiss, which
+        ``info``, ``remove`` and an unchanged re-run of ``index`` do not."""
+        if self._finder is None:
+            from ghostmatch.dupes.finder import DuplicateFinder
+
+            self._finder = DuplicateFinder(self.catalog, self.vectors, self.model, self.searcher)
+        return self._finder
 
     # ------------------------------------------------------------------------ lifecycle
 

@@ -17,6 +17,7 @@ from ghostmatch.dupes.groups import (
     THRESHOLD_META,
     DuplicateGroup,
     DuplicateMember,
+    check_threshold,
     default_thresholds,
     group_pairs,
     threshold_of,
@@ -435,12 +436,3 @@ class _MapCache:
                     self.maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)
-
-
-def check_threshold(threshold: float, normalised: bool = False) -> float:
-    """A duplicate threshold: a cosine in [-1, 1], or for background-normalised scores
-    (a cosine less two offsets of at most 1 each) a number in [-3, 1]."""
-    low, kind = (-3.0, "normalised score") if normalised else (-1.0, "cosine score")
-    if not low <= threshold <= 1.0:
-        raise GhostmatchError(f"a duplicate threshold is a {kind} in [{low:g}, 1], not {threshold}")
-    return float(threshold)

@@ -6,10 +6,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ghostmatch.dupes.verify import Verification
 from ghostmatch.errors import GhostmatchError
+
+if TYPE_CHECKING:
+    # Only for annotations: the checks themselves need torch, which grouping does not.
+    from ghostmatch.dupes.verify import Verification
 
 
 @dataclass(frozen=True)
@@ -176,3 +179,12 @@ def tier_of(
     if check is not None:
         return "near" if check.is_identity() else "edited"
     return "near" if ceiling - score <= NEAR_BAND * (ceiling - threshold) else "edited"
+
+
+def check_threshold(threshold: float, normalised: bool = False) -> float:
+    """A duplicate threshold: a cosine in [-1, 1], or for background-normalised scores
+    (a cosine less two offsets of at most 1 each) a number in [-3, 1]."""
+    low, kind = (-3.0, "normalised score") if normalised else (-1.0, "cosine score")
+    if not low <= threshold <= 1.0:
+        raise GhostmatchError(f"a duplicate threshold is a {kind} in [{low:g}, 1], not {threshold}")
+    return float(threshold)

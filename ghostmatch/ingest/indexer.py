@@ -19,7 +19,6 @@ from ghostmatch.ingest.images import ImageRejected, load_image
 from ghostmatch.ingest.scan import FileEntry, content_hash, is_under, scan
 from ghostmatch.model.binding import ModelBinding
 from ghostmatch.model.card import ModelCard
-from ghostmatch.model.embedder import prepare
 from ghostmatch.store.catalog import Catalog, FailureRecord, ImageRecord, NewFailure, NewImage
 from ghostmatch.store.vectors import VectorStore
 
@@ -219,6 +218,9 @@ class Indexer:
     ) -> None:
         if not todo:
             return
+        # Here, not at the top: an unchanged re-run then never imports torch.
+        from ghostmatch.model.embedder import prepare
+
         embedder = self.model.embedder
         card = embedder.card
         claimed: Counter[str] = Counter()  # vanished images taken over, per content hash
@@ -396,6 +398,8 @@ def _fails_again(failure: FailureRecord | None, entry: FileEntry, max_megapixels
 
 def _decode_copy(result: _Embedded, card: ModelCard, max_megapixels: float) -> _Embedded | _Failed:
     """Decode a file whose content matched a moved image that another file already took."""
+    from ghostmatch.model.embedder import prepare
+
     try:
         decoded = load_image(result.entry.path, card.input_size, max_megapixels)
     except ImageRejected as err:
