@@ -24,7 +24,7 @@ from ghostmatch.model.binding import CARD_META, WEIGHTS_META, ImageLike, ModelBi
 from ghostmatch.model.card import ModelCard
 from ghostmatch.search import Match, Searcher
 from ghostmatch.store.catalog import CATALOG_FILE, Catalog, ImageRecord
-from ghostmatch.store.vectors import INDEX_FILE, VectorStore
+from ghostmatch.store.vectors import GENERATION_META, INDEX_FILE, VectorStore
 
 if TYPE_CHECKING:
     from ghostmatch.dupes.finder import DuplicateFinder
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CARD_META",
+    "GENERATION_META",
     "INDEX_FILE",
     "WEIGHTS_META",
     "ImageLike",
