@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from ghostmatch.indexes.allpairs import brute_force_pairs, similar_pairs
-from ghostmatch.indexes.vector_index import build_index
 
 from benchmarks import allpairs_bench
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
+from ghostmatch.indexes.allpairs import brute_force_pairs, similar_pairs
+from ghostmatch.indexes.vector_index import build_index
 
 N, N_QUICK = 100_000, 20_000
 DIM = 256

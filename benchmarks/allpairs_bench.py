@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import faiss
 import numpy as np
 import psutil
+
 from ghostmatch.indexes.allpairs import brute_force_pairs, similar_pairs
 from ghostmatch.indexes.vector_index import build_index
 

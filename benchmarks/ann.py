@@ -10,13 +10,13 @@ from functools import partial
 import faiss
 import numpy as np
 import psutil
-from ghostmatch.indexes.vector_index import FLAT_LIMIT, build_index, default_factory
 
 from benchmarks.data import clustered_unit_vectors
 from benchmarks.measure import Stopwatch, timed
 from benchmarks.plots import scatter_chart
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
+from ghostmatch.indexes.vector_index import FLAT_LIMIT, build_index, default_factory
 
 K = 10
 SIZES = (100_000, 1_000_000)

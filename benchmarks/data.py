@@ -84,8 +84,8 @@ def copy_set(
     sources: Sequence[Photo], distractors: Sequence[Photo], folder: Path, seed: int
 ) -> tuple[Path, Path]:
     """A near-duplicate set under ``folder``: ``set/`` holds the sources' originals and
-    seeded copies (``ghostmatch.copies``) and the distractors; returns (``set/``, truth)."""
-    from ghostmatch.copies import make_copies
+    seeded copies (``ghostmatch.eval.copies``) and the distractors; returns (``set/``, truth)."""
+    from ghostmatch.eval.copies import make_copies
 
     links = link_photos(sources, folder / "sources")
     truth = make_copies(links, folder / "set", seed=seed)

@@ -13,8 +13,8 @@ from benchmarks.measure import Stopwatch, interleaved, median
 from benchmarks.plots import bar_chart
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.embedder import Embedder, prepare
-from ghostmatch.weights import load_descriptor
+from ghostmatch.model.embedder import Embedder, prepare
+from ghostmatch.model.weights import load_descriptor
 
 BATCH = 32
 ROUNDS, ROUNDS_QUICK = 10, 2

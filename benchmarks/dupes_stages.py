@@ -12,21 +12,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from ghostmatch.indexes.allpairs import pair_scores
 
 from benchmarks.data import Photo, caltech_test, copy_set, missing_caltech_note, split_photos
 from benchmarks.measure import Stopwatch
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.copies import read_truth
-from ghostmatch.evaluation import (
+from ghostmatch.eval.copies import read_truth
+from ghostmatch.eval.evaluation import (
     DuplicateCandidates,
     duplicate_candidates,
     evaluate_candidates,
     transform_recall,
 )
+from ghostmatch.eval.metrics import plot_pr, recall_at_precision
+from ghostmatch.indexes.allpairs import pair_scores
 from ghostmatch.library import Library
-from ghostmatch.metrics import plot_pr, recall_at_precision
 
 SOURCES, SOURCES_QUICK = 300, 30
 DISTRACTORS, DISTRACTORS_QUICK = 1500, 120
@@ -62,7 +62,7 @@ def run(settings: Settings) -> Report:
         "descriptors over each photo's 20 nearest (the duplicate finder's score: less the two "
         "background offsets when the model carries a score background); stage 2 = stage-1 "
         "candidates whose local stride-16 features agree on one affine transform "
-        "(ghostmatch.verify); recall counts every true pair"
+        "(ghostmatch.dupes.verify); recall counts every true pair"
     )
     return report
 

@@ -68,8 +68,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def check_descriptor(n: int) -> dict[str, Any]:
-    from ghostmatch.embedder import Embedder
-    from ghostmatch.weights import load_descriptor
+    from ghostmatch.model.embedder import Embedder
+    from ghostmatch.model.weights import load_descriptor
 
     model = load_descriptor("bundled")
     arrays = photos(n, model.card.input_size)
@@ -88,7 +88,7 @@ def check_timm() -> dict[str, Any]:
         import timm
     except Exception as err:  # timm is optional; any import failure means "not checked"
         return {"skipped": f"timm does not import ({type(err).__name__}: {err})"}
-    from ghostmatch.ghostnet import GhostNet
+    from ghostmatch.model.ghostnet import GhostNet
 
     torch.manual_seed(0)
     reference = timm.create_model("ghostnet_100", pretrained=False).eval()
@@ -105,8 +105,8 @@ def check_timm() -> dict[str, Any]:
 
 
 def check_throughput(cpu_images: int) -> dict[str, Any]:
-    from ghostmatch.embedder import Embedder
-    from ghostmatch.weights import load_descriptor
+    from ghostmatch.model.embedder import Embedder
+    from ghostmatch.model.weights import load_descriptor
 
     card = load_descriptor("bundled").card
     arrays = photos(BATCH, card.input_size)

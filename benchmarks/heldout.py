@@ -4,7 +4,7 @@
 photos among 1,500 others; here copies made with another seed of other test photos, among
 the remaining test photos, none of them in those sets nor in the model's training split.
 ``Library.find_duplicates`` runs exactly as ``ghostmatch dupes`` does (the model card's
-thresholds, both stages, grouping) and ``ghostmatch.evaluation.evaluate_groups`` scores its
+thresholds, both stages, grouping) and ``ghostmatch.eval.evaluation.evaluate_groups`` scores its
 groups: precision counts the (kept, member) pairs that are truly the same photo; recall
 counts the copies that landed in their original's group. Baseline: the same run without the
 geometric stage (``--no-verify``)."""
@@ -26,8 +26,8 @@ from benchmarks.data import (
 )
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.copies import read_truth
-from ghostmatch.evaluation import evaluate_groups
+from ghostmatch.eval.copies import read_truth
+from ghostmatch.eval.evaluation import evaluate_groups
 from ghostmatch.library import Library
 
 SOURCES, SOURCES_QUICK = 300, 30

@@ -25,10 +25,10 @@ from benchmarks.measure import PeakRSS, Stopwatch, timed
 from benchmarks.plots import bar_chart
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.embedder import Embedder, prepare
-from ghostmatch.images import load_image
+from ghostmatch.ingest.images import load_image
 from ghostmatch.library import Library
-from ghostmatch.weights import load_descriptor
+from ghostmatch.model.embedder import Embedder, prepare
+from ghostmatch.model.weights import load_descriptor
 
 BATCH = 32
 CALTECH_PHOTOS, CALTECH_PHOTOS_QUICK = 1000, 200

@@ -11,7 +11,6 @@ from pathlib import Path
 import faiss
 import imagehash
 import numpy as np
-from ghostmatch.indexes.allpairs import pair_scores
 from PIL import Image
 
 from benchmarks.data import (
@@ -24,22 +23,23 @@ from benchmarks.data import (
 from benchmarks.measure import Stopwatch
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.copies import read_truth, transform_of
-from ghostmatch.descriptor import Descriptor
-from ghostmatch.embedder import Embedder, prepare
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.evaluation import (
+from ghostmatch.eval.copies import read_truth, transform_of
+from ghostmatch.eval.evaluation import (
     DuplicateEvaluation,
     DuplicateTruth,
     duplicate_candidates,
     evaluate_candidates,
     neighbour_pairs,
 )
-from ghostmatch.images import load_image
+from ghostmatch.eval.metrics import RetrievalMetrics, plot_pr, retrieval_metrics
+from ghostmatch.indexes.allpairs import pair_scores
+from ghostmatch.ingest.images import load_image
 from ghostmatch.library import Library
-from ghostmatch.metrics import RetrievalMetrics, plot_pr, retrieval_metrics
-from ghostmatch.modelcard import ModelCard
-from ghostmatch.weights import load_descriptor
+from ghostmatch.model.card import ModelCard
+from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.embedder import Embedder, prepare
+from ghostmatch.model.weights import load_descriptor
 
 SOURCES, SOURCES_QUICK = 500, 100
 DISTRACTORS_QUICK = 400  # the full run uses every other test photo
@@ -145,7 +145,7 @@ def evaluate(
         f"{len(candidates.truth.copies) // len(sources)} "
         f"transforms (seed {SEED}) among {len(distractors)} distractor test photos; candidates "
         f"= each photo's {KNN} nearest (exact inner product for the model, Hamming for 64-bit "
-        "pHash, score 1 - distance/64), measured by ghostmatch.evaluation as `ghostmatch "
+        "pHash, score 1 - distance/64), measured by ghostmatch.eval.evaluation as `ghostmatch "
         "eval dupes` measures; model scores are the duplicate finder's (cosine, less the "
         "two background offsets when the model carries a score background); positives = "
         "pairs in one truth group, all of them counted "

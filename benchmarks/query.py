@@ -9,14 +9,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from ghostmatch.indexes.vector_index import VectorIndex
 
 from benchmarks.data import clustered_unit_vectors, new_photos
 from benchmarks.measure import Stopwatch, percentile_ms, timed
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
-from ghostmatch.catalog import NewImage
+from ghostmatch.indexes.vector_index import VectorIndex
 from ghostmatch.library import Library
+from ghostmatch.store.catalog import NewImage
 
 VECTORS = 100_000
 QUERIES = 50

@@ -14,8 +14,8 @@ from benchmarks.indexing import in_fresh_process
 from benchmarks.measure import PeakRSS, Stopwatch, timed
 from benchmarks.report import Figure, Report
 from benchmarks.settings import Settings
+from ghostmatch.ingest.scan import scan
 from ghostmatch.library import Library
-from ghostmatch.scan import scan
 
 PHOTOS, PHOTOS_QUICK = 10_000, 1_000
 TARGET_RSS = 2e9

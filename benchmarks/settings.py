@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ghostmatch.weights import BUNDLED_PATH
+from ghostmatch.model.weights import BUNDLED_PATH
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -8,7 +8,6 @@ done so far is kept).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 import warnings
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,6 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ghostmatch.cli.output import JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
@@ -40,14 +39,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find matching and duplicate photos with GhostNet descriptors and FAISS.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
 IndexOpt = Annotated[
     Path | None,
     typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or the user data dir)"),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 WeightsOpt = Annotated[
     str | None,
     typer.Option(
@@ -60,12 +55,6 @@ RuntimeOpt = Annotated[
     str, typer.Option("--runtime", help="auto, torch, onnx or eager (the model as loaded).")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-
-
-def _print_json(data: Any) -> None:
-    # ensure_ascii keeps non-UTF-8 names (lone surrogates) as escapes that round-trip, where
-    # writing them raw fails on a strict UTF-8 stdout.
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
 
 
 @contextmanager
@@ -157,8 +146,9 @@ def index(
                 prune=not no_prune,
                 progress=progress,
             )
-        current = lib.vector_index
-        if index_type is not None and current is not None and current.factory != index_type:
+        # Looked at only when a type is asked for: loading the index needs faiss.
+        current = lib.vector_index if index_type is not None else None
+        if current is not None and current.factory != index_type:
             lib.rebuild(index_type)
         card = lib.card
     finally:
@@ -167,7 +157,7 @@ def index(
         data = report.to_dict()
         data["index"] = str(lib.path)
         data["model"] = card.describe() if card else None
-        _print_json(data)
+        print_json(data)
     elif not quiet:
         if card is not None:
             err.print(f"model: {card.describe()}")
@@ -219,7 +209,7 @@ def query(
     finally:
         lib.close()
     if as_json:
-        _print_json(
+        print_json(
             [
                 {"query": os.fsdecode(image), "matches": [m.to_dict() for m in matches]}
                 for image, matches in results
@@ -255,7 +245,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     finally:
         lib.close()
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     out.print(f"index        {data['index']}")
     out.print(f"images       {data['images']}")
@@ -282,7 +272,7 @@ def remove(
     finally:
         lib.close()
     if as_json:
-        _print_json({"removed": removed})
+        print_json({"removed": removed})
     else:
         out.print(f"removed {removed} images from the index")
 
@@ -295,8 +285,8 @@ def make_copies_cmd(
     limit: Annotated[int | None, typer.Option("--limit", help="Use at most N photos.")] = None,
 ) -> None:
     """Make a near-duplicate test set (originals, transformed copies, truth.json)."""
-    from ghostmatch.copies import make_copies
-    from ghostmatch.scan import scan
+    from ghostmatch.eval.copies import make_copies
+    from ghostmatch.ingest.scan import scan
 
     sources = sorted(entry.path for entry in scan([source]))
     if limit is not None:
@@ -353,8 +343,8 @@ def train(
     """Train a descriptor (self-supervised copy detection, or supervised classes)."""
     import torch
 
-    from ghostmatch.train import TrainConfig
-    from ghostmatch.train import train as run_training
+    from ghostmatch.train.training import TrainConfig
+    from ghostmatch.train.training import train as run_training
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -438,7 +428,7 @@ def main() -> None:
         err.print(f"error: {message}", markup=False, highlight=False)
         sys.exit(GhostmatchError.exit_code)
     except Exception as error:
-        from ghostmatch.catalog import user_error
+        from ghostmatch.store.catalog import user_error
 
         # The catalog turns database failures into GhostmatchError; this catches any other.
         database = user_error(error)

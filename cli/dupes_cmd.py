@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 import time
@@ -15,11 +14,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ghostmatch.cli.output import err, out, print_json
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 
 def dupes(
@@ -108,13 +105,13 @@ def dupes(
     finally:
         lib.close()
     if html is not None:
-        from ghostmatch.html_report import write_html
+        from ghostmatch.dupes.report import write_html
 
         write_html(groups, html)
         err.print(f"wrote {path_text(html)}", markup=False)
     if as_json:
         data: dict[str, Any] = {"threshold": used, "groups": [g.to_dict() for g in groups]}
-        _write_json(data)
+        print_json(data)
     elif as_csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["group", "role", "path", "score", "tier", "width", "height", "bytes"])
@@ -164,7 +161,7 @@ def _report_of(lib: Any, images: list[Path], threshold: float | None, as_json: b
             {"query": os.fsdecode(image), "duplicates": [m.to_dict() for m in found]}
             for image, found in results
         ]
-        _write_json(data)
+        print_json(data)
         return
     for image, found in results:
         if not found:
@@ -173,12 +170,6 @@ def _report_of(lib: Any, images: list[Path], threshold: float | None, as_json: b
         out.print(f"{path_text(image)}: {len(found)} duplicate(s)", markup=False)
         for m in found:
             out.print(f"  {m.score:.4f} {m.tier:7} {path_text(m.path)}", markup=False)
-
-
-def _write_json(data: Any) -> None:
-    # ensure_ascii writes non-UTF-8 names (lone surrogates) as \udcNN escapes that
-    # round-trip, where writing them raw fails on a strict UTF-8 stdout.
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
 
 
 def _act(
@@ -190,7 +181,7 @@ def _act(
     journal: Path | None,
     say: Console = out,
 ) -> None:
-    from ghostmatch.actions import apply_actions, plan_actions
+    from ghostmatch.dupes.actions import apply_actions, plan_actions
 
     actions, skipped = plan_actions(groups, op, move_to=move_to, protect=protect)
     for path, reason in skipped:
@@ -227,7 +218,7 @@ def undo(
 ) -> None:
     """Put back every file that a dupes --apply run moved or deleted."""
     import ghostmatch
-    from ghostmatch.actions import undo as undo_journal
+    from ghostmatch.dupes.actions import undo as undo_journal
 
     # The indexed folders come from the catalog, never from the journal: a journal is data.
     lib = ghostmatch.open(index, create=False)

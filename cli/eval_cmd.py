@@ -1,15 +1,13 @@
 """``ghostmatch eval retrieval|dupes`` and ``ghostmatch calibrate``: parse, wire, print.
 
-The measuring lives in ``ghostmatch.evaluation``. This module does not import ``app`` (which
-imports it to register the commands), so it keeps its own consoles and option types.
+The measuring lives in ``ghostmatch.eval.evaluation``. This module does not import ``app`` (which
+imports it to register the commands); the consoles come from ``ghostmatch.cli.output``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -17,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ghostmatch.cli.output import JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scan import display_path
+from ghostmatch.ingest.scan import display_path
 
 if TYPE_CHECKING:
     from ghostmatch.library import Library
@@ -31,8 +29,6 @@ eval_app = typer.Typer(
     no_args_is_help=True,
     help="Measure retrieval and duplicate detection on labelled photos.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 FolderArg = Annotated[Path, typer.Argument(help="The labelled photos.")]
 IndexOpt = Annotated[
@@ -49,7 +45,6 @@ WeightsOpt = Annotated[
         "(default: as `ghostmatch index`).",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
 
 @eval_app.command("retrieval")
@@ -71,7 +66,7 @@ def retrieval(
     as_json: JsonOpt = False,
 ) -> None:
     """Query each labelled photo against the others: mAP, recall@1/5/10, k-NN top-1."""
-    from ghostmatch.evaluation import evaluate_retrieval, labels_from_folders, read_labels_csv
+    from ghostmatch.eval.evaluation import evaluate_retrieval, labels_from_folders, read_labels_csv
 
     _check_folder(folder)
     truth = read_labels_csv(labels) if labels is not None else labels_from_folders(folder)
@@ -83,7 +78,7 @@ def retrieval(
     with _indexed(folder, index, weights, as_json) as lib:
         result = evaluate_retrieval(lib, truth, knn_k=k)
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     m = result.metrics
     table = Table(title=f"retrieval on {escape(display_path(folder))}", title_justify="left")
@@ -152,7 +147,7 @@ def dupes(
     Measures descriptor scores: stage 1 of `ghostmatch dupes`, before verification;
     --finder also measures the groups `ghostmatch dupes` reports.
     """
-    from ghostmatch.evaluation import (
+    from ghostmatch.eval.evaluation import (
         dupe_threshold,
         evaluate_duplicates,
         evaluate_groups,
@@ -178,7 +173,7 @@ def dupes(
             data["finder"] = {**found.to_dict(), "verify": not no_verify}
         if plot is not None:
             data["plot"] = os.fsdecode(plot)
-        _print_json(data)
+        print_json(data)
         return
     p = result.pairs
     out.print(
@@ -238,7 +233,12 @@ def calibrate_cmd(
 ) -> None:
     """Pick the duplicate threshold from labelled pairs and store it in the index."""
     import ghostmatch
-    from ghostmatch.evaluation import CONFIDENCE, calibrate, precision_lower_bound, read_pairs_csv
+    from ghostmatch.eval.evaluation import (
+        CONFIDENCE,
+        calibrate,
+        precision_lower_bound,
+        read_pairs_csv,
+    )
 
     if not 0.0 < precision <= 1.0:
         raise GhostmatchError(f"--precision must be in (0, 1], got {precision}")
@@ -252,7 +252,7 @@ def calibrate_cmd(
     bound = precision_lower_bound(choice)
     same_above = round(choice.recall * choice.n_same)
     if as_json:
-        _print_json(
+        print_json(
             {
                 "index": os.fsdecode(where),
                 "threshold": choice.threshold,
@@ -316,7 +316,7 @@ def _check_folder(folder: Path) -> None:
 
 
 def _plot(curve: Any, path: Path, title: str) -> None:
-    from ghostmatch.metrics import plot_pr
+    from ghostmatch.eval.metrics import plot_pr
 
     try:
         plot_pr({"all pairs": curve}, path, title=title)
@@ -326,11 +326,6 @@ def _plot(curve: Any, path: Path, title: str) -> None:
         ) from exc
     except OSError as exc:
         raise GhostmatchError(f"cannot write {display_path(path)}: {exc.strerror or exc}") from exc
-
-
-def _print_json(data: Any) -> None:
-    # ASCII escapes round-trip undecodable file names (lone surrogates) on a UTF-8 stdout.
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")
 
 
 def _rate(value: float | None) -> str:

@@ -9,7 +9,7 @@ from ghostmatch.errors import GhostmatchError
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+    from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
     from ghostmatch.library import IndexReport, Library, Match, open
 
 __all__ = [
@@ -24,8 +24,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "DuplicateGroup": "ghostmatch.dupes",
-    "DuplicateMember": "ghostmatch.dupes",
+    "DuplicateGroup": "ghostmatch.dupes.groups",
+    "DuplicateMember": "ghostmatch.dupes.groups",
     "IndexReport": "ghostmatch.library",
     "Library": "ghostmatch.library",
     "Match": "ghostmatch.library",

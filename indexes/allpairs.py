@@ -1,7 +1,7 @@
 """Every pair of vectors scoring at least a threshold (duplicate search), in bounded memory.
 
 Scores are inner products of unit vectors (cosine), higher = more alike; with per-vector
-``offsets`` (background score normalisation, ``ghostmatch.scorenorm``) a pair scores
+``offsets`` (background score normalisation, ``ghostmatch.model.scorenorm``) a pair scores
 ``cos(a, b) - offset(a) - offset(b)``. That too is an inner product, of asymmetric
 augmented vectors ``[a, -1, -offset(a)] . [b, offset(b), 1]``, so the exact search stays a
 faiss range search.
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import range_search_gpu
-from ghostmatch.indexes.vector_index import VectorIndex
 
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.indexes.vector_index import VectorIndex
 
 # Candidates are gathered on float32 scores (BLAS summation order differs between faiss,
 # numpy and GPU) at threshold - _SLACK, then rescored in float64 and rounded to float32 by

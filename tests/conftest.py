@@ -38,7 +38,7 @@ def random_model():  # type: ignore[no-untyped-def]
     """A seeded random-weight descriptor with non-trivial BatchNorm statistics."""
     import torch
 
-    from ghostmatch.weights import load_descriptor
+    from ghostmatch.model.weights import load_descriptor
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,20 +15,19 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ghostmatch import actions
-from ghostmatch.actions import (
+from ghostmatch.dupes import actions
+from ghostmatch.dupes.actions import (
     KEPT_ELSEWHERE,
     PROTECTED,
     Action,
     apply_actions,
     plan_actions,
-    purge_trash,
     trash_folder,
     undo,
 )
-from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scan import content_hash
+from ghostmatch.ingest.scan import content_hash
 
 
 @pytest.fixture(scope="module")
@@ -389,26 +388,6 @@ def test_undo_after_a_move_onto_coarser_timestamps(
 
     result = undo(journal, [library])
     assert sorted(result.restored) == sorted(a.source for a in planned) and not result.rejected
-
-
-def test_purge_deletes_the_trash_for_good(library: Path) -> None:
-    journal = library.parent / "state" / "journal.jsonl"
-    planned, _ = plan_actions(groups_of(library), "delete")
-    apply_actions(planned, journal, dry_run=False)
-    outside = library.parent / "precious.jpg"
-    outside.write_bytes(b"not in the trash")
-    # A tampered journal cannot make purge delete a file outside the trash.
-    with open(journal, "a") as fp:
-        forged = Action("delete", outside, outside, outside, 1.0, "exact")
-        fp.write(json.dumps({"event": "planned", "id": "forged", **forged.to_dict()}) + "\n")
-
-    assert purge_trash(journal) == 3
-    assert not trash_folder(journal).exists() and outside.exists()
-    report = undo(journal, [library])
-    assert report.restored == [] and len(report.skipped) == 3
-    assert [path for path, _ in report.rejected] == [outside]
-    assert outside.read_bytes() == b"not in the trash"
-    assert all(not a.source.exists() for a in planned)
 
 
 def test_non_utf8_names_round_trip_through_the_journal(library: Path, encoded: dict) -> None:

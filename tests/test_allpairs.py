@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from ghostmatch.indexes.allpairs import brute_force_pairs, similar_pairs
-from ghostmatch.indexes.vector_index import build_index
 
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.indexes.allpairs import brute_force_pairs, similar_pairs
+from ghostmatch.indexes.vector_index import build_index
 
 N, DIM, PLANTED = 5000, 64, 150
 # Cluster mates score ~0.5 (a 0.6 threshold keeps ~10^4 of them, many near the line);

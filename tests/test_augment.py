@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ghostmatch.augment import CopyAugment, random_resized_crop
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.transforms import rotate
+from ghostmatch.train.augment import CopyAugment, random_resized_crop
+from ghostmatch.train.transforms import hflip, reencode_jpeg, rotate
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -20,6 +20,14 @@ STD = (0.229, 0.224, 0.225)
 @pytest.fixture(scope="module")
 def photo() -> Image.Image:
     return Image.fromarray(data.coffee())
+
+
+def test_edits_scale_16_bit_images_as_decoding_does() -> None:
+    # A 16-bit scan at mid grey stays mid grey through the edits, as when it is indexed,
+    # rather than being clipped to white.
+    grey = Image.fromarray(np.full((4, 6), 32896, np.uint16))
+    assert hflip(grey).getpixel((0, 0)) == (128, 128, 128)
+    assert all(abs(v - 128) <= 2 for v in reencode_jpeg(grey, 95).getpixel((0, 0)))
 
 
 def test_copy_augment_is_deterministic_under_the_rng(photo: Image.Image) -> None:

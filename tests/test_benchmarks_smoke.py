@@ -148,8 +148,8 @@ def test_quality_scores_copies_above_distractors(tmp_path: Path) -> None:
 
 def test_dupes_stages_measures_stage_one_as_eval_dupes(tmp_path: Path) -> None:
     from benchmarks import dupes_stages
-    from ghostmatch.copies import read_truth
-    from ghostmatch.evaluation import duplicate_candidates, evaluate_duplicates
+    from ghostmatch.eval.copies import read_truth
+    from ghostmatch.eval.evaluation import duplicate_candidates, evaluate_duplicates
     from ghostmatch.library import Library
 
     photos = []

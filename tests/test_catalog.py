@@ -15,9 +15,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
-import ghostmatch.catalog as catalog_module
-from ghostmatch.catalog import Catalog, NewFailure, NewImage
+import ghostmatch.store.catalog as catalog_module
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.store.catalog import Catalog, NewFailure, NewImage
 
 DIM = 8
 
@@ -71,10 +71,6 @@ def test_insert_then_read_back_everything(catalog: Catalog) -> None:
     some_ids, some = catalog.vectors([ids[2], 999, ids[1]])
     assert some_ids.tolist() == [ids[2], ids[1]]
     assert some.tobytes() == np.stack([images[2].vector, images[1].vector]).tobytes()
-    found = catalog.vector_of_path(images[1].path)
-    assert found is not None and found.tobytes() == images[1].vector.tobytes()
-    assert catalog.vector_of_path(Path("/photos/missing.jpg")) is None
-
     assert catalog.all_stat() == {
         image.path: (image_id, image.size, image.mtime_ns)
         for image_id, image in zip(ids, images, strict=True)
@@ -90,7 +86,6 @@ def test_empty_catalog_reads(catalog: Catalog) -> None:
     assert catalog.ids().shape == (0,)
     ids, vectors = catalog.vectors()
     assert ids.shape == (0,) and vectors.shape == (0, 0)
-    assert list(catalog.iter_vectors()) == []
     assert catalog.all_stat() == {} and catalog.get([1]) == []
 
 
@@ -148,7 +143,7 @@ def test_update_image(catalog: Catalog) -> None:
         tx.update_image(image_id, path=Path("/q/a.jpg"))
     moved = catalog.get([image_id])[0]
     assert moved.path == Path("/q/a.jpg") and moved.indexed_at == first.indexed_at
-    assert catalog.vector_of_path(Path("/p/a.jpg")) is None
+    assert catalog.records_by_path([Path("/p/a.jpg")]) == {}
 
     vector = new_image("", seed=9).vector
     with catalog.transaction() as tx:
@@ -323,7 +318,7 @@ def test_a_damaged_catalog_raises_ghostmatch_errors_only(tmp_path: Path) -> None
             use(catalog)
 
 
-def test_bulk_insert_and_batched_vectors(catalog: Catalog) -> None:
+def test_bulk_insert_reads_back_every_vector(catalog: Catalog) -> None:
     n, dim = 10_000, 960
     vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
     rows = [
@@ -334,10 +329,9 @@ def test_bulk_insert_and_batched_vectors(catalog: Catalog) -> None:
         ids = tx.insert_images(rows)
 
     assert len(ids) == n == catalog.count() == len(catalog.all_stat())
-    chunks = list(catalog.iter_vectors(batch=3000))
-    assert [len(chunk_ids) for chunk_ids, _ in chunks] == [3000, 3000, 3000, 1000]
-    assert np.concatenate([chunk_ids for chunk_ids, _ in chunks]).tolist() == ids
-    assert np.array_equal(np.concatenate([chunk for _, chunk in chunks]), vectors)
+    all_ids, stored = catalog.vectors()
+    assert all_ids.tolist() == ids
+    assert np.array_equal(stored, vectors)
     assert (catalog.disk_size() or 0) > vectors.nbytes
 
 

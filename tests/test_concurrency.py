@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ghostmatch.indexes.vector_index import VectorIndex
 from PIL import Image
 
 import ghostmatch
+from ghostmatch.indexes.vector_index import VectorIndex
 from ghostmatch.library import INDEX_FILE
-from ghostmatch.locking import WriterLock
+from ghostmatch.store.locking import WriterLock
 
 CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 

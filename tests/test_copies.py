@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ghostmatch.copies import (
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.eval.copies import (
     TIER_OF_TRANSFORM,
     TRANSFORMS,
     make_copies,
     read_truth,
     transform_of,
 )
-from ghostmatch.errors import GhostmatchError
 
 
 @pytest.fixture(scope="module")

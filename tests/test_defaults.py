@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from platformdirs import user_data_dir
 
-from ghostmatch.weights import default_weights, load_descriptor
+from ghostmatch.model.weights import default_weights, load_descriptor
 
 
 def test_default_weights_are_the_measured_bundled_model(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image, ImageOps
 
 import ghostmatch
-from ghostmatch.dupes import DuplicateMember, group_pairs
+from ghostmatch.dupes.groups import DuplicateMember, group_pairs
+from ghostmatch.dupes.verify import verify_pair
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.verify import verify_pair
 
 
 def _member(name: str, pixels: int = 100, size: int = 10, mtime: int = 0) -> DuplicateMember:
@@ -45,7 +45,7 @@ def test_keep_rules() -> None:
     assert group_pairs(members, pairs, "pixels")[0][0] == 0
     assert group_pairs(members, pairs, "size")[0][0] == 1
     assert group_pairs(members, pairs, "oldest")[0][0] == 2
-    with pytest.raises(GhostmatchError, match="--keep"):
+    with pytest.raises(GhostmatchError, match="keep rule must be one of"):
         group_pairs(members, pairs, "biggest")
 
 
@@ -66,7 +66,7 @@ def test_geometric_check_accepts_a_copy_and_rejects_noise() -> None:
 
 
 def test_plain_background_cells_seldom_match(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ghostmatch.verify as verify
+    import ghostmatch.dupes.verify as verify
 
     rng = np.random.default_rng(3)
     textured = rng.normal(size=(60, 32))
@@ -87,7 +87,7 @@ def test_plain_background_cells_seldom_match(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_closed_form_geometry_matches_numpy() -> None:
-    from ghostmatch.verify import MAX_ANISOTROPY, MAX_SCALE, _affines_from_triples, plausible
+    from ghostmatch.dupes.verify import MAX_ANISOTROPY, MAX_SCALE, _affines_from_triples, plausible
 
     rng = np.random.default_rng(1)
     affines = rng.normal(scale=1.5, size=(2000, 2, 3))
@@ -109,7 +109,7 @@ def test_closed_form_geometry_matches_numpy() -> None:
 
 
 def test_locality_order_keeps_every_pair_once() -> None:
-    from ghostmatch.library import _locality_order
+    from ghostmatch.dupes.finder import _locality_order
 
     rng = np.random.default_rng(2)
     pairs = [(int(a), int(b)) for a, b in rng.integers(0, 300, (2000, 2)) if a != b]
@@ -124,7 +124,7 @@ def test_locality_order_keeps_every_pair_once() -> None:
 def test_verification_is_the_same_with_a_small_map_cache(
     dupe_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ghostmatch.library as library
+    import ghostmatch.dupes.finder as finder
 
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([dupe_folder])
@@ -132,8 +132,8 @@ def test_verification_is_the_same_with_a_small_map_cache(
         records = {r.id: r for r in lib.catalog.get(ids.tolist())}
         pairs = [(int(a), int(b)) for a in ids for b in ids if a < b]
         roomy = lib.verify_pairs(pairs, records)
-        monkeypatch.setattr(library, "MAP_CACHE_IMAGES", 4)
-        monkeypatch.setattr(library, "MAP_BATCH", 2)
+        monkeypatch.setattr(finder, "MAP_CACHE_IMAGES", 4)
+        monkeypatch.setattr(finder, "MAP_BATCH", 2)
         tight = lib.verify_pairs(pairs, records)
     assert set(roomy) == set(pairs) == set(tight)
     for pair in pairs:
@@ -146,9 +146,9 @@ def test_verification_is_the_same_with_a_small_map_cache(
 
 @pytest.mark.parametrize("name", ["coffee.jpg", "astronaut.jpg"])
 def test_zoomed_check_finds_a_tight_crop_and_where_it_is(name: str, photos: Path) -> None:
-    from ghostmatch.embedder import prepare, to_batch
-    from ghostmatch.verify import ZOOM, ScaledMaps, local_features, verify_scales
-    from ghostmatch.weights import load_descriptor
+    from ghostmatch.dupes.verify import ZOOM, ScaledMaps, local_features, verify_scales
+    from ghostmatch.model.embedder import prepare, to_batch
+    from ghostmatch.model.weights import load_descriptor
 
     model = load_descriptor("bundled")
     card = model.card
@@ -306,7 +306,7 @@ def test_bundled_model_finds_and_tiers_every_copy(bundled_lib: Path, verify: boo
 
 
 def test_bundled_model_thresholds_are_the_measured_ones(bundled_lib: Path, tmp_path: Path) -> None:
-    from ghostmatch.dupes import THRESHOLD_META
+    from ghostmatch.dupes.groups import THRESHOLD_META
 
     with ghostmatch.open(bundled_lib, create=False) as lib:
         extra = lib.card.extra

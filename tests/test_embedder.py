@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ghostmatch.descriptor import Descriptor
-from ghostmatch.embedder import Embedder, fuse_batchnorm, prepare
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.modelcard import ModelCard
+from ghostmatch.model.card import ModelCard
+from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.embedder import Embedder, fuse_batchnorm, prepare
 
 
 def _arrays(n: int, size: int = 224) -> list[np.ndarray]:

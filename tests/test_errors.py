@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 import ghostmatch
-from ghostmatch.catalog import CATALOG_FILE
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.store.catalog import CATALOG_FILE
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:using RANDOM weights"),

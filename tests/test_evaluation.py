@@ -1,4 +1,4 @@
-"""Evaluation on real (tiny) indexes: the numbers agree with ``ghostmatch.metrics`` computed
+"""Evaluation on real (tiny) indexes: the numbers agree with ``ghostmatch.eval.metrics`` computed
 directly from the stored vectors, calibration picks and stores the expected threshold, and
 the commands run end to end."""
 
@@ -17,21 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from ghostmatch.cli import eval_cmd
 from PIL import Image
 from skimage import data
 from typer.testing import CliRunner
 
 import ghostmatch
-from ghostmatch.copies import make_copies, transform_of
-from ghostmatch.dupes import (
+from ghostmatch.cli import eval_cmd
+from ghostmatch.dupes.groups import (
     DEFAULT_NORMALISED_THRESHOLD,
     DuplicateGroup,
     DuplicateMember,
     threshold_of,
 )
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.evaluation import (
+from ghostmatch.eval.copies import make_copies, transform_of
+from ghostmatch.eval.evaluation import (
     DEFAULT_DUPE_THRESHOLD,
     DUPE_THRESHOLD_META,
     LabelledPair,
@@ -45,7 +45,7 @@ from ghostmatch.evaluation import (
     read_truth_any,
     wilson_lower_bound,
 )
-from ghostmatch.metrics import average_precision, pick_threshold, retrieval_metrics
+from ghostmatch.eval.metrics import average_precision, pick_threshold, retrieval_metrics
 
 CLASSES = {
     "space": ("astronaut", "rocket", "hubble_deep_field"),

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ghostmatch.ghostnet import WIDTHS, GhostNet, infer_width, make_divisible, unwrap_state_dict
+from ghostmatch.model.ghostnet import (
+    WIDTHS,
+    GhostNet,
+    infer_width,
+    make_divisible,
+    unwrap_state_dict,
+)
 
 # Parameter counts of the paper's 1.0x (5.2M) and of timm's ghostnet_050/100/130.
 PARAMS = {0.5: 2_587_292, 1.0: 5_182_508, 1.3: 7_358_820}

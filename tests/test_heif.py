@@ -9,7 +9,7 @@ from PIL import Image
 from skimage import data
 
 import ghostmatch
-from ghostmatch.images import load_image
+from ghostmatch.ingest.images import load_image
 
 
 def test_heic_photo_is_decoded_and_indexed(tmp_path: Path) -> None:

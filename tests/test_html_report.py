@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
+from ghostmatch.dupes.report import write_html
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.html_report import write_html
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source"}
 SCRIPT_NAME = "<script>alert(1)<script>.jpg"

@@ -1,4 +1,4 @@
-"""Contracts of ghostmatch.images: every bad file is rejected with a reason, every good one
+"""Contracts of ghostmatch.ingest.images: every bad file is rejected with a reason, every good one
 decodes to an upright RGB image of the right size."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from PIL import Image
 from skimage import data
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.images import (
+from ghostmatch.ingest.images import (
     REASONS,
     DecodedImage,
     ImageRejected,

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from corpus import UNREADABLE_NAME, make_bad_files
-from ghostmatch.indexes.vector_index import VectorIndex
 from PIL import Image, ImageOps
 
 import ghostmatch
-from ghostmatch.catalog import NewImage
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.indexes.vector_index import VectorIndex
 from ghostmatch.library import CARD_META, INDEX_FILE, WEIGHTS_META, IndexReport, Library
-from ghostmatch.locking import WriterLock
+from ghostmatch.store.catalog import NewImage
+from ghostmatch.store.locking import WriterLock
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:using RANDOM weights"),
@@ -135,9 +135,10 @@ def record(lib: Library, path: Path):  # type: ignore[no-untyped-def]
 
 
 def stored_vector(lib: Library, path: Path) -> np.ndarray:
-    vector = lib.catalog.vector_of_path(path)
-    assert vector is not None, f"{path} is not in the catalog"
-    return vector
+    found = lib.catalog.records_by_path([path])
+    assert path in found, f"{path} is not in the catalog"
+    _, vectors = lib.catalog.vectors([found[path].id])
+    return vectors[0]
 
 
 def bump_mtime(path: Path) -> None:
@@ -680,7 +681,7 @@ def test_checkpoints_write_the_catalog_and_the_index_file_once_per_run(
                 return _original(self, *args)
 
             monkeypatch.setattr(VectorIndex, name, counted)
-        monkeypatch.setattr("ghostmatch.library.CHECKPOINT_IMAGES", 4)
+        monkeypatch.setattr("ghostmatch.ingest.indexer.CHECKPOINT_IMAGES", 4)
         report = lib.index([tmp_path / "many"], batch_size=4)
         assert report.updated == 16
         assert calls == Counter(remove=1, save=1)
@@ -693,8 +694,8 @@ def test_work_is_committed_every_few_seconds_as_well(
     """However few images a checkpoint's count would take, seconds of work are committed:
     with the time limit at 0 each finished image is in the catalog before the next."""
     small_jpegs(tmp_path / "many", 12)
-    monkeypatch.setattr("ghostmatch.library.CHECKPOINT_IMAGES", 1000)
-    monkeypatch.setattr("ghostmatch.library.CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr("ghostmatch.ingest.indexer.CHECKPOINT_IMAGES", 1000)
+    monkeypatch.setattr("ghostmatch.ingest.indexer.CHECKPOINT_SECONDS", 0.0)
     seen: list[tuple[int, int]] = []
     with ghostmatch.open(tmp_path / "index", weights="random") as lib:
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.metrics import (
+from ghostmatch.eval.metrics import (
     PRCurve,
     average_precision,
     pair_metrics,

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import ghostmatch
-from ghostmatch.descriptor import Descriptor
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.weights import save_descriptor
+from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.weights import save_descriptor
 
 pytestmark = pytest.mark.filterwarnings("ignore:using RANDOM weights")
 

@@ -1,4 +1,4 @@
-"""Contracts of ghostmatch.scan: which files a walk yields, in which order, and what it
+"""Contracts of ghostmatch.ingest.scan: which files a walk yields, in which order, and what it
 reports instead of crashing."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ghostmatch.images import REASONS
-from ghostmatch.scan import FileEntry, content_hash, display_path, scan
+from ghostmatch.ingest.images import REASONS
+from ghostmatch.ingest.scan import FileEntry, content_hash, display_path, is_under, scan
 
 
 def _image_bytes(fmt: str) -> bytes:
@@ -202,3 +202,10 @@ def test_entries_carry_the_ctime_that_a_chmod_changes(tmp_path: Path) -> None:
     [after] = scan([tmp_path])
     assert (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
     assert after.ctime_ns == os.stat(photo).st_ctime_ns
+
+
+def test_is_under_compares_whole_path_parts() -> None:
+    assert is_under(Path("/photos/2019/a.jpg"), Path("/photos"))
+    assert is_under(Path("/photos"), Path("/photos"))
+    assert not is_under(Path("/photos-old/a.jpg"), Path("/photos"))
+    assert not is_under(Path("/photos"), Path("/photos/2019"))

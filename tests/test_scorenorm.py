@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 import ghostmatch
-from ghostmatch.dupes import DEFAULT_NORMALISED_THRESHOLD
+from ghostmatch.dupes.groups import DEFAULT_NORMALISED_THRESHOLD
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY
-from ghostmatch.scorenorm import ScoreNorm, pick_background
-from ghostmatch.weights import load_descriptor, save_descriptor
+from ghostmatch.model.card import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY
+from ghostmatch.model.scorenorm import ScoreNorm, pick_background
+from ghostmatch.model.weights import load_descriptor, save_descriptor
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

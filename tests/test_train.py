@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.train import TrainConfig, add_background, info_nce, koleo_loss, train
-from ghostmatch.weights import load_descriptor, save_descriptor
+from ghostmatch.model.weights import load_descriptor, save_descriptor
+from ghostmatch.train.training import TrainConfig, add_background, info_nce, koleo_loss, train
 
 TINY = {"width": 0.5, "image_size": 64, "cache_side": 72, "dim": 32, "batch_size": 8}
 
@@ -160,7 +160,7 @@ def test_other_poolings_train_and_load(tmp_path: Path, pooling: str) -> None:
 
 
 def test_neighbour_batches_group_look_alikes() -> None:
-    from ghostmatch.train import neighbour_batches
+    from ghostmatch.train.training import neighbour_batches
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(8, 16))

@@ -12,6 +12,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+
+from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.vector_index import (
     FLAT_LIMIT,
     VectorIndex,
@@ -19,8 +21,6 @@ from ghostmatch.indexes.vector_index import (
     build_index,
     default_factory,
 )
-
-from ghostmatch.errors import GhostmatchError
 
 N, DIM, K = 4000, 64, 10
 # recall@10 each factory must reach at its default (tuned) search parameters; PQ32x4

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ghostmatch import download, weights
-from ghostmatch.descriptor import Descriptor
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.ghostnet import GhostNet
-from ghostmatch.modelcard import ModelCard
-from ghostmatch.weights import BUNDLED_PATH, IMAGENET, load_descriptor, save_descriptor
+from ghostmatch.model import download, weights
+from ghostmatch.model.card import ModelCard
+from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.ghostnet import GhostNet
+from ghostmatch.model.weights import BUNDLED_PATH, IMAGENET, load_descriptor, save_descriptor
 
 
 def _ghostnet_state(width: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,7 +17,6 @@ MAPPING = {
     "ghostmatch": "ghostmatch",
     "ghostmatch/indexes": "indexes",
     "ghostmatch/cli": "cli",
-    "ghostmatch/serve": "ghostmatch/serve",
 }
 
 
@@ -27,8 +26,10 @@ def main() -> int:
     for target, source in MAPPING.items():
         dest = tree / target
         dest.mkdir(parents=True, exist_ok=True)
-        for file in sorted((ROOT / source).glob("*.py")):
-            os.symlink(file, dest / file.name)
+        for file in sorted((ROOT / source).rglob("*.py")):
+            link = dest / file.relative_to(ROOT / source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(file, link)
     (tree / "ghostmatch" / "py.typed").touch()
     command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")]
     command += ["-p", "ghostmatch"]

@@ -27,15 +27,15 @@ import numpy as np
 from PIL import Image
 
 import ghostmatch
-from ghostmatch.actions import apply_actions, plan_actions
-from ghostmatch.actions import undo as undo_journal
-from ghostmatch.catalog import ImageRecord
-from ghostmatch.dupes import DuplicateGroup, DuplicateMember
-from ghostmatch.embedder import prepare
+from ghostmatch.dupes.actions import apply_actions, plan_actions
+from ghostmatch.dupes.actions import undo as undo_journal
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.images import ImageRejected, load_image, sniff_image
+from ghostmatch.ingest.images import ImageRejected, load_image, sniff_image
 from ghostmatch.library import GENERATION_META, Library, Match
+from ghostmatch.model.embedder import prepare
 from ghostmatch.serve.batching import MicroBatcher
+from ghostmatch.store.catalog import ImageRecord
 
 JOURNAL_FOLDER = "serve-journals"
 _JOURNAL_NAME = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{12}\.jsonl$")

@@ -14,16 +14,20 @@ from typing import Any
 import torch
 from platformdirs import user_cache_dir
 
-from ghostmatch.descriptor import Descriptor
-from ghostmatch.download import HubFile, fetch, sha256_of
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.ghostnet import GhostNet, infer_width, unwrap_state_dict
-from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY, ModelCard
-from ghostmatch.scorenorm import BACKGROUND_KEY, from_tensors
+from ghostmatch.model.card import (
+    NAMED_WEIGHTS,
+    SCORE_NORM_BETA_KEY,
+    SCORE_NORM_RANK_KEY,
+    ModelCard,
+)
+from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.download import HubFile, fetch, sha256_of
+from ghostmatch.model.ghostnet import GhostNet, infer_width, unwrap_state_dict
+from ghostmatch.model.scorenorm import BACKGROUND_KEY, from_tensors
 
 CARD_KEY = "ghostmatch_card"
-BUNDLED_PATH = Path(__file__).parent / "weights" / "bundled.safetensors"
-WEIGHT_CHOICES = ("imagenet", "bundled", "random")
+BUNDLED_PATH = Path(__file__).parent / "bundled.safetensors"
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             raise GhostmatchError(f"weights file {path} is not a file")
         raise GhostmatchError(
             f"weights file {os.fsdecode(path)} does not exist; --weights takes "
-            f"{', '.join(WEIGHT_CHOICES)} or a checkpoint file (.pth, .pt, .safetensors)"
+            f"{', '.join(NAMED_WEIGHTS)} or a checkpoint file (.pth, .pt, .safetensors)"
         )
     if path.suffix == ".safetensors":
         from safetensors import safe_open

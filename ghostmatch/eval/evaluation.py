@@ -2,7 +2,7 @@
 calibration of the duplicate threshold from labelled pairs.
 
 Scores are cosine similarities of the stored unit vectors, higher = more alike, less two
-background offsets when the model carries a score background (``ghostmatch.scorenorm``).
+background offsets when the model carries a score background (``ghostmatch.model.scorenorm``).
 Pair scores come from the duplicate finder's own scoring (``indexes.allpairs`` with
 ``Library.score_offsets``), so a threshold chosen here cuts exactly where
 ``ghostmatch dupes`` will.
@@ -23,12 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ghostmatch.copies import TRANSFORMS, read_truth, transform_of
-from ghostmatch.dupes import DEFAULT_THRESHOLD, THRESHOLD_META, DuplicateGroup, threshold_of
+from ghostmatch.dupes.groups import DEFAULT_THRESHOLD, THRESHOLD_META, DuplicateGroup, threshold_of
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.indexes import allpairs
-from ghostmatch.library import Library, check_threshold
-from ghostmatch.metrics import (
+from ghostmatch.eval.copies import TRANSFORMS, read_truth, transform_of
+from ghostmatch.eval.metrics import (
     PairMetrics,
     PRCurve,
     RetrievalMetrics,
@@ -38,7 +36,9 @@ from ghostmatch.metrics import (
     precision_recall_curve,
     retrieval_metrics_from_neighbors,
 )
-from ghostmatch.scan import scan
+from ghostmatch.indexes import allpairs
+from ghostmatch.ingest.scan import scan
+from ghostmatch.library import Library, check_threshold
 
 # The threshold of an index that was never calibrated, and where calibration stores one:
 # the duplicate finder's own, so that `eval dupes` measures what `ghostmatch dupes` does.
@@ -358,7 +358,7 @@ def evaluate_retrieval(
     stored vectors; same label = relevant. ``depth`` caps the neighbours ranked per query
     (default: all of them while n^2 <= ``MAX_RANKED``)."""
     if knn_k < 1:
-        raise GhostmatchError(f"-k must be at least 1, got {knn_k}")
+        raise GhostmatchError(f"knn_k must be at least 1, got {knn_k}")
     found = _indexed_ids(lib, labels)
     label_of: dict[int, str] = {}
     for path, image_id in found.items():

@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ghostmatch.augment import CopyAugment
-from ghostmatch.descriptor import Descriptor
-from ghostmatch.embedder import channels_last as channels_last_model
-from ghostmatch.embedder import to_batch
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.images import ImageRejected, load_image
-from ghostmatch.modelcard import POOLINGS, ModelCard
-from ghostmatch.scan import scan
-from ghostmatch.scorenorm import DEFAULT_BACKGROUND_SIZE, ScoreNorm, pick_background
-from ghostmatch.weights import load_descriptor, save_descriptor
+from ghostmatch.ingest.images import ImageRejected, load_image
+from ghostmatch.ingest.scan import scan
+from ghostmatch.model.card import POOLINGS, ModelCard
+from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.embedder import channels_last as channels_last_model
+from ghostmatch.model.embedder import to_batch
+from ghostmatch.model.scorenorm import DEFAULT_BACKGROUND_SIZE, ScoreNorm, pick_background
+from ghostmatch.model.weights import load_descriptor, save_descriptor
+from ghostmatch.train.augment import CopyAugment
 
 MODES = ("ssl", "supervised")
 
@@ -389,7 +389,7 @@ def train(
 def fit_background(
     model: Descriptor, images: Sequence[Image.Image], size: int, seed: int = 0
 ) -> ScoreNorm:
-    """A score background (``ghostmatch.scorenorm``) from ``size`` of the training images,
+    """A score background (``ghostmatch.model.scorenorm``) from ``size`` of the training images,
     chosen by ``seed``, embedded as the model sees them at inference."""
     picked = pick_background(len(images), size, seed)
     vectors = _embed_images(model, [images[i] for i in picked])
@@ -457,7 +457,7 @@ def neighbour_batches(
 
 def _embed_images(model: Descriptor, images: Sequence[Image.Image]) -> torch.Tensor:
     """Descriptors of decoded images with the model's own preprocessing (eval mode)."""
-    from ghostmatch.embedder import prepare
+    from ghostmatch.model.embedder import prepare
 
     was_training = model.training
     model.eval()

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghostmatch.ghostnet import GhostNet
-from ghostmatch.modelcard import ModelCard
-from ghostmatch.scorenorm import ScoreNorm
+from ghostmatch.model.card import ModelCard
+from ghostmatch.model.ghostnet import GhostNet
+from ghostmatch.model.scorenorm import ScoreNorm
 
 
 class Normalize(nn.Module):
@@ -89,7 +89,7 @@ class Descriptor(nn.Module):
         elif card.dim != pooled:
             raise ValueError(f"card says {card.dim}-d but {card.pooling} pooling gives {pooled}")
         self.l2norm = L2Norm()
-        # Not a module: a model file may carry one for duplicate scores (ghostmatch.scorenorm).
+        # Not a module: a model file may carry one for duplicate scores (model.scorenorm).
         self.score_norm: ScoreNorm | None = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

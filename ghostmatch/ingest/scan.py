@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ghostmatch.images import SNIFF_BYTES, describe_os_error, sniff_image
+from ghostmatch.ingest.images import SNIFF_BYTES, describe_os_error, sniff_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -156,6 +156,11 @@ def content_hash(path: Path) -> str:
         while chunk := fp.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def is_under(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or inside it, by their names (no symlinks followed)."""
+    return path == folder or folder in path.parents
 
 
 def display_path(path: Path) -> str:

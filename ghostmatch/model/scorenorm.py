@@ -25,10 +25,10 @@ import faiss
 import numpy as np
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.modelcard import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY
+from ghostmatch.model.card import SCORE_NORM_BETA_KEY, SCORE_NORM_RANK_KEY
 
 # Where a model file keeps its background (the card extras that say how to use it are
-# ghostmatch.modelcard.SCORE_NORM_RANK_KEY and SCORE_NORM_BETA_KEY).
+# ghostmatch.model.card.SCORE_NORM_RANK_KEY and SCORE_NORM_BETA_KEY).
 BACKGROUND_KEY = "score_norm.background"
 DEFAULT_RANK = 2
 DEFAULT_BETA = 0.75

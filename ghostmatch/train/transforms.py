@@ -14,25 +14,13 @@ import string
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
+from ghostmatch.ingest.images import to_rgb
+
 Color = tuple[int, int, int]
 
 WHITE: Color = (255, 255, 255)
 
 _TEXT_CHARS = string.ascii_letters + string.digits + "      !?#@&"
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels become white rather than black."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, WHITE)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
 
 
 def random_color(rng: random.Random) -> Color:
@@ -60,22 +48,6 @@ def resize(
     width, height = img.size
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return to_rgb(img).resize(size, resample)
-
-
-def resize_shorter_side(
-    img: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
-) -> Image.Image:
-    """Scale so that the shorter side is ``size`` pixels, keeping the aspect ratio."""
-    width, height = img.size
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    return to_rgb(img).resize(new_size, resample)
-
-
-def center_crop(img: Image.Image, fraction: float) -> Image.Image:
-    """Keep the central ``fraction`` of each side (0.8 keeps 64% of the area)."""
-    width, height = _fraction_size(img, fraction)
-    return center_crop_to(img, width, height)
 
 
 def center_crop_to(img: Image.Image, width: int, height: int) -> Image.Image:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.transforms import (
+from ghostmatch.ingest.images import to_rgb
+from ghostmatch.train.transforms import (
     add_border,
     blur,
     change_aspect,
@@ -27,7 +28,6 @@ from ghostmatch.transforms import (
     random_text,
     reencode_jpeg,
     rotate,
-    to_rgb,
 )
 
 BICUBIC = Image.Resampling.BICUBIC

@@ -16,8 +16,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #   "center-crop": resize the shorter side to input_size / crop_fraction, then cut the centre
 #             (the ImageNet evaluation protocol, best for recognition with ImageNet weights).
 RESIZE_RULES = ("squash", "center-crop")
+# Weights named rather than given as a file (``ghostmatch.model.weights.load_descriptor``).
+NAMED_WEIGHTS = ("imagenet", "bundled", "random")
 POOLINGS = ("gem", "avg", "head")
-# The card extras of a model file that carries a score background (ghostmatch.scorenorm
+# The card extras of a model file that carries a score background (ghostmatch.model.scorenorm
 # reads them; they live here so that this light module can tell without importing faiss).
 SCORE_NORM_RANK_KEY = "score_norm_rank"
 SCORE_NORM_BETA_KEY = "score_norm_beta"
@@ -85,7 +87,7 @@ class ModelCard:
 
     @property
     def normalised_scores(self) -> bool:
-        """Whether the model file carries a score background (``ghostmatch.scorenorm``), so
+        """Whether the model file carries a score background (``ghostmatch.model.scorenorm``), so
         that duplicate scores are background-normalised rather than plain cosines."""
         return SCORE_NORM_RANK_KEY in self.extra
 

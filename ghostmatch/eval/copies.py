@@ -19,7 +19,7 @@ from types import MappingProxyType
 from PIL import Image, ImageOps
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.transforms import (
+from ghostmatch.train.transforms import (
     add_border,
     blur,
     change_aspect,

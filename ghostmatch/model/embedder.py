@@ -13,10 +13,10 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ghostmatch.descriptor import Descriptor
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.ghostnet import ConvBnAct, GhostBottleneck, GhostNet
-from ghostmatch.modelcard import ModelCard
+from ghostmatch.model.card import ModelCard
+from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.ghostnet import ConvBnAct, GhostBottleneck, GhostNet
 
 RUNTIMES = ("auto", "torch", "onnx", "eager")
 DEVICES = ("auto", "cpu", "cuda")
@@ -142,7 +142,7 @@ class Embedder:
     def _onnx_session(self, model: nn.Module):  # type: ignore[no-untyped-def]
         import onnxruntime as ort
 
-        from ghostmatch.weights import cache_dir
+        from ghostmatch.model.weights import cache_dir
 
         path = cache_dir() / "onnx" / f"{self.card.fingerprint}.onnx"
         if not path.exists():
@@ -181,10 +181,6 @@ class Embedder:
                 y = self._model(x)
             y = torch.nn.functional.normalize(y.float(), dim=1)
         return np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)
-
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Descriptors for RGB PIL images."""
-        return self.embed_arrays([prepare(image, self.card) for image in images])
 
 
 def export_onnx(model: nn.Module, card: ModelCard, path: Path) -> Path:

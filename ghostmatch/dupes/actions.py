@@ -9,15 +9,15 @@ Layout choices:
   no root; then the whole path is re-rooted (C:\\x\\a.jpg -> /dupes/C/x/a.jpg).
 - ``delete`` never unlinks: it moves the file into the ghostmatch trash, the folder
   ``<journal>.trash`` beside the journal, at its re-rooted absolute path
-  (/photos/2019/a.jpg -> <journal>.trash/photos/2019/a.jpg). ``purge_trash`` deletes for real.
+  (/photos/2019/a.jpg -> <journal>.trash/photos/2019/a.jpg).
 - A name that is taken gets a numbered suffix (a.jpg -> a~1.jpg, a~2.jpg, ...); no
   existing file is ever replaced, neither by an action nor by ``undo``.
 
 The journal is JSON lines, one record per event, fsynced before the next step: "run" (once
 per applied run: the folder it moves files into), "planned" (the whole action, with the
 file's size, mtime and content hash, written before the file is touched), then "done" or
-"failed", later "undone" or "purged". Paths are stored with non-UTF-8 bytes as escaped
-surrogates, so every file name round-trips.
+"failed", later "undone" ("purged" in journals of older versions). Paths are stored with
+non-UTF-8 bytes as escaped surrogates, so every file name round-trips.
 
 A journal is data, not instructions: ``undo`` moves a file back only from this journal's
 trash or its run's move-to folder, only to a place inside the indexed folders that was not
@@ -37,9 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ghostmatch.dupes import DuplicateGroup
+from ghostmatch.dupes.groups import DuplicateGroup
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.scan import content_hash
+from ghostmatch.ingest.scan import content_hash, is_under
 
 OPS = ("move", "delete")
 TRASH_SUFFIX = ".trash"
@@ -220,7 +220,7 @@ def plan_actions(
         destination = Path(os.path.abspath(move_to))
         real_destination = Path(os.path.realpath(move_to))
         for folder in guarded:
-            if _is_under(real_destination, folder):
+            if is_under(real_destination, folder):
                 raise GhostmatchError(
                     f"{os.fsdecode(move_to)} is inside the protected folder "
                     f"{os.fsdecode(folder)}; choose a destination outside it"
@@ -240,9 +240,9 @@ def plan_actions(
                 reason = KEPT_ELSEWHERE
             elif real in seen:
                 reason = LISTED_TWICE
-            elif any(_is_under(real, folder) for folder in guarded):
+            elif any(is_under(real, folder) for folder in guarded):
                 reason = PROTECTED
-            elif real_destination is not None and _is_under(real, real_destination):
+            elif real_destination is not None and is_under(real, real_destination):
                 reason = ALREADY_MOVED
             if reason is not None:
                 skipped.append((source, reason))
@@ -274,7 +274,7 @@ def plan_actions(
         relative = action.source.relative_to(root) if root else _rerooted(action.source)
         target = _free_name(destination / relative, claimed)
         real_target = _real_file(target)
-        if any(_is_under(real_target, folder) for folder in guarded):
+        if any(is_under(real_target, folder) for folder in guarded):
             skipped.append((action.source, PROTECTED_TARGET))
             continue
         claimed.add(target)
@@ -419,32 +419,6 @@ def undo(journal: Path, roots: Sequence[Path]) -> UndoReport:
     return report
 
 
-def purge_trash(journal: Path) -> int:
-    """Delete for real the files "delete" put in the trash of ``journal``; how many.
-
-    Purged actions get a "purged" record, which ``undo`` then reports instead of restoring.
-    Only files inside ``trash_folder(journal)`` are ever removed.
-    """
-    journal = _existing_journal(journal)
-    trash = trash_folder(journal)
-    removed = 0
-    with _journal_appender(journal) as append:
-        for entry in _read_journal(journal)[0]:
-            target = entry.action.target
-            if entry.action.op != "delete" or entry.status not in ("planned", "done"):
-                continue
-            if target is None or not _is_under(Path(os.path.abspath(target)), trash):
-                continue
-            if not os.path.lexists(target):
-                continue
-            os.unlink(target)
-            removed += 1
-            append({"event": "purged", "id": entry.id})
-    if trash.is_dir() and not trash.is_symlink():
-        shutil.rmtree(trash)
-    return removed
-
-
 @dataclass
 class _Entry:
     id: str
@@ -498,7 +472,7 @@ class _UndoRules:
             (
                 folder
                 for folder, real in self.roots
-                if _is_under(source, folder) and _is_under(real_source, real)
+                if is_under(source, folder) and is_under(real_source, real)
             ),
             None,
         )
@@ -520,14 +494,14 @@ class _UndoRules:
                     f"journal of an older ghostmatch); move {os.fsdecode(target)} back by hand"
                 )
             home = Path(os.path.realpath(moved_into))
-            if any(_is_under(real, home) for _, real in self.roots):
+            if any(is_under(real, home) for _, real in self.roots):
                 return f"its move-to folder {os.fsdecode(moved_into)} holds an indexed folder"
             name = f"the move-to folder {os.fsdecode(moved_into)}"
         else:
             return f"unknown action {action.op!r}"
-        if _is_under(real_source, home) or _is_under(real_source, self.trash):
+        if is_under(real_source, home) or is_under(real_source, self.trash):
             return "its original place is inside a trash or move-to folder"
-        if not _is_under(_real_file(target), home):
+        if not is_under(_real_file(target), home):
             return f"{os.fsdecode(target)} is outside {name}"
         if not action.content_hash:
             return (
@@ -720,10 +694,6 @@ def _real_file(path: Path) -> Path:
     return Path(os.path.realpath(path.parent)) / path.name
 
 
-def _is_under(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def _is_clean_absolute(path: Path) -> bool:
     """Absolute, without "." or ".." parts or doubled separators."""
     return path.is_absolute() and os.path.normpath(path) == os.fspath(path)
@@ -752,7 +722,7 @@ def _second_name(extra: Path, original: Path) -> bool:
 
 def _remove_empty_folders(folder: Path, stop: Path) -> None:
     """Remove ``folder`` and its parents while empty, up to and including ``stop``."""
-    while _is_under(folder, stop):
+    while is_under(folder, stop):
         try:
             folder.rmdir()
         except OSError:

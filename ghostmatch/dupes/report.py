@@ -11,9 +11,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.images import ImageRejected, load_image
+from ghostmatch.ingest.images import ImageRejected, load_image
 from ghostmatch.pathtext import path_text
 
 THUMB_QUALITY = 80

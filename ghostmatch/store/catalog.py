@@ -768,26 +768,6 @@ class Catalog:
                 order = [image_id for image_id in ids if image_id in found]
         return np.array(order, dtype=np.int64), _stack([found[image_id] for image_id in order])
 
-    def iter_vectors(
-        self, batch: int = 10_000
-    ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
-        """(ids, vectors) chunks of at most ``batch`` rows by id, from one consistent read,
-        so that an index can be rebuilt in bounded memory."""
-        query = select(_ImageRow.id, _ImageRow.vector).order_by(_ImageRow.id)
-        with self._read() as conn:
-            result = conn.execution_options(yield_per=batch).execute(query)
-            for part in result.partitions():
-                yield (
-                    np.array([image_id for image_id, _ in part], dtype=np.int64),
-                    _stack([blob for _, blob in part]),
-                )
-
-    def vector_of_path(self, path: Path) -> NDArray[np.float32] | None:
-        query = select(_ImageRow.vector).where(_ImageRow.path == _path_text(path))
-        with self._read() as conn:
-            blob = conn.scalar(query)
-        return None if blob is None else _stack([blob])[0]
-
     def failures(self) -> list[FailureRecord]:
         """Every recorded failure, by path."""
         columns: list[Any] = [

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ghostmatch.descriptor import Descriptor
+from ghostmatch.model.descriptor import Descriptor
 
 # Stage of GhostNet after which the feature map has stride 16 (14 x 14 at 224 px).
 STRIDE16_STAGE = 7

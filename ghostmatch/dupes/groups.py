@@ -6,12 +6,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.verify import Verification
 
-TIERS = ("exact", "near", "edited")
+if TYPE_CHECKING:
+    # Only for annotations: the checks themselves need torch, which grouping does not.
+    from ghostmatch.dupes.verify import Verification
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ DEFAULT_MIN_INLIERS = 36
 # Stage 2 looks at pairs from this cosine up to the threshold.
 DEFAULT_VERIFY_THRESHOLD = 0.75
 # The same two lines for a model whose file carries a score background
-# (ghostmatch.scorenorm): its duplicate scores are cosines less two background offsets.
+# (ghostmatch.model.scorenorm): its duplicate scores are cosines less two background offsets.
 # The bundled model's measured rule (README, duplicate thresholds).
 DEFAULT_NORMALISED_THRESHOLD = 0.357
 DEFAULT_NORMALISED_VERIFY_THRESHOLD = 0.264
@@ -100,7 +101,7 @@ def keep_priority(rule: str) -> Callable[[DuplicateMember], tuple[Any, ...]]:
     ``pixels`` (the default): most pixels, then larger file, then oldest, then path.
     """
     if rule not in KEEP_RULES:
-        raise GhostmatchError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {rule!r}")
+        raise GhostmatchError(f"the keep rule must be one of {', '.join(KEEP_RULES)}, not {rule!r}")
 
     def key(m: DuplicateMember) -> tuple[Any, ...]:
         pixels, size, age, path = -m.width * m.height, -m.bytes, m.mtime_ns, os.fsdecode(m.path)
@@ -172,9 +173,18 @@ def tier_of(
     ``edited`` (crops, borders, flips, turns). Without one, a guess from the score:
     ``near`` when it lies in the top ``NEAR_BAND`` of the band from the threshold up to
     ``ceiling``, the score the pair would get were the copy identical (1 for plain
-    cosines; 1 less both offsets for normalised scores, ``ghostmatch.scorenorm``)."""
+    cosines; 1 less both offsets for normalised scores, ``ghostmatch.model.scorenorm``)."""
     if kept is not None and kept.content_hash == other.content_hash:
         return "exact"
     if check is not None:
         return "near" if check.is_identity() else "edited"
     return "near" if ceiling - score <= NEAR_BAND * (ceiling - threshold) else "edited"
+
+
+def check_threshold(threshold: float, normalised: bool = False) -> float:
+    """A duplicate threshold: a cosine in [-1, 1], or for background-normalised scores
+    (a cosine less two offsets of at most 1 each) a number in [-3, 1]."""
+    low, kind = (-3.0, "normalised score") if normalised else (-1.0, "cosine score")
+    if not low <= threshold <= 1.0:
+        raise GhostmatchError(f"a duplicate threshold is a {kind} in [{low:g}, 1], not {threshold}")
+    return float(threshold)

@@ -1,0 +1,25 @@
+"""What the commands print: a console for results (stdout), one for messages (stderr),
+and JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+def print_json(data: Any) -> None:
+    """``data`` as indented JSON on stdout.
+
+    ensure_ascii keeps non-UTF-8 names (lone surrogates) as ``\\udcNN`` escapes that
+    round-trip, where writing them raw fails on a strict UTF-8 stdout.
+    """
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True) + "\n")

@@ -1,0 +1,1 @@
+"""Duplicates: grouping, geometric verification, actions on files and the HTML report."""

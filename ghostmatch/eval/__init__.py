@@ -1,0 +1,1 @@
+"""Measuring: metrics, evaluation of retrieval and duplicates, and the copies they use."""

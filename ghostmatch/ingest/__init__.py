@@ -1,0 +1,1 @@
+"""Reading photos: finding files in folders and decoding them."""

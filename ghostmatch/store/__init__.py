@@ -1,0 +1,1 @@
+"""What an index keeps: the catalog of images and vectors, and the writer lock."""

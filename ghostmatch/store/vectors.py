@@ -1,0 +1,300 @@
+"""The FAISS file of an index folder, kept in step with the catalog.
+
+The catalog is the truth; ``vectors.faiss`` is derived from it and rebuilt whenever the
+two disagree. Every catalog change bumps a generation number, and the FAISS file is saved
+stamped with the generation it holds and the sha256 of its bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy.exc import IntegrityError
+
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.store.catalog import Catalog, CatalogTransaction
+from ghostmatch.store.locking import WriterLock
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ghostmatch.indexes.vector_index import VectorIndex
+
+INDEX_FILE = "vectors.faiss"
+INDEX_TYPE_META = "index_type"
+GENERATION_META = "generation"
+# Vectors fetched from the catalog at once when the FAISS index catches up with it.
+_SYNC_CHUNK = 50_000
+
+
+@dataclass
+class Change:
+    """One catalog transaction of an index change and the ids it drops and adds, for the
+    FAISS index to catch up with (the ids of updated vectors go in both)."""
+
+    tx: CatalogTransaction
+    removed: list[int] = field(default_factory=list)
+    added: list[int] = field(default_factory=list)
+
+
+class VectorStore:
+    """The FAISS index of one index folder, checked against (and repaired from) its catalog.
+
+    Changes go through :meth:`change`, under :meth:`writing`; the FAISS file catches up
+    once, in :meth:`apply`, rather than at every commit.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        catalog: Catalog,
+        *,
+        device: str = "auto",
+        index_type: str | None = None,
+        wait: bool = True,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.file = path / INDEX_FILE
+        self.catalog = catalog
+        self._device = device
+        self._index_type = index_type
+        # One writer at a time per index folder (``wait`` False: fail instead of waiting).
+        self._lock = WriterLock(path)
+        self._wait, self._on_wait = wait, on_wait
+        self._index: VectorIndex | None = None
+        # The catalog generation ``_index`` holds, and the changes committed through this
+        # object since (ids to drop, ids whose catalog vectors to add) up to
+        # ``_delta_generation``: the FAISS index catches up once, at the end of a write.
+        self._index_generation: int | None = None
+        self._delta_generation: int | None = None
+        self._delta_removed: set[int] = set()
+        self._delta_added: set[int] = set()
+
+    # ------------------------------------------------------------------------ locking
+
+    def close(self) -> None:
+        while self._lock.held:
+            self._lock.release()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the index's writer lock (re-entrant) for a change of catalog and FAISS file."""
+        self._lock.acquire(self._wait, self._on_wait)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # ------------------------------------------------------------------------ reading
+
+    def generation(self) -> int:
+        return int(self.catalog.get_meta(GENERATION_META) or 0)
+
+    @property
+    def index(self) -> VectorIndex | None:
+        """The FAISS index, loaded and checked against the catalog (repaired if needed)."""
+        # Another process may have changed the index since it was loaded here.
+        stale = self._index is not None and self._index_generation != self.generation()
+        if stale and not self._lock.held:
+            self.forget()
+        if self._index is None:
+            self._index = self._open()
+        return self._index
+
+    def _open(self) -> VectorIndex | None:
+        """Load the FAISS file if it holds exactly the catalog's current vectors, else rebuild.
+
+        The stamp catches a crash between the two writes, a stale copy put back or a file
+        damaged in place, even for a changed file whose id (and so the id set) stayed the
+        same. A rebuild is saved only when that is possible (writable folder, no other
+        writer); a reader never fails for want of write access.
+        """
+        from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
+
+        # Read before the vectors: a concurrent commit can then only make what is built
+        # newer than its stamp (a needless rebuild later), never older.
+        generation = self.generation()
+        stamp = read_generation(self.file)
+        if stamp is not None and stamp[0] == generation:
+            try:
+                index: VectorIndex | None = VectorIndex.load(self.file, device=self._device)
+            except GhostmatchError:
+                index = None
+            if (
+                index is not None
+                and index.checksum == stamp[1]
+                and np.array_equal(index.ids(), self.catalog.ids())
+            ):
+                self._loaded(index, generation)
+                return index
+        all_ids, vectors = self.catalog.vectors()
+        if len(all_ids) == 0:
+            self._loaded(None, generation)
+            if self._lock.try_acquire():
+                try:
+                    if self.generation() == generation:
+                        self.file.unlink(missing_ok=True)
+                except OSError:
+                    pass  # a read-only folder: the stale file is never trusted anyway
+                finally:
+                    self._lock.release()
+            return None
+        stored_type = self.catalog.get_meta(INDEX_TYPE_META)
+        factory = self._index_type or stored_type or default_factory(len(all_ids), vectors.shape[1])
+        index = build_index(all_ids, vectors, factory, device=self._device)
+        self._loaded(index, generation)
+        if self._lock.try_acquire():
+            try:
+                if self._index_type is not None and stored_type != self._index_type:
+                    # The type asked for when the index was made outlives a lost file.
+                    self.catalog.set_meta(INDEX_TYPE_META, self._index_type)
+                if self.generation() == generation:
+                    self._save(index, generation)
+            except OSError:
+                pass  # read-only or full: the rebuilt index serves from memory this time
+            finally:
+                self._lock.release()
+        return index
+
+    def _loaded(self, index: VectorIndex | None, generation: int) -> None:
+        self._index = index
+        self._index_generation = self._delta_generation = generation
+        self._delta_removed, self._delta_added = set(), set()
+
+    def forget(self) -> None:
+        """Drop the in-memory index; the next use reloads it checked against the catalog."""
+        self._index = None
+        self._index_generation = self._delta_generation = None
+        self._delta_removed, self._delta_added = set(), set()
+
+    def _save(self, index: VectorIndex, generation: int) -> None:
+        """Save ``index``, stamped with the catalog generation whose vectors it holds."""
+        checksum = index.save(self.file)
+        write_generation(self.file, generation, checksum)
+
+    # ------------------------------------------------------------------------ changing
+
+    def rebuild(self, index_type: str | None = None) -> str:
+        """Rebuild the FAISS index from the stored vectors, optionally as another type."""
+        from ghostmatch.indexes.vector_index import build_index, default_factory
+
+        with self.writing():
+            generation = self.generation()
+            ids, vectors = self.catalog.vectors()
+            if len(ids) == 0:
+                raise GhostmatchError("the index is empty; nothing to rebuild")
+            factory = index_type or default_factory(len(ids), vectors.shape[1])
+            index = build_index(ids, vectors, factory, device=self._device)
+            self.catalog.set_meta(INDEX_TYPE_META, index_type)
+            self._loaded(index, generation)
+            self._save(index, generation)
+        return factory
+
+    @contextmanager
+    def change(self) -> Iterator[Change]:
+        """A catalog transaction that bumps the generation and notes which ids it drops
+        and adds, for :meth:`apply`. A clash with a writer that ignores the lock (an older
+        ghostmatch) becomes a GhostmatchError, not a database one."""
+        self._load_before_change()
+        try:
+            with self.catalog.transaction() as tx:
+                before = int(tx.get_meta(GENERATION_META) or 0)
+                change = Change(tx)
+                yield change
+                tx.set_meta(GENERATION_META, before + 1)
+        except IntegrityError as error:
+            raise GhostmatchError(
+                f"another program changed the index {self.path} at the same time "
+                f"({error.orig}); run the command again"
+            ) from error
+        self._track(before, change.removed, change.added)
+
+    def delete(self, ids: Sequence[int]) -> None:
+        """Delete catalog rows; the FAISS index catches up in :meth:`apply`."""
+        with self.change() as change:
+            change.tx.delete_images(ids)
+            change.removed.extend(ids)
+
+    def _load_before_change(self) -> None:
+        """Load the index (checked against the catalog) before a commit changes the catalog,
+        unless what is held is current: the commits' changes are then applied to it, not
+        rebuilt. Another process may have written since this object last looked."""
+        if self._delta_generation is None or self._delta_generation != self.generation():
+            self.forget()
+            self._index = self._open()
+
+    def _track(self, before: int, removed: Iterable[int], added: Iterable[int]) -> None:
+        """Note a committed catalog change (generation ``before`` to ``before + 1``)."""
+        if self._delta_generation is None:
+            return  # not loaded: the next use loads it checked against the catalog
+        if self._delta_generation != before:
+            # Someone else committed in between: what the changes build on is unknown.
+            self.forget()
+            return
+        gone = set(removed)
+        self._delta_removed |= gone
+        self._delta_added = (self._delta_added - gone) | set(added)
+        self._delta_generation = before + 1
+
+    def apply(self) -> None:
+        """Bring the FAISS index up to the catalog changes committed here, then save it
+        once, stamped with the generation it now holds. Call with the writer lock."""
+        target = self._delta_generation
+        index = self._index
+        if target is not None and target == self._index_generation:
+            return
+        if index is None or target is None or target != self.generation():
+            # Empty before, not loaded, or the catalog moved on without us: load it checked
+            # (built from the catalog and saved when the file is behind).
+            self.forget()
+            self._index = self._open()
+            return
+        removed, added = sorted(self._delta_removed), sorted(self._delta_added)
+        self._index = None  # half-changed if interrupted here: reload it next time
+        if removed:
+            index.remove(np.asarray(removed, dtype=np.int64))
+        for start in range(0, len(added), _SYNC_CHUNK):
+            ids, vectors = self.catalog.vectors(added[start : start + _SYNC_CHUNK])
+            if len(ids):
+                index.add(ids, vectors)
+        if index.ntotal == 0:
+            self.file.unlink(missing_ok=True)
+            self._loaded(None, target)
+            return
+        self._save(index, target)
+        self._loaded(index, target)
+
+
+def read_generation(file: Path) -> tuple[int, str] | None:
+    """(catalog generation, sha256) of what the index file was saved holding, or None if
+    unknown. The checksum names the exact bytes saved, so an older copy put back in its
+    place, or a file overwritten in part, is not taken for the one that was saved (while a
+    copy of the whole folder stays valid)."""
+    try:
+        generation, checksum = file.with_name(file.name + ".generation").read_text().split()
+        return int(generation), checksum
+    except (OSError, ValueError):
+        return None
+
+
+def write_generation(file: Path, generation: int, checksum: str) -> None:
+    """Atomically record the catalog generation and checksum of the just-saved index file."""
+    target = file.with_name(file.name + ".generation")
+    # Named per process: a temp name shared by two writers was renamed away under one.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(f"{generation} {checksum}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

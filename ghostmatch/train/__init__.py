@@ -1,0 +1,1 @@
+"""Training the bundled model: the loop, its augmentations and image transforms."""

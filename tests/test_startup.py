@@ -1,0 +1,66 @@
+"""Commands that need no model load no torch or ONNX Runtime, and ``--help`` no faiss
+either: each of those imports takes seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ghostmatch
+
+HEAVY = {"torch", "onnxruntime"}
+
+
+def imported(args: list[object], model_cache: Path) -> set[str]:
+    """The top-level modules a ``ghostmatch`` command imports (``python -X importtime``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
+    env.update(GHOSTMATCH_OFFLINE="1", GHOSTMATCH_CACHE=str(model_cache))
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ghostmatch.cli.app", *map(os.fspath, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = set()
+    for line in result.stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    assert "ghostmatch" in names  # the output is what it is taken for
+    return names
+
+
+@pytest.fixture
+def indexed(tmp_path: Path) -> tuple[Path, Path]:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"{i}.jpg")
+    index = tmp_path / "index"
+    with ghostmatch.open(index, weights="random") as lib:
+        assert lib.index([photos]).added == 3
+    return photos, index
+
+
+def test_help_imports_no_model_and_no_faiss(model_cache: Path) -> None:
+    assert not imported(["--help"], model_cache) & (HEAVY | {"faiss"})
+
+
+def test_info_an_unchanged_rerun_and_remove_load_no_model(
+    indexed: tuple[Path, Path], model_cache: Path
+) -> None:
+    photos, index = indexed
+    assert not imported(["info", "--index", index], model_cache) & HEAVY
+    assert not imported(["index", photos, "--index", index, "--quiet"], model_cache) & HEAVY
+    assert not imported(["remove", photos / "0.jpg", "--index", index], model_cache) & HEAVY
+    with ghostmatch.open(index, create=False) as lib:
+        assert lib.catalog.count() == 2  # the remove did happen
