@@ -72,6 +72,21 @@ def test_vector_store_builds_saves_and_reloads_the_catalog_vectors(
     assert ids[0, 0] == catalog.ids()[0] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.skipif(
+    __import__("faiss").get_num_gpus() > 0, reason="faiss has a GPU here: it would use it"
+)
+def test_vector_store_for_a_cuda_model_searches_on_the_cpu_with_faiss_cpu(
+    folder: tuple[Path, Catalog, list[Path], np.ndarray],
+) -> None:
+    # --device cuda names where the model runs; a faiss-cpu build (the default install)
+    # beside a CUDA torch must still open and search the index.
+    path, catalog, _, vectors = folder
+    index = VectorStore(path, catalog, device="cuda").index
+    assert index is not None and not index.on_gpu
+    _, ids = index.search(vectors[:1], 1)
+    assert ids[0, 0] == catalog.ids()[0]
+
+
 def test_vector_store_catches_up_with_changes_once_applied(
     folder: tuple[Path, Catalog, list[Path], np.ndarray],
 ) -> None:

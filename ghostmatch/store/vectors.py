@@ -63,7 +63,9 @@ class VectorStore:
         self.path = path
         self.file = path / INDEX_FILE
         self.catalog = catalog
-        self._device = device
+        # ``device`` names where the model runs. FAISS follows it onto the GPU only when its
+        # build can (faiss-cpu, the default install, cannot), so "cuda" asks for "auto" here.
+        self._device = "auto" if device == "cuda" else device
         self._index_type = index_type
         # One writer at a time per index folder (``wait`` False: fail instead of waiting).
         self._lock = WriterLock(path)
