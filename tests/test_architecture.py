@@ -18,6 +18,7 @@ BUILT_ON = (
     "ghostmatch.ingest.indexer",
     "ghostmatch.eval",
     "ghostmatch.train",
+    "ghostmatch.serve",
 )
 FOUNDATIONS = (
     "ghostmatch.model",
@@ -75,6 +76,17 @@ def test_the_package_never_imports_the_command_line() -> None:
     assert not wrong
 
 
+def test_only_the_server_imports_the_server() -> None:
+    wrong = {
+        (module, target)
+        for module, targets in imports().items()
+        if not within(module, ("ghostmatch.serve",))
+        for target in targets
+        if within(target, ("ghostmatch.serve",))
+    }
+    assert not wrong
+
+
 def test_foundations_do_not_import_what_is_built_on_them() -> None:
     wrong = {
         (module, target)
@@ -107,5 +119,6 @@ def test_the_checks_see_the_modules_they_are_about() -> None:
         "ghostmatch.store.vectors",
         "ghostmatch.model.binding",
         "ghostmatch.indexes.vector_index",
+        "ghostmatch.serve.engine",
     ):
         assert expected in names
