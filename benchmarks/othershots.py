@@ -91,6 +91,11 @@ def shot_of(obj: int, seed: int) -> int:
     return random.Random(f"{seed}:source:{obj}").randrange(SHOTS)
 
 
+def quick_objects() -> list[int]:
+    """The quick set's objects: the first and last few, so that both halves have some."""
+    return [*range(OBJECTS_QUICK // 2), *range(OBJECTS - OBJECTS_QUICK // 2, OBJECTS)]
+
+
 def half(obj: int) -> str:
     return HALVES[0] if obj < TUNING_OBJECTS else HALVES[1]
 
@@ -238,9 +243,7 @@ def measure_all(report: Report, settings: Settings, work: Path, reuse: bool) -> 
     if (root / "items.json").is_file():
         shots = load(root)
     else:
-        count = OBJECTS_QUICK if quick else OBJECTS
-        # The quick set still has objects from both halves.
-        objects = sorted({*range(count // 2), *range(OBJECTS - count // 2, OBJECTS)})
+        objects = quick_objects() if quick else list(range(OBJECTS))
         photos = caltech_test() or []
         n_caltech = CALTECH_QUICK if quick else CALTECH_PHOTOS
         chosen = [p.path for p in sample(photos, n_caltech, SEED)]

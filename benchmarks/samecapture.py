@@ -190,10 +190,9 @@ def _maps(lib: Library, paths: Sequence[Path]) -> dict[Path, ScaledMaps]:
 
 
 def measure_pairs(
-    lib: Library, groups: Sequence[DuplicateGroup]
+    lib: Library, pairs: Sequence[tuple[Path, Path]]
 ) -> dict[tuple[str, str], Agreement]:
-    """The agreement of every (kept, member) pair of ``groups``, exact copies left out."""
-    pairs = [(g.keep.path, m.path) for g in groups for m in g.members if m.tier != "exact"]
+    """The agreement of each (kept, member) pair."""
     paths = sorted({p for pair in pairs for p in pair})
     maps = _maps(lib, paths)
     images = {p: load_image(p, 320).image for p in paths}
@@ -238,21 +237,30 @@ def choose(
     shots: othershots.OtherShotSet,
     groups: Sequence[DuplicateGroup],
     scores: dict[tuple[str, str], dict[str, float]],
-) -> tuple[str, float, othershots.Figures]:
-    """The feature and cut with the best tuning-half recall at precision >= PRECISION."""
-    best: tuple[float, str, float, othershots.Figures] | None = None
-    names = next(iter(scores.values())).keys()
-    for name in names:
+) -> tuple[str, float]:
+    """The feature and cut with the best tuning-half recall at precision >= PRECISION.
+    Of the cuts that reach it, the middle one (by rank among the pairs' values), so the
+    rule keeps a margin on both sides; between features with the same recall, the one
+    with the widest such range."""
+    best: tuple[float, int, str, float] | None = None
+    for name in next(iter(scores.values())):
         values = np.array([s[name] for s in scores.values()])
-        for cut in np.unique(np.quantile(values, np.linspace(0, 0.95, 96))):
+        cuts = np.unique(np.quantile(values, np.linspace(0, 0.95, 96)))
+        results = []
+        for cut in cuts:
             got = othershots.measure(shots, filtered(groups, scores, name, float(cut)), "tuning")
-            if got.captures.precision >= PRECISION and (
-                best is None or got.groups.recall > best[0]
-            ):
-                best = (got.groups.recall, name, float(cut), got)
+            results.append((got.captures.precision >= PRECISION, got.groups.recall))
+        recalls = [recall for ok, recall in results if ok]
+        if not recalls:
+            continue
+        top = max(recalls)
+        good = [n for n, (ok, recall) in enumerate(results) if ok and recall >= top - 1e-9]
+        candidate = (top, len(good), name, float(cuts[good[len(good) // 2]]))
+        if best is None or candidate[:2] > best[:2]:
+            best = candidate
     if best is None:
         raise RuntimeError("no cut reaches the precision on the tuning half")
-    return best[1], best[2], best[3]
+    return best[2], best[3]
 
 
 def run(work: Path, weights: str = "bundled") -> Report:
@@ -260,22 +268,37 @@ def run(work: Path, weights: str = "bundled") -> Report:
     shots = othershots.load(work / "set")
     groups = othershots.read_groups(work / "groups.json")
     cache = work / "samecapture_pairs.json"
-    start = time.perf_counter()
-    if cache.is_file():
-        rows = json.loads(cache.read_text())
-    else:
+    root = shots.folder
+    # Paths relative to the set, so that another build of the same set reuses the rows.
+    cached = json.loads(cache.read_text()) if cache.is_file() else {"seconds": 0.0, "pairs": []}
+    known = {(r["kept"], r["member"]): r for r in cached["pairs"]}
+    wanted = [(g.keep.path, m.path) for g in groups for m in g.members if m.tier != "exact"]
+    missing = [
+        (a, b)
+        for a, b in wanted
+        if (str(a.relative_to(root)), str(b.relative_to(root))) not in known
+    ]
+    seconds = cached["seconds"]
+    if missing:
+        start = time.perf_counter()
         with Library(work / "index", weights=weights, device="cpu") as lib:
-            measured = measure_pairs(lib, groups)
-        rows = [
-            {"kept": k, "member": m, **features(a), "overlap": a.overlap, "inliers": a.inliers}
-            for (k, m), a in measured.items()
-        ]
-        cache.write_text(json.dumps(rows))
-    seconds = time.perf_counter() - start
-    scores = {(r["kept"], r["member"]): r for r in rows}
+            measured = measure_pairs(lib, missing)
+        for (k, m), a in measured.items():
+            kept, member = str(Path(k).relative_to(root)), str(Path(m).relative_to(root))
+            known[(kept, member)] = {
+                "kept": kept,
+                "member": member,
+                **features(a),
+                "overlap": a.overlap,
+                "inliers": a.inliers,
+            }
+        seconds += time.perf_counter() - start
+        cache.write_text(json.dumps({"seconds": seconds, "pairs": list(known.values())}))
+    rows = [known[(str(a.relative_to(root)), str(b.relative_to(root)))] for a, b in wanted]
+    scores = {(str(root / r["kept"]), str(root / r["member"])): r for r in rows}
     feature_names = [k for k in rows[0] if k not in ("kept", "member", "overlap", "inliers")]
     usable = {key: {n: row[n] for n in feature_names} for key, row in scores.items()}
-    name, cut, _ = choose(shots, groups, usable)
+    name, cut = choose(shots, groups, usable)
     rule = filtered(groups, usable, name, cut)
     for part in (*othershots.HALVES, None):
         label = part or "all"

@@ -173,3 +173,10 @@ def test_run_without_ukbench_says_it_skipped(
     monkeypatch.setattr(othershots, "UKBENCH", tmp_path / "absent")
     report = othershots.run(Settings(quick=True, weights="random", out=tmp_path))
     assert not report.figures and "skipped" in report.notes[0]
+
+
+def test_full_set_takes_every_object_and_the_quick_one_both_halves() -> None:
+    assert othershots.OBJECTS == 125
+    halves = {othershots.half(obj) for obj in othershots.quick_objects()}
+    assert halves == set(othershots.HALVES)
+    assert len(othershots.quick_objects()) == othershots.OBJECTS_QUICK
