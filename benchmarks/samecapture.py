@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -270,7 +271,9 @@ def run(work: Path, weights: str = "bundled") -> Report:
     cache = work / "samecapture_pairs.json"
     root = shots.folder
     # Paths relative to the set, so that another build of the same set reuses the rows.
-    cached = json.loads(cache.read_text()) if cache.is_file() else {"seconds": 0.0, "pairs": []}
+    cached: dict[str, Any] = (
+        json.loads(cache.read_text()) if cache.is_file() else {"seconds": 0.0, "pairs": []}
+    )
     known = {(r["kept"], r["member"]): r for r in cached["pairs"]}
     wanted = [(g.keep.path, m.path) for g in groups for m in g.members if m.tier != "exact"]
     missing = [
@@ -278,7 +281,7 @@ def run(work: Path, weights: str = "bundled") -> Report:
         for a, b in wanted
         if (str(a.relative_to(root)), str(b.relative_to(root))) not in known
     ]
-    seconds = cached["seconds"]
+    seconds = float(cached["seconds"])
     if missing:
         start = time.perf_counter()
         with Library(work / "index", weights=weights, device="cpu") as lib:

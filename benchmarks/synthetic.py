@@ -94,11 +94,13 @@ def document(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     ink = tuple(int(v) for v in rng.integers(0, 70, 3))
     margin = int(rng.integers(8, 30))
     y = margin
-    title = ImageFont.load_default(size=int(rng.integers(16, 26)))
+    title_size = int(rng.integers(16, 26))
+    title = ImageFont.load_default(size=title_size)
     draw.text((margin, y), _words(rng, 2, 5), fill=ink, font=title)
-    y += int(title.size * 1.6)
-    body = ImageFont.load_default(size=int(rng.integers(8, 13)))
-    line = int(body.size * 1.45)
+    y += int(title_size * 1.6)
+    body_size = int(rng.integers(8, 13))
+    body = ImageFont.load_default(size=body_size)
+    line = int(body_size * 1.45)
     while y + line < height - margin:
         if rng.random() < 0.12:  # paragraph break
             y += line
