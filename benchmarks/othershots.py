@@ -19,6 +19,7 @@ made), so that analyses of the same groups need no second index or search.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -76,14 +77,25 @@ class OtherShotSet:
     truth: Path
     items: list[Item]
 
+    # Cached: an analysis measures many rules on one set, and resolving every path each
+    # time would cost more than the measuring.
+    @functools.cached_property
+    def groups(self) -> list[list[Path]]:
+        """The truth groups: each source with its copies."""
+        return read_truth(self.truth)
+
     def scene_of(self) -> dict[Path, str]:
         return {item.path: item.scene for item in self.items if item.scene is not None}
 
+    @functools.cached_property
+    def resolved(self) -> dict[Path, Path]:
+        return {item.path: item.path.resolve() for item in self.items}
+
     def half_of(self) -> dict[Path, str]:
-        return {item.path.resolve(): item.half for item in self.items}
+        return {self.resolved[item.path]: item.half for item in self.items}
 
     def paths(self, role: str) -> set[Path]:
-        return {item.path.resolve() for item in self.items if item.role == role}
+        return {self.resolved[item.path] for item in self.items if item.role == role}
 
 
 def shot_of(obj: int, seed: int) -> int:
@@ -205,11 +217,13 @@ def measure(shots: OtherShotSet, groups: Sequence[DuplicateGroup], part: str | N
     halves = shots.half_of()
     if part is None:
         chosen = list(groups)
-        truth = read_truth(shots.truth)
+        truth = shots.groups
     else:
         chosen = within(groups, lambda a, b: part in (halves.get(a), halves.get(b)))
-        truth = [g for g in read_truth(shots.truth) if halves.get(g[0].resolve()) == part]
-    scenes = {p: s for p, s in shots.scene_of().items() if part in (None, halves[p.resolve()])}
+        truth = [g for g in shots.groups if halves.get(shots.resolved.get(g[0], g[0])) == part]
+    scenes = {
+        p: s for p, s in shots.scene_of().items() if part in (None, halves[shots.resolved[p]])
+    }
     made = shots.paths("synthetic")
     among = within(chosen, lambda a, b: a in made and b in made)
     grouped = {

@@ -246,7 +246,7 @@ def choose(
     best: tuple[float, int, str, float] | None = None
     for name in next(iter(scores.values())):
         values = np.array([s[name] for s in scores.values()])
-        cuts = np.unique(np.quantile(values, np.linspace(0, 0.95, 96)))
+        cuts = np.unique(np.quantile(values, np.linspace(0, 0.95, 48)))
         results = []
         for cut in cuts:
             got = othershots.measure(shots, filtered(groups, scores, name, float(cut)), "tuning")
