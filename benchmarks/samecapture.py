@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,10 @@ class Agreement:
     patches: dict[float, float]
     median: float
     inliers: int
+    # The same two shares with a colour model (a 3 x 4 affine map of RGB) in place of the
+    # grey gain and offset: a hue or saturation change is linear in RGB, not in grey.
+    colour_agree: dict[float, float] = field(default_factory=dict)
+    colour_patches: dict[float, float] = field(default_factory=dict)
 
 
 def grey(image: Image.Image, side: int, sigma: float) -> np.ndarray:
@@ -143,14 +147,44 @@ def align(
     return p, r.reshape(t_img.shape), inside.reshape(t_img.shape), t_img
 
 
-def agreement(kept: Image.Image, member: Image.Image, warp: np.ndarray, inliers: int) -> Agreement:
-    _, r, inside, t = align(kept, member, warp)
-    if inside.sum() < 16:
-        return Agreement(
-            0.0, dict.fromkeys(TOLERANCES, 0.0), dict.fromkeys(TOLERANCES, 0.0), 9.9, inliers
-        )
-    contrast = max(float(t[inside].std()), 0.02)
-    e = np.abs(r) / contrast
+def _rgb(image: Image.Image, side: int, sigma: float) -> np.ndarray:
+    w, h = image.size
+    scale = side / max(w, h)
+    size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    small = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    pixels = np.asarray(small, np.float64) / 255.0
+    return np.stack([ndimage.gaussian_filter(pixels[..., c], sigma) for c in range(3)], -1)
+
+
+def colour_residuals(
+    kept: Image.Image, member: Image.Image, warp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised colour residuals (h, w) at the finest level under ``warp`` after a robust
+    3 x 4 affine colour fit from the member to the kept image, and the inside mask."""
+    side, sigma, _ = LEVELS[-1]
+    target, source = _rgb(kept, side, sigma), _rgb(member, side, sigma)
+    h, w = target.shape[:2]
+    units = _unit_grid(h, w) @ warp.T
+    warped = np.stack([_sample(source[..., c], units)[0] for c in range(3)], -1)
+    inside = _sample(source[..., 0], units)[1]
+    t = target.reshape(-1, 3)
+    design = np.hstack([warped, np.ones((len(warped), 1))])
+    weight = inside.astype(np.float64)
+    for _ in range(4):
+        root = np.sqrt(weight)[:, None]
+        colour, *_ = np.linalg.lstsq(design * root, t * root, rcond=None)
+        r = np.linalg.norm(t - design @ colour, axis=1)
+        scale = max(1.4826 * float(np.median(r[inside])), 1e-3) if inside.any() else 1.0
+        u = r / (TUKEY * scale)
+        weight = inside * np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+    spread = t[inside] - t[inside].mean(axis=0) if inside.any() else np.zeros((1, 3))
+    contrast = max(float(np.sqrt((spread**2).sum(axis=1).mean())), 0.02)
+    return (r / contrast).reshape(h, w), inside.reshape(h, w)
+
+
+def _shares(e: np.ndarray, inside: np.ndarray) -> tuple[dict[float, float], dict[float, float]]:
+    """(share of overlap pixels, share of overlap patches by their median) within each
+    tolerance."""
     h, w = e.shape
     medians = []
     for rows in np.array_split(np.arange(h), PATCHES):
@@ -159,12 +193,29 @@ def agreement(kept: Image.Image, member: Image.Image, warp: np.ndarray, inliers:
             if inside[cell].mean() >= 0.5:
                 medians.append(float(np.median(e[cell][inside[cell]])))
     patch = np.array(medians) if medians else np.array([9.9])
+    return (
+        {tol: float((e[inside] <= tol).mean()) for tol in TOLERANCES},
+        {tol: float((patch <= tol).mean()) for tol in TOLERANCES},
+    )
+
+
+def agreement(kept: Image.Image, member: Image.Image, warp: np.ndarray, inliers: int) -> Agreement:
+    refined, r, inside, t = align(kept, member, warp)
+    if inside.sum() < 16:
+        none = dict.fromkeys(TOLERANCES, 0.0)
+        return Agreement(0.0, none, none, 9.9, inliers, none, none)
+    contrast = max(float(t[inside].std()), 0.02)
+    e = np.abs(r) / contrast
+    agree, patches = _shares(e, inside)
+    colour_agree, colour_patches = _shares(*colour_residuals(kept, member, refined))
     return Agreement(
         overlap=float(inside.mean()),
-        agree={tol: float((e[inside] <= tol).mean()) for tol in TOLERANCES},
-        patches={tol: float((patch <= tol).mean()) for tol in TOLERANCES},
+        agree=agree,
+        patches=patches,
         median=float(np.median(e[inside])),
         inliers=inliers,
+        colour_agree=colour_agree,
+        colour_patches=colour_patches,
     )
 
 
@@ -211,6 +262,10 @@ def features(a: Agreement) -> dict[str, float]:
     named = {f"agree@{t}": v for t, v in a.agree.items()}
     named |= {f"patches@{t}": v for t, v in a.patches.items()}
     named["-median"] = -a.median
+    named |= {f"rgb agree@{t}": v for t, v in a.colour_agree.items()}
+    named |= {f"rgb patches@{t}": v for t, v in a.colour_patches.items()}
+    # Grey copies agree in grey, recoloured ones in colour: either will do.
+    named |= {f"either patches@{t}": max(v, a.colour_patches[t]) for t, v in a.patches.items()}
     return named
 
 
@@ -274,14 +329,17 @@ def run(work: Path, weights: str = "bundled") -> Report:
     cached: dict[str, Any] = (
         json.loads(cache.read_text()) if cache.is_file() else {"seconds": 0.0, "pairs": []}
     )
-    known = {(r["kept"], r["member"]): r for r in cached["pairs"]}
+    # Rows measured before a feature was added are measured again.
+    zero = dict.fromkeys(TOLERANCES, 0.0)
+    current = set(features(Agreement(0.0, zero, zero, 0.0, 0, zero, zero)))
+    known = {(r["kept"], r["member"]): r for r in cached["pairs"] if current <= r.keys()}
     wanted = [(g.keep.path, m.path) for g in groups for m in g.members if m.tier != "exact"]
     missing = [
         (a, b)
         for a, b in wanted
         if (str(a.relative_to(root)), str(b.relative_to(root))) not in known
     ]
-    seconds = float(cached["seconds"])
+    seconds = float(cached["seconds"]) if known else 0.0
     if missing:
         start = time.perf_counter()
         with Library(work / "index", weights=weights, device="cpu") as lib:

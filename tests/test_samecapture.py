@@ -58,3 +58,17 @@ def test_an_edit_agrees_where_another_shot_does_not() -> None:
     assert copy.agree[0.1] > 0.75 and copy.median < 0.05
     assert shot.agree[0.1] < 0.5 and shot.median > 0.1
     assert copy.overlap > 0.6 and shot.overlap > 0.9
+
+
+def test_a_recoloured_copy_agrees_in_colour_and_a_grey_one_in_grey() -> None:
+    pixels = np.asarray(photo(), np.float64)
+    # A hue and saturation change: channels mixed, which no grey gain and offset follows.
+    mix = np.array([[0.55, 0.45, 0.0], [0.0, 0.6, 0.4], [0.5, 0.0, 0.5]])
+    recoloured = Image.fromarray(np.clip(pixels @ mix.T, 0, 255).astype(np.uint8))
+    colour = samecapture.agreement(photo(), recoloured, IDENTITY, inliers=50)
+    assert colour.colour_patches[0.1] == 1.0
+    assert colour.patches[0.1] < 0.9
+    grey = samecapture.agreement(photo(), photo().convert("L").convert("RGB"), IDENTITY, 50)
+    assert grey.patches[0.2] == 1.0
+    either = samecapture.features(grey)["either patches@0.2"]
+    assert either == max(grey.patches[0.2], grey.colour_patches[0.2]) == 1.0
