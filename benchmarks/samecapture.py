@@ -104,6 +104,8 @@ def _robust_fit(
     """Gain and offset taking ``i`` to ``t`` over ``inside``, refitted with Tukey weights
     so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights)."""
     weight = inside.astype(np.float64)
+    if not inside.any():  # the member does not cover the kept image at all
+        return 1.0, t - i, weight
     for _ in range(3):
         gain, offset = _photometric(t, i, weight)
         r = t - (gain * i + offset)
