@@ -17,6 +17,7 @@ from benchmarks import (
     dupes_stages,
     heldout,
     indexing,
+    othershots,
     quality,
     query,
     scale,
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     "quality": quality.run,
     "dupes_stages": dupes_stages.run,
     "heldout": heldout.run,
+    "othershots": othershots.run,
     "scale": scale.run,
 }
 

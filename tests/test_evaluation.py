@@ -36,6 +36,7 @@ from ghostmatch.eval.evaluation import (
     DUPE_THRESHOLD_META,
     LabelledPair,
     calibrate,
+    evaluate_captures,
     evaluate_duplicates,
     evaluate_groups,
     evaluate_retrieval,
@@ -468,3 +469,32 @@ def test_finder_groups_are_scored_by_pairs_and_copies(tmp_path: Path) -> None:
     assert got.recall == 2 / 3  # a__gray was missed
     assert got.per_transform == {"flip": 1.0, "gray": 0.0}
     assert evaluate_groups([], truth).precision == 1.0
+
+
+def test_finder_pairs_are_sorted_into_copies_other_shots_and_unrelated(tmp_path: Path) -> None:
+    def member(name: str, score: float = 0.5, tier: str = "edited") -> DuplicateMember:
+        return DuplicateMember(tmp_path / name, score, tier, 1, 1, 1, 0)
+
+    # Object x was shot three times: x1 is the source of copies, x2 and x3 other shots.
+    truth = [[tmp_path / "x1.jpg", tmp_path / "x1__flip.jpg", tmp_path / "x1__gray.jpg"]]
+    scenes = {tmp_path / name: "x" for name in ("x1.jpg", "x1__flip.jpg", "x1__gray.jpg")}
+    scenes |= {tmp_path / "x2.jpg": "x", tmp_path / "x3.jpg": "x"}
+    groups = [
+        DuplicateGroup(
+            keep=member("x1.jpg"),
+            members=[member("x1__flip.jpg"), member("x2.jpg", 0.55, "near"), member("u.png")],
+        ),
+        DuplicateGroup(keep=member("x3.jpg"), members=[member("x1__gray.jpg", 0.52)]),
+    ]
+    got = evaluate_captures(groups, truth, scenes)
+    assert (got.reported_pairs, got.copies, got.other_shots, got.unrelated) == (4, 1, 2, 1)
+    assert got.precision == 1 / 4 and got.other_shot_share == 2 / 4
+    assert got.other_shot_tiers == {"edited": 1, "near": 1}
+    assert got.other_shot_scores == (0.52, 0.55)
+    # Three captures of x (x1 with its copies, x2, x3): each was grouped with another.
+    assert (got.captures, got.captures_grouped) == (3, 3)
+    alone = evaluate_captures(groups[:1], truth, scenes)
+    assert (alone.captures, alone.captures_grouped) == (3, 2)
+    nothing = evaluate_captures([], truth, scenes)
+    assert nothing.precision == 1.0 and nothing.captures_grouped == 0
+    assert nothing.other_shot_scores is None

@@ -229,6 +229,50 @@ class GroupEvaluation:
 
 
 @dataclass(frozen=True)
+class CaptureEvaluation:
+    """The finder's (kept, member) pairs by what the two files really are.
+
+    ``copies`` show one capture (both in one truth group); ``other_shots`` are two
+    captures of one scene (same ``scene_of`` label, different capture): a burst, a
+    re-shoot; ``unrelated`` are the rest. ``other_shot_tiers`` counts the other-shot pairs
+    by the tier they were given and ``other_shot_scores`` is their (lowest, highest) score
+    (None when there are none). Of the ``captures`` of labelled scenes (a truth group, or
+    a labelled file in none), ``captures_grouped`` have a file in a group with a file of
+    another capture of their scene.
+    """
+
+    reported_pairs: int
+    copies: int
+    other_shots: int
+    unrelated: int
+    other_shot_tiers: dict[str, int]
+    other_shot_scores: tuple[float, float] | None
+    captures: int
+    captures_grouped: int
+
+    @property
+    def precision(self) -> float:
+        return self.copies / self.reported_pairs if self.reported_pairs else 1.0
+
+    @property
+    def other_shot_share(self) -> float:
+        """Share of the reported pairs that are another shot, not a copy."""
+        return self.other_shots / self.reported_pairs if self.reported_pairs else 0.0
+
+    @property
+    def captures_grouped_share(self) -> float:
+        return self.captures_grouped / self.captures if self.captures else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "precision": _number(self.precision),
+            "other_shot_share": _number(self.other_shot_share),
+            "captures_grouped_share": _number(self.captures_grouped_share),
+        }
+
+
+@dataclass(frozen=True)
 class LabelledPair:
     """Two images a person judged to be the same picture (``same``) or not; ``line`` is
     where the pair was read, for error messages."""
@@ -636,6 +680,60 @@ def evaluate_groups(
         recall=sum(found.values()) / max(1, sum(total.values())),
         reported_pairs=reported,
         per_transform={name: found[name] / total[name] for name in total},
+    )
+
+
+def evaluate_captures(
+    groups: Sequence[DuplicateGroup],
+    truth: Sequence[Sequence[Path]],
+    scene_of: Mapping[Path, str],
+) -> CaptureEvaluation:
+    """Sort what ``Library.find_duplicates`` reported into copies, other shots of one scene
+    and unrelated pairs. ``truth`` groups hold the files of one capture (an original and its
+    copies); ``scene_of`` labels files with their scene, so that two captures of one object
+    share a label. A file in no truth group is a capture of its own. Paths are compared with
+    symlinks resolved."""
+    capture_of: dict[Path, object] = {
+        p.resolve(): g for g, group in enumerate(truth) for p in group
+    }
+    scenes = {p.resolve(): label for p, label in scene_of.items()}
+
+    def capture(path: Path) -> object:
+        return capture_of.get(path, path)
+
+    copies = others = unrelated = 0
+    tiers: Counter[str] = Counter()
+    scores: list[float] = []
+    grouped: set[Path] = set()
+    for group in groups:
+        keep = group.keep.path.resolve()
+        files = [keep] + [m.path.resolve() for m in group.members]
+        for member, path in zip(group.members, files[1:], strict=True):
+            if capture(keep) == capture(path):
+                copies += 1
+            elif keep in scenes and scenes.get(path) == scenes[keep]:
+                others += 1
+                tiers[member.tier] += 1
+                scores.append(member.score)
+            else:
+                unrelated += 1
+        # Members of one group are all reported as copies of one another's kept file.
+        for path in files:
+            if path in scenes and any(
+                scenes.get(other) == scenes[path] and capture(other) != capture(path)
+                for other in files
+            ):
+                grouped.add(path)
+    captures = {capture(p) for p in scenes}
+    return CaptureEvaluation(
+        reported_pairs=copies + others + unrelated,
+        copies=copies,
+        other_shots=others,
+        unrelated=unrelated,
+        other_shot_tiers=dict(sorted(tiers.items())),
+        other_shot_scores=(min(scores), max(scores)) if scores else None,
+        captures=len(captures),
+        captures_grouped=len({capture(p) for p in grouped}),
     )
 
 
