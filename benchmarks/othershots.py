@@ -2,11 +2,11 @@
 
 ukbench-dev photographs each of 125 objects four times in a row (the camera or the object
 moved between shots). One shot per object, chosen by seed, is the source of 13 edited
-copies (``ghostmatch.copies``, as in the other benchmarks); the object's other three shots
+copies (``ghostmatch.eval.copies``, as in the other benchmarks); the object's other three shots
 stay in the set as negatives: another capture is not a copy. Seeded synthetic images
 (shapes, smooth noise, textures, pages; ``benchmarks.synthetic``) and caltech101 test
 photos are unrelated negatives. ``Library.find_duplicates`` runs with the defaults a user
-gets; ``ghostmatch.evaluation`` sorts its (kept, member) pairs into copies, other shots and
+gets; ``ghostmatch.eval.evaluation`` sorts its (kept, member) pairs into copies, other shots and
 unrelated pairs. Objects 0-62 are the tuning half, 63-124 the held-out half: a rule chosen
 on this set is chosen on the first and reported on the second. Baseline: the same finder
 without the geometric stage (``--no-verify``).
@@ -34,9 +34,9 @@ from benchmarks import synthetic
 from benchmarks.data import REPO, caltech_test, sample
 from benchmarks.report import Figure, Report, environment, save
 from benchmarks.settings import RESULTS, Settings, default_weights
-from ghostmatch.copies import make_copies, read_truth
-from ghostmatch.dupes import DuplicateGroup, DuplicateMember
-from ghostmatch.evaluation import (
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
+from ghostmatch.eval.copies import make_copies, read_truth
+from ghostmatch.eval.evaluation import (
     CaptureEvaluation,
     GroupEvaluation,
     evaluate_captures,

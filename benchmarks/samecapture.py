@@ -4,7 +4,7 @@ An edit of one capture agrees with its source almost everywhere once the two are
 up to one global brightness change and a local overlay (a text bar, a border); another
 shot of the scene disagrees in many places (parallax, moved things, light, sensor noise).
 For every (kept, member) pair that the shipped finder reported on the other-shots set
-(``benchmarks.othershots``), the geometric stage's affine (``ghostmatch.verify``) starts a
+(``benchmarks.othershots``), the geometric stage's affine (``ghostmatch.dupes.verify``) starts a
 Lucas-Kanade refinement of one affine map on the two greyscale images, weighted robustly
 (Tukey) so that an overlay does not pull it, with a gain and offset for the brightness;
 then the share of the overlap where the two agree is measured at several tolerances. A
@@ -32,12 +32,12 @@ from scipy import ndimage
 from benchmarks import othershots
 from benchmarks.report import Figure, Report, environment, save
 from benchmarks.settings import RESULTS
-from ghostmatch.copies import read_truth
-from ghostmatch.dupes import DuplicateGroup
-from ghostmatch.embedder import prepare, to_batch
-from ghostmatch.images import load_image
+from ghostmatch.dupes.groups import DuplicateGroup
+from ghostmatch.dupes.verify import ZOOM, ScaledMaps, local_features, verify_scales
+from ghostmatch.eval.copies import read_truth
+from ghostmatch.ingest.images import load_image
 from ghostmatch.library import Library
-from ghostmatch.verify import ZOOM, ScaledMaps, local_features, verify_scales
+from ghostmatch.model.embedder import prepare, to_batch
 
 # Coarse to fine: (long side in pixels, blur sigma in pixels, Gauss-Newton steps).
 LEVELS = ((48, 1.0, 20), (96, 1.0, 10), (160, 1.0, 5))

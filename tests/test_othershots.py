@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import othershots, synthetic
 from benchmarks.report import Report
 from benchmarks.settings import Settings
-from ghostmatch.copies import TRANSFORMS, read_truth
-from ghostmatch.dupes import DuplicateGroup, DuplicateMember
+from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember
+from ghostmatch.eval.copies import TRANSFORMS, read_truth
 from ghostmatch.library import Library
 
 # Objects 0 and 1 are in the tuning half, 70 in the held-out one.
