@@ -200,7 +200,7 @@ def test_weights_that_are_no_model_leave_nothing_behind(
     listed = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], listed)
     cases = {
-        "nosuch": "weights file nosuch does not exist; --weights takes imagenet, bundled, random",
+        "nosuch": "weights file nosuch does not exist; weights takes imagenet, bundled, random",
         str(pickled): "holds a Python object (datetime.date), and only tensors are loaded",
         str(listed): "is not a model checkpoint: it holds a list",
     }
@@ -229,7 +229,7 @@ def test_a_file_over_the_pixel_limit_is_retried_under_a_higher_one(
         assert report.added == 1
         [(path, reason, detail)] = report.failures
         assert (path.name, reason) == ("chelsea.jpg", "too-large")
-        assert detail == "451x300 is 0.1353 megapixels, over the --max-megapixels limit of 0.1"
+        assert detail == "451x300 is 0.1353 megapixels, over the max_megapixels limit of 0.1"
         assert lib.index([gallery], max_megapixels=0.1).known_bad == 1
         assert lib.index([gallery], max_megapixels=0.05).known_bad == 1
         retried = lib.index([gallery], max_megapixels=0.2)

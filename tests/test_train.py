@@ -155,7 +155,7 @@ def test_other_poolings_train_and_load(tmp_path: Path, pooling: str) -> None:
     assert model.projection.in_features == (1280 if pooling == "head" else 480)
     with torch.no_grad():
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 32)
-    with pytest.raises(GhostmatchError, match="--pooling"):
+    with pytest.raises(GhostmatchError, match="pooling must be one of"):
         train(data, out, TrainConfig(pooling="max", **TINY))
 
 
