@@ -247,7 +247,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(data)
         return
-    out.print(f"index        {data['index']}")
+    out.print(f"index        {path_text(data['index'])}", markup=False)
     out.print(f"images       {data['images']}")
     out.print(f"model        {data['model_summary']}")
     out.print(f"index type   {data['index_type']}")
@@ -381,7 +381,7 @@ def train(
             err.print(f"{event}: {data}")
 
     run_training(folder, out_file, config, list_file=list_file, resume=resume, report=report)
-    out.print(f"wrote {out_file}")
+    out.print(f"wrote {path_text(out_file)}", markup=False)
 
 
 # A full disk or quota, a file over the size limit (RLIMIT_FSIZE: what a full disk looks like
@@ -411,9 +411,8 @@ def _os_error_message(error: OSError) -> str | None:
 def _message(error: GhostmatchError) -> str:
     """The library's message, with the command line's own answer where it has one."""
     if isinstance(error, NoIndexError):
-        return (
-            f"no index at {error.path}; create one with: ghostmatch index DIR --index {error.path}"
-        )
+        where = path_text(error.path)
+        return f"no index at {where}; create one with: ghostmatch index DIR --index {where}"
     if isinstance(error, IndexBusyError):  # only index --no-wait asks not to wait
         return f"{error}, or leave out --no-wait to wait for it"
     return str(error)
