@@ -240,8 +240,6 @@ def calibrate_cmd(
         read_pairs_csv,
     )
 
-    if not 0.0 < precision <= 1.0:
-        raise GhostmatchError(f"--precision must be in (0, 1], got {precision}")
     labelled = read_pairs_csv(pairs)
     lib = ghostmatch.open(index, create=False)
     try:
