@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ghostmatch.cli.output import JsonOpt, err, out, print_json
-from ghostmatch.errors import GhostmatchError
+from ghostmatch.errors import GhostmatchError, IndexBusyError, NoIndexError
 from ghostmatch.pathtext import path_text
 
 app = typer.Typer(
@@ -247,7 +247,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(data)
         return
-    out.print(f"index        {data['index']}")
+    out.print(f"index        {path_text(data['index'])}", markup=False)
     out.print(f"images       {data['images']}")
     out.print(f"model        {data['model_summary']}")
     out.print(f"index type   {data['index_type']}")
@@ -381,7 +381,7 @@ def train(
             err.print(f"{event}: {data}")
 
     run_training(folder, out_file, config, list_file=list_file, resume=resume, report=report)
-    out.print(f"wrote {out_file}")
+    out.print(f"wrote {path_text(out_file)}", markup=False)
 
 
 # A full disk or quota, a file over the size limit (RLIMIT_FSIZE: what a full disk looks like
@@ -408,6 +408,16 @@ def _os_error_message(error: OSError) -> str | None:
     return None
 
 
+def _message(error: GhostmatchError) -> str:
+    """The library's message, with the command line's own answer where it has one."""
+    if isinstance(error, NoIndexError):
+        where = path_text(error.path)
+        return f"no index at {where}; create one with: ghostmatch index DIR --index {where}"
+    if isinstance(error, IndexBusyError):  # only index --no-wait asks not to wait
+        return f"{error}, or leave out --no-wait to wait for it"
+    return str(error)
+
+
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -416,7 +426,7 @@ def main() -> None:
         # Not standalone, click returns the code of a typer.Exit instead of exiting with it.
         status = app(standalone_mode=False)
     except GhostmatchError as error:
-        err.print(f"error: {error}", markup=False, highlight=False)
+        err.print(f"error: {_message(error)}", markup=False, highlight=False)
         sys.exit(error.exit_code)
     except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort
         err.print("interrupted")

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ghostmatch.cli.output import JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.ingest.scan import display_path
+from ghostmatch.pathtext import path_text
 
 if TYPE_CHECKING:
     from ghostmatch.library import Library
@@ -81,7 +81,7 @@ def retrieval(
         print_json(result.to_dict())
         return
     m = result.metrics
-    table = Table(title=f"retrieval on {escape(display_path(folder))}", title_justify="left")
+    table = Table(title=f"retrieval on {escape(path_text(folder))}", title_justify="left")
     for column in ("class", "images", "mAP", "R@1", "R@5", "R@10", f"{k}-NN top-1"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, c in result.per_class.items():
@@ -211,7 +211,7 @@ def dupes(
             f"{result.n_unindexed} truth files are not in the index; their pairs count as missed"
         )
     if plot is not None:
-        out.print(f"wrote {display_path(plot)}", markup=False)
+        out.print(f"wrote {path_text(plot)}", markup=False)
 
 
 def calibrate_cmd(
@@ -240,8 +240,6 @@ def calibrate_cmd(
         read_pairs_csv,
     )
 
-    if not 0.0 < precision <= 1.0:
-        raise GhostmatchError(f"--precision must be in (0, 1], got {precision}")
     labelled = read_pairs_csv(pairs)
     lib = ghostmatch.open(index, create=False)
     try:
@@ -270,7 +268,7 @@ def calibrate_cmd(
         )
         return
     out.print(
-        f"duplicate threshold {choice.threshold:.4f} stored in {display_path(where)}", markup=False
+        f"duplicate threshold {choice.threshold:.4f} stored in {path_text(where)}", markup=False
     )
     out.print(
         f"chosen from {choice.n_same + choice.n_different} labelled pairs ({choice.n_same} same, "
@@ -298,9 +296,7 @@ def _indexed(
         lib = ghostmatch.open(index, weights=weights)
         cleanup.callback(lib.close)
         if not quiet:
-            err.print(
-                f"indexing {display_path(folder)} into {display_path(lib.path)}", markup=False
-            )
+            err.print(f"indexing {path_text(folder)} into {path_text(lib.path)}", markup=False)
         report = lib.index([folder])
         if report.interrupted:
             raise KeyboardInterrupt
@@ -312,7 +308,7 @@ def _indexed(
 
 def _check_folder(folder: Path) -> None:
     if not folder.is_dir():
-        raise GhostmatchError(f"{display_path(folder)} is not a folder")
+        raise GhostmatchError(f"{path_text(folder)} is not a folder")
 
 
 def _plot(curve: Any, path: Path, title: str) -> None:
@@ -325,7 +321,7 @@ def _plot(curve: Any, path: Path, title: str) -> None:
             f"--plot needs matplotlib ({exc.name} is missing); pip install 'ghostmatch[bench]'"
         ) from exc
     except OSError as exc:
-        raise GhostmatchError(f"cannot write {display_path(path)}: {exc.strerror or exc}") from exc
+        raise GhostmatchError(f"cannot write {path_text(path)}: {exc.strerror or exc}") from exc
 
 
 def _rate(value: float | None) -> str:

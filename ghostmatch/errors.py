@@ -1,6 +1,8 @@
-"""The one exception type for mistakes a user can fix."""
+"""The one exception type for mistakes a user can fix, and the kinds a caller may tell apart."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class GhostmatchError(Exception):
@@ -11,3 +13,15 @@ class GhostmatchError(Exception):
     """
 
     exit_code = 2
+
+
+class NoIndexError(GhostmatchError):
+    """A folder opened as an index holds no catalog, and ``create`` was not asked for."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"no index at {path}; open it with create=True to make one")
+        self.path = path
+
+
+class IndexBusyError(GhostmatchError):
+    """Another process is writing the index and ``wait=False`` forbade waiting for it."""

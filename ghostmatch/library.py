@@ -18,7 +18,7 @@ import numpy as np
 from platformdirs import user_data_dir
 
 from ghostmatch.dupes.groups import DuplicateGroup, DuplicateMember, check_threshold
-from ghostmatch.errors import GhostmatchError
+from ghostmatch.errors import GhostmatchError, NoIndexError
 from ghostmatch.ingest.indexer import Indexer, IndexReport, Progress
 from ghostmatch.model.binding import CARD_META, WEIGHTS_META, ImageLike, ModelBinding
 from ghostmatch.model.card import ModelCard
@@ -60,7 +60,7 @@ class Library:
     ``weights`` names the model for a new index; an existing index always uses the model
     recorded in it, and naming a different one is refused rather than mixing vectors.
     A change (``index``, ``remove``, ``rebuild``) waits while another process writes the
-    index, telling ``on_wait`` so; with ``wait=False`` it raises a GhostmatchError instead.
+    index, telling ``on_wait`` so; with ``wait=False`` it raises an IndexBusyError instead.
     """
 
     def __init__(
@@ -82,12 +82,9 @@ class Library:
         # not leave a catalog.db behind in, say, a photo folder named by mistake.
         new = not (self.path / CATALOG_FILE).is_file()
         if not create and new:
-            raise GhostmatchError(
-                f"no index at {self.path}; create one with: ghostmatch index DIR "
-                f"--index {self.path}"
-            )
+            raise NoIndexError(self.path)
         if self.path.exists() and not self.path.is_dir():
-            raise GhostmatchError(f"--index {self.path} is a file, not a folder")
+            raise GhostmatchError(f"the index {self.path} is a file, not a folder")
         spec = str(weights) if weights is not None else None
         # Named weights for a new index are loaded before anything is created, so that a
         # wrong name or file leaves no empty index behind.

@@ -261,7 +261,10 @@ def test_user_mistakes_print_one_line_and_exit_2(
     photo = indexed.gallery / "rocket.jpg"
     cases: dict[str, tuple[list[object], str]] = {
         "missing folder": (["index", tmp_path / "nowhere", "--index", copy], "does not exist"),
-        "folder that is no index": (["info", "--index", not_an_index], "no index at"),
+        "folder that is no index": (
+            ["info", "--index", not_an_index],
+            f"no index at {not_an_index}; create one with: ghostmatch index DIR --index",
+        ),
         "other weights": (
             ["index", indexed.gallery, "--index", copy, "--weights", "imagenet"],
             "built with weights 'random'",

@@ -3,6 +3,8 @@ catalog, search over a tiny index, and the refusal of another model's weights.""
 
 from __future__ import annotations
 
+import ast
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ghostmatch
 from ghostmatch.dupes.finder import DuplicateFinder, check_threshold
 from ghostmatch.dupes.groups import group_pairs
 from ghostmatch.errors import GhostmatchError
@@ -198,3 +201,71 @@ def test_library_errors_name_parameters_not_command_line_flags(
         with pytest.raises(GhostmatchError) as raised:
             call()
         assert "--" not in str(raised.value) and "-k" not in str(raised.value)
+
+
+# A command-line flag: "--weights", "-k"; not a hyphenated word or a negative number.
+FLAG = re.compile(r"(?<![\w-])--?[A-Za-z]")
+
+
+def _message_texts(source: Path) -> list[tuple[int, str]]:
+    """The string pieces of every exception built in ``source``, with their line numbers.
+
+    Pieces are the literals (f-string parts included) inside the call, and module-level
+    string constants the call names, such as a shared piece of advice.
+    """
+    tree = ast.parse(source.read_text(), filename=str(source))
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    texts: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+        # Exception types end in Error (GhostmatchError and its kinds, VectorIndexError) or
+        # are the decoder's ImageRejected; errors.py builds its messages in __init__.
+        if not (name.endswith("Error") or name == "ImageRejected" or source.name == "errors.py"):
+            continue
+        for part in [*node.args, *(keyword.value for keyword in node.keywords)]:
+            inside_fstrings: set[int] = set()
+            for inner in ast.walk(part):
+                if isinstance(inner, ast.JoinedStr):
+                    # Whole, with X for each value, so that f"{dim}-d" reads "X-d".
+                    pieces = [
+                        value.value if isinstance(value, ast.Constant) else "X"
+                        for value in inner.values
+                    ]
+                    inside_fstrings.update(id(value) for value in inner.values)
+                    texts.append((inner.lineno, "".join(map(str, pieces))))
+                elif (
+                    isinstance(inner, ast.Constant)
+                    and isinstance(inner.value, str)
+                    and id(inner) not in inside_fstrings
+                ):
+                    texts.append((inner.lineno, inner.value))
+                elif isinstance(inner, ast.Name) and inner.id in constants:
+                    texts.append((inner.lineno, constants[inner.id]))
+    return texts
+
+
+def test_no_library_error_message_names_a_command_line_flag() -> None:
+    # Read from the source, so that a new message cannot slip in untested; the server is
+    # a front end like the CLI and speaks in its own terms.
+    package = Path(ghostmatch.__file__).parent
+    found, flagged = 0, []
+    for source in sorted(package.rglob("*.py")):
+        if "serve" in source.relative_to(package).parts:
+            continue
+        for line, text in _message_texts(source):
+            found += 1
+            if FLAG.search(text):
+                flagged.append(f"{source.relative_to(package)}:{line}: {text!r}")
+    assert found > 100  # the walk reaches the messages at all
+    assert not flagged, "\n".join(flagged)

@@ -128,7 +128,7 @@ def test_per_image_subset_is_seeded(sources: list[Path], tmp_path: Path) -> None
 def test_make_copies_rejects_bad_requests(sources: list[Path], tmp_path: Path) -> None:
     with pytest.raises(GhostmatchError, match="unknown transform"):
         make_copies(sources, tmp_path / "x", seed=1, transforms=["flip", "sepia"])
-    with pytest.raises(GhostmatchError, match="per-image"):
+    with pytest.raises(GhostmatchError, match="per_image must be between"):
         make_copies(sources, tmp_path / "x", seed=1, per_image=99)
     with pytest.raises(GhostmatchError, match="could be read"):
         make_copies(sources[-1:], tmp_path / "x", seed=1)

@@ -189,6 +189,38 @@ def test_a_catalog_damaged_in_the_middle_is_one_line_for_every_command(
         lib.catalog.vectors()
 
 
+def test_a_name_that_is_not_utf8_is_printed_with_its_bytes(
+    tmp_path: Path, photos: Path, model_cache: Path
+) -> None:
+    # Each byte that is not UTF-8 shows as \\xNN, so the user can tell which file is meant.
+    raw = os.fsencode(tmp_path) + b"/caf\xe9"
+    try:
+        os.mkdir(raw)
+    except OSError:
+        pytest.skip("this file system refuses non-UTF-8 names")
+    folder = Path(os.fsdecode(raw))
+    shown = os.fsdecode(tmp_path) + "/caf\\xe9"
+    cases = {
+        "no index there": (["info", "--index", folder], f"no index at {shown};"),
+        "no such folder": (["eval", "retrieval", folder / "gone"], f"{shown}/gone is not a folder"),
+    }
+    for name, (args, needle) in cases.items():
+        line = error_line(run_cli(args, model_cache))
+        assert needle in line, (name, line)
+    # An index there: JSON gives back the exact bytes, text shows them (brackets too, which
+    # rich would otherwise take for markup).
+    index = Path(os.fsdecode(raw + b"/index [red]"))
+    built = run_cli(
+        ["index", photos, "--index", index, "--weights", "random", "--json"], model_cache
+    )
+    assert built.returncode == 0, built.stderr
+    assert os.fsencode(json.loads(built.stdout)["index"]) == os.fsencode(index)
+    info = run_cli(["info", "--index", index], model_cache)
+    assert f"index        {shown}/index [red]\n" in info.stdout, info.stdout
+    info_json = run_cli(["info", "--index", index, "--json"], model_cache)
+    assert os.fsencode(json.loads(info_json.stdout)["index"]) == os.fsencode(index)
+
+
 # ---------------------------------------------------------------------------- weights
 
 
@@ -200,7 +232,7 @@ def test_weights_that_are_no_model_leave_nothing_behind(
     listed = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], listed)
     cases = {
-        "nosuch": "weights file nosuch does not exist; --weights takes imagenet, bundled, random",
+        "nosuch": "weights file nosuch does not exist; weights takes imagenet, bundled, random",
         str(pickled): "holds a Python object (datetime.date), and only tensors are loaded",
         str(listed): "is not a model checkpoint: it holds a list",
     }
@@ -229,7 +261,7 @@ def test_a_file_over_the_pixel_limit_is_retried_under_a_higher_one(
         assert report.added == 1
         [(path, reason, detail)] = report.failures
         assert (path.name, reason) == ("chelsea.jpg", "too-large")
-        assert detail == "451x300 is 0.1353 megapixels, over the --max-megapixels limit of 0.1"
+        assert detail == "451x300 is 0.1353 megapixels, over the max_megapixels limit of 0.1"
         assert lib.index([gallery], max_megapixels=0.1).known_bad == 1
         assert lib.index([gallery], max_megapixels=0.05).known_bad == 1
         retried = lib.index([gallery], max_megapixels=0.2)

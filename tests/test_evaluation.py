@@ -299,6 +299,17 @@ def test_calibrate_names_the_line_of_an_unreadable_image(classes_index: Path, tm
     assert str(e.value).startswith("line 2: cannot read")
 
 
+def test_calibrate_refuses_an_impossible_precision_before_reading_any_image(
+    classes_index: Path, tmp_path: Path
+) -> None:
+    gone = tmp_path / "gone.jpg"
+    pairs = [LabelledPair(gone, gone, True, 1)]
+    with ghostmatch.open(classes_index, create=False) as lib:
+        for precision in (0.0, 1.5):
+            with pytest.raises(GhostmatchError, match=r"precision must be in \(0, 1\]"):
+                calibrate(lib, pairs, precision, store=False)
+
+
 def test_wilson_lower_bound():
     z = 1.6448536269514722
     assert wilson_lower_bound(12, 12) == pytest.approx(12 / (12 + z * z))

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from ghostmatch.ingest.images import REASONS
-from ghostmatch.ingest.scan import FileEntry, content_hash, display_path, is_under, scan
+from ghostmatch.ingest.scan import FileEntry, content_hash, is_under, scan
+from ghostmatch.pathtext import path_text
 
 
 def _image_bytes(fmt: str) -> bytes:
@@ -161,15 +162,16 @@ def test_non_utf8_names_are_found_and_printable(tmp_path: Path) -> None:
         fp.write(_image_bytes("JPEG"))
     [entry] = scan([tmp_path])
     assert os.fsencode(entry.path) == folder + b"/caf\xe9.jpg"
-    shown = display_path(entry.path)
-    assert shown.endswith("/d\ufffdj\ufffd/caf\ufffd.jpg")
+    shown = path_text(entry.path)
+    # Each byte that is not UTF-8 shows as itself, escaped, not as an anonymous U+FFFD.
+    assert shown.endswith("/d\\xe9j\\xe0/caf\\xe9.jpg")
     assert shown.encode("utf-8")
     with pytest.raises(UnicodeEncodeError):
         str(entry.path).encode("utf-8")
 
 
-def test_display_path_keeps_valid_names() -> None:
-    assert display_path(Path("/photos/été/Ünïcode 🐈.jpg")) == "/photos/été/Ünïcode 🐈.jpg"
+def test_path_text_keeps_valid_names() -> None:
+    assert path_text(Path("/photos/été/Ünïcode 🐈.jpg")) == "/photos/été/Ünïcode 🐈.jpg"
 
 
 def test_error_reasons_are_image_reasons(tree: Path) -> None:

@@ -113,7 +113,7 @@ def test_train_command_writes_a_model_with_its_background(tmp_path: Path) -> Non
     import sys
 
     data = _folder(tmp_path / "data", classes=2, per_class=8)
-    out = tmp_path / "cli.safetensors"
+    out = tmp_path / "cli [red].safetensors"  # printed as it is, not read as markup
     base = [sys.executable, "-m", "ghostmatch.cli.app", "train", str(data), "--out", str(out)]
     tiny = ["--width", "0.5", "--image-size", "64", "--dim", "32", "--batch-size", "8"]
     done = subprocess.run(
@@ -123,6 +123,7 @@ def test_train_command_writes_a_model_with_its_background(tmp_path: Path) -> Non
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    assert f"wrote {out}\n" in done.stdout
     norm = load_descriptor(out).score_norm
     assert norm is not None and norm.background.shape == (5, 32)
     bad = subprocess.run([*base, "--grey", "1.5"], capture_output=True, text=True, check=False)
@@ -155,7 +156,7 @@ def test_other_poolings_train_and_load(tmp_path: Path, pooling: str) -> None:
     assert model.projection.in_features == (1280 if pooling == "head" else 480)
     with torch.no_grad():
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 32)
-    with pytest.raises(GhostmatchError, match="--pooling"):
+    with pytest.raises(GhostmatchError, match="pooling must be one of"):
         train(data, out, TrainConfig(pooling="max", **TINY))
 
 

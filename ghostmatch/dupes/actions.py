@@ -200,14 +200,14 @@ def plan_actions(
     if op not in OPS:
         raise GhostmatchError(f"unknown action {op!r}; use one of {', '.join(OPS)}")
     if op == "move" and move_to is None:
-        raise GhostmatchError("moving duplicates needs a destination folder (--move-to)")
+        raise GhostmatchError("moving duplicates needs a destination folder (move_to)")
     if op == "delete" and move_to is not None:
-        raise GhostmatchError("a destination folder is only for moving; drop --move-to")
+        raise GhostmatchError("a destination folder (move_to) is only for moving, not for deleting")
     guarded = []
     for folder in protect:
         if not os.path.exists(folder):
             raise GhostmatchError(
-                f"protected folder {os.fsdecode(folder)} does not exist; check the --protect path"
+                f"protected folder {os.fsdecode(folder)} does not exist; check the protected paths"
             )
         guarded.append(Path(os.path.realpath(folder)))
     destination: Path | None = None
@@ -215,7 +215,7 @@ def plan_actions(
     if move_to is not None:
         if os.path.exists(move_to) and not os.path.isdir(move_to):
             raise GhostmatchError(
-                f"{os.fsdecode(move_to)} is not a directory; --move-to needs a folder"
+                f"{os.fsdecode(move_to)} is not a directory; move_to needs a folder"
             )
         destination = Path(os.path.abspath(move_to))
         real_destination = Path(os.path.realpath(move_to))
@@ -479,8 +479,8 @@ class _UndoRules:
         if root is None:
             folders = ", ".join(os.fsdecode(folder) for folder, _ in self.roots) or "none"
             return (
-                f"its original place is outside the indexed folders ({folders}); pass the "
-                "--index its duplicates were found in"
+                f"its original place is outside the indexed folders ({folders}); use the "
+                "index its duplicates were found in"
             )
         if not root.is_dir():
             return f"the indexed folder {os.fsdecode(root)} is missing"

@@ -98,7 +98,7 @@ class DuplicateFinder:
         (``verify``): a pair scoring between the verify threshold and ``threshold`` is a
         duplicate when its local features agree on one geometric transform on at least
         ``min_inliers`` points (see ``ghostmatch.dupes.verify``); the transform also sets the
-        tier. Pairs marked ``--not-dup`` are ignored; grouping never chains.
+        tier. Pairs marked not duplicates are ignored; grouping never chains.
         """
         normalised = self.normalised_scores
         t = (

@@ -120,7 +120,7 @@ def make_copies(
     """
     names = _check_transforms(transforms)
     if per_image is not None and not 1 <= per_image <= len(names):
-        raise GhostmatchError(f"--per-image must be between 1 and {len(names)}, got {per_image}")
+        raise GhostmatchError(f"per_image must be between 1 and {len(names)}, got {per_image}")
     ordered = _check_sources(sources)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GhostmatchError(f"{out} is not an empty folder; choose a new or empty one")

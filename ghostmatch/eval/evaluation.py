@@ -31,6 +31,7 @@ from ghostmatch.eval.metrics import (
     PRCurve,
     RetrievalMetrics,
     ThresholdChoice,
+    check_precision,
     pair_metrics,
     pick_threshold,
     precision_recall_curve,
@@ -746,6 +747,7 @@ def calibrate(
     """The lowest threshold reaching ``precision`` on labelled pairs, stored in the index
     (``DUPE_THRESHOLD_META``) unless ``store`` is False. Indexed, unchanged files use their
     stored vectors; others are embedded with the index's model."""
+    check_precision(precision)  # before embedding any pair, which takes a while
     if not pairs:
         raise GhostmatchError("no labelled pairs given")
     if lib.card is None:

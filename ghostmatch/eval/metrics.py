@@ -200,14 +200,19 @@ def pair_metrics(
     )
 
 
+def check_precision(precision: float) -> None:
+    """Refuse a target precision outside (0, 1]."""
+    if not 0.0 < precision <= 1.0:
+        raise GhostmatchError(f"precision must be in (0, 1], got {precision}")
+
+
 def pick_threshold(scores: npt.ArrayLike, same: npt.ArrayLike, precision: float) -> ThresholdChoice:
     """The lowest threshold whose precision on the labelled pairs is at least ``precision``.
 
     ``same[i]`` says whether pair ``i`` is a duplicate. Raises ``GhostmatchError`` when the
     labels cannot support the requested precision.
     """
-    if not 0.0 < precision <= 1.0:
-        raise GhostmatchError(f"precision must be in (0, 1], got {precision}")
+    check_precision(precision)
     score, label = _pairs(scores, same)
     n_same = int(label.sum())
     if n_same == 0:

@@ -181,7 +181,7 @@ def _decode(fp: BinaryIO, fmt: str, min_side: int, max_megapixels: float) -> Dec
             "too-large",
             # Every digit of the pixel count: rounded, a small image read "0.0 megapixels".
             f"{width}x{height} is {_megapixels(width * height)} megapixels, over the "
-            f"--max-megapixels limit of {max_megapixels:g}",
+            f"max_megapixels limit of {max_megapixels:g}",
         )
     if image.format in ("JPEG", "MPO"):
         request = _draft_request(image.size, min_side)

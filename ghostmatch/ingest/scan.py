@@ -16,7 +16,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "FileEntry",
     "content_hash",
-    "display_path",
     "scan",
     "sniff_image",
 ]
@@ -161,15 +160,6 @@ def content_hash(path: Path) -> str:
 def is_under(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or inside it, by their names (no symlinks followed)."""
     return path == folder or folder in path.parents
-
-
-def display_path(path: Path) -> str:
-    """``path`` as printable text: bytes that are not UTF-8 become U+FFFD.
-
-    On Linux a file name is any bytes; Python keeps undecodable ones as lone surrogates,
-    which cannot be encoded to print, log or store as UTF-8.
-    """
-    return os.fsencode(path).decode("utf-8", errors="replace")
 
 
 def _ignore_error(path: Path, reason: str, detail: str) -> None:

@@ -88,7 +88,8 @@ class ModelBinding:
         raise GhostmatchError(
             f"index {self.path} was built with weights {stored.weights!r} (sha256 "
             f"{stored.weights_sha256[:12]}), not {path_text(spec)!r}; "
-            "drop --weights, or use another --index for the other model"
+            "leave weights unset to use the index's own model, or use another index for "
+            "the other model"
         )
 
     @property

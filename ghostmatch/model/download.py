@@ -94,8 +94,7 @@ def fetch(file: HubFile, cache: Path) -> Path:
 
 
 _ADVICE = (
-    "download it on a machine with network and pass it with --weights PATH, or use "
-    "--weights bundled"
+    "download it on a machine with network and pass its path as weights, or use the bundled weights"
 )
 
 

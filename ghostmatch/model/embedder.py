@@ -87,11 +87,11 @@ def channels_last(model: nn.Module) -> nn.Module:
 
 def resolve_device(device: str) -> str:
     if device not in DEVICES:
-        raise GhostmatchError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
+        raise GhostmatchError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise GhostmatchError("--device cuda: torch sees no CUDA GPU; use --device cpu")
+        raise GhostmatchError("device cuda: torch sees no CUDA GPU; use device cpu")
     return device
 
 
@@ -119,7 +119,7 @@ class Embedder:
         threads: int | None = None,
     ) -> None:
         if runtime not in RUNTIMES:
-            raise GhostmatchError(f"--runtime must be one of {', '.join(RUNTIMES)}")
+            raise GhostmatchError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.card: ModelCard = model.card
         self.model = model  # the eager model, for what the runtimes do not export (local maps)
         self.device = resolve_device(device)

@@ -1,4 +1,4 @@
-"""Resolving ``--weights`` (imagenet, bundled, random or a file) into a descriptor model."""
+"""Resolving a weights spec (imagenet, bundled, random or a file) into a descriptor model."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         if path.exists():
             raise GhostmatchError(f"weights file {path} is not a file")
         raise GhostmatchError(
-            f"weights file {os.fsdecode(path)} does not exist; --weights takes "
+            f"weights file {os.fsdecode(path)} does not exist; weights takes "
             f"{', '.join(NAMED_WEIGHTS)} or a checkpoint file (.pth, .pt, .safetensors)"
         )
     if path.suffix == ".safetensors":
@@ -148,7 +148,8 @@ def load_descriptor(
     elif spec == "bundled":
         if not BUNDLED_PATH.exists():
             raise GhostmatchError(
-                "this ghostmatch build has no bundled model; pass --weights imagenet or a file"
+                "this ghostmatch build has no bundled model; use weights imagenet or a "
+                "checkpoint file"
             )
         path, name, base = BUNDLED_PATH, "bundled", {}
     else:

@@ -239,7 +239,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (
         2,
         "failures keep the file's ctime and the pixel limit, so that a chmod or a higher "
-        "--max-megapixels retries the file",
+        "max_megapixels retries the file",
         _add_failure_retry_columns_v2,
     ),
 ]

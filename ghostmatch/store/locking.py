@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ghostmatch.errors import GhostmatchError
+from ghostmatch.errors import GhostmatchError, IndexBusyError
 
 try:
     import fcntl
@@ -35,7 +35,7 @@ class WriterLock:
 
     def acquire(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> None:
         """Take the lock; when another process holds it, wait for it (saying so through
-        ``on_wait``) or, with ``wait`` False, raise a GhostmatchError at once."""
+        ``on_wait``) or, with ``wait`` False, raise an IndexBusyError at once."""
         if self._depth:
             self._depth += 1
             return
@@ -46,9 +46,9 @@ class WriterLock:
         try:
             if not _try_lock(fd):
                 if not wait:
-                    raise GhostmatchError(
+                    raise IndexBusyError(
                         f"another ghostmatch process is writing the index {self.file.parent}; "
-                        "run again when it has finished, or leave out --no-wait to wait for it"
+                        "run again when it has finished"
                     )
                 if on_wait is not None:
                     on_wait("another ghostmatch index is writing this index; waiting...")

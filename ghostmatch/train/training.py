@@ -211,9 +211,9 @@ def train(
     (after a checkpoint), as an interrupt would.
     """
     if config.mode not in MODES:
-        raise GhostmatchError(f"--mode must be one of {', '.join(MODES)}")
+        raise GhostmatchError(f"mode must be one of {', '.join(MODES)}")
     if config.pooling not in POOLINGS:
-        raise GhostmatchError(f"--pooling must be one of {', '.join(POOLINGS)}")
+        raise GhostmatchError(f"pooling must be one of {', '.join(POOLINGS)}")
     ckpt_path = out.with_name(out.name + ".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
     say = report or (lambda event, data: None)
