@@ -146,10 +146,6 @@ def index(
                 prune=not no_prune,
                 progress=progress,
             )
-        # Looked at only when a type is asked for: loading the index needs faiss.
-        current = lib.vector_index if index_type is not None else None
-        if current is not None and current.factory != index_type:
-            lib.rebuild(index_type)
         card = lib.card
     finally:
         lib.close()

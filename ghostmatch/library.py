@@ -187,7 +187,7 @@ class Library:
         with self.vectors.writing():
             # Another writer may have given a new index its model while this one waited.
             self.model.check_request()
-            return self.indexer.run(
+            report = self.indexer.run(
                 roots,
                 batch_size=batch_size,
                 workers=workers,
@@ -195,6 +195,9 @@ class Library:
                 prune=prune,
                 progress=progress,
             )
+            if not report.interrupted:
+                self.vectors.keep_asked_type()
+            return report
 
     def add(self, paths: Sequence[str | os.PathLike[str]], **options: Any) -> IndexReport:
         """Index individual files (or folders) without pruning anything."""

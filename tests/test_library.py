@@ -661,6 +661,18 @@ def test_the_index_type_chosen_at_creation_survives_a_rebuild(photos: Path, tmp_
         assert lib.vector_index.factory.startswith("HNSW32")
 
 
+def test_an_index_type_asked_of_an_existing_index_rebuilds_it(photos: Path, tmp_path: Path) -> None:
+    with ghostmatch.open(tmp_path / "index", weights="random") as lib:
+        lib.index([photos], batch_size=4)
+        assert lib.vector_index is not None and lib.vector_index.factory == "Flat"
+    with ghostmatch.open(tmp_path / "index", index_type="HNSW32") as lib:
+        report = lib.index([photos], batch_size=4)
+        assert report.added == 0
+        assert lib.vector_index is not None and lib.vector_index.factory.startswith("HNSW32")
+    with ghostmatch.open(tmp_path / "index") as lib:  # and it stays that type
+        assert lib.vector_index is not None and lib.vector_index.factory.startswith("HNSW32")
+
+
 def test_checkpoints_write_the_catalog_and_the_index_file_once_per_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

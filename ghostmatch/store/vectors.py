@@ -199,6 +199,15 @@ class VectorStore:
             self._save(index, generation)
         return factory
 
+    def keep_asked_type(self) -> None:
+        """Rebuild the index as the type it was opened with, when it is another type: an
+        ``index_type`` asked of an existing index applies to it, once."""
+        if self._index_type is None:
+            return
+        current = self.index
+        if current is not None and current.factory != self._index_type:
+            self.rebuild(self._index_type)
+
     @contextmanager
     def change(self) -> Iterator[Change]:
         """A catalog transaction that bumps the generation and notes which ids it drops
