@@ -730,11 +730,11 @@ def test_a_failed_batch_fails_its_requests_only() -> None:
 
 def test_duplicates_take_a_threshold_and_the_geometric_check(client: httpx.Client) -> None:
     default = client.get("/api/v1/duplicates").json()
-    strict = client.get("/api/v1/duplicates", params={"similar": 0.99, "verify": False}).json()
+    strict = client.get("/api/v1/duplicates", params={"threshold": 0.99, "verify": False}).json()
     assert strict["threshold"] == 0.99 and default["threshold"] != 0.99
     # Exact copies are grouped whatever the threshold.
     assert strict["total"] == default["total"] == 2
-    for bad in ({"similar": 5}, {"limit": 0}, {"offset": -1}, {"limit": 100_000}):
+    for bad in ({"threshold": 5}, {"limit": 0}, {"offset": -1}, {"limit": 100_000}):
         assert client.get("/api/v1/duplicates", params=bad).status_code == 422
 
 

@@ -385,13 +385,13 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
     def duplicates(
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 20,
-        similar: Annotated[
+        threshold: Annotated[
             float | None,
             Query(ge=-3.0, le=1.0, description="Threshold instead of the index's own"),
         ] = None,
         verify: Annotated[bool, Query(description="Run the geometric check")] = True,
     ) -> dict[str, Any]:
-        return engine.duplicates(offset, limit, similar, verify)
+        return engine.duplicates(offset, limit, threshold, verify)
 
     @app.get(f"{API}/images/{{image_id}}/thumbnail", summary="A JPEG thumbnail by catalog id")
     def thumbnail(

@@ -453,11 +453,11 @@ class QueryEngine:
     # ------------------------------------------------------------------ duplicates
 
     def duplicates(
-        self, offset: int, limit: int, similar: float | None, verify: bool
+        self, offset: int, limit: int, threshold: float | None, verify: bool
     ) -> dict[str, Any]:
         """One page of duplicate groups, found once per index generation and settings."""
         lib = self.library()
-        listing = self._listing(lib, similar, verify)
+        listing = self._listing(lib, threshold, verify)
         page = listing.groups[offset : offset + limit]
         return {
             "threshold": listing.threshold,
@@ -473,15 +473,15 @@ class QueryEngine:
             ],
         }
 
-    def _listing(self, lib: Library, similar: float | None, verify: bool) -> _Listing:
-        key = (self._generation, similar, verify)
+    def _listing(self, lib: Library, threshold: float | None, verify: bool) -> _Listing:
+        key = (self._generation, threshold, verify)
         with self._listing_lock:
             listing = self._listings.get(key)
             if listing is None:
-                threshold = lib.duplicate_threshold() if similar is None else similar
-                groups = lib.find_duplicates(similar, verify=verify)
+                used = lib.duplicate_threshold() if threshold is None else threshold
+                groups = lib.find_duplicates(threshold, verify=verify)
                 paths = [m.path for g in groups for m in [g.keep, *g.members]]
-                listing = _Listing(threshold, groups, self._ids_of(lib, paths))
+                listing = _Listing(used, groups, self._ids_of(lib, paths))
                 self._listings = {k: v for k, v in self._listings.items() if k[0] == key[0]}
                 self._listings[key] = listing
             return listing
