@@ -9,7 +9,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_support import CLI, cli_env
 from corpus import NON_UTF8_NAME, UNREADABLE_NAME, make_bad_files
 from PIL import Image, ImageOps
 
@@ -30,23 +30,7 @@ pytestmark = [
     pytest.mark.usefixtures("shared_model_cache"),
 ]
 
-CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 MATCH_KEYS = {"rank", "path", "score", "width", "height", "bytes"}
-
-
-def cli_env(model_cache: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
-    env.update(
-        GHOSTMATCH_OFFLINE="1",
-        GHOSTMATCH_CACHE=str(model_cache),
-        XDG_DATA_HOME=str(model_cache.parent / "xdg-data"),
-        # A strict UTF-8 stdout, as under the common en_US.UTF-8 locale (C.UTF-8 would
-        # silently let non-UTF-8 file names through).
-        PYTHONIOENCODING="utf-8",
-        COLUMNS="250",  # table rows on one line each
-    )
-    env.update(extra)
-    return env
 
 
 def run_cli(

@@ -13,17 +13,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_support import CLI, cli_env
 from PIL import Image
 from skimage import data
 
 pytestmark = pytest.mark.filterwarnings("ignore:using RANDOM weights")
 
-CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 GROUPING = ["--threshold", "0.9999", "--no-verify"]
 SECOND = 10**9
 T0, T1, T2 = (1_600_000_000 * SECOND + n * 3600 * SECOND for n in range(3))
@@ -81,18 +80,6 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def cli_env(model_cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
-    env.update(
-        GHOSTMATCH_OFFLINE="1",
-        GHOSTMATCH_CACHE=str(model_cache),
-        XDG_DATA_HOME=str(model_cache.parent / "xdg-data"),
-        PYTHONIOENCODING="utf-8",
-        COLUMNS="250",  # one line per message
-    )
-    return env
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_support import CLI, cli_env
 from PIL import Image
 
 import ghostmatch
@@ -23,20 +24,7 @@ from ghostmatch.indexes.vector_index import VectorIndex
 from ghostmatch.library import INDEX_FILE
 from ghostmatch.store.locking import WriterLock
 
-CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
-
 pytestmark = pytest.mark.usefixtures("shared_model_cache")
-
-
-def cli_env(model_cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
-    env.update(
-        GHOSTMATCH_OFFLINE="1",
-        GHOSTMATCH_CACHE=str(model_cache),
-        XDG_DATA_HOME=str(model_cache.parent / "xdg-data"),
-        OMP_NUM_THREADS="1",
-    )
-    return env
 
 
 def noise_jpegs(folder: Path, n: int, seed: int) -> set[Path]:

@@ -14,13 +14,13 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_support import CLI, cli_env
 from PIL import Image
 
 import ghostmatch
@@ -32,20 +32,7 @@ pytestmark = [
     pytest.mark.usefixtures("shared_model_cache"),
 ]
 
-CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 PAGE = 4096  # SQLite's page size
-
-
-def cli_env(model_cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
-    env.update(
-        GHOSTMATCH_OFFLINE="1",
-        GHOSTMATCH_CACHE=str(model_cache),
-        XDG_DATA_HOME=str(model_cache.parent / "xdg-data"),
-        PYTHONIOENCODING="utf-8",
-        OMP_NUM_THREADS="1",
-    )
-    return env
 
 
 def run_cli(

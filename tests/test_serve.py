@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cli_support import CLI, cli_env
 from corpus import png_with_header_size
 from serve_support import (
     XSS_NAME,
@@ -33,20 +33,7 @@ from serve_support import (
 # Every test uses the session's model cache: the ONNX export is made once.
 pytestmark = pytest.mark.usefixtures("shared_model_cache")
 
-CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 TOKEN = "s3cret-token-for-tests"
-
-
-def cli_env(model_cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
-    env.update(
-        GHOSTMATCH_OFFLINE="1",
-        GHOSTMATCH_CACHE=str(model_cache),
-        XDG_DATA_HOME=str(model_cache.parent / "xdg-data"),
-        PYTHONIOENCODING="utf-8",
-        COLUMNS="250",
-    )
-    return env
 
 
 def run_cli(model_cache: Path, *args: object) -> subprocess.CompletedProcess[str]:

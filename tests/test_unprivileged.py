@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_support import CLI
 
 NOBODY = 65534
 SETPRIV = shutil.which("setpriv")
@@ -38,7 +39,6 @@ ordinary = pytest.mark.skipif(
 )
 # Root's capabilities that skip permission checks on files and folders.
 _OVERRIDES = "-dac_override,-dac_read_search"
-CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 
 
 def _as_nobody(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
