@@ -25,31 +25,27 @@ from ghostmatch.store.vectors import VectorStore
 Progress = Callable[[str, int, int | None], None]
 
 
-def _checkpoint_images() -> int:
-    """Images per commit while indexing: a crash loses at most this much work.
-
-    ``GHOSTMATCH_CHECKPOINT_IMAGES`` overrides it, so a crash test can land after a commit.
-    """
+def _env_number(name: str, default: float, floor: float) -> float:
+    """The number in environment variable ``name`` (at least ``floor``), else ``default``."""
     try:
-        return max(1, int(os.environ.get("GHOSTMATCH_CHECKPOINT_IMAGES", "1000")))
+        return max(floor, float(os.environ.get(name, default)))
     except ValueError:
-        return 1000
+        return default
 
 
-def _checkpoint_seconds() -> float:
-    """Seconds of work between commits while indexing (``GHOSTMATCH_CHECKPOINT_SECONDS``),
-    so that ``kill -9`` loses about this much however slow each image is."""
-    try:
-        return max(0.0, float(os.environ.get("GHOSTMATCH_CHECKPOINT_SECONDS", "10")))
-    except ValueError:
-        return 10.0
+# Images per commit while indexing: a crash loses at most this much work. The variable lets
+# a crash test land after a commit.
+CHECKPOINT_IMAGES = int(_env_number("GHOSTMATCH_CHECKPOINT_IMAGES", 1000, 1))
+# Seconds of work between commits, so that ``kill -9`` loses about this much however slow
+# each image is.
+CHECKPOINT_SECONDS = _env_number("GHOSTMATCH_CHECKPOINT_SECONDS", 10.0, 0.0)
 
-
-CHECKPOINT_IMAGES = _checkpoint_images()
-CHECKPOINT_SECONDS = _checkpoint_seconds()
-
-CHECKPOINT_IMAGES = _checkpoint_images()
-CHECKPOINT_SECONDS = _checkpoint_seconds()
+# Images per commit while indexing: a crash loses at most this much work. The variable lets
+# a crash test land after a commit.
+CHECKPOINT_IMAGES = int(_env_number("GHOSTMATCH_CHECKPOINT_IMAGES", 1000, 1))
+# Seconds of work between commits, so that ``kill -9`` loses about this much however slow
+# each image is.
+CHECKPOINT_SECONDS = _env_number("GHOSTMATCH_CHECKPOINT_SECONDS", 10.0, 0.0)
 
 
 @dataclass
