@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,15 +14,17 @@ from PIL import Image, ImageOps
 
 from ghostmatch.dupes.groups import (
     DEFAULT_MIN_INLIERS,
+    SIMILAR,
     THRESHOLD_META,
     DuplicateGroup,
     DuplicateMember,
     check_threshold,
     default_thresholds,
-    group_pairs,
+    group_judged,
     threshold_of,
     tier_of,
 )
+from ghostmatch.dupes.samecapture import DECODE_SIDE, Capture, agreement, prepare_capture
 from ghostmatch.dupes.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores, similar_pairs
@@ -90,15 +92,25 @@ class DuplicateFinder:
         keep: str = "pixels",
         verify: bool = True,
         min_inliers: int | None = None,
+        similar: bool = False,
+        progress: Callable[[str, int, int | None], None] | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies.
 
-        Stage 1: an all-pairs search of the stored vectors (exact for Flat indexes); a pair
-        scoring at least ``threshold`` is a duplicate on its descriptors alone. Stage 2
-        (``verify``): a pair scoring between the verify threshold and ``threshold`` is a
-        duplicate when its local features agree on one geometric transform on at least
-        ``min_inliers`` points (see ``ghostmatch.dupes.verify``); the transform also sets the
-        tier. Pairs marked not duplicates are ignored; grouping never chains.
+        A duplicate is derived from the same capture. Candidates: an all-pairs search of
+        the stored vectors (exact for Flat indexes) down to the verify threshold, each
+        file keeping its ``MAX_CANDIDATES`` best partners, and byte-identical files
+        (``exact`` whatever their score). The grouping (:func:`group_judged`, never
+        chaining) decides a pair only when it needs it, with :class:`PairJudge`: the
+        geometric check of local features (``ghostmatch.dupes.verify``, at least
+        ``min_inliers`` points on one transform, unless the score reaches ``threshold``)
+        and the dense agreement of the aligned pair (``ghostmatch.dupes.samecapture``).
+        A pair that matches but is not the same capture is ``similar``: listed in
+        ``DuplicateGroup.similar`` when ``similar`` is true, never a member.
+
+        Without ``verify``, a pair is a duplicate on its descriptors alone (score at least
+        ``threshold``), byte-identical files always; nothing is ``similar`` then.
+        ``progress(stage, done, total)`` counts the files the grouping has visited.
         """
         normalised = self.normalised_scores
         t = (
@@ -111,15 +123,75 @@ class DuplicateFinder:
         ids, vectors = self.catalog.vectors()
         if len(ids) < 2:
             return []
+        offsets = self.score_offsets(vectors)
+        found, crowded = self._candidates(ids, vectors, offsets, low if verify else t)
+        involved = sorted({i for pair in found for i in pair})
+        records = {r.id: r for r in self.catalog.get(involved)}
+        ignored = self.catalog.not_duplicates()
+        pairs = []
+        for (i, j), score in found.items():
+            pa, pb = records[i].path, records[j].path
+            if (pa, pb) in ignored or (pb, pa) in ignored:
+                continue
+            pairs.append((i, j, float(score)))
+        scores = {(i, j): s for i, j, s in pairs}
+
+        def ceiling(i: int, j: int) -> float:
+            """The score an identical copy would get: 1, less both offsets if normalised."""
+            if offsets is None:
+                return 1.0
+            rows = np.searchsorted(ids, [i, j])
+            return 1.0 - float(offsets[rows[0]] + offsets[rows[1]])
+
+        needed = min_inliers
+        if needed is None:
+            needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
+        judge = PairJudge(self.embedder, records, t, needed, crowded)
+
+        def decide(leader: int, others: list[int]) -> dict[int, str | None]:
+            if verify:
+                return judge(leader, [(j, _pair(scores, leader, j)) for j in others])
+            kept = records[leader]
+            return {
+                j: tier_of(kept, records[j], s, t, None, ceiling(leader, j))
+                if s >= t or kept.content_hash == records[j].content_hash
+                else None
+                for j in others
+                for s in [_pair(scores, leader, j)]
+            }
+
+        report = None if progress is None else lambda done, total: progress("verified", done, total)
+        members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
+        groups = []
+        for leader, taken in group_judged(members, pairs, decide, keep, report):
+            copies = [_member(records[j], s, tier) for j, s, tier in taken if tier != SIMILAR]
+            alike = [_member(records[j], s, tier) for j, s, tier in taken if tier == SIMILAR]
+            if copies or (similar and alike):
+                groups.append(DuplicateGroup(members[leader], copies, alike if similar else []))
+        groups.sort(
+            key=lambda g: (-len(g.members), -max(m.score for m in (*g.members, *g.similar)))
+        )
+        return groups
+
+    def _candidates(
+        self, ids: np.ndarray, vectors: np.ndarray, offsets: np.ndarray | None, floor: float
+    ) -> tuple[dict[tuple[int, int], float], set[int]]:
+        """Candidate pairs (low id first) and their scores: each file's ``MAX_CANDIDATES``
+        best partners at or above ``floor``, and every byte-identical pair; and the
+        crowded files, those with more partners than that."""
         index = self.vectors.index
         approximate = index if index is not None and index.factory != "Flat" else None
-        floor = low if verify else t
-        offsets = self.score_offsets(vectors)
         a, b, scores = similar_pairs(vectors, floor, ids=ids, index=approximate, offsets=offsets)
-        found = {
-            (min(i, j), max(i, j)): s
-            for i, j, s in zip(a.tolist(), b.tolist(), scores.tolist(), strict=True)
-        }
+        # Best first: a file keeps its first MAX_CANDIDATES pairs. Without a bound, images
+        # the descriptor cannot tell apart (smooth noise, flat graphics) would make every
+        # pair among thousands a candidate; a pair both files drop is not a candidate.
+        kept: dict[int, int] = {}
+        found: dict[tuple[int, int], float] = {}
+        for i, j, s in zip(a.tolist(), b.tolist(), scores.tolist(), strict=True):
+            room_i, room_j = kept.get(i, 0) < MAX_CANDIDATES, kept.get(j, 0) < MAX_CANDIDATES
+            kept[i], kept[j] = kept.get(i, 0) + 1, kept.get(j, 0) + 1
+            if room_i or room_j:
+                found[(min(i, j), max(i, j))] = s
         # Byte-identical files are duplicates whatever their score: a photo much like the
         # score background can score an exact copy of itself under the threshold.
         exact = [
@@ -133,47 +205,7 @@ class DuplicateFinder:
             rows = np.searchsorted(ids, np.array(exact, dtype=np.int64))
             exact_scores = pair_scores(vectors, rows[:, 0], rows[:, 1], offsets)
             found.update(zip(exact, exact_scores.tolist(), strict=True))
-        involved = sorted({i for pair in found for i in pair})
-        records = {r.id: r for r in self.catalog.get(involved)}
-        ignored = self.catalog.not_duplicates()
-        pairs = []
-        for (i, j), score in found.items():
-            pa, pb = records[i].path, records[j].path
-            if (pa, pb) in ignored or (pb, pa) in ignored:
-                continue
-            pairs.append((i, j, float(score)))
-
-        def identical(i: int, j: int) -> bool:
-            return records[i].content_hash == records[j].content_hash
-
-        checks: dict[tuple[int, int], Verification] = {}
-        if verify and pairs:
-            needed = min_inliers
-            if needed is None:
-                needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-            to_check = [(i, j) for i, j, _ in pairs if not identical(i, j)]
-            checks = self.verify_pairs(to_check, records, needed)
-            pairs = [
-                (i, j, s)
-                for i, j, s in pairs
-                if s >= t or identical(i, j) or checks[(i, j)].inliers >= needed
-            ]
-        members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
-        groups = []
-        for leader, taken in group_pairs(members, pairs, keep):
-            kept = records[leader]
-            group = []
-            for j, s in taken:
-                check = checks.get((leader, j)) or checks.get((j, leader))
-                ceiling = 1.0
-                if offsets is not None:  # an identical copy scores 1 less both offsets
-                    rows = np.searchsorted(ids, [leader, j])
-                    ceiling -= float(offsets[rows[0]] + offsets[rows[1]])
-                tier = tier_of(kept, records[j], s, t, check, ceiling)
-                group.append(_member(records[j], s, tier))
-            groups.append(DuplicateGroup(keep=members[leader], members=group))
-        groups.sort(key=lambda g: (-len(g.members), -g.members[0].score))
-        return groups
+        return found, {i for i, n in kept.items() if n > MAX_CANDIDATES}
 
     def _stage2_setting(self, key: str, default: float) -> float:
         """A stage-2 setting: calibrated in this index, else measured for the model."""
@@ -232,13 +264,20 @@ class DuplicateFinder:
         return results
 
     def duplicates_of(
-        self, x: ImageLike, threshold: float | None = None, k: int = 100
+        self,
+        x: ImageLike,
+        threshold: float | None = None,
+        k: int = 100,
+        *,
+        similar: bool = False,
     ) -> list[DuplicateMember]:
-        """Indexed files that duplicate ``x`` (a new image or an indexed path), best first.
+        """Indexed files that duplicate ``x`` (a new image or an indexed path), best first,
+        then (with ``similar``) the ones that are another capture of it, tier ``similar``.
 
         One k-NN search of the index (at most ``k`` candidates), no scan of the collection;
-        indexed files with the same bytes as ``x`` always count, as ``exact``. The tiers of
-        the others come from the geometric check of ``x`` against each.
+        indexed files with the same bytes as ``x`` always count, as ``exact``. The others
+        get the decision ``find_duplicates`` makes (:class:`PairJudge`), each indexed file
+        as the kept one and ``x`` as its possible copy.
         """
         normalised = self.normalised_scores
         t = (
@@ -246,6 +285,7 @@ class DuplicateFinder:
             if threshold is None
             else check_threshold(threshold, normalised)
         )
+        low = min(t, self._stage2_setting("verify_threshold", default_thresholds(normalised)[1]))
         k = check_k(k)
         if self.card is None:
             return []
@@ -276,31 +316,34 @@ class DuplicateFinder:
             (
                 (int(i), float(s))
                 for i, s in zip(ids, scores, strict=True)
-                if s >= t or int(i) in exact
+                if s >= low or int(i) in exact
             ),
             key=lambda hit: (-hit[1], hit[0]),
         )
         records = {r.id: r for r in self.catalog.get([i for i, _ in hits])}
-        # Tiers from the same geometric check as find_duplicates: a score alone cannot
-        # tell a flip or a mild crop from a recoloured copy.
-        checks = self._check_against(x, {i: r for i, r in records.items() if i not in exact})
-        result = []
+        judge = self._judge_against(x, records, t)
+        copies, alike = [], []
         for i, s in hits:
             record = records.get(i)
             if record is None:
                 continue
-            tier = "exact" if i in exact else tier_of(None, record, s, t, checks.get(i))
-            result.append(_member(record, s, tier))
-        return result
+            tier = "exact" if i in exact else judge(i, [(_QUERY, s)]).get(_QUERY)
+            if tier == SIMILAR:
+                alike.append(_member(record, s, tier))
+            elif tier is not None:
+                copies.append(_member(record, s, tier))
+        return copies + (alike if similar else [])
 
-    def _check_against(
-        self, x: ImageLike, records: dict[int, ImageRecord]
-    ) -> dict[int, Verification]:
-        """The geometric check of ``x`` (the copy) against each indexed image in
-        ``records`` (the original), as ``verify_pairs`` checks an indexed pair."""
+    def _judge_against(
+        self, x: ImageLike, records: dict[int, ImageRecord], threshold: float
+    ) -> PairJudge:
+        """A judge of the indexed ``records`` (kept) against ``x`` (the copy), which it
+        knows as ``_QUERY``."""
+        enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
+        judge = PairJudge(self.embedder, records, threshold, enough)
         if not records:
-            return {}
-        cache = _MapCache(self.embedder, records)
+            return judge
+        cache = judge.maps
         if isinstance(x, Image.Image):
             image = to_rgb(x)
         elif isinstance(x, np.ndarray):
@@ -314,16 +357,9 @@ class DuplicateFinder:
         pixels = [prepare(image, cache.card), prepare(ImageOps.mirror(image), cache.card)]
         base = local_features(model, to_batch(pixels)).astype(np.float16)
         zoomed = local_features(model, to_batch([prepare(image, cache.zoomed_card)]))
-        mine = _as_float(ScaledMaps(base[0], base[1], zoomed[0].astype(np.float16)))
-        enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-        with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
-            cache.load(set(records), pool)
-        checks = {}
-        for i in records:
-            maps = cache.get(i)
-            if maps is not None:
-                checks[i] = verify_scales(_as_float(maps), mine, enough)
-        return checks
+        cache.maps[_QUERY] = ScaledMaps(base[0], base[1], zoomed[0].astype(np.float16))
+        judge.captures[_QUERY] = prepare_capture(image)
+        return judge
 
     def mark_not_duplicate(self, a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
         """Record that two files are not duplicates; later searches ignore the pair."""
@@ -331,6 +367,101 @@ class DuplicateFinder:
         if pa == pb:
             raise GhostmatchError("a pair of non-duplicates needs two different files")
         self.catalog.add_not_duplicate(pa, pb)
+
+
+class PairJudge:
+    """The same-capture decision for the pairs of one search: ``judge(kept, [(other,
+    score), ...])`` gives each other file's tier with the kept one: ``exact`` (same
+    bytes), ``near`` or ``edited`` (same capture), ``similar`` (alike, another capture),
+    or None (not alike).
+
+    Each pair is first aligned from the identity map (``ghostmatch.dupes.samecapture``):
+    a re-encoded, resized, recoloured or captioned copy agrees there already, and needs
+    no local features. Otherwise the geometric check (``verify_scales``) finds the
+    transform (a crop, flip, turn, border), which must hold at least ``min_inliers``
+    points unless the score reaches ``threshold``, and the pair is aligned again from it.
+    A pair with a ``crowded`` file (where the descriptor cannot tell images apart) is
+    only tried unmoved, and only when its thumbnails correlate.
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        records: dict[int, ImageRecord],
+        threshold: float,
+        min_inliers: int,
+        crowded: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
+        self.records = records
+        self.threshold = threshold
+        self.min_inliers = min_inliers
+        self.crowded = crowded
+        self.maps = _MapCache(embedder, records)
+        # None marks an image that could not be decoded.
+        self.captures: OrderedDict[int, Capture | None] = OrderedDict()
+
+    def capture(self, i: int) -> Capture | None:
+        if i in self.captures:
+            self.captures.move_to_end(i)
+            return self.captures[i]
+        try:
+            image = load_image(self.records[i].path, DECODE_SIDE).image
+        except ImageRejected:
+            found = None
+        else:
+            found = prepare_capture(image)
+        self.captures[i] = found
+        if len(self.captures) > MAP_CACHE_IMAGES:
+            self.captures.popitem(last=False)
+        return found
+
+    def __call__(self, leader: int, others: Sequence[tuple[int, float]]) -> dict[int, str | None]:
+        kept = self.records[leader]
+        tiers: dict[int, str | None] = {}
+        geometric: list[tuple[int, float]] = []
+        for j, score in others:
+            other = self.records.get(j)
+            if other is not None and kept.content_hash == other.content_hash:
+                tiers[j] = "exact"
+                continue
+            a, b = self.capture(leader), self.capture(j)
+            tiers[j] = None
+            if a is None or b is None:
+                continue
+            crowded = leader in self.crowded or j in self.crowded
+            if crowded and a.correlation(b) < CROWDED_CORRELATION:
+                continue
+            unmoved = agreement(a, b, np.eye(2, 3))
+            if unmoved.same_capture:
+                tiers[j] = "near" if unmoved.is_whole() else "edited"
+            elif not crowded:
+                geometric.append((j, score))
+        if geometric:
+            with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+                self.maps.load({leader, *(j for j, _ in geometric)}, pool)
+            for j, score in geometric:
+                tiers[j] = self._aligned(leader, j, score)
+        return tiers
+
+    def _aligned(self, leader: int, j: int, score: float) -> str | None:
+        """The tier of a pair that the identity map does not align."""
+        ma, mb = self.maps.get(leader), self.maps.get(j)
+        a, b = self.capture(leader), self.capture(j)
+        if ma is None or mb is None or a is None or b is None:
+            return None
+        check = verify_scales(_as_float(ma), _as_float(mb), self.min_inliers)
+        if check.inliers < self.min_inliers and score < self.threshold:
+            return None
+        # The check maps the other's unit square to the kept one's; alignment needs the
+        # other way round.
+        warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
+        if agreement(a, b, warp).same_capture:
+            return "near" if check.is_identity() else "edited"
+        return SIMILAR
+
+
+def _pair(scores: dict[tuple[int, int], float], i: int, j: int) -> float:
+    return scores[(i, j)] if (i, j) in scores else scores[(j, i)]
 
 
 def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
@@ -346,6 +477,14 @@ def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
     )
 
 
+# A file keeps at most this many candidate partners (best first), besides byte-identical
+# ones; a file with more is crowded (see PairJudge).
+MAX_CANDIDATES = 16
+# Thumbnail correlation below which a crowded pair is not compared at all: unrelated
+# images correlate near 0, copies of one picture unmoved near 1.
+CROWDED_CORRELATION = 0.5
+# The key under which PairJudge knows an image that is not indexed (dupes --of).
+_QUERY = -1
 # Images whose local maps verify_pairs embeds together, and the most it holds at once.
 MAP_BATCH = 32
 MAP_CACHE_IMAGES = 4096

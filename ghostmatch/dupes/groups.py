@@ -44,18 +44,29 @@ class DuplicateMember:
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    """A kept representative and the files that duplicate it (never empty)."""
+    """A kept representative, the files that duplicate it (copies of the same capture,
+    tiers exact / near / edited) and, when asked for, the files ``similar`` to it (other
+    captures of the same scene). Actions only ever see ``members``; a group has at least
+    one member or one similar file."""
 
     keep: DuplicateMember
     members: list[DuplicateMember] = field(default_factory=list)
+    similar: list[DuplicateMember] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "keep": str(self.keep.path),
             "members": [m.to_dict() for m in self.members],
         }
+        if self.similar:
+            data["similar"] = [m.to_dict() for m in self.similar]
+        return data
 
 
+# The tiers of a duplicate (derived from the same capture), and of another capture of the
+# same scene, which is listed apart and never acted on.
+DUPLICATE_TIERS = ("exact", "near", "edited")
+SIMILAR = "similar"
 KEEP_RULES = ("pixels", "size", "oldest", "newest", "path")
 # Until an index is calibrated, and for weights without a measured threshold in their model
 # card, this cosine is the line between "duplicate" and "similar"; see README (duplicates).
@@ -148,6 +159,48 @@ def group_pairs(
         assigned.update(j for j, _ in taken)
         taken.sort(key=lambda js: (-js[1], key(members[js[0]])))
         groups.append((leader, taken))
+    return groups
+
+
+def group_judged(
+    members: dict[int, DuplicateMember],
+    candidates: Iterable[tuple[int, int, float]],
+    judge: Callable[[int, list[int]], dict[int, str | None]],
+    keep_rule: str = "pixels",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[int, list[tuple[int, float, str]]]]:
+    """Groups as :func:`group_pairs` makes them, deciding each pair only when the grouping
+    needs it: (kept id, [(other id, score, tier), ...]).
+
+    Files are visited best-first under the keep rule; an unassigned file with candidates
+    asks ``judge(it, [unassigned candidates])`` for each candidate's tier (None: not
+    alike). The ones in ``DUPLICATE_TIERS`` join its group; ``similar`` ones are listed
+    with it but stay free for other groups. A candidate already taken is never judged,
+    so a file is only ever compared with kept files. ``progress(done, total)`` counts
+    the files visited.
+    """
+    neighbours: dict[int, dict[int, float]] = {}
+    for a, b, score in candidates:
+        neighbours.setdefault(a, {})[b] = score
+        neighbours.setdefault(b, {})[a] = score
+    key = keep_priority(keep_rule)
+    order = sorted(neighbours, key=lambda i: key(members[i]))
+    assigned: set[int] = set()
+    groups: list[tuple[int, list[tuple[int, float, str]]]] = []
+    for done, leader in enumerate(order, start=1):
+        if leader not in assigned:
+            open_ = [(j, s) for j, s in neighbours[leader].items() if j not in assigned]
+            tiers = judge(leader, [j for j, _ in open_]) if open_ else {}
+            taken = [(j, s, tier) for j, s in open_ if (tier := tiers.get(j)) is not None]
+            copies = {j for j, _, tier in taken if tier in DUPLICATE_TIERS}
+            if copies:
+                assigned.add(leader)
+                assigned.update(copies)
+            if taken:
+                taken.sort(key=lambda jst: (-jst[1], key(members[jst[0]])))
+                groups.append((leader, taken))
+        if progress is not None:
+            progress(done, len(order))
     return groups
 
 
