@@ -41,6 +41,13 @@ def dupes(
             help="Skip the local-feature geometric check (faster, less precise).",
         ),
     ] = False,
+    similar: Annotated[
+        bool,
+        typer.Option(
+            "--similar",
+            help="Also list other captures of the same scene (tier similar, never acted on).",
+        ),
+    ] = False,
     of: Annotated[
         list[Path] | None,
         typer.Option("--of", help="Only: is this image a duplicate of anything indexed?"),
@@ -98,10 +105,16 @@ def dupes(
             )
             return
         if of:
-            _report_of(lib, of, threshold, as_json)
+            _report_of(lib, of, threshold, as_json, similar)
             return
         used = lib.duplicate_threshold() if threshold is None else threshold
-        groups = lib.find_duplicates(threshold, keep=keep, verify=not no_verify)
+        from ghostmatch.cli.app import _progress
+
+        show = not as_json and not as_csv and err.is_terminal
+        with _progress(show, "verifying") as progress:
+            groups = lib.find_duplicates(
+                threshold, keep=keep, verify=not no_verify, similar=similar, progress=progress
+            )
     finally:
         lib.close()
     if html is not None:
@@ -116,8 +129,10 @@ def dupes(
         writer = csv.writer(sys.stdout)
         writer.writerow(["group", "role", "path", "score", "tier", "width", "height", "bytes"])
         for n, g in enumerate(groups, start=1):
-            for role, m in [("keep", g.keep)] + [("copy", m) for m in g.members]:
-                tier = m.tier if role == "copy" else ""
+            rows = [("keep", g.keep)] + [("copy", m) for m in g.members]
+            rows += [("similar", m) for m in g.similar]
+            for role, m in rows:
+                tier = m.tier if role != "keep" else ""
                 row = [n, role, path_text(m.path), f"{m.score:.6f}", tier]
                 writer.writerow([*row, m.width, m.height, m.bytes])
     else:
@@ -143,9 +158,17 @@ def _print_groups(groups: list[Any], threshold: float) -> None:
         for m in g.members:
             path = Text(path_text(m.path))
             table.add_row("", f"{m.score:.4f}", m.tier, path, _dims(m), str(m.bytes))
+        # Other captures are shown apart, under their own heading: they are never acted on.
+        if g.similar:
+            table.add_section()
+        for m in g.similar:
+            path = Text(path_text(m.path))
+            table.add_row("similar", f"{m.score:.4f}", m.tier, path, _dims(m), str(m.bytes))
         out.print(table)
+    alike = sum(len(g.similar) for g in groups)
+    listed = f", {alike} similar (other captures, never acted on)" if alike else ""
     out.print(
-        f"{len(groups)} groups, {copies} copies, {reclaim / 1e6:.1f} MB reclaimable "
+        f"{len(groups)} groups, {copies} copies{listed}, {reclaim / 1e6:.1f} MB reclaimable "
         f"(threshold {threshold:.4f})"
     )
 
@@ -154,21 +177,38 @@ def _dims(m: Any) -> str:
     return f"{m.width}x{m.height}"
 
 
-def _report_of(lib: Any, images: list[Path], threshold: float | None, as_json: bool) -> None:
-    results = [(image, lib.duplicates_of(image, threshold)) for image in images]
+def _report_of(
+    lib: Any, images: list[Path], threshold: float | None, as_json: bool, similar: bool
+) -> None:
+    from ghostmatch.dupes.groups import SIMILAR
+
+    results = []
+    for image in images:
+        found = lib.duplicates_of(image, threshold, similar=similar)
+        copies = [m for m in found if m.tier != SIMILAR]
+        results.append((image, copies, [m for m in found if m.tier == SIMILAR]))
     if as_json:
-        data = [
-            {"query": os.fsdecode(image), "duplicates": [m.to_dict() for m in found]}
-            for image, found in results
-        ]
+        data = []
+        for image, copies, alike in results:
+            row: dict[str, Any] = {
+                "query": os.fsdecode(image),
+                "duplicates": [m.to_dict() for m in copies],
+            }
+            if similar:
+                row["similar"] = [m.to_dict() for m in alike]
+            data.append(row)
         print_json(data)
         return
-    for image, found in results:
-        if not found:
+    for image, copies, alike in results:
+        if not copies:
             out.print(f"{path_text(image)}: no duplicates in the index", markup=False)
-            continue
-        out.print(f"{path_text(image)}: {len(found)} duplicate(s)", markup=False)
-        for m in found:
+        else:
+            out.print(f"{path_text(image)}: {len(copies)} duplicate(s)", markup=False)
+        for m in copies:
+            out.print(f"  {m.score:.4f} {m.tier:7} {path_text(m.path)}", markup=False)
+        if alike:
+            out.print(f"{path_text(image)}: {len(alike)} similar (another capture)", markup=False)
+        for m in alike:
             out.print(f"  {m.score:.4f} {m.tier:7} {path_text(m.path)}", markup=False)
 
 

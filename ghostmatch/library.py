@@ -266,11 +266,18 @@ class Library:
         keep: str = "pixels",
         verify: bool = True,
         min_inliers: int | None = None,
+        similar: bool = False,
+        progress: Progress | None = None,
     ) -> list[DuplicateGroup]:
-        """Groups of duplicate images, each with one kept file and its copies
-        (see ``DuplicateFinder.find_duplicates``)."""
+        """Groups of duplicate images, each with one kept file and its copies, and with
+        ``similar`` the other captures of it (see ``DuplicateFinder.find_duplicates``)."""
         return self.finder.find_duplicates(
-            threshold, keep=keep, verify=verify, min_inliers=min_inliers
+            threshold,
+            keep=keep,
+            verify=verify,
+            min_inliers=min_inliers,
+            similar=similar,
+            progress=progress,
         )
 
     def verify_pairs(
@@ -283,10 +290,11 @@ class Library:
         return self.finder.verify_pairs(pairs, records, enough)
 
     def duplicates_of(
-        self, x: ImageLike, threshold: float | None = None, k: int = 100
+        self, x: ImageLike, threshold: float | None = None, k: int = 100, *, similar: bool = False
     ) -> list[DuplicateMember]:
-        """Indexed files that duplicate ``x`` (a new image or an indexed path), best first."""
-        return self.finder.duplicates_of(x, threshold, k)
+        """Indexed files that duplicate ``x`` (a new image or an indexed path), best first;
+        with ``similar``, then the other captures of it (tier ``similar``)."""
+        return self.finder.duplicates_of(x, threshold, k, similar=similar)
 
     def mark_not_duplicate(self, a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
         """Record that two files are not duplicates; later searches ignore the pair."""

@@ -341,8 +341,11 @@ def test_byte_identical_files_are_duplicates_whatever_their_score(bundled_lib: P
         assert names == {"chelsea.jpg", "chelsea_exact.jpg"}
         assert group.members[0].tier == "exact" and group.members[0].score < 0.99
         folder = lib.catalog.roots()[0]
-        [same] = lib.duplicates_of(folder / "chelsea.jpg", threshold=0.99)
-        assert (same.path.name, same.tier) == ("chelsea_exact.jpg", "exact")
+        # The geometric check may add copies under the threshold; the identical file is
+        # there whatever its score.
+        found = lib.duplicates_of(folder / "chelsea.jpg", threshold=0.99)
+        [same] = [m for m in found if m.path.name == "chelsea_exact.jpg"]
+        assert same.tier == "exact"
         assert same.score < 0.99
 
 

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ghostmatch.dupes.groups import DuplicateGroup
+from ghostmatch.dupes.groups import SIMILAR, DuplicateGroup
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.scan import content_hash, is_under
 
@@ -50,6 +50,7 @@ JOURNAL_FORMAT = 2
 PROTECTED = "protected"
 KEPT_ELSEWHERE = "kept file of a group"
 LISTED_TWICE = "listed twice"
+NOT_A_COPY = "similar: another capture, not a copy"
 ALREADY_MOVED = "already in move_to"
 PROTECTED_TARGET = "destination is in a protected folder"
 
@@ -236,7 +237,10 @@ def plan_actions(
             source = Path(os.path.abspath(member.path))
             real = _real_file(source)
             reason = None
-            if real in kept:
+            if member.tier == SIMILAR:
+                # Another capture of the scene is not a copy, whoever put it in a group.
+                reason = NOT_A_COPY
+            elif real in kept:
                 reason = KEPT_ELSEWHERE
             elif real in seen:
                 reason = LISTED_TWICE

@@ -380,6 +380,7 @@ class PairJudge:
     no local features. Otherwise the geometric check (``verify_scales``) finds the
     transform (a crop, flip, turn, border), which must hold at least ``min_inliers``
     points unless the score reaches ``threshold``, and the pair is aligned again from it.
+    A pair whose geometry holds but whose pixels disagree is ``similar``.
     A pair with a ``crowded`` file (where the descriptor cannot tell images apart) is
     only tried unmoved, and only when its thumbnails correlate.
     """
@@ -424,11 +425,16 @@ class PairJudge:
             if other is not None and kept.content_hash == other.content_hash:
                 tiers[j] = "exact"
                 continue
-            a, b = self.capture(leader), self.capture(j)
             tiers[j] = None
+            crowded = leader in self.crowded or j in self.crowded
+            if score < self.threshold and not crowded:
+                # Under the threshold only a geometric match counts, and copies unmoved
+                # (re-encodes, resizes) score above it: straight to the geometric check.
+                geometric.append((j, score))
+                continue
+            a, b = self.capture(leader), self.capture(j)
             if a is None or b is None:
                 continue
-            crowded = leader in self.crowded or j in self.crowded
             if crowded and a.correlation(b) < CROWDED_CORRELATION:
                 continue
             unmoved = agreement(a, b, np.eye(2, 3))
@@ -446,18 +452,23 @@ class PairJudge:
     def _aligned(self, leader: int, j: int, score: float) -> str | None:
         """The tier of a pair that the identity map does not align."""
         ma, mb = self.maps.get(leader), self.maps.get(j)
-        a, b = self.capture(leader), self.capture(j)
-        if ma is None or mb is None or a is None or b is None:
+        if ma is None or mb is None:
             return None
         check = verify_scales(_as_float(ma), _as_float(mb), self.min_inliers)
         if check.inliers < self.min_inliers and score < self.threshold:
+            return None
+        # Captures are only decoded for pairs that get this far.
+        a, b = self.capture(leader), self.capture(j)
+        if a is None or b is None:
             return None
         # The check maps the other's unit square to the kept one's; alignment needs the
         # other way round.
         warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
         if agreement(a, b, warp).same_capture:
             return "near" if check.is_identity() else "edited"
-        return SIMILAR
+        # Another capture of the same scene: its local features agree on one geometry.
+        # A pair that only its score brought here is not alike at all.
+        return SIMILAR if check.inliers >= self.min_inliers else None
 
 
 def _pair(scores: dict[tuple[int, int], float], i: int, j: int) -> float:

@@ -111,7 +111,7 @@ def _page(groups: Sequence[DuplicateGroup], size: int) -> Iterator[str]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(groups), _CHUNK):
             chunk = groups[start : start + _CHUNK]
-            paths = list({m.path: None for g in chunk for m in (g.keep, *g.members)})
+            paths = list({m.path: None for g in chunk for m in (g.keep, *g.members, *g.similar)})
             made = pool.map(lambda p: thumbnail_uri(p, size), paths)
             thumbs = dict(zip(paths, made, strict=True))
             for number, group in enumerate(chunk, start + 1):
@@ -123,12 +123,21 @@ def _row(number: int, group: DuplicateGroup, thumbs: dict[Path, tuple[str | None
     reclaim = sum(member.bytes for member in group.members)
     figures = [_figure(group.keep, thumbs[group.keep.path], kept=True)]
     figures += [_figure(m, thumbs[m.path], kept=False) for m in group.members]
+    # Other captures of the scene, apart from the copies: never counted as reclaimable.
+    similar = ""
+    if group.similar:
+        alike = "".join(_figure(m, thumbs[m.path], kept=False) for m in group.similar)
+        similar = (
+            f'<div class="similar">{len(group.similar)} similar '
+            f"(another capture, never moved or deleted)</div>"
+            f'<div class="files similar">\n{alike}</div>'
+        )
     return (
         f'<tr class="group" id="g{number}"><th scope="row">{number}</th><td>'
         f'<div class="reclaim">{len(group.members)} '
         f"{_plural(len(group.members), 'duplicate')}, "
         f"{_human_bytes(reclaim)} reclaimable</div>"
-        f'<div class="files">\n{"".join(figures)}</div></td></tr>\n'
+        f'<div class="files">\n{"".join(figures)}</div>{similar}</td></tr>\n'
     )
 
 

@@ -17,6 +17,7 @@ The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +25,13 @@ from PIL import Image
 from scipy import ndimage
 
 # Coarse to fine: (long side in pixels, blur sigma in pixels, Gauss-Newton steps).
-LEVELS = ((48, 1.0, 20), (96, 1.0, 10), (160, 1.0, 5))
+LEVELS = ((48, 1.0, 10), (96, 1.0, 6), (160, 1.0, 2))
 # A patch agrees when its median residual, over the kept image's contrast, is at most this.
 TOLERANCE = 0.2
 PATCHES = 8
+# A Gauss-Newton step this small (unit coordinates: a fiftieth of a pixel at the finest
+# level) ends a level.
+STEP_DONE = 1e-4
 TUKEY = 4.685
 # Share of overlap patches that must agree (in grey or in colour) for one capture:
 # measured, see the module docstring.
@@ -39,15 +43,30 @@ DECODE_SIDE = 160
 IDENTITY_TOLERANCE = 0.06
 WHOLE_OVERLAP = 0.9
 THUMB_SIDE = 16
+# The least share of the kept image that a copy must cover (a crop to 60% of the side
+# covers 0.36 of it), and the most a copy's map may stretch one way against the other.
+MIN_OVERLAP = 0.2
+MAX_ANISOTROPY = 1.5
+MAX_SCALE = 4.0
+
+
+def _editable(warp: np.ndarray) -> bool:
+    """Whether a 2 x 3 map could come from editing one image: a crop, resize, small turn,
+    border or flip, with at most a mild squash, and a bounded change of scale."""
+    linear = warp[:, :2]
+    if abs(float(np.linalg.det(linear))) < 1e-9:
+        return False
+    big, small = np.linalg.svd(linear, compute_uv=False)
+    return bool(small >= 1 / MAX_SCALE and big <= MAX_SCALE and big <= MAX_ANISOTROPY * small)
 
 
 @dataclass(frozen=True)
 class Capture:
-    """One image prepared for comparison: a blurred grey image per level of ``LEVELS``
-    with its gradients, and the finest level in colour."""
+    """One image prepared for comparison: per level of ``LEVELS`` a (3, h, w) stack of the
+    blurred grey image and its x and y gradients (per unit of the image's width and
+    height), and the finest level in colour (h, w, 3)."""
 
-    grey: tuple[np.ndarray, ...]
-    gradients: tuple[tuple[np.ndarray, np.ndarray], ...]
+    levels: tuple[np.ndarray, ...]
     rgb: np.ndarray
     # A THUMB_SIDE x THUMB_SIDE grey thumbnail, zero mean and unit norm, flattened.
     thumb: np.ndarray
@@ -71,6 +90,11 @@ class Agreement:
 
     @property
     def same_capture(self) -> bool:
+        """Nearly all the overlap agrees, under a map that an edit could have made. On
+        images without detail (smooth noise, flat graphics) the alignment can slide into
+        a strong shear or squash that makes a small overlap agree: that is no copy."""
+        if self.overlap < MIN_OVERLAP or not _editable(self.warp):
+            return False
         # The cut is a ratio of small counts: compare with a little slack for rounding.
         return self.score >= SAME_CAPTURE_CUT - 1e-9
 
@@ -90,31 +114,50 @@ def _resized(image: Image.Image, side: int, mode: str) -> np.ndarray:
 
 def prepare_capture(image: Image.Image) -> Capture:
     """The pyramid and colour image that :func:`agreement` compares."""
-    grey = tuple(
-        ndimage.gaussian_filter(_resized(image, side, "L"), sigma) for side, sigma, _ in LEVELS
-    )
+    levels = []
+    for side, sigma, _ in LEVELS:
+        grey = ndimage.gaussian_filter(_resized(image, side, "L"), sigma)
+        gy, gx = np.gradient(grey)
+        h, w = grey.shape
+        levels.append(np.stack([grey, gx * w, gy * h]))
     side, sigma, _ = LEVELS[-1]
     pixels = _resized(image, side, "RGB")
     rgb = np.stack([ndimage.gaussian_filter(pixels[..., c], sigma) for c in range(3)], -1)
-    gradients = tuple((g[0], g[1]) for g in (np.gradient(level) for level in grey))
     small = image.convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
     thumb = np.asarray(small, np.float64).ravel()
     thumb -= thumb.mean()
     thumb /= max(float(np.linalg.norm(thumb)), 1e-9)
-    return Capture(grey, gradients, rgb, thumb)
+    return Capture(tuple(levels), rgb, thumb)
 
 
+@functools.lru_cache(maxsize=32)
 def _unit_grid(h: int, w: int) -> np.ndarray:
+    """Pixel centres of an h x w image in unit coordinates, (h * w, 3) as (x, y, 1)."""
     ys, xs = np.mgrid[0:h, 0:w]
-    return np.stack([(xs.ravel() + 0.5) / w, (ys.ravel() + 0.5) / h, np.ones(h * w)], axis=1)
+    grid = np.stack([(xs.ravel() + 0.5) / w, (ys.ravel() + 0.5) / h, np.ones(h * w)], axis=1)
+    grid.flags.writeable = False
+    return grid
 
 
-def _sample(image: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``image`` at unit coordinates (n, 2): values, and which points fall inside it."""
-    h, w = image.shape
+def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear samples (c, n) of a (c, h, w) stack at unit coordinates (n, 2), clamped at
+    the border, and which points fall inside it."""
+    _, h, w = stack.shape
     x, y = units[:, 0] * w - 0.5, units[:, 1] * h - 0.5
     inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
-    return ndimage.map_coordinates(image, [y, x], order=1, mode="nearest"), inside
+    x, y = np.clip(x, 0, w - 1), np.clip(y, 0, h - 1)
+    x0 = np.minimum(x.astype(np.intp), w - 2)
+    y0 = np.minimum(y.astype(np.intp), h - 2)
+    fx, fy = x - x0, y - y0
+    flat = stack.reshape(len(stack), -1)
+    top = y0 * w + x0
+    value = (
+        flat[:, top] * ((1 - fx) * (1 - fy))
+        + flat[:, top + 1] * (fx * (1 - fy))
+        + flat[:, top + w] * ((1 - fx) * fy)
+        + flat[:, top + w + 1] * (fx * fy)
+    )
+    return value, inside
 
 
 def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
@@ -122,27 +165,29 @@ def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[floa
     sw = weight.sum()
     if sw <= 0:
         return 1.0, 0.0
-    mt, mi = (weight * t).sum() / sw, (weight * i).sum() / sw
-    var = (weight * (i - mi) ** 2).sum() / sw
-    gain = ((weight * (i - mi) * (t - mt)).sum() / sw) / var if var > 1e-9 else 0.0
+    mt, mi = (weight @ t) / sw, (weight @ i) / sw
+    di = i - mi
+    var = (weight @ (di * di)) / sw
+    gain = ((weight @ (di * (t - mt))) / sw) / var if var > 1e-9 else 0.0
     return gain, mt - gain * mi
 
 
 def _tukey(r: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Tukey weights of residuals ``r`` at a robust scale (their median absolute value)."""
     scale = max(1.4826 * float(np.median(np.abs(r[inside]))), 1e-3)
     u = r / (TUKEY * scale)
     return inside * np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
 
 
 def _robust_fit(
-    t: np.ndarray, i: np.ndarray, inside: np.ndarray
+    t: np.ndarray, i: np.ndarray, inside: np.ndarray, rounds: int = 3
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Gain and offset taking ``i`` to ``t`` over ``inside``, refitted with Tukey weights
     so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights)."""
     weight = inside.astype(np.float64)
     if not inside.any():  # the other image does not cover the kept one at all
         return 1.0, t - i, weight
-    for _ in range(3):
+    for _ in range(rounds):
         gain, offset = _photometric(t, i, weight)
         weight = _tukey(t - (gain * i + offset), inside)
     gain, offset = _photometric(t, i, weight)
@@ -156,28 +201,27 @@ def align(
     Gauss-Newton from coarse to fine: (warp, finest residuals, finest inside mask)."""
     p = warp.astype(np.float64).copy()
     for level, (_, _, steps) in enumerate(LEVELS):
-        t_img, i_img = kept.grey[level], other.grey[level]
-        gy, gx = other.gradients[level]
-        h, w = i_img.shape
+        t_img, stack = kept.levels[level][0], other.levels[level]
         design = _unit_grid(*t_img.shape)
         t = t_img.ravel()
         for _ in range(steps):
-            units = design @ p.T
-            iw, inside = _sample(i_img, units)
+            sampled, inside = _sample(stack, design @ p.T)
             if inside.sum() < 16:
                 break
-            gain, r, weight = _robust_fit(t, iw, inside)
-            ix = _sample(gx, units)[0] * w * gain
-            iy = _sample(gy, units)[0] * h * gain
+            # One reweighting per step: the steps themselves iterate the robust fit.
+            gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
+            ix, iy = sampled[1] * gain, sampled[2] * gain
             jac = np.concatenate([ix[:, None] * design, iy[:, None] * design], axis=1)
             jw = jac * weight[:, None]
             hessian = jw.T @ jac + 1e-6 * np.eye(6)
             step = np.linalg.solve(hessian, jw.T @ r)
             p += step.reshape(2, 3)
-            if np.abs(step).max() < 1e-5:
+            if np.abs(step).max() < STEP_DONE:
                 break
-    iw, inside = _sample(i_img, design @ p.T)
-    _, r, _ = _robust_fit(t, iw, inside)
+    t_img, stack = kept.levels[-1][0], other.levels[-1]
+    design = _unit_grid(*t_img.shape)
+    sampled, inside = _sample(stack[:1], design @ p.T)
+    _, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
     return p, r.reshape(t_img.shape), inside.reshape(t_img.shape)
 
 
@@ -185,18 +229,19 @@ def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.nda
     """Residuals (h, w) over the kept image's colour contrast after a robust 3 x 4 affine
     colour fit from the other image to the kept one: a hue or saturation change is linear
     in RGB, not in grey."""
-    target, source = kept.rgb, other.rgb
+    target = kept.rgb
     h, w = target.shape[:2]
-    units = _unit_grid(h, w) @ warp.T
-    warped = np.stack([_sample(source[..., c], units)[0] for c in range(3)], -1)
-    inside = _sample(source[..., 0], units)[1]
+    source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
+    warped, inside = _sample(source, _unit_grid(h, w) @ warp.T)
     t = target.reshape(-1, 3)
-    design = np.hstack([warped, np.ones((len(warped), 1))])
+    design = np.vstack([warped, np.ones((1, warped.shape[1]))]).T
     weight = inside.astype(np.float64)
     r = np.zeros(len(t))
     for _ in range(4):
-        root = np.sqrt(weight)[:, None]
-        colour, *_ = np.linalg.lstsq(design * root, t * root, rcond=None)
+        # Weighted least squares by its normal equations (4 x 4): the same fit as a
+        # weighted lstsq, much cheaper for tens of thousands of pixels.
+        dw = design * weight[:, None]
+        colour = np.linalg.solve(dw.T @ design + 1e-9 * np.eye(4), dw.T @ t)
         r = np.linalg.norm(t - design @ colour, axis=1)
         if not inside.any():
             break
@@ -206,19 +251,41 @@ def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.nda
     return (r / contrast).reshape(h, w)
 
 
+@functools.lru_cache(maxsize=32)
+def _patch_of(h: int, w: int) -> np.ndarray:
+    """Each pixel's patch number in a ``PATCHES`` x ``PATCHES`` grid over h x w, (h * w,)."""
+    rows = np.concatenate(
+        [np.full(len(c), n) for n, c in enumerate(np.array_split(range(h), PATCHES))]
+    )
+    cols = np.concatenate(
+        [np.full(len(c), n) for n, c in enumerate(np.array_split(range(w), PATCHES))]
+    )
+    patch = (rows[:, None] * PATCHES + cols[None, :]).ravel()
+    patch.flags.writeable = False
+    return patch
+
+
 def _patch_share(e: np.ndarray, inside: np.ndarray) -> float:
     """Share of the overlap's patches (an ``PATCHES`` x ``PATCHES`` grid, those at least
     half inside) whose median residual is within ``TOLERANCE``."""
-    h, w = e.shape
-    agree = total = 0
-    for rows in np.array_split(np.arange(h), PATCHES):
-        for cols in np.array_split(np.arange(w), PATCHES):
-            cell = np.ix_(rows, cols)
-            covered = inside[cell]
-            if covered.mean() >= 0.5:
-                total += 1
-                agree += float(np.median(e[cell][covered])) <= TOLERANCE
-    return agree / total if total else 0.0
+    patch = _patch_of(*e.shape)
+    mask = inside.ravel()
+    sizes = np.bincount(patch, minlength=PATCHES * PATCHES)
+    covered = np.bincount(patch[mask], minlength=PATCHES * PATCHES)
+    counted = covered >= 0.5 * sizes
+    if not counted.any():
+        return 0.0
+    # Medians of every patch at once: sort by (patch, value), then read each patch's middle.
+    cells, values = patch[mask], e.ravel()[mask]
+    order = np.lexsort((values, cells))
+    values = values[order]
+    starts = np.concatenate([[0], np.cumsum(covered)[:-1]])
+    low = starts + (covered - 1) // 2
+    high = starts + covered // 2
+    ok = counted & (covered > 0)
+    medians = np.full(len(covered), np.inf)
+    medians[ok] = (values[low[ok]] + values[high[ok]]) / 2
+    return float((medians[counted] <= TOLERANCE).sum() / counted.sum())
 
 
 def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
@@ -227,8 +294,11 @@ def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
     refined, r, inside = align(kept, other, warp)
     if inside.sum() < 16:
         return Agreement(0.0, 0.0, refined)
-    t = kept.grey[-1]
+    t = kept.levels[-1][0]
     contrast = max(float(t[inside].std()), 0.02)
-    grey = _patch_share(np.abs(r) / contrast, inside)
-    colour = _patch_share(_colour_residuals(kept, other, refined), inside)
-    return Agreement(max(grey, colour), float(inside.mean()), refined)
+    score = _patch_share(np.abs(r) / contrast, inside)
+    if score < SAME_CAPTURE_CUT - 1e-9:
+        # Recoloured copies agree in colour, not in grey; a pair that agrees in grey
+        # already needs no colour fit.
+        score = max(score, _patch_share(_colour_residuals(kept, other, refined), inside))
+    return Agreement(score, float(inside.mean()), refined)
