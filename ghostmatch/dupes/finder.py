@@ -124,7 +124,7 @@ class DuplicateFinder:
         if len(ids) < 2:
             return []
         offsets = self.score_offsets(vectors)
-        found, crowded = self._candidates(ids, vectors, offsets, low if verify else t)
+        found, crowded = self.candidate_pairs(ids, vectors, offsets, low if verify else t)
         involved = sorted({i for pair in found for i in pair})
         records = {r.id: r for r in self.catalog.get(involved)}
         ignored = self.catalog.not_duplicates()
@@ -173,7 +173,7 @@ class DuplicateFinder:
         )
         return groups
 
-    def _candidates(
+    def candidate_pairs(
         self, ids: np.ndarray, vectors: np.ndarray, offsets: np.ndarray | None, floor: float
     ) -> tuple[dict[tuple[int, int], float], set[int]]:
         """Candidate pairs (low id first) and their scores: each file's ``MAX_CANDIDATES``
