@@ -715,6 +715,17 @@ def test_a_failed_batch_fails_its_requests_only() -> None:
 # ---------------------------------------------------------------------- more routes
 
 
+def test_similar_files_are_listed_apart_only_when_asked(client: httpx.Client) -> None:
+    default = client.get("/api/v1/duplicates").json()
+    listed = client.get("/api/v1/duplicates", params={"similar": True}).json()
+    assert all("similar" not in group for group in default["groups"])
+    assert all(isinstance(group["similar"], list) for group in listed["groups"])
+    # The same duplicates either way: similar files are never members.
+    assert [g["members"] for g in listed["groups"] if g["members"]] == [
+        g["members"] for g in default["groups"]
+    ]
+
+
 def test_duplicates_take_a_threshold_and_the_geometric_check(client: httpx.Client) -> None:
     default = client.get("/api/v1/duplicates").json()
     strict = client.get("/api/v1/duplicates", params={"threshold": 0.99, "verify": False}).json()

@@ -146,7 +146,7 @@ class DuplicateFinder:
         needed = min_inliers
         if needed is None:
             needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-        judge = PairJudge(self.embedder, records, t, needed, crowded)
+        judge = PairJudge(self.model, records, t, needed, crowded)
 
         def decide(leader: int, others: list[int]) -> dict[int, str | None]:
             if verify:
@@ -340,7 +340,7 @@ class DuplicateFinder:
         """A judge of the indexed ``records`` (kept) against ``x`` (the copy), which it
         knows as ``_QUERY``."""
         enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-        judge = PairJudge(self.embedder, records, threshold, enough)
+        judge = PairJudge(self.model, records, threshold, enough)
         if not records:
             return judge
         cache = judge.maps
@@ -387,7 +387,7 @@ class PairJudge:
 
     def __init__(
         self,
-        embedder: Embedder,
+        model: ModelBinding,
         records: dict[int, ImageRecord],
         threshold: float,
         min_inliers: int,
@@ -397,9 +397,18 @@ class PairJudge:
         self.threshold = threshold
         self.min_inliers = min_inliers
         self.crowded = crowded
-        self.maps = _MapCache(embedder, records)
+        self.model = model
+        self._maps: _MapCache | None = None
         # None marks an image that could not be decoded.
         self.captures: OrderedDict[int, Capture | None] = OrderedDict()
+
+    @property
+    def maps(self) -> _MapCache:
+        """The local feature maps, made on first use: loading the model is only worth it
+        for pairs that reach the geometric check."""
+        if self._maps is None:
+            self._maps = _MapCache(self.model.embedder, self.records)
+        return self._maps
 
     def capture(self, i: int) -> Capture | None:
         if i in self.captures:

@@ -390,8 +390,11 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
             Query(ge=-3.0, le=1.0, description="Threshold instead of the index's own"),
         ] = None,
         verify: Annotated[bool, Query(description="Run the geometric check")] = True,
+        similar: Annotated[
+            bool, Query(description="Also list other captures (tier similar, never acted on)")
+        ] = False,
     ) -> dict[str, Any]:
-        return engine.duplicates(offset, limit, threshold, verify)
+        return engine.duplicates(offset, limit, threshold, verify, similar)
 
     @app.get(f"{API}/images/{{image_id}}/thumbnail", summary="A JPEG thumbnail by catalog id")
     def thumbnail(

@@ -172,7 +172,7 @@ class QueryEngine:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._uploads = Path(tempfile.mkdtemp(prefix="ghostmatch-serve-"))
-        self._listings: dict[tuple[Any, float | None, bool], _Listing] = {}
+        self._listings: dict[tuple[Any, float | None, bool, bool], _Listing] = {}
         self._listing_lock = threading.Lock()
         self._action_lock = threading.Lock()
         self._thumbnails: OrderedDict[tuple[int, int, int, int], bytes] = OrderedDict()
@@ -453,11 +453,12 @@ class QueryEngine:
     # ------------------------------------------------------------------ duplicates
 
     def duplicates(
-        self, offset: int, limit: int, threshold: float | None, verify: bool
+        self, offset: int, limit: int, threshold: float | None, verify: bool, similar: bool = False
     ) -> dict[str, Any]:
-        """One page of duplicate groups, found once per index generation and settings."""
+        """One page of duplicate groups, found once per index generation and settings; with
+        ``similar``, each group also lists the other captures of its kept file, apart."""
         lib = self.library()
-        listing = self._listing(lib, threshold, verify)
+        listing = self._listing(lib, threshold, verify, similar)
         page = listing.groups[offset : offset + limit]
         return {
             "threshold": listing.threshold,
@@ -468,19 +469,26 @@ class QueryEngine:
                 {
                     "keep": _member(group.keep, listing.ids),
                     "members": [_member(m, listing.ids) for m in group.members],
+                    **(
+                        {"similar": [_member(m, listing.ids) for m in group.similar]}
+                        if similar
+                        else {}
+                    ),
                 }
                 for group in page
             ],
         }
 
-    def _listing(self, lib: Library, threshold: float | None, verify: bool) -> _Listing:
-        key = (self._generation, threshold, verify)
+    def _listing(
+        self, lib: Library, threshold: float | None, verify: bool, similar: bool = False
+    ) -> _Listing:
+        key = (self._generation, threshold, verify, similar)
         with self._listing_lock:
             listing = self._listings.get(key)
             if listing is None:
                 used = lib.duplicate_threshold() if threshold is None else threshold
-                groups = lib.find_duplicates(threshold, verify=verify)
-                paths = [m.path for g in groups for m in [g.keep, *g.members]]
+                groups = lib.find_duplicates(threshold, verify=verify, similar=similar)
+                paths = [m.path for g in groups for m in [g.keep, *g.members, *g.similar]]
                 listing = _Listing(used, groups, self._ids_of(lib, paths))
                 self._listings = {k: v for k, v in self._listings.items() if k[0] == key[0]}
                 self._listings[key] = listing
