@@ -148,20 +148,20 @@ def test_figures_of_the_shipped_finder_on_a_tiny_set(tmp_path: Path) -> None:
     shots = build(tmp_path)
     with Library(tmp_path / "index", weights="bundled", device="cpu") as lib:
         lib.index([shots.folder])
-        groups = lib.find_duplicates()
-        stage1 = lib.find_duplicates(verify=False)
+        groups = lib.find_duplicates(similar=True)
+        shipped = othershots.shipped_rule(lib)
     saved = tmp_path / "groups.json"
     othershots.write_groups(saved, groups)
     assert othershots.read_groups(saved) == groups
     report = Report("othershots", quick=True)
-    othershots.describe(report, shots, groups, stage1, {"index_s": 2.0, "dupes_s": 3.0})
+    othershots.describe(report, shots, groups, shipped, {"index_s": 2.0, "dupes_s": 3.0})
     figures = {f.name: f for f in report.figures}
     for part in ("tuning", "heldout", "all"):
         assert 0 <= figures[f"{part}: precision"].value <= 1
         assert math.isfinite(figures[f"{part}: recall"].value)
         assert f"{part}: recall, crop-60" in figures
     assert figures["dupes time"].ratio == 1.5
-    whole = report.details["all"]["shipped"]
+    whole = report.details["all"]["finder"]
     assert whole["groups"]["reported_pairs"] == whole["captures"]["reported_pairs"]
     # The source and its plain re-encode are found on any model worth shipping.
     assert whole["groups"]["per_transform"]["reencode-q20"] == 1.0
