@@ -376,8 +376,8 @@ class PairJudge:
     or None (not alike).
 
     Each pair is first aligned from the identity map (``ghostmatch.dupes.samecapture``):
-    a re-encoded, resized, recoloured or captioned copy agrees there already, unmoved,
-    and needs no local features. Otherwise the geometric check (``verify_scales``) finds the
+    a re-encoded, resized, recoloured or captioned copy agrees there already, and needs
+    no local features. Otherwise the geometric check (``verify_scales``) finds the
     transform (a crop, flip, turn, border), which must hold at least ``min_inliers``
     points unless the score reaches ``threshold``, and the pair is aligned again from it.
     A pair whose geometry holds but whose pixels disagree is ``similar``.
@@ -447,12 +447,9 @@ class PairJudge:
             if crowded and a.correlation(b) < CROWDED_CORRELATION:
                 continue
             unmoved = agreement(a, b, np.eye(2, 3))
-            if unmoved.same_capture and unmoved.is_whole():
-                tiers[j] = "near"
+            if unmoved.same_capture:
+                tiers[j] = "near" if unmoved.is_whole() else "edited"
             elif not crowded:
-                # An edit that moved the picture (a crop, border, turn) is aligned from the
-                # geometric check's transform: from the identity, the alignment can settle
-                # on a map that fits another shot of the scene as well.
                 geometric.append((j, score))
         if geometric:
             with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
