@@ -9,7 +9,8 @@ Lucas-Kanade refinement of one affine map on the two greyscale images, weighted 
 (Tukey) so that an overlay does not pull it, with a gain and offset for the brightness;
 then the share of the overlap where the two agree is measured at several tolerances. A
 rule (feature and cut) is chosen on the tuning half and reported on the held-out half,
-beside the shipped finder. An analysis, not part of the finder.
+beside the shipped finder. The analysis that chose the rule; the finder applies it through
+``ghostmatch.dupes.samecapture``.
 
 ``python -m benchmarks.samecapture --work DIR``, DIR as given to ``benchmarks.othershots``.
 """
