@@ -173,3 +173,19 @@ def test_a_similar_member_is_left_alone_by_any_plan(tmp_path: Path) -> None:
     for op, move_to in (("delete", None), ("move", tmp_path / "out")):
         actions, skipped = plan_actions([group], op, move_to=move_to)
         assert actions == [] and skipped == [(tmp_path / "b.jpg", NOT_A_COPY)]
+
+
+def test_the_html_page_shows_similar_files_apart(tmp_path: Path) -> None:
+    from ghostmatch.dupes.report import write_html
+
+    def member(name: str, tier: str) -> DuplicateMember:
+        path = tmp_path / name
+        scene().save(path)
+        return DuplicateMember(path, 0.5, tier, 320, 320, path.stat().st_size, 0, name)
+
+    group = DuplicateGroup(
+        member("a.jpg", "keep"), [member("b.jpg", "near")], [member("c.jpg", "similar")]
+    )
+    page = write_html([group], tmp_path / "page.html").read_text()
+    assert "1 duplicate," in page and "1 similar (another capture" in page
+    assert page.index("b.jpg") < page.index("1 similar") < page.index("c.jpg")
