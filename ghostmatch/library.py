@@ -297,7 +297,12 @@ class Library:
     def info(self) -> dict[str, Any]:
         """Counts, folders, model card, index type and sizes on disk."""
         card = self.card
-        index = self.vector_index
+        # The stamp names the type of an index file that is current, so that info needs no
+        # FAISS; a missing or stale file is loaded (and repaired) to tell.
+        factory = self.vectors.saved_factory()
+        if factory is None and self.catalog.count():
+            index = self.vector_index
+            factory = index.factory if index is not None else None
         file = self.vectors.file
         return {
             "index": str(self.path),
@@ -305,7 +310,7 @@ class Library:
             "folders": [os.fsdecode(p) for p in self.catalog.roots()],
             "model": card.to_dict() if card else None,
             "model_summary": card.describe() if card else None,
-            "index_type": index.factory if index is not None else None,
+            "index_type": factory,
             "catalog_bytes": self.catalog.disk_size(),
             "index_bytes": file.stat().st_size if file.exists() else 0,
             "failures": self.catalog.failure_counts(),
