@@ -410,7 +410,7 @@ def test_migrations_build_exactly_the_declared_schema(tmp_path: Path) -> None:
     Catalog.for_directory(tmp_path).close()
     migrated = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
     declared = create_engine("sqlite://")
-    catalog_module._Base.metadata.create_all(declared)
+    catalog_module._METADATA.create_all(declared)
 
     def schema(engine: Engine) -> dict[str, object]:
         inspector = inspect(engine)
@@ -436,7 +436,7 @@ def test_the_schema_compiles_for_postgresql() -> None:
     dialect = postgresql.dialect()
     ddl = {
         table.name: str(CreateTable(table).compile(dialect=dialect))
-        for table in catalog_module._Base.metadata.sorted_tables
+        for table in catalog_module._METADATA.sorted_tables
     }
     assert "id BIGSERIAL" in ddl["images"]
     assert 'path TEXT COLLATE "C" NOT NULL' in ddl["images"]

@@ -48,7 +48,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from ghostmatch.errors import GhostmatchError
@@ -103,75 +102,70 @@ class _UTCDateTime(TypeDecorator[datetime]):
 # ---------------------------------------------------------------------------- current schema
 
 
-class _Base(DeclarativeBase):
-    pass
+_METADATA = MetaData()
 
+_IMAGES = Table(
+    "images",
+    _METADATA,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("path", _PathText, unique=True, index=True, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("content_hash", String, index=True, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("format", String, nullable=False),
+    Column("indexed_at", _UTCDateTime, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    # Covers all_stat(): a scan of it never touches the pages that hold the vectors.
+    Index("ix_images_stat", "path", "size", "mtime_ns"),
+    # AUTOINCREMENT: a deleted image's id is never handed out again, as it may still be
+    # in a FAISS index file.
+    sqlite_autoincrement=True,
+)
 
-class _ImageRow(_Base):
-    __tablename__ = "images"
-    __table_args__ = (
-        # Covers all_stat(): a scan of it never touches the pages that hold the vectors.
-        Index("ix_images_stat", "path", "size", "mtime_ns"),
-        # AUTOINCREMENT: a deleted image's id is never handed out again, as it may still be
-        # in a FAISS index file.
-        {"sqlite_autoincrement": True},
-    )
+_FAILURES = Table(
+    "failures",
+    _METADATA,
+    Column("path", _PathText, primary_key=True),
+    Column("size", BigInteger),
+    Column("mtime_ns", BigInteger),
+    Column("reason", String, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("seen_at", _UTCDateTime, nullable=False),
+    Column("ctime_ns", BigInteger),
+    Column("max_megapixels", Float),
+)
 
-    id: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=True)
-    path: Mapped[str] = mapped_column(_PathText, unique=True, index=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    content_hash: Mapped[str] = mapped_column(String, index=True)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    format: Mapped[str] = mapped_column(String)
-    indexed_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
+_ROOTS = Table(
+    "roots",
+    _METADATA,
+    Column("path", _PathText, primary_key=True),
+    Column("added_at", _UTCDateTime, nullable=False),
+)
 
+_META = Table(
+    "meta",
+    _METADATA,
+    Column("key", String, primary_key=True),
+    Column("value", Text, nullable=False),
+)
 
-class _FailureRow(_Base):
-    __tablename__ = "failures"
+_NOT_DUPLICATES = Table(
+    "not_duplicates",
+    _METADATA,
+    Column("path_a", _PathText, primary_key=True),
+    Column("path_b", _PathText, primary_key=True),
+)
 
-    path: Mapped[str] = mapped_column(_PathText, primary_key=True)
-    size: Mapped[int | None] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
-    reason: Mapped[str] = mapped_column(String)
-    detail: Mapped[str] = mapped_column(Text)
-    seen_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-    ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
-    max_megapixels: Mapped[float | None] = mapped_column(Float)
-
-
-class _RootRow(_Base):
-    __tablename__ = "roots"
-
-    path: Mapped[str] = mapped_column(_PathText, primary_key=True)
-    added_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-
-
-class _MetaRow(_Base):
-    __tablename__ = "meta"
-
-    key: Mapped[str] = mapped_column(String, primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
-class _NotDuplicateRow(_Base):
-    __tablename__ = "not_duplicates"
-
-    path_a: Mapped[str] = mapped_column(_PathText, primary_key=True)
-    path_b: Mapped[str] = mapped_column(_PathText, primary_key=True)
-
-
-class _SchemaVersionRow(_Base):
-    """One row per applied migration; the highest version is the schema's."""
-
-    __tablename__ = "schema_version"
-
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    reason: Mapped[str] = mapped_column(Text)
-    applied_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-
+# One row per applied migration; the highest version is the schema's.
+_SCHEMA_VERSION = Table(
+    "schema_version",
+    _METADATA,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("reason", Text, nullable=False),
+    Column("applied_at", _UTCDateTime, nullable=False),
+)
 
 # ---------------------------------------------------------------------------- migrations
 
@@ -372,15 +366,15 @@ def _stack(blobs: Sequence[bytes]) -> NDArray[np.float32]:
 
 # In ImageRecord's field order.
 _RECORD_COLUMNS = (
-    _ImageRow.id,
-    _ImageRow.path,
-    _ImageRow.size,
-    _ImageRow.mtime_ns,
-    _ImageRow.content_hash,
-    _ImageRow.width,
-    _ImageRow.height,
-    _ImageRow.format,
-    _ImageRow.indexed_at,
+    _IMAGES.c.id,
+    _IMAGES.c.path,
+    _IMAGES.c.size,
+    _IMAGES.c.mtime_ns,
+    _IMAGES.c.content_hash,
+    _IMAGES.c.width,
+    _IMAGES.c.height,
+    _IMAGES.c.format,
+    _IMAGES.c.indexed_at,
 )
 
 
@@ -496,9 +490,9 @@ def _catalog_error(error: BaseException, where: str) -> GhostmatchError:
 
 
 def _schema_version(conn: Connection) -> int:
-    if not inspect(conn).has_table(_SchemaVersionRow.__tablename__):
+    if not inspect(conn).has_table(_SCHEMA_VERSION.name):
         return 0
-    return conn.scalar(select(func.max(_SchemaVersionRow.version))) or 0
+    return conn.scalar(select(func.max(_SCHEMA_VERSION.c.version))) or 0
 
 
 # ---------------------------------------------------------------------------- catalog
@@ -595,7 +589,7 @@ class Catalog:
         if current == latest or (current > 0 and not self._writable()):
             return
         with self._writer.begin() as conn:
-            _Base.metadata.tables[_SchemaVersionRow.__tablename__].create(conn, checkfirst=True)
+            _METADATA.tables[_SCHEMA_VERSION.name].create(conn, checkfirst=True)
             # Another process may have migrated between the read above and the lock.
             current = _schema_version(conn)
             self._refuse_newer(current, latest)
@@ -603,7 +597,7 @@ class Catalog:
                 if version > current:
                     apply(conn)
                     conn.execute(
-                        insert(_SchemaVersionRow),
+                        insert(_SCHEMA_VERSION),
                         {"version": version, "reason": reason, "applied_at": _now()},
                     )
         self._version = latest
@@ -656,23 +650,23 @@ class Catalog:
 
     def get_meta(self, key: str) -> Any | None:
         with self._read() as conn:
-            value = conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
+            value = conn.scalar(select(_META.c.value).where(_META.c.key == key))
         return None if value is None else json.loads(value)
 
     def roots(self) -> list[Path]:
         with self._read() as conn:
-            texts = conn.scalars(select(_RootRow.path).order_by(_RootRow.path)).all()
+            texts = conn.scalars(select(_ROOTS.c.path).order_by(_ROOTS.c.path)).all()
         return [_text_path(text) for text in texts]
 
     def count(self) -> int:
         with self._read() as conn:
-            return conn.scalar(select(func.count()).select_from(_ImageRow)) or 0
+            return conn.scalar(select(func.count()).select_from(_IMAGES)) or 0
 
     def ids(self) -> NDArray[np.int64]:
         """All image ids, ascending."""
         # Sorted here: ORDER BY id would walk the table, vectors and all, not a small index.
         with self._read() as conn:
-            ids = conn.scalars(select(_ImageRow.id)).all()
+            ids = conn.scalars(select(_IMAGES.c.id)).all()
         return np.sort(np.array(ids, dtype=np.int64))
 
     def get(self, ids: Sequence[int]) -> list[ImageRecord]:
@@ -680,7 +674,7 @@ class Catalog:
         found: dict[int, ImageRecord] = {}
         with self._read() as conn:
             for chunk in _chunks(list(dict.fromkeys(ids))):
-                query = select(*_RECORD_COLUMNS).where(_ImageRow.id.in_(chunk))
+                query = select(*_RECORD_COLUMNS).where(_IMAGES.c.id.in_(chunk))
                 found.update((r.id, r) for r in map(_image_record, conn.execute(query)))
         return [found[image_id] for image_id in ids if image_id in found]
 
@@ -690,13 +684,13 @@ class Catalog:
         records: dict[Path, ImageRecord] = {}
         with self._read() as conn:
             for chunk in _chunks(texts):
-                query = select(*_RECORD_COLUMNS).where(_ImageRow.path.in_(chunk))
+                query = select(*_RECORD_COLUMNS).where(_IMAGES.c.path.in_(chunk))
                 records.update((r.path, r) for r in map(_image_record, conn.execute(query)))
         return records
 
     def all_stat(self) -> dict[Path, tuple[int, int, int]]:
         """path -> (id, size, mtime_ns) of every image: what an incremental scan compares."""
-        query = select(_ImageRow.path, _ImageRow.id, _ImageRow.size, _ImageRow.mtime_ns)
+        query = select(_IMAGES.c.path, _IMAGES.c.id, _IMAGES.c.size, _IMAGES.c.mtime_ns)
         with self._read() as conn:
             rows = conn.execute(query).all()
         return {_text_path(path): (image_id, size, mtime) for path, image_id, size, mtime in rows}
@@ -708,8 +702,8 @@ class Catalog:
             for chunk in _chunks(list(dict.fromkeys(hashes))):
                 query = (
                     select(*_RECORD_COLUMNS)
-                    .where(_ImageRow.content_hash.in_(chunk))
-                    .order_by(_ImageRow.id)
+                    .where(_IMAGES.c.content_hash.in_(chunk))
+                    .order_by(_IMAGES.c.id)
                 )
                 for record in map(_image_record, conn.execute(query)):
                     found.setdefault(record.content_hash, []).append(record)
@@ -719,12 +713,12 @@ class Catalog:
         """Ids of byte-identical images: one list (ascending) per content hash that more
         than one image has."""
         shared = (
-            select(_ImageRow.content_hash).group_by(_ImageRow.content_hash).having(func.count() > 1)
+            select(_IMAGES.c.content_hash).group_by(_IMAGES.c.content_hash).having(func.count() > 1)
         )
         query = (
-            select(_ImageRow.content_hash, _ImageRow.id)
-            .where(_ImageRow.content_hash.in_(shared))
-            .order_by(_ImageRow.content_hash, _ImageRow.id)
+            select(_IMAGES.c.content_hash, _IMAGES.c.id)
+            .where(_IMAGES.c.content_hash.in_(shared))
+            .order_by(_IMAGES.c.content_hash, _IMAGES.c.id)
         )
         groups: dict[str, list[int]] = {}
         with self._read() as conn:
@@ -741,9 +735,9 @@ class Catalog:
         # character bumped), and nothing else does; the path index serves this range.
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         query = (
-            select(_ImageRow.id, _ImageRow.path)
-            .where(_ImageRow.path >= prefix, _ImageRow.path < end)
-            .order_by(_ImageRow.path)
+            select(_IMAGES.c.id, _IMAGES.c.path)
+            .where(_IMAGES.c.path >= prefix, _IMAGES.c.path < end)
+            .order_by(_IMAGES.c.path)
         )
         with self._read() as conn:
             rows = conn.execute(query).all()
@@ -756,44 +750,44 @@ class Catalog:
 
         An empty result has shape (0, 0): the catalog does not know the dimension.
         """
-        query = select(_ImageRow.id, _ImageRow.vector)
+        query = select(_IMAGES.c.id, _IMAGES.c.vector)
         found: dict[int, bytes] = {}
         with self._read() as conn:
             if ids is None:
-                found.update(conn.execute(query.order_by(_ImageRow.id)).all())
+                found.update(conn.execute(query.order_by(_IMAGES.c.id)).all())
                 order = list(found)
             else:
                 for chunk in _chunks(list(dict.fromkeys(ids))):
-                    found.update(conn.execute(query.where(_ImageRow.id.in_(chunk))).all())
+                    found.update(conn.execute(query.where(_IMAGES.c.id.in_(chunk))).all())
                 order = [image_id for image_id in ids if image_id in found]
         return np.array(order, dtype=np.int64), _stack([found[image_id] for image_id in order])
 
     def failures(self) -> list[FailureRecord]:
         """Every recorded failure, by path."""
         columns: list[Any] = [
-            _FailureRow.path,
-            _FailureRow.size,
-            _FailureRow.mtime_ns,
-            _FailureRow.reason,
-            _FailureRow.detail,
-            _FailureRow.seen_at,
+            _FAILURES.c.path,
+            _FAILURES.c.size,
+            _FAILURES.c.mtime_ns,
+            _FAILURES.c.reason,
+            _FAILURES.c.detail,
+            _FAILURES.c.seen_at,
         ]
         if self._version >= _FAILURE_RETRY_VERSION:  # an older one read as it is lacks them
-            columns += [_FailureRow.ctime_ns, _FailureRow.max_megapixels]
+            columns += [_FAILURES.c.ctime_ns, _FAILURES.c.max_megapixels]
         with self._read() as conn:
-            rows = conn.execute(select(*columns).order_by(_FailureRow.path)).all()
+            rows = conn.execute(select(*columns).order_by(_FAILURES.c.path)).all()
         return [FailureRecord(_text_path(row[0]), *row[1:]) for row in rows]
 
     def failure_counts(self) -> dict[str, int]:
         """Number of failures per reason."""
-        query = select(_FailureRow.reason, func.count()).group_by(_FailureRow.reason)
+        query = select(_FAILURES.c.reason, func.count()).group_by(_FAILURES.c.reason)
         with self._read() as conn:
             return dict(conn.execute(query).all())
 
     def not_duplicates(self) -> set[tuple[Path, Path]]:
         """Pairs the user judged distinct, each in the order it is stored (sorted)."""
         with self._read() as conn:
-            rows = conn.execute(select(_NotDuplicateRow.path_a, _NotDuplicateRow.path_b))
+            rows = conn.execute(select(_NOT_DUPLICATES.c.path_a, _NOT_DUPLICATES.c.path_b))
             return {(_text_path(a), _text_path(b)) for a, b in rows}
 
     def disk_size(self) -> int | None:
@@ -811,7 +805,7 @@ def _under(path: Path) -> Any:
     exact = _path_text(path)
     prefix = exact if exact.endswith(os.sep) else exact + os.sep
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # as in Catalog.paths_under
-    return (_FailureRow.path == exact) | ((_FailureRow.path >= prefix) & (_FailureRow.path < end))
+    return (_FAILURES.c.path == exact) | ((_FAILURES.c.path >= prefix) & (_FAILURES.c.path < end))
 
 
 def user_error(error: BaseException) -> GhostmatchError | None:
@@ -847,7 +841,7 @@ class CatalogTransaction:
             }
             for row in rows
         ]
-        query = insert(_ImageRow).returning(_ImageRow.id, sort_by_parameter_order=True)
+        query = insert(_IMAGES).returning(_IMAGES.c.id, sort_by_parameter_order=True)
         return list(self._conn.scalars(query, params))
 
     def update_image(
@@ -883,15 +877,13 @@ class CatalogTransaction:
             values["indexed_at"] = _now()
         if not values:
             return
-        result = self._conn.execute(
-            update(_ImageRow).where(_ImageRow.id == image_id).values(values)
-        )
+        result = self._conn.execute(update(_IMAGES).where(_IMAGES.c.id == image_id).values(values))
         if result.rowcount == 0:
             raise KeyError(image_id)
 
     def delete_images(self, ids: Iterable[int]) -> None:
         for chunk in _chunks(list(ids)):
-            self._conn.execute(delete(_ImageRow).where(_ImageRow.id.in_(chunk)))
+            self._conn.execute(delete(_IMAGES).where(_IMAGES.c.id.in_(chunk)))
 
     def record_failures(self, rows: Sequence[NewFailure]) -> None:
         """Record files that could not be indexed, replacing earlier failures of the paths."""
@@ -912,46 +904,46 @@ class CatalogTransaction:
             }
             for row in rows
         ]
-        self._conn.execute(insert(_FailureRow), params)
+        self._conn.execute(insert(_FAILURES), params)
 
     def clear_failures(self, paths: Iterable[Path]) -> None:
         for chunk in _chunks([_path_text(path) for path in paths]):
-            self._conn.execute(delete(_FailureRow).where(_FailureRow.path.in_(chunk)))
+            self._conn.execute(delete(_FAILURES).where(_FAILURES.c.path.in_(chunk)))
 
     def forget_failures(self, paths: Iterable[Path]) -> int:
         """Drop the failures of these paths and of everything under them, as folders."""
-        return sum(self._conn.execute(delete(_FailureRow).where(_under(p))).rowcount for p in paths)
+        return sum(self._conn.execute(delete(_FAILURES).where(_under(p))).rowcount for p in paths)
 
     def get_meta(self, key: str) -> Any | None:
         """The value under ``key`` as this transaction sees it (its own writes included)."""
-        value = self._conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
+        value = self._conn.scalar(select(_META.c.value).where(_META.c.key == key))
         return None if value is None else json.loads(value)
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``, replacing any earlier one."""
         text = json.dumps(value)
-        result = self._conn.execute(update(_MetaRow).where(_MetaRow.key == key).values(value=text))
+        result = self._conn.execute(update(_META).where(_META.c.key == key).values(value=text))
         if result.rowcount == 0:
-            self._conn.execute(insert(_MetaRow), {"key": key, "value": text})
+            self._conn.execute(insert(_META), {"key": key, "value": text})
 
     def add_roots(self, paths: Iterable[Path]) -> None:
         """Remember folders as indexed; ones already known are left as they are."""
         texts = list(dict.fromkeys(_path_text(path) for path in paths))
         known: set[str] = set()
         for chunk in _chunks(texts):
-            known.update(self._conn.scalars(select(_RootRow.path).where(_RootRow.path.in_(chunk))))
+            known.update(self._conn.scalars(select(_ROOTS.c.path).where(_ROOTS.c.path.in_(chunk))))
         now = _now()
         new = [{"path": text, "added_at": now} for text in texts if text not in known]
         if new:
-            self._conn.execute(insert(_RootRow), new)
+            self._conn.execute(insert(_ROOTS), new)
 
     def add_not_duplicate(self, a: Path, b: Path) -> None:
         """Record that two images are distinct; the pair is stored sorted, once."""
         path_a, path_b = sorted((_path_text(a), _path_text(b)))
         exists = self._conn.scalar(
             select(func.count())
-            .select_from(_NotDuplicateRow)
-            .where(_NotDuplicateRow.path_a == path_a, _NotDuplicateRow.path_b == path_b)
+            .select_from(_NOT_DUPLICATES)
+            .where(_NOT_DUPLICATES.c.path_a == path_a, _NOT_DUPLICATES.c.path_b == path_b)
         )
         if not exists:
-            self._conn.execute(insert(_NotDuplicateRow), {"path_a": path_a, "path_b": path_b})
+            self._conn.execute(insert(_NOT_DUPLICATES), {"path_a": path_a, "path_b": path_b})
