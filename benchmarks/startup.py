@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     began = time.monotonic()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTMATCH_")}
     env["GHOSTMATCH_OFFLINE"] = "1"
+    # As after a pip install: compiled modules are cached (the first, untimed run writes
+    # them), even where the shell sets PYTHONDONTWRITEBYTECODE.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     runs = options.runs
     with tempfile.TemporaryDirectory(prefix="ghostmatch-startup-") as tmp:
         photos, index = Path(tmp) / "photos", Path(tmp) / "index"
