@@ -60,9 +60,7 @@ def vectors_by_path(index: Path) -> dict[Path, np.ndarray]:
     return {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
 
 
-def test_ray_run_equals_the_local_one(
-    cluster: str, photos: Path, tmp_path: Path
-) -> None:
+def test_ray_run_equals_the_local_one(cluster: str, photos: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     shutil.copytree(photos, folder)
     (folder / "truncated.jpg").write_bytes((folder / "coffee.jpg").read_bytes()[:300])
