@@ -20,6 +20,7 @@ from test_startup import imported
 
 import ghostmatch
 from ghostmatch.cli.app import _with_option_values
+from ghostmatch.errors import GhostmatchError
 
 ray = pytest.importorskip("ray")
 
@@ -51,6 +52,19 @@ def cluster(model_cache: Path) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_an_address_where_no_cluster_answers_is_one_clear_error(
+    photos: Path, tmp_path: Path
+) -> None:
+    # First in the module: this process is not connected to a cluster yet.
+    assert not ray.is_initialized()
+    with ghostmatch.open(tmp_path / "index", weights="random") as lib:
+        with pytest.raises(
+            GhostmatchError, match=r"cannot reach a Ray cluster at '127\.0\.0\.1:1'"
+        ):
+            lib.index([photos / "cat.jpg"], ray="127.0.0.1:1")
+    assert not ray.is_initialized()
 
 
 def vectors_by_path(index: Path) -> dict[Path, np.ndarray]:

@@ -5,6 +5,7 @@ vectors. Ray is imported only here, and only when it is asked for."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from collections.abc import Collection, Container, Generator, Sequence
 from dataclasses import replace
@@ -27,6 +28,10 @@ AUTO = "auto"
 # A local cluster holds only the model and batches of results in its object store; Ray's
 # default (30% of the machine's memory) would reserve gigabytes of shared memory for nothing.
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+
+# Seconds to wait for a cluster's port to answer: Ray itself retries an address that does not
+# answer for minutes.
+CONNECT_TIMEOUT_S = 10.0
 
 # Batches queued per actor: while the driver collects one, the actor works on the next.
 QUEUED_PER_ACTOR = 2
@@ -136,6 +141,7 @@ class RayEmbedding:
         if self.address == LOCAL:
             options["object_store_memory"] = LOCAL_OBJECT_STORE_BYTES
         try:
+            _check_reachable(self.address)
             ray.init(address=self.address, **options)
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise GhostmatchError(
@@ -173,6 +179,17 @@ def _collect(ray: Any, pending: Any) -> list[_Embedded | _Failed]:
             "the work committed so far is kept: index again to resume"
         ) from error
     return results
+
+
+def _check_reachable(address: str) -> None:
+    """Raise ConnectionError at once when nothing answers at a ``host:port`` address."""
+    host, _, port = address.rpartition(":")
+    if address.startswith("ray://") or not host or not port.isdigit():
+        return  # a word for Ray to resolve, or Ray Client, which gives up by itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConnectionError(f"nothing answers at {address} ({error})") from error
 
 
 def _import_ray() -> Any:
