@@ -129,7 +129,7 @@ def index(
             metavar="[ADDRESS]",
             help="Decode and embed on Ray actors, one per CPU of the cluster: alone, on a "
             "cluster started here for the run; auto, the running one; or its address "
-            "(HOST:PORT, ray://HOST:PORT). Needs ghostmatch[ray].",
+            "(HOST:PORT, ray://HOST:PORT). Needs the ray extra.",
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,

@@ -59,11 +59,11 @@ def test_an_address_where_no_cluster_answers_is_one_clear_error(
 ) -> None:
     # First in the module: this process is not connected to a cluster yet.
     assert not ray.is_initialized()
-    with ghostmatch.open(tmp_path / "index", weights="random") as lib:
-        with pytest.raises(
-            GhostmatchError, match=r"cannot reach a Ray cluster at '127\.0\.0\.1:1'"
-        ):
-            lib.index([photos / "cat.jpg"], ray="127.0.0.1:1")
+    with (
+        ghostmatch.open(tmp_path / "index", weights="random") as lib,
+        pytest.raises(GhostmatchError, match=r"cannot reach a Ray cluster at '127\.0\.0\.1:1'"),
+    ):
+        lib.index([photos / "cat.jpg"], ray="127.0.0.1:1")
     assert not ray.is_initialized()
 
 
