@@ -91,8 +91,9 @@ def test_ray_run_equals_the_local_one_and_recognises_a_move(
     with ghostmatch.open(local, weights="random") as lib:
         expected = lib.index([folder], batch_size=3)
     # "auto": this process is connected to the module's cluster already, and stays so.
+    # Three actors on two CPUs share them, rather than one waiting for a CPU for ever.
     with ghostmatch.open(remote) as lib:
-        report = lib.index([folder], batch_size=3, ray="auto")
+        report = lib.index([folder], batch_size=2, workers=3, ray="auto")
     assert ray.is_initialized()
     assert expected.added == 7
     assert (report.moved, report.added, report.embedded, report.removed) == (1, 6, 6, 0)

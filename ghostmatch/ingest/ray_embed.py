@@ -153,9 +153,18 @@ class RayEmbedding:
     def _start_actors(
         self, ray: Any, embedder: Embedder, max_megapixels: float, movable: Collection[str]
     ) -> list[Any]:
-        count = self.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        gpus = 1 if embedder.device == "cuda" else 0
-        worker = ray.remote(num_cpus=1, num_gpus=gpus)(EmbedWorker)
+        resources = ray.cluster_resources()
+        cpus = resources.get("CPU", 1.0)
+        count = self.actors or max(1, int(cpus))
+        # More actors than the cluster has CPUs (or GPUs) share them: asking each for a whole
+        # one would leave the rest waiting for ever, and with them the batches queued there.
+        options: dict[str, float] = {"num_cpus": min(1.0, cpus / count)}
+        if embedder.device == "cuda":
+            gpus = resources.get("GPU", 0.0)
+            if gpus == 0:
+                raise GhostmatchError("the Ray cluster has no GPU; use the device cpu")
+            options["num_gpus"] = min(1.0, gpus / count)
+        worker = ray.remote(**options)(EmbedWorker)
         # Put once and shared: each actor gets the model and the hashes from the object
         # store instead of its own copy in every constructor call.
         model = ray.put(embedder.model)
