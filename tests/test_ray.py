@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,11 @@ from test_startup import imported
 import ghostmatch
 from ghostmatch.cli.app import _with_option_values
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.ingest.ray_embed import RayEmbedding
 
 ray = pytest.importorskip("ray")
+
+NO_WORK = {"batch_size": 1, "max_megapixels": 1.0, "movable": (), "changed": ()}
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:using RANDOM weights"),
@@ -65,6 +69,14 @@ def test_an_address_where_no_cluster_answers_is_one_clear_error(
     ):
         lib.index([photos / "cat.jpg"], ray="127.0.0.1:1")
     assert not ray.is_initialized()
+
+
+def test_without_ray_installed_the_error_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what ``import ray`` meets without Ray
+    with pytest.raises(GhostmatchError, match=r"pip install 'ghostmatch\[ray\]'"):
+        next(RayEmbedding("local").results([], None, **NO_WORK))  # type: ignore[arg-type]
 
 
 def vectors_by_path(index: Path) -> dict[Path, np.ndarray]:
