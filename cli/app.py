@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -103,7 +104,10 @@ def index(
     index: IndexOpt = None,
     weights: WeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, help="Decoding threads; with --ray, Ray actors."),
+    ] = None,
     device: DeviceOpt = "auto",
     runtime: RuntimeOpt = "auto",
     max_megapixels: Annotated[float, typer.Option("--max-megapixels", min=0.01)] = 100.0,
@@ -118,6 +122,16 @@ def index(
         bool,
         typer.Option("--no-wait", help="Fail at once if another process is writing the index."),
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="Decode and embed on Ray actors, one per CPU of the cluster: alone, on a "
+            "cluster started here for the run; auto, the running one; or its address "
+            "(HOST:PORT, ray://HOST:PORT). Needs the ray extra.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -145,6 +159,7 @@ def index(
                 max_megapixels=max_megapixels,
                 prune=not no_prune,
                 progress=progress,
+                ray=ray,
             )
         card = lib.card
     finally:
@@ -414,13 +429,31 @@ def _message(error: GhostmatchError) -> str:
     return str(error)
 
 
+# What ``--ray`` takes as its value: Ray's words for a new local cluster and the running one,
+# or an address. Anything else after a bare ``--ray`` is a folder or another option.
+_RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|\S+:\d+")
+
+
+def _with_option_values(args: list[str]) -> list[str]:
+    """``args`` with ``local`` after a bare ``--ray``: the parser has no options whose
+    value may be left out."""
+    end = args.index("--") if "--" in args else len(args)
+    given: list[str] = []
+    for i, arg in enumerate(args[:end]):
+        given.append(arg)
+        following = args[i + 1] if i + 1 < end else ""
+        if arg == "--ray" and not _RAY_ADDRESS.fullmatch(following):
+            given.append("local")
+    return given + args[end:]
+
+
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}")
     try:
         # Not standalone, click returns the code of a typer.Exit instead of exiting with it.
-        status = app(standalone_mode=False)
+        status = app(args=_with_option_values(sys.argv[1:]), standalone_mode=False)
     except GhostmatchError as error:
         err.print(f"error: {_message(error)}", markup=False, highlight=False)
         sys.exit(error.exit_code)

@@ -175,6 +175,7 @@ class Library:
         max_megapixels: float = 100.0,
         prune: bool = True,
         progress: Progress | None = None,
+        ray: str | None = None,
     ) -> IndexReport:
         """Bring the index up to date with the images under ``roots``.
 
@@ -183,7 +184,17 @@ class Library:
         ``prune`` is False. Work is committed every ~1,000 images or ~10 s and on Ctrl-C.
         One process writes an index at a time: another one's run is waited for (or, opened
         with ``wait=False``, refused).
+
+        ``ray``: decode and embed on Ray actors (``workers`` of them, default one per CPU of
+        the cluster) instead of this process's threads: ``"local"`` starts a cluster on
+        this machine, ``"auto"`` joins the running one, else a cluster's address. This
+        process still scans, checkpoints and commits; the workers must see the same paths.
         """
+        remote = None
+        if ray is not None:
+            from ghostmatch.ingest.ray_embed import RayEmbedding
+
+            remote = RayEmbedding(ray, actors=workers)
         with self.vectors.writing():
             # Another writer may have given a new index its model while this one waited.
             self.model.check_request()
@@ -194,6 +205,7 @@ class Library:
                 max_megapixels=max_megapixels,
                 prune=prune,
                 progress=progress,
+                remote=remote,
             )
             if not report.interrupted:
                 self.vectors.keep_asked_type()

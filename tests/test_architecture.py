@@ -16,6 +16,7 @@ BUILT_ON = (
     "ghostmatch.search",
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
+    "ghostmatch.ingest.ray_embed",
     "ghostmatch.eval",
     "ghostmatch.train",
     "ghostmatch.serve",
@@ -34,6 +35,7 @@ COMPONENTS = (
     "ghostmatch.search",
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
+    "ghostmatch.ingest.ray_embed",
 )
 
 
