@@ -453,10 +453,11 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from ghostmatch.cli import dupes_cmd, eval_cmd, serve_cmd
+    from ghostmatch.cli import dupes_cmd, eval_cmd, recognize_cmd, serve_cmd
 
     dupes_cmd.register(app)
     eval_cmd.register(app)
+    recognize_cmd.register(app)
     serve_cmd.register(app)
 
 

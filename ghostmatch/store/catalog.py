@@ -36,6 +36,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     create_engine,
     delete,
     event,
@@ -173,6 +174,17 @@ class _SchemaVersionRow(_Base):
     applied_at: Mapped[datetime] = mapped_column(_UTCDateTime)
 
 
+class _LabelRow(_Base):
+    """A label of a photo, keyed by its content hash so that it survives re-indexing, moves
+    and renames, and covers every byte-identical copy."""
+
+    __tablename__ = "labels"
+    __table_args__ = (Index("ix_labels_label", "label"),)
+
+    content_hash: Mapped[str] = mapped_column(String, primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+
+
 # ---------------------------------------------------------------------------- migrations
 
 
@@ -233,6 +245,19 @@ def _add_failure_retry_columns_v2(conn: Connection) -> None:
         )
 
 
+def _create_labels_v3(conn: Connection) -> None:
+    """Create the version 3 labels table from a frozen copy."""
+    metadata = MetaData()
+    Table(
+        "labels",
+        metadata,
+        Column("content_hash", String, primary_key=True),
+        Column("label", Text, primary_key=True),
+        Index("ix_labels_label", "label"),
+    )
+    metadata.create_all(conn)
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
@@ -242,9 +267,16 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "max_megapixels retries the file",
         _add_failure_retry_columns_v2,
     ),
+    (
+        3,
+        "labels of photos by content hash, for recognition by the nearest labelled photos",
+        _create_labels_v3,
+    ),
 ]
 # The first version whose failures table has the columns of version 2.
 _FAILURE_RETRY_VERSION = 2
+# The first version with the labels table.
+_LABELS_VERSION = 3
 
 
 # ---------------------------------------------------------------------------- records
@@ -805,6 +837,62 @@ class Catalog:
         files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
         return sum(file.stat().st_size for file in files if file.exists())
 
+    def set_labels(self, labels: Iterable[tuple[str, str]], replace: bool = False) -> int:
+        """Give photos (by content hash) labels, in one transaction; see
+        ``CatalogTransaction.add_labels``."""
+        with self.transaction() as tx:
+            return tx.add_labels(labels, replace=replace)
+
+    def labelled_images(self) -> list[tuple[int, str, str]]:
+        """(image id, content hash, label) of every indexed image whose content carries a
+        label, by id then label."""
+        if self._version < _LABELS_VERSION:  # an older catalog read as it is has none
+            return []
+        query = (
+            select(_ImageRow.id, _ImageRow.content_hash, _LabelRow.label)
+            .join(_LabelRow, _LabelRow.content_hash == _ImageRow.content_hash)
+            .order_by(_ImageRow.id, _LabelRow.label)
+        )
+        with self._read() as conn:
+            return [(int(i), str(h), str(label)) for i, h, label in conn.execute(query)]
+
+    def labels_by_hash(self, hashes: Iterable[str]) -> dict[str, list[str]]:
+        """The labels of those content ``hashes`` that carry any, each list sorted."""
+        if self._version < _LABELS_VERSION:
+            return {}
+        found: dict[str, list[str]] = {}
+        with self._read() as conn:
+            for chunk in _chunks(list(dict.fromkeys(hashes))):
+                query = (
+                    select(_LabelRow.content_hash, _LabelRow.label)
+                    .where(_LabelRow.content_hash.in_(chunk))
+                    .order_by(_LabelRow.content_hash, _LabelRow.label)
+                )
+                for digest, label in conn.execute(query):
+                    found.setdefault(digest, []).append(label)
+        return found
+
+    def label_counts(self) -> dict[str, tuple[int, int]]:
+        """label -> (photos labelled, by content; of them, indexed now), by label."""
+        if self._version < _LABELS_VERSION:
+            return {}
+        indexed = (
+            select(_ImageRow.content_hash)
+            .where(_ImageRow.content_hash == _LabelRow.content_hash)
+            .exists()
+        )
+        query = (
+            select(
+                _LabelRow.label,
+                func.count(),
+                func.sum(case((indexed, 1), else_=0)),
+            )
+            .group_by(_LabelRow.label)
+            .order_by(_LabelRow.label)
+        )
+        with self._read() as conn:
+            return {str(label): (int(n), int(k or 0)) for label, n, k in conn.execute(query)}
+
 
 def _under(path: Path) -> Any:
     """A condition on failures: the file ``path``, or any file inside it as a folder."""
@@ -955,3 +1043,34 @@ class CatalogTransaction:
         )
         if not exists:
             self._conn.execute(insert(_NotDuplicateRow), {"path_a": path_a, "path_b": path_b})
+
+    def add_labels(self, labels: Iterable[tuple[str, str]], replace: bool = False) -> int:
+        """Give photos (content hash, label) labels; ones they already carry are left as they
+        are. With ``replace`` each named photo first loses the labels it had. Returns how
+        many labels were new."""
+        pairs = list(dict.fromkeys((str(h), str(label)) for h, label in labels))
+        hashes = list(dict.fromkeys(h for h, _ in pairs))
+        if replace:
+            self.remove_labels(hashes)
+        known: set[tuple[str, str]] = set()
+        for chunk in _chunks(hashes):
+            query = select(_LabelRow.content_hash, _LabelRow.label).where(
+                _LabelRow.content_hash.in_(chunk)
+            )
+            known.update((h, label) for h, label in self._conn.execute(query))
+        new = [{"content_hash": h, "label": label} for h, label in pairs if (h, label) not in known]
+        if new:
+            self._conn.execute(insert(_LabelRow), new)
+        return len(new)
+
+    def remove_labels(self, hashes: Iterable[str] | None = None, label: str | None = None) -> int:
+        """Drop labels: those of these content ``hashes`` (all photos when None), only
+        ``label`` when given. Returns how many were dropped."""
+        condition = [] if label is None else [_LabelRow.label == label]
+        if hashes is None:
+            return int(self._conn.execute(delete(_LabelRow).where(*condition)).rowcount)
+        dropped = 0
+        for chunk in _chunks(list(dict.fromkeys(hashes))):
+            query = delete(_LabelRow).where(_LabelRow.content_hash.in_(chunk), *condition)
+            dropped += int(self._conn.execute(query).rowcount)
+        return dropped
