@@ -231,10 +231,17 @@ def recognize(
     for image in images:
         if not image.exists():
             raise GhostmatchError(f"{path_text(image)} does not exist")
+    from ghostmatch.recognition.labels import NoLabelsError
+
     lib = _open(index, runtime=runtime, device=device)
     try:
         show = not as_json and err.is_terminal
         results = _map(images, lambda image: lib.recognize(image, k), "recognising", show)
+    except NoLabelsError:
+        raise GhostmatchError(
+            f"no photo of {path_text(lib.path)} carries a label; label some first, e.g. "
+            "ghostmatch label --from-folders DIR (one sub-folder per class)"
+        ) from None
     finally:
         lib.close()
     if as_json:

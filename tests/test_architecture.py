@@ -19,6 +19,7 @@ BUILT_ON = (
     "ghostmatch.eval",
     "ghostmatch.train",
     "ghostmatch.serve",
+    "ghostmatch.recognition",
 )
 FOUNDATIONS = (
     "ghostmatch.model",
@@ -34,6 +35,7 @@ COMPONENTS = (
     "ghostmatch.search",
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
+    "ghostmatch.recognition",
 )
 
 

@@ -38,9 +38,8 @@ DIM = 16
 def test_a_close_neighbour_outvotes_loose_ones() -> None:
     ranked = label_scores([(0,), (1,), (1,)], np.array([0.9, 0.5, 0.5]))
     assert [label for label, _ in ranked] == [0, 1]
-    weights = np.array([0.9, 0.5, 0.5]) ** WEIGHT_POWER
-    assert ranked[0][1] == pytest.approx(weights[0] / weights.sum() * 0.9)
-    assert ranked[1][1] == pytest.approx(weights[1:].sum() / weights.sum() * 0.5)
+    assert ranked[0][1] == pytest.approx(0.9**WEIGHT_POWER / 3)
+    assert ranked[1][1] == pytest.approx(2 * 0.5**WEIGHT_POWER / 3)
 
 
 def test_a_photo_with_several_labels_votes_for_each() -> None:
@@ -51,8 +50,14 @@ def test_a_photo_with_several_labels_votes_for_each() -> None:
 def test_agreeing_close_neighbours_score_higher_than_loose_disagreeing_ones() -> None:
     [(_, agree), *_] = label_scores([(0,)] * 5, np.full(5, 0.8))
     [(_, loose), *_] = label_scores([(0,), (1,), (2,), (3,), (4,)], np.full(5, 0.4))
-    assert agree == pytest.approx(0.8)
-    assert loose == pytest.approx(0.4 / 5)
+    assert agree == pytest.approx(0.8**WEIGHT_POWER)
+    assert loose == pytest.approx(0.4**WEIGHT_POWER / 5)
+
+
+def test_fewer_labelled_photos_than_asked_for_are_less_evidence() -> None:
+    [(_, two_of_two)] = label_scores([(0,), (0,)], np.full(2, 0.9))
+    [(_, two_of_ten)] = label_scores([(0,), (0,)], np.full(2, 0.9), k=10)
+    assert two_of_ten == pytest.approx(two_of_two / 5)
 
 
 def test_negative_cosines_carry_no_weight() -> None:
@@ -315,9 +320,11 @@ def test_recognising_an_indexed_photo_by_path_leaves_it_and_its_copies_out(
 
 
 def test_folder_labels_need_indexed_photos_in_sub_folders(classes: Path, tmp_path: Path) -> None:
-    with ghostmatch.open(tmp_path / "index", weights="random") as lib:
-        with pytest.raises(GhostmatchError, match="index the folder first"):
-            lib.set_labels(classes)
+    with (
+        ghostmatch.open(tmp_path / "index", weights="random") as lib,
+        pytest.raises(GhostmatchError, match="index the folder first"),
+    ):
+        lib.set_labels(classes)
 
 
 # ---------------------------------------------------------------------------- label files

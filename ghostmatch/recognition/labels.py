@@ -21,6 +21,13 @@ UNKNOWN = "unknown"
 LabelMap = Mapping[Path, str | Iterable[str]]
 
 
+class NoLabelsError(GhostmatchError):
+    """Recognition was asked of an index where no indexed photo carries a label."""
+
+    def __init__(self) -> None:
+        super().__init__("no indexed photo carries a label; label some with set_labels first")
+
+
 @dataclass(frozen=True)
 class LabelReport:
     """What ``set_labels`` did: ``photos`` indexed files named, ``added`` labels new to

@@ -29,6 +29,7 @@ from ghostmatch.recognition.labels import (
     UNKNOWN,
     LabelMap,
     LabelReport,
+    NoLabelsError,
     labels_from_folders,
     labels_of,
 )
@@ -154,9 +155,9 @@ class LabelledSet:
             out_scores.append(sims[keep])
         return out_rows, out_scores
 
-    def vote(self, rows: np.ndarray, scores: np.ndarray) -> list[tuple[int, float]]:
+    def vote(self, rows: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(label index, score) of the labels of these rows, best first (``label_scores``)."""
-        return label_scores([self.labels[int(r)] for r in rows], scores)
+        return label_scores([self.labels[int(r)] for r in rows], scores, k)
 
     def answer(
         self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]]
@@ -167,7 +168,7 @@ class LabelledSet:
         confidence = np.zeros(len(found))
         winners = np.full(len(found), -1, dtype=np.int64)
         for i, (rows, sims) in enumerate(zip(found, scores, strict=True)):
-            ranked = self.vote(rows, sims)
+            ranked = self.vote(rows, sims, k)
             if ranked:
                 winners[i], confidence[i] = ranked[0]
         return confidence, winners
@@ -315,9 +316,7 @@ class Recognizer:
     def _require_labels(self) -> LabelledSet:
         labelled = self.labelled_set()
         if len(labelled) == 0:
-            raise GhostmatchError(
-                "no indexed photo carries a label; label some with set_labels first"
-            )
+            raise NoLabelsError()
         return labelled
 
     def calibration(self, k: int = DEFAULT_K) -> Calibration:
@@ -378,6 +377,7 @@ class Recognizer:
         its ``k`` nearest labelled photos, ``unknown`` when the confidence is below the
         calibrated threshold. The query itself (an indexed path, or any indexed file with
         its bytes) never votes."""
+        self._require_labels()  # before the model loads to embed the query
         return self.recognize_vector(*self._query(x), k=k)
 
     def _query(self, x: ImageLike) -> tuple[np.ndarray, set[str]]:
@@ -402,7 +402,7 @@ class Recognizer:
         skip = [row for digest in exclude_hashes for row in labelled.rows_of_hash.get(digest, [])]
         found, scores = labelled.nearest(np.asarray(vector, np.float32)[None, :], k, [skip])
         rows, sims = found[0], scores[0]
-        ranked = labelled.vote(rows, sims)
+        ranked = labelled.vote(rows, sims, k)
         best, confidence = (labelled.names[ranked[0][0]], ranked[0][1]) if ranked else (None, 0.0)
         accepted = best is not None and confidence >= calibration.threshold
         records = {r.id: r for r in self.catalog.get([int(labelled.ids[r]) for r in rows])}
