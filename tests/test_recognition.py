@@ -38,8 +38,8 @@ DIM = 16
 def test_a_close_neighbour_outvotes_loose_ones() -> None:
     ranked = label_scores([(0,), (1,), (1,)], np.array([0.9, 0.5, 0.5]))
     assert [label for label, _ in ranked] == [0, 1]
-    assert ranked[0][1] == pytest.approx(0.9**WEIGHT_POWER / 3)
-    assert ranked[1][1] == pytest.approx(2 * 0.5**WEIGHT_POWER / 3)
+    assert ranked[0][1] == pytest.approx((0.9**WEIGHT_POWER / 3) ** (1 / WEIGHT_POWER))
+    assert ranked[1][1] == pytest.approx((2 * 0.5**WEIGHT_POWER / 3) ** (1 / WEIGHT_POWER))
 
 
 def test_a_photo_with_several_labels_votes_for_each() -> None:
@@ -50,14 +50,15 @@ def test_a_photo_with_several_labels_votes_for_each() -> None:
 def test_agreeing_close_neighbours_score_higher_than_loose_disagreeing_ones() -> None:
     [(_, agree), *_] = label_scores([(0,)] * 5, np.full(5, 0.8))
     [(_, loose), *_] = label_scores([(0,), (1,), (2,), (3,), (4,)], np.full(5, 0.4))
-    assert agree == pytest.approx(0.8**WEIGHT_POWER)
-    assert loose == pytest.approx(0.4**WEIGHT_POWER / 5)
+    assert agree == pytest.approx(0.8)  # all agree: the cosine itself
+    assert loose == pytest.approx(0.4 / 5 ** (1 / WEIGHT_POWER))
 
 
 def test_fewer_labelled_photos_than_asked_for_are_less_evidence() -> None:
     [(_, two_of_two)] = label_scores([(0,), (0,)], np.full(2, 0.9))
     [(_, two_of_ten)] = label_scores([(0,), (0,)], np.full(2, 0.9), k=10)
-    assert two_of_ten == pytest.approx(two_of_two / 5)
+    assert two_of_two == pytest.approx(0.9)
+    assert two_of_ten == pytest.approx(0.9 / 5 ** (1 / WEIGHT_POWER))
 
 
 def test_negative_cosines_carry_no_weight() -> None:
@@ -389,3 +390,27 @@ def test_labelled_set_fingerprint_names_the_labels_and_model() -> None:
         one.fingerprint
         != LabelledSet([(1, "h1", "a")], np.array([1]), vectors[:1], "m").fingerprint
     )
+
+
+def test_calibration_also_asks_as_if_each_photo_s_labels_were_unknown(
+    clusters: tuple[Library, np.ndarray],
+) -> None:
+    lib, _ = clusters
+    lib.set_labels(labels_by_folder(lib))
+    labelled = lib.recognizer.labelled_set()
+    rows = np.arange(len(labelled))
+    confidence = labelled.answer_without_labels(rows, 5)
+    sims = labelled.vectors @ labelled.vectors.T
+    for row in rows.tolist():
+        others = [
+            r for r in rows.tolist() if not set(labelled.labels[r]) & set(labelled.labels[row])
+        ]
+        top = sorted(others, key=lambda r: -sims[row, r])[:5]
+        [(_, expected), *_] = labelled.vote(np.array(top), sims[row, top], 5)
+        assert confidence[row] == pytest.approx(expected, abs=1e-5)
+    # Tight clusters: the threshold answers every known photo and few posing as unknown,
+    # and the precision counts those as wrong answers.
+    calibration = lib.recognizer.calibration()
+    assert calibration.coverage == 1.0 and calibration.unknown_accepted <= 0.05
+    accepted_unknown = round(calibration.unknown_accepted * 36)
+    assert calibration.precision == pytest.approx(36 / (36 + accepted_unknown))

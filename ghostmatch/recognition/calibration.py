@@ -1,9 +1,10 @@
 """The open-set threshold: below it ``recognize`` answers ``unknown``.
 
 Chosen leave-one-out on the labelled photos themselves: each (of a seeded sample) is
-recognised from the others, with every byte-identical copy of it left out too, and the
-threshold is the lowest confidence at which the answers given are right at least the target
-precision of the time.
+recognised from the others, with every byte-identical copy of it left out too, and once more
+with every photo of its labels left out, as a photo of an unknown class would be; the
+threshold is the lowest confidence at which the answers given over both are right at least
+the target precision of the time.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ CALIBRATION_SEED = 0
 class Calibration:
     """A rejection threshold and what it did leave-one-out on the labelled photos.
 
-    ``precision`` and ``coverage`` (the share answered rather than rejected) are measured at
-    ``threshold`` over ``n_queries`` photos; ``top1`` is their accuracy without rejection.
+    ``precision`` is measured at ``threshold`` over ``n_queries`` photos recognised as
+    known and as unknown; ``coverage`` is the share of them answered as known,
+    ``unknown_accepted`` the share answered (wrongly) as unknown, and ``top1`` their
+    accuracy as known without rejection.
     ``met`` is False when no threshold reached ``target_precision``: the threshold is then
     the one with the best precision. ``fingerprint`` names the labelled set and model it was
     computed on, ``k`` the neighbours that voted.
@@ -38,6 +41,7 @@ class Calibration:
     target_precision: float
     precision: float
     coverage: float
+    unknown_accepted: float
     top1: float
     n_queries: int
     n_labelled: int

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 CALIBRATION_META = "recognition_calibration"
 LABELS_REVISION_META = "labels_revision"
 DEFAULT_K = 20
+# Query-by-labelled scores computed at once while calibrating (~64 MB of float32).
+_SCORE_BLOCK = 16_000_000
 # Runner-up labels reported beside the answer.
 ALTERNATIVES = 5
 
@@ -155,6 +157,30 @@ class LabelledSet:
             out_scores.append(sims[keep])
         return out_rows, out_scores
 
+    def answer_without_labels(self, rows: np.ndarray, k: int) -> np.ndarray:
+        """The confidence of each of these rows' answer when no photo sharing a label with
+        it votes, by exact numpy search a block of queries at a time (a label may hold
+        most of the photos, which a top-k search would have to wade through)."""
+        by_label = np.zeros((len(self.names), len(self.ids)), dtype=bool)
+        for row, labels in enumerate(self.labels):
+            by_label[list(labels), row] = True
+        confidence = np.zeros(len(rows))
+        block = max(1, _SCORE_BLOCK // max(len(self.ids), 1))
+        for start in range(0, len(rows), block):
+            chunk = rows[start : start + block]
+            sims = self.vectors[chunk] @ self.vectors.T
+            for i, row in enumerate(chunk.tolist()):
+                allowed = ~by_label[list(self.labels[row])].any(axis=0)
+                candidates = np.flatnonzero(allowed)
+                if candidates.size == 0:
+                    continue
+                scores = sims[i, candidates]
+                top = min(k, candidates.size)
+                best = np.argpartition(-scores, top - 1)[:top]
+                ranked = self.vote(candidates[best], scores[best], k)
+                confidence[start + i] = ranked[0][1] if ranked else 0.0
+        return confidence
+
     def vote(self, rows: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(label index, score) of the labels of these rows, best first (``label_scores``)."""
         return label_scores([self.labels[int(r)] for r in rows], scores, k)
@@ -175,9 +201,15 @@ class LabelledSet:
 
 
 def calibrate_set(labelled: LabelledSet, precision: float, k: int) -> Calibration:
-    """The rejection threshold for ``precision``, leave-one-out on ``labelled`` (a seeded
-    sample of at most ``CALIBRATION_SAMPLE`` photos, each with its byte-identical copies
-    left out)."""
+    """The rejection threshold for ``precision``, leave-one-out on ``labelled``.
+
+    Each photo of a seeded sample (at most ``CALIBRATION_SAMPLE``) is recognised twice: as
+    a known photo, with itself and its byte-identical copies left out, and as a photo of an
+    unknown class, with every photo sharing a label with it left out, where any answer is
+    wrong. The threshold is the lowest confidence whose answers over both are right at
+    least ``precision`` of the time: a stream of queries half of which show something no
+    photo is labelled with.
+    """
     precision = check_precision(precision)
     k = check_k(k)
     n = len(labelled)
@@ -191,12 +223,18 @@ def calibrate_set(labelled: LabelledSet, precision: float, k: int) -> Calibratio
         [w >= 0 and w in labelled.labels[int(r)] for w, r in zip(winners, rows, strict=True)],
         dtype=bool,
     )
-    threshold, reached, coverage, met = choose_threshold(confidence, correct, precision)
+    unknown = labelled.answer_without_labels(rows, k)
+    threshold, reached, _, met = choose_threshold(
+        np.concatenate([confidence, unknown]),
+        np.concatenate([correct, np.zeros(len(unknown), dtype=bool)]),
+        precision,
+    )
     return Calibration(
         threshold=threshold,
         target_precision=precision,
         precision=reached,
-        coverage=coverage,
+        coverage=float((confidence >= threshold).mean()) if len(rows) else 0.0,
+        unknown_accepted=float((unknown >= threshold).mean()) if len(rows) else 0.0,
         top1=float(correct.mean()) if len(rows) else float("nan"),
         n_queries=len(rows),
         n_labelled=n,
@@ -323,11 +361,13 @@ class Recognizer:
         """The stored calibration if it was made on the labelled photos as they are now
         with ``k`` neighbours, else a new one (stored when the catalog can be written)."""
         labelled = self._require_labels()
-        for cached in (self._calibration, self._stored()):
-            if cached is not None and cached.fingerprint == labelled.fingerprint and cached.k == k:
-                self._calibration = cached
-                return cached
+        current = self._calibration
+        if current is not None and current.fingerprint == labelled.fingerprint and current.k == k:
+            return current
         stored = self._stored()
+        if stored is not None and stored.fingerprint == labelled.fingerprint and stored.k == k:
+            self._calibration = stored
+            return stored
         target = stored.target_precision if stored is not None else DEFAULT_PRECISION
         return self.calibrate(target, k, store_if_possible=True)
 
