@@ -253,6 +253,8 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
         out.print(f"folder       {path_text(Path(folder))}", markup=False)
     for reason, count in sorted(data["failures"].items()):
         out.print(f"failed       {count} {reason}")
+    for name, count in data.get("labels", {}).items():
+        out.print(f"label        {count['indexed']} {name}", markup=False)
 
 
 @app.command()

@@ -160,7 +160,8 @@ def label(
                 wanted = {path: [name] for path in paths or []}
             result.update(lib.set_labels(wanted, replace=replace).to_dict())
         if recalibrate or precision is not None:
-            lib.calibrate_recognition(precision)
+            with _labels_needed(lib.path):
+                lib.calibrate_recognition(precision)
         counts = lib.info()["labels"]
         calibration = lib.recognizer.calibration() if counts and _any_indexed(counts) else None
     finally:
@@ -187,6 +188,20 @@ def label(
     out.print(f"{len(counts)} labels, given {_total(counts)} times to indexed photos")
     if calibration is not None:
         _print_calibration(calibration)
+
+
+@contextmanager
+def _labels_needed(index: Path) -> Iterator[None]:
+    """The command line's own answer when nothing is labelled yet."""
+    from ghostmatch.recognition.labels import NoLabelsError
+
+    try:
+        yield
+    except NoLabelsError:
+        raise GhostmatchError(
+            f"no photo of {path_text(index)} carries a label; label some first, e.g. "
+            "ghostmatch label --from-folders DIR (one sub-folder per class)"
+        ) from None
 
 
 def _any_indexed(counts: dict[str, dict[str, int]]) -> bool:
@@ -231,17 +246,11 @@ def recognize(
     for image in images:
         if not image.exists():
             raise GhostmatchError(f"{path_text(image)} does not exist")
-    from ghostmatch.recognition.labels import NoLabelsError
-
     lib = _open(index, runtime=runtime, device=device)
     try:
         show = not as_json and err.is_terminal
-        results = _map(images, lambda image: lib.recognize(image, k), "recognising", show)
-    except NoLabelsError:
-        raise GhostmatchError(
-            f"no photo of {path_text(lib.path)} carries a label; label some first, e.g. "
-            "ghostmatch label --from-folders DIR (one sub-folder per class)"
-        ) from None
+        with _labels_needed(lib.path):
+            results = _map(images, lambda image: lib.recognize(image, k), "recognising", show)
     finally:
         lib.close()
     if as_json:

@@ -120,7 +120,8 @@ def test_label_recognize_info_and_clear(
 
     info = json.loads(ok(run_cli(["info", "--index", index, "--json"], model_cache)).stdout)
     assert info["labels"]["pet"] == {"photos": 1, "indexed": 1}
-    assert "label" in ok(run_cli(["info", "--index", index], model_cache)).stdout
+    text = ok(run_cli(["info", "--index", index], model_cache)).stdout
+    assert "label        1 pet" in text and "label        3 space" in text
 
     cleared = ok(run_cli(["label", "--clear", "--index", index, "--json"], model_cache)).stdout
     assert json.loads(cleared)["removed"] == 7 and json.loads(cleared)["labels"] == {}

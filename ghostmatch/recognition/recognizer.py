@@ -345,7 +345,7 @@ class Recognizer:
         key = (self.catalog.get_meta(GENERATION_META), self.catalog.get_meta(LABELS_REVISION_META))
         if self._set is None or key != self._set_key:
             rows = self.catalog.labelled_images()
-            ids, vectors = self.catalog.vectors(sorted({r[0] for r in rows}))
+            ids, vectors = self.catalog.labelled_vectors()
             card = self.searcher.model.card
             self._set = LabelledSet(rows, ids, vectors, card.fingerprint if card else "")
             self._set_key = key

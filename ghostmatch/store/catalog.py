@@ -856,6 +856,21 @@ class Catalog:
         with self._read() as conn:
             return [(int(i), str(h), str(label)) for i, h, label in conn.execute(query)]
 
+    def labelled_vectors(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """(ids, (n, d) vectors) of the indexed images whose content carries a label, by
+        id, in one query: what recognition searches."""
+        if self._version < _LABELS_VERSION:
+            return np.empty(0, dtype=np.int64), _stack([])
+        labelled = select(_LabelRow.content_hash).distinct()
+        query = (
+            select(_ImageRow.id, _ImageRow.vector)
+            .where(_ImageRow.content_hash.in_(labelled))
+            .order_by(_ImageRow.id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return np.array([r[0] for r in rows], dtype=np.int64), _stack([r[1] for r in rows])
+
     def labels_by_hash(self, hashes: Iterable[str]) -> dict[str, list[str]]:
         """The labels of those content ``hashes`` that carry any, each list sorted."""
         if self._version < _LABELS_VERSION:
