@@ -16,6 +16,7 @@ import pytest
 import torch
 from cli_support import CLI, cli_env
 
+import ghostmatch
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import load_image
 from ghostmatch.model.descriptor import Normalize
@@ -72,7 +73,8 @@ def test_label_recognize_info_and_clear(
     classes: Path, tmp_path: Path, model_cache: Path, photos: Path
 ) -> None:
     index = tmp_path / "index"
-    ok(run_cli(["index", classes, "--index", index, "--weights", "random", "-q"], model_cache))
+    with ghostmatch.open(index, weights="random") as lib:  # in process: one start-up less
+        lib.index([classes])
     # Nothing labelled yet: one line that says what to do.
     line = one_line_error(run_cli(["recognize", photos / "cat.jpg", "--index", index], model_cache))
     assert "label" in line
@@ -90,6 +92,7 @@ def test_label_recognize_info_and_clear(
     csv_file = tmp_path / "more.csv"
     csv_file.write_text(f"path,label\n{classes / 'cats' / 'cat.jpg'},pet\nmissing.jpg,pet\n")
     more = ok(run_cli(["label", "--csv", csv_file, "--index", index], model_cache)).stdout
+    assert "4 labels, given 7 times to indexed photos" in more
     assert "labelled 1 photos: 1 new labels" in more
     assert "1 paths are not in the index" in more and "missing.jpg" in more
 
@@ -118,8 +121,6 @@ def test_label_recognize_info_and_clear(
     table = ok(run_cli(["recognize", photos / "rocket.jpg", "--index", index], model_cache)).stdout
     assert "confidence" in table
 
-    info = json.loads(ok(run_cli(["info", "--index", index, "--json"], model_cache)).stdout)
-    assert info["labels"]["pet"] == {"photos": 1, "indexed": 1}
     text = ok(run_cli(["info", "--index", index], model_cache)).stdout
     assert "label        1 pet" in text and "label        3 space" in text
 
