@@ -253,8 +253,11 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
         out.print(f"folder       {path_text(Path(folder))}", markup=False)
     for reason, count in sorted(data["failures"].items()):
         out.print(f"failed       {count} {reason}")
-    for name, count in data.get("labels", {}).items():
+    labels = sorted(data.get("labels", {}).items(), key=lambda item: -item[1]["indexed"])
+    for name, count in labels[:20]:  # the most used; info --json lists them all
         out.print(f"label        {count['indexed']} {name}", markup=False)
+    if len(labels) > 20:
+        out.print(f"label        ... and {len(labels) - 20} more (info --json lists them)")
 
 
 @app.command()

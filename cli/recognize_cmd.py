@@ -171,7 +171,7 @@ def label(
     if as_json:
         print_json(result)
         return
-    if "removed" in result:
+    if clear:
         out.print(f"removed {result['removed']} labels")
     if "photos" in result:
         out.print(
@@ -214,8 +214,9 @@ def _total(counts: dict[str, dict[str, int]]) -> int:
 
 def _print_calibration(c: Any) -> None:
     out.print(
-        f"unknown below confidence {c.threshold:.4f}: leave-one-out on {c.n_queries} of "
-        f"{c.n_labelled} labelled photos it answers {c.coverage:.0%} with precision "
+        f"unknown below confidence {c.threshold:.4f}: leave-one-out on {c.n_queries} of the "
+        f"{c.n_labelled} labelled photos it answers {c.coverage:.0%} of them and "
+        f"{c.unknown_accepted:.0%} of them posing as an unknown class, with precision "
         f"{c.precision:.3f} (target {c.target_precision:.3f}); top-1 without it {c.top1:.3f}"
     )
     if not c.met:
@@ -263,7 +264,8 @@ def recognize(
         return
     table = Table()
     for column in ("query", "label", "confidence", "runner-up", "nearest labelled photos"):
-        table.add_column(column, justify="right" if column == "confidence" else "left")
+        justify = "right" if column == "confidence" else "left"
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for image, r in zip(images, results, strict=True):
         runner = ", ".join(f"{name} {score:.2f}" for name, score in r.alternatives[:2])
         near = Text()
