@@ -232,3 +232,38 @@ def test_classify_command_prints_json(photos: Path, model_cache: Path) -> None:
     assert answer["query"] == os.fsdecode(photos / "coffee.jpg")
     assert [set(c) for c in answer["classes"]] == [{"class", "name", "probability"}] * 3
     assert all(c["name"] == imagenet_classes()[c["class"]] for c in answer["classes"])
+
+
+def test_imagenet_classify_downloads_the_pinned_file_and_keeps_its_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photos: Path
+) -> None:
+    # The hub served locally, as the weights tests do, with a made timm-layout file.
+    import hashlib
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+    from test_weights import _Hub
+
+    import ghostmatch.model.weights as weights
+
+    torch.manual_seed(7)
+    network = GhostNet(1.0, num_classes=1000).eval()
+    file = tmp_path / "made.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(file))
+    payload = file.read_bytes()
+    pinned = weights.IMAGENET.file
+    server = _Hub(pinned.repo_id, pinned.revision, pinned.filename, payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    monkeypatch.setattr(
+        weights, "IMAGENET", replace(weights.IMAGENET, file=replace(pinned, sha256=digest))
+    )
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("GHOSTMATCH_OFFLINE")
+    try:
+        classifier = Classifier("imagenet", device="cpu")
+    finally:
+        server.close()
+    assert classifier.card.weights == "imagenet" and classifier.card.weights_sha256 == digest
+    assert torch.equal(classifier.network.classifier.weight, network.classifier.weight)
+    [classes] = classifier.classify([photos / "coffee.jpg"])
+    assert len(classes) == 5
