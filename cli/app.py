@@ -268,6 +268,11 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
         out.print(f"folder       {path_text(Path(folder))}", markup=False)
     for reason, count in sorted(data["failures"].items()):
         out.print(f"failed       {count} {reason}")
+    labels = sorted(data.get("labels", {}).items(), key=lambda item: -item[1]["indexed"])
+    for name, count in labels[:20]:  # the most used; info --json lists them all
+        out.print(f"label        {count['indexed']} {name}", markup=False)
+    if len(labels) > 20:
+        out.print(f"label        ... and {len(labels) - 20} more (info --json lists them)")
 
 
 @app.command()
@@ -486,10 +491,11 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from ghostmatch.cli import dupes_cmd, eval_cmd, serve_cmd
+    from ghostmatch.cli import dupes_cmd, eval_cmd, recognize_cmd, serve_cmd
 
     dupes_cmd.register(app)
     eval_cmd.register(app)
+    recognize_cmd.register(app)
     serve_cmd.register(app)
 
 

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from ghostmatch.dupes.verify import Verification
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
+    from ghostmatch.recognition.calibration import Calibration
+    from ghostmatch.recognition.classify import ClassScore
+    from ghostmatch.recognition.labels import LabelMap, LabelReport
+    from ghostmatch.recognition.recognizer import Recognition, Recognizer
 
 __all__ = [
     "CARD_META",
@@ -109,6 +113,7 @@ class Library:
         self.indexer = Indexer(self.catalog, self.vectors, self.model)
         self.searcher = Searcher(self.catalog, self.vectors, self.model)
         self._finder: DuplicateFinder | None = None
+        self._recognizer: Recognizer | None = None
         try:
             self.model.check_request()
         except BaseException:
@@ -304,6 +309,65 @@ class Library:
         """Record that two files are not duplicates; later searches ignore the pair."""
         self.finder.mark_not_duplicate(a, b)
 
+    # ------------------------------------------------------------------------ recognition
+
+    @property
+    def recognizer(self) -> Recognizer:
+        """Labels and recognition (see ``ghostmatch.recognition.recognizer``)."""
+        if self._recognizer is None:
+            from ghostmatch.recognition.recognizer import Recognizer
+
+            self._recognizer = Recognizer(self.catalog, self.searcher)
+        return self._recognizer
+
+    def set_labels(
+        self, labels: LabelMap | str | os.PathLike[str], *, replace: bool = False
+    ) -> LabelReport:
+        """Label indexed photos: a mapping path -> label (or several), or a folder whose
+        sub-folders name the class of each indexed photo in them. Labels belong to a
+        photo's content, so they survive re-indexing and moves. Paths not indexed are
+        reported, the rest labelled; ``replace`` drops a named photo's earlier labels."""
+        if isinstance(labels, str | os.PathLike):
+            labels = self.recognizer.folder_labels(labels)
+        return self.recognizer.set_labels(labels, replace=replace)
+
+    def remove_labels(
+        self, paths: Iterable[str | os.PathLike[str]] | None = None, label: str | None = None
+    ) -> int:
+        """Drop the labels of these photos or folders (all photos' when None), or only
+        ``label``; returns how many were dropped."""
+        return self.recognizer.remove_labels(paths, label)
+
+    def labels(
+        self, paths: Iterable[str | os.PathLike[str]] | None = None
+    ) -> dict[Path, list[str]]:
+        """The labels of these indexed photos, or of every labelled one."""
+        return self.recognizer.labels(paths)
+
+    def recognize(self, x: ImageLike, k: int = 20) -> Recognition:
+        """What ``x`` shows, by a similarity-weighted vote of its ``k`` nearest labelled
+        photos; ``unknown`` below the calibrated threshold (see ``Recognizer.recognize``)."""
+        return self.recognizer.recognize(x, k)
+
+    def calibrate_recognition(self, precision: float | None = None, k: int = 20) -> Calibration:
+        """Choose and store the rejection threshold for ``precision`` (default: the stored
+        target, else 0.95), leave-one-out on the labelled photos."""
+        return self.recognizer.recalibrate(precision, k)
+
+    def classify(
+        self,
+        images: Sequence[ImageLike],
+        top: int = 5,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+    ) -> list[list[ClassScore]]:
+        """Each image's ``top`` ImageNet-1k classes by the network's own classifier:
+        ``weights`` (default: the index's own, which must have one, e.g. imagenet)."""
+        from ghostmatch.recognition.classify import Classifier
+
+        spec = weights or self.catalog.get_meta(WEIGHTS_META) or (self.card and self.card.weights)
+        return Classifier(spec or "imagenet").classify(images, top)
+
     # ------------------------------------------------------------------------ summary
 
     def info(self) -> dict[str, Any]:
@@ -326,6 +390,10 @@ class Library:
             "catalog_bytes": self.catalog.disk_size(),
             "index_bytes": file.stat().st_size if file.exists() else 0,
             "failures": self.catalog.failure_counts(),
+            "labels": {
+                name: {"photos": photos, "indexed": indexed}
+                for name, (photos, indexed) in self.catalog.label_counts().items()
+            },
         }
 
 

@@ -20,6 +20,7 @@ BUILT_ON = (
     "ghostmatch.eval",
     "ghostmatch.train",
     "ghostmatch.serve",
+    "ghostmatch.recognition",
 )
 FOUNDATIONS = (
     "ghostmatch.model",
@@ -36,6 +37,7 @@ COMPONENTS = (
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
     "ghostmatch.ingest.ray_embed",
+    "ghostmatch.recognition",
 )
 
 

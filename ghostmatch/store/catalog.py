@@ -36,6 +36,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     create_engine,
     delete,
     event,
@@ -167,6 +168,16 @@ _SCHEMA_VERSION = Table(
     Column("applied_at", _UTCDateTime, nullable=False),
 )
 
+# A label of a photo, keyed by its content hash so that it survives re-indexing, moves and
+# renames, and covers every byte-identical copy.
+_LABELS = Table(
+    "labels",
+    _METADATA,
+    Column("content_hash", String, primary_key=True),
+    Column("label", Text, primary_key=True),
+    Index("ix_labels_label", "label"),
+)
+
 # ---------------------------------------------------------------------------- migrations
 
 
@@ -227,6 +238,19 @@ def _add_failure_retry_columns_v2(conn: Connection) -> None:
         )
 
 
+def _create_labels_v3(conn: Connection) -> None:
+    """Create the version 3 labels table from a frozen copy."""
+    metadata = MetaData()
+    Table(
+        "labels",
+        metadata,
+        Column("content_hash", String, primary_key=True),
+        Column("label", Text, primary_key=True),
+        Index("ix_labels_label", "label"),
+    )
+    metadata.create_all(conn)
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
@@ -236,9 +260,16 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "max_megapixels retries the file",
         _add_failure_retry_columns_v2,
     ),
+    (
+        3,
+        "labels of photos by content hash, for recognition by the nearest labelled photos",
+        _create_labels_v3,
+    ),
 ]
 # The first version whose failures table has the columns of version 2.
 _FAILURE_RETRY_VERSION = 2
+# The first version with the labels table.
+_LABELS_VERSION = 3
 
 
 # ---------------------------------------------------------------------------- records
@@ -799,6 +830,77 @@ class Catalog:
         files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
         return sum(file.stat().st_size for file in files if file.exists())
 
+    def set_labels(self, labels: Iterable[tuple[str, str]], replace: bool = False) -> int:
+        """Give photos (by content hash) labels, in one transaction; see
+        ``CatalogTransaction.add_labels``."""
+        with self.transaction() as tx:
+            return tx.add_labels(labels, replace=replace)
+
+    def labelled_images(self) -> list[tuple[int, str, str]]:
+        """(image id, content hash, label) of every indexed image whose content carries a
+        label, by id then label."""
+        if self._version < _LABELS_VERSION:  # an older catalog read as it is has none
+            return []
+        query = (
+            select(_IMAGES.c.id, _IMAGES.c.content_hash, _LABELS.c.label)
+            .join(_LABELS, _LABELS.c.content_hash == _IMAGES.c.content_hash)
+            .order_by(_IMAGES.c.id, _LABELS.c.label)
+        )
+        with self._read() as conn:
+            return [(int(i), str(h), str(label)) for i, h, label in conn.execute(query)]
+
+    def labelled_vectors(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """(ids, (n, d) vectors) of the indexed images whose content carries a label, by
+        id, in one query: what recognition searches."""
+        if self._version < _LABELS_VERSION:
+            return np.empty(0, dtype=np.int64), _stack([])
+        labelled = select(_LABELS.c.content_hash).distinct()
+        query = (
+            select(_IMAGES.c.id, _IMAGES.c.vector)
+            .where(_IMAGES.c.content_hash.in_(labelled))
+            .order_by(_IMAGES.c.id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return np.array([r[0] for r in rows], dtype=np.int64), _stack([r[1] for r in rows])
+
+    def labels_by_hash(self, hashes: Iterable[str]) -> dict[str, list[str]]:
+        """The labels of those content ``hashes`` that carry any, each list sorted."""
+        if self._version < _LABELS_VERSION:
+            return {}
+        found: dict[str, list[str]] = {}
+        with self._read() as conn:
+            for chunk in _chunks(list(dict.fromkeys(hashes))):
+                query = (
+                    select(_LABELS.c.content_hash, _LABELS.c.label)
+                    .where(_LABELS.c.content_hash.in_(chunk))
+                    .order_by(_LABELS.c.content_hash, _LABELS.c.label)
+                )
+                for digest, label in conn.execute(query):
+                    found.setdefault(digest, []).append(label)
+        return found
+
+    def label_counts(self) -> dict[str, tuple[int, int]]:
+        """label -> (photos labelled, by content; of them, indexed now), by label."""
+        if self._version < _LABELS_VERSION:
+            return {}
+        indexed = (
+            select(_IMAGES.c.content_hash)
+            .where(_IMAGES.c.content_hash == _LABELS.c.content_hash)
+            .exists()
+        )
+        query = (
+            select(
+                _LABELS.c.label,
+                func.count(),
+                func.sum(case((indexed, 1), else_=0)),
+            )
+            .group_by(_LABELS.c.label)
+            .order_by(_LABELS.c.label)
+        )
+        with self._read() as conn:
+            return {str(label): (int(n), int(k or 0)) for label, n, k in conn.execute(query)}
+
 
 def _under(path: Path) -> Any:
     """A condition on failures: the file ``path``, or any file inside it as a folder."""
@@ -947,3 +1049,34 @@ class CatalogTransaction:
         )
         if not exists:
             self._conn.execute(insert(_NOT_DUPLICATES), {"path_a": path_a, "path_b": path_b})
+
+    def add_labels(self, labels: Iterable[tuple[str, str]], replace: bool = False) -> int:
+        """Give photos (content hash, label) labels; ones they already carry are left as they
+        are. With ``replace`` each named photo first loses the labels it had. Returns how
+        many labels were new."""
+        pairs = list(dict.fromkeys((str(h), str(label)) for h, label in labels))
+        hashes = list(dict.fromkeys(h for h, _ in pairs))
+        if replace:
+            self.remove_labels(hashes)
+        known: set[tuple[str, str]] = set()
+        for chunk in _chunks(hashes):
+            query = select(_LABELS.c.content_hash, _LABELS.c.label).where(
+                _LABELS.c.content_hash.in_(chunk)
+            )
+            known.update((h, label) for h, label in self._conn.execute(query))
+        new = [{"content_hash": h, "label": label} for h, label in pairs if (h, label) not in known]
+        if new:
+            self._conn.execute(insert(_LABELS), new)
+        return len(new)
+
+    def remove_labels(self, hashes: Iterable[str] | None = None, label: str | None = None) -> int:
+        """Drop labels: those of these content ``hashes`` (all photos when None), only
+        ``label`` when given. Returns how many were dropped."""
+        condition = [] if label is None else [_LABELS.c.label == label]
+        if hashes is None:
+            return int(self._conn.execute(delete(_LABELS).where(*condition)).rowcount)
+        dropped = 0
+        for chunk in _chunks(list(dict.fromkeys(hashes))):
+            query = delete(_LABELS).where(_LABELS.c.content_hash.in_(chunk), *condition)
+            dropped += int(self._conn.execute(query).rowcount)
+        return dropped
