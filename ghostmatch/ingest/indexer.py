@@ -44,13 +44,6 @@ CHECKPOINT_IMAGES = int(_env_number("GHOSTMATCH_CHECKPOINT_IMAGES", 1000, 1))
 # each image is.
 CHECKPOINT_SECONDS = _env_number("GHOSTMATCH_CHECKPOINT_SECONDS", 10.0, 0.0)
 
-# Images per commit while indexing: a crash loses at most this much work. The variable lets
-# a crash test land after a commit.
-CHECKPOINT_IMAGES = int(_env_number("GHOSTMATCH_CHECKPOINT_IMAGES", 1000, 1))
-# Seconds of work between commits, so that ``kill -9`` loses about this much however slow
-# each image is.
-CHECKPOINT_SECONDS = _env_number("GHOSTMATCH_CHECKPOINT_SECONDS", 10.0, 0.0)
-
 
 @dataclass
 class IndexReport:
