@@ -1012,7 +1012,7 @@ class CatalogTransaction:
         )
         # Matched up by path: SQLAlchemy's sort by parameter order assumes ids that grow
         # with it, which a replaced row's older id breaks.
-        ids = dict(self._conn.execute(query, params).tuples().all())
+        ids = {path: image_id for path, image_id in self._conn.execute(query, params)}
         return [ids[param["path"]] for param in params]
 
     def update_image(
