@@ -32,6 +32,7 @@ from ghostmatch.store.catalog import (
     ImageRecord,
     catalog_url,
     same_database,
+    without_password,
 )
 from ghostmatch.store.vectors import GENERATION_META, INDEX_FILE, VectorStore
 
@@ -181,7 +182,7 @@ class Library:
             if not recorded_file.is_file():
                 # Without the password: that comes from the URL given, $PGPASSWORD or
                 # ~/.pgpass, never from a file beside the index.
-                remembered = url.set(password=None).render_as_string(hide_password=False)
+                remembered = without_password(url).render_as_string(hide_password=False)
                 recorded_file.write_text(remembered + "\n", encoding="utf-8")
         except OSError:
             pass  # a reader without write access: its FAISS index lives in memory

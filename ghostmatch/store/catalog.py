@@ -67,6 +67,7 @@ __all__ = [
     "catalog_url",
     "same_database",
     "user_error",
+    "without_password",
 ]
 
 CATALOG_FILE = "catalog.db"
@@ -585,9 +586,15 @@ def catalog_url(value: str | URL) -> URL:
     return url
 
 
+def without_password(url: URL) -> URL:
+    """``url`` with no password: what may be written down or shown."""
+    # Not url.set(password=None): set() takes None for "leave it as it is".
+    return url._replace(password=None)
+
+
 def same_database(a: URL, b: URL) -> bool:
     """Whether two catalog URLs name one database, whatever password either carries."""
-    return a.set(password=None) == b.set(password=None)
+    return without_password(a) == without_password(b)
 
 
 def _create_engine(url: URL, **options: Any) -> Engine:
