@@ -274,7 +274,10 @@ class VectorStore:
             self.forget()
             self._index = self._open()
             return
-        removed, added = sorted(self._delta_removed), sorted(self._delta_added)
+        # An added id may be there already: inserting a path that another writer of a
+        # shared catalog cataloged first keeps that row's id. Absent ids cost nothing.
+        removed = sorted(self._delta_removed | self._delta_added)
+        added = sorted(self._delta_added)
         self._index = None  # half-changed if interrupted here: reload it next time
         if removed:
             index.remove(np.asarray(removed, dtype=np.int64))
