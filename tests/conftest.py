@@ -6,18 +6,24 @@ its own on a PostgreSQL server started once per session in a temporary folder.
 
 from __future__ import annotations
 
-import itertools
 import os
-import shutil
-import subprocess
-import tempfile
+import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import URL
+
+# pytest puts tests/ on sys.path, not the checkout root that holds benchmarks/, whose
+# throwaway PostgreSQL server the catalog benchmark shares with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.postgres import (
+    TemporaryServer,
+    temporary_server,
+    unavailable_reason,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BACKENDS = ["sqlite", "postgresql"]
@@ -94,102 +100,15 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 # ---------------------------------------------------------------------------- PostgreSQL
 
 
-def postgres_bindir() -> Path | None:
-    """The folder of the PostgreSQL server's initdb and pg_ctl, or None where there is none."""
-    candidates: list[Path] = []
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        found = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
-        if found.returncode == 0:
-            candidates.append(Path(found.stdout.strip()))
-    # Debian puts the server beside, not on PATH; the newest first.
-    versions = Path("/usr/lib/postgresql").glob("*/bin")
-    candidates += sorted(versions, key=lambda p: int(p.parent.name), reverse=True)
-    for folder in candidates:
-        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
-            return folder
-    return None
-
-
-@dataclass
-class PostgresServer:
-    """A PostgreSQL server of the test session, listening on a unix socket only."""
-
-    socket_dir: Path
-    counter: itertools.count[int]
-
-    def url(self, database: str) -> URL:
-        return URL.create(
-            "postgresql+psycopg",
-            username="postgres",
-            database=database,
-            query={"host": str(self.socket_dir)},
-        )
-
-    def new_database(self) -> URL:
-        """A fresh, empty database for one test: CREATE DATABASE copies a template, in
-        well under a second."""
-        import psycopg
-
-        name = f"test_{next(self.counter)}"
-        with psycopg.connect(
-            host=str(self.socket_dir), user="postgres", dbname="postgres", autocommit=True
-        ) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url(name)
-
-
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """initdb and pg_ctl of the machine's PostgreSQL in a temporary folder, stopped at the
-    end of the session whatever happens. The server refuses to run as root, so there it
-    runs as the ``postgres`` user."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server here (initdb, pg_ctl); .ci/run installs one")
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg is not installed: pip install 'ghostmatch[postgresql]'")
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        import pwd
-
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no postgres user to run the server")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    folder = Path(tempfile.mkdtemp(prefix="ghostmatch-pg-"))
-    folder.chmod(0o755)
-    if as_user:
-        os.chown(folder, owner.pw_uid, owner.pw_gid)
-    data, log = folder / "data", folder / "server.log"
-
-    def run(*args: str) -> None:
-        done = subprocess.run([*as_user, *args], capture_output=True, text=True, cwd=folder)
-        if done.returncode != 0:
-            server_log = log.read_text() if log.exists() else ""
-            raise RuntimeError(f"{args[0]} failed: {done.stderr}{done.stdout}{server_log}")
-
-    started = False
-    try:
-        initdb = [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]
-        run(*initdb, "--no-sync", "--encoding=UTF8", "--locale=C")
-        # Throwaway data: no fsync. No TCP listener: the socket is in the folder, so several
-        # sessions on one machine never clash over a port.
-        options = f"-k {folder} -c listen_addresses='' -F -c full_page_writes=off"
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start")
-        started = True
-        yield PostgresServer(folder, itertools.count())
-    finally:
-        if started:
-            subprocess.run(
-                [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                capture_output=True,
-                cwd=folder,
-            )
-        shutil.rmtree(folder, ignore_errors=True)
+def postgres_server() -> Iterator[TemporaryServer]:
+    """A PostgreSQL server for the session (the machine's initdb and pg_ctl, in a temporary
+    folder), stopped at its end whatever happens; skipped where there is none."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with temporary_server() as server:
+        yield server
 
 
 @pytest.fixture(params=BACKENDS)
@@ -198,5 +117,5 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
     PostgreSQL server."""
     if request.param == "sqlite":
         return URL.create("sqlite", database=os.fspath(tmp_path / "shared-catalog.db"))
-    server: PostgresServer = request.getfixturevalue("postgres_server")
+    server: TemporaryServer = request.getfixturevalue("postgres_server")
     return server.new_database()
