@@ -174,6 +174,26 @@ def test_indexer_processes_at_once_on_one_catalog(
             assert_in_step(lib, common | own[0] | own[1])
 
 
+def test_serve_answers_from_a_shared_catalog(catalog_url: URL, tmp_path: Path) -> None:
+    """A server on a folder of its own: what another machine indexes into the catalog is
+    searched at the next request, without a restart."""
+    from serve_support import serving
+
+    photos = sorted(noise_jpegs(tmp_path / "photos", 6, seed=0))
+    url = text(catalog_url)
+    with ghostmatch.open(tmp_path / "indexer", catalog=url, weights="random") as indexer:
+        indexer.index([tmp_path / "photos"], batch_size=4)
+        with serving(tmp_path / "server", catalog=url) as server, server.client() as client:
+            assert client.get("/api/v1/health").json()["images"] == 6
+            more = sorted(noise_jpegs(tmp_path / "more", 2, seed=1))
+            indexer.index([tmp_path / "more"], batch_size=4)
+            assert client.get("/api/v1/health").json()["images"] == 8
+            found = client.post("/api/v1/query?k=3", json={"path": str(more[0])}).json()
+    assert found["query"] == str(more[0]) and len(found["matches"]) == 3
+    assert str(more[0]) not in {match["path"] for match in found["matches"]}
+    assert {match["path"] for match in found["matches"]} <= {str(p) for p in photos + more}
+
+
 def test_a_folder_stays_with_its_catalog(catalog_url: URL, tmp_path: Path) -> None:
     url = text(catalog_url)
     with pytest.raises(NoIndexError) as missing:

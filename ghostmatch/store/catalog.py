@@ -467,10 +467,11 @@ def _is_environmental(error: BaseException) -> bool:
     processes."""
     if isinstance(error, exc.DBAPIError):
         if type(error.orig).__module__.startswith("psycopg"):
-            # No SQLSTATE: the connection itself failed; 42501: the server's permissions.
-            return getattr(error.orig, "sqlstate", None) in (None, "42501") or isinstance(
-                error, exc.OperationalError
-            )
+            # Besides the server's answers: its permissions (42501), and connection settings
+            # in the URL that libpq does not know (no SQLSTATE).
+            sqlstate = getattr(error.orig, "sqlstate", None)
+            unusable_url = sqlstate is None and "connection" in str(error.orig)
+            return isinstance(error, exc.OperationalError) or sqlstate == "42501" or unusable_url
         return isinstance(error, exc.OperationalError) or type(error) is exc.DatabaseError
     return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
 
