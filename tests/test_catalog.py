@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
 import ghostmatch.store.catalog as catalog_module
+from benchmarks.postgres import TemporaryServer
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.store.catalog import Catalog, NewFailure, NewImage
 
@@ -541,8 +542,8 @@ def test_an_unreachable_server_is_one_line_that_says_what_to_check() -> None:
     assert "secret" not in message and "***" in message
 
 
-def test_a_missing_database_or_user_says_so(postgres_server: object) -> None:
-    url = postgres_server.url("no_such_database")  # type: ignore[attr-defined]
+def test_a_missing_database_or_user_says_so(postgres_server: TemporaryServer) -> None:
+    url = postgres_server.url("no_such_database")
     with pytest.raises(GhostmatchError, match=r"database .* does not exist .*createdb"):
         Catalog(url)
     with pytest.raises(GhostmatchError, match=r"cannot log in .*check the user and password"):

@@ -20,6 +20,7 @@ from sqlalchemy import URL
 import ghostmatch
 import ghostmatch.indexes.vector_index as vector_index_module
 import ghostmatch.ingest.indexer as indexer_module
+from benchmarks.postgres import TemporaryServer
 from ghostmatch.errors import GhostmatchError, NoIndexError
 from ghostmatch.library import CATALOG_URL_FILE, INDEX_FILE, Library
 from ghostmatch.store.catalog import CATALOG_FILE
@@ -140,10 +141,13 @@ def test_indexers_writing_one_catalog_at_once_neither_double_nor_lose_rows(
 
 
 def test_indexer_processes_at_once_on_one_catalog(
-    catalog_url: URL, tmp_path: Path, model_cache: Path
+    postgres_server: TemporaryServer, tmp_path: Path, model_cache: Path
 ) -> None:
     """Two `ghostmatch index` processes (one given --catalog, one $GHOSTMATCH_CATALOG),
-    each with its own index folder, the same photos and some of their own, run at once."""
+    each with its own index folder, the same photos and some of their own, run at once,
+    as on two machines. (Processes on one folder's SQLite catalog: test_concurrency.py;
+    the same interleaving step by step on both back ends: above.)"""
+    catalog_url = postgres_server.new_database()
     common = noise_jpegs(tmp_path / "common", 12, seed=0)
     own = [noise_jpegs(tmp_path / f"own{n}", 2, seed=10 + n) for n in range(2)]
     url = text(catalog_url)
