@@ -96,7 +96,7 @@ class Library:
         create: bool = True,
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
-        catalog: str | None = None,
+        catalog: str | URL | None = None,
     ) -> None:
         self.path = Path(
             os.path.abspath(os.path.expanduser(path if path is not None else default_index_path()))
@@ -142,7 +142,7 @@ class Library:
             self.catalog.close()
             raise
 
-    def _catalog_url(self, catalog: str | None) -> URL | None:
+    def _catalog_url(self, catalog: str | URL | None) -> URL | None:
         """The catalog database's URL: ``catalog``, else the one the folder remembers;
         None for the folder's own catalog.db. A folder is never switched to another
         catalog, as its FAISS files hold the ids of its own."""

@@ -225,6 +225,7 @@ def test_an_unreachable_catalog_server_is_one_line_and_exit_2(
     for args, extra in (
         (["info", "--index", tmp_path / "a", "--catalog", url], {}),
         (["query", tmp_path / "x.jpg", "--index", tmp_path / "b"], {"GHOSTMATCH_CATALOG": url}),
+        (["serve", "--index", tmp_path / "c", "--port", "0"], {"GHOSTMATCH_CATALOG": url}),
     ):
         done = subprocess.run(
             [*CLI, *map(os.fspath, args)],
