@@ -30,7 +30,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ghostmatch.cli.output import JsonOpt, err, out, print_json
+from ghostmatch.cli.output import CatalogOpt, JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError, IndexBusyError, NoIndexError
 from ghostmatch.pathtext import path_text
 
@@ -102,6 +102,7 @@ def _open(index: Path | None, **options: Any) -> Any:
 def index(
     folders: Annotated[list[Path], typer.Argument(help="Folders (or files) to index.")],
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     weights: WeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[
@@ -141,6 +142,7 @@ def index(
             raise GhostmatchError(f"{path_text(folder)} does not exist")
     lib = _open(
         index,
+        catalog=catalog,
         weights=weights,
         runtime=runtime,
         device=device,
@@ -201,6 +203,7 @@ def query(
     images: Annotated[list[Path], typer.Argument(help="Query images (need not be indexed).")],
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Matches per query.")] = 10,
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     min_score: Annotated[
         float | None, typer.Option("--min-score", help="Only matches scoring at least this.")
     ] = None,
@@ -212,7 +215,7 @@ def query(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the indexed images most like each IMAGE (cosine score, higher = more alike)."""
-    lib = _open(index, runtime=runtime, device=device, create=False)
+    lib = _open(index, catalog=catalog, runtime=runtime, device=device, create=False)
     try:
         results = [
             (image, lib.query(image, k, min_score=min_score, under=under)) for image in images
@@ -248,9 +251,9 @@ def query(
 
 
 @app.command()
-def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
+def info(index: IndexOpt = None, catalog: CatalogOpt = None, as_json: JsonOpt = False) -> None:
     """Images, folders, model, index type, sizes on disk and failures of an index."""
-    lib = _open(index, create=False)
+    lib = _open(index, catalog=catalog, create=False)
     try:
         data = lib.info()
     finally:
@@ -259,11 +262,12 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
         print_json(data)
         return
     out.print(f"index        {path_text(data['index'])}", markup=False)
+    out.print(f"catalog      {path_text(data['catalog'])}", markup=False)
     out.print(f"images       {data['images']}")
     out.print(f"model        {data['model_summary']}")
     out.print(f"index type   {data['index_type']}")
     size = (data["catalog_bytes"] or 0) + data["index_bytes"]
-    out.print(f"on disk      {size / 1e6:.1f} MB")
+    out.print(f"on disk      {size / 1e6:.1f} MB")  # a server's catalog: its tables there
     for folder in data["folders"]:
         out.print(f"folder       {path_text(Path(folder))}", markup=False)
     for reason, count in sorted(data["failures"].items()):
@@ -279,10 +283,11 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
 def remove(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to forget.")],
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove files (or everything under folders) from the index; the files stay on disk."""
-    lib = _open(index, create=False)
+    lib = _open(index, catalog=catalog, create=False)
     try:
         removed = lib.remove(paths)
     finally:
@@ -428,6 +433,11 @@ def _message(error: GhostmatchError) -> str:
     """The library's message, with the command line's own answer where it has one."""
     if isinstance(error, NoIndexError):
         where = path_text(error.path)
+        if error.catalog:
+            return (
+                f"no index in the catalog {error.catalog}; create one with: ghostmatch index "
+                f"DIR --index {where} --catalog URL"
+            )
         return f"no index at {where}; create one with: ghostmatch index DIR --index {where}"
     if isinstance(error, IndexBusyError):  # only index --no-wait asks not to wait
         return f"{error}, or leave out --no-wait to wait for it"

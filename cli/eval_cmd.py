@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ghostmatch.cli.output import JsonOpt, err, out, print_json
+from ghostmatch.cli.output import CatalogOpt, JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
@@ -290,6 +290,7 @@ def calibrate_cmd(
         Path | None,
         typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or user data dir)"),
     ] = None,
+    catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pick the duplicate threshold from labelled pairs and store it in the index."""
@@ -302,7 +303,7 @@ def calibrate_cmd(
     )
 
     labelled = read_pairs_csv(pairs)
-    lib = ghostmatch.open(index, create=False)
+    lib = ghostmatch.open(index, catalog=catalog, create=False)
     try:
         choice = calibrate(lib, labelled, precision)
         where = lib.path

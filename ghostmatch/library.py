@@ -2,6 +2,8 @@
 
 The directory holds ``catalog.db`` (the truth: paths, stats, hashes and vectors) and
 ``vectors.faiss`` (a derived FAISS index, rebuilt from the catalog whenever they disagree).
+With a catalog on a database server, the directory keeps the FAISS files and the
+catalog's URL (``catalog.url``) instead of ``catalog.db``.
 ``Library`` wires the parts that do the work and holds no logic of its own beyond that:
 ``ModelBinding`` (which model), ``VectorStore`` (the FAISS file), ``Indexer``, ``Searcher``
 and ``DuplicateFinder``.
@@ -23,10 +25,20 @@ from ghostmatch.ingest.indexer import Indexer, IndexReport, Progress
 from ghostmatch.model.binding import CARD_META, WEIGHTS_META, ImageLike, ModelBinding
 from ghostmatch.model.card import ModelCard
 from ghostmatch.search import Match, Searcher
-from ghostmatch.store.catalog import CATALOG_FILE, Catalog, ImageRecord
+from ghostmatch.store.catalog import (
+    CATALOG_FILE,
+    Catalog,
+    EmptyCatalogError,
+    ImageRecord,
+    catalog_url,
+    same_database,
+    without_password,
+)
 from ghostmatch.store.vectors import GENERATION_META, INDEX_FILE, VectorStore
 
 if TYPE_CHECKING:
+    from sqlalchemy import URL
+
     from ghostmatch.dupes.finder import DuplicateFinder
     from ghostmatch.dupes.verify import Verification
     from ghostmatch.indexes.vector_index import VectorIndex
@@ -36,8 +48,13 @@ if TYPE_CHECKING:
     from ghostmatch.recognition.labels import LabelMap, LabelReport
     from ghostmatch.recognition.recognizer import Recognition, Recognizer
 
+# In an index folder whose catalog is a server's database: that database's URL, without
+# its password, so that the folder opens without naming the catalog again.
+CATALOG_URL_FILE = "catalog.url"
+
 __all__ = [
     "CARD_META",
+    "CATALOG_URL_FILE",
     "GENERATION_META",
     "INDEX_FILE",
     "WEIGHTS_META",
@@ -65,6 +82,11 @@ class Library:
     recorded in it, and naming a different one is refused rather than mixing vectors.
     A change (``index``, ``remove``, ``rebuild``) waits while another process writes the
     index, telling ``on_wait`` so; with ``wait=False`` it raises an IndexBusyError instead.
+
+    ``catalog`` is the URL of a catalog database (``postgresql://USER@HOST/DB``) that
+    several index folders, on several machines, may share; the folder then keeps only the
+    FAISS files, rebuilt or extended from the catalog's vectors, and remembers the URL
+    (without a password) for later opens. None: the folder's own catalog.
     """
 
     def __init__(
@@ -78,17 +100,19 @@ class Library:
         create: bool = True,
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
+        catalog: str | URL | None = None,
     ) -> None:
         self.path = Path(
             os.path.abspath(os.path.expanduser(path if path is not None else default_index_path()))
         )
-        # A folder without a catalog is not an index: opening one without ``create`` must
-        # not leave a catalog.db behind in, say, a photo folder named by mistake.
-        new = not (self.path / CATALOG_FILE).is_file()
-        if not create and new:
-            raise NoIndexError(self.path)
         if self.path.exists() and not self.path.is_dir():
             raise GhostmatchError(f"the index {self.path} is a file, not a folder")
+        url = self._catalog_url(catalog)
+        # A folder without a catalog is not an index: opening one without ``create`` must
+        # not leave a catalog.db behind in, say, a photo folder named by mistake.
+        new = url is None and not (self.path / CATALOG_FILE).is_file()
+        if not create and new:
+            raise NoIndexError(self.path)
         spec = str(weights) if weights is not None else None
         # Named weights for a new index are loaded before anything is created, so that a
         # wrong name or file leaves no empty index behind.
@@ -97,8 +121,11 @@ class Library:
             from ghostmatch.model.weights import load_descriptor
 
             preloaded = load_descriptor(spec)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog.for_directory(self.path)
+        if url is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.catalog = Catalog.for_directory(self.path)
+        else:
+            self.catalog = self._open_server_catalog(url, create)
         self.model = ModelBinding(
             self.path, self.catalog, spec, runtime=runtime, device=device, preloaded=preloaded
         )
@@ -119,6 +146,52 @@ class Library:
         except BaseException:
             self.catalog.close()
             raise
+
+    def _catalog_url(self, catalog: str | URL | None) -> URL | None:
+        """The catalog database's URL: ``catalog``, else the one the folder remembers;
+        None for the folder's own catalog.db. A folder is never switched to another
+        catalog, as its FAISS files hold the ids of its own."""
+        recorded_file = self.path / CATALOG_URL_FILE
+        recorded = None
+        if recorded_file.is_file():
+            recorded = catalog_url(recorded_file.read_text(encoding="utf-8").strip())
+        if catalog is None:
+            return recorded
+        url = catalog_url(catalog)
+        shown = url.render_as_string(hide_password=True)
+        own = self.path / CATALOG_FILE
+        sqlite_file = url.database if url.get_backend_name() == "sqlite" else None
+        if sqlite_file and Path(os.path.abspath(sqlite_file)) == own:
+            return None
+        if own.is_file():
+            raise GhostmatchError(
+                f"the index {self.path} keeps its catalog in {own}, not in {shown}; open it "
+                "without a catalog URL, or use another index folder for that catalog"
+            )
+        if recorded is not None and not same_database(recorded, url):
+            raise GhostmatchError(
+                f"the index {self.path} uses the catalog {recorded.render_as_string()}, not "
+                f"{shown}; name that one, or use another index folder for this catalog"
+            )
+        return url
+
+    def _open_server_catalog(self, url: URL, create: bool) -> Catalog:
+        """Open the catalog database at ``url`` and have the folder remember it."""
+        try:
+            opened = Catalog(url, create=create)
+        except EmptyCatalogError:
+            raise NoIndexError(self.path, url.render_as_string(hide_password=True)) from None
+        recorded_file = self.path / CATALOG_URL_FILE
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not recorded_file.is_file():
+                # Without the password: that comes from the URL given, $PGPASSWORD or
+                # ~/.pgpass, never from a file beside the index.
+                remembered = without_password(url).render_as_string(hide_password=False)
+                recorded_file.write_text(remembered + "\n", encoding="utf-8")
+        except OSError:
+            pass  # a reader without write access: its FAISS index lives in memory
+        return opened
 
     @property
     def finder(self) -> DuplicateFinder:
@@ -387,6 +460,11 @@ class Library:
             "model": card.to_dict() if card else None,
             "model_summary": card.describe() if card else None,
             "index_type": factory,
+            "catalog": (
+                self.catalog.url.render_as_string(hide_password=True)
+                if self.catalog.on_server
+                else str(self.path / CATALOG_FILE)
+            ),
             "catalog_bytes": self.catalog.disk_size(),
             "index_bytes": file.stat().st_size if file.exists() else 0,
             "failures": self.catalog.failure_counts(),

@@ -1,6 +1,8 @@
 """The catalog of an index: one database row per image, whose id is its FAISS id.
 
-It keeps every image's vector, so any FAISS index can be rebuilt from it alone.
+It keeps every image's vector, so any FAISS index can be rebuilt from it alone. It is an
+SQLite file in the index folder, or a PostgreSQL database that several index folders (on
+several machines) share; the schema and its migrations are the same on both.
 """
 
 from __future__ import annotations
@@ -57,11 +59,15 @@ __all__ = [
     "MIGRATIONS",
     "Catalog",
     "CatalogTransaction",
+    "EmptyCatalogError",
     "FailureRecord",
     "ImageRecord",
     "NewFailure",
     "NewImage",
+    "catalog_url",
+    "same_database",
     "user_error",
+    "without_password",
 ]
 
 CATALOG_FILE = "catalog.db"
@@ -74,6 +80,13 @@ _CHUNK = 900
 _VECTOR_DTYPE = np.dtype("<f4")
 # Execution option that makes the SQLite "begin" hook take the write lock up front.
 _WRITER = "ghostmatch_writer"
+# The PostgreSQL advisory lock that write transactions hold, so that they run one at a time
+# as SQLite's do (BEGIN IMMEDIATE): the read-then-write steps in them (the generation
+# counter, meta values, roots) then cannot interleave between machines. Advisory locks are
+# per database, and a catalog is a database, so one constant key serves.
+_PG_WRITE_LOCK = 0x67686F73_74636174  # "ghostcat"
+# Seconds to wait for a PostgreSQL server that does not answer, before saying so.
+_PG_CONNECT_TIMEOUT_S = 10
 
 
 # ---------------------------------------------------------------------------- column types
@@ -475,8 +488,15 @@ _BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 def _is_environmental(error: BaseException) -> bool:
-    """Whether a database error comes from the disk, the file or other processes."""
+    """Whether a database error comes from the disk, the file, the server or other
+    processes."""
     if isinstance(error, exc.DBAPIError):
+        if type(error.orig).__module__.startswith("psycopg"):
+            # Besides the server's answers: its permissions (42501), and connection settings
+            # in the URL that libpq does not know (no SQLSTATE).
+            sqlstate = getattr(error.orig, "sqlstate", None)
+            unusable_url = sqlstate is None and "connection" in str(error.orig)
+            return isinstance(error, exc.OperationalError) or sqlstate == "42501" or unusable_url
         return isinstance(error, exc.OperationalError) or type(error) is exc.DatabaseError
     return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
 
@@ -487,6 +507,8 @@ def _catalog_error(error: BaseException, where: str) -> GhostmatchError:
     code = getattr(orig, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     reason = " ".join(str(orig).split()) or type(orig).__name__
+    if type(orig).__module__.startswith("psycopg"):
+        return _server_error(getattr(orig, "sqlstate", None), reason, where)
     if primary in _CORRUPT:
         return GhostmatchError(
             f"the catalog {where} is damaged ({reason}); restore it from a backup, or move "
@@ -520,6 +542,107 @@ def _catalog_error(error: BaseException, where: str) -> GhostmatchError:
     return GhostmatchError(f"the catalog {where} cannot be used: {reason}")
 
 
+def _server_error(sqlstate: str | None, reason: str, where: str) -> GhostmatchError:
+    """A PostgreSQL error (by its SQLSTATE; None: no answer from the server) as one line."""
+    # A refused connection carries no SQLSTATE, only the server's message.
+    missing = 'database "' in reason and "does not exist" in reason
+    if sqlstate == "3D000" or (sqlstate is None and missing):
+        return GhostmatchError(
+            f"the catalog database {where} does not exist ({reason}); create it first "
+            "(createdb NAME) or name another one"
+        )
+    login = ("password authentication failed", "no pg_hba.conf entry", 'role "')
+    if (sqlstate or "").startswith("28") or (sqlstate is None and any(s in reason for s in login)):
+        return GhostmatchError(
+            f"cannot log in to the catalog database {where} ({reason}); check the user and "
+            "password (in the URL, $PGPASSWORD or ~/.pgpass)"
+        )
+    if sqlstate is None or sqlstate.startswith(("08", "57P")):
+        return GhostmatchError(
+            f"cannot connect to the catalog database {where} ({reason}); check that the "
+            "server is running and that the URL (host, port, options) is right"
+        )
+    if sqlstate in ("55P03", "40P01"):
+        return GhostmatchError(
+            f"the catalog {where} is busy ({reason}): another ghostmatch is writing to it; "
+            "wait for it to finish and run the command again"
+        )
+    if sqlstate in ("53100", "53200"):
+        return GhostmatchError(
+            f"the catalog database {where} is out of space ({reason}); free some space on "
+            "its server and run the command again (work committed so far is kept)"
+        )
+    if sqlstate == "42501":
+        return GhostmatchError(
+            f"no permission in the catalog database {where} ({reason}); this command needs "
+            "a user who may create and write tables there"
+        )
+    return GhostmatchError(f"the catalog {where} cannot be used: {reason}")
+
+
+class EmptyCatalogError(GhostmatchError):
+    """A catalog database opened with ``create=False`` holds no catalog yet."""
+
+
+# The driver of each back end's plain name: psycopg 3 for PostgreSQL, whose plain name
+# SQLAlchemy would otherwise give to psycopg2.
+_DRIVERS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+}
+
+
+def catalog_url(value: str | URL) -> URL:
+    """The SQLAlchemy URL of a catalog named by the user: ``postgresql://USER@HOST/DB``
+    (psycopg 3 is the driver unless one is named) or ``sqlite:///FILE``."""
+    try:
+        url = make_url(value)
+    except exc.ArgumentError:
+        url = None
+    backend = url.get_backend_name() if url is not None else None
+    if url is None or backend not in _DRIVERS:
+        shown = value.render_as_string() if isinstance(value, URL) else value
+        raise GhostmatchError(
+            f"{shown!r} is not a catalog URL; give postgresql://USER@HOST[:PORT]/DATABASE "
+            "or sqlite:///FILE"
+        )
+    if url.drivername in _DRIVERS:
+        url = url.set(drivername=_DRIVERS[url.drivername])
+    return url
+
+
+def without_password(url: URL) -> URL:
+    """``url`` with no password: what may be written down or shown."""
+    # Not url.set(password=None): set() takes None for "leave it as it is".
+    return url._replace(password=None)
+
+
+def same_database(a: URL, b: URL) -> bool:
+    """Whether two catalog URLs name one database, whatever password either carries."""
+    return without_password(a) == without_password(b)
+
+
+def _create_engine(url: URL, **options: Any) -> Engine:
+    if url.get_backend_name() != "postgresql":
+        return create_engine(url, **options)
+    args: dict[str, Any] = {"application_name": "ghostmatch"}
+    if "connect_timeout" not in url.query:
+        args["connect_timeout"] = _PG_CONNECT_TIMEOUT_S
+    if "options" not in url.query:
+        # A writer waits for another's transaction as long as SQLite's busy timeout, then
+        # says the catalog is busy instead of hanging.
+        args["options"] = f"-c lock_timeout={_BUSY_TIMEOUT_MS}"
+    try:
+        # pre_ping: a long-lived server process survives a restart of the database.
+        return create_engine(url, connect_args=args, pool_pre_ping=True, **options)
+    except ModuleNotFoundError as error:
+        raise GhostmatchError(
+            f"a PostgreSQL catalog needs the {error.name} driver; install it with: "
+            "pip install 'ghostmatch[postgresql]'"
+        ) from error
+
+
 def _schema_version(conn: Connection) -> int:
     if not inspect(conn).has_table(_SCHEMA_VERSION.name):
         return 0
@@ -538,10 +661,10 @@ class Catalog:
     another writer) raise ``GhostmatchError``.
     """
 
-    def __init__(self, url: str | URL) -> None:
-        url = make_url(url)
+    def __init__(self, url: str | URL, *, create: bool = True) -> None:
+        url = catalog_url(url)
         self._file = _sqlite_file(url)
-        writer = create_engine(url)
+        writer = _create_engine(url)
         if writer.dialect.name == "sqlite":
             _configure_sqlite(writer)
         self._writer = writer.execution_options(**{_WRITER: True})
@@ -552,7 +675,7 @@ class Catalog:
         self._version = 0
         try:
             with self._errors():
-                self._migrate()
+                self._migrate(create)
         except BaseException:
             self.close()
             raise
@@ -577,6 +700,16 @@ class Catalog:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def url(self) -> URL:
+        """The database's URL, password included (render it with ``hide_password``)."""
+        return self._writer.engine.url
+
+    @property
+    def on_server(self) -> bool:
+        """Whether the catalog is a server's database rather than an SQLite file."""
+        return self.url.get_backend_name() != "sqlite"
 
     def _where(self) -> str:
         url = self._reader.url
@@ -606,7 +739,15 @@ class Catalog:
         folder_ok = os.access(self._file.parent, os.W_OK)
         return folder_ok and (not self._file.exists() or os.access(self._file, os.W_OK))
 
-    def _migrate(self) -> None:
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction; on PostgreSQL it first waits for the catalog's write lock."""
+        with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_PG_WRITE_LOCK)))
+            yield conn
+
+    def _migrate(self, create: bool) -> None:
         latest = MIGRATIONS[-1][0]
         if self._file is not None and not self._file.exists():
             current = 0  # a new catalog: there is nothing to read yet
@@ -615,11 +756,13 @@ class Catalog:
                 current = _schema_version(conn)
         self._refuse_newer(current, latest)
         self._version = current
+        if current == 0 and not create:
+            raise EmptyCatalogError(f"{self._where()} holds no ghostmatch catalog yet")
         # An older catalog that cannot be written is read as it is: reading needs no
         # migration, and a command that writes says it cannot.
         if current == latest or (current > 0 and not self._writable()):
             return
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             _METADATA.tables[_SCHEMA_VERSION.name].create(conn, checkfirst=True)
             # Another process may have migrated between the read above and the lock.
             current = _schema_version(conn)
@@ -649,7 +792,7 @@ class Catalog:
     @contextmanager
     def transaction(self) -> Iterator[CatalogTransaction]:
         """Writes that others see together when the block exits, and never if it raises."""
-        with self._errors(), self._writer.begin() as conn:
+        with self._errors(), self._write() as conn:
             yield CatalogTransaction(conn)
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -822,9 +965,19 @@ class Catalog:
             return {(_text_path(a), _text_path(b)) for a, b in rows}
 
     def disk_size(self) -> int | None:
-        """Bytes the SQLite files take on disk, or None for a server database or memory."""
+        """Bytes the catalog takes on disk (its tables and indexes on a server), or None
+        for one in memory."""
         url = self._reader.url
-        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        if self.on_server:
+            tables = [table.name for table in _METADATA.sorted_tables]
+            with self._read() as conn:
+                size = text("SELECT pg_total_relation_size(CAST(:name AS regclass))")
+                return sum(
+                    conn.scalar(size, {"name": name}) or 0
+                    for name in tables
+                    if inspect(conn).has_table(name)
+                )
+        if not url.database or url.database == ":memory:":
             return None
         database = Path(url.database)
         files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
@@ -902,6 +1055,17 @@ class Catalog:
             return {str(label): (int(n), int(k or 0)) for label, n, k in conn.execute(query)}
 
 
+def _dialect_insert(dialect: Dialect) -> Callable[[Any], Any]:
+    """The INSERT of ``dialect`` that can say ON CONFLICT (both back ends speak it)."""
+    if dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
 def _under(path: Path) -> Any:
     """A condition on failures: the file ``path``, or any file inside it as a folder."""
     exact = _path_text(path)
@@ -925,7 +1089,9 @@ class CatalogTransaction:
         self._conn = conn
 
     def insert_images(self, rows: Sequence[NewImage]) -> list[int]:
-        """Add images (paths not yet cataloged) and return their new ids in order."""
+        """Add images and return their ids in order. A path already cataloged (another
+        writer of a shared catalog may have added it since this one looked) keeps its row
+        and id, and takes the new values: a path is never cataloged twice."""
         if not rows:
             return []
         now = _now()
@@ -943,8 +1109,15 @@ class CatalogTransaction:
             }
             for row in rows
         ]
-        query = insert(_IMAGES).returning(_IMAGES.c.id, sort_by_parameter_order=True)
-        return list(self._conn.scalars(query, params))
+        upsert = _dialect_insert(self._conn.dialect)(_IMAGES)
+        replaced = {name: upsert.excluded[name] for name in params[0] if name != "path"}
+        query = upsert.on_conflict_do_update(index_elements=["path"], set_=replaced).returning(
+            _IMAGES.c.path, _IMAGES.c.id
+        )
+        # Matched up by path: SQLAlchemy's sort by parameter order assumes ids that grow
+        # with it, which a replaced row's older id breaks.
+        ids = {path: image_id for path, image_id in self._conn.execute(query, params)}
+        return [ids[param["path"]] for param in params]
 
     def update_image(
         self,

@@ -244,9 +244,16 @@ class VectorStore:
     def _load_before_change(self) -> None:
         """Load the index (checked against the catalog) before a commit changes the catalog,
         unless what is held is current: the commits' changes are then applied to it, not
-        rebuilt. Another process may have written since this object last looked."""
-        if self._delta_generation is None or self._delta_generation != self.generation():
-            self.forget()
+        rebuilt. Another process may have written since this object last looked.
+
+        A file behind the catalog (another folder's writer of a shared catalog committed
+        since it was saved) is not rebuilt here, before every commit of a run whose
+        commits alternate with that writer's, but once, in :meth:`apply`."""
+        if self._delta_generation is not None and self._delta_generation == self.generation():
+            return
+        self.forget()
+        stamp = read_stamp(self.file)
+        if stamp is not None and stamp.generation == self.generation():
             self._index = self._open()
 
     def _track(self, before: int, removed: Iterable[int], added: Iterable[int]) -> None:
@@ -275,7 +282,10 @@ class VectorStore:
             self.forget()
             self._index = self._open()
             return
-        removed, added = sorted(self._delta_removed), sorted(self._delta_added)
+        # An added id may be there already: inserting a path that another writer of a
+        # shared catalog cataloged first keeps that row's id. Absent ids cost nothing.
+        removed = sorted(self._delta_removed | self._delta_added)
+        added = sorted(self._delta_added)
         self._index = None  # half-changed if interrupted here: reload it next time
         if removed:
             index.remove(np.asarray(removed, dtype=np.int64))
