@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ghostmatch.cli.output import JsonOpt, err, out, print_json
+from ghostmatch.cli.output import CatalogOpt, JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError, IndexBusyError, NoIndexError
 from ghostmatch.pathtext import path_text
 
@@ -101,9 +102,13 @@ def _open(index: Path | None, **options: Any) -> Any:
 def index(
     folders: Annotated[list[Path], typer.Argument(help="Folders (or files) to index.")],
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     weights: WeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, help="Decoding threads; with --ray, Ray actors."),
+    ] = None,
     device: DeviceOpt = "auto",
     runtime: RuntimeOpt = "auto",
     max_megapixels: Annotated[float, typer.Option("--max-megapixels", min=0.01)] = 100.0,
@@ -118,6 +123,16 @@ def index(
         bool,
         typer.Option("--no-wait", help="Fail at once if another process is writing the index."),
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="Decode and embed on Ray actors, one per CPU of the cluster: alone, on a "
+            "cluster started here for the run; auto, the running one; or its address "
+            "(HOST:PORT, ray://HOST:PORT). Needs the ray extra.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -127,6 +142,7 @@ def index(
             raise GhostmatchError(f"{path_text(folder)} does not exist")
     lib = _open(
         index,
+        catalog=catalog,
         weights=weights,
         runtime=runtime,
         device=device,
@@ -145,6 +161,7 @@ def index(
                 max_megapixels=max_megapixels,
                 prune=not no_prune,
                 progress=progress,
+                ray=ray,
             )
         card = lib.card
     finally:
@@ -186,6 +203,7 @@ def query(
     images: Annotated[list[Path], typer.Argument(help="Query images (need not be indexed).")],
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Matches per query.")] = 10,
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     min_score: Annotated[
         float | None, typer.Option("--min-score", help="Only matches scoring at least this.")
     ] = None,
@@ -197,7 +215,7 @@ def query(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the indexed images most like each IMAGE (cosine score, higher = more alike)."""
-    lib = _open(index, runtime=runtime, device=device, create=False)
+    lib = _open(index, catalog=catalog, runtime=runtime, device=device, create=False)
     try:
         results = [
             (image, lib.query(image, k, min_score=min_score, under=under)) for image in images
@@ -233,9 +251,9 @@ def query(
 
 
 @app.command()
-def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
+def info(index: IndexOpt = None, catalog: CatalogOpt = None, as_json: JsonOpt = False) -> None:
     """Images, folders, model, index type, sizes on disk and failures of an index."""
-    lib = _open(index, create=False)
+    lib = _open(index, catalog=catalog, create=False)
     try:
         data = lib.info()
     finally:
@@ -244,25 +262,32 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
         print_json(data)
         return
     out.print(f"index        {path_text(data['index'])}", markup=False)
+    out.print(f"catalog      {path_text(data['catalog'])}", markup=False)
     out.print(f"images       {data['images']}")
     out.print(f"model        {data['model_summary']}")
     out.print(f"index type   {data['index_type']}")
     size = (data["catalog_bytes"] or 0) + data["index_bytes"]
-    out.print(f"on disk      {size / 1e6:.1f} MB")
+    out.print(f"on disk      {size / 1e6:.1f} MB")  # a server's catalog: its tables there
     for folder in data["folders"]:
         out.print(f"folder       {path_text(Path(folder))}", markup=False)
     for reason, count in sorted(data["failures"].items()):
         out.print(f"failed       {count} {reason}")
+    labels = sorted(data.get("labels", {}).items(), key=lambda item: -item[1]["indexed"])
+    for name, count in labels[:20]:  # the most used; info --json lists them all
+        out.print(f"label        {count['indexed']} {name}", markup=False)
+    if len(labels) > 20:
+        out.print(f"label        ... and {len(labels) - 20} more (info --json lists them)")
 
 
 @app.command()
 def remove(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to forget.")],
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove files (or everything under folders) from the index; the files stay on disk."""
-    lib = _open(index, create=False)
+    lib = _open(index, catalog=catalog, create=False)
     try:
         removed = lib.remove(paths)
     finally:
@@ -408,10 +433,33 @@ def _message(error: GhostmatchError) -> str:
     """The library's message, with the command line's own answer where it has one."""
     if isinstance(error, NoIndexError):
         where = path_text(error.path)
+        if error.catalog:
+            return (
+                f"no index in the catalog {error.catalog}; create one with: ghostmatch index "
+                f"DIR --index {where} --catalog URL"
+            )
         return f"no index at {where}; create one with: ghostmatch index DIR --index {where}"
     if isinstance(error, IndexBusyError):  # only index --no-wait asks not to wait
         return f"{error}, or leave out --no-wait to wait for it"
     return str(error)
+
+
+# What ``--ray`` takes as its value: Ray's words for a new local cluster and the running one,
+# or an address. Anything else after a bare ``--ray`` is a folder or another option.
+_RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|\S+:\d+")
+
+
+def _with_option_values(args: list[str]) -> list[str]:
+    """``args`` with ``local`` after a bare ``--ray``: the parser has no options whose
+    value may be left out."""
+    end = args.index("--") if "--" in args else len(args)
+    given: list[str] = []
+    for i, arg in enumerate(args[:end]):
+        given.append(arg)
+        following = args[i + 1] if i + 1 < end else ""
+        if arg == "--ray" and not _RAY_ADDRESS.fullmatch(following):
+            given.append("local")
+    return given + args[end:]
 
 
 def main() -> None:
@@ -420,7 +468,7 @@ def main() -> None:
     warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}")
     try:
         # Not standalone, click returns the code of a typer.Exit instead of exiting with it.
-        status = app(standalone_mode=False)
+        status = app(args=_with_option_values(sys.argv[1:]), standalone_mode=False)
     except GhostmatchError as error:
         err.print(f"error: {_message(error)}", markup=False, highlight=False)
         sys.exit(error.exit_code)
@@ -453,10 +501,11 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from ghostmatch.cli import dupes_cmd, eval_cmd, serve_cmd
+    from ghostmatch.cli import dupes_cmd, eval_cmd, recognize_cmd, serve_cmd
 
     dupes_cmd.register(app)
     eval_cmd.register(app)
+    recognize_cmd.register(app)
     serve_cmd.register(app)
 
 

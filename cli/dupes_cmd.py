@@ -14,13 +14,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ghostmatch.cli.output import err, out, print_json
+from ghostmatch.cli.output import CatalogOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
 
 def dupes(
     index: Annotated[Path | None, typer.Option("--index", help="Index folder.")] = None,
+    catalog: CatalogOpt = None,
     threshold: Annotated[
         float | None,
         typer.Option(
@@ -95,7 +96,7 @@ def dupes(
         raise GhostmatchError(
             "--apply, --journal and --protect act on copies: add --move-to DIR or --delete"
         )
-    lib = ghostmatch.open(index, create=False)
+    lib = ghostmatch.open(index, catalog=catalog, create=False)
     try:
         if not_dup is not None:
             lib.mark_not_duplicate(*not_dup)
@@ -255,13 +256,14 @@ def undo(
             help="Index the duplicates were found in; files go back only into its folders.",
         ),
     ] = None,
+    catalog: CatalogOpt = None,
 ) -> None:
     """Put back every file that a dupes --apply run moved or deleted."""
     import ghostmatch
     from ghostmatch.dupes.actions import undo as undo_journal
 
     # The indexed folders come from the catalog, never from the journal: a journal is data.
-    lib = ghostmatch.open(index, create=False)
+    lib = ghostmatch.open(index, catalog=catalog, create=False)
     try:
         roots = lib.catalog.roots()
     finally:

@@ -1,4 +1,4 @@
-"""``ghostmatch eval retrieval|dupes`` and ``ghostmatch calibrate``: parse, wire, print.
+"""``ghostmatch eval retrieval|dupes|recognition`` and ``ghostmatch calibrate``: parse, wire, print.
 
 The measuring lives in ``ghostmatch.eval.evaluation``. This module does not import ``app`` (which
 imports it to register the commands); the consoles come from ``ghostmatch.cli.output``.
@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ghostmatch.cli.output import JsonOpt, err, out, print_json
+from ghostmatch.cli.output import CatalogOpt, JsonOpt, err, out, print_json
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
@@ -102,6 +102,67 @@ def retrieval(
         out.print(f"each query ranked its top {result.depth}; mAP is a lower bound")
     if result.n_unindexed:
         out.print(f"{result.n_unindexed} labelled files are not in the index (unreadable?)")
+
+
+@eval_app.command("recognition")
+def recognition(
+    folder: FolderArg,
+    index: IndexOpt = None,
+    weights: WeightsOpt = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Labelled photos that vote.")] = 20,
+    unknown_classes: Annotated[
+        int | None,
+        typer.Option(
+            "--unknown-classes",
+            min=0,
+            help="Classes held out whole as unknowns (default: a third of them).",
+        ),
+    ] = None,
+    precision: Annotated[
+        float,
+        typer.Option("--precision", help="Precision the unknown threshold is calibrated to."),
+    ] = 0.95,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recognition by labelled photos, sub-folders = classes: a seeded half of each known
+    class labelled, the rest recognised; held-out classes as unknowns."""
+    from ghostmatch.eval.evaluation import labels_from_folders
+    from ghostmatch.eval.recognition import evaluate_recognition
+
+    _check_folder(folder)
+    truth = labels_from_folders(folder)
+    if not truth:
+        raise GhostmatchError(
+            f"no labelled photos in {folder}: put them in one sub-folder per class"
+        )
+    with _indexed(folder, index, weights, as_json) as lib:
+        result = evaluate_recognition(
+            lib, truth, unknown_classes=unknown_classes, k=k, precision=precision, seed=seed
+        )
+    if as_json:
+        print_json(result.to_dict())
+        return
+    r = result
+    out.print(
+        f"{len(r.known_classes)} known classes: {r.n_labelled} labelled photos, "
+        f"{r.n_known_queries} held out; {len(r.unknown_classes)} unknown classes: "
+        f"{r.n_unknown_queries} photos (seed {r.seed}, k {r.k})"
+    )
+    out.print(f"top-1 on held-out photos        {_rate(r.top1)}")
+    out.print(
+        f"at the calibrated threshold     {_score(r.threshold)} (precision "
+        f"{r.target_precision:.2f} leave-one-out): answers {_rate(r.coverage)} of the known "
+        f"photos, accuracy {_rate(r.accuracy_at_coverage)}; answers "
+        f"{_rate(r.unknown_accepted)} of the unknowns"
+    )
+    out.print(f"known/unknown AUROC             {_rate(r.auroc)}")
+    out.print(
+        f"accuracy on knowns at 95% of unknowns rejected  {_rate(r.known_accuracy_at_95)} "
+        f"(threshold {_score(r.threshold_at_95)})"
+    )
+    if r.n_unindexed:
+        out.print(f"{r.n_unindexed} labelled files are not in the index (unreadable?)")
 
 
 @eval_app.command("dupes")
@@ -229,6 +290,7 @@ def calibrate_cmd(
         Path | None,
         typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or user data dir)"),
     ] = None,
+    catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pick the duplicate threshold from labelled pairs and store it in the index."""
@@ -241,7 +303,7 @@ def calibrate_cmd(
     )
 
     labelled = read_pairs_csv(pairs)
-    lib = ghostmatch.open(index, create=False)
+    lib = ghostmatch.open(index, catalog=catalog, create=False)
     try:
         choice = calibrate(lib, labelled, precision)
         where = lib.path
@@ -333,6 +395,6 @@ def _score(value: float | None) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``eval retrieval``, ``eval dupes`` and ``calibrate`` to the main command."""
+    """Add ``eval retrieval``, ``eval dupes``, ``eval recognition`` and ``calibrate``."""
     app.add_typer(eval_app, name="eval")
     app.command("calibrate")(calibrate_cmd)

@@ -14,6 +14,15 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+CatalogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--catalog",
+        envvar="GHOSTMATCH_CATALOG",
+        help="Catalog database URL (postgresql://USER@HOST/DB) that index folders share; "
+        "default: the folder's own catalog, or the URL it was first opened with.",
+    ),
+]
 
 
 def print_json(data: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ghostmatch.cli.output import CatalogOpt
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
@@ -22,6 +23,7 @@ MIN_TOKEN_LENGTH = 16
 
 def serve(
     index: Annotated[Path | None, typer.Option("--index", help="Index folder.")] = None,
+    catalog: CatalogOpt = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (others need --token).")
     ] = "127.0.0.1",
@@ -77,6 +79,7 @@ def serve(
         bound = listener.getsockname()[1]
         settings = ServeSettings(
             index=index if index is not None else default_index_path(),
+            catalog=catalog,
             host=host,
             port=bound,
             token=token,

@@ -18,9 +18,11 @@ class GhostmatchError(Exception):
 class NoIndexError(GhostmatchError):
     """A folder opened as an index holds no catalog, and ``create`` was not asked for."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"no index at {path}; open it with create=True to make one")
+    def __init__(self, path: Path, catalog: str | None = None) -> None:
+        where = f"{path} (catalog {catalog})" if catalog else str(path)
+        super().__init__(f"no index at {where}; open it with create=True to make one")
         self.path = path
+        self.catalog = catalog  # the catalog database's URL (no password), if not a file
 
 
 class IndexBusyError(GhostmatchError):

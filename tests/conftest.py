@@ -1,15 +1,32 @@
-"""Shared fixtures; every test runs offline with its own cache directory."""
+"""Shared fixtures; every test runs offline with its own cache directory.
+
+Catalog tests run on both back ends (``catalog_url``): an SQLite file, and a database of
+its own on a PostgreSQL server started once per session in a temporary folder.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import URL
+
+# pytest puts tests/ on sys.path, not the checkout root that holds benchmarks/, whose
+# throwaway PostgreSQL server the catalog benchmark shares with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.postgres import (
+    TemporaryServer,
+    temporary_server,
+    unavailable_reason,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +36,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GHOSTMATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("GHOSTMATCH_WEIGHTS", raising=False)
     monkeypatch.delenv("GHOSTMATCH_INDEX", raising=False)
+    monkeypatch.delenv("GHOSTMATCH_CATALOG", raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +95,27 @@ def shared_caltech() -> Path | None:
 
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[TemporaryServer]:
+    """A PostgreSQL server for the session (the machine's initdb and pg_ctl, in a temporary
+    folder), stopped at its end whatever happens; skipped where there is none."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with temporary_server() as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
+    """A new, empty catalog database: an SQLite file, or a database on the session's
+    PostgreSQL server."""
+    if request.param == "sqlite":
+        return URL.create("sqlite", database=os.fspath(tmp_path / "shared-catalog.db"))
+    server: TemporaryServer = request.getfixturevalue("postgres_server")
+    return server.new_database()

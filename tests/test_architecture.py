@@ -16,9 +16,11 @@ BUILT_ON = (
     "ghostmatch.search",
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
+    "ghostmatch.ingest.ray_embed",
     "ghostmatch.eval",
     "ghostmatch.train",
     "ghostmatch.serve",
+    "ghostmatch.recognition",
 )
 FOUNDATIONS = (
     "ghostmatch.model",
@@ -34,6 +36,8 @@ COMPONENTS = (
     "ghostmatch.search",
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
+    "ghostmatch.ingest.ray_embed",
+    "ghostmatch.recognition",
 )
 
 

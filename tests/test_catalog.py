@@ -1,21 +1,26 @@
-"""Contracts of the catalog, checked on real SQLite files."""
+"""Contracts of the catalog, checked on real databases: an SQLite file and a PostgreSQL
+server (``catalog_url`` runs each test on both)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Connection, Engine, create_engine, inspect, text
+from sqlalchemy import URL, Connection, Engine, create_engine, inspect, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
 import ghostmatch.store.catalog as catalog_module
+from benchmarks.postgres import TemporaryServer
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.store.catalog import Catalog, NewFailure, NewImage
 
@@ -37,9 +42,22 @@ def new_image(path: str | Path, seed: int = 0, content_hash: str | None = None) 
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Iterator[Catalog]:
-    with Catalog.for_directory(tmp_path) as opened:
+def catalog(catalog_url: URL) -> Iterator[Catalog]:
+    with Catalog(catalog_url) as opened:
         yield opened
+
+
+def execute(url: URL, *statements: str, **params: object) -> list[tuple[object, ...]]:
+    """Run SQL on the database behind the catalog's back, as another client would; the
+    last statement's rows."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                result = conn.execute(text(statement), params)
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
 
 
 def insert(catalog: Catalog, *images: NewImage) -> list[int]:
@@ -89,15 +107,15 @@ def test_empty_catalog_reads(catalog: Catalog) -> None:
     assert catalog.all_stat() == {} and catalog.get([1]) == []
 
 
-def test_deleted_ids_are_never_reused(tmp_path: Path) -> None:
-    with Catalog.for_directory(tmp_path) as catalog:
+def test_deleted_ids_are_never_reused(catalog_url: URL) -> None:
+    with Catalog(catalog_url) as catalog:
         ids = insert(catalog, *(new_image(f"/p/{i}.jpg", i) for i in range(3)))
         with catalog.transaction() as tx:
             tx.delete_images([ids[2]])
         assert insert(catalog, new_image("/p/new.jpg", 7)) == [4]
         with catalog.transaction() as tx:
             tx.delete_images([4])
-    with Catalog.for_directory(tmp_path) as catalog:
+    with Catalog(catalog_url) as catalog:
         assert insert(catalog, new_image("/p/newer.jpg", 8)) == [5]
         assert catalog.ids().tolist() == [ids[0], ids[1], 5]
 
@@ -117,8 +135,8 @@ def test_an_exception_rolls_the_whole_transaction_back(catalog: Catalog) -> None
     assert catalog.roots() == []
 
 
-def test_other_connections_see_writes_only_after_commit(tmp_path: Path) -> None:
-    with Catalog.for_directory(tmp_path) as writer, Catalog.for_directory(tmp_path) as reader:
+def test_other_connections_see_writes_only_after_commit(catalog_url: URL) -> None:
+    with Catalog(catalog_url) as writer, Catalog(catalog_url) as reader:
         with writer.transaction() as tx:
             tx.insert_images([new_image("/p/a.jpg")])
             assert reader.count() == 0
@@ -127,13 +145,19 @@ def test_other_connections_see_writes_only_after_commit(tmp_path: Path) -> None:
 
 
 def test_a_path_is_cataloged_once(catalog: Catalog) -> None:
-    insert(catalog, new_image("/p/a.jpg"))
-    with pytest.raises(IntegrityError):
-        insert(catalog, new_image("/p/b.jpg", 1), new_image("/p/a.jpg", 2))
+    """Adding a cataloged path again (another writer of a shared catalog got there first)
+    replaces its values and keeps its row and id; moving a row onto one is refused."""
+    (first,) = insert(catalog, new_image("/p/a.jpg"))
+    again = new_image("/p/a.jpg", 2)
+    ids = insert(catalog, new_image("/p/b.jpg", 1), again, new_image("/p/c.jpg", 3))
+    assert ids[1] == first and len(set(ids)) == 3
+    assert catalog.count() == 3 and sorted(catalog.ids().tolist()) == sorted(ids)
+    record = catalog.get([first])[0]
+    assert (record.path, record.size, record.content_hash) == (again.path, again.size, "hash2")
+    assert catalog.vectors([first])[1].tobytes() == again.vector.tobytes()
     with pytest.raises(IntegrityError), catalog.transaction() as tx:
-        tx.update_image(1, path=Path("/p/c.jpg"))
-        tx.insert_images([new_image("/p/c.jpg", 3)])
-    assert [record.path for record in catalog.get([1, 2, 3])] == [Path("/p/a.jpg")]
+        tx.update_image(first, path=Path("/p/c.jpg"))
+    assert [record.path for record in catalog.get(ids)] == [Path(f"/p/{n}.jpg") for n in "bac"]
 
 
 def test_update_image(catalog: Catalog) -> None:
@@ -157,7 +181,9 @@ def test_update_image(catalog: Catalog) -> None:
         tx.update_image(999, size=1)
 
 
-def test_a_non_utf8_file_name_round_trips(tmp_path: Path, catalog: Catalog) -> None:
+def test_a_non_utf8_file_name_round_trips(
+    tmp_path: Path, catalog_url: URL, catalog: Catalog
+) -> None:
     folder = os.fsencode(tmp_path) + b"/caf\xe9"
     os.mkdir(folder)
     names = [b"na\xefve.jpg", "real \ufffd and \ufffddc80.jpg".encode(), b"\xed\xb2\x80.png"]
@@ -175,10 +201,9 @@ def test_a_non_utf8_file_name_round_trips(tmp_path: Path, catalog: Catalog) -> N
     assert sorted(catalog.records_by_path(paths)) == paths
     assert [path for _, path in catalog.paths_under(Path(os.fsdecode(folder)))] == paths
     assert catalog.paths_under(tmp_path / "caf\ufffd") == []
-    # What lands in the database is valid text that a plain sqlite3 client can read.
-    with sqlite3.connect(tmp_path / "catalog.db") as raw:
-        stored = [row[0] for row in raw.execute("SELECT path FROM images")]
-    assert all(value.encode("utf-8") for value in stored)
+    # What lands in the database is valid text that a plain client can read.
+    stored = [row[0] for row in execute(catalog_url, "SELECT path FROM images")]
+    assert len(stored) == 3 and all(str(value).encode("utf-8") for value in stored)
 
 
 def test_an_index_directory_may_have_any_name(tmp_path: Path) -> None:
@@ -274,15 +299,16 @@ def test_forget_failures_of_files_and_folders(catalog: Catalog) -> None:
     assert [str(f.path) for f in catalog.failures()] == ["/p/a.jpg", "/p/sub-other/d.jpg"]
 
 
-def test_failures_recorded_before_version_2_are_kept(tmp_path: Path) -> None:
-    with Catalog.for_directory(tmp_path) as catalog, catalog.transaction() as tx:
+def test_failures_recorded_before_version_2_are_kept(catalog_url: URL) -> None:
+    with Catalog(catalog_url) as catalog, catalog.transaction() as tx:
         tx.record_failures([NewFailure(Path("/p/a.jpg"), 10, 20, "corrupt", "bad")])
-    with sqlite3.connect(tmp_path / "catalog.db") as raw:  # as version 1 left it
-        raw.execute("DELETE FROM schema_version WHERE version > 1")
-        raw.execute("ALTER TABLE failures DROP COLUMN ctime_ns")
-        raw.execute("ALTER TABLE failures DROP COLUMN max_megapixels")
-    raw.close()
-    with Catalog.for_directory(tmp_path) as catalog:
+    execute(  # as version 1 left it
+        catalog_url,
+        "DELETE FROM schema_version WHERE version > 1",
+        "ALTER TABLE failures DROP COLUMN ctime_ns",
+        "ALTER TABLE failures DROP COLUMN max_megapixels",
+    )
+    with Catalog(catalog_url) as catalog:
         assert catalog.schema_version() == catalog_module.MIGRATIONS[-1][0]
         [failure] = catalog.failures()
     assert (failure.path, failure.size, failure.mtime_ns) == (Path("/p/a.jpg"), 10, 20)
@@ -335,9 +361,9 @@ def test_bulk_insert_reads_back_every_vector(catalog: Catalog) -> None:
     assert (catalog.disk_size() or 0) > vectors.nbytes
 
 
-def test_migrations_run_once_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrations_run_once_in_order(catalog_url: URL, monkeypatch: pytest.MonkeyPatch) -> None:
     latest = catalog_module.MIGRATIONS[-1][0]
-    with Catalog.for_directory(tmp_path) as catalog:
+    with Catalog(catalog_url) as catalog:
         assert catalog.schema_version() == latest
         insert(catalog, new_image("/p/a.jpg"))
     applied: list[int] = []
@@ -352,22 +378,23 @@ def test_migrations_run_once_in_order(tmp_path: Path, monkeypatch: pytest.Monkey
     ]
     monkeypatch.setattr(catalog_module, "MIGRATIONS", migrations)
     for _ in range(2):
-        with Catalog.for_directory(tmp_path) as catalog:
+        with Catalog(catalog_url) as catalog:
             assert catalog.schema_version() == latest + 1
             assert catalog.count() == 1
     assert applied == [latest + 1]
-    with sqlite3.connect(tmp_path / "catalog.db") as raw:
-        history = raw.execute("SELECT version, reason FROM schema_version ORDER BY 1").fetchall()
-        columns = [row[1] for row in raw.execute("PRAGMA table_info(images)")]
+    history = execute(catalog_url, "SELECT version, reason FROM schema_version ORDER BY 1")
+    engine = create_engine(catalog_url)
+    columns = [column["name"] for column in inspect(engine).get_columns("images")]
+    engine.dispose()
     assert [version for version, _ in history] == list(range(1, latest + 2))
     assert history[-1][1] == "test: a note per image"
     assert "note" in columns
 
 
 def test_a_failed_migration_changes_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    catalog_url: URL, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Catalog.for_directory(tmp_path).close()
+    Catalog(catalog_url).close()
 
     def half_done(conn: Connection) -> None:
         conn.execute(text("CREATE TABLE half (x INTEGER)"))
@@ -380,21 +407,20 @@ def test_a_failed_migration_changes_nothing(
         [*catalog_module.MIGRATIONS, (latest + 1, "test", half_done)],
     )
     with pytest.raises(RuntimeError):
-        Catalog.for_directory(tmp_path)
+        Catalog(catalog_url)
     monkeypatch.undo()
-    with Catalog.for_directory(tmp_path) as catalog:
+    with Catalog(catalog_url) as catalog:
         assert catalog.schema_version() == latest
-    engine = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
+    engine = create_engine(catalog_url)
     assert not inspect(engine).has_table("half")
     engine.dispose()
 
 
-def test_a_newer_database_is_refused(tmp_path: Path) -> None:
-    Catalog.for_directory(tmp_path).close()
-    with sqlite3.connect(tmp_path / "catalog.db") as raw:
-        raw.execute("INSERT INTO schema_version VALUES (99, 'future', '2099-01-01 00:00:00')")
+def test_a_newer_database_is_refused(catalog_url: URL) -> None:
+    Catalog(catalog_url).close()
+    execute(catalog_url, "INSERT INTO schema_version VALUES (99, 'future', '2099-01-01 00:00:00')")
     with pytest.raises(GhostmatchError, match=r"newer ghostmatch.*upgrade"):
-        Catalog.for_directory(tmp_path)
+        Catalog(catalog_url)
 
 
 def test_a_file_that_is_no_database_is_refused(tmp_path: Path) -> None:
@@ -403,14 +429,19 @@ def test_a_file_that_is_no_database_is_refused(tmp_path: Path) -> None:
         Catalog.for_directory(tmp_path)
 
 
-def test_migrations_build_exactly_the_declared_schema(tmp_path: Path) -> None:
+def test_migrations_build_exactly_the_declared_schema(
+    catalog_url: URL, request: pytest.FixtureRequest
+) -> None:
     versions = [version for version, _, _ in catalog_module.MIGRATIONS]
     assert versions == list(range(1, len(versions) + 1))
 
-    Catalog.for_directory(tmp_path).close()
-    migrated = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
-    declared = create_engine("sqlite://")
-    catalog_module._Base.metadata.create_all(declared)
+    Catalog(catalog_url).close()
+    migrated = create_engine(catalog_url)
+    if catalog_url.get_backend_name() == "sqlite":
+        declared = create_engine("sqlite://")
+    else:
+        declared = create_engine(request.getfixturevalue("postgres_server").new_database())
+    catalog_module._METADATA.create_all(declared)
 
     def schema(engine: Engine) -> dict[str, object]:
         inspector = inspect(engine)
@@ -436,7 +467,7 @@ def test_the_schema_compiles_for_postgresql() -> None:
     dialect = postgresql.dialect()
     ddl = {
         table.name: str(CreateTable(table).compile(dialect=dialect))
-        for table in catalog_module._Base.metadata.sorted_tables
+        for table in catalog_module._METADATA.sorted_tables
     }
     assert "id BIGSERIAL" in ddl["images"]
     assert 'path TEXT COLLATE "C" NOT NULL' in ddl["images"]
@@ -454,3 +485,81 @@ def test_user_error_names_what_to_do_for_failures_of_the_machine_only(tmp_path: 
         raw.execute("CREATE TABLE t (x UNIQUE)")
         raw.execute("INSERT INTO t VALUES (1), (1)")
     assert catalog_module.user_error(bug.value) is None  # a bug keeps its traceback
+
+
+# ---------------------------------------------------------------------------- shared catalogs
+
+
+def test_writers_of_one_catalog_take_turns(catalog_url: URL) -> None:
+    """A write transaction that reads a value and writes it back changed (the generation
+    counter, meta values) is never interleaved with another's: while one is open, a writer
+    through another connection waits for it, on a server as in a file."""
+    with Catalog(catalog_url) as first, Catalog(catalog_url) as second:
+        first.set_meta("counter", 0)
+
+        def bump_from_another_client() -> None:
+            with second.transaction() as tx:
+                tx.set_meta("counter", tx.get_meta("counter") + 1)
+
+        other = threading.Thread(target=bump_from_another_client)
+        with first.transaction() as tx:
+            seen = tx.get_meta("counter")
+            other.start()
+            # Until the other writer waits for this one (or, were nothing to stop it,
+            # finishes), checked on the server itself; SQLite's wait cannot be seen.
+            deadline = time.monotonic() + 60
+            while not (waiting_for_a_lock(catalog_url) or not other.is_alive()):
+                assert time.monotonic() < deadline, "the other writer neither waited nor ran"
+                if catalog_url.get_backend_name() == "sqlite":
+                    break
+                time.sleep(0.01)
+            tx.set_meta("counter", seen + 1)
+        other.join()
+        assert first.get_meta("counter") == 2
+
+
+def waiting_for_a_lock(url: URL) -> bool:
+    if url.get_backend_name() == "sqlite":
+        return False
+    rows = execute(url, "SELECT count(*) FROM pg_locks WHERE NOT granted")
+    return bool(rows[0][0])
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_server_is_one_line_that_says_what_to_check() -> None:
+    pytest.importorskip("psycopg")
+    url = f"postgresql://ghost:secret@127.0.0.1:{closed_port()}/photos"
+    with pytest.raises(GhostmatchError) as raised:
+        Catalog(url)
+    message = str(raised.value)
+    assert message.startswith("cannot connect to the catalog database postgresql")
+    assert "check that the server is running" in message and "\n" not in message
+    assert "secret" not in message and "***" in message
+
+
+def test_a_missing_database_or_user_says_so(postgres_server: TemporaryServer) -> None:
+    url = postgres_server.url("no_such_database")
+    with pytest.raises(GhostmatchError, match=r"database .* does not exist .*createdb"):
+        Catalog(url)
+    with pytest.raises(GhostmatchError, match=r"cannot log in .*check the user and password"):
+        Catalog(url.set(username="nobody", database="postgres"))
+
+
+def test_a_catalog_url_must_name_a_known_database() -> None:
+    for bad in ("mysql://u@h/db", "photos", "http://example.com/"):
+        with pytest.raises(GhostmatchError, match=r"is not a catalog URL; give postgresql://"):
+            Catalog(bad)
+    assert catalog_module.catalog_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+
+
+def test_opening_without_create_leaves_an_empty_database_empty(catalog_url: URL) -> None:
+    with pytest.raises(catalog_module.EmptyCatalogError):
+        Catalog(catalog_url, create=False)
+    engine = create_engine(catalog_url)
+    assert inspect(engine).get_table_names() == []
+    engine.dispose()

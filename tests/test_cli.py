@@ -21,6 +21,8 @@ import pytest
 from cli_support import CLI, cli_env
 from corpus import NON_UTF8_NAME, UNREADABLE_NAME, make_bad_files
 from PIL import Image, ImageOps
+from sqlalchemy import URL, create_engine, text
+from sqlalchemy.exc import ProgrammingError
 
 import ghostmatch
 from ghostmatch.library import Library
@@ -293,8 +295,18 @@ def small_jpegs(folder: Path, n: int) -> set[Path]:
     return set(folder.iterdir())
 
 
-def catalog_count(index: Path) -> int:
-    """Images committed so far, read the way another process would."""
+def catalog_count(index: Path, url: URL | None = None) -> int:
+    """Images committed so far, read the way another process would: from the index's
+    catalog.db, or from the catalog database at ``url``."""
+    if url is not None:
+        engine = create_engine(url)
+        try:
+            with engine.connect() as db:
+                return int(db.execute(text("SELECT count(*) FROM images")).scalar_one())
+        except ProgrammingError:
+            return 0  # not created yet
+        finally:
+            engine.dispose()
     try:
         with sqlite3.connect(f"file:{index / 'catalog.db'}?mode=ro", uri=True, timeout=10) as db:
             return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
@@ -320,16 +332,25 @@ def assert_consistent(lib: Library, files: set[Path]) -> None:
     np.testing.assert_allclose(index.reconstruct(ids), vectors, atol=1e-6)
 
 
-def test_interrupted_and_killed_indexing_resumes(tmp_path: Path, model_cache: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_interrupted_and_killed_indexing_resumes(
+    tmp_path: Path, model_cache: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """Ctrl-C, then kill -9 twice, each while the run is held mid-way (past two checkpoints,
     between the next two) by the indexer's pause hook, so the signal always lands mid-run
     however loaded the machine is; every time the index opens consistent, and the last
-    run does only what is left."""
-    files = small_jpegs(tmp_path / "many", 240)
+    run does only what is left. With the catalog in the folder, and on a PostgreSQL
+    server (whose transaction of a killed client is rolled back)."""
+    url: URL | None = None
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_server").new_database()
+    files = small_jpegs(tmp_path / "many", 160)
     index = tmp_path / "index"
     marker = tmp_path / "paused"
     args = ["index", tmp_path / "many", "--index", index, "--weights", "random"]
     args += ["--batch-size", "8", "--json"]
+    if url is not None:
+        args += ["--catalog", url.render_as_string(hide_password=False)]
     env = cli_env(
         model_cache,
         GHOSTMATCH_CHECKPOINT_IMAGES="20",
@@ -351,7 +372,7 @@ def test_interrupted_and_killed_indexing_resumes(tmp_path: Path, model_cache: Pa
             before = committed
             wait_for(marker.exists, proc)
             # Two checkpoints of 20 are in; the next 10 images are not yet.
-            assert catalog_count(index) == before + 40
+            assert catalog_count(index, url) == before + 40
             proc.send_signal(stop)
             out, err = proc.communicate(timeout=120)
         finally:
@@ -363,10 +384,10 @@ def test_interrupted_and_killed_indexing_resumes(tmp_path: Path, model_cache: Pa
             report = json.loads(out)
             assert report["interrupted"] is True
             # Whatever went through the model is kept: 48 of the 50 (batches of 8).
-            assert catalog_count(index) == report["added"] == before + 48
+            assert catalog_count(index, url) == report["added"] == before + 48
         else:
             assert proc.returncode == -signal.SIGKILL
-            assert catalog_count(index) == before + 40
+            assert catalog_count(index, url) == before + 40
         with ghostmatch.open(index, create=False) as lib:
             assert_consistent(lib, files)
             committed = lib.catalog.count()

@@ -20,7 +20,7 @@ from ghostmatch.model.binding import CARD_META, ModelBinding
 from ghostmatch.model.card import ModelCard
 from ghostmatch.search import Searcher, check_k
 from ghostmatch.store.catalog import Catalog, NewImage
-from ghostmatch.store.vectors import VectorStore, read_generation
+from ghostmatch.store.vectors import VectorStore, read_stamp
 
 DIM = 8
 
@@ -64,8 +64,9 @@ def test_vector_store_builds_saves_and_reloads_the_catalog_vectors(
     index = store.index
     assert index is not None
     np.testing.assert_array_equal(index.ids(), catalog.ids())
-    stamp = read_generation(store.file)
-    assert stamp == (store.generation(), index.checksum)
+    stamp = read_stamp(store.file)
+    assert stamp == (store.generation(), index.checksum, index.factory)
+    assert store.saved_factory() == index.factory == "Flat"
     # A second store trusts the stamped file: same bytes, nothing rewritten.
     saved = store.file.read_bytes()
     again = VectorStore(path, catalog).index
@@ -109,7 +110,7 @@ def test_vector_store_catches_up_with_changes_once_applied(
     assert index is not None
     np.testing.assert_array_equal(index.ids(), catalog.ids())
     assert not set(doomed) & set(index.ids().tolist())
-    assert read_generation(store.file) == (before + 2, index.checksum)
+    assert read_stamp(store.file) == (before + 2, index.checksum, index.factory)
 
 
 def test_vector_store_repairs_a_stale_or_damaged_file(
@@ -130,7 +131,7 @@ def test_vector_store_repairs_a_stale_or_damaged_file(
     repaired = VectorStore(path, catalog).index
     assert repaired is not None
     np.testing.assert_array_equal(repaired.ids(), catalog.ids())
-    assert read_generation(store.file) == (store.generation(), repaired.checksum)
+    assert read_stamp(store.file) == (store.generation(), repaired.checksum, repaired.factory)
     # Bytes changed in place under a current stamp: rebuilt as well.
     data = bytearray(store.file.read_bytes())
     data[-1] ^= 0xFF
@@ -138,7 +139,7 @@ def test_vector_store_repairs_a_stale_or_damaged_file(
     rebuilt = VectorStore(path, catalog).index
     assert rebuilt is not None
     np.testing.assert_array_equal(rebuilt.ids(), catalog.ids())
-    assert read_generation(store.file) == (store.generation(), rebuilt.checksum)
+    assert read_stamp(store.file) == (store.generation(), rebuilt.checksum, rebuilt.factory)
 
 
 def test_searcher_ranks_a_tiny_index_by_cosine_without_the_query_itself(

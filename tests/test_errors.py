@@ -39,10 +39,11 @@ def run_cli(
     args: Sequence[object],
     model_cache: Path,
     preexec: Callable[[], None] | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
-        env=cli_env(model_cache),
+        env=cli_env(model_cache, **env),
         capture_output=True,
         text=True,
         timeout=300,
@@ -102,7 +103,14 @@ def test_a_full_disk_is_one_line_and_reading_commands_still_answer(
     # vectors (a 4 KiB page each at 960-d) add to the catalog.
     limit = file_size_limit(40_000)
 
-    full = run_cli(["index", gallery, "--index", index, "-q"], model_cache, limit)
+    # One commit at the end, whatever the machine's load: a time checkpoint of a few images
+    # would fit under the limit and leave more than the first four in the catalog.
+    full = run_cli(
+        ["index", gallery, "--index", index, "-q"],
+        model_cache,
+        limit,
+        GHOSTMATCH_CHECKPOINT_SECONDS="100000",
+    )
     line = error_line(full)
     assert "catalog" in line and "free" in line and "disk" in line, line
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from ghostmatch.model.card import ModelCard
 from ghostmatch.store.catalog import Catalog, FailureRecord, ImageRecord, NewFailure, NewImage
 from ghostmatch.store.vectors import VectorStore
 
+if TYPE_CHECKING:
+    from ghostmatch.model.embedder import Embedder
+
 Progress = Callable[[str, int, int | None], None]
 
 
@@ -32,13 +36,6 @@ def _env_number(name: str, default: float, floor: float) -> float:
     except ValueError:
         return default
 
-
-# Images per commit while indexing: a crash loses at most this much work. The variable lets
-# a crash test land after a commit.
-CHECKPOINT_IMAGES = int(_env_number("GHOSTMATCH_CHECKPOINT_IMAGES", 1000, 1))
-# Seconds of work between commits, so that ``kill -9`` loses about this much however slow
-# each image is.
-CHECKPOINT_SECONDS = _env_number("GHOSTMATCH_CHECKPOINT_SECONDS", 10.0, 0.0)
 
 # Images per commit while indexing: a crash loses at most this much work. The variable lets
 # a crash test land after a commit.
@@ -95,6 +92,7 @@ class _Embedded:
     format: str
     pixels: np.ndarray | None  # None: a move, the vector comes from the catalog
     source: ImageRecord | None = None  # for a move: the vanished image this file is
+    vector: np.ndarray | None = None  # embedded elsewhere (a RemoteEmbedding): no pixels
 
 
 @dataclass(frozen=True)
@@ -103,6 +101,26 @@ class _Failed:
     reason: str
     detail: str
     max_megapixels: float | None = None  # the pixel limit of a rejected image
+
+
+class RemoteEmbedding(Protocol):
+    """Decoding and embedding somewhere else than this process's threads (Ray actors:
+    ``ghostmatch.ingest.ray_embed``); the indexer still scans, checkpoints and commits."""
+
+    def results(
+        self,
+        todo: Sequence[FileEntry],
+        embedder: Embedder,
+        *,
+        batch_size: int,
+        max_megapixels: float,
+        movable: Collection[str],
+        changed: Collection[Path],
+    ) -> Generator[_Embedded | _Failed, None, None]:
+        """One :func:`read_entry` result per file of ``todo``, in order, each image with
+        its ``vector`` from ``embedder``'s model, runtime and device. ``movable``: content
+        hashes of vanished images (a file with one is a move, unless it is in ``changed``)."""
+        ...
 
 
 class Indexer:
@@ -124,8 +142,10 @@ class Indexer:
         max_megapixels: float = 100.0,
         prune: bool = True,
         progress: Progress | None = None,
+        remote: RemoteEmbedding | None = None,
     ) -> IndexReport:
-        """Index the images under ``roots``; see ``Library.index``."""
+        """Index the images under ``roots``; see ``Library.index``. ``remote``: decode and
+        embed there instead of on this process's threads."""
         folders = [Path(os.path.abspath(os.path.expanduser(r))) for r in roots]
         for folder in folders:
             if not folder.exists():
@@ -182,6 +202,7 @@ class Indexer:
                 workers,
                 max_megapixels,
                 progress,
+                remote,
             )
         except KeyboardInterrupt:
             report.interrupted = True
@@ -211,30 +232,33 @@ class Indexer:
         workers: int | None,
         max_megapixels: float,
         progress: Progress | None,
+        remote: RemoteEmbedding | None = None,
     ) -> None:
         if not todo:
             return
-        # Here, not at the top: an unchanged re-run then never imports torch.
-        from ghostmatch.model.embedder import prepare
-
         embedder = self.model.embedder
         card = embedder.card
         claimed: Counter[str] = Counter()  # vanished images taken over, per content hash
 
         def work(entry: FileEntry) -> _Embedded | _Failed:
-            try:
-                digest = content_hash(entry.path)
-            except OSError as err:
-                return _Failed(entry, "unreadable", str(err))
-            if entry.path not in changed_ids and digest in movable:
-                old = movable[digest][0]
-                return _Embedded(entry, digest, old.width, old.height, old.format, None)
-            try:
-                decoded = load_image(entry.path, card.input_size, max_megapixels)
-            except ImageRejected as err:
-                return _Failed(entry, err.reason, err.detail, max_megapixels)
-            pixels = prepare(decoded.image, card)
-            return _Embedded(entry, digest, decoded.width, decoded.height, decoded.format, pixels)
+            return read_entry(
+                entry, card, max_megapixels, () if entry.path in changed_ids else movable
+            )
+
+        def produce(stack: ExitStack) -> Iterator[_Embedded | _Failed]:
+            if remote is not None:
+                results = remote.results(
+                    todo,
+                    embedder,
+                    batch_size=batch_size,
+                    max_megapixels=max_megapixels,
+                    movable=movable.keys(),
+                    changed=changed_ids.keys(),
+                )
+                # Closed on Ctrl-C or an error too, which stops the remote workers.
+                return stack.enter_context(closing(results))
+            pool = stack.enter_context(ThreadPoolExecutor(threads))
+            return _ordered(pool, work, todo, prefetch=max(64, 4 * batch_size))
 
         pause_after, pause_marker = _pause_hook()
         threads = workers or min(8, max(2, os.cpu_count() or 2))
@@ -252,10 +276,13 @@ class Indexer:
         # Counted from the run's start: the scan and the model's loading are work too.
         last_commit = self._run_started
         try:
-            with ThreadPoolExecutor(threads) as pool:
-                for item in _ordered(pool, work, todo, prefetch=max(64, 4 * batch_size)):
+            with ExitStack() as stack:
+                for item in produce(stack):
                     result = item
-                    if isinstance(result, _Embedded) and result.pixels is None:
+                    if isinstance(result, _Embedded) and result.vector is not None:
+                        vectors[id(result)] = result.vector
+                        report.embedded += 1
+                    elif isinstance(result, _Embedded) and result.pixels is None:
                         origins = movable[result.digest]
                         if claimed[result.digest] < len(origins):
                             result = replace(result, source=origins[claimed[result.digest]])
@@ -390,6 +417,28 @@ def _fails_again(failure: FailureRecord | None, entry: FileEntry, max_megapixels
     if failure.reason == "too-large":
         return failure.max_megapixels is not None and max_megapixels <= failure.max_megapixels
     return True
+
+
+def read_entry(
+    entry: FileEntry, card: ModelCard, max_megapixels: float, movable: Container[str]
+) -> _Embedded | _Failed:
+    """Hash and decode one file for the model with ``card``, as a worker does: a failure, a
+    move (its content hash is in ``movable``: no pixels, the catalog has its vector and
+    dimensions) or an image's pixels to embed."""
+    from ghostmatch.model.embedder import prepare
+
+    try:
+        digest = content_hash(entry.path)
+    except OSError as err:
+        return _Failed(entry, "unreadable", str(err))
+    if digest in movable:
+        return _Embedded(entry, digest, 0, 0, "", None)
+    try:
+        decoded = load_image(entry.path, card.input_size, max_megapixels)
+    except ImageRejected as err:
+        return _Failed(entry, err.reason, err.detail, max_megapixels)
+    pixels = prepare(decoded.image, card)
+    return _Embedded(entry, digest, decoded.width, decoded.height, decoded.format, pixels)
 
 
 def _decode_copy(result: _Embedded, card: ModelCard, max_megapixels: float) -> _Embedded | _Failed:

@@ -25,6 +25,7 @@ from ghostmatch.model.descriptor import Descriptor
 from ghostmatch.model.download import HubFile, fetch, sha256_of
 from ghostmatch.model.ghostnet import GhostNet, infer_width, unwrap_state_dict
 from ghostmatch.model.scorenorm import BACKGROUND_KEY, from_tensors
+from ghostmatch.pathtext import path_text
 
 CARD_KEY = "ghostmatch_card"
 BUNDLED_PATH = Path(__file__).parent / "bundled.safetensors"
@@ -239,3 +240,45 @@ def save_descriptor(model: Descriptor, path: Path, half: bool = False) -> str:
     os.chmod(tmp, mode)
     os.replace(tmp, path)
     return sha256_of(path)
+
+
+def load_classifier(weights: str | Path = "imagenet") -> tuple[GhostNet, ModelCard]:
+    """A GhostNet with its classifier head (eval mode) and the card of its preprocessing.
+
+    ``imagenet`` (the default) or a timm / official checkpoint with ``classifier.*``; the
+    descriptor path drops that head, and ghostmatch's own models were never given one.
+    ``random`` is a seeded random 1000-class network, for tests.
+    """
+    spec = str(weights)
+    if spec == "random":
+        warnings.warn(
+            "using RANDOM weights: classes are meaningless (tests and speed checks only)",
+            stacklevel=2,
+        )
+        torch.manual_seed(0)
+        card = ModelCard(weights="random", weights_sha256="0" * 64, **IMAGENET.card)
+        return GhostNet(1.0, num_classes=1000).eval(), card
+    if spec == "imagenet":
+        path, name = fetch_imagenet(), "imagenet"
+    elif spec == "bundled":
+        raise GhostmatchError(
+            "the bundled model is a descriptor without a classifier; use weights imagenet"
+        )
+    else:
+        path = Path(spec).expanduser()
+        name = path.name
+    tensors, metadata = _read_checkpoint(path)
+    head = tensors.get("classifier.weight")
+    if CARD_KEY in metadata or head is None:
+        raise GhostmatchError(
+            f"{path_text(path)} holds no classifier head (classifier.weight); use weights "
+            "imagenet or a timm GhostNet checkpoint"
+        )
+    try:
+        width = infer_width(tensors)
+    except (KeyError, ValueError) as err:
+        raise GhostmatchError(f"{path} is not a GhostNet checkpoint ({err})") from err
+    network = GhostNet(width, num_classes=int(head.shape[0]))
+    _load(network, tensors, path, prefixed=False)
+    card = ModelCard(weights=name, weights_sha256=sha256_of(path), width=width, **IMAGENET.card)
+    return network.eval(), card

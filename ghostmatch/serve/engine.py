@@ -80,6 +80,7 @@ class ServeSettings:
     move_to: Path | None = None
     runtime: str = "auto"
     device: str = "auto"
+    catalog: str | None = None  # a catalog database's URL (see ``ghostmatch.open``)
 
 
 @dataclass
@@ -144,7 +145,11 @@ class QueryEngine:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         lib = ghostmatch.open(
-            settings.index, create=False, runtime=settings.runtime, device=settings.device
+            settings.index,
+            create=False,
+            runtime=settings.runtime,
+            device=settings.device,
+            catalog=settings.catalog,
         )
         try:
             if lib.card is None:
@@ -211,6 +216,7 @@ class QueryEngine:
                     create=False,
                     runtime=self.settings.runtime,
                     device=self.settings.device,
+                    catalog=self.settings.catalog,
                 )
                 _ = fresh.vector_index  # loaded here, once, not by racing requests
                 self._lib, self._generation = fresh, fresh.catalog.get_meta(GENERATION_META)
@@ -619,6 +625,7 @@ class QueryEngine:
                 create=False,
                 runtime=self.settings.runtime,
                 device=self.settings.device,
+                catalog=self.settings.catalog,
             ) as lib:
                 report = lib.index(
                     roots, max_megapixels=self.settings.max_megapixels, progress=progress

@@ -1,6 +1,8 @@
 """The catalog of an index: one database row per image, whose id is its FAISS id.
 
-It keeps every image's vector, so any FAISS index can be rebuilt from it alone.
+It keeps every image's vector, so any FAISS index can be rebuilt from it alone. It is an
+SQLite file in the index folder, or a PostgreSQL database that several index folders (on
+several machines) share; the schema and its migrations are the same on both.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     create_engine,
     delete,
     event,
@@ -48,7 +51,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from ghostmatch.errors import GhostmatchError
@@ -57,11 +59,15 @@ __all__ = [
     "MIGRATIONS",
     "Catalog",
     "CatalogTransaction",
+    "EmptyCatalogError",
     "FailureRecord",
     "ImageRecord",
     "NewFailure",
     "NewImage",
+    "catalog_url",
+    "same_database",
     "user_error",
+    "without_password",
 ]
 
 CATALOG_FILE = "catalog.db"
@@ -74,6 +80,13 @@ _CHUNK = 900
 _VECTOR_DTYPE = np.dtype("<f4")
 # Execution option that makes the SQLite "begin" hook take the write lock up front.
 _WRITER = "ghostmatch_writer"
+# The PostgreSQL advisory lock that write transactions hold, so that they run one at a time
+# as SQLite's do (BEGIN IMMEDIATE): the read-then-write steps in them (the generation
+# counter, meta values, roots) then cannot interleave between machines. Advisory locks are
+# per database, and a catalog is a database, so one constant key serves.
+_PG_WRITE_LOCK = 0x67686F73_74636174  # "ghostcat"
+# Seconds to wait for a PostgreSQL server that does not answer, before saying so.
+_PG_CONNECT_TIMEOUT_S = 10
 
 
 # ---------------------------------------------------------------------------- column types
@@ -103,75 +116,80 @@ class _UTCDateTime(TypeDecorator[datetime]):
 # ---------------------------------------------------------------------------- current schema
 
 
-class _Base(DeclarativeBase):
-    pass
+_METADATA = MetaData()
 
+_IMAGES = Table(
+    "images",
+    _METADATA,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("path", _PathText, unique=True, index=True, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("content_hash", String, index=True, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("format", String, nullable=False),
+    Column("indexed_at", _UTCDateTime, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    # Covers all_stat(): a scan of it never touches the pages that hold the vectors.
+    Index("ix_images_stat", "path", "size", "mtime_ns"),
+    # AUTOINCREMENT: a deleted image's id is never handed out again, as it may still be
+    # in a FAISS index file.
+    sqlite_autoincrement=True,
+)
 
-class _ImageRow(_Base):
-    __tablename__ = "images"
-    __table_args__ = (
-        # Covers all_stat(): a scan of it never touches the pages that hold the vectors.
-        Index("ix_images_stat", "path", "size", "mtime_ns"),
-        # AUTOINCREMENT: a deleted image's id is never handed out again, as it may still be
-        # in a FAISS index file.
-        {"sqlite_autoincrement": True},
-    )
+_FAILURES = Table(
+    "failures",
+    _METADATA,
+    Column("path", _PathText, primary_key=True),
+    Column("size", BigInteger),
+    Column("mtime_ns", BigInteger),
+    Column("reason", String, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("seen_at", _UTCDateTime, nullable=False),
+    Column("ctime_ns", BigInteger),
+    Column("max_megapixels", Float),
+)
 
-    id: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=True)
-    path: Mapped[str] = mapped_column(_PathText, unique=True, index=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    content_hash: Mapped[str] = mapped_column(String, index=True)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    format: Mapped[str] = mapped_column(String)
-    indexed_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
+_ROOTS = Table(
+    "roots",
+    _METADATA,
+    Column("path", _PathText, primary_key=True),
+    Column("added_at", _UTCDateTime, nullable=False),
+)
 
+_META = Table(
+    "meta",
+    _METADATA,
+    Column("key", String, primary_key=True),
+    Column("value", Text, nullable=False),
+)
 
-class _FailureRow(_Base):
-    __tablename__ = "failures"
+_NOT_DUPLICATES = Table(
+    "not_duplicates",
+    _METADATA,
+    Column("path_a", _PathText, primary_key=True),
+    Column("path_b", _PathText, primary_key=True),
+)
 
-    path: Mapped[str] = mapped_column(_PathText, primary_key=True)
-    size: Mapped[int | None] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
-    reason: Mapped[str] = mapped_column(String)
-    detail: Mapped[str] = mapped_column(Text)
-    seen_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-    ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
-    max_megapixels: Mapped[float | None] = mapped_column(Float)
+# One row per applied migration; the highest version is the schema's.
+_SCHEMA_VERSION = Table(
+    "schema_version",
+    _METADATA,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("reason", Text, nullable=False),
+    Column("applied_at", _UTCDateTime, nullable=False),
+)
 
-
-class _RootRow(_Base):
-    __tablename__ = "roots"
-
-    path: Mapped[str] = mapped_column(_PathText, primary_key=True)
-    added_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-
-
-class _MetaRow(_Base):
-    __tablename__ = "meta"
-
-    key: Mapped[str] = mapped_column(String, primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
-class _NotDuplicateRow(_Base):
-    __tablename__ = "not_duplicates"
-
-    path_a: Mapped[str] = mapped_column(_PathText, primary_key=True)
-    path_b: Mapped[str] = mapped_column(_PathText, primary_key=True)
-
-
-class _SchemaVersionRow(_Base):
-    """One row per applied migration; the highest version is the schema's."""
-
-    __tablename__ = "schema_version"
-
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    reason: Mapped[str] = mapped_column(Text)
-    applied_at: Mapped[datetime] = mapped_column(_UTCDateTime)
-
+# A label of a photo, keyed by its content hash so that it survives re-indexing, moves and
+# renames, and covers every byte-identical copy.
+_LABELS = Table(
+    "labels",
+    _METADATA,
+    Column("content_hash", String, primary_key=True),
+    Column("label", Text, primary_key=True),
+    Index("ix_labels_label", "label"),
+)
 
 # ---------------------------------------------------------------------------- migrations
 
@@ -233,6 +251,19 @@ def _add_failure_retry_columns_v2(conn: Connection) -> None:
         )
 
 
+def _create_labels_v3(conn: Connection) -> None:
+    """Create the version 3 labels table from a frozen copy."""
+    metadata = MetaData()
+    Table(
+        "labels",
+        metadata,
+        Column("content_hash", String, primary_key=True),
+        Column("label", Text, primary_key=True),
+        Index("ix_labels_label", "label"),
+    )
+    metadata.create_all(conn)
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
@@ -242,9 +273,16 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "max_megapixels retries the file",
         _add_failure_retry_columns_v2,
     ),
+    (
+        3,
+        "labels of photos by content hash, for recognition by the nearest labelled photos",
+        _create_labels_v3,
+    ),
 ]
 # The first version whose failures table has the columns of version 2.
 _FAILURE_RETRY_VERSION = 2
+# The first version with the labels table.
+_LABELS_VERSION = 3
 
 
 # ---------------------------------------------------------------------------- records
@@ -372,15 +410,15 @@ def _stack(blobs: Sequence[bytes]) -> NDArray[np.float32]:
 
 # In ImageRecord's field order.
 _RECORD_COLUMNS = (
-    _ImageRow.id,
-    _ImageRow.path,
-    _ImageRow.size,
-    _ImageRow.mtime_ns,
-    _ImageRow.content_hash,
-    _ImageRow.width,
-    _ImageRow.height,
-    _ImageRow.format,
-    _ImageRow.indexed_at,
+    _IMAGES.c.id,
+    _IMAGES.c.path,
+    _IMAGES.c.size,
+    _IMAGES.c.mtime_ns,
+    _IMAGES.c.content_hash,
+    _IMAGES.c.width,
+    _IMAGES.c.height,
+    _IMAGES.c.format,
+    _IMAGES.c.indexed_at,
 )
 
 
@@ -450,8 +488,15 @@ _BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 def _is_environmental(error: BaseException) -> bool:
-    """Whether a database error comes from the disk, the file or other processes."""
+    """Whether a database error comes from the disk, the file, the server or other
+    processes."""
     if isinstance(error, exc.DBAPIError):
+        if type(error.orig).__module__.startswith("psycopg"):
+            # Besides the server's answers: its permissions (42501), and connection settings
+            # in the URL that libpq does not know (no SQLSTATE).
+            sqlstate = getattr(error.orig, "sqlstate", None)
+            unusable_url = sqlstate is None and "connection" in str(error.orig)
+            return isinstance(error, exc.OperationalError) or sqlstate == "42501" or unusable_url
         return isinstance(error, exc.OperationalError) or type(error) is exc.DatabaseError
     return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
 
@@ -462,6 +507,8 @@ def _catalog_error(error: BaseException, where: str) -> GhostmatchError:
     code = getattr(orig, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     reason = " ".join(str(orig).split()) or type(orig).__name__
+    if type(orig).__module__.startswith("psycopg"):
+        return _server_error(getattr(orig, "sqlstate", None), reason, where)
     if primary in _CORRUPT:
         return GhostmatchError(
             f"the catalog {where} is damaged ({reason}); restore it from a backup, or move "
@@ -495,10 +542,111 @@ def _catalog_error(error: BaseException, where: str) -> GhostmatchError:
     return GhostmatchError(f"the catalog {where} cannot be used: {reason}")
 
 
+def _server_error(sqlstate: str | None, reason: str, where: str) -> GhostmatchError:
+    """A PostgreSQL error (by its SQLSTATE; None: no answer from the server) as one line."""
+    # A refused connection carries no SQLSTATE, only the server's message.
+    missing = 'database "' in reason and "does not exist" in reason
+    if sqlstate == "3D000" or (sqlstate is None and missing):
+        return GhostmatchError(
+            f"the catalog database {where} does not exist ({reason}); create it first "
+            "(createdb NAME) or name another one"
+        )
+    login = ("password authentication failed", "no pg_hba.conf entry", 'role "')
+    if (sqlstate or "").startswith("28") or (sqlstate is None and any(s in reason for s in login)):
+        return GhostmatchError(
+            f"cannot log in to the catalog database {where} ({reason}); check the user and "
+            "password (in the URL, $PGPASSWORD or ~/.pgpass)"
+        )
+    if sqlstate is None or sqlstate.startswith(("08", "57P")):
+        return GhostmatchError(
+            f"cannot connect to the catalog database {where} ({reason}); check that the "
+            "server is running and that the URL (host, port, options) is right"
+        )
+    if sqlstate in ("55P03", "40P01"):
+        return GhostmatchError(
+            f"the catalog {where} is busy ({reason}): another ghostmatch is writing to it; "
+            "wait for it to finish and run the command again"
+        )
+    if sqlstate in ("53100", "53200"):
+        return GhostmatchError(
+            f"the catalog database {where} is out of space ({reason}); free some space on "
+            "its server and run the command again (work committed so far is kept)"
+        )
+    if sqlstate == "42501":
+        return GhostmatchError(
+            f"no permission in the catalog database {where} ({reason}); this command needs "
+            "a user who may create and write tables there"
+        )
+    return GhostmatchError(f"the catalog {where} cannot be used: {reason}")
+
+
+class EmptyCatalogError(GhostmatchError):
+    """A catalog database opened with ``create=False`` holds no catalog yet."""
+
+
+# The driver of each back end's plain name: psycopg 3 for PostgreSQL, whose plain name
+# SQLAlchemy would otherwise give to psycopg2.
+_DRIVERS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+}
+
+
+def catalog_url(value: str | URL) -> URL:
+    """The SQLAlchemy URL of a catalog named by the user: ``postgresql://USER@HOST/DB``
+    (psycopg 3 is the driver unless one is named) or ``sqlite:///FILE``."""
+    try:
+        url = make_url(value)
+    except exc.ArgumentError:
+        url = None
+    backend = url.get_backend_name() if url is not None else None
+    if url is None or backend not in _DRIVERS:
+        shown = value.render_as_string() if isinstance(value, URL) else value
+        raise GhostmatchError(
+            f"{shown!r} is not a catalog URL; give postgresql://USER@HOST[:PORT]/DATABASE "
+            "or sqlite:///FILE"
+        )
+    if url.drivername in _DRIVERS:
+        url = url.set(drivername=_DRIVERS[url.drivername])
+    return url
+
+
+def without_password(url: URL) -> URL:
+    """``url`` with no password: what may be written down or shown."""
+    # Not url.set(password=None): set() takes None for "leave it as it is".
+    return url._replace(password=None)
+
+
+def same_database(a: URL, b: URL) -> bool:
+    """Whether two catalog URLs name one database, whatever password either carries."""
+    return without_password(a) == without_password(b)
+
+
+def _create_engine(url: URL, **options: Any) -> Engine:
+    if url.get_backend_name() != "postgresql":
+        return create_engine(url, **options)
+    args: dict[str, Any] = {"application_name": "ghostmatch"}
+    if "connect_timeout" not in url.query:
+        args["connect_timeout"] = _PG_CONNECT_TIMEOUT_S
+    if "options" not in url.query:
+        # A writer waits for another's transaction as long as SQLite's busy timeout, then
+        # says the catalog is busy instead of hanging.
+        args["options"] = f"-c lock_timeout={_BUSY_TIMEOUT_MS}"
+    try:
+        # pre_ping: a long-lived server process survives a restart of the database.
+        return create_engine(url, connect_args=args, pool_pre_ping=True, **options)
+    except ModuleNotFoundError as error:
+        raise GhostmatchError(
+            f"a PostgreSQL catalog needs the {error.name} driver; install it with: "
+            "pip install 'ghostmatch[postgresql]'"
+        ) from error
+
+
 def _schema_version(conn: Connection) -> int:
-    if not inspect(conn).has_table(_SchemaVersionRow.__tablename__):
+    if not inspect(conn).has_table(_SCHEMA_VERSION.name):
         return 0
-    return conn.scalar(select(func.max(_SchemaVersionRow.version))) or 0
+    return conn.scalar(select(func.max(_SCHEMA_VERSION.c.version))) or 0
 
 
 # ---------------------------------------------------------------------------- catalog
@@ -513,10 +661,10 @@ class Catalog:
     another writer) raise ``GhostmatchError``.
     """
 
-    def __init__(self, url: str | URL) -> None:
-        url = make_url(url)
+    def __init__(self, url: str | URL, *, create: bool = True) -> None:
+        url = catalog_url(url)
         self._file = _sqlite_file(url)
-        writer = create_engine(url)
+        writer = _create_engine(url)
         if writer.dialect.name == "sqlite":
             _configure_sqlite(writer)
         self._writer = writer.execution_options(**{_WRITER: True})
@@ -527,7 +675,7 @@ class Catalog:
         self._version = 0
         try:
             with self._errors():
-                self._migrate()
+                self._migrate(create)
         except BaseException:
             self.close()
             raise
@@ -552,6 +700,16 @@ class Catalog:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def url(self) -> URL:
+        """The database's URL, password included (render it with ``hide_password``)."""
+        return self._writer.engine.url
+
+    @property
+    def on_server(self) -> bool:
+        """Whether the catalog is a server's database rather than an SQLite file."""
+        return self.url.get_backend_name() != "sqlite"
 
     def _where(self) -> str:
         url = self._reader.url
@@ -581,7 +739,15 @@ class Catalog:
         folder_ok = os.access(self._file.parent, os.W_OK)
         return folder_ok and (not self._file.exists() or os.access(self._file, os.W_OK))
 
-    def _migrate(self) -> None:
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction; on PostgreSQL it first waits for the catalog's write lock."""
+        with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_PG_WRITE_LOCK)))
+            yield conn
+
+    def _migrate(self, create: bool) -> None:
         latest = MIGRATIONS[-1][0]
         if self._file is not None and not self._file.exists():
             current = 0  # a new catalog: there is nothing to read yet
@@ -590,12 +756,14 @@ class Catalog:
                 current = _schema_version(conn)
         self._refuse_newer(current, latest)
         self._version = current
+        if current == 0 and not create:
+            raise EmptyCatalogError(f"{self._where()} holds no ghostmatch catalog yet")
         # An older catalog that cannot be written is read as it is: reading needs no
         # migration, and a command that writes says it cannot.
         if current == latest or (current > 0 and not self._writable()):
             return
-        with self._writer.begin() as conn:
-            _Base.metadata.tables[_SchemaVersionRow.__tablename__].create(conn, checkfirst=True)
+        with self._write() as conn:
+            _METADATA.tables[_SCHEMA_VERSION.name].create(conn, checkfirst=True)
             # Another process may have migrated between the read above and the lock.
             current = _schema_version(conn)
             self._refuse_newer(current, latest)
@@ -603,7 +771,7 @@ class Catalog:
                 if version > current:
                     apply(conn)
                     conn.execute(
-                        insert(_SchemaVersionRow),
+                        insert(_SCHEMA_VERSION),
                         {"version": version, "reason": reason, "applied_at": _now()},
                     )
         self._version = latest
@@ -624,7 +792,7 @@ class Catalog:
     @contextmanager
     def transaction(self) -> Iterator[CatalogTransaction]:
         """Writes that others see together when the block exits, and never if it raises."""
-        with self._errors(), self._writer.begin() as conn:
+        with self._errors(), self._write() as conn:
             yield CatalogTransaction(conn)
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -656,23 +824,23 @@ class Catalog:
 
     def get_meta(self, key: str) -> Any | None:
         with self._read() as conn:
-            value = conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
+            value = conn.scalar(select(_META.c.value).where(_META.c.key == key))
         return None if value is None else json.loads(value)
 
     def roots(self) -> list[Path]:
         with self._read() as conn:
-            texts = conn.scalars(select(_RootRow.path).order_by(_RootRow.path)).all()
+            texts = conn.scalars(select(_ROOTS.c.path).order_by(_ROOTS.c.path)).all()
         return [_text_path(text) for text in texts]
 
     def count(self) -> int:
         with self._read() as conn:
-            return conn.scalar(select(func.count()).select_from(_ImageRow)) or 0
+            return conn.scalar(select(func.count()).select_from(_IMAGES)) or 0
 
     def ids(self) -> NDArray[np.int64]:
         """All image ids, ascending."""
         # Sorted here: ORDER BY id would walk the table, vectors and all, not a small index.
         with self._read() as conn:
-            ids = conn.scalars(select(_ImageRow.id)).all()
+            ids = conn.scalars(select(_IMAGES.c.id)).all()
         return np.sort(np.array(ids, dtype=np.int64))
 
     def get(self, ids: Sequence[int]) -> list[ImageRecord]:
@@ -680,7 +848,7 @@ class Catalog:
         found: dict[int, ImageRecord] = {}
         with self._read() as conn:
             for chunk in _chunks(list(dict.fromkeys(ids))):
-                query = select(*_RECORD_COLUMNS).where(_ImageRow.id.in_(chunk))
+                query = select(*_RECORD_COLUMNS).where(_IMAGES.c.id.in_(chunk))
                 found.update((r.id, r) for r in map(_image_record, conn.execute(query)))
         return [found[image_id] for image_id in ids if image_id in found]
 
@@ -690,13 +858,13 @@ class Catalog:
         records: dict[Path, ImageRecord] = {}
         with self._read() as conn:
             for chunk in _chunks(texts):
-                query = select(*_RECORD_COLUMNS).where(_ImageRow.path.in_(chunk))
+                query = select(*_RECORD_COLUMNS).where(_IMAGES.c.path.in_(chunk))
                 records.update((r.path, r) for r in map(_image_record, conn.execute(query)))
         return records
 
     def all_stat(self) -> dict[Path, tuple[int, int, int]]:
         """path -> (id, size, mtime_ns) of every image: what an incremental scan compares."""
-        query = select(_ImageRow.path, _ImageRow.id, _ImageRow.size, _ImageRow.mtime_ns)
+        query = select(_IMAGES.c.path, _IMAGES.c.id, _IMAGES.c.size, _IMAGES.c.mtime_ns)
         with self._read() as conn:
             rows = conn.execute(query).all()
         return {_text_path(path): (image_id, size, mtime) for path, image_id, size, mtime in rows}
@@ -708,8 +876,8 @@ class Catalog:
             for chunk in _chunks(list(dict.fromkeys(hashes))):
                 query = (
                     select(*_RECORD_COLUMNS)
-                    .where(_ImageRow.content_hash.in_(chunk))
-                    .order_by(_ImageRow.id)
+                    .where(_IMAGES.c.content_hash.in_(chunk))
+                    .order_by(_IMAGES.c.id)
                 )
                 for record in map(_image_record, conn.execute(query)):
                     found.setdefault(record.content_hash, []).append(record)
@@ -719,12 +887,12 @@ class Catalog:
         """Ids of byte-identical images: one list (ascending) per content hash that more
         than one image has."""
         shared = (
-            select(_ImageRow.content_hash).group_by(_ImageRow.content_hash).having(func.count() > 1)
+            select(_IMAGES.c.content_hash).group_by(_IMAGES.c.content_hash).having(func.count() > 1)
         )
         query = (
-            select(_ImageRow.content_hash, _ImageRow.id)
-            .where(_ImageRow.content_hash.in_(shared))
-            .order_by(_ImageRow.content_hash, _ImageRow.id)
+            select(_IMAGES.c.content_hash, _IMAGES.c.id)
+            .where(_IMAGES.c.content_hash.in_(shared))
+            .order_by(_IMAGES.c.content_hash, _IMAGES.c.id)
         )
         groups: dict[str, list[int]] = {}
         with self._read() as conn:
@@ -741,9 +909,9 @@ class Catalog:
         # character bumped), and nothing else does; the path index serves this range.
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         query = (
-            select(_ImageRow.id, _ImageRow.path)
-            .where(_ImageRow.path >= prefix, _ImageRow.path < end)
-            .order_by(_ImageRow.path)
+            select(_IMAGES.c.id, _IMAGES.c.path)
+            .where(_IMAGES.c.path >= prefix, _IMAGES.c.path < end)
+            .order_by(_IMAGES.c.path)
         )
         with self._read() as conn:
             rows = conn.execute(query).all()
@@ -756,54 +924,146 @@ class Catalog:
 
         An empty result has shape (0, 0): the catalog does not know the dimension.
         """
-        query = select(_ImageRow.id, _ImageRow.vector)
+        query = select(_IMAGES.c.id, _IMAGES.c.vector)
         found: dict[int, bytes] = {}
         with self._read() as conn:
             if ids is None:
-                found.update(conn.execute(query.order_by(_ImageRow.id)).all())
+                found.update(conn.execute(query.order_by(_IMAGES.c.id)).all())
                 order = list(found)
             else:
                 for chunk in _chunks(list(dict.fromkeys(ids))):
-                    found.update(conn.execute(query.where(_ImageRow.id.in_(chunk))).all())
+                    found.update(conn.execute(query.where(_IMAGES.c.id.in_(chunk))).all())
                 order = [image_id for image_id in ids if image_id in found]
         return np.array(order, dtype=np.int64), _stack([found[image_id] for image_id in order])
 
     def failures(self) -> list[FailureRecord]:
         """Every recorded failure, by path."""
         columns: list[Any] = [
-            _FailureRow.path,
-            _FailureRow.size,
-            _FailureRow.mtime_ns,
-            _FailureRow.reason,
-            _FailureRow.detail,
-            _FailureRow.seen_at,
+            _FAILURES.c.path,
+            _FAILURES.c.size,
+            _FAILURES.c.mtime_ns,
+            _FAILURES.c.reason,
+            _FAILURES.c.detail,
+            _FAILURES.c.seen_at,
         ]
         if self._version >= _FAILURE_RETRY_VERSION:  # an older one read as it is lacks them
-            columns += [_FailureRow.ctime_ns, _FailureRow.max_megapixels]
+            columns += [_FAILURES.c.ctime_ns, _FAILURES.c.max_megapixels]
         with self._read() as conn:
-            rows = conn.execute(select(*columns).order_by(_FailureRow.path)).all()
+            rows = conn.execute(select(*columns).order_by(_FAILURES.c.path)).all()
         return [FailureRecord(_text_path(row[0]), *row[1:]) for row in rows]
 
     def failure_counts(self) -> dict[str, int]:
         """Number of failures per reason."""
-        query = select(_FailureRow.reason, func.count()).group_by(_FailureRow.reason)
+        query = select(_FAILURES.c.reason, func.count()).group_by(_FAILURES.c.reason)
         with self._read() as conn:
             return dict(conn.execute(query).all())
 
     def not_duplicates(self) -> set[tuple[Path, Path]]:
         """Pairs the user judged distinct, each in the order it is stored (sorted)."""
         with self._read() as conn:
-            rows = conn.execute(select(_NotDuplicateRow.path_a, _NotDuplicateRow.path_b))
+            rows = conn.execute(select(_NOT_DUPLICATES.c.path_a, _NOT_DUPLICATES.c.path_b))
             return {(_text_path(a), _text_path(b)) for a, b in rows}
 
     def disk_size(self) -> int | None:
-        """Bytes the SQLite files take on disk, or None for a server database or memory."""
+        """Bytes the catalog takes on disk (its tables and indexes on a server), or None
+        for one in memory."""
         url = self._reader.url
-        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        if self.on_server:
+            tables = [table.name for table in _METADATA.sorted_tables]
+            with self._read() as conn:
+                size = text("SELECT pg_total_relation_size(CAST(:name AS regclass))")
+                return sum(
+                    conn.scalar(size, {"name": name}) or 0
+                    for name in tables
+                    if inspect(conn).has_table(name)
+                )
+        if not url.database or url.database == ":memory:":
             return None
         database = Path(url.database)
         files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
         return sum(file.stat().st_size for file in files if file.exists())
+
+    def set_labels(self, labels: Iterable[tuple[str, str]], replace: bool = False) -> int:
+        """Give photos (by content hash) labels, in one transaction; see
+        ``CatalogTransaction.add_labels``."""
+        with self.transaction() as tx:
+            return tx.add_labels(labels, replace=replace)
+
+    def labelled_images(self) -> list[tuple[int, str, str]]:
+        """(image id, content hash, label) of every indexed image whose content carries a
+        label, by id then label."""
+        if self._version < _LABELS_VERSION:  # an older catalog read as it is has none
+            return []
+        query = (
+            select(_IMAGES.c.id, _IMAGES.c.content_hash, _LABELS.c.label)
+            .join(_LABELS, _LABELS.c.content_hash == _IMAGES.c.content_hash)
+            .order_by(_IMAGES.c.id, _LABELS.c.label)
+        )
+        with self._read() as conn:
+            return [(int(i), str(h), str(label)) for i, h, label in conn.execute(query)]
+
+    def labelled_vectors(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """(ids, (n, d) vectors) of the indexed images whose content carries a label, by
+        id, in one query: what recognition searches."""
+        if self._version < _LABELS_VERSION:
+            return np.empty(0, dtype=np.int64), _stack([])
+        labelled = select(_LABELS.c.content_hash).distinct()
+        query = (
+            select(_IMAGES.c.id, _IMAGES.c.vector)
+            .where(_IMAGES.c.content_hash.in_(labelled))
+            .order_by(_IMAGES.c.id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return np.array([r[0] for r in rows], dtype=np.int64), _stack([r[1] for r in rows])
+
+    def labels_by_hash(self, hashes: Iterable[str]) -> dict[str, list[str]]:
+        """The labels of those content ``hashes`` that carry any, each list sorted."""
+        if self._version < _LABELS_VERSION:
+            return {}
+        found: dict[str, list[str]] = {}
+        with self._read() as conn:
+            for chunk in _chunks(list(dict.fromkeys(hashes))):
+                query = (
+                    select(_LABELS.c.content_hash, _LABELS.c.label)
+                    .where(_LABELS.c.content_hash.in_(chunk))
+                    .order_by(_LABELS.c.content_hash, _LABELS.c.label)
+                )
+                for digest, label in conn.execute(query):
+                    found.setdefault(digest, []).append(label)
+        return found
+
+    def label_counts(self) -> dict[str, tuple[int, int]]:
+        """label -> (photos labelled, by content; of them, indexed now), by label."""
+        if self._version < _LABELS_VERSION:
+            return {}
+        indexed = (
+            select(_IMAGES.c.content_hash)
+            .where(_IMAGES.c.content_hash == _LABELS.c.content_hash)
+            .exists()
+        )
+        query = (
+            select(
+                _LABELS.c.label,
+                func.count(),
+                func.sum(case((indexed, 1), else_=0)),
+            )
+            .group_by(_LABELS.c.label)
+            .order_by(_LABELS.c.label)
+        )
+        with self._read() as conn:
+            return {str(label): (int(n), int(k or 0)) for label, n, k in conn.execute(query)}
+
+
+def _dialect_insert(dialect: Dialect) -> Callable[[Any], Any]:
+    """The INSERT of ``dialect`` that can say ON CONFLICT (both back ends speak it)."""
+    if dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
 
 
 def _under(path: Path) -> Any:
@@ -811,7 +1071,7 @@ def _under(path: Path) -> Any:
     exact = _path_text(path)
     prefix = exact if exact.endswith(os.sep) else exact + os.sep
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # as in Catalog.paths_under
-    return (_FailureRow.path == exact) | ((_FailureRow.path >= prefix) & (_FailureRow.path < end))
+    return (_FAILURES.c.path == exact) | ((_FAILURES.c.path >= prefix) & (_FAILURES.c.path < end))
 
 
 def user_error(error: BaseException) -> GhostmatchError | None:
@@ -829,7 +1089,9 @@ class CatalogTransaction:
         self._conn = conn
 
     def insert_images(self, rows: Sequence[NewImage]) -> list[int]:
-        """Add images (paths not yet cataloged) and return their new ids in order."""
+        """Add images and return their ids in order. A path already cataloged (another
+        writer of a shared catalog may have added it since this one looked) keeps its row
+        and id, and takes the new values: a path is never cataloged twice."""
         if not rows:
             return []
         now = _now()
@@ -847,8 +1109,15 @@ class CatalogTransaction:
             }
             for row in rows
         ]
-        query = insert(_ImageRow).returning(_ImageRow.id, sort_by_parameter_order=True)
-        return list(self._conn.scalars(query, params))
+        upsert = _dialect_insert(self._conn.dialect)(_IMAGES)
+        replaced = {name: upsert.excluded[name] for name in params[0] if name != "path"}
+        query = upsert.on_conflict_do_update(index_elements=["path"], set_=replaced).returning(
+            _IMAGES.c.path, _IMAGES.c.id
+        )
+        # Matched up by path: SQLAlchemy's sort by parameter order assumes ids that grow
+        # with it, which a replaced row's older id breaks.
+        ids = {path: image_id for path, image_id in self._conn.execute(query, params)}
+        return [ids[param["path"]] for param in params]
 
     def update_image(
         self,
@@ -883,15 +1152,13 @@ class CatalogTransaction:
             values["indexed_at"] = _now()
         if not values:
             return
-        result = self._conn.execute(
-            update(_ImageRow).where(_ImageRow.id == image_id).values(values)
-        )
+        result = self._conn.execute(update(_IMAGES).where(_IMAGES.c.id == image_id).values(values))
         if result.rowcount == 0:
             raise KeyError(image_id)
 
     def delete_images(self, ids: Iterable[int]) -> None:
         for chunk in _chunks(list(ids)):
-            self._conn.execute(delete(_ImageRow).where(_ImageRow.id.in_(chunk)))
+            self._conn.execute(delete(_IMAGES).where(_IMAGES.c.id.in_(chunk)))
 
     def record_failures(self, rows: Sequence[NewFailure]) -> None:
         """Record files that could not be indexed, replacing earlier failures of the paths."""
@@ -912,46 +1179,77 @@ class CatalogTransaction:
             }
             for row in rows
         ]
-        self._conn.execute(insert(_FailureRow), params)
+        self._conn.execute(insert(_FAILURES), params)
 
     def clear_failures(self, paths: Iterable[Path]) -> None:
         for chunk in _chunks([_path_text(path) for path in paths]):
-            self._conn.execute(delete(_FailureRow).where(_FailureRow.path.in_(chunk)))
+            self._conn.execute(delete(_FAILURES).where(_FAILURES.c.path.in_(chunk)))
 
     def forget_failures(self, paths: Iterable[Path]) -> int:
         """Drop the failures of these paths and of everything under them, as folders."""
-        return sum(self._conn.execute(delete(_FailureRow).where(_under(p))).rowcount for p in paths)
+        return sum(self._conn.execute(delete(_FAILURES).where(_under(p))).rowcount for p in paths)
 
     def get_meta(self, key: str) -> Any | None:
         """The value under ``key`` as this transaction sees it (its own writes included)."""
-        value = self._conn.scalar(select(_MetaRow.value).where(_MetaRow.key == key))
+        value = self._conn.scalar(select(_META.c.value).where(_META.c.key == key))
         return None if value is None else json.loads(value)
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``, replacing any earlier one."""
         text = json.dumps(value)
-        result = self._conn.execute(update(_MetaRow).where(_MetaRow.key == key).values(value=text))
+        result = self._conn.execute(update(_META).where(_META.c.key == key).values(value=text))
         if result.rowcount == 0:
-            self._conn.execute(insert(_MetaRow), {"key": key, "value": text})
+            self._conn.execute(insert(_META), {"key": key, "value": text})
 
     def add_roots(self, paths: Iterable[Path]) -> None:
         """Remember folders as indexed; ones already known are left as they are."""
         texts = list(dict.fromkeys(_path_text(path) for path in paths))
         known: set[str] = set()
         for chunk in _chunks(texts):
-            known.update(self._conn.scalars(select(_RootRow.path).where(_RootRow.path.in_(chunk))))
+            known.update(self._conn.scalars(select(_ROOTS.c.path).where(_ROOTS.c.path.in_(chunk))))
         now = _now()
         new = [{"path": text, "added_at": now} for text in texts if text not in known]
         if new:
-            self._conn.execute(insert(_RootRow), new)
+            self._conn.execute(insert(_ROOTS), new)
 
     def add_not_duplicate(self, a: Path, b: Path) -> None:
         """Record that two images are distinct; the pair is stored sorted, once."""
         path_a, path_b = sorted((_path_text(a), _path_text(b)))
         exists = self._conn.scalar(
             select(func.count())
-            .select_from(_NotDuplicateRow)
-            .where(_NotDuplicateRow.path_a == path_a, _NotDuplicateRow.path_b == path_b)
+            .select_from(_NOT_DUPLICATES)
+            .where(_NOT_DUPLICATES.c.path_a == path_a, _NOT_DUPLICATES.c.path_b == path_b)
         )
         if not exists:
-            self._conn.execute(insert(_NotDuplicateRow), {"path_a": path_a, "path_b": path_b})
+            self._conn.execute(insert(_NOT_DUPLICATES), {"path_a": path_a, "path_b": path_b})
+
+    def add_labels(self, labels: Iterable[tuple[str, str]], replace: bool = False) -> int:
+        """Give photos (content hash, label) labels; ones they already carry are left as they
+        are. With ``replace`` each named photo first loses the labels it had. Returns how
+        many labels were new."""
+        pairs = list(dict.fromkeys((str(h), str(label)) for h, label in labels))
+        hashes = list(dict.fromkeys(h for h, _ in pairs))
+        if replace:
+            self.remove_labels(hashes)
+        known: set[tuple[str, str]] = set()
+        for chunk in _chunks(hashes):
+            query = select(_LABELS.c.content_hash, _LABELS.c.label).where(
+                _LABELS.c.content_hash.in_(chunk)
+            )
+            known.update((h, label) for h, label in self._conn.execute(query))
+        new = [{"content_hash": h, "label": label} for h, label in pairs if (h, label) not in known]
+        if new:
+            self._conn.execute(insert(_LABELS), new)
+        return len(new)
+
+    def remove_labels(self, hashes: Iterable[str] | None = None, label: str | None = None) -> int:
+        """Drop labels: those of these content ``hashes`` (all photos when None), only
+        ``label`` when given. Returns how many were dropped."""
+        condition = [] if label is None else [_LABELS.c.label == label]
+        if hashes is None:
+            return int(self._conn.execute(delete(_LABELS).where(*condition)).rowcount)
+        dropped = 0
+        for chunk in _chunks(list(dict.fromkeys(hashes))):
+            query = delete(_LABELS).where(_LABELS.c.content_hash.in_(chunk), *condition)
+            dropped += int(self._conn.execute(query).rowcount)
+        return dropped

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from sqlalchemy.exc import IntegrityError
@@ -99,6 +99,14 @@ class VectorStore:
     def generation(self) -> int:
         return int(self.catalog.get_meta(GENERATION_META) or 0)
 
+    def saved_factory(self) -> str | None:
+        """The FAISS factory of the saved index file when it holds the catalog's current
+        vectors, read from its stamp without loading FAISS; None when unknown."""
+        stamp = read_stamp(self.file)
+        if stamp is None or stamp.generation != self.generation() or not self.file.exists():
+            return None
+        return stamp.factory
+
     @property
     def index(self) -> VectorIndex | None:
         """The FAISS index, loaded and checked against the catalog (repaired if needed)."""
@@ -123,15 +131,15 @@ class VectorStore:
         # Read before the vectors: a concurrent commit can then only make what is built
         # newer than its stamp (a needless rebuild later), never older.
         generation = self.generation()
-        stamp = read_generation(self.file)
-        if stamp is not None and stamp[0] == generation:
+        stamp = read_stamp(self.file)
+        if stamp is not None and stamp.generation == generation:
             try:
                 index: VectorIndex | None = VectorIndex.load(self.file, device=self._device)
             except GhostmatchError:
                 index = None
             if (
                 index is not None
-                and index.checksum == stamp[1]
+                and index.checksum == stamp.checksum
                 and np.array_equal(index.ids(), self.catalog.ids())
             ):
                 self._loaded(index, generation)
@@ -179,7 +187,7 @@ class VectorStore:
     def _save(self, index: VectorIndex, generation: int) -> None:
         """Save ``index``, stamped with the catalog generation whose vectors it holds."""
         checksum = index.save(self.file)
-        write_generation(self.file, generation, checksum)
+        write_stamp(self.file, Stamp(generation, checksum, index.factory))
 
     # ------------------------------------------------------------------------ changing
 
@@ -236,9 +244,16 @@ class VectorStore:
     def _load_before_change(self) -> None:
         """Load the index (checked against the catalog) before a commit changes the catalog,
         unless what is held is current: the commits' changes are then applied to it, not
-        rebuilt. Another process may have written since this object last looked."""
-        if self._delta_generation is None or self._delta_generation != self.generation():
-            self.forget()
+        rebuilt. Another process may have written since this object last looked.
+
+        A file behind the catalog (another folder's writer of a shared catalog committed
+        since it was saved) is not rebuilt here, before every commit of a run whose
+        commits alternate with that writer's, but once, in :meth:`apply`."""
+        if self._delta_generation is not None and self._delta_generation == self.generation():
+            return
+        self.forget()
+        stamp = read_stamp(self.file)
+        if stamp is not None and stamp.generation == self.generation():
             self._index = self._open()
 
     def _track(self, before: int, removed: Iterable[int], added: Iterable[int]) -> None:
@@ -267,7 +282,10 @@ class VectorStore:
             self.forget()
             self._index = self._open()
             return
-        removed, added = sorted(self._delta_removed), sorted(self._delta_added)
+        # An added id may be there already: inserting a path that another writer of a
+        # shared catalog cataloged first keeps that row's id. Absent ids cost nothing.
+        removed = sorted(self._delta_removed | self._delta_added)
+        added = sorted(self._delta_added)
         self._index = None  # half-changed if interrupted here: reload it next time
         if removed:
             index.remove(np.asarray(removed, dtype=np.int64))
@@ -283,26 +301,42 @@ class VectorStore:
         self._loaded(index, target)
 
 
-def read_generation(file: Path) -> tuple[int, str] | None:
-    """(catalog generation, sha256) of what the index file was saved holding, or None if
-    unknown. The checksum names the exact bytes saved, so an older copy put back in its
-    place, or a file overwritten in part, is not taken for the one that was saved (while a
-    copy of the whole folder stays valid)."""
+class Stamp(NamedTuple):
+    """What an index file was saved holding: the catalog generation of its vectors, the
+    sha256 of its bytes and its FAISS factory (None in stamps written before it was kept)."""
+
+    generation: int
+    checksum: str
+    factory: str | None = None
+
+
+def read_stamp(file: Path) -> Stamp | None:
+    """The stamp of an index file, or None if unknown. The checksum names the exact bytes
+    saved, so an older copy put back in its place, or a file overwritten in part, is not
+    taken for the one that was saved (while a copy of the whole folder stays valid)."""
     try:
-        generation, checksum = file.with_name(file.name + ".generation").read_text().split()
-        return int(generation), checksum
+        fields = file.with_name(file.name + ".generation").read_text().split()
+        if len(fields) not in (2, 3):
+            return None
+        return Stamp(int(fields[0]), fields[1], fields[2] if len(fields) == 3 else None)
     except (OSError, ValueError):
         return None
 
 
-def write_generation(file: Path, generation: int, checksum: str) -> None:
-    """Atomically record the catalog generation and checksum of the just-saved index file."""
+def write_stamp(file: Path, stamp: Stamp) -> None:
+    """Atomically record the stamp of the just-saved index file."""
     target = file.with_name(file.name + ".generation")
     # Named per process: a temp name shared by two writers was renamed away under one.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w") as f:
-            f.write(f"{generation} {checksum}")
+            # A factory never holds white space (faiss's own syntax), so fields split on it.
+            fields = [
+                str(stamp.generation),
+                stamp.checksum,
+                *([stamp.factory] if stamp.factory else []),
+            ]
+            f.write(" ".join(fields))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
