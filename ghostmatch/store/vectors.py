@@ -8,6 +8,7 @@ stamped with the generation it holds and the sha256 of its bytes.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class VectorStore:
         same. A rebuild is saved only when that is possible (writable folder, no other
         writer); a reader never fails for want of write access.
         """
-        from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
+        from ghostmatch.indexes.vector_index import VectorIndex
 
         # Read before the vectors: a concurrent commit can then only make what is built
         # newer than its stamp (a needless rebuild later), never older.
@@ -136,8 +137,9 @@ class VectorStore:
             ):
                 self._loaded(index, generation)
                 return index
-        all_ids, vectors = self.catalog.vectors()
-        if len(all_ids) == 0:
+        stored_type = self.catalog.get_meta(INDEX_TYPE_META)
+        index = self._build(self._index_type or stored_type)
+        if index is None:
             self._loaded(None, generation)
             if self._lock.try_acquire():
                 try:
@@ -148,9 +150,6 @@ class VectorStore:
                 finally:
                     self._lock.release()
             return None
-        stored_type = self.catalog.get_meta(INDEX_TYPE_META)
-        factory = self._index_type or stored_type or default_factory(len(all_ids), vectors.shape[1])
-        index = build_index(all_ids, vectors, factory, device=self._device)
         self._loaded(index, generation)
         if self._lock.try_acquire():
             try:
@@ -164,6 +163,48 @@ class VectorStore:
             finally:
                 self._lock.release()
         return index
+
+    def _build(self, factory: str | None) -> VectorIndex | None:
+        """Build from the catalog's vectors (None when it has none): as ``factory``, else
+        in memory up to ``ONDISK_LIMIT`` vectors and on disk, in shards, above."""
+        from ghostmatch.indexes import ondisk
+        from ghostmatch.indexes.vector_index import build_index, default_factory
+
+        if factory is None and self.catalog.count() > ondisk.ONDISK_LIMIT:
+            return self._build_ondisk()
+        ids, vectors = self.catalog.vectors()
+        if len(ids) == 0:
+            return None
+        chosen = factory or default_factory(len(ids), vectors.shape[1])
+        return build_index(ids, vectors, chosen, device=self._device)
+
+    def _build_ondisk(self) -> VectorIndex:
+        """The sharded build, streamed from the catalog: its lists go beside the index
+        file under the writer lock, else (another writer, a read-only folder) into a
+        private folder deleted once loaded, the open memory map keeping them readable."""
+        from ghostmatch.indexes import ondisk
+
+        ids = self.catalog.ids()
+        _, first = self.catalog.vectors(ids[:1].tolist())
+        dim = first.shape[1]
+        factory = ondisk.ondisk_factory(len(ids), dim)
+        rng = np.random.default_rng(ondisk.SEED)
+        wanted = min(len(ids), ondisk.training_size(factory, dim))
+        _, training = self.catalog.vectors(np.sort(rng.choice(ids, wanted, replace=False)).tolist())
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for start in range(0, len(ids), _SYNC_CHUNK):
+                yield self.catalog.vectors(ids[start : start + _SYNC_CHUNK].tolist())
+
+        if self._lock.try_acquire():
+            try:
+                return ondisk.build_ondisk(training, chunks(), self.file, factory)
+            except OSError:
+                pass  # a read-only or full folder: build privately below
+            finally:
+                self._lock.release()
+        with tempfile.TemporaryDirectory(prefix="ghostmatch-index-") as private:
+            return ondisk.build_ondisk(training, chunks(), Path(private) / INDEX_FILE, factory)
 
     def _loaded(self, index: VectorIndex | None, generation: int) -> None:
         self._index = index
@@ -185,19 +226,15 @@ class VectorStore:
 
     def rebuild(self, index_type: str | None = None) -> str:
         """Rebuild the FAISS index from the stored vectors, optionally as another type."""
-        from ghostmatch.indexes.vector_index import build_index, default_factory
-
         with self.writing():
             generation = self.generation()
-            ids, vectors = self.catalog.vectors()
-            if len(ids) == 0:
+            index = self._build(index_type)
+            if index is None:
                 raise GhostmatchError("the index is empty; nothing to rebuild")
-            factory = index_type or default_factory(len(ids), vectors.shape[1])
-            index = build_index(ids, vectors, factory, device=self._device)
             self.catalog.set_meta(INDEX_TYPE_META, index_type)
             self._loaded(index, generation)
             self._save(index, generation)
-        return factory
+        return index.factory
 
     def keep_asked_type(self) -> None:
         """Rebuild the index as the type it was opened with, when it is another type: an
@@ -267,6 +304,12 @@ class VectorStore:
             self.forget()
             self._index = self._open()
             return
+        if _is_ondisk(index):
+            # Lists on disk are shared, through memory maps, with every reader of the
+            # folder: changing them in place could show a reader half a change. Rebuild.
+            self.forget()
+            self._index = self._open()
+            return
         removed, added = sorted(self._delta_removed), sorted(self._delta_added)
         self._index = None  # half-changed if interrupted here: reload it next time
         if removed:
@@ -281,6 +324,12 @@ class VectorStore:
             return
         self._save(index, target)
         self._loaded(index, target)
+
+
+def _is_ondisk(index: VectorIndex) -> bool:
+    from ghostmatch.indexes.ondisk import is_ondisk
+
+    return is_ondisk(index)
 
 
 def read_generation(file: Path) -> tuple[int, str] | None:
