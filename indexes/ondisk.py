@@ -164,6 +164,18 @@ def is_ondisk(index: VectorIndex) -> bool:
     )
 
 
+def lists_file(index: VectorIndex) -> Path | None:
+    """The ``.ivfdata`` file an on-disk index maps (None for an in-memory index)."""
+    ivf = index._ivf()
+    lists = ivf.invlists if ivf is not None else None
+    if lists is None:
+        return None
+    ondisk = faiss.downcast_InvertedLists(lists)
+    if not isinstance(ondisk, faiss.OnDiskInvertedLists):
+        return None
+    return Path(ondisk.filename)
+
+
 def _trained(x: np.ndarray, factory: str) -> faiss.IndexIVF:
     try:
         made = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)

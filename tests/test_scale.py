@@ -16,6 +16,7 @@ from ghostmatch.indexes.allpairs import brute_force_pairs, similar_pairs, simila
 from ghostmatch.indexes.ondisk import build_ondisk, is_ondisk
 from ghostmatch.indexes.vector_index import VectorIndex, VectorIndexError
 from ghostmatch.store.catalog import Catalog, NewImage
+from ghostmatch.store.locking import WriterLock
 from ghostmatch.store.vectors import INDEX_FILE, VectorStore, read_generation
 
 DIM = 32
@@ -218,3 +219,26 @@ def test_every_vector_is_added_to_its_nearest_list(tmp_path: Path) -> None:
             positions = faiss.rev_swig_ptr(ivf.invlists.get_ids(number), size)
             holder[positions] = number
     np.testing.assert_array_equal(holder, nearest[:, 0])
+
+
+def test_a_reader_builds_privately_while_another_process_writes(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ondisk, "ONDISK_LIMIT", 1000)
+    _, x = data
+    folder = tmp_path / "index"
+    folder.mkdir()
+    with Catalog.for_directory(folder) as catalog:
+        with catalog.transaction() as tx:
+            tx.insert_images([_row(i, x[i]) for i in range(N)])
+        # A lock of its own open file: to flock, another writer.
+        other = WriterLock(folder)
+        assert other.try_acquire()
+        try:
+            index = VectorStore(folder, catalog).index
+            assert index is not None and is_ondisk(index)
+            _, found = index.search(x[:1], 1)
+            assert found[0, 0] == catalog.ids()[0]
+            assert not list(folder.glob(f"{INDEX_FILE}*"))
+        finally:
+            other.release()

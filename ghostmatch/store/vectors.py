@@ -156,7 +156,7 @@ class VectorStore:
                 if self._index_type is not None and stored_type != self._index_type:
                     # The type asked for when the index was made outlives a lost file.
                     self.catalog.set_meta(INDEX_TYPE_META, self._index_type)
-                if self.generation() == generation:
+                if self.generation() == generation and not _private_lists(index, self.file):
                     self._save(index, generation)
             except OSError:
                 pass  # read-only or full: the rebuilt index serves from memory this time
@@ -330,6 +330,15 @@ def _is_ondisk(index: VectorIndex) -> bool:
     from ghostmatch.indexes.ondisk import is_ondisk
 
     return is_ondisk(index)
+
+
+def _private_lists(index: VectorIndex, file: Path) -> bool:
+    """Whether ``index`` maps lists built outside the folder (deleted once loaded), which
+    an index file saved there must not name."""
+    from ghostmatch.indexes.ondisk import lists_file
+
+    lists = lists_file(index)
+    return lists is not None and lists.parent.resolve() != file.parent.resolve()
 
 
 def read_generation(file: Path) -> tuple[int, str] | None:
