@@ -354,6 +354,16 @@ class VectorIndex:
         loaded._checksum = digest.hexdigest()
         return loaded
 
+    @classmethod
+    def _wrap(cls, index: faiss.IndexIDMap2, device: str = "auto") -> VectorIndex:
+        """A VectorIndex over an ``IndexIDMap2`` assembled elsewhere (an on-disk build)."""
+        wrapped = cls.__new__(cls)
+        wrapped._setup(index, _factory_of(index), device)
+        return wrapped
+
+    def _ivf(self) -> faiss.IndexIVF | None:
+        return _find_ivf(self._cpu.index)
+
     def _searcher(self) -> faiss.Index:
         if not self._use_gpu:
             return self._cpu

@@ -8,6 +8,7 @@ stamped with the generation it holds and the sha256 of its bytes.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ class VectorStore:
         same. A rebuild is saved only when that is possible (writable folder, no other
         writer); a reader never fails for want of write access.
         """
-        from ghostmatch.indexes.vector_index import VectorIndex, build_index, default_factory
+        from ghostmatch.indexes.vector_index import VectorIndex
 
         # Read before the vectors: a concurrent commit can then only make what is built
         # newer than its stamp (a needless rebuild later), never older.
@@ -144,8 +145,9 @@ class VectorStore:
             ):
                 self._loaded(index, generation)
                 return index
-        all_ids, vectors = self.catalog.vectors()
-        if len(all_ids) == 0:
+        stored_type = self.catalog.get_meta(INDEX_TYPE_META)
+        index = self._build(self._index_type or stored_type)
+        if index is None:
             self._loaded(None, generation)
             if self._lock.try_acquire():
                 try:
@@ -156,22 +158,61 @@ class VectorStore:
                 finally:
                     self._lock.release()
             return None
-        stored_type = self.catalog.get_meta(INDEX_TYPE_META)
-        factory = self._index_type or stored_type or default_factory(len(all_ids), vectors.shape[1])
-        index = build_index(all_ids, vectors, factory, device=self._device)
         self._loaded(index, generation)
         if self._lock.try_acquire():
             try:
                 if self._index_type is not None and stored_type != self._index_type:
                     # The type asked for when the index was made outlives a lost file.
                     self.catalog.set_meta(INDEX_TYPE_META, self._index_type)
-                if self.generation() == generation:
+                if self.generation() == generation and not _private_lists(index, self.file):
                     self._save(index, generation)
             except OSError:
                 pass  # read-only or full: the rebuilt index serves from memory this time
             finally:
                 self._lock.release()
         return index
+
+    def _build(self, factory: str | None) -> VectorIndex | None:
+        """Build from the catalog's vectors (None when it has none): as ``factory``, else
+        in memory up to ``ONDISK_LIMIT`` vectors and on disk, in shards, above."""
+        from ghostmatch.indexes import ondisk
+        from ghostmatch.indexes.vector_index import build_index, default_factory
+
+        if factory is None and self.catalog.count() > ondisk.ONDISK_LIMIT:
+            return self._build_ondisk()
+        ids, vectors = self.catalog.vectors()
+        if len(ids) == 0:
+            return None
+        chosen = factory or default_factory(len(ids), vectors.shape[1])
+        return build_index(ids, vectors, chosen, device=self._device)
+
+    def _build_ondisk(self) -> VectorIndex:
+        """The sharded build, streamed from the catalog: its lists go beside the index
+        file under the writer lock, else (another writer, a read-only folder) into a
+        private folder deleted once loaded, the open memory map keeping them readable."""
+        from ghostmatch.indexes import ondisk
+
+        ids = self.catalog.ids()
+        _, first = self.catalog.vectors(ids[:1].tolist())
+        dim = first.shape[1]
+        factory = ondisk.ondisk_factory(len(ids), dim)
+        rng = np.random.default_rng(ondisk.SEED)
+        wanted = min(len(ids), ondisk.training_size(factory, dim))
+        _, training = self.catalog.vectors(np.sort(rng.choice(ids, wanted, replace=False)).tolist())
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for start in range(0, len(ids), _SYNC_CHUNK):
+                yield self.catalog.vectors(ids[start : start + _SYNC_CHUNK].tolist())
+
+        if self._lock.try_acquire():
+            try:
+                return ondisk.build_ondisk(training, chunks(), self.file, factory)
+            except OSError:
+                pass  # a read-only or full folder: build privately below
+            finally:
+                self._lock.release()
+        with tempfile.TemporaryDirectory(prefix="ghostmatch-index-") as private:
+            return ondisk.build_ondisk(training, chunks(), Path(private) / INDEX_FILE, factory)
 
     def _loaded(self, index: VectorIndex | None, generation: int) -> None:
         self._index = index
@@ -193,19 +234,15 @@ class VectorStore:
 
     def rebuild(self, index_type: str | None = None) -> str:
         """Rebuild the FAISS index from the stored vectors, optionally as another type."""
-        from ghostmatch.indexes.vector_index import build_index, default_factory
-
         with self.writing():
             generation = self.generation()
-            ids, vectors = self.catalog.vectors()
-            if len(ids) == 0:
+            index = self._build(index_type)
+            if index is None:
                 raise GhostmatchError("the index is empty; nothing to rebuild")
-            factory = index_type or default_factory(len(ids), vectors.shape[1])
-            index = build_index(ids, vectors, factory, device=self._device)
             self.catalog.set_meta(INDEX_TYPE_META, index_type)
             self._loaded(index, generation)
             self._save(index, generation)
-        return factory
+        return index.factory
 
     def keep_asked_type(self) -> None:
         """Rebuild the index as the type it was opened with, when it is another type: an
@@ -282,6 +319,12 @@ class VectorStore:
             self.forget()
             self._index = self._open()
             return
+        if _is_ondisk(index):
+            # Lists on disk are shared, through memory maps, with every reader of the
+            # folder: changing them in place could show a reader half a change. Rebuild.
+            self.forget()
+            self._index = self._open()
+            return
         # An added id may be there already: inserting a path that another writer of a
         # shared catalog cataloged first keeps that row's id. Absent ids cost nothing.
         removed = sorted(self._delta_removed | self._delta_added)
@@ -299,6 +342,21 @@ class VectorStore:
             return
         self._save(index, target)
         self._loaded(index, target)
+
+
+def _is_ondisk(index: VectorIndex) -> bool:
+    from ghostmatch.indexes.ondisk import is_ondisk
+
+    return is_ondisk(index)
+
+
+def _private_lists(index: VectorIndex, file: Path) -> bool:
+    """Whether ``index`` maps lists built outside the folder (deleted once loaded), which
+    an index file saved there must not name."""
+    from ghostmatch.indexes.ondisk import lists_file
+
+    lists = lists_file(index)
+    return lists is not None and lists.parent.resolve() != file.parent.resolve()
 
 
 class Stamp(NamedTuple):
@@ -330,12 +388,10 @@ def write_stamp(file: Path, stamp: Stamp) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w") as f:
-            # A factory never holds white space (faiss's own syntax), so fields split on it.
-            fields = [
-                str(stamp.generation),
-                stamp.checksum,
-                *([stamp.factory] if stamp.factory else []),
-            ]
+            # Fields split on white space; faiss's factory syntax has none, and a factory
+            # that did would be left out (info then loads the index to tell its type).
+            factory = stamp.factory if stamp.factory and len(stamp.factory.split()) == 1 else None
+            fields = [str(stamp.generation), stamp.checksum, *([factory] if factory else [])]
             f.write(" ".join(fields))
             f.flush()
             os.fsync(f.fileno())
