@@ -235,13 +235,15 @@ class Library:
         *,
         min_score: float | None = None,
         under: str | os.PathLike[str] | None = None,
+        rotations: bool = False,
     ) -> list[Match]:
         """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
 
         An indexed file does not match itself. ``under`` keeps only results below a
-        folder (searched exactly over that folder's vectors).
+        folder (searched exactly over that folder's vectors). ``rotations`` searches every
+        quarter-turn of ``x`` too, each match scored by its best turn (``Match.turn``).
         """
-        return self.searcher.query(x, k, min_score=min_score, under=under)
+        return self.searcher.query(x, k, min_score=min_score, under=under, rotations=rotations)
 
     # ------------------------------------------------------------------------ duplicates
 

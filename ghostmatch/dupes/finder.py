@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ghostmatch.dupes import turns
 from ghostmatch.dupes.groups import (
     DEFAULT_MIN_INLIERS,
     THRESHOLD_META,
@@ -90,6 +91,7 @@ class DuplicateFinder:
         keep: str = "pixels",
         verify: bool = True,
         min_inliers: int | None = None,
+        turned: bool = True,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies.
 
@@ -98,7 +100,8 @@ class DuplicateFinder:
         (``verify``): a pair scoring between the verify threshold and ``threshold`` is a
         duplicate when its local features agree on one geometric transform on at least
         ``min_inliers`` points (see ``ghostmatch.dupes.verify``); the transform also sets the
-        tier. Pairs marked not duplicates are ignored; grouping never chains.
+        tier. Pairs marked not duplicates are ignored; grouping never chains. ``turned``:
+        copies turned by a quarter-turn or tilted are found too (``ghostmatch.dupes.turns``).
         """
         normalised = self.normalised_scores
         t = (
@@ -158,6 +161,22 @@ class DuplicateFinder:
                 for i, j, s in pairs
                 if s >= t or identical(i, j) or checks[(i, j)].inliers >= needed
             ]
+        # Quarter-turned and tilted copies, found and checked through turned views.
+        turned_pairs: dict[tuple[int, int], turns.TurnedPair] = {}
+        if turned:
+            enough = min_inliers
+            if enough is None:
+                enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
+            # A pair its score alone let in may still be a turned copy that only a turned
+            # check lines up; one that an upright check lined up is not.
+            upright = {(i, j) for i, j, _ in pairs if (i, j) not in checks or identical(i, j)}
+            upright |= {key for key, c in checks.items() if c.inliers >= enough}
+            turned_pairs, more = turns.pairs_of_collection(
+                self, ids, vectors, offsets, floor, t, enough if verify else None, upright, ignored
+            )
+            records.update(more)
+            pairs = [p for p in pairs if (p[0], p[1]) not in turned_pairs]
+            pairs += [(i, j, p.score) for (i, j), p in turned_pairs.items()]
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
         groups = []
         for leader, taken in group_pairs(members, pairs, keep):
@@ -170,7 +189,9 @@ class DuplicateFinder:
                     rows = np.searchsorted(ids, [leader, j])
                     ceiling -= float(offsets[rows[0]] + offsets[rows[1]])
                 tier = tier_of(kept, records[j], s, t, check, ceiling)
-                group.append(_member(records[j], s, tier))
+                pair = turned_pairs.get((min(leader, j), max(leader, j)))
+                tier = "edited" if pair is not None else tier
+                group.append(_member(records[j], s, tier, turns.member_turn(pair, j)))
             groups.append(DuplicateGroup(keep=members[leader], members=group))
         groups.sort(key=lambda g: (-len(g.members), -g.members[0].score))
         return groups
@@ -232,13 +253,14 @@ class DuplicateFinder:
         return results
 
     def duplicates_of(
-        self, x: ImageLike, threshold: float | None = None, k: int = 100
+        self, x: ImageLike, threshold: float | None = None, k: int = 100, *, turned: bool = True
     ) -> list[DuplicateMember]:
         """Indexed files that duplicate ``x`` (a new image or an indexed path), best first.
 
         One k-NN search of the index (at most ``k`` candidates), no scan of the collection;
         indexed files with the same bytes as ``x`` always count, as ``exact``. The tiers of
-        the others come from the geometric check of ``x`` against each.
+        the others come from the geometric check of ``x`` against each. ``turned``: files
+        that are ``x`` turned by a quarter-turn, or ``x`` tilted, count too, ``edited``.
         """
         normalised = self.normalised_scores
         t = (
@@ -284,13 +306,30 @@ class DuplicateFinder:
         # Tiers from the same geometric check as find_duplicates: a score alone cannot
         # tell a flip or a mild crop from a recoloured copy.
         checks = self._check_against(x, {i: r for i, r in records.items() if i not in exact})
+        # Files that are x turned or tilted, found and checked through x's turned views
+        # (also those that the score alone let in but an upright check did not line up).
+        turned_pairs: dict[int, turns.TurnedPair] = {}
+        if turned:
+            verify_default = default_thresholds(normalised)[1]
+            low = min(t, self._stage2_setting("verify_threshold", verify_default))
+            enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
+            taken = exact | {i for i, c in checks.items() if c.inliers >= enough}
+            by_turn = turns.pairs_of_image(self, x, low, t, enough, k, taken | {own_id or -1})
+            turned_pairs = {p.other: p for p in by_turn}
+            hits = [h for h in hits if h[0] not in turned_pairs] + [
+                (p.other, p.score) for p in by_turn
+            ]
+            hits.sort(key=lambda hit: (-hit[1], hit[0]))
+            records.update((r.id, r) for r in self.catalog.get(list(turned_pairs)))
         result = []
         for i, s in hits:
             record = records.get(i)
             if record is None:
                 continue
             tier = "exact" if i in exact else tier_of(None, record, s, t, checks.get(i))
-            result.append(_member(record, s, tier))
+            pair = turned_pairs.get(i)
+            tier = "edited" if pair is not None else tier
+            result.append(_member(record, s, tier, turns.member_turn(pair, i)))
         return result
 
     def _check_against(
@@ -333,7 +372,7 @@ class DuplicateFinder:
         self.catalog.add_not_duplicate(pa, pb)
 
 
-def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
+def _member(record: ImageRecord, score: float, tier: str, turn: int = 0) -> DuplicateMember:
     return DuplicateMember(
         path=record.path,
         score=score,
@@ -343,6 +382,7 @@ def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
         bytes=record.size,
         mtime_ns=record.mtime_ns,
         content_hash=record.content_hash,
+        turn=turn,
     )
 
 
