@@ -203,6 +203,8 @@ def straighten(image: Image.Image, tilt: Tilt) -> Image.Image:
     content = np.abs(pixels - np.array(tilt.fill)).max(axis=2) > FILL_TOLERANCE
     # Rows and columns mostly content: the bounding box of the content without the odd
     # fill-coloured pixel of a dark photo or the ring of JPEG noise outside it.
+    if not content.any():
+        return rgb
     per_row, per_col = content.sum(axis=1), content.sum(axis=0)
     rows = np.flatnonzero(per_row >= 0.5 * per_row.max())
     cols = np.flatnonzero(per_col >= 0.5 * per_col.max())
