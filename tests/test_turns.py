@@ -128,7 +128,7 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def turned_folder(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The photos, and copies of two of them: coffee turned every way (and mirrored),
-    rocket tilted onto black corners. The copies are smaller, so the originals are kept."""
+    smaller, and rocket tilted onto black corners; the originals are the files to keep."""
     folder = tmp_path_factory.mktemp("turned")
     for path in photo_folder.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
@@ -137,8 +137,8 @@ def turned_folder(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) 
     turn_image(coffee, 180).save(folder / "coffee-180.jpg", quality=90)
     turn_image(coffee, 270).save(folder / "coffee-cw270.jpg", quality=90)
     ImageOps.mirror(turn_image(coffee, 90)).save(folder / "coffee-mirror-cw90.jpg", quality=90)
-    rocket = photo("rocket").resize((256, 384))
-    tilted(rocket, 20.0, (0, 0, 0)).save(folder / "rocket-tilt20.jpg", quality=90)
+    # Full size: its canvas has more pixels than the original, its picture has not.
+    tilted(photo("rocket"), 20.0, (0, 0, 0)).save(folder / "rocket-tilt20.jpg", quality=90)
     return folder
 
 

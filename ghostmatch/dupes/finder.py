@@ -179,7 +179,7 @@ class DuplicateFinder:
             pairs += [(i, j, p.score) for (i, j), p in turned_pairs.items()]
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
         groups = []
-        for leader, taken in group_pairs(members, pairs, keep):
+        for leader, taken in group_pairs(turns.by_picture(members, turned_pairs), pairs, keep):
             kept = records[leader]
             group = []
             for j, s in taken:

@@ -35,6 +35,7 @@ from ghostmatch.pathtext import path_text
 
 if TYPE_CHECKING:
     from ghostmatch.dupes.finder import DuplicateFinder
+    from ghostmatch.dupes.groups import DuplicateMember
     from ghostmatch.dupes.verify import ScaledMaps
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
@@ -251,7 +252,7 @@ class TurnedPair:
     """A pair found through a view: ``owner`` turned by ``turn`` (straightened first by
     ``tilt``), then mirrored when ``flipped``, lines up with ``other``; ``score`` is the
     view's duplicate score with ``other``, ``inliers`` the geometric check's count (None
-    when unchecked) and ``affine`` its map from the view to ``other``."""
+    when unchecked)."""
 
     owner: int
     other: int
@@ -260,6 +261,8 @@ class TurnedPair:
     score: float
     flipped: bool = False
     inliers: int | None = None
+    # The share of the owner's pixels that is picture (the rest is a tilt's fill).
+    content: float = 1.0
 
     @property
     def key(self) -> tuple[int, int]:
@@ -439,10 +442,35 @@ def verify_turned(
                 best = (view, result)
         assert best is not None
         view, result = best
+        content = 1.0
+        if pair.tilt is not None:
+            upright = straighten(owner, pair.tilt)
+            content = upright.width * upright.height / (owner.width * owner.height)
         checked.append(
-            replace(pair, turn=view.turn, flipped=result.flipped, inliers=result.inliers)
+            replace(
+                pair,
+                turn=view.turn,
+                flipped=result.flipped,
+                inliers=result.inliers,
+                content=content,
+            )
         )
     return checked
+
+
+def by_picture(
+    members: Mapping[int, DuplicateMember], pairs: Mapping[tuple[int, int], TurnedPair]
+) -> dict[int, DuplicateMember]:
+    """``members`` as the keep rule should rank them: a tilted copy counts only the pixels
+    of its picture, not of its filled corners, so that the larger canvas of a tilt does not
+    make it the file kept over its upright original."""
+    ranked = dict(members)
+    for pair in pairs.values():
+        if pair.tilt is not None and pair.content < 1.0 and pair.owner in ranked:
+            m = ranked[pair.owner]
+            side = math.sqrt(pair.content)
+            ranked[pair.owner] = replace(m, width=int(m.width * side), height=int(m.height * side))
+    return ranked
 
 
 def image_loader(paths: Mapping[int, Path], side: int) -> Callable[[int], Image.Image | None]:
