@@ -414,6 +414,10 @@ def scaled_maps(embedder: Embedder, images: Sequence[Image.Image]) -> list[Scale
     return [ScaledMaps(cast[0][k], cast[0][n + k], cast[1][k]) for k in range(n)]
 
 
+# Views whose local maps verify_turned keeps at once (about 0.3 MB each).
+MAP_CACHE_VIEWS = 512
+
+
 def verify_turned(
     embedder: Embedder,
     images: Callable[[int], Image.Image | None],
@@ -426,20 +430,32 @@ def verify_turned(
     mirror-tolerant descriptor cannot tell apart. ``images`` decodes an image by id."""
     from ghostmatch.dupes.verify import verify_scales
 
+    # Maps by view: the pairs of one image's views (and of one query) share them.
+    cache: dict[View, ScaledMaps] = {}
+
+    def maps_of(view: View, image: Image.Image) -> ScaledMaps:
+        if view not in cache:
+            if len(cache) >= MAP_CACHE_VIEWS:
+                cache.clear()
+            cache[view] = scaled_maps(embedder, [view.of(image)])[0]
+        return cache[view]
+
     checked = []
     for pair in pairs:
         owner, other = images(pair.owner), images(pair.other)
         if owner is None or other is None:
             checked.append(replace(pair, inliers=0))
             continue
+        target = maps_of(View(pair.other, 0), other)
         turns = [pair.turn] + ([(-pair.turn) % 360] if pair.turn in (90, 270) else [])
-        candidates = [View(pair.owner, t, pair.tilt) for t in turns]
-        maps = scaled_maps(embedder, [other] + [v.of(owner) for v in candidates])
         best = None
-        for view, mine in zip(candidates, maps[1:], strict=True):
-            result = verify_scales(maps[0], mine, enough)
+        for t in turns:
+            view = View(pair.owner, t, pair.tilt)
+            result = verify_scales(target, maps_of(view, owner), enough)
             if best is None or result.inliers > best[1].inliers:
                 best = (view, result)
+            if enough is not None and result.inliers >= enough:
+                break
         assert best is not None
         view, result = best
         content = 1.0
