@@ -163,6 +163,7 @@ class DuplicateFinder:
             ]
         # Quarter-turned and tilted copies, found and checked through turned views.
         turned_pairs: dict[tuple[int, int], turns.TurnedPair] = {}
+        pictures: dict[int, float] = {}
         if turned:
             enough = min_inliers
             if enough is None:
@@ -171,7 +172,7 @@ class DuplicateFinder:
             # check lines up; one that an upright check lined up is not.
             upright = {(i, j) for i, j, _ in pairs if (i, j) not in checks or identical(i, j)}
             upright |= {key for key, c in checks.items() if c.inliers >= enough}
-            turned_pairs, more = turns.pairs_of_collection(
+            turned_pairs, more, pictures = turns.pairs_of_collection(
                 self, ids, vectors, offsets, floor, t, enough if verify else None, upright, ignored
             )
             records.update(more)
@@ -179,7 +180,7 @@ class DuplicateFinder:
             pairs += [(i, j, p.score) for (i, j), p in turned_pairs.items()]
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
         groups = []
-        for leader, taken in group_pairs(turns.by_picture(members, turned_pairs), pairs, keep):
+        for leader, taken in group_pairs(turns.by_picture(members, pictures), pairs, keep):
             kept = records[leader]
             group = []
             for j, s in taken:

@@ -261,8 +261,6 @@ class TurnedPair:
     score: float
     flipped: bool = False
     inliers: int | None = None
-    # The share of the owner's pixels that is picture (the rest is a tilt's fill).
-    content: float = 1.0
 
     @property
     def key(self) -> tuple[int, int]:
@@ -310,14 +308,16 @@ def embed_views(
     paths: Mapping[int, Path],
     turns: tuple[int, ...] = PAIR_TURNS,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[View], np.ndarray]:
+) -> tuple[list[View], np.ndarray, dict[int, float]]:
     """Every image's views (:func:`views_of`) and their descriptors, a batch of images at
-    a time so that memory stays bounded; files that cannot be read have none."""
+    a time so that memory stays bounded, and for each tilted image the share of its pixels
+    that is picture; files that cannot be read have none."""
     from ghostmatch.model.embedder import prepare
 
     card = embedder.card
     views: list[View] = []
     blocks = []
+    pictures: dict[int, float] = {}
     ids = list(paths)
     with _pool() as pool:
         for start in range(0, len(ids), VIEW_BATCH):
@@ -327,13 +327,19 @@ def embed_views(
                 image = decode(paths[i], card.input_size)
                 if image is None:
                     return []
+                # Turning commutes with the model's resize: each view is one array turned.
                 upright = prepare(image, card)
+                straightened = None
                 made = []
                 for view in views_of(i, image, turns):
-                    if view.tilt is None:  # turning commutes with the model's resize
+                    if view.tilt is None:
                         made.append((view, turn_array(upright, view.turn)))
-                    else:
-                        made.append((view, prepare(view.of(image), card)))
+                        continue
+                    if straightened is None:
+                        picture = straighten(image, view.tilt)
+                        pictures[i] = picture.width * picture.height / (image.width * image.height)
+                        straightened = prepare(picture, card)
+                    made.append((view, turn_array(straightened, view.turn)))
                 return made
 
             made = [item for items in pool.map(work, chunk) for item in items]
@@ -343,7 +349,7 @@ def embed_views(
             if on_batch is not None:
                 on_batch(len(chunk))
     vectors = np.vstack(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
-    return views, vectors
+    return views, vectors, pictures
 
 
 def view_pairs(
@@ -458,34 +464,29 @@ def verify_turned(
                 break
         assert best is not None
         view, result = best
-        content = 1.0
-        if pair.tilt is not None:
-            upright = straighten(owner, pair.tilt)
-            content = upright.width * upright.height / (owner.width * owner.height)
         checked.append(
             replace(
                 pair,
                 turn=view.turn,
                 flipped=result.flipped,
                 inliers=result.inliers,
-                content=content,
             )
         )
     return checked
 
 
 def by_picture(
-    members: Mapping[int, DuplicateMember], pairs: Mapping[tuple[int, int], TurnedPair]
+    members: Mapping[int, DuplicateMember], pictures: Mapping[int, float]
 ) -> dict[int, DuplicateMember]:
-    """``members`` as the keep rule should rank them: a tilted copy counts only the pixels
-    of its picture, not of its filled corners, so that the larger canvas of a tilt does not
-    make it the file kept over its upright original."""
+    """``members`` as the keep rule should rank them: a tilted image counts only the
+    pixels of its picture (``pictures``: the share of each tilted image's pixels that is
+    picture), not its filled corners, so that the larger canvas of a tilt does not make it
+    the file kept over its upright original."""
     ranked = dict(members)
-    for pair in pairs.values():
-        if pair.tilt is not None and pair.content < 1.0 and pair.owner in ranked:
-            m = ranked[pair.owner]
-            side = math.sqrt(pair.content)
-            ranked[pair.owner] = replace(m, width=int(m.width * side), height=int(m.height * side))
+    for i, share in pictures.items():
+        if i in ranked and share < 1.0:
+            m, side = ranked[i], math.sqrt(share)
+            ranked[i] = replace(m, width=int(m.width * side), height=int(m.height * side))
     return ranked
 
 
@@ -530,15 +531,16 @@ def pairs_of_collection(
     enough: int | None,
     accepted: set[tuple[int, int]],
     ignored: set[tuple[Path, Path]],
-) -> tuple[dict[tuple[int, int], TurnedPair], dict[int, ImageRecord]]:
+) -> tuple[dict[tuple[int, int], TurnedPair], dict[int, ImageRecord], dict[int, float]]:
     """The turned and tilted duplicate pairs of an index that ``find_duplicates`` has not
     already accepted upright (``accepted``) nor been told are not duplicates
-    (``ignored``), by pair key, and the records of their files: every image's views
-    searched against the stored descriptors from ``floor`` up, then :func:`decide`."""
+    (``ignored``), by pair key, the records of their files, and the share of each tilted
+    image's pixels that is picture: every image's views searched against the stored
+    descriptors from ``floor`` up, then :func:`decide`."""
     records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
     paths = {i: r.path for i, r in records.items()}
     embedder = finder.embedder
-    views, view_vectors = embed_views(embedder, paths)
+    views, view_vectors, pictures = embed_views(embedder, paths)
     index = finder.vectors.index
     found = view_pairs(
         views, view_vectors, ids, vectors, floor, offsets, finder.score_offsets, index
@@ -552,7 +554,7 @@ def pairs_of_collection(
     ]
     images = image_loader(paths, _map_side(embedder))
     pairs = {p.key: p for p in decide(embedder, images, found, threshold, enough)}
-    return pairs, {i: records[i] for key in pairs for i in key}
+    return pairs, {i: records[i] for key in pairs for i in key}, pictures
 
 
 def pairs_of_image(
@@ -565,8 +567,8 @@ def pairs_of_image(
     accepted: set[int],
 ) -> list[TurnedPair]:
     """Indexed files that duplicate image ``x`` turned (every quarter-turn of it) or
-    tilted, leaving out ``accepted`` ids; ``x`` is the pairs' owner, id -1. Its views
-    meet the ``k`` nearest stored images of each."""
+    tilted, leaving out ``accepted`` ids; ``x`` is the pairs' owner, id -1. Each view
+    meets its nearest stored images (``VIEW_NEIGHBOURS``, at most ``k``)."""
     from ghostmatch.model.embedder import prepare
 
     index = finder.vectors.index
@@ -576,7 +578,8 @@ def pairs_of_image(
     image = _as_image(x, _map_side(embedder))
     views = views_of(-1, image, QUARTER_TURNS)
     view_vectors = embedder.embed_arrays([prepare(v.of(image), embedder.card) for v in views])
-    _, found = index.search(view_vectors, min(k, index.ntotal))
+    # A turned copy is its view's nearest stored image; a few more only guard against ties.
+    _, found = index.search(view_vectors, min(k, VIEW_NEIGHBOURS, index.ntotal))
     candidates = sorted({int(i) for i in found.ravel() if i >= 0} - accepted)
     ids, vectors = finder.catalog.vectors(candidates)
     offsets = finder.score_offsets(vectors) if len(ids) else None
