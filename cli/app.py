@@ -210,6 +210,12 @@ def query(
     under: Annotated[
         Path | None, typer.Option("--under", help="Only matches below this folder.")
     ] = None,
+    rotations: Annotated[
+        bool,
+        typer.Option(
+            "--rotations", help="Also search each IMAGE turned by 90, 180 and 270 degrees."
+        ),
+    ] = False,
     runtime: RuntimeOpt = "auto",
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -218,7 +224,8 @@ def query(
     lib = _open(index, catalog=catalog, runtime=runtime, device=device, create=False)
     try:
         results = [
-            (image, lib.query(image, k, min_score=min_score, under=under)) for image in images
+            (image, lib.query(image, k, min_score=min_score, under=under, rotations=rotations))
+            for image in images
         ]
     finally:
         lib.close()
@@ -233,7 +240,8 @@ def query(
     for image, matches in results:
         # Text, not markup: a file name may hold brackets.
         table = Table(title=Text(path_text(image)), title_justify="left")
-        for column in ("rank", "score", "path", "width", "height", "bytes"):
+        columns = ("rank", "score", "path", "width", "height", "bytes")
+        for column in columns + (("turn",) if rotations else ()):
             justify = "left" if column == "path" else "right"
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for m in matches:
@@ -244,6 +252,7 @@ def query(
                 str(m.width),
                 str(m.height),
                 str(m.bytes),
+                *([str(m.turn)] if rotations else []),
             )
         out.print(table)
         if not matches:

@@ -49,6 +49,13 @@ def dupes(
             help="Also list other captures of the same scene (tier similar, never acted on).",
         ),
     ] = False,
+    turned: Annotated[
+        bool,
+        typer.Option(
+            "--turned",
+            help="Also find copies turned by 90, 180 or 270 degrees or tilted (slower).",
+        ),
+    ] = False,
     of: Annotated[
         list[Path] | None,
         typer.Option("--of", help="Only: is this image a duplicate of anything indexed?"),
@@ -106,7 +113,7 @@ def dupes(
             )
             return
         if of:
-            _report_of(lib, of, threshold, as_json, similar)
+            _report_of(lib, of, threshold, as_json, similar, turned)
             return
         used = lib.duplicate_threshold() if threshold is None else threshold
         from ghostmatch.cli.app import _progress
@@ -114,7 +121,12 @@ def dupes(
         show = not as_json and not as_csv and err.is_terminal
         with _progress(show, "verifying") as progress:
             groups = lib.find_duplicates(
-                threshold, keep=keep, verify=not no_verify, similar=similar, progress=progress
+                threshold,
+                keep=keep,
+                verify=not no_verify,
+                similar=similar,
+                progress=progress,
+                turned=turned,
             )
     finally:
         lib.close()
@@ -179,13 +191,18 @@ def _dims(m: Any) -> str:
 
 
 def _report_of(
-    lib: Any, images: list[Path], threshold: float | None, as_json: bool, similar: bool
+    lib: Any,
+    images: list[Path],
+    threshold: float | None,
+    as_json: bool,
+    similar: bool,
+    turned: bool = False,
 ) -> None:
     from ghostmatch.dupes.groups import SIMILAR
 
     results = []
     for image in images:
-        found = lib.duplicates_of(image, threshold, similar=similar)
+        found = lib.duplicates_of(image, threshold, similar=similar, turned=turned)
         copies = [m for m in found if m.tier != SIMILAR]
         results.append((image, copies, [m for m in found if m.tier == SIMILAR]))
     if as_json:

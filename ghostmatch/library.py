@@ -325,13 +325,15 @@ class Library:
         *,
         min_score: float | None = None,
         under: str | os.PathLike[str] | None = None,
+        rotations: bool = False,
     ) -> list[Match]:
         """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
 
         An indexed file does not match itself. ``under`` keeps only results below a
-        folder (searched exactly over that folder's vectors).
+        folder (searched exactly over that folder's vectors). ``rotations`` searches every
+        quarter-turn of ``x`` too, each match scored by its best turn (``Match.turn``).
         """
-        return self.searcher.query(x, k, min_score=min_score, under=under)
+        return self.searcher.query(x, k, min_score=min_score, under=under, rotations=rotations)
 
     # ------------------------------------------------------------------------ duplicates
 
@@ -358,9 +360,11 @@ class Library:
         min_inliers: int | None = None,
         similar: bool = False,
         progress: Progress | None = None,
+        turned: bool = False,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies, and with
-        ``similar`` the other captures of it (see ``DuplicateFinder.find_duplicates``)."""
+        ``similar`` the other captures of it; ``turned`` finds quarter-turned and tilted
+        copies too (see ``DuplicateFinder.find_duplicates``)."""
         return self.finder.find_duplicates(
             threshold,
             keep=keep,
@@ -368,6 +372,7 @@ class Library:
             min_inliers=min_inliers,
             similar=similar,
             progress=progress,
+            turned=turned,
         )
 
     def verify_pairs(
@@ -380,11 +385,18 @@ class Library:
         return self.finder.verify_pairs(pairs, records, enough)
 
     def duplicates_of(
-        self, x: ImageLike, threshold: float | None = None, k: int = 100, *, similar: bool = False
+        self,
+        x: ImageLike,
+        threshold: float | None = None,
+        k: int = 100,
+        *,
+        similar: bool = False,
+        turned: bool = False,
     ) -> list[DuplicateMember]:
         """Indexed files that duplicate ``x`` (a new image or an indexed path), best first;
-        with ``similar``, then the other captures of it (tier ``similar``)."""
-        return self.finder.duplicates_of(x, threshold, k, similar=similar)
+        with ``similar``, then the other captures of it (tier ``similar``); ``turned``
+        counts files that are ``x`` quarter-turned or tilted too."""
+        return self.finder.duplicates_of(x, threshold, k, similar=similar, turned=turned)
 
     def mark_not_duplicate(self, a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
         """Record that two files are not duplicates; later searches ignore the pair."""

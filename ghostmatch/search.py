@@ -28,9 +28,12 @@ class Match:
     height: int
     bytes: int
     id: int
+    # With a search of every quarter-turn of the query: the clockwise turn (0, 90, 180,
+    # 270) that lines this match up with the query; None when only the query was searched.
+    turn: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "rank": self.rank,
             "path": str(self.path),
             "score": round(self.score, 6),
@@ -38,6 +41,9 @@ class Match:
             "height": self.height,
             "bytes": self.bytes,
         }
+        if self.turn is not None:
+            data["turn"] = self.turn
+        return data
 
 
 class Searcher:
@@ -76,11 +82,13 @@ class Searcher:
         *,
         min_score: float | None = None,
         under: str | os.PathLike[str] | None = None,
+        rotations: bool = False,
     ) -> list[Match]:
         """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
 
         An indexed file does not match itself. ``under`` keeps only results below a
-        folder (searched exactly over that folder's vectors).
+        folder (searched exactly over that folder's vectors). ``rotations`` searches
+        every quarter-turn of ``x`` too (three more embeddings; :meth:`_every_turn`).
         """
         k = check_k(k)
         if min_score is not None and not -1.0 <= min_score <= 1.0:
@@ -91,7 +99,10 @@ class Searcher:
         # all k per query up front (a k of 10**9 would take tens of GB).
         k = min(k, self.catalog.count())
         vector, own_id = self.query_vector(x)
-        if under is not None:
+        turn_of: dict[int, int] = {}
+        if rotations:
+            pairs, turn_of = self._every_turn(x, vector, own_id, k, under)
+        elif under is not None:
             folder = Path(os.path.abspath(under))
             ids = [i for i, _ in self.catalog.paths_under(folder) if i != own_id]
             found, vectors = self.catalog.vectors(ids)
@@ -112,9 +123,56 @@ class Searcher:
             pairs = [(i, s) for i, s in pairs if s >= min_score]
         records = {r.id: r for r in self.catalog.get([i for i, _ in pairs])}
         return [
-            Match(rank, records[i].path, s, records[i].width, records[i].height, records[i].size, i)
+            Match(
+                rank,
+                records[i].path,
+                s,
+                records[i].width,
+                records[i].height,
+                records[i].size,
+                i,
+                turn_of.get(i) if rotations else None,
+            )
             for rank, (i, s) in enumerate(((i, s) for i, s in pairs if i in records), start=1)
         ]
+
+    def _every_turn(
+        self,
+        x: ImageLike,
+        vector: np.ndarray,
+        own_id: int | None,
+        k: int,
+        under: str | os.PathLike[str] | None,
+    ) -> tuple[list[tuple[int, float]], dict[int, int]]:
+        """The ``k`` best (id, score) of ``x`` searched as it is (``vector``) and turned by
+        each quarter-turn, each image scored by its best turn, and that turn as the one
+        lining the image up with ``x``."""
+        from ghostmatch.dupes.turns import QUARTER_TURNS, inverse_turn, quarter_turns_of
+
+        turned = quarter_turns_of(x, self.model.embedder.card.input_size)
+        queries = np.vstack([vector[None, :], self.model.embed(turned)])
+        # A match like x turned by t lines up with x when turned back.
+        turns = [0] + [inverse_turn(t, False) for t in QUARTER_TURNS]
+        best: dict[int, tuple[float, int]] = {}
+        if under is not None:
+            folder = Path(os.path.abspath(under))
+            ids = [i for i, _ in self.catalog.paths_under(folder) if i != own_id]
+            found, vectors = self.catalog.vectors(ids)
+            scores = vectors @ queries.T if len(found) else np.zeros((0, len(queries)))
+            for row, i in enumerate(found.tolist()):
+                view = int(scores[row].argmax())
+                best[int(i)] = (float(scores[row, view]), turns[view])
+        else:
+            index = self.vectors.index
+            if index is None:
+                return [], {}
+            scores, found = index.search(queries, k + 1)
+            for view, turn in enumerate(turns):
+                for i, s in zip(found[view].tolist(), scores[view].tolist(), strict=True):
+                    if i >= 0 and i != own_id and s > best.get(i, (-np.inf, 0))[0]:
+                        best[i] = (s, turn)
+        ranked = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:k]
+        return [(i, s) for i, (s, _) in ranked], {i: turn for i, (_, turn) in ranked}
 
 
 def check_k(k: int) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ghostmatch.dupes import turns
 from ghostmatch.dupes.groups import (
     DEFAULT_MIN_INLIERS,
     SIMILAR,
@@ -94,6 +95,7 @@ class DuplicateFinder:
         min_inliers: int | None = None,
         similar: bool = False,
         progress: Callable[[str, int, int | None], None] | None = None,
+        turned: bool = False,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies.
 
@@ -111,6 +113,8 @@ class DuplicateFinder:
         Without ``verify``, a pair is a duplicate on its descriptors alone (score at least
         ``threshold``), byte-identical files always; nothing is ``similar`` then.
         ``progress(stage, done, total)`` counts the files the grouping has visited.
+        ``turned``: copies turned by a quarter-turn or tilted are found too, through turned
+        and straightened views (``ghostmatch.dupes.turns``), tier ``edited`` with their turn.
         """
         normalised = self.normalised_scores
         t = (
@@ -147,8 +151,38 @@ class DuplicateFinder:
         if needed is None:
             needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
         judge = PairJudge(self.model, records, t, needed, crowded)
+        # Quarter-turned and tilted copies, found and checked through turned views; each
+        # such pair is decided already, ``edited``.
+        turned_pairs: dict[tuple[int, int], turns.TurnedPair] = {}
+        pictures: dict[int, float] = {}
+        if turned:
+            same = {
+                (i, j) for i, j, _ in pairs if records[i].content_hash == records[j].content_hash
+            }
+            turned_pairs, more, pictures = turns.pairs_of_collection(
+                self,
+                ids,
+                vectors,
+                offsets,
+                low if verify else t,
+                t,
+                needed if verify else None,
+                same,
+                ignored,
+            )
+            records.update(more)
+            pairs = [p for p in pairs if (p[0], p[1]) not in turned_pairs]
+            pairs += [(i, j, p.score) for (i, j), p in turned_pairs.items()]
+            scores.update({key: p.score for key, p in turned_pairs.items()})
 
         def decide(leader: int, others: list[int]) -> dict[int, str | None]:
+            known = {
+                j: "edited" for j in others if (min(leader, j), max(leader, j)) in turned_pairs
+            }
+            rest = [j for j in others if j not in known]
+            return {**known, **(judged(leader, rest) if rest else {})}
+
+        def judged(leader: int, others: list[int]) -> dict[int, str | None]:
             if verify:
                 return judge(leader, [(j, _pair(scores, leader, j)) for j in others])
             kept = records[leader]
@@ -162,9 +196,18 @@ class DuplicateFinder:
 
         report = None if progress is None else lambda done, total: progress("verified", done, total)
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
+
+        def turn(leader: int, j: int) -> int:
+            return turns.member_turn(turned_pairs.get((min(leader, j), max(leader, j))), j)
+
         groups = []
-        for leader, taken in group_judged(members, pairs, decide, keep, report):
-            copies = [_member(records[j], s, tier) for j, s, tier in taken if tier != SIMILAR]
+        ranked = turns.by_picture(members, pictures)
+        for leader, taken in group_judged(ranked, pairs, decide, keep, report):
+            copies = [
+                _member(records[j], s, tier, turn(leader, j))
+                for j, s, tier in taken
+                if tier != SIMILAR
+            ]
             alike = [_member(records[j], s, tier) for j, s, tier in taken if tier == SIMILAR]
             if copies or (similar and alike):
                 groups.append(DuplicateGroup(members[leader], copies, alike if similar else []))
@@ -270,6 +313,7 @@ class DuplicateFinder:
         k: int = 100,
         *,
         similar: bool = False,
+        turned: bool = False,
     ) -> list[DuplicateMember]:
         """Indexed files that duplicate ``x`` (a new image or an indexed path), best first,
         then (with ``similar``) the ones that are another capture of it, tier ``similar``.
@@ -277,7 +321,8 @@ class DuplicateFinder:
         One k-NN search of the index (at most ``k`` candidates), no scan of the collection;
         indexed files with the same bytes as ``x`` always count, as ``exact``. The others
         get the decision ``find_duplicates`` makes (:class:`PairJudge`), each indexed file
-        as the kept one and ``x`` as its possible copy.
+        as the kept one and ``x`` as its possible copy. ``turned``: files that are ``x``
+        turned by a quarter-turn, or ``x`` tilted, count too, ``edited``.
         """
         normalised = self.normalised_scores
         t = (
@@ -323,6 +368,7 @@ class DuplicateFinder:
         records = {r.id: r for r in self.catalog.get([i for i, _ in hits])}
         judge = self._judge_against(x, records, t)
         copies, alike = [], []
+        taken = set(exact)
         for i, s in hits:
             record = records.get(i)
             if record is None:
@@ -332,6 +378,20 @@ class DuplicateFinder:
                 alike.append(_member(record, s, tier))
             elif tier is not None:
                 copies.append(_member(record, s, tier))
+                taken.add(i)
+        if turned:
+            # Files that are x turned or tilted, found and checked through x's turned views.
+            enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
+            by_turn = turns.pairs_of_image(self, x, low, t, enough, k, taken | {own_id or -1})
+            if by_turn:
+                found_turned = {r.id: r for r in self.catalog.get([p.other for p in by_turn])}
+                alike = [m for m in alike if m.path not in {r.path for r in found_turned.values()}]
+                for p in sorted(by_turn, key=lambda p: (-p.score, p.other)):
+                    member = _member(
+                        found_turned[p.other], p.score, "edited", turns.member_turn(p, p.other)
+                    )
+                    copies.append(member)
+                copies.sort(key=lambda m: -m.score)
         return copies + (alike if similar else [])
 
     def _judge_against(
@@ -484,7 +544,7 @@ def _pair(scores: dict[tuple[int, int], float], i: int, j: int) -> float:
     return scores[(i, j)] if (i, j) in scores else scores[(j, i)]
 
 
-def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
+def _member(record: ImageRecord, score: float, tier: str, turn: int = 0) -> DuplicateMember:
     return DuplicateMember(
         path=record.path,
         score=score,
@@ -494,6 +554,7 @@ def _member(record: ImageRecord, score: float, tier: str) -> DuplicateMember:
         bytes=record.size,
         mtime_ns=record.mtime_ns,
         content_hash=record.content_hash,
+        turn=turn,
     )
 
 

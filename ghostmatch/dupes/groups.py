@@ -20,7 +20,9 @@ class DuplicateMember:
     """One file of a group; ``score`` is its duplicate score with the kept file: cosine
     similarity, less background offsets when the model has a score background.
     ``content_hash`` is the file's hash as indexed ("" when unknown), so that acting on a
-    group can check that no file changed since."""
+    group can check that no file changed since. ``turn`` is the clockwise quarter-turn
+    (0, 90, 180 or 270 degrees) that lines this file up with the kept one (then a mirror,
+    for a mirror image); 0 for an upright copy."""
 
     path: Path
     score: float
@@ -30,6 +32,7 @@ class DuplicateMember:
     bytes: int
     mtime_ns: int
     content_hash: str = ""
+    turn: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,7 @@ class DuplicateMember:
             "width": self.width,
             "height": self.height,
             "bytes": self.bytes,
+            "turn": self.turn,
         }
 
 

@@ -1,0 +1,621 @@
+"""Turned copies: photos turned by a quarter-turn (with or without a mirror) or tilted with
+filled corners are still copies; their turned or straightened views find and verify them.
+
+A descriptor is not rotation invariant: a photo turned by 90 degrees scores like an
+unrelated photo against its original. So the duplicate search embeds *views* of each
+image: turned clockwise by 90 and 180 degrees (searching every image's views against the
+stored descriptors finds turns of 90, 180 and 270 from one side of each pair or the other;
+the descriptor itself tolerates a mirror), and for an image that was tilted onto a
+larger canvas with filled corners, the image straightened and cut back to its content. A
+view's pair is then verified on the view itself, so the geometric stage sees an upright
+copy.
+
+Turns here are clockwise degrees. A pair's relation is kept as "``owner`` turned by
+``turn`` (straightened first when ``straightened``), then mirrored when ``flipped``, lines
+up with ``other``"; :func:`member_turn` turns it into what the duplicate groups report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ghostmatch.errors import GhostmatchError
+from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
+from ghostmatch.model.binding import ImageLike
+from ghostmatch.pathtext import path_text
+
+if TYPE_CHECKING:
+    from ghostmatch.dupes.finder import DuplicateFinder
+    from ghostmatch.dupes.groups import DuplicateMember
+    from ghostmatch.dupes.verify import ScaledMaps
+    from ghostmatch.indexes.vector_index import VectorIndex
+    from ghostmatch.model.embedder import Embedder
+    from ghostmatch.store.catalog import ImageRecord
+
+QUARTER_TURNS = (90, 180, 270)
+
+# Tilt detection works on the image scaled to at most this side (enough to fit each edge's
+# line to a fraction of a degree, cheap beside embedding).
+TILT_SIDE = 256
+# A pixel belongs to the fill when every channel is within this of the fill colour (JPEG
+# rings a few levels around the edge of a flat area).
+FILL_TOLERANCE = 40
+# Each corner's fill must run at least this share along both edges it touches: a tilt of
+# about 3 degrees or more. Smaller tilts are within what the geometric check already
+# accepts.
+MIN_LEG = 0.05
+# The corners' edge directions must agree within this many degrees.
+ANGLE_AGREEMENT = 2.0
+MIN_TILT, MAX_TILT = 3.0, 44.0
+# Pixels cut from each side of the straightened content, where the fill was blended in.
+EDGE_MARGIN = 2
+
+
+def turn_array(array: np.ndarray, degrees: int) -> np.ndarray:
+    """An (h, w, ...) image array turned clockwise by a multiple of 90 degrees."""
+    if degrees % 90:
+        raise ValueError(f"a quarter-turn is a multiple of 90 degrees, not {degrees}")
+    return np.ascontiguousarray(np.rot90(array, k=-(degrees // 90) % 4))
+
+
+def turn_image(image: Image.Image, degrees: int) -> Image.Image:
+    """A PIL image turned clockwise by a multiple of 90 degrees."""
+    method = {
+        90: Image.Transpose.ROTATE_270,  # Pillow's ROTATE_n turn counter-clockwise
+        180: Image.Transpose.ROTATE_180,
+        270: Image.Transpose.ROTATE_90,
+    }
+    degrees %= 360
+    return image if degrees == 0 else image.transpose(method[degrees])
+
+
+def inverse_turn(degrees: int, flipped: bool) -> int:
+    """If X turned by ``degrees`` (then mirrored when ``flipped``) is Y, the turn that lines
+    Y up with X: the opposite turn, or with a mirror the same one (mirroring reverses the
+    sense of a turn)."""
+    return degrees % 360 if flipped else (-degrees) % 360
+
+
+@dataclass(frozen=True)
+class Tilt:
+    """An image tilted onto a canvas with filled corners: the content's edges lie at
+    ``degrees`` (counter-clockwise, in (-45, 45)) and the corners have colour ``fill``."""
+
+    degrees: float
+    fill: tuple[int, int, int]
+
+
+def find_tilt(image: Image.Image) -> Tilt | None:
+    """The tilt of ``image`` when its four corners are filled with one flat colour whose
+    edges towards the content are straight lines at one angle (a photo turned by some
+    degrees and pasted on black or white), else None."""
+    small = image.convert("RGB")
+    scale = TILT_SIDE / max(small.size)
+    if scale < 1:
+        small = small.resize(
+            (max(8, round(small.width * scale)), max(8, round(small.height * scale))),
+            Image.Resampling.BILINEAR,
+        )
+    pixels = np.asarray(small, dtype=np.int16)
+    h, w, _ = pixels.shape
+    if min(h, w) < 16:
+        return None
+    patches = [pixels[:2, :2], pixels[:2, -2:], pixels[-2:, :2], pixels[-2:, -2:]]
+    colours = np.array([p.reshape(-1, 3).mean(axis=0) for p in patches])
+    fill = np.median(colours, axis=0)
+    if np.abs(colours - fill).max() > FILL_TOLERANCE / 2:
+        return None
+    content = np.abs(pixels - fill).max(axis=2) > FILL_TOLERANCE
+    angles = []
+    for flip_y, flip_x in ((False, False), (False, True), (True, False), (True, True)):
+        corner = content[::-1] if flip_y else content
+        corner = corner[:, ::-1] if flip_x else corner
+        angle = _corner_angle(corner)
+        if angle is None:
+            continue
+        # Mirroring a corner into the top-left one mirrors its edge's direction too.
+        angles.append(-angle if flip_x != flip_y else angle)
+    if len(angles) < 3:
+        return None
+    degrees = float(np.median(angles))
+    if sum(abs(a - degrees) <= ANGLE_AGREEMENT for a in angles) < 3:
+        return None
+    if not MIN_TILT <= abs(degrees) <= MAX_TILT:
+        return None
+    red, green, blue = (round(float(c)) for c in fill)
+    return Tilt(degrees, (red, green, blue))
+
+
+def _corner_angle(content: np.ndarray) -> float | None:
+    """The direction, in degrees in (-45, 45] (counter-clockwise on screen), of the edge
+    between the top-left corner's fill and the content, or None when the corner holds no
+    straight edge of a fill triangle."""
+    h, w = content.shape
+    # The first content pixel of each row of the upper half and of each column of the left
+    # half: on the corner triangle's hypotenuse, or the next corner's where the triangle
+    # is long and flat (a line fit that ignores the minority takes care of those).
+    upper, left = content[: h // 2], content[:, : w // 2]
+    first_x, first_y = np.argmax(upper, axis=1), np.argmax(left, axis=0)
+    from_rows = upper.any(axis=1) & (first_x > 0)
+    from_cols = left.any(axis=0) & (first_y > 0)
+    if from_rows.sum() < MIN_LEG * h or from_cols.sum() < MIN_LEG * w:
+        return None
+    points = np.concatenate(
+        [
+            np.stack([first_x, np.arange(len(first_x))], axis=1)[from_rows],
+            np.stack([np.arange(len(first_y)), first_y], axis=1)[from_cols],
+        ]
+    ).astype(np.float64)
+    line = _fit_line(points)
+    if line is None:
+        return None
+    direction, inliers = line
+    if inliers < max(8, 0.5 * len(points)):
+        return None
+    # Screen coordinates have y down: a direction (dx, dy) lies at -atan2(dy, dx)
+    # counter-clockwise. Edges are undirected and a rectangle's repeat every 90 degrees.
+    angle = -math.degrees(math.atan2(direction[1], direction[0]))
+    return (angle + 45.0) % 90.0 - 45.0
+
+
+def _fit_line(points: np.ndarray, tolerance: float = 1.5) -> tuple[np.ndarray, int] | None:
+    """The dominant straight line through ``points`` (n, 2): its unit direction and how
+    many points lie within ``tolerance`` of it (RANSAC on pairs, then least squares)."""
+    rng = np.random.default_rng(0)
+    n = len(points)
+    picks = rng.integers(0, n, (64, 2))
+    picks = picks[picks[:, 0] != picks[:, 1]]
+    edges = points[picks[:, 1]] - points[picks[:, 0]]
+    lengths = np.linalg.norm(edges, axis=1)
+    keep = lengths > 4.0
+    if not keep.any():
+        return None
+    picks, edges, lengths = picks[keep], edges[keep], lengths[keep]
+    normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1) / lengths[:, None]
+    # (m, n) distances of every point from every candidate line.
+    distances = np.abs((points[None] - points[picks[:, 0]][:, None]) @ normals[..., None])[..., 0]
+    counts = (distances <= tolerance).sum(axis=1)
+    near = distances[int(counts.argmax())] <= tolerance
+    chosen = points[near] - points[near].mean(axis=0)
+    _, _, vt = np.linalg.svd(chosen, full_matrices=False)
+    direction = vt[0]
+    normal = vt[1]
+    near = np.abs((points - points[near].mean(axis=0)) @ normal) <= tolerance
+    return direction, int(near.sum())
+
+
+def straighten(image: Image.Image, tilt: Tilt) -> Image.Image:
+    """``image`` turned back by its tilt and cut to the content's bounding box, less a
+    margin where the fill was blended in."""
+    rgb = image.convert("RGB")
+    upright = rgb.rotate(
+        -tilt.degrees, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=tilt.fill
+    )
+    pixels = np.asarray(upright, dtype=np.int16)
+    content = np.abs(pixels - np.array(tilt.fill)).max(axis=2) > FILL_TOLERANCE
+    # Rows and columns mostly content: the bounding box of the content without the odd
+    # fill-coloured pixel of a dark photo or the ring of JPEG noise outside it.
+    if not content.any():
+        return rgb
+    per_row, per_col = content.sum(axis=1), content.sum(axis=0)
+    rows = np.flatnonzero(per_row >= 0.5 * per_row.max())
+    cols = np.flatnonzero(per_col >= 0.5 * per_col.max())
+    if len(rows) < 8 or len(cols) < 8:
+        return rgb
+    top, bottom = rows[0] + EDGE_MARGIN, rows[-1] + 1 - EDGE_MARGIN
+    left, right = cols[0] + EDGE_MARGIN, cols[-1] + 1 - EDGE_MARGIN
+    if bottom - top < 8 or right - left < 8:
+        return rgb
+    return upright.crop((int(left), int(top), int(right), int(bottom)))
+
+
+# ---------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class View:
+    """How a view of image ``owner`` was made: straightened by ``tilt`` (when not None),
+    then turned clockwise by ``turn`` degrees."""
+
+    owner: int
+    turn: int
+    tilt: Tilt | None = None
+
+    def of(self, image: Image.Image) -> Image.Image:
+        """This view of ``image`` (the owner's pixels)."""
+        upright = straighten(image, self.tilt) if self.tilt is not None else image
+        return turn_image(upright, self.turn)
+
+
+def views_of(owner: int, image: Image.Image, turns: tuple[int, ...]) -> list[View]:
+    """The views an image is searched with: ``turns`` of the image itself, and when it is
+    tilted with filled corners, its straightened content at every quarter-turn (a tilted
+    copy may be turned as well, and straightening can only tell the tilt up to 90 degrees)."""
+    views = [View(owner, t) for t in turns]
+    tilt = find_tilt(image)
+    if tilt is not None:
+        views += [View(owner, t, tilt) for t in (0, *QUARTER_TURNS)]
+    return views
+
+
+@dataclass(frozen=True)
+class TurnedPair:
+    """A pair found through a view: ``owner`` turned by ``turn`` (straightened first by
+    ``tilt``), then mirrored when ``flipped``, lines up with ``other``; ``score`` is the
+    view's duplicate score with ``other``, ``inliers`` the geometric check's count (None
+    when unchecked)."""
+
+    owner: int
+    other: int
+    turn: int
+    tilt: Tilt | None
+    score: float
+    flipped: bool = False
+    inliers: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (min(self.owner, self.other), max(self.owner, self.other))
+
+
+def member_turn(pair: TurnedPair | None, member: int) -> int:
+    """The clockwise quarter-turn that lines ``member`` up with the other file of
+    ``pair`` (then mirrored if the pair is a mirror image); 0 for an upright pair."""
+    if pair is None:
+        return 0
+    if member == pair.owner:
+        return pair.turn % 360
+    return inverse_turn(pair.turn, pair.flipped)
+
+
+# ---------------------------------------------------------------------------- search
+
+# Images decoded and embedded together, and the nearest stored images each view is
+# compared with (a turned copy is its view's nearest image; more only guard against ties).
+VIEW_BATCH = 64
+VIEW_NEIGHBOURS = 8
+# Turns the all-pairs search embeds: a pair turned by 270 is found from its other side,
+# through that image's 90, and the descriptor tolerates a mirror.
+PAIR_TURNS = (90, 180)
+
+Offsets = Callable[[np.ndarray], "np.ndarray | None"]
+
+
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2)))
+
+
+def decode(path: Path, side: int) -> Image.Image | None:
+    """The image at ``path`` decoded for its views (at least ``side`` pixels on its
+    shorter side), or None when it cannot be read any more."""
+    try:
+        return load_image(path, side).image
+    except ImageRejected:
+        return None
+
+
+def embed_views(
+    embedder: Embedder,
+    paths: Mapping[int, Path],
+    turns: tuple[int, ...] = PAIR_TURNS,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[View], np.ndarray, dict[int, float]]:
+    """Every image's views (:func:`views_of`) and their descriptors, a batch of images at
+    a time so that memory stays bounded, and for each tilted image the share of its pixels
+    that is picture; files that cannot be read have none."""
+    from ghostmatch.model.embedder import prepare
+
+    card = embedder.card
+    views: list[View] = []
+    blocks = []
+    pictures: dict[int, float] = {}
+    ids = list(paths)
+    with _pool() as pool:
+        for start in range(0, len(ids), VIEW_BATCH):
+            chunk = ids[start : start + VIEW_BATCH]
+
+            def work(i: int) -> list[tuple[View, np.ndarray]]:
+                image = decode(paths[i], card.input_size)
+                if image is None:
+                    return []
+                # Turning commutes with the model's resize: each view is one array turned.
+                upright = prepare(image, card)
+                straightened = None
+                made = []
+                for view in views_of(i, image, turns):
+                    if view.tilt is None:
+                        made.append((view, turn_array(upright, view.turn)))
+                        continue
+                    if straightened is None:
+                        picture = straighten(image, view.tilt)
+                        pictures[i] = picture.width * picture.height / (image.width * image.height)
+                        straightened = prepare(picture, card)
+                    made.append((view, turn_array(straightened, view.turn)))
+                return made
+
+            made = [item for items in pool.map(work, chunk) for item in items]
+            if made:
+                views += [v for v, _ in made]
+                blocks.append(embedder.embed_arrays([a for _, a in made]))
+            if on_batch is not None:
+                on_batch(len(chunk))
+    vectors = np.vstack(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
+    return views, vectors, pictures
+
+
+def view_pairs(
+    views: Sequence[View],
+    view_vectors: np.ndarray,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    floor: float,
+    offsets: np.ndarray | None,
+    offsets_of: Offsets,
+    index: VectorIndex | None = None,
+    neighbours: int = VIEW_NEIGHBOURS,
+) -> list[TurnedPair]:
+    """Pairs (owner, stored image) whose view scores at least ``floor`` with a stored
+    descriptor, the best view of each pair; ``ids`` and ``vectors`` are the stored images
+    (``offsets`` theirs), ``index`` their FAISS index when it holds exactly them."""
+    if not len(views) or not len(ids):
+        return []
+    k = min(neighbours + 1, len(ids))
+    if index is not None and index.ntotal == len(ids):
+        _, found = index.search(view_vectors, k)
+        rows = np.searchsorted(ids, np.where(found >= 0, found, ids[0]))
+        rows = np.where(found >= 0, rows, -1)
+    else:
+        sims = view_vectors @ vectors.T
+        rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    own = offsets_of(view_vectors)
+    best: dict[tuple[int, int], TurnedPair] = {}
+    for n, view in enumerate(views):
+        for row in rows[n]:
+            if row < 0 or int(ids[row]) == view.owner:
+                continue
+            # Rescored from the vectors, as every duplicate score is.
+            score = float(np.dot(view_vectors[n].astype(np.float64), vectors[row]))
+            if offsets is not None and own is not None:
+                score -= float(offsets[row]) + float(own[n])
+            if score < floor:
+                continue
+            pair = TurnedPair(view.owner, int(ids[row]), view.turn, view.tilt, score)
+            if pair.key not in best or best[pair.key].score < score:
+                best[pair.key] = pair
+    return sorted(best.values(), key=lambda p: (-p.score, p.key))
+
+
+# ---------------------------------------------------------------------------- verification
+
+
+def scaled_maps(embedder: Embedder, images: Sequence[Image.Image]) -> list[ScaledMaps]:
+    """Local feature maps (float32) of each image as the geometric check takes them: at the
+    model's input size, mirrored, and zoomed."""
+    from ghostmatch.dupes.verify import ZOOM, ScaledMaps, local_features
+    from ghostmatch.model.embedder import prepare, to_batch
+
+    if not images:
+        return []
+    card = embedder.card
+    zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
+    model, n = embedder.local_model, len(images)
+    base = local_features(
+        model,
+        to_batch(
+            [prepare(i, card) for i in images] + [prepare(ImageOps.mirror(i), card) for i in images]
+        ),
+    )
+    zoomed = local_features(model, to_batch([prepare(i, zoomed_card) for i in images]))
+    # fp16 and back, as the finder's map cache holds them, so both checks agree.
+    cast = [m.astype(np.float16).astype(np.float32) for m in (base, zoomed)]
+    return [ScaledMaps(cast[0][k], cast[0][n + k], cast[1][k]) for k in range(n)]
+
+
+# Views whose local maps verify_turned keeps at once (about 0.3 MB each).
+MAP_CACHE_VIEWS = 512
+
+
+def verify_turned(
+    embedder: Embedder,
+    images: Callable[[int], Image.Image | None],
+    pairs: Iterable[TurnedPair],
+    enough: int | None = None,
+) -> list[TurnedPair]:
+    """Each pair with the geometric check of its owner's view against the other image
+    (``ghostmatch.dupes.verify.verify_scales``). A quarter-turn of 90 or 270 is checked
+    both ways: a mirrored copy's view lines up with the opposite turn, which its
+    mirror-tolerant descriptor cannot tell apart. ``images`` decodes an image by id."""
+    from ghostmatch.dupes.verify import verify_scales
+
+    # Maps by view: the pairs of one image's views (and of one query) share them.
+    cache: dict[View, ScaledMaps] = {}
+
+    def maps_of(view: View, image: Image.Image) -> ScaledMaps:
+        if view not in cache:
+            if len(cache) >= MAP_CACHE_VIEWS:
+                cache.clear()
+            cache[view] = scaled_maps(embedder, [view.of(image)])[0]
+        return cache[view]
+
+    checked = []
+    for pair in pairs:
+        owner, other = images(pair.owner), images(pair.other)
+        if owner is None or other is None:
+            checked.append(replace(pair, inliers=0))
+            continue
+        target = maps_of(View(pair.other, 0), other)
+        turns = [pair.turn] + ([(-pair.turn) % 360] if pair.turn in (90, 270) else [])
+        best = None
+        for t in turns:
+            view = View(pair.owner, t, pair.tilt)
+            result = verify_scales(target, maps_of(view, owner), enough)
+            if best is None or result.inliers > best[1].inliers:
+                best = (view, result)
+            if enough is not None and result.inliers >= enough:
+                break
+        assert best is not None
+        view, result = best
+        checked.append(
+            replace(
+                pair,
+                turn=view.turn,
+                flipped=result.flipped,
+                inliers=result.inliers,
+            )
+        )
+    return checked
+
+
+def by_picture(
+    members: Mapping[int, DuplicateMember], pictures: Mapping[int, float]
+) -> dict[int, DuplicateMember]:
+    """``members`` as the keep rule should rank them: a tilted image counts only the
+    pixels of its picture (``pictures``: the share of each tilted image's pixels that is
+    picture), not its filled corners, so that the larger canvas of a tilt does not make it
+    the file kept over its upright original."""
+    ranked = dict(members)
+    for i, share in pictures.items():
+        if i in ranked and share < 1.0:
+            m, side = ranked[i], math.sqrt(share)
+            ranked[i] = replace(m, width=int(m.width * side), height=int(m.height * side))
+    return ranked
+
+
+def image_loader(paths: Mapping[int, Path], side: int) -> Callable[[int], Image.Image | None]:
+    """Decode images by id, each once (only the few images of view pairs are asked for)."""
+    cache: dict[int, Image.Image | None] = {}
+
+    def load(i: int) -> Image.Image | None:
+        if i not in cache:
+            cache[i] = decode(paths[i], side)
+        return cache[i]
+
+    return load
+
+
+def decide(
+    embedder: Embedder,
+    images: Callable[[int], Image.Image | None],
+    pairs: Sequence[TurnedPair],
+    threshold: float,
+    enough: int | None,
+) -> list[TurnedPair]:
+    """The view pairs that are duplicates. With the geometric stage (``enough`` inliers),
+    every one must pass it on its view, whatever its score: a turned view of an unrelated
+    photo meets more strangers than the photo itself, and the check is what keeps them
+    out. Without it, the score decides, as for upright pairs."""
+    if enough is None:
+        return [p for p in pairs if p.score >= threshold]
+    return [p for p in verify_turned(embedder, images, pairs, enough) if (p.inliers or 0) >= enough]
+
+
+# ---------------------------------------------------------------------------- the finder's hooks
+
+
+def pairs_of_collection(
+    finder: DuplicateFinder,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    offsets: np.ndarray | None,
+    floor: float,
+    threshold: float,
+    enough: int | None,
+    accepted: set[tuple[int, int]],
+    ignored: set[tuple[Path, Path]],
+) -> tuple[dict[tuple[int, int], TurnedPair], dict[int, ImageRecord], dict[int, float]]:
+    """The turned and tilted duplicate pairs of an index that ``find_duplicates`` has not
+    already accepted upright (``accepted``) nor been told are not duplicates
+    (``ignored``), by pair key, the records of their files, and the share of each tilted
+    image's pixels that is picture: every image's views searched against the stored
+    descriptors from ``floor`` up, then :func:`decide`."""
+    records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
+    paths = {i: r.path for i, r in records.items()}
+    embedder = finder.embedder
+    views, view_vectors, pictures = embed_views(embedder, paths)
+    index = finder.vectors.index
+    found = view_pairs(
+        views, view_vectors, ids, vectors, floor, offsets, finder.score_offsets, index
+    )
+    found = [
+        p
+        for p in found
+        if p.key not in accepted
+        and (paths[p.owner], paths[p.other]) not in ignored
+        and (paths[p.other], paths[p.owner]) not in ignored
+    ]
+    images = image_loader(paths, _map_side(embedder))
+    pairs = {p.key: p for p in decide(embedder, images, found, threshold, enough)}
+    return pairs, {i: records[i] for key in pairs for i in key}, pictures
+
+
+def pairs_of_image(
+    finder: DuplicateFinder,
+    x: ImageLike,
+    floor: float,
+    threshold: float,
+    enough: int | None,
+    k: int,
+    accepted: set[int],
+) -> list[TurnedPair]:
+    """Indexed files that duplicate image ``x`` turned (every quarter-turn of it) or
+    tilted, leaving out ``accepted`` ids; ``x`` is the pairs' owner, id -1. Each view
+    meets its nearest stored images (``VIEW_NEIGHBOURS``, at most ``k``)."""
+    from ghostmatch.model.embedder import prepare
+
+    index = finder.vectors.index
+    if index is None or index.ntotal == 0:
+        return []
+    embedder = finder.embedder
+    image = _as_image(x, _map_side(embedder))
+    views = views_of(-1, image, QUARTER_TURNS)
+    view_vectors = embedder.embed_arrays([prepare(v.of(image), embedder.card) for v in views])
+    # A turned copy is its view's nearest stored image; a few more only guard against ties.
+    _, found = index.search(view_vectors, min(k, VIEW_NEIGHBOURS, index.ntotal))
+    candidates = sorted({int(i) for i in found.ravel() if i >= 0} - accepted)
+    ids, vectors = finder.catalog.vectors(candidates)
+    offsets = finder.score_offsets(vectors) if len(ids) else None
+    pairs = view_pairs(
+        views, view_vectors, ids, vectors, floor, offsets, finder.score_offsets, None, len(ids)
+    )
+    paths = {r.id: r.path for r in finder.catalog.get([p.other for p in pairs])}
+    cached = image_loader(paths, _map_side(embedder))
+
+    def images(i: int) -> Image.Image | None:
+        return image if i == -1 else cached(i)
+
+    return decide(embedder, images, pairs, threshold, enough)
+
+
+def quarter_turns_of(x: ImageLike, side: int) -> list[Image.Image]:
+    """``x`` (a path, PIL image or array) turned clockwise by 90, 180 and 270 degrees, for
+    a search that tries every way up (``QUARTER_TURNS``' order)."""
+    image = _as_image(x, side)
+    return [turn_image(image, t) for t in QUARTER_TURNS]
+
+
+def _as_image(x: ImageLike, side: int) -> Image.Image:
+    """``x`` (a path, PIL image or array) as an RGB image."""
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
+    if isinstance(x, np.ndarray):
+        return image_from_array(x)
+    try:
+        return load_image(x, side).image
+    except ImageRejected as err:
+        raise GhostmatchError(f"cannot read {path_text(x)}: {err}") from err
+
+
+def _map_side(embedder: Embedder) -> int:
+    """The decoded size the zoomed local maps need."""
+    from ghostmatch.dupes.verify import ZOOM
+
+    return round(embedder.card.input_size * ZOOM / 16) * 16

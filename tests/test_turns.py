@@ -1,0 +1,261 @@
+"""Turned copies: quarter-turned (and mirrored) and tilted copies are duplicates with
+their turn named; ``query --rotations`` searches every quarter-turn of the query."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_support import CLI, cli_env
+from PIL import Image, ImageOps
+from skimage import data
+
+import ghostmatch
+from ghostmatch.dupes.turns import (
+    Tilt,
+    TurnedPair,
+    find_tilt,
+    inverse_turn,
+    member_turn,
+    straighten,
+    turn_array,
+    turn_image,
+)
+
+PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "immunohistochemistry")
+
+
+def photo(name: str) -> Image.Image:
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def tilted(image: Image.Image, degrees: float, fill: tuple[int, int, int]) -> Image.Image:
+    """``image`` turned counter-clockwise by ``degrees`` onto a canvas that holds all of
+    it, the corners filled."""
+    return image.rotate(degrees, Image.Resampling.BICUBIC, expand=True, fillcolor=fill)
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def test_quarter_turns_are_clockwise_and_undo_each_other() -> None:
+    pixels = np.arange(6).reshape(2, 3)
+    # Clockwise: the bottom-left element comes to the top-left.
+    assert turn_array(pixels, 90).tolist() == [[3, 0], [4, 1], [5, 2]]
+    image = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    for degrees in (0, 90, 180, 270):
+        turned = turn_image(image, degrees)
+        assert np.array_equal(np.asarray(turned), turn_array(np.asarray(image), degrees))
+        back = turn_image(turned, inverse_turn(degrees, False))
+        assert np.array_equal(np.asarray(back), np.asarray(image))
+        # With a mirror the same turn undoes it: mirror(turn(mirror(turn(x)))) = x.
+        mirrored = ImageOps.mirror(turned)
+        again = ImageOps.mirror(turn_image(mirrored, inverse_turn(degrees, True)))
+        assert np.array_equal(np.asarray(again), np.asarray(image))
+
+
+def test_member_turn_names_the_turn_from_either_side() -> None:
+    # The owner turned clockwise by 90 is the other file.
+    pair = TurnedPair(owner=1, other=2, turn=90, tilt=None, score=0.5)
+    assert member_turn(pair, 1) == 90
+    assert member_turn(pair, 2) == 270
+    flipped = TurnedPair(owner=1, other=2, turn=90, tilt=None, score=0.5, flipped=True)
+    assert member_turn(flipped, 2) == 90
+    assert member_turn(None, 5) == 0
+
+
+@pytest.mark.parametrize("fill", [(0, 0, 0), (255, 255, 255)])
+@pytest.mark.parametrize("degrees", [15.0, 20.0, -30.0])
+def test_a_tilt_onto_filled_corners_is_measured_and_undone(
+    degrees: float, fill: tuple[int, int, int]
+) -> None:
+    original = photo("coffee").resize((320, 240))
+    copy = jpeg(tilted(original, degrees, fill))
+    tilt = find_tilt(copy)
+    assert tilt is not None
+    assert tilt.degrees == pytest.approx(degrees, abs=0.6)
+    assert np.abs(np.array(tilt.fill) - fill).max() <= 8
+    upright = straighten(copy, tilt)
+    # Back to the original's frame, less a thin margin where the fill was blended in.
+    assert abs(upright.width - 316) <= 3 and abs(upright.height - 236) <= 3
+    diff = np.abs(
+        np.asarray(upright.resize((316, 236)), np.int16)
+        - np.asarray(original.crop((2, 2, 318, 238)), np.int16)
+    )
+    assert np.median(diff) < 12
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_an_upright_photo_has_no_tilt(name: str) -> None:
+    assert find_tilt(photo(name)) is None
+
+
+def test_letterboxed_and_bordered_photos_have_no_tilt() -> None:
+    image = photo("chelsea").resize((320, 200))
+    letterbox = Image.new("RGB", (320, 260))
+    letterbox.paste(image, (0, 30))
+    assert find_tilt(letterbox) is None
+    assert find_tilt(ImageOps.expand(image, 20, fill=(255, 255, 255))) is None
+    assert find_tilt(Image.new("RGB", (200, 100), (0, 0, 0))) is None
+
+
+def test_straighten_with_a_tilt_of_nothing_keeps_the_image() -> None:
+    blank = Image.new("RGB", (60, 40), (0, 0, 0))
+    assert straighten(blank, Tilt(10.0, (0, 0, 0))).size == (60, 40)
+
+
+# ---------------------------------------------------------------------------- the finder
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("turn-photos")
+    for name in PHOTOS:
+        photo(name).save(folder / f"{name}.jpg", quality=92)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def turned_folder(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The photos, and copies of two of them: coffee turned every way (and mirrored),
+    smaller, and rocket tilted onto black corners; the originals are the files to keep."""
+    folder = tmp_path_factory.mktemp("turned")
+    for path in photo_folder.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    coffee = photo("coffee").resize((480, 320))
+    turn_image(coffee, 90).save(folder / "coffee-cw90.jpg", quality=90)
+    turn_image(coffee, 180).save(folder / "coffee-180.jpg", quality=90)
+    turn_image(coffee, 270).save(folder / "coffee-cw270.jpg", quality=90)
+    ImageOps.mirror(turn_image(coffee, 90)).save(folder / "coffee-mirror-cw90.jpg", quality=90)
+    # Full size: its canvas has more pixels than the original, its picture has not.
+    tilted(photo("rocket"), 20.0, (0, 0, 0)).save(folder / "rocket-tilt20.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def turned_index(
+    turned_folder: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: Path
+) -> Path:
+    index = tmp_path_factory.mktemp("turned-index") / "index"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GHOSTMATCH_CACHE", str(model_cache))
+        with ghostmatch.open(index, weights="bundled") as lib:
+            lib.index([turned_folder])
+    return index
+
+
+# Each copy turned clockwise by this (then mirrored, for the mirror image) is coffee.
+COFFEE_TURNS = {
+    "coffee-cw90.jpg": 270,
+    "coffee-180.jpg": 180,
+    "coffee-cw270.jpg": 90,
+    "coffee-mirror-cw90.jpg": 90,
+}
+
+
+def _groups_by_kept(groups: list) -> dict[str, dict[str, tuple[str, int]]]:  # type: ignore[type-arg]
+    return {g.keep.path.name: {m.path.name: (m.tier, m.turn) for m in g.members} for g in groups}
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: Path) -> None:
+    with ghostmatch.open(turned_index, create=False) as lib:
+        groups = _groups_by_kept(lib.find_duplicates(turned=True))
+        upright = _groups_by_kept(lib.finder.find_duplicates())
+    assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
+    assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
+    # Not one of them is a duplicate as it stands.
+    assert not set(upright.get("coffee.jpg", {})) & set(COFFEE_TURNS)
+    assert "rocket-tilt20.jpg" not in upright.get("rocket.jpg", {})
+    # Nothing else is grouped (chelsea and rocket, astronaut and coffee stay apart).
+    assert set(groups) == {"coffee.jpg", "rocket.jpg"}
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
+    coffee = photo("coffee")
+    with ghostmatch.open(turned_index, create=False) as lib:
+        # Counter-clockwise by 90: coffee.jpg turned clockwise by 270 lines up with it.
+        found = {m.path.name: m for m in lib.duplicates_of(turn_image(coffee, 270), turned=True)}
+        assert found["coffee.jpg"].turn == 270 and found["coffee.jpg"].tier == "edited"
+        assert found["coffee-cw90.jpg"].turn == 180
+        tilt = jpeg(tilted(photo("rocket"), -25.0, (255, 255, 255)))
+        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt, turned=True)]
+        assert lib.finder.duplicates_of(tilt) == []
+
+
+# ---------------------------------------------------------------------------- query, CLI
+
+
+@pytest.fixture(scope="module")
+def photo_index(
+    photo_folder: Path, tmp_path_factory: pytest.TempPathFactory, model_cache: Path
+) -> Path:
+    index = tmp_path_factory.mktemp("photo-index") / "index"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GHOSTMATCH_CACHE", str(model_cache))
+        with ghostmatch.open(index, weights="bundled") as lib:
+            lib.index([photo_folder])
+    return index
+
+
+def _query(index: Path, image: Path, model_cache: Path, *flags: str) -> list[dict]:  # type: ignore[type-arg]
+    done = subprocess.run(
+        [*CLI, "query", str(image), "--index", str(index), "-k", "3", "--json", *flags],
+        capture_output=True,
+        text=True,
+        env=cli_env(model_cache),
+        check=True,
+    )
+    return json.loads(done.stdout)[0]["matches"]
+
+
+def test_query_rotations_finds_a_turned_original(
+    photo_index: Path, tmp_path: Path, model_cache: Path
+) -> None:
+    image = tmp_path / "sideways.jpg"
+    turn_image(photo("astronaut"), 90).save(image, quality=90)
+    turned = _query(photo_index, image, model_cache, "--rotations")
+    plain = _query(photo_index, image, model_cache)
+    assert turned[0]["path"].endswith("astronaut.jpg") and turned[0]["turn"] == 90
+    assert "turn" not in plain[0]
+    plain_score = next((m["score"] for m in plain if m["path"].endswith("astronaut.jpg")), -1.0)
+    # Upright, the original is just another photo; turned back, it is nearly the same one.
+    assert turned[0]["score"] > plain_score + 0.2
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_query_rotations_in_the_library_and_under_a_folder(
+    photo_index: Path, photo_folder: Path
+) -> None:
+    upside_down = turn_image(photo("chelsea"), 180)
+    with ghostmatch.open(photo_index, create=False) as lib:
+        for under in (None, photo_folder):
+            matches = lib.query(upside_down, 2, rotations=True, under=under)
+            assert matches[0].path.name == "chelsea.jpg" and matches[0].turn == 180
+            assert [m.rank for m in matches] == [1, 2]
+        assert all(m.turn is None for m in lib.query(upside_down, 2))
+
+
+def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
+    done = subprocess.run(
+        [*CLI, "dupes", "--turned", "--index", str(turned_index), "--json"],
+        capture_output=True,
+        text=True,
+        env=cli_env(model_cache),
+        check=True,
+    )
+    groups = {Path(g["keep"]).name: g["members"] for g in json.loads(done.stdout)["groups"]}
+    turns = {Path(m["path"]).name: m["turn"] for m in groups["coffee.jpg"]}
+    assert turns == COFFEE_TURNS
+    assert [m["turn"] for m in groups["rocket.jpg"]] == [0]
