@@ -22,6 +22,7 @@ from ghostmatch.errors import GhostmatchError, NoIndexError
 from ghostmatch.ingest.indexer import Indexer, IndexReport, Progress
 from ghostmatch.model.binding import CARD_META, WEIGHTS_META, ImageLike, ModelBinding
 from ghostmatch.model.card import ModelCard
+from ghostmatch.retrieval.refine import Refinements
 from ghostmatch.search import Match, Searcher
 from ghostmatch.store.catalog import CATALOG_FILE, Catalog, ImageRecord
 from ghostmatch.store.vectors import GENERATION_META, INDEX_FILE, VectorStore
@@ -235,13 +236,15 @@ class Library:
         *,
         min_score: float | None = None,
         under: str | os.PathLike[str] | None = None,
+        refine: Refinements | None = None,
     ) -> list[Match]:
         """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
 
         An indexed file does not match itself. ``under`` keeps only results below a
-        folder (searched exactly over that folder's vectors).
+        folder (searched exactly over that folder's vectors). ``refine``: how the plain
+        cosine search is refined (``ghostmatch.retrieval.refine``; None: the defaults).
         """
-        return self.searcher.query(x, k, min_score=min_score, under=under)
+        return self.searcher.query(x, k, min_score=min_score, under=under, refine=refine)
 
     # ------------------------------------------------------------------------ duplicates
 

@@ -13,13 +13,16 @@ import numpy as np
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.binding import ImageLike, ModelBinding
 from ghostmatch.pathtext import path_text
+from ghostmatch.retrieval.refine import DEFAULT, Refinements
 from ghostmatch.store.catalog import Catalog
 from ghostmatch.store.vectors import VectorStore
 
 
 @dataclass(frozen=True)
 class Match:
-    """One search result; ``score`` is cosine similarity, higher = more alike."""
+    """One search result; ``score`` is cosine similarity, higher = more alike (of the
+    refined descriptors, plus the re-ranking's lift, when the query was refined), and
+    ``inliers`` the local matches that confirmed it when it was re-ranked."""
 
     rank: int
     path: Path
@@ -28,9 +31,10 @@ class Match:
     height: int
     bytes: int
     id: int
+    inliers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "rank": self.rank,
             "path": str(self.path),
             "score": round(self.score, 6),
@@ -38,6 +42,9 @@ class Match:
             "height": self.height,
             "bytes": self.bytes,
         }
+        if self.inliers is not None:
+            data["inliers"] = self.inliers
+        return data
 
 
 class Searcher:
@@ -76,13 +83,17 @@ class Searcher:
         *,
         min_score: float | None = None,
         under: str | os.PathLike[str] | None = None,
+        refine: Refinements | None = None,
     ) -> list[Match]:
         """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
 
         An indexed file does not match itself. ``under`` keeps only results below a
-        folder (searched exactly over that folder's vectors).
+        folder (searched exactly over that folder's vectors). ``refine`` says how the
+        plain cosine search is refined (``ghostmatch.retrieval``); None uses the measured
+        defaults, ``ghostmatch.retrieval.refine.PLAIN`` none.
         """
         k = check_k(k)
+        refine = DEFAULT if refine is None else refine
         if min_score is not None and not -1.0 <= min_score <= 1.0:
             raise GhostmatchError(f"min_score is a cosine score in [-1, 1], not {min_score}")
         if self.model.card is None:
@@ -91,28 +102,45 @@ class Searcher:
         # all k per query up front (a k of 10**9 would take tens of GB).
         k = min(k, self.catalog.count())
         vector, own_id = self.query_vector(x)
+        # A refined query ranks a shortlist of the plain search anew, so it asks for more.
+        want = k if refine.plain else max(k, refine.shortlist)
         if under is not None:
             folder = Path(os.path.abspath(under))
             ids = [i for i, _ in self.catalog.paths_under(folder) if i != own_id]
             found, vectors = self.catalog.vectors(ids)
             scores_all = vectors @ vector if len(found) else np.zeros(0, np.float32)
-            order = np.argsort(-scores_all, kind="stable")[:k]
+            order = np.argsort(-scores_all, kind="stable")[:want]
             pairs = [(int(found[i]), float(scores_all[i])) for i in order]
         else:
             index = self.vectors.index
             if index is None:
                 return []
-            scores, ids_ = index.search(vector[None, :], k + 1)
+            scores, ids_ = index.search(vector[None, :], min(want, index.ntotal) + 1)
             pairs = [
                 (int(i), float(s))
                 for i, s in zip(ids_[0], scores[0], strict=True)
                 if i >= 0 and i != own_id
-            ][:k]
+            ][:want]
+        inliers: dict[int, int] = {}
+        if not refine.plain and pairs:
+            from ghostmatch.retrieval.pipeline import refined
+
+            pairs, inliers = refined(self, x, vector, pairs, refine)
+        pairs = pairs[:k]
         if min_score is not None:
             pairs = [(i, s) for i, s in pairs if s >= min_score]
         records = {r.id: r for r in self.catalog.get([i for i, _ in pairs])}
         return [
-            Match(rank, records[i].path, s, records[i].width, records[i].height, records[i].size, i)
+            Match(
+                rank,
+                records[i].path,
+                s,
+                records[i].width,
+                records[i].height,
+                records[i].size,
+                i,
+                inliers.get(i),
+            )
             for rank, (i, s) in enumerate(((i, s) for i, s in pairs if i in records), start=1)
         ]
 
