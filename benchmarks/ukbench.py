@@ -100,8 +100,8 @@ def caltech_map(
     return float(np.mean(aps)), (time.perf_counter() - start) / len(queries) * 1000
 
 
-def run(settings: Settings, caltech_every: int = 10) -> Report:
-    report = Report("ukbench", settings.quick)
+def run(settings: Settings, caltech_every: int = 40, part: str = "both") -> Report:
+    report = Report("ukbench" if part != "caltech" else "ukbench_caltech", settings.quick)
     paths = sorted(UKBENCH.glob("ukbench*.jpg"))
     if not paths:
         report.notes.append(f"skipped: no ukbench-dev photos at {UKBENCH}")
@@ -110,16 +110,19 @@ def run(settings: Settings, caltech_every: int = 10) -> Report:
         paths = paths[: OBJECTS_QUICK * SHOTS]
     objects = np.arange(len(paths)) // SHOTS
     tuning = objects < (TUNING_OBJECTS if not settings.quick else OBJECTS_QUICK // 2)
-    photos = caltech_test() or []
+    photos = (caltech_test() or []) if part != "ukbench" else []
     if settings.quick:
         photos = photos[:: max(1, len(photos) // CALTECH_QUICK)]
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, float]] = {name: {} for name in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="ghostmatch-ukbench-") as tmp:
         with Library(Path(tmp) / "ukbench", weights=settings.weights) as lib:
-            lib.add(paths)
+            if part != "caltech":
+                lib.add(paths)
             for name, refine in CONFIGS.items():
+                if part == "caltech":
+                    break
                 per, ms = ukbench_scores(lib, paths, refine)
-                rows[name] = {
+                rows[name] |= {
                     "all": float(per.mean()),
                     "tuning": float(per[tuning].mean()),
                     "heldout": float(per[~tuning].mean()),
@@ -137,6 +140,9 @@ def run(settings: Settings, caltech_every: int = 10) -> Report:
                         lib, files, labels, every, refine
                     )
                     print(f"caltech {name}: {rows[name]}", flush=True)
+    if part == "caltech":
+        report.details = {"rows": rows, "caltech_photos": len(photos), "every": caltech_every}
+        return report
     phash = phash_scores(paths)
     rows["pHash (64-bit)"] = {
         "all": float(phash.mean()),
@@ -175,7 +181,7 @@ def run(settings: Settings, caltech_every: int = 10) -> Report:
     report.notes.append(
         "ukbench-dev: each photo against the other photos through Library.query; tuning = "
         "objects 0-62, held-out = 63-124; caltech: class mAP in the top 200 of every "
-        f"{caltech_every}-th test photo (all of them with --quick)"
+        f"{caltech_every}-th test photo (all of them with --quick), same queries for every row"
     )
     return report
 
@@ -187,16 +193,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--caltech-queries",
         type=int,
-        default=10,
+        default=40,
         metavar="N",
-        help="query every N-th caltech test photo (default 10)",
+        help="query every N-th caltech test photo (default 40)",
+    )
+    parser.add_argument(
+        "--part",
+        choices=("both", "ukbench", "caltech"),
+        default="both",
+        help="run one half only (two processes: results/ukbench.json and ukbench_caltech.json)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     settings = Settings(quick=args.quick, weights=args.weights or default_weights(), out=args.out)
     env = environment()
     start = time.perf_counter()
-    report = run(settings, args.caltech_queries)
+    report = run(settings, args.caltech_queries, args.part)
     report.seconds = time.perf_counter() - start
     report.command = " ".join(["python -m benchmarks.ukbench", *(argv or sys.argv[1:])])
     report.environment = env

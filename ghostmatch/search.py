@@ -55,6 +55,8 @@ class Searcher:
         self.catalog = catalog
         self.vectors = vectors
         self.model = model
+        # What refined queries keep from one query to the next (``ghostmatch.retrieval``).
+        self.cache: dict[str, Any] = {}
 
     def query_vector(self, x: ImageLike) -> tuple[np.ndarray, int | None]:
         """The descriptor of ``x`` and, for an indexed path, the id of its entry.

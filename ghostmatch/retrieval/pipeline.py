@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from ghostmatch.pathtext import path_text
 from ghostmatch.retrieval.augment import augmented
 from ghostmatch.retrieval.expansion import alpha_qe, dba
 from ghostmatch.retrieval.refine import Refinements
-from ghostmatch.retrieval.rerank import boost, inliers, scaled_maps, zoomed_card
+from ghostmatch.retrieval.rerank import ScaledMaps, boost, inliers, scaled_maps, zoomed_card
 from ghostmatch.retrieval.whitening import Whitening, learn_whitening
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 # once the number of indexed images has moved this far (as a share) from what it saw.
 WHITENING_FILE = "whitening.npz"
 RELEARN_CHANGE = 0.1
+# Indexed images whose local maps a searcher keeps for re-ranking (about 0.1 MB each, fp16,
+# at the bundled model's 160 px).
+MAP_CACHE_IMAGES = 1024
 
 
 def refined(
@@ -83,46 +87,78 @@ def _image(x: ImageLike, searcher: Searcher) -> Image.Image:
 
 
 def _inliers(searcher: Searcher, image: Image.Image, ids: list[int]) -> dict[int, int]:
-    """Each indexed image's inlier count against the query (0 if it cannot be read)."""
+    """Each indexed image's inlier count against the query (0 if it cannot be read).
+
+    Indexed images' maps are kept (``MAP_CACHE_IMAGES`` of them, least recently used
+    dropped first, keyed by file size and mtime too): the results of one query are often
+    the results of the next, and a map costs three passes of the network.
+    """
     embedder = searcher.model.embedder
     card = embedder.card
     size = zoomed_card(card).input_size
+    cache: OrderedDict[tuple[int, int, int], ScaledMaps | None]
+    cache = searcher.cache.setdefault("local_maps", OrderedDict())
     records = {r.id: r for r in searcher.catalog.get(ids)}
+    keys = {i: (i, r.size, r.mtime_ns) for i, r in records.items()}
+    missing = [i for i in ids if i in keys and keys[i] not in cache]
 
     def decode(i: int) -> Image.Image | None:
-        record = records.get(i)
-        if record is None:
-            return None
         try:
-            return load_image(record.path, min_side=size).image
+            return load_image(records[i].path, min_side=size).image
         except ImageRejected:
             return None
 
     with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
-        decoded = list(pool.map(decode, ids))
+        decoded = list(pool.map(decode, missing))
     readable = [d for d in decoded if d is not None]
-    model = embedder.local_model
-    query_maps, *maps = scaled_maps(model, card, [image, *readable])
-    found = iter(maps)
-    candidates = [None if d is None else next(found) for d in decoded]
+    query_maps, *maps = scaled_maps(embedder.local_model, card, [image, *readable])
+    fresh = iter(maps)
+    for i, d in zip(missing, decoded, strict=True):
+        cache[keys[i]] = None if d is None else _half(next(fresh))
+    candidates: list[ScaledMaps | None] = []
+    for i in ids:
+        key = keys.get(i)
+        if key is None:
+            candidates.append(None)
+            continue
+        cache.move_to_end(key)
+        maps_i = cache[key]
+        candidates.append(None if maps_i is None else _single(maps_i))
+    while len(cache) > max(MAP_CACHE_IMAGES, len(ids)):
+        cache.popitem(last=False)
     return dict(zip(ids, inliers(query_maps, candidates).tolist(), strict=True))
+
+
+def _half(maps: ScaledMaps) -> ScaledMaps:
+    return ScaledMaps(*(m.astype(np.float16) for m in (maps.base, maps.mirrored, maps.zoomed)))
+
+
+def _single(maps: ScaledMaps) -> ScaledMaps:
+    return ScaledMaps(*(m.astype(np.float32) for m in (maps.base, maps.mirrored, maps.zoomed)))
 
 
 def whitening_for(searcher: Searcher, refine: Refinements) -> Whitening:
     """The whitening ``refine`` asks for: from the model file's training descriptors, or
     from the collection (kept in the index folder, learnt again when it has grown or
     shrunk by more than ``RELEARN_CHANGE``)."""
+    kept: dict[tuple[str, float], Whitening] = searcher.cache.setdefault("whitening", {})
+    key = (refine.whiten, refine.shrinkage)
     if refine.whiten == "training":
-        norm = searcher.model.embedder.model.score_norm
-        if norm is None:
-            raise GhostmatchError(
-                "the index's model carries no training descriptors to learn whitening from; "
-                "whiten with the collection instead, or not at all"
-            )
-        return learn_whitening(norm.background, refine.shrinkage)
+        if key not in kept:
+            norm = searcher.model.embedder.model.score_norm
+            if norm is None:
+                raise GhostmatchError(
+                    "the index's model carries no training descriptors to learn whitening "
+                    "from; whiten with the collection instead, or not at all"
+                )
+            kept[key] = learn_whitening(norm.background, refine.shrinkage)
+        return kept[key]
+    count = searcher.catalog.count()
+    held = kept.get(key)
+    if held is not None and _fresh(held, count):
+        return held
     card = searcher.model.card
     fingerprint = card.fingerprint if card is not None else ""
-    count = searcher.catalog.count()
     file = searcher.vectors.path / WHITENING_FILE
     try:
         stored, stamp = Whitening.load(file)
@@ -132,12 +168,19 @@ def whitening_for(searcher: Searcher, refine: Refinements) -> Whitening:
         stored is not None
         and stamp.get("fingerprint") == fingerprint
         and stamp.get("shrinkage") == refine.shrinkage
-        and abs(count - stored.learnt_on) <= RELEARN_CHANGE * stored.learnt_on
+        and _fresh(stored, count)
     ):
+        kept[key] = stored
         return stored
     _, vectors = searcher.catalog.vectors()
     learnt = learn_whitening(vectors, refine.shrinkage)
-    # A read-only index learns it again next time.
+    # A read-only index learns it again in each process.
     with contextlib.suppress(OSError):
         learnt.save(file, fingerprint=fingerprint, shrinkage=refine.shrinkage)
+    kept[key] = learnt
     return learnt
+
+
+def _fresh(whitening: Whitening, count: int) -> bool:
+    """Whether a whitening still stands for a collection of ``count`` images."""
+    return abs(count - whitening.learnt_on) <= RELEARN_CHANGE * whitening.learnt_on
