@@ -242,7 +242,8 @@ class Library:
 
         An indexed file does not match itself. ``under`` keeps only results below a
         folder (searched exactly over that folder's vectors). ``refine``: how the plain
-        cosine search is refined (``ghostmatch.retrieval.refine``; None: the defaults).
+        cosine search is refined (None: not at all; ``ghostmatch.retrieval.refine.DEFAULT``:
+        the measured defaults of ``ghostmatch query``).
         """
         return self.searcher.query(x, k, min_score=min_score, under=under, refine=refine)
 

@@ -13,7 +13,7 @@ import numpy as np
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.binding import ImageLike, ModelBinding
 from ghostmatch.pathtext import path_text
-from ghostmatch.retrieval.refine import DEFAULT, Refinements
+from ghostmatch.retrieval.refine import PLAIN, Refinements
 from ghostmatch.store.catalog import Catalog
 from ghostmatch.store.vectors import VectorStore
 
@@ -21,8 +21,8 @@ from ghostmatch.store.vectors import VectorStore
 @dataclass(frozen=True)
 class Match:
     """One search result; ``score`` is cosine similarity, higher = more alike (of the
-    refined descriptors, plus the re-ranking's lift, when the query was refined), and
-    ``inliers`` the local matches that confirmed it when it was re-ranked."""
+    refined descriptors, blended with the local matches' agreement when re-ranked), and
+    ``inliers`` the local matches that fit one geometry when it was re-ranked."""
 
     rank: int
     path: Path
@@ -91,11 +91,11 @@ class Searcher:
 
         An indexed file does not match itself. ``under`` keeps only results below a
         folder (searched exactly over that folder's vectors). ``refine`` says how the
-        plain cosine search is refined (``ghostmatch.retrieval``); None uses the measured
-        defaults, ``ghostmatch.retrieval.refine.PLAIN`` none.
+        plain cosine search is refined (``ghostmatch.retrieval``): None, a plain cosine
+        search; ``ghostmatch.retrieval.refine.DEFAULT``, what ``ghostmatch query`` does.
         """
         k = check_k(k)
-        refine = DEFAULT if refine is None else refine
+        refine = PLAIN if refine is None else refine
         if min_score is not None and not -1.0 <= min_score <= 1.0:
             raise GhostmatchError(f"min_score is a cosine score in [-1, 1], not {min_score}")
         if self.model.card is None:

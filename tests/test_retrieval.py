@@ -163,6 +163,7 @@ def test_a_plain_query_is_the_cosine_search(copies: tuple[Path, Path]) -> None:
         scores = vectors @ vector
         order = [i for i in np.argsort(-scores, kind="stable") if ids[i] != own]
         matches = lib.query(query, 4, refine=PLAIN)
+        assert lib.query(query, 4) == matches  # the library's default is the plain search
     assert [m.id for m in matches] == [int(ids[i]) for i in order[:4]]
     assert [m.score for m in matches] == pytest.approx([float(scores[i]) for i in order[:4]])
     assert all(m.inliers is None and "inliers" not in m.to_dict() for m in matches)
@@ -171,17 +172,20 @@ def test_a_plain_query_is_the_cosine_search(copies: tuple[Path, Path]) -> None:
 def test_the_default_query_confirms_a_copy_by_local_features(copies: tuple[Path, Path]) -> None:
     folder, index = copies
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
-        matches = lib.query(folder / "chelsea.jpg", 5)
-        fewer = lib.query(folder / "chelsea.jpg", 2)
+        matches = lib.query(folder / "chelsea.jpg", 5, refine=DEFAULT)
+        fewer = lib.query(folder / "chelsea.jpg", 2, refine=DEFAULT)
+        cut = (matches[1].score + matches[2].score) / 2
+        kept = lib.query(folder / "chelsea.jpg", 5, refine=DEFAULT, min_score=cut)
         # A new image (not a path) is refined the same way.
         with Image.open(folder / "chelsea.jpg") as image:
-            unindexed = lib.query(image.copy(), 5)
+            unindexed = lib.query(image.copy(), 5, refine=DEFAULT)
     assert matches[0].path.name == "chelsea-crop.jpg"
     assert matches[0].inliers is not None
     assert all(m.inliers is not None and m.inliers < matches[0].inliers for m in matches[1:])
     assert all(m.path.name != "chelsea.jpg" for m in matches)  # never itself
     scores = [m.score for m in matches]
-    assert scores == sorted(scores, reverse=True)
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert [m.id for m in kept] == [m.id for m in matches[:2]]
     assert [m.id for m in fewer] == [m.id for m in matches[:2]]
     assert unindexed[0].path.name in ("chelsea.jpg", "chelsea-crop.jpg")
     assert matches[0].to_dict()["inliers"] == matches[0].inliers
@@ -237,10 +241,6 @@ def test_collection_whitening_is_kept_in_the_index_and_learnt_again_as_it_grows(
 def test_cli_query_options(copies: tuple[Path, Path], model_cache: Path) -> None:
     folder, index = copies
     query = folder / "chelsea.jpg"
-    plain = run_cli(["query", query, "--index", index, "--plain", "--json", "-k", "3"], model_cache)
-    assert plain.returncode == 0, plain.stderr
-    rows = json.loads(plain.stdout)[0]["matches"]
-    assert len(rows) == 3 and all("inliers" not in r for r in rows)
     refined = run_cli(
         ["query", query, "--index", index, "--json", "-k", "3", "--rerank", "4", "--qe", "0"],
         model_cache,

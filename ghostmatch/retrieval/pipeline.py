@@ -18,7 +18,7 @@ from ghostmatch.pathtext import path_text
 from ghostmatch.retrieval.augment import augmented
 from ghostmatch.retrieval.expansion import alpha_qe, dba
 from ghostmatch.retrieval.refine import Refinements
-from ghostmatch.retrieval.rerank import ScaledMaps, boost, inliers, scaled_maps, zoomed_card
+from ghostmatch.retrieval.rerank import ScaledMaps, blend, inliers, scaled_maps, zoomed_card
 from ghostmatch.retrieval.whitening import Whitening, learn_whitening
 
 if TYPE_CHECKING:
@@ -62,13 +62,16 @@ def refined(
     if refine.rerank and image is not None:
         top = ranked[: refine.rerank]
         found = _inliers(searcher, image, [i for i, _ in top])
-        lifted = boost(
+        lifted = blend(
             np.array([s for _, s in top]),
             np.array([found[i] for i, _ in top]),
             refine.rerank_weight,
         )
         again = np.argsort(-lifted, kind="stable")
-        ranked = [(top[r][0], float(lifted[r])) for r in again] + ranked[refine.rerank :]
+        # The rest are blended with no inliers, so that scores fall with rank and a
+        # minimum score means the same above and below the re-ranked part.
+        rest = [(i, s / (1.0 + refine.rerank_weight)) for i, s in ranked[refine.rerank :]]
+        ranked = [(top[r][0], float(lifted[r])) for r in again] + rest
         counts = found
     return ranked, counts
 

@@ -58,6 +58,7 @@ def inliers(query: ScaledMaps, candidates: Sequence[ScaledMaps | None]) -> np.nd
     )
 
 
-def boost(scores: np.ndarray, counts: np.ndarray, weight: float) -> np.ndarray:
-    """Re-ranking scores: each score plus ``weight`` times its share of ``INLIER_CAP``."""
-    return scores + weight * np.minimum(counts, INLIER_CAP) / INLIER_CAP
+def blend(scores: np.ndarray, counts: np.ndarray, weight: float) -> np.ndarray:
+    """Re-ranking scores, still in [-1, 1]: each score and its share of ``INLIER_CAP``
+    inliers, weighted 1 : ``weight``."""
+    return (scores + weight * np.minimum(counts, INLIER_CAP) / INLIER_CAP) / (1.0 + weight)
