@@ -218,13 +218,61 @@ def query(
     ] = False,
     runtime: RuntimeOpt = "auto",
     device: DeviceOpt = "auto",
+    plain: Annotated[
+        bool, typer.Option("--plain", help="A plain cosine search: no refinement at all.")
+    ] = False,
+    whiten: Annotated[
+        str | None,
+        typer.Option("--whiten", help="none, training or collection (default none)."),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            "--augment", help="none, flip or multiscale views of the query (default flip)."
+        ),
+    ] = None,
+    dba: Annotated[
+        int | None,
+        typer.Option(
+            "--dba", min=0, help="Database-side augmentation neighbours (default 2; 0 off)."
+        ),
+    ] = None,
+    qe: Annotated[
+        int | None,
+        typer.Option("--qe", min=0, help="Alpha query expansion neighbours (default 2; 0 off)."),
+    ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            "--rerank", min=0, help="Top results re-ranked by local features (default 24; 0 off)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show the indexed images most like each IMAGE (cosine score, higher = more alike)."""
+    from ghostmatch.retrieval.refine import DEFAULT, PLAIN
+
+    changes = {
+        name: value
+        for name, value in (
+            ("whiten", whiten),
+            ("augment", augment),
+            ("dba", dba),
+            ("expand", qe),
+            ("rerank", rerank),
+        )
+        if value is not None
+    }
+    refine = (PLAIN if plain else DEFAULT).with_changes(**changes)
     lib = _open(index, catalog=catalog, runtime=runtime, device=device, create=False)
     try:
         results = [
-            (image, lib.query(image, k, min_score=min_score, under=under, rotations=rotations))
+            (
+                image,
+                lib.query(
+                    image, k, min_score=min_score, under=under, rotations=rotations, refine=refine
+                ),
+            )
             for image in images
         ]
     finally:

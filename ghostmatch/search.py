@@ -13,13 +13,16 @@ import numpy as np
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.binding import ImageLike, ModelBinding
 from ghostmatch.pathtext import path_text
+from ghostmatch.retrieval.refine import PLAIN, Refinements
 from ghostmatch.store.catalog import Catalog
 from ghostmatch.store.vectors import VectorStore
 
 
 @dataclass(frozen=True)
 class Match:
-    """One search result; ``score`` is cosine similarity, higher = more alike."""
+    """One search result; ``score`` is cosine similarity, higher = more alike (of the
+    refined descriptors, blended with the local matches' agreement when re-ranked), and
+    ``inliers`` the local matches that fit one geometry when it was re-ranked."""
 
     rank: int
     path: Path
@@ -31,6 +34,8 @@ class Match:
     # With a search of every quarter-turn of the query: the clockwise turn (0, 90, 180,
     # 270) that lines this match up with the query; None when only the query was searched.
     turn: int | None = None
+    # With re-ranking: how many local features the match shares with the query.
+    inliers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -43,6 +48,8 @@ class Match:
         }
         if self.turn is not None:
             data["turn"] = self.turn
+        if self.inliers is not None:
+            data["inliers"] = self.inliers
         return data
 
 
@@ -54,6 +61,8 @@ class Searcher:
         self.catalog = catalog
         self.vectors = vectors
         self.model = model
+        # What refined queries keep from one query to the next (``ghostmatch.retrieval``).
+        self.cache: dict[str, Any] = {}
 
     def query_vector(self, x: ImageLike) -> tuple[np.ndarray, int | None]:
         """The descriptor of ``x`` and, for an indexed path, the id of its entry.
@@ -83,14 +92,20 @@ class Searcher:
         min_score: float | None = None,
         under: str | os.PathLike[str] | None = None,
         rotations: bool = False,
+        refine: Refinements | None = None,
     ) -> list[Match]:
         """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
 
         An indexed file does not match itself. ``under`` keeps only results below a
         folder (searched exactly over that folder's vectors). ``rotations`` searches
-        every quarter-turn of ``x`` too (three more embeddings; :meth:`_every_turn`).
+        every quarter-turn of ``x`` too (three more embeddings; :meth:`_every_turn`); such a
+        search is not refined, as the re-ranking's local features are not turned.
+        ``refine`` says how the plain cosine search is refined (``ghostmatch.retrieval``):
+        None, a plain cosine search; ``ghostmatch.retrieval.refine.DEFAULT``, what
+        ``ghostmatch query`` does.
         """
         k = check_k(k)
+        refine = PLAIN if refine is None else refine
         if min_score is not None and not -1.0 <= min_score <= 1.0:
             raise GhostmatchError(f"min_score is a cosine score in [-1, 1], not {min_score}")
         if self.model.card is None:
@@ -100,6 +115,8 @@ class Searcher:
         k = min(k, self.catalog.count())
         vector, own_id = self.query_vector(x)
         turn_of: dict[int, int] = {}
+        # A refined query ranks a shortlist of the plain search anew, so it asks for more.
+        want = k if refine.plain or rotations else max(k, refine.shortlist)
         if rotations:
             pairs, turn_of = self._every_turn(x, vector, own_id, k, under)
         elif under is not None:
@@ -107,18 +124,24 @@ class Searcher:
             ids = [i for i, _ in self.catalog.paths_under(folder) if i != own_id]
             found, vectors = self.catalog.vectors(ids)
             scores_all = vectors @ vector if len(found) else np.zeros(0, np.float32)
-            order = np.argsort(-scores_all, kind="stable")[:k]
+            order = np.argsort(-scores_all, kind="stable")[:want]
             pairs = [(int(found[i]), float(scores_all[i])) for i in order]
         else:
             index = self.vectors.index
             if index is None:
                 return []
-            scores, ids_ = index.search(vector[None, :], k + 1)
+            scores, ids_ = index.search(vector[None, :], min(want, index.ntotal) + 1)
             pairs = [
                 (int(i), float(s))
                 for i, s in zip(ids_[0], scores[0], strict=True)
                 if i >= 0 and i != own_id
-            ][:k]
+            ][:want]
+        inliers: dict[int, int] = {}
+        if not refine.plain and pairs and not rotations:
+            from ghostmatch.retrieval.pipeline import refined
+
+            pairs, inliers = refined(self, x, vector, pairs, refine)
+        pairs = pairs[:k]
         if min_score is not None:
             pairs = [(i, s) for i, s in pairs if s >= min_score]
         records = {r.id: r for r in self.catalog.get([i for i, _ in pairs])}
@@ -132,6 +155,7 @@ class Searcher:
                 records[i].size,
                 i,
                 turn_of.get(i) if rotations else None,
+                inliers.get(i),
             )
             for rank, (i, s) in enumerate(((i, s) for i, s in pairs if i in records), start=1)
         ]

@@ -14,6 +14,7 @@ BUILT_ON = (
     "ghostmatch.cli",
     "ghostmatch.library",
     "ghostmatch.search",
+    "ghostmatch.retrieval",
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
     "ghostmatch.ingest.ray_embed",
@@ -34,6 +35,7 @@ FOUNDATIONS = (
 # The components behind the facade: they may not import the facade or the CLI.
 COMPONENTS = (
     "ghostmatch.search",
+    "ghostmatch.retrieval",
     "ghostmatch.dupes",
     "ghostmatch.ingest.indexer",
     "ghostmatch.ingest.ray_embed",

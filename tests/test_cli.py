@@ -26,6 +26,7 @@ from sqlalchemy.exc import ProgrammingError
 
 import ghostmatch
 from ghostmatch.library import Library
+from ghostmatch.retrieval.refine import DEFAULT
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:using RANDOM weights"),
@@ -130,9 +131,9 @@ def test_info_json(indexed: Indexed, model_cache: Path) -> None:
 
 
 def library_answer(indexed: Indexed, query: Path, k: int, **options: Any) -> list[dict[str, Any]]:
-    """What the engine itself answers (an indexed query needs no model)."""
+    """What the engine itself answers, refined as ``ghostmatch query`` refines by default."""
     with ghostmatch.open(indexed.index, create=False) as lib:
-        return [m.to_dict() for m in lib.query(query, k, **options)]
+        return [m.to_dict() for m in lib.query(query, k, **{"refine": DEFAULT, **options})]
 
 
 def test_query_json(indexed: Indexed, tmp_path: Path, model_cache: Path) -> None:
@@ -150,7 +151,8 @@ def test_query_json(indexed: Indexed, tmp_path: Path, model_cache: Path) -> None
     assert [entry["query"] for entry in answer] == [str(known), str(new)]
     for entry in answer:
         matches = entry["matches"]
-        assert all(set(m) == MATCH_KEYS for m in matches)
+        # Re-ranked results also say how many local matches confirmed them.
+        assert all(set(m) - {"inliers"} == MATCH_KEYS for m in matches)
         assert [m["rank"] for m in matches] == list(range(1, len(matches) + 1))
         assert all(isinstance(m["score"], float) and -1.0 <= m["score"] <= 1.0001 for m in matches)
         scores = [m["score"] for m in matches]
@@ -165,7 +167,7 @@ def test_query_json(indexed: Indexed, tmp_path: Path, model_cache: Path) -> None
     assert len(known_matches) == len(indexed.good) - 1  # everything but itself
     assert str(known) not in {m["path"] for m in known_matches}
     assert known_matches[0]["path"] == str(indexed.gallery / "copies" / "astronaut-copy.jpg")
-    assert known_matches[0]["score"] >= 0.9999
+    assert known_matches[0]["score"] >= 0.999  # refined: within a hair of 1
     assert len(new_matches) == len(indexed.good)
     if (indexed.gallery / "bad" / NON_UTF8_NAME).exists():
         assert str(indexed.gallery / "bad" / NON_UTF8_NAME) in {m["path"] for m in new_matches}
@@ -178,7 +180,10 @@ def test_query_json(indexed: Indexed, tmp_path: Path, model_cache: Path) -> None
 
 def test_query_table(indexed: Indexed, model_cache: Path) -> None:
     known = indexed.gallery / "astronaut.jpg"
-    result = ok(run_cli(["query", known, "-k", "3", "--index", indexed.index], model_cache))
+    # A plain search, where an identical copy scores exactly 1.
+    result = ok(
+        run_cli(["query", known, "-k", "3", "--plain", "--index", indexed.index], model_cache)
+    )
     lines = result.stdout.splitlines()
     assert lines[0] == str(known)
     header = next(line for line in lines if "rank" in line)
@@ -191,7 +196,7 @@ def test_query_table(indexed: Indexed, model_cache: Path) -> None:
         "bytes",
     ]
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if "│" in line]
-    expected = library_answer(indexed, known, 3)
+    expected = library_answer(indexed, known, 3, refine=None)
     assert [row[0] for row in rows] == ["1", "2", "3"]
     assert [row[2] for row in rows] == [m["path"] for m in expected]
     assert [row[1] for row in rows] == [f"{m['score']:.4f}" for m in expected]
