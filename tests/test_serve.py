@@ -100,7 +100,8 @@ def test_query_by_upload_is_the_cli_answer(
     photo = tmp_path / "new photo.jpg"
     photo.write_bytes(jpeg("astronaut", (300, 300), quality=80))
     params = dict(options)
-    args: list[object] = ["query", photo, "--index", indexed.index, "--json"]
+    # The server's query is the plain cosine search, the command's with --plain.
+    args: list[object] = ["query", photo, "--index", indexed.index, "--json", "--plain"]
     if "k" in params:
         args += ["-k", params["k"]]
     if "min_score" in params:
@@ -126,7 +127,7 @@ def test_query_by_indexed_path_is_the_cli_answer(
     response = client.post("/api/v1/query", params={"k": 3}, json={"path": str(path)})
     assert response.status_code == 200, response.text
     cli = json.loads(
-        run_cli(env, "query", path, "--index", indexed.index, "-k", 3, "--json").stdout
+        run_cli(env, "query", path, "--index", indexed.index, "-k", 3, "--json", "--plain").stdout
     )
     assert without_ids(response.json(), "matches") == cli[0]
     # The file does not match itself; its exact copy comes first.
