@@ -19,18 +19,21 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
     TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
-from ghostmatch.cli.output import CatalogOpt, JsonOpt, err, out, print_json
+from ghostmatch.cli.output import (
+    CatalogOpt,
+    IndexOpt,
+    JsonOpt,
+    err,
+    out,
+    print_json,
+    progress_columns,
+)
 from ghostmatch.errors import GhostmatchError, IndexBusyError, NoIndexError
 from ghostmatch.pathtext import path_text
 
@@ -40,10 +43,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find matching and duplicate photos with GhostNet descriptors and FAISS.",
 )
-IndexOpt = Annotated[
-    Path | None,
-    typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or the user data dir)"),
-]
 WeightsOpt = Annotated[
     str | None,
     typer.Option(
@@ -64,16 +63,7 @@ def _progress(enabled: bool, label: str) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False) as bar:
+    with Progress(*progress_columns(), console=err, transient=False) as bar:
         task: TaskID | None = None
 
         def update(stage: str, done: int, total: int | None) -> None:

@@ -15,24 +15,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
-from ghostmatch.cli.output import JsonOpt, err, out, print_json
+from ghostmatch.cli.output import IndexOpt, JsonOpt, err, out, print_json, progress_columns
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
-IndexOpt = Annotated[
-    Path | None,
-    typer.Option("--index", help="Index folder (default: $GHOSTMATCH_INDEX or the user data dir)"),
-]
 T = TypeVar("T")
 
 
@@ -49,16 +40,7 @@ def _each(items: Sequence[Path], label: str, show: bool) -> Iterator[Callable[[]
     if not show or len(items) < 2:
         yield lambda: None
         return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=True) as bar:
+    with Progress(*progress_columns(), console=err, transient=True) as bar:
         task = bar.add_task(label, total=len(items), rate="")
 
         def advance() -> None:
