@@ -174,11 +174,11 @@ class VectorStore:
 
     def _build(self, factory: str | None) -> VectorIndex | None:
         """Build from the catalog's vectors (None when it has none): as ``factory``, else
-        in memory up to ``ONDISK_LIMIT`` vectors and on disk, in shards, above."""
+        in memory up to ``ondisk_limit()`` vectors and on disk, in shards, above."""
         from ghostmatch.indexes import ondisk
         from ghostmatch.indexes.vector_index import build_index, default_factory
 
-        if factory is None and self.catalog.count() > ondisk.ONDISK_LIMIT:
+        if factory is None and self.catalog.count() > ondisk.ondisk_limit():
             return self._build_ondisk()
         ids, vectors = self.catalog.vectors()
         if len(ids) == 0:
