@@ -154,41 +154,69 @@ def test_ondisk_factory_caps_lists_and_uses_half_precision() -> None:
 
 
 def test_vector_store_builds_on_disk_above_the_limit_and_keeps_up_with_changes(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+    big_catalog: tuple[Path, Catalog], data: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    # The limit is millions of vectors; a small one makes the catalog's store take the
-    # same path on a small catalog.
-    monkeypatch.setattr(ondisk, "ONDISK_LIMIT", 1000)
-    _, x = data
+    (folder, catalog), (_, x) = big_catalog, data
+    store = VectorStore(folder, catalog)
+    index = store.index
+    assert index is not None and is_ondisk(index)
+    np.testing.assert_array_equal(index.ids(), catalog.ids())
+    assert read_stamp(store.file)[:2] == (store.generation(), index.checksum)
+    assert not list(folder.glob(".shards-*"))
+    # A second store trusts the stamped files: nothing rebuilt.
+    lists = sorted(folder.glob(f"{INDEX_FILE}.*{ondisk.DATA_SUFFIX}"))
+    again = VectorStore(folder, catalog).index
+    assert again is not None and again.checksum == index.checksum
+    assert sorted(folder.glob(f"{INDEX_FILE}.*{ondisk.DATA_SUFFIX}")) == lists
+    _, found = again.search(x[:1], 1)
+    assert found[0, 0] == catalog.ids()[0]
+    # A change rebuilds the lists from the catalog rather than editing shared files.
+    doomed = [int(i) for i in catalog.ids()[:5]]
+    with store.writing():
+        store.delete(doomed)
+        store.apply()
+    changed = store.index
+    assert changed is not None and is_ondisk(changed)
+    np.testing.assert_array_equal(changed.ids(), catalog.ids())
+    assert sorted(folder.glob(f"{INDEX_FILE}.*{ondisk.DATA_SUFFIX}")) != lists
+    assert read_stamp(store.file)[:2] == (store.generation(), changed.checksum)
+    store.close()
+
+
+def test_an_index_in_memory_moves_to_disk_when_it_grows_past_the_limit(
+    big_catalog: tuple[Path, Catalog],
+    data: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (folder, catalog), (_, x) = big_catalog, data
+    monkeypatch.setenv(ondisk.LIMIT_ENV, str(N))
+    store = VectorStore(folder, catalog)
+    index = store.index
+    assert index is not None and not is_ondisk(index)
+    with store.writing():
+        with store.change() as change:
+            change.added.extend(change.tx.insert_images([_row(N + i, x[i]) for i in range(5)]))
+        store.apply()
+    grown = store.index
+    assert grown is not None and is_ondisk(grown)
+    np.testing.assert_array_equal(grown.ids(), catalog.ids())
+    store.close()
+
+
+@pytest.fixture
+def big_catalog(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Path, Catalog]]:
+    """An index folder whose catalog holds the N vectors, above an on-disk limit of 1000:
+    the limit is millions of vectors, a small one makes the catalog's store take the same
+    path on a small catalog."""
+    monkeypatch.setenv(ondisk.LIMIT_ENV, "1000")
     folder = tmp_path / "index"
     folder.mkdir()
     with Catalog.for_directory(folder) as catalog:
         with catalog.transaction() as tx:
-            tx.insert_images([_row(i, x[i]) for i in range(N)])
-        store = VectorStore(folder, catalog)
-        index = store.index
-        assert index is not None and is_ondisk(index)
-        np.testing.assert_array_equal(index.ids(), catalog.ids())
-        assert read_stamp(store.file)[:2] == (store.generation(), index.checksum)
-        assert not list(folder.glob(".shards-*"))
-        # A second store trusts the stamped files: nothing rebuilt.
-        lists = sorted(folder.glob(f"{INDEX_FILE}.*{ondisk.DATA_SUFFIX}"))
-        again = VectorStore(folder, catalog).index
-        assert again is not None and again.checksum == index.checksum
-        assert sorted(folder.glob(f"{INDEX_FILE}.*{ondisk.DATA_SUFFIX}")) == lists
-        _, found = again.search(x[:1], 1)
-        assert found[0, 0] == catalog.ids()[0]
-        # A change rebuilds the lists from the catalog rather than editing shared files.
-        doomed = [int(i) for i in catalog.ids()[:5]]
-        with store.writing():
-            store.delete(doomed)
-            store.apply()
-        changed = store.index
-        assert changed is not None and is_ondisk(changed)
-        np.testing.assert_array_equal(changed.ids(), catalog.ids())
-        assert sorted(folder.glob(f"{INDEX_FILE}.*{ondisk.DATA_SUFFIX}")) != lists
-        assert read_stamp(store.file)[:2] == (store.generation(), changed.checksum)
-        store.close()
+            tx.insert_images([_row(i, data[1][i]) for i in range(N)])
+        yield folder, catalog
 
 
 def _row(number: int, vector: np.ndarray) -> NewImage:
@@ -230,26 +258,20 @@ def test_every_vector_is_added_to_its_nearest_list(tmp_path: Path) -> None:
 
 
 def test_a_reader_builds_privately_while_another_process_writes(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+    big_catalog: tuple[Path, Catalog], data: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    monkeypatch.setattr(ondisk, "ONDISK_LIMIT", 1000)
-    _, x = data
-    folder = tmp_path / "index"
-    folder.mkdir()
-    with Catalog.for_directory(folder) as catalog:
-        with catalog.transaction() as tx:
-            tx.insert_images([_row(i, x[i]) for i in range(N)])
-        # A lock of its own open file: to flock, another writer.
-        other = WriterLock(folder)
-        assert other.try_acquire()
-        try:
-            index = VectorStore(folder, catalog).index
-            assert index is not None and is_ondisk(index)
-            _, found = index.search(x[:1], 1)
-            assert found[0, 0] == catalog.ids()[0]
-            assert not list(folder.glob(f"{INDEX_FILE}*"))
-        finally:
-            other.release()
+    (folder, catalog), (_, x) = big_catalog, data
+    # A lock of its own open file: to flock, another writer.
+    other = WriterLock(folder)
+    assert other.try_acquire()
+    try:
+        index = VectorStore(folder, catalog).index
+        assert index is not None and is_ondisk(index)
+        _, found = index.search(x[:1], 1)
+        assert found[0, 0] == catalog.ids()[0]
+        assert not list(folder.glob(f"{INDEX_FILE}*"))
+    finally:
+        other.release()
 
 
 def test_the_ondisk_limit_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,33 +286,29 @@ def test_the_ondisk_limit_comes_from_the_environment(monkeypatch: pytest.MonkeyP
 
 
 def test_all_pairs_of_an_ondisk_catalog_read_it_a_chunk_at_a_time(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+    big_catalog: tuple[Path, Catalog],
+    data: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The pairs of the exact in-memory search, scores to the last bit, offsets and all,
     while no read of the catalog asks for more than one chunk of vectors."""
-    monkeypatch.setenv(ondisk.LIMIT_ENV, "1000")
-    _, x = data
+    (folder, catalog), (_, x) = big_catalog, data
     offsets = np.random.default_rng(1).uniform(-0.05, 0.05, N)
-    folder = tmp_path / "index"
-    folder.mkdir()
-    with Catalog.for_directory(folder) as catalog:
-        with catalog.transaction() as tx:
-            tx.insert_images([_row(i, x[i]) for i in range(N)])
-        store = VectorStore(folder, catalog)
-        index = store.index
-        assert index is not None and is_ondisk(index)
-        ids, vectors = stored_vectors(catalog, index)
-        assert isinstance(vectors, StreamedVectors)
-        vectors.chunk = CHUNK
-        reads = count_reads(catalog, monkeypatch)
-        for shift in (None, offsets):
-            want = similar_pairs(x, 0.9, ids=ids, offsets=shift)
-            assert len(want[0]) >= 30
-            got = stored_pairs(ids, vectors, 0.9, index, shift)
-            for found, expected in zip(got, want, strict=True):
-                np.testing.assert_array_equal(found, expected)
-        assert reads and None not in reads and max(map(int, reads)) <= CHUNK
-        store.close()
+    store = VectorStore(folder, catalog)
+    index = store.index
+    assert index is not None and is_ondisk(index)
+    ids, vectors = stored_vectors(catalog, index)
+    assert isinstance(vectors, StreamedVectors)
+    vectors.chunk = CHUNK
+    reads = count_reads(catalog, monkeypatch)
+    for shift in (None, offsets):
+        want = similar_pairs(x, 0.9, ids=ids, offsets=shift)
+        assert len(want[0]) >= 30
+        got = stored_pairs(ids, vectors, 0.9, index, shift)
+        for found, expected in zip(got, want, strict=True):
+            np.testing.assert_array_equal(found, expected)
+    assert reads and None not in reads and max(map(int, reads)) <= CHUNK
+    store.close()
 
 
 def count_reads(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> list[int | None]:

@@ -339,9 +339,10 @@ class VectorStore:
             self.forget()
             self._index = self._open()
             return
-        if _is_ondisk(index):
+        if _is_ondisk(index) or self._outgrown():
             # Lists on disk are shared, through memory maps, with every reader of the
-            # folder: changing them in place could show a reader half a change. Rebuild.
+            # folder: changing them in place could show a reader half a change. Rebuild;
+            # likewise an index in memory that the changes take past the on-disk limit.
             self.forget()
             self._index = self._open()
             return
@@ -362,6 +363,15 @@ class VectorStore:
             return
         self._save(index, target)
         self._loaded(index, target)
+
+
+    def _outgrown(self) -> bool:
+        """Whether the catalog has grown past the size at which its index is built on disk
+        (unless a type was asked for)."""
+        from ghostmatch.indexes.ondisk import ondisk_limit
+
+        asked = self._index_type or self.catalog.get_meta(INDEX_TYPE_META)
+        return asked is None and self.catalog.count() > ondisk_limit()
 
 
 def _is_ondisk(index: VectorIndex) -> bool:
