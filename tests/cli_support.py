@@ -63,9 +63,10 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
 # ---------------------------------------------------------------------------- stopped runs
 
 
-def small_jpegs(folder: Path, n: int) -> set[Path]:
+def small_jpegs(folder: Path, n: int, seed: int = 0) -> set[Path]:
+    """``n`` distinct 64x64 noise JPEGs in a new ``folder``: cheap, all different vectors."""
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i in range(n):
         pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=80)

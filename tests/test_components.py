@@ -129,22 +129,23 @@ def test_vector_store_repairs_a_stale_or_damaged_file(
     # An older copy put back with its own (then valid) stamp is not trusted.
     shutil.copy(tmp_path / "old.faiss", store.file)
     shutil.copy(tmp_path / "old.generation", stamp_file)
-    repaired = VectorStore(path, catalog).index
-    assert repaired is not None
-    np.testing.assert_array_equal(repaired.ids(), catalog.ids())
-    stamp = read_stamp(store.file)
-    assert stamp is not None
-    assert stamp[:3] == (store.generation(), repaired.checksum, repaired.factory)
+    assert_opens_current(path, catalog)
     # Bytes changed in place under a current stamp: rebuilt as well.
     data = bytearray(store.file.read_bytes())
     data[-1] ^= 0xFF
     store.file.write_bytes(bytes(data))
-    rebuilt = VectorStore(path, catalog).index
-    assert rebuilt is not None
-    np.testing.assert_array_equal(rebuilt.ids(), catalog.ids())
+    assert_opens_current(path, catalog)
+
+
+def assert_opens_current(path: Path, catalog: Catalog) -> None:
+    """A new store opens the catalog's vectors, saved under a stamp that says so."""
+    store = VectorStore(path, catalog)
+    index = store.index
+    assert index is not None
+    np.testing.assert_array_equal(index.ids(), catalog.ids())
     stamp = read_stamp(store.file)
     assert stamp is not None
-    assert stamp[:3] == (store.generation(), rebuilt.checksum, rebuilt.factory)
+    assert stamp[:3] == (store.generation(), index.checksum, index.factory)
 
 
 def test_an_unchanged_index_file_is_trusted_and_a_changed_one_still_refused(
