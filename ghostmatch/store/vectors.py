@@ -364,7 +364,6 @@ class VectorStore:
         self._save(index, target)
         self._loaded(index, target)
 
-
     def _outgrown(self) -> bool:
         """Whether the catalog has grown past the size at which its index is built on disk
         (unless a type was asked for)."""
