@@ -74,6 +74,7 @@ def stored_vectors(catalog: Catalog, index: VectorIndex | None) -> tuple[np.ndar
 
 
 def in_memory(vectors: Stored) -> np.ndarray:
+    """All ``vectors`` as one array, for the searches that have no chunked path."""
     return vectors.load() if isinstance(vectors, StreamedVectors) else vectors
 
 
