@@ -15,7 +15,6 @@ import argparse
 import random
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from benchmarks.data import CALTECH, missing_caltech_note
 from benchmarks.indexing import in_fresh_process
 from benchmarks.measure import Stopwatch, percentile_ms, timed
 from benchmarks.postgres import temporary_server, unavailable_reason
-from benchmarks.report import Figure, Report, environment, save
-from benchmarks.settings import RESULTS, default_weights
+from benchmarks.report import Figure, Report, run_and_save
+from benchmarks.settings import benchmark_options, default_weights
 
 # Records per batched lookup: what a page of results or a duplicate group asks for at once.
 BATCH = 1000
@@ -144,14 +143,12 @@ def describe(report: Report, sqlite: BackendRun, postgres: BackendRun, where: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_options("catalog_backends", __doc__.splitlines()[0], weights=True)
     parser.add_argument("--photos", type=int, default=10_000)
     parser.add_argument("--lookups", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--catalog", default=None, help="an empty PostgreSQL database's URL")
-    parser.add_argument("--weights", default=None)
     parser.add_argument("--caltech", type=Path, default=CALTECH, help="caltech101 folder")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
     files = caltech_photos(options.caltech, options.photos)
     if files is None:
@@ -159,8 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     if options.catalog is None and (reason := unavailable_reason()) is not None:
         sys.exit(f"catalog_backends: {reason}; or pass --catalog URL")
     weights = options.weights or default_weights()
-    started = time.perf_counter()
-    report = Report("catalog_backends", quick=False, environment=environment())
+    run_and_save(
+        "catalog_backends", argv, options.out, lambda: measure_both(options, files, weights)
+    )
+
+
+def measure_both(options: argparse.Namespace, files: list[Path], weights: str) -> Report:
+    """Both back ends, each indexing and querying in a fresh process."""
+    report = Report("catalog_backends", quick=False)
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ghostmatch-cb-")))
         link(files, root / "photos")
@@ -184,15 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     describe(report, runs["sqlite"], runs["postgresql"], where)
     report.details.update(photos=len(files), weights=weights, distinct=len(set(files)))
-    report.seconds = round(time.perf_counter() - started, 1)
-    report.command = "python -m benchmarks.catalog_backends " + " ".join(sys.argv[1:])
-    path = save(report, options.out)
-    for figure in report.figures:
-        print(
-            f"{figure.name}: {figure.value:g} {figure.unit}; {figure.baseline}: "
-            f"{figure.baseline_value:g} ({figure.ratio:.2f}x)"
-        )
-    print(f"wrote {path}")
+    return report
 
 
 if __name__ == "__main__":

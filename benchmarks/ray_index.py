@@ -12,7 +12,6 @@ compared with the local run's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.data import caltech_test, link_photos, missing_caltech_note, sample
-from benchmarks.report import Figure, Report, environment, save
-from benchmarks.settings import RESULTS, default_weights
+from benchmarks.report import Figure, Report, run_and_save
+from benchmarks.settings import benchmark_options, default_weights
 
 CLI = [sys.executable, "-m", "ghostmatch.cli.app"]
 ACTORS = 2
@@ -146,25 +145,15 @@ def run(photos: int, weights: str, caltech: Path | None, quick: bool) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_index", description=__doc__)
+    parser = benchmark_options("ray_index", __doc__, quick="100 photos", weights=True)
     parser.add_argument("--photos", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="100 photos")
-    parser.add_argument("--weights", help="default: bundled")
     parser.add_argument("--caltech", type=Path, default=None, help="caltech101 folder")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    env = environment()
-    start = time.perf_counter()
     photos = 100 if args.quick else args.photos
-    report = run(photos, args.weights or default_weights(), args.caltech, args.quick)
-    report.seconds = time.perf_counter() - start
-    report.command = " ".join(["python -m benchmarks.ray_index", *(argv or sys.argv[1:])])
-    report.environment = env
-    save(report, args.out)
-    for f in report.figures:
-        print(f"{f.name}: {f.value:.4g} {f.unit} ({f.baseline} {f.baseline_value:.4g})")
-    for note in report.notes:
-        print(f"note: {note}")
+    weights = args.weights or default_weights()
+    run_and_save(
+        "ray_index", argv, args.out, lambda: run(photos, weights, args.caltech, args.quick)
+    )
     return 0
 
 

@@ -7,8 +7,9 @@ import json
 import math
 import os
 import platform
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,37 @@ def environment() -> dict[str, Any]:
         "faiss": faiss.__version__,
         "numpy": numpy.__version__,
     }
+
+
+def run_and_save(
+    name: str, argv: Sequence[str] | None, out: Path, measure: Callable[[], Report]
+) -> Report:
+    """Run ``measure`` (benchmark ``name``'s work), timed and with the machine it ran on and
+    the command that repeats it (``argv``: its arguments, default the process's); save the
+    report under ``out`` and print its figures and notes."""
+    env = environment()
+    start = time.perf_counter()
+    report = measure()
+    report.seconds = round(time.perf_counter() - start, 1)
+    report.command = " ".join([f"python -m benchmarks.{name}", *(argv or sys.argv[1:])])
+    report.environment = env
+    path = save(report, out)
+    for figure in report.figures:
+        print(figure_line(figure))
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"wrote {path}")
+    return report
+
+
+def figure_line(figure: Figure) -> str:
+    """A figure on one line, beside its baseline, with the ratio and verdict."""
+    verdict = "" if figure.met is None else (" (met)" if figure.met else " (missed)")
+    ratio = f", {figure.ratio:.3g}x" if math.isfinite(figure.ratio) else ""
+    return (
+        f"{figure.name}: {figure.value:.4g} {figure.unit}; {figure.baseline}: "
+        f"{figure.baseline_value:.4g} {figure.unit}{ratio}{verdict}"
+    )
 
 
 def save(report: Report, folder: Path) -> Path:

@@ -17,7 +17,6 @@ beside the shipped finder. The analysis that chose the rule; the finder applies 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,8 +30,8 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 
 from benchmarks import othershots
-from benchmarks.report import Figure, Report, environment, save
-from benchmarks.settings import RESULTS
+from benchmarks.report import Figure, Report, run_and_save
+from benchmarks.settings import benchmark_options
 from ghostmatch.dupes.groups import DuplicateGroup
 from ghostmatch.dupes.verify import ZOOM, ScaledMaps, local_features, verify_scales
 from ghostmatch.eval.copies import read_truth
@@ -448,23 +447,12 @@ def separation(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.samecapture", description=__doc__)
+    parser = benchmark_options("samecapture", __doc__)
     parser.add_argument(
         "--work", type=Path, required=True, help="benchmarks.othershots' --work folder"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    env = environment()
-    start = time.perf_counter()
-    report = run(args.work)
-    report.seconds = time.perf_counter() - start
-    report.command = " ".join(["python -m benchmarks.samecapture", *(argv or sys.argv[1:])])
-    report.environment = env
-    save(report, args.out)
-    for f in report.figures:
-        print(f"{f.name}: {f.value:.4g} (shipped {f.baseline_value:.4g})")
-    for note in report.notes:
-        print(f"note: {note}")
+    report = run_and_save("samecapture", argv, args.out, lambda: run(args.work))
     print(json.dumps(report.details["separation"], indent=1))
     return 0
 

@@ -9,7 +9,6 @@ the seconds per level and of the soak).
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import socket
@@ -28,8 +27,8 @@ import httpx
 from benchmarks.data import clustered_unit_vectors, new_photos, skimage_photos
 from benchmarks.measure import percentile_ms
 from benchmarks.query import fill_catalog
-from benchmarks.report import Figure, Report, environment, save
-from benchmarks.settings import RESULTS
+from benchmarks.report import Figure, Report, run_and_save
+from benchmarks.settings import benchmark_options
 from ghostmatch.library import Library
 
 CLIENTS = (1, 4, 16)
@@ -152,7 +151,6 @@ def measure(
     folder: Path, weights: str, n_vectors: int, duration: float, soak: float, cli: int
 ) -> Report:
     report = Report("serve", quick=False)
-    report.environment = environment()
     index = build(folder, weights, n_vectors)
     photos = uploads(48)
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -228,28 +226,20 @@ def measure(
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_options("serve", __doc__.splitlines()[0], weights=True)
     parser.add_argument("--vectors", type=int, default=100_000)
-    parser.add_argument("--weights", default="bundled")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per level")
     parser.add_argument("--soak", type=float, default=60.0, help="seconds at 16 clients")
     parser.add_argument("--cli", type=int, default=5, help="ghostmatch query calls")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ghostmatch-serve-bench-") as tmp:
-        report = measure(Path(tmp), args.weights, args.vectors, args.duration, args.soak, args.cli)
-    report.seconds = round(time.perf_counter() - started, 1)
-    report.command = "python -m benchmarks.serve " + " ".join(sys.argv[1:])
-    path = save(report, args.out)
-    for figure in report.figures:
-        verdict = "" if figure.met is None else (" (met)" if figure.met else " (missed)")
-        print(
-            f"{figure.name}: {figure.value:g} {figure.unit}; {figure.baseline}: "
-            f"{figure.baseline_value:g}{verdict}"
-        )
-    print(f"wrote {path}")
+    args = parser.parse_args(argv)
+
+    def measure_in_folder() -> Report:
+        with tempfile.TemporaryDirectory(prefix="ghostmatch-serve-bench-") as tmp:
+            weights = args.weights or "bundled"
+            return measure(Path(tmp), weights, args.vectors, args.duration, args.soak, args.cli)
+
+    run_and_save("serve", argv, args.out, measure_in_folder)
 
 
 if __name__ == "__main__":

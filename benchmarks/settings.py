@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,3 +36,18 @@ def default_weights() -> str:
         stacklevel=2,
     )
     return "random"
+
+
+def benchmark_options(
+    name: str, description: str | None, *, quick: str | None = None, weights: bool = False
+) -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.NAME`` with the options benchmarks share:
+    ``--out`` (where its JSON goes); ``--quick`` when ``quick`` says what it shrinks to;
+    ``--weights`` (default: the bundled model) when ``weights``."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    if quick is not None:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    if weights:
+        parser.add_argument("--weights", default=None, help="default: bundled")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser

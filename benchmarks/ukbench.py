@@ -15,7 +15,6 @@ Query cost: the mean of each configuration's ``Library.query`` calls, ms per que
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -26,8 +25,8 @@ import numpy as np
 
 from benchmarks.data import REPO, caltech_test
 from benchmarks.quality import _phash
-from benchmarks.report import Figure, Report, environment, save
-from benchmarks.settings import RESULTS, Settings, default_weights
+from benchmarks.report import Figure, Report, run_and_save
+from benchmarks.settings import Settings, benchmark_options, default_weights
 from ghostmatch.eval.metrics import average_precision
 from ghostmatch.library import Library
 from ghostmatch.retrieval.refine import DEFAULT, PLAIN, Refinements
@@ -187,9 +186,9 @@ def run(settings: Settings, caltech_every: int = 40, part: str = "both") -> Repo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ukbench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="12 objects, 120 caltech photos")
-    parser.add_argument("--weights", help="default: bundled")
+    parser = benchmark_options(
+        "ukbench", __doc__, quick="12 objects, 120 caltech photos", weights=True
+    )
     parser.add_argument(
         "--caltech-queries",
         type=int,
@@ -203,16 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="both",
         help="run one half only (two processes: results/ukbench.json and ukbench_caltech.json)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     settings = Settings(quick=args.quick, weights=args.weights or default_weights(), out=args.out)
-    env = environment()
-    start = time.perf_counter()
-    report = run(settings, args.caltech_queries, args.part)
-    report.seconds = time.perf_counter() - start
-    report.command = " ".join(["python -m benchmarks.ukbench", *(argv or sys.argv[1:])])
-    report.environment = env
-    save(report, settings.out)
+    report = run_and_save(
+        "ukbench", argv, settings.out, lambda: run(settings, args.caltech_queries, args.part)
+    )
     print(table(report))
     return 0
 

@@ -10,6 +10,7 @@ faiss range search.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -24,12 +25,21 @@ from ghostmatch.indexes.vector_index import VectorIndex
 # The slack covers the worst-case float32 rounding of a unit-vector dot product
 # (dim * 2**-24) up to dim 1600, and its typical size (sqrt(dim) * 2**-24) far beyond.
 _SLACK = 1e-4
+# How far half-precision (SQfp16) codes can move a unit-vector score: ~1e-4 measured,
+# a margin of ten times that.
+_CODE_SLACK = 1e-3
 _RESCORE_BATCH = 16_384
 _BRUTE_BLOCK = 2048
 # faiss GPU k-selection handles k <= 2048.
 _GPU_MAX_K = 2048
 
 Candidates = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+class Rows(Protocol):
+    """Vectors read by rows, held or not: ``rows[r]`` are the vectors of rows ``r``."""
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray: ...
 
 
 def similar_pairs(
@@ -76,6 +86,7 @@ def similar_pairs_streamed(
     threshold: float,
     max_neighbors: int = 100,
     lookup: Callable[[np.ndarray], np.ndarray] | None = None,
+    offsets: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`similar_pairs` over an index whose vectors do not fit in memory (an on-disk
     index): ``queries`` are (ids, vectors) chunks, every chunk of the index for the full
@@ -83,26 +94,47 @@ def similar_pairs_streamed(
     ``index`` as the approximate path does. Every candidate is rescored by
     :func:`pair_scores` between the query's vector and its partner's from ``lookup(ids)``
     (default: the vectors stored in the index: exact for Flat codes, within ~1e-4 for
-    half-precision ones). Memory: one chunk and the pairs found."""
-    if not -1.0 <= threshold <= 1.0:
-        raise GhostmatchError(f"similarity threshold must be between -1 and 1, got {threshold}")
+    half-precision ones). ``offsets(ids)`` gives the ids' score offsets, as ``offsets``
+    does for :func:`similar_pairs`. Memory: one chunk and the pairs found."""
+    low = -1.0 if offsets is None else -3.0
+    if not low <= threshold <= 1.0:
+        raise GhostmatchError(
+            f"similarity threshold must be between {low:g} and 1, got {threshold}"
+        )
     if max_neighbors < 1:
         raise ValueError(f"max_neighbors must be positive, got {max_neighbors}")
     fetch = lookup or index.reconstruct
-    floor = float(threshold) - _SLACK
+    # Candidates are picked on the index's scores, which half-precision codes round by up
+    # to ~1e-4: a wider margin keeps every pair the exact rescoring would pass.
+    floor = float(threshold) - _SLACK - _CODE_SLACK
     k = min(max_neighbors + 1, max(index.ntotal, 1))
     kept_a, kept_b, kept_scores = [], [], []
     for ids, vectors in queries:
         keys = np.asarray(ids, dtype=np.int64)
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         scores, found = index.search(x, k)
-        hit = (found >= 0) & (scores >= floor) & (found != keys[:, None])
+        valid = (found >= 0) & (found != keys[:, None])
+        own = None
+        if offsets is not None:
+            own = np.asarray(offsets(keys), dtype=np.float64)
+            partner = np.zeros(found.shape)
+            partner[valid] = offsets(found[valid])
+            scores = scores - own[:, None] - partner
+        hit = valid & (scores >= floor)
         rows = np.broadcast_to(np.arange(len(x))[:, None], found.shape)[hit]
         partners, where = np.unique(found[hit], return_inverse=True)
         if not partners.size:
             continue
         both = np.concatenate([x, fetch(partners).astype(np.float32, copy=False)])
-        pair = pair_scores(both, rows, len(x) + where.reshape(-1))
+        shift = None
+        if own is not None and offsets is not None:
+            shift = np.concatenate([own, np.asarray(offsets(partners), dtype=np.float64)])
+        # Rows of both sides, lower id first: the score is then computed in the same order
+        # as the in-memory paths compute it, to the last bit.
+        first, second = rows, len(x) + where.reshape(-1)
+        swap = keys[rows] > partners[where.reshape(-1)]
+        first, second = np.where(swap, second, first), np.where(swap, first, second)
+        pair = pair_scores(both, first, second, shift)
         passed = pair >= np.float32(threshold)
         a, b = keys[rows[passed]], partners[where.reshape(-1)[passed]]
         kept_a.append(np.minimum(a, b))
@@ -114,9 +146,9 @@ def similar_pairs_streamed(
     # A pair found from both sides is kept once.
     order = np.lexsort((b_ids, a_ids))
     a_ids, b_ids, scores = a_ids[order], b_ids[order], scores[order]
-    first = np.ones(len(a_ids), bool)
-    first[1:] = (a_ids[1:] != a_ids[:-1]) | (b_ids[1:] != b_ids[:-1])
-    a_ids, b_ids, scores = a_ids[first], b_ids[first], scores[first]
+    first_seen = np.ones(len(a_ids), bool)
+    first_seen[1:] = (a_ids[1:] != a_ids[:-1]) | (b_ids[1:] != b_ids[:-1])
+    a_ids, b_ids, scores = a_ids[first_seen], b_ids[first_seen], scores[first_seen]
     order = np.lexsort((b_ids, a_ids, -scores))
     return a_ids[order], b_ids[order], scores[order]
 
@@ -284,7 +316,7 @@ def _collect(
 
 
 def pair_scores(
-    x: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray, offsets: np.ndarray | None = None
+    x: np.ndarray | Rows, rows_a: np.ndarray, rows_b: np.ndarray, offsets: np.ndarray | None = None
 ) -> np.ndarray:
     """The one definition of a pair's score: the float64 dot product, less both rows'
     ``offsets`` when given, rounded to float32."""

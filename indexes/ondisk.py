@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.vector_index import (
     DEFAULT_EF_SEARCH,
     DEFAULT_NPROBE,
@@ -32,6 +33,8 @@ from ghostmatch.indexes.vector_index import (
 # benchmarks/scale10m.py peaked at 2.3 GB RSS, so 2M is about 4.5 GB; the sharded build
 # holds one shard (0.5 GB of half-precision codes at 256-d) whatever the size.
 ONDISK_LIMIT = 2_000_000
+# Sets another limit (a number of vectors): lower, to keep a smaller index's memory down.
+LIMIT_ENV = "GHOSTMATCH_ONDISK_LIMIT"
 SHARD_SIZE = 1_000_000
 DATA_SUFFIX = ".ivfdata"
 # k-means points per list: faiss warns below 39; 40 keeps the 10M training to minutes on
@@ -46,6 +49,24 @@ SEED = 1234
 ADD_EF_SEARCH = 64
 
 Progress = Callable[[int, int, str], None]
+
+
+def ondisk_limit() -> int:
+    """How many vectors an index holds at most before it is built on disk: ``LIMIT_ENV``
+    from the environment when set, else ``ONDISK_LIMIT``."""
+    text = os.environ.get(LIMIT_ENV, "").strip()
+    if not text:
+        return ONDISK_LIMIT
+    try:
+        limit = int(text.replace("_", ""))
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise GhostmatchError(
+            f"{LIMIT_ENV} must be a whole number of vectors (0 or more), not {text!r}; "
+            f"unset it for the default, {ONDISK_LIMIT:,}"
+        )
+    return limit
 
 
 def ondisk_factory(n: int, dim: int) -> str:

@@ -11,6 +11,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -32,6 +33,20 @@ _FLAT_QUANTIZER_BUDGET = 2**21
 _TUNE_QUERIES = 256
 _FEW_QUERIES = 4
 _TUNE_K = 10
+
+
+class FileIdentity(NamedTuple):
+    """Which file, in which state: any write to it changes its ctime (which, unlike its
+    mtime, cannot be set back), a replacement its inode."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class VectorIndexError(GhostmatchError, ValueError):
@@ -76,6 +91,7 @@ class VectorIndex:
         self._use_gpu = _resolve_device(device, index.index, factory)
         self._gpu: faiss.Index | None = None
         self._checksum: str | None = None
+        self._identity: FileIdentity | None = None
         self._sorted_ids = np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
         ivf = _find_ivf(index.index)
         if ivf is not None and ivf.direct_map.no():
@@ -282,6 +298,11 @@ class VectorIndex:
         """sha256 of the file this index was last saved to or loaded from (None: neither)."""
         return self._checksum
 
+    @property
+    def identity(self) -> FileIdentity | None:
+        """The file this index was last saved to or loaded from, as it was then."""
+        return self._identity
+
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write atomically: a temp file in the same directory, fsync, rename, fsync the
         directory. A crash or full disk leaves the previous file intact. Returns the sha256
@@ -315,22 +336,35 @@ class VectorIndex:
             raise
         _fsync_dir(target.parent)
         self._checksum = digest.hexdigest()
+        # After the rename, which changes the ctime.
+        self._identity = FileIdentity.of(target.stat())
         return self._checksum
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "auto") -> VectorIndex:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        device: str = "auto",
+        known: tuple[tuple[int, int, int, int], str] | None = None,
+    ) -> VectorIndex:
         """Read an index written by :meth:`save`; search parameters come with it, and
-        :attr:`checksum` is the sha256 of the bytes read."""
+        :attr:`checksum` is the sha256 of the bytes read. ``known``: (identity, sha256) of
+        a file hashed before; when the open file is still that one, its sha256 is not
+        computed again (a second or more for each GB)."""
         source = Path(path)
         if not source.is_file():
             raise VectorIndexError(f"no vector index at {source}; build the index first")
         digest = hashlib.sha256()
         try:
             with source.open("rb") as f:
+                # The identity of the file being read, not of whatever the path names later.
+                identity = FileIdentity.of(os.fstat(f.fileno()))
+                unchanged = known is not None and known[0] == identity
 
                 def read(size: int) -> bytes:
                     data = f.read(size)
-                    digest.update(data)
+                    if not unchanged:
+                        digest.update(data)
                     return data
 
                 reader = faiss.PyCallbackIOReader(read)  # type: ignore[attr-defined]  # not in stub
@@ -351,7 +385,8 @@ class VectorIndex:
             )
         loaded = cls.__new__(cls)
         loaded._setup(index, _factory_of(index), device)
-        loaded._checksum = digest.hexdigest()
+        loaded._checksum = known[1] if unchanged and known is not None else digest.hexdigest()
+        loaded._identity = identity
         return loaded
 
     @classmethod

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import allpairs, ann, descriptor, indexing, quality, query
 from benchmarks import data as bench_data
 from benchmarks.data import Photo, make_large_jpegs
+from benchmarks.index_open import main as index_open_main
 from benchmarks.report import Figure, Report, save, write_summary
 from benchmarks.settings import Settings
 
@@ -263,3 +264,17 @@ def test_shipped_rule_search_and_its_threshold_alone_baseline() -> None:
     # Inliers rescue the 0.7 and 0.6 true pairs and reject their look-alikes.
     assert rule["recall"] == 0.8 and rule["precision"] == 1.0
     assert rule["threshold"] > 0.85 and 6 <= rule["min_inliers"] <= 40
+
+
+def test_a_benchmark_saves_its_figures_command_and_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--n", "2000", "--rounds", "1", "--out", str(tmp_path)]
+    assert index_open_main(args) == 0
+    saved = json.loads((tmp_path / "index_open.json").read_text())
+    report = Report.from_dict(saved)
+    assert report.command == "python -m benchmarks.index_open " + " ".join(args)
+    assert report.environment["cpus"] and report.seconds > 0
+    figures = finite_figures(report)
+    printed = capsys.readouterr().out
+    assert all(f.name in printed for f in figures) and "wrote " in printed

@@ -7,25 +7,31 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from cli_support import CLI, cli_env
+from cli_support import (
+    CLI,
+    assert_resumes,
+    catalog_count,
+    cli_env,
+    consistent_count,
+    ok,
+    paused_env,
+    run_cli,
+    small_jpegs,
+    stop_paused_run,
+)
 from corpus import NON_UTF8_NAME, UNREADABLE_NAME, make_bad_files
 from PIL import Image, ImageOps
-from sqlalchemy import URL, create_engine, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy import URL
 
 import ghostmatch
-from ghostmatch.library import Library
 from ghostmatch.retrieval.refine import DEFAULT
 
 pytestmark = [
@@ -34,24 +40,6 @@ pytestmark = [
 ]
 
 MATCH_KEYS = {"rank", "path", "score", "width", "height", "bytes"}
-
-
-def run_cli(
-    args: Sequence[object], model_cache: Path, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
-        env=cli_env(model_cache, **extra),
-        capture_output=True,
-        text=True,
-        errors="surrogateescape",
-        timeout=300,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 @dataclass(frozen=True)
@@ -291,52 +279,6 @@ def test_user_mistakes_print_one_line_and_exit_2(
 # ---------------------------------------------------------------------------- crashes
 
 
-def small_jpegs(folder: Path, n: int) -> set[Path]:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=80)
-    return set(folder.iterdir())
-
-
-def catalog_count(index: Path, url: URL | None = None) -> int:
-    """Images committed so far, read the way another process would: from the index's
-    catalog.db, or from the catalog database at ``url``."""
-    if url is not None:
-        engine = create_engine(url)
-        try:
-            with engine.connect() as db:
-                return int(db.execute(text("SELECT count(*) FROM images")).scalar_one())
-        except ProgrammingError:
-            return 0  # not created yet
-        finally:
-            engine.dispose()
-    try:
-        with sqlite3.connect(f"file:{index / 'catalog.db'}?mode=ro", uri=True, timeout=10) as db:
-            return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
-    except sqlite3.Error:
-        return 0  # not created yet
-
-
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 240
-    while not condition():
-        assert proc.poll() is None, f"exited with {proc.returncode}: {proc.communicate()[1]}"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.05)
-
-
-def assert_consistent(lib: Library, files: set[Path]) -> None:
-    ids, vectors = lib.catalog.vectors()
-    paths = list(lib.catalog.all_stat())
-    assert len(paths) == len(set(paths)) == len(ids) and set(paths) <= files
-    index = lib.vector_index
-    assert index is not None
-    np.testing.assert_array_equal(index.ids(), ids)
-    np.testing.assert_allclose(index.reconstruct(ids), vectors, atol=1e-6)
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_interrupted_and_killed_indexing_resumes(
     tmp_path: Path, model_cache: Path, backend: str, request: pytest.FixtureRequest
@@ -356,51 +298,25 @@ def test_interrupted_and_killed_indexing_resumes(
     args += ["--batch-size", "8", "--json"]
     if url is not None:
         args += ["--catalog", url.render_as_string(hide_password=False)]
-    env = cli_env(
-        model_cache,
-        GHOSTMATCH_CHECKPOINT_IMAGES="20",
-        GHOSTMATCH_CHECKPOINT_SECONDS="100000",  # checkpoints by count alone here
-        GHOSTMATCH_PAUSE_AFTER_IMAGES="50",
-        GHOSTMATCH_PAUSE_MARKER=str(marker),
-    )
     committed = 0
     for stop in (signal.SIGINT, signal.SIGKILL, signal.SIGKILL):
-        marker.unlink(missing_ok=True)
-        proc = subprocess.Popen(
-            [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            before = committed
-            wait_for(marker.exists, proc)
+        before = committed
+
+        def paused(before: int = before) -> None:
             # Two checkpoints of 20 are in; the next 10 images are not yet.
             assert catalog_count(index, url) == before + 40
-            proc.send_signal(stop)
-            out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+
+        returncode, out, err = stop_paused_run(
+            [*CLI, *args], paused_env(model_cache, marker), marker, stop, paused
+        )
         if stop == signal.SIGINT:
-            assert proc.returncode == 130, err
+            assert returncode == 130, err
             report = json.loads(out)
             assert report["interrupted"] is True
             # Whatever went through the model is kept: 48 of the 50 (batches of 8).
             assert catalog_count(index, url) == report["added"] == before + 48
         else:
-            assert proc.returncode == -signal.SIGKILL
+            assert returncode == -signal.SIGKILL
             assert catalog_count(index, url) == before + 40
-        with ghostmatch.open(index, create=False) as lib:
-            assert_consistent(lib, files)
-            committed = lib.catalog.count()
-        assert before < committed < len(files)
-
-    with ghostmatch.open(index, create=False) as lib:
-        report = lib.index([tmp_path / "many"], batch_size=8)
-        assert (report.unchanged, report.added) == (committed, len(files) - committed)
-        assert report.embedded == len(files) - committed  # committed work was not redone
-        assert set(lib.catalog.all_stat()) == files
-        assert_consistent(lib, files)
+        committed = consistent_count(index, files, before)
+    assert_resumes(index, tmp_path / "many", files, committed)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_support import CLI, cli_env
-from PIL import Image
+from cli_support import CLI, cli_env, small_jpegs
 
 import ghostmatch
 from ghostmatch.indexes.vector_index import VectorIndex
@@ -25,15 +24,6 @@ from ghostmatch.library import INDEX_FILE
 from ghostmatch.store.locking import WriterLock
 
 pytestmark = pytest.mark.usefixtures("shared_model_cache")
-
-
-def noise_jpegs(folder: Path, n: int, seed: int) -> set[Path]:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=80)
-    return set(folder.iterdir())
 
 
 def start(args: list[object], env: dict[str, str], stderr: Path) -> subprocess.Popen[str]:
@@ -74,7 +64,7 @@ def test_concurrent_index_runs_keep_every_image_once(tmp_path: Path, model_cache
     index ends with every image exactly once."""
     files = set()
     for name, n in (("a", 30), ("b", 20), ("c", 20)):
-        files |= noise_jpegs(tmp_path / name, n, seed=len(files))
+        files |= small_jpegs(tmp_path / name, n, seed=len(files))
     index = tmp_path / "index"
     env = cli_env(model_cache)
     procs = []
@@ -91,7 +81,7 @@ def test_concurrent_index_runs_keep_every_image_once(tmp_path: Path, model_cache
 def test_a_writer_waits_for_the_lock_or_fails_fast_with_no_wait(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    files = noise_jpegs(tmp_path / "photos", 12, seed=0)
+    files = small_jpegs(tmp_path / "photos", 12, seed=0)
     index = tmp_path / "index"
     index.mkdir()
     env = cli_env(model_cache)

@@ -8,15 +8,21 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_support import CLI, cli_env
-from test_cli import assert_consistent, catalog_count, small_jpegs, wait_for
+from cli_support import (
+    CLI,
+    assert_resumes,
+    catalog_count,
+    consistent_count,
+    paused_env,
+    small_jpegs,
+    stop_paused_run,
+)
 from test_startup import imported
 
 import ghostmatch
@@ -130,54 +136,28 @@ def test_interrupted_and_killed_ray_indexing_resumes(
     marker = tmp_path / "paused"
     args = [*CLI, "index", tmp_path / "many", "--index", index, "--weights", "random"]
     args += ["--batch-size", "8", "--json"]
-    env = cli_env(
-        model_cache,
-        GHOSTMATCH_CHECKPOINT_IMAGES="20",
-        GHOSTMATCH_CHECKPOINT_SECONDS="100000",  # checkpoints by count alone here
-        GHOSTMATCH_PAUSE_AFTER_IMAGES="50",
-        GHOSTMATCH_PAUSE_MARKER=str(marker),
-    )
     committed = 0
     # kill -9 only on the module's cluster: a killed driver cannot stop a cluster it started.
     for stop, ray_option in ((signal.SIGINT, ["--ray"]), (signal.SIGKILL, ["--ray", cluster])):
-        marker.unlink(missing_ok=True)
-        proc = subprocess.Popen(
-            [*map(os.fspath, args), *ray_option],  # type: ignore[arg-type]
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            before = committed
-            wait_for(marker.exists, proc)
+        before = committed
+
+        def paused(before: int = before) -> None:
             assert catalog_count(index) == before + 40  # two checkpoints of 20
-            proc.send_signal(stop)
-            out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+
+        returncode, out, err = stop_paused_run(
+            [*args, *ray_option], paused_env(model_cache, marker), marker, stop, paused
+        )
         if stop == signal.SIGINT:
-            assert proc.returncode == 130, err
+            assert returncode == 130, err
             report = json.loads(out)
             assert report["interrupted"] is True
             # Every result the driver holds came back with its vector: all 50 are kept.
             assert catalog_count(index) == report["added"] == before + 50
         else:
-            assert proc.returncode == -signal.SIGKILL
+            assert returncode == -signal.SIGKILL
             assert catalog_count(index) == before + 40
-        with ghostmatch.open(index, create=False) as lib:
-            assert_consistent(lib, files)
-            committed = lib.catalog.count()
-        assert before < committed < len(files)
-
-    with ghostmatch.open(index, create=False) as lib:
-        report = lib.index([tmp_path / "many"], batch_size=8)
-        assert (report.unchanged, report.added) == (committed, len(files) - committed)
-        assert report.embedded == len(files) - committed  # committed work was not redone
-        assert set(lib.catalog.all_stat()) == files
-        assert_consistent(lib, files)
+        committed = consistent_count(index, files, before)
+    assert_resumes(index, tmp_path / "many", files, committed)
 
 
 def test_a_bare_ray_option_means_a_local_cluster() -> None:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_support import CLI, cli_env
-from PIL import Image
+from cli_support import CLI, cli_env, small_jpegs
 from sqlalchemy import URL
 
 import ghostmatch
@@ -29,15 +28,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:using RANDOM weights"),
     pytest.mark.usefixtures("shared_model_cache"),
 ]
-
-
-def noise_jpegs(folder: Path, n: int, seed: int) -> set[Path]:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=80)
-    return set(folder.iterdir())
 
 
 def text(url: URL) -> str:
@@ -74,7 +64,7 @@ def test_a_folder_of_its_own_answers_from_the_shared_catalog(
 ) -> None:
     """Machine B's folder was never indexed: its FAISS index comes from the catalog's
     vectors, and what B adds, A sees."""
-    photos = noise_jpegs(tmp_path / "photos", 8, seed=0)
+    photos = small_jpegs(tmp_path / "photos", 8, seed=0)
     machine_a, machine_b = tmp_path / "a", tmp_path / "b"
     given = catalog_url
     if catalog_url.get_backend_name() == "postgresql":  # the test server takes any password
@@ -91,7 +81,7 @@ def test_a_folder_of_its_own_answers_from_the_shared_catalog(
         found = [(m.path, m.score) for m in lib.query(asked, k=4)]
         assert [p for p, _ in found] == [p for p, _ in expected]
         np.testing.assert_allclose([s for _, s in found], [s for _, s in expected], atol=1e-5)
-        more = noise_jpegs(tmp_path / "more", 3, seed=1)
+        more = small_jpegs(tmp_path / "more", 3, seed=1)
         report = lib.index([tmp_path / "photos", tmp_path / "more"], batch_size=4)
         assert (report.unchanged, report.added) == (8, 3)
         assert_in_step(lib, photos | more)
@@ -109,8 +99,8 @@ def test_indexers_writing_one_catalog_at_once_neither_double_nor_lose_rows(
     indexes the very same folder, and between A's later commits it indexes two others.
     A's commits replace B's rows of the same paths (same ids), and A's FAISS file is
     built once, at the end of its run, not again before each commit."""
-    common = noise_jpegs(tmp_path / "common", 12, seed=0)
-    b_only = [noise_jpegs(tmp_path / f"b{n}", 2, seed=10 + n) for n in range(2)]
+    common = small_jpegs(tmp_path / "common", 12, seed=0)
+    b_only = [small_jpegs(tmp_path / f"b{n}", 2, seed=10 + n) for n in range(2)]
     everything = common | b_only[0] | b_only[1]
     monkeypatch.setattr(indexer_module, "CHECKPOINT_IMAGES", 4)
     url = text(catalog_url)
@@ -148,8 +138,8 @@ def test_indexer_processes_at_once_on_one_catalog(
     as on two machines. (Processes on one folder's SQLite catalog: test_concurrency.py;
     the same interleaving step by step on both back ends: above.)"""
     catalog_url = postgres_server.new_database()
-    common = noise_jpegs(tmp_path / "common", 12, seed=0)
-    own = [noise_jpegs(tmp_path / f"own{n}", 2, seed=10 + n) for n in range(2)]
+    common = small_jpegs(tmp_path / "common", 12, seed=0)
+    own = [small_jpegs(tmp_path / f"own{n}", 2, seed=10 + n) for n in range(2)]
     url = text(catalog_url)
     procs = []
     for n in range(2):
@@ -183,13 +173,13 @@ def test_serve_answers_from_a_shared_catalog(catalog_url: URL, tmp_path: Path) -
     searched at the next request, without a restart."""
     from serve_support import serving
 
-    photos = sorted(noise_jpegs(tmp_path / "photos", 6, seed=0))
+    photos = sorted(small_jpegs(tmp_path / "photos", 6, seed=0))
     url = text(catalog_url)
     with ghostmatch.open(tmp_path / "indexer", catalog=url, weights="random") as indexer:
         indexer.index([tmp_path / "photos"], batch_size=4)
         with serving(tmp_path / "server", catalog=url) as server, server.client() as client:
             assert client.get("/api/v1/health").json()["images"] == 6
-            more = sorted(noise_jpegs(tmp_path / "more", 2, seed=1))
+            more = sorted(small_jpegs(tmp_path / "more", 2, seed=1))
             indexer.index([tmp_path / "more"], batch_size=4)
             assert client.get("/api/v1/health").json()["images"] == 8
             found = client.post("/api/v1/query?k=3", json={"path": str(more[0])}).json()

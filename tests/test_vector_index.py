@@ -16,6 +16,7 @@ import pytest
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.vector_index import (
     FLAT_LIMIT,
+    FileIdentity,
     VectorIndex,
     VectorIndexError,
     build_index,
@@ -282,6 +283,25 @@ def test_checksum_names_the_bytes_saved_and_loaded(data: Data, tmp_path: Path) -
     raw[len(raw) // 2 : len(raw) // 2 + 16] = b"\x7f" * 16
     path.write_bytes(bytes(raw))
     assert VectorIndex.load(path).checksum != saved
+
+
+def test_a_file_in_its_known_state_is_not_hashed_again(data: Data, tmp_path: Path) -> None:
+    path = tmp_path / "index.faiss"
+    index = VectorIndex(DIM, "Flat", device="cpu")
+    index.add(np.arange(50), data["base"][:50])
+    saved = index.save(path)
+    identity = index.identity
+    assert identity == FileIdentity.of(path.stat())
+    # The known sha256 is taken as it is: the bytes were not hashed.
+    loaded = VectorIndex.load(path, known=(identity, "known"))
+    assert loaded.checksum == "known" and loaded.identity == identity
+    # Written since (same bytes, mtime put back): the ctime moved on, so it is hashed. The
+    # loop waits for the clock tick in which the file was saved to pass.
+    st = path.stat()
+    while FileIdentity.of(path.stat()) == identity:
+        path.write_bytes(path.read_bytes())
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert VectorIndex.load(path, known=(identity, "known")).checksum == saved
 
 
 @pytest.mark.parametrize("factory", FACTORIES)

@@ -13,6 +13,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ghostmatch.dupes import turns
+from ghostmatch.dupes.collection import (
+    Stored,
+    in_memory,
+    stored_offsets,
+    stored_pairs,
+    stored_vectors,
+)
 from ghostmatch.dupes.groups import (
     DEFAULT_MIN_INLIERS,
     SIMILAR,
@@ -28,7 +35,7 @@ from ghostmatch.dupes.groups import (
 from ghostmatch.dupes.samecapture import DECODE_SIDE, Capture, agreement, prepare_capture
 from ghostmatch.dupes.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.indexes.allpairs import pair_scores, similar_pairs
+from ghostmatch.indexes.allpairs import pair_scores
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
 from ghostmatch.ingest.scan import content_hash
 from ghostmatch.model.binding import ImageLike, ModelBinding
@@ -124,10 +131,11 @@ class DuplicateFinder:
         )
         verify_default = default_thresholds(normalised)[1]
         low = min(t, self._stage2_setting("verify_threshold", verify_default))
-        ids, vectors = self.catalog.vectors()
+        # Read a chunk at a time, not held, when the FAISS index is too large for memory.
+        ids, vectors = stored_vectors(self.catalog, self.vectors.index)
         if len(ids) < 2:
             return []
-        offsets = self.score_offsets(vectors)
+        offsets = stored_offsets(vectors, self.score_offsets)
         found, crowded = self.candidate_pairs(ids, vectors, offsets, low if verify else t)
         involved = sorted({i for pair in found for i in pair})
         records = {r.id: r for r in self.catalog.get(involved)}
@@ -162,7 +170,7 @@ class DuplicateFinder:
             turned_pairs, more, pictures = turns.pairs_of_collection(
                 self,
                 ids,
-                vectors,
+                in_memory(vectors),
                 offsets,
                 low if verify else t,
                 t,
@@ -217,14 +225,12 @@ class DuplicateFinder:
         return groups
 
     def candidate_pairs(
-        self, ids: np.ndarray, vectors: np.ndarray, offsets: np.ndarray | None, floor: float
+        self, ids: np.ndarray, vectors: Stored, offsets: np.ndarray | None, floor: float
     ) -> tuple[dict[tuple[int, int], float], set[int]]:
         """Candidate pairs (low id first) and their scores: each file's ``MAX_CANDIDATES``
         best partners at or above ``floor``, and every byte-identical pair; and the
         crowded files, those with more partners than that."""
-        index = self.vectors.index
-        approximate = index if index is not None and index.factory != "Flat" else None
-        a, b, scores = similar_pairs(vectors, floor, ids=ids, index=approximate, offsets=offsets)
+        a, b, scores = stored_pairs(ids, vectors, floor, self.vectors.index, offsets)
         # Best first: a file keeps its first MAX_CANDIDATES pairs. Without a bound, images
         # the descriptor cannot tell apart (smooth noise, flat graphics) would make every
         # pair among thousands a candidate; a pair both files drop is not a candidate.

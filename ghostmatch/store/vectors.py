@@ -2,7 +2,8 @@
 
 The catalog is the truth; ``vectors.faiss`` is derived from it and rebuilt whenever the
 two disagree. Every catalog change bumps a generation number, and the FAISS file is saved
-stamped with the generation it holds and the sha256 of its bytes.
+stamped with the generation it holds, the sha256 of its bytes and the file's identity
+(inode, size, mtime, ctime), so that an unchanged file need not be hashed at every open.
 """
 
 from __future__ import annotations
@@ -134,8 +135,11 @@ class VectorStore:
         generation = self.generation()
         stamp = read_stamp(self.file)
         if stamp is not None and stamp.generation == generation:
+            known = None if stamp.file is None else (stamp.file, stamp.checksum)
             try:
-                index: VectorIndex | None = VectorIndex.load(self.file, device=self._device)
+                index: VectorIndex | None = VectorIndex.load(
+                    self.file, device=self._device, known=known
+                )
             except GhostmatchError:
                 index = None
             if (
@@ -144,6 +148,8 @@ class VectorStore:
                 and np.array_equal(index.ids(), self.catalog.ids())
             ):
                 self._loaded(index, generation)
+                if stamp.file != index.identity:
+                    self._restamp(stamp, index, generation)
                 return index
         stored_type = self.catalog.get_meta(INDEX_TYPE_META)
         index = self._build(self._index_type or stored_type)
@@ -174,11 +180,11 @@ class VectorStore:
 
     def _build(self, factory: str | None) -> VectorIndex | None:
         """Build from the catalog's vectors (None when it has none): as ``factory``, else
-        in memory up to ``ONDISK_LIMIT`` vectors and on disk, in shards, above."""
+        in memory up to ``ondisk_limit()`` vectors and on disk, in shards, above."""
         from ghostmatch.indexes import ondisk
         from ghostmatch.indexes.vector_index import build_index, default_factory
 
-        if factory is None and self.catalog.count() > ondisk.ONDISK_LIMIT:
+        if factory is None and self.catalog.count() > ondisk.ondisk_limit():
             return self._build_ondisk()
         ids, vectors = self.catalog.vectors()
         if len(ids) == 0:
@@ -228,7 +234,21 @@ class VectorStore:
     def _save(self, index: VectorIndex, generation: int) -> None:
         """Save ``index``, stamped with the catalog generation whose vectors it holds."""
         checksum = index.save(self.file)
-        write_stamp(self.file, Stamp(generation, checksum, index.factory))
+        write_stamp(self.file, Stamp(generation, checksum, index.factory, index.identity))
+
+    def _restamp(self, stamp: Stamp, index: VectorIndex, generation: int) -> None:
+        """Record the identity of a file just found intact by its hash (a copied folder, a
+        stamp written in the same clock tick as its file), so later opens can skip the
+        hash; only where this process may write, and while the stamp is still current."""
+        if not self._lock.try_acquire():
+            return
+        try:
+            if self.generation() == generation and read_stamp(self.file) == stamp:
+                write_stamp(self.file, stamp._replace(file=index.identity))
+        except OSError:
+            pass  # a read-only folder: every open hashes the file
+        finally:
+            self._lock.release()
 
     # ------------------------------------------------------------------------ changing
 
@@ -319,9 +339,10 @@ class VectorStore:
             self.forget()
             self._index = self._open()
             return
-        if _is_ondisk(index):
+        if _is_ondisk(index) or self._outgrown():
             # Lists on disk are shared, through memory maps, with every reader of the
-            # folder: changing them in place could show a reader half a change. Rebuild.
+            # folder: changing them in place could show a reader half a change. Rebuild;
+            # likewise an index in memory that the changes take past the on-disk limit.
             self.forget()
             self._index = self._open()
             return
@@ -343,6 +364,14 @@ class VectorStore:
         self._save(index, target)
         self._loaded(index, target)
 
+    def _outgrown(self) -> bool:
+        """Whether the catalog has grown past the size at which its index is built on disk
+        (unless a type was asked for)."""
+        from ghostmatch.indexes.ondisk import ondisk_limit
+
+        asked = self._index_type or self.catalog.get_meta(INDEX_TYPE_META)
+        return asked is None and self.catalog.count() > ondisk_limit()
+
 
 def _is_ondisk(index: VectorIndex) -> bool:
     from ghostmatch.indexes.ondisk import is_ondisk
@@ -361,22 +390,40 @@ def _private_lists(index: VectorIndex, file: Path) -> bool:
 
 class Stamp(NamedTuple):
     """What an index file was saved holding: the catalog generation of its vectors, the
-    sha256 of its bytes and its FAISS factory (None in stamps written before it was kept)."""
+    sha256 of its bytes, its FAISS factory (None in stamps written before it was kept) and
+    the file's (inode, size, mtime, ctime) when saved, None where that cannot vouch for it."""
 
     generation: int
     checksum: str
     factory: str | None = None
+    file: tuple[int, int, int, int] | None = None
+
+
+_FILE_FIELD = "file="
 
 
 def read_stamp(file: Path) -> Stamp | None:
     """The stamp of an index file, or None if unknown. The checksum names the exact bytes
     saved, so an older copy put back in its place, or a file overwritten in part, is not
-    taken for the one that was saved (while a copy of the whole folder stays valid)."""
+    taken for the one that was saved (while a copy of the whole folder stays valid).
+
+    A file still in the state the stamp recorded (same inode, size, mtime and ctime) has
+    not been written since; but file times are kept to a clock tick of a few milliseconds,
+    so a write in the tick of the recorded ctime would leave it as it was. The recorded
+    state counts only when the stamp itself was written in a later tick."""
     try:
-        fields = file.with_name(file.name + ".generation").read_text().split()
+        with file.with_name(file.name + ".generation").open() as f:
+            written = os.fstat(f.fileno()).st_mtime_ns
+            fields = f.read().split()
+        identity = None
+        if fields and fields[-1].startswith(_FILE_FIELD):
+            parts = tuple(int(n) for n in fields.pop()[len(_FILE_FIELD) :].split(":"))
+            if len(parts) == 4 and parts[3] < written:
+                identity = (parts[0], parts[1], parts[2], parts[3])
         if len(fields) not in (2, 3):
             return None
-        return Stamp(int(fields[0]), fields[1], fields[2] if len(fields) == 3 else None)
+        factory = fields[2] if len(fields) == 3 else None
+        return Stamp(int(fields[0]), fields[1], factory, identity)
     except (OSError, ValueError):
         return None
 
@@ -392,6 +439,8 @@ def write_stamp(file: Path, stamp: Stamp) -> None:
             # that did would be left out (info then loads the index to tell its type).
             factory = stamp.factory if stamp.factory and len(stamp.factory.split()) == 1 else None
             fields = [str(stamp.generation), stamp.checksum, *([factory] if factory else [])]
+            if stamp.file is not None:
+                fields.append(_FILE_FIELD + ":".join(str(n) for n in stamp.file))
             f.write(" ".join(fields))
             f.flush()
             os.fsync(f.fileno())
