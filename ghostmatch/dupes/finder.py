@@ -4,7 +4,7 @@ image, in two stages (descriptor scores, then a geometric check of local feature
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -280,7 +280,7 @@ class DuplicateFinder:
         results: dict[tuple[int, int], Verification] = {}
         ordered = _locality_order(pairs)
         block: list[tuple[int, int]] = []
-        with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+        with ThreadPoolExecutor(_workers()) as pool:
 
             def flush() -> None:
                 cache.load({i for pair in block for i in pair}, pool)
@@ -461,6 +461,9 @@ class PairJudge:
         self._maps: _MapCache | None = None
         # None marks an image that could not be decoded.
         self.captures: OrderedDict[int, Capture | None] = OrderedDict()
+        # Work done, by kind: "alignments" (dense alignments of a pair), "captures"
+        # (images prepared for them); the feature maps are counted by ``maps``.
+        self.counts: Counter[str] = Counter()
 
     @property
     def maps(self) -> _MapCache:
@@ -474,6 +477,7 @@ class PairJudge:
         if i in self.captures:
             self.captures.move_to_end(i)
             return self.captures[i]
+        self.counts["captures"] += 1
         try:
             image = load_image(self.records[i].path, DECODE_SIDE).image
         except ImageRejected:
@@ -489,6 +493,7 @@ class PairJudge:
         kept = self.records[leader]
         tiers: dict[int, str | None] = {}
         geometric: list[tuple[int, float]] = []
+        unmoved: list[tuple[int, bool, Capture]] = []
         for j, score in others:
             other = self.records.get(j)
             if other is not None and kept.content_hash == other.content_hash:
@@ -506,38 +511,72 @@ class PairJudge:
                 continue
             if crowded and a.correlation(b) < CROWDED_CORRELATION:
                 continue
-            unmoved = agreement(a, b, np.eye(2, 3))
-            if unmoved.same_capture:
-                tiers[j] = "near" if unmoved.is_whole() else "edited"
-            elif not crowded:
-                geometric.append((j, score))
-        if geometric:
-            with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+            unmoved.append((j, crowded, b))
+        # The pairs of one kept file are independent: their dense alignments (and their
+        # geometric checks) run side by side, numpy releasing the GIL in its loops.
+        with ThreadPoolExecutor(_workers()) as pool:
+            a = self.capture(leader)
+            checks = (
+                list(pool.map(lambda job: agreement(a, job[2], np.eye(2, 3)), unmoved))
+                if a is not None
+                else []
+            )
+            self.counts["alignments"] += len(checks)
+            scores = dict(others)
+            for (j, crowded, _), check in zip(unmoved, checks, strict=True):
+                if check.same_capture:
+                    tiers[j] = "near" if check.is_whole() else "edited"
+                elif not crowded:
+                    geometric.append((j, scores[j]))
+            if geometric:
                 self.maps.load({leader, *(j for j, _ in geometric)}, pool)
-            for j, score in geometric:
-                tiers[j] = self._aligned(leader, j, score)
+                decided = self._aligned(leader, geometric, pool)
+                tiers.update(zip((j for j, _ in geometric), decided, strict=True))
         return tiers
 
-    def _aligned(self, leader: int, j: int, score: float) -> str | None:
-        """The tier of a pair that the identity map does not align."""
-        ma, mb = self.maps.get(leader), self.maps.get(j)
-        if ma is None or mb is None:
-            return None
-        check = verify_scales(_as_float(ma), _as_float(mb), self.min_inliers)
-        if check.inliers < self.min_inliers and score < self.threshold:
-            return None
+    def _aligned(
+        self, leader: int, pairs: list[tuple[int, float]], pool: ThreadPoolExecutor
+    ) -> list[str | None]:
+        """The tiers of pairs that the identity map does not align, in order."""
+        ma = self.maps.get(leader)
+        found: dict[int, Verification] = {}
+        if ma is not None:
+            base = _as_float(ma)
+            others = [(j, m) for j, _ in pairs if (m := self.maps.get(j)) is not None]
+            results = pool.map(
+                lambda jm: verify_scales(base, _as_float(jm[1]), self.min_inliers), others
+            )
+            found = dict(zip((j for j, _ in others), results, strict=True))
         # Captures are only decoded for pairs that get this far.
-        a, b = self.capture(leader), self.capture(j)
-        if a is None or b is None:
-            return None
-        # The check maps the other's unit square to the kept one's; alignment needs the
-        # other way round.
-        warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
-        if agreement(a, b, warp).same_capture:
-            return "near" if check.is_identity() else "edited"
-        # Another capture of the same scene: its local features agree on one geometry.
-        # A pair that only its score brought here is not alike at all.
-        return SIMILAR if check.inliers >= self.min_inliers else None
+        a = self.capture(leader) if found else None
+        if a is None:
+            return [None] * len(pairs)
+        todo = [
+            (j, check, b)
+            for j, score in pairs
+            if (check := found.get(j)) is not None
+            and (check.inliers >= self.min_inliers or score >= self.threshold)
+            and (b := self.capture(j)) is not None
+        ]
+
+        def tier(job: tuple[int, Verification, Capture]) -> str | None:
+            _, check, b = job
+            # The check maps the other's unit square to the kept one's; alignment needs
+            # the other way round.
+            warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
+            if agreement(a, b, warp).same_capture:
+                return "near" if check.is_identity() else "edited"
+            # Another capture of the same scene: its local features agree on one geometry.
+            # A pair that only its score brought here is not alike at all.
+            return SIMILAR if check.inliers >= self.min_inliers else None
+
+        self.counts["alignments"] += len(todo)
+        decided = dict(zip((j for j, _, _ in todo), pool.map(tier, todo), strict=True))
+        return [decided.get(j) for j, _ in pairs]
+
+
+def _workers() -> int:
+    return min(8, max(2, os.cpu_count() or 2))
 
 
 def _pair(scores: dict[tuple[int, int], float], i: int, j: int) -> float:
@@ -616,6 +655,8 @@ class _MapCache:
         self.zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
         # None marks an image that could not be decoded, so it is not tried again.
         self.maps: OrderedDict[int, ScaledMaps | None] = OrderedDict()
+        # Images whose maps were computed (each image's three maps count once).
+        self.computed = 0
 
     def __contains__(self, i: int) -> bool:
         return i in self.maps
@@ -654,5 +695,6 @@ class _MapCache:
                 zoomed = zoomed.astype(np.float16)
                 for k, (i, _) in enumerate(ok):
                     self.maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
+                self.computed += n
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)

@@ -36,6 +36,13 @@ TUKEY = 4.685
 # Share of overlap patches that must agree (in grey or in colour) for one capture:
 # measured, see the module docstring.
 SAME_CAPTURE_CUT = 8 / 9
+# Shares of agreeing patches in grey below which a pair is settled as another capture
+# without finishing: after the first and second level of ``LEVELS``, and at the finest
+# level before the colour fit. On ``benchmarks.othershots --quick`` every copy agreed on
+# at least 0.48 / 0.56 of its patches at the coarse levels and 0.56 in grey at the finest
+# before its colour fit, while a quarter to a half of the other pairs fell below these.
+COARSE_FLOORS = (0.2, 0.3)
+COLOUR_FLOOR = 0.25
 # Images are decoded for the comparison with at least this shorter side.
 DECODE_SIDE = 160
 # The identity alignment counts as "the whole image, unmoved" (a ``near`` copy) within
@@ -195,16 +202,16 @@ def _robust_fit(
 
 
 def align(
-    kept: Capture, other: Capture, warp: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    kept: Capture, other: Capture, warp: np.ndarray, levels: range | None = None
+) -> np.ndarray:
     """Refine ``warp`` (2 x 3, kept's unit coordinates to the other's) by robust
-    Gauss-Newton from coarse to fine: (warp, finest residuals, finest inside mask)."""
+    Gauss-Newton from coarse to fine, over ``levels`` of ``LEVELS`` (all by default)."""
     p = warp.astype(np.float64).copy()
-    for level, (_, _, steps) in enumerate(LEVELS):
+    for level in range(len(LEVELS)) if levels is None else levels:
         t_img, stack = kept.levels[level][0], other.levels[level]
         design = _unit_grid(*t_img.shape)
         t = t_img.ravel()
-        for _ in range(steps):
+        for _ in range(LEVELS[level][2]):
             sampled, inside = _sample(stack, design @ p.T)
             if inside.sum() < 16:
                 break
@@ -218,11 +225,18 @@ def align(
             p += step.reshape(2, 3)
             if np.abs(step).max() < STEP_DONE:
                 break
-    t_img, stack = kept.levels[-1][0], other.levels[-1]
-    design = _unit_grid(*t_img.shape)
-    sampled, inside = _sample(stack[:1], design @ p.T)
+    return p
+
+
+def residuals(
+    kept: Capture, other: Capture, warp: np.ndarray, level: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grey residuals (h, w) of ``other`` under ``warp`` at one level of ``LEVELS`` (the
+    finest by default), after a robust gain and offset, and which pixels it covers."""
+    t_img, stack = kept.levels[level][0], other.levels[level]
+    sampled, inside = _sample(stack[:1], _unit_grid(*t_img.shape) @ warp.T)
     _, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
-    return p, r.reshape(t_img.shape), inside.reshape(t_img.shape)
+    return r.reshape(t_img.shape), inside.reshape(t_img.shape)
 
 
 def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.ndarray:
@@ -275,30 +289,55 @@ def _patch_share(e: np.ndarray, inside: np.ndarray) -> float:
     counted = covered >= 0.5 * sizes
     if not counted.any():
         return 0.0
-    # Medians of every patch at once: sort by (patch, value), then read each patch's middle.
+    # A median is within the tolerance when both middle values are, so counting the
+    # values within it settles each patch without sorting: k of n values within it puts
+    # the median within it when k > n // 2, beyond it when k <= (n - 1) // 2. Only a
+    # patch of even size with exactly n / 2 values within it needs its two middle values.
     cells, values = patch[mask], e.ravel()[mask]
-    order = np.lexsort((values, cells))
-    values = values[order]
-    starts = np.concatenate([[0], np.cumsum(covered)[:-1]])
-    low = starts + (covered - 1) // 2
-    high = starts + covered // 2
-    ok = counted & (covered > 0)
-    medians = np.full(len(covered), np.inf)
-    medians[ok] = (values[low[ok]] + values[high[ok]]) / 2
-    return float((medians[counted] <= TOLERANCE).sum() / counted.sum())
+    within = np.bincount(cells[values <= TOLERANCE], minlength=PATCHES * PATCHES)
+    ok = within > covered // 2
+    even = (covered > 0) & (covered % 2 == 0)
+    for n in np.flatnonzero(counted & even & (within == covered // 2)):
+        middle = np.partition(values[cells == n], [within[n] - 1, within[n]])
+        ok[n] = (middle[within[n] - 1] + middle[within[n]]) / 2 <= TOLERANCE
+    return float((ok & counted).sum() / counted.sum())
 
 
 def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
     """Align ``other`` onto ``kept`` from ``warp`` (kept's unit square to the other's) and
-    measure how much of the overlap agrees."""
-    refined, r, inside = align(kept, other, warp)
+    measure how much of the overlap agrees.
+
+    A pair that agrees on less than ``COARSE_FLOORS`` of its patches at a coarse level is
+    settled there (its score is that share): no copy was measured that low, and most
+    pairs that reach the check are other shots or unrelated."""
+    refined = warp
+    for level in range(len(LEVELS)):
+        refined = align(kept, other, refined, range(level, level + 1))
+        if level < len(COARSE_FLOORS):
+            r, inside = residuals(kept, other, refined, level)
+            if (
+                inside.sum() >= 16
+                and (share := _share(kept, r, inside, level)) < COARSE_FLOORS[level]
+            ):
+                return Agreement(share, float(inside.mean()), refined)
+    r, inside = residuals(kept, other, refined)
+    return _measured(kept, other, refined, r, inside)
+
+
+def _share(kept: Capture, r: np.ndarray, inside: np.ndarray, level: int = -1) -> float:
+    """Share of the overlap's patches that agree in grey, residuals ``r`` at ``level``."""
+    contrast = max(float(kept.levels[level][0][inside].std()), 0.02)
+    return _patch_share(np.abs(r) / contrast, inside)
+
+
+def _measured(
+    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+) -> Agreement:
     if inside.sum() < 16:
-        return Agreement(0.0, 0.0, refined)
-    t = kept.levels[-1][0]
-    contrast = max(float(t[inside].std()), 0.02)
-    score = _patch_share(np.abs(r) / contrast, inside)
-    if score < SAME_CAPTURE_CUT - 1e-9:
+        return Agreement(0.0, 0.0, warp)
+    score = _share(kept, r, inside)
+    if COLOUR_FLOOR <= score < SAME_CAPTURE_CUT - 1e-9:
         # Recoloured copies agree in colour, not in grey; a pair that agrees in grey
-        # already needs no colour fit.
-        score = max(score, _patch_share(_colour_residuals(kept, other, refined), inside))
-    return Agreement(score, float(inside.mean()), refined)
+        # already needs no colour fit, nor does one that hardly agrees in grey at all.
+        score = max(score, _patch_share(_colour_residuals(kept, other, warp), inside))
+    return Agreement(score, float(inside.mean()), warp)
