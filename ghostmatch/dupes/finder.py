@@ -3,14 +3,17 @@ image, in two stages (descriptor scores, then a geometric check of local feature
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from threadpoolctl import threadpool_limits
 
 from ghostmatch.dupes import turns
 from ghostmatch.dupes.groups import (
@@ -202,7 +205,9 @@ class DuplicateFinder:
 
         groups = []
         ranked = turns.by_picture(members, pictures)
-        for leader, taken in group_judged(ranked, pairs, decide, keep, report):
+        with one_thread():
+            decided = group_judged(ranked, pairs, decide, keep, report)
+        for leader, taken in decided:
             copies = [
                 _member(records[j], s, tier, turn(leader, j))
                 for j, s, tier in taken
@@ -369,11 +374,16 @@ class DuplicateFinder:
         judge = self._judge_against(x, records, t)
         copies, alike = [], []
         taken = set(exact)
+        decided: dict[int, str | None] = {}
+        with one_thread():
+            for i, s in hits:
+                if i in records and i not in exact:
+                    decided[i] = judge(i, [(_QUERY, s)]).get(_QUERY)
         for i, s in hits:
             record = records.get(i)
             if record is None:
                 continue
-            tier = "exact" if i in exact else judge(i, [(_QUERY, s)]).get(_QUERY)
+            tier = "exact" if i in exact else decided.get(i)
             if tier == SIMILAR:
                 alike.append(_member(record, s, tier))
             elif tier is not None:
@@ -512,40 +522,32 @@ class PairJudge:
             if crowded and a.correlation(b) < CROWDED_CORRELATION:
                 continue
             unmoved.append((j, crowded, b))
-        # The pairs of one kept file are independent: their dense alignments (and their
-        # geometric checks) run side by side, numpy releasing the GIL in its loops.
-        with ThreadPoolExecutor(_workers()) as pool:
-            a = self.capture(leader)
-            checks = (
-                list(pool.map(lambda job: agreement(a, job[2], np.eye(2, 3)), unmoved))
-                if a is not None
-                else []
-            )
-            self.counts["alignments"] += len(checks)
-            scores = dict(others)
-            for (j, crowded, _), check in zip(unmoved, checks, strict=True):
-                if check.same_capture:
-                    tiers[j] = "near" if check.is_whole() else "edited"
-                elif not crowded:
-                    geometric.append((j, scores[j]))
-            if geometric:
+        a = self.capture(leader) if unmoved else None
+        # One pair at a time: numpy's own threads already share out the larger steps, and
+        # more threads on top of them only contend for the cores.
+        checks = [agreement(a, b, np.eye(2, 3)) for _, _, b in unmoved] if a is not None else []
+        self.counts["alignments"] += len(checks)
+        scores = dict(others)
+        for (j, crowded, _), check in zip(unmoved, checks, strict=True):
+            if check.same_capture:
+                tiers[j] = "near" if check.is_whole() else "edited"
+            elif not crowded:
+                geometric.append((j, scores[j]))
+        if geometric:
+            with ThreadPoolExecutor(_workers()) as pool:
                 self.maps.load({leader, *(j for j, _ in geometric)}, pool)
-                decided = self._aligned(leader, geometric, pool)
-                tiers.update(zip((j for j, _ in geometric), decided, strict=True))
+            decided = self._aligned(leader, geometric)
+            tiers.update(zip((j for j, _ in geometric), decided, strict=True))
         return tiers
 
-    def _aligned(
-        self, leader: int, pairs: list[tuple[int, float]], pool: ThreadPoolExecutor
-    ) -> list[str | None]:
+    def _aligned(self, leader: int, pairs: list[tuple[int, float]]) -> list[str | None]:
         """The tiers of pairs that the identity map does not align, in order."""
         ma = self.maps.get(leader)
         found: dict[int, Verification] = {}
         if ma is not None:
             base = _as_float(ma)
             others = [(j, m) for j, _ in pairs if (m := self.maps.get(j)) is not None]
-            results = pool.map(
-                lambda jm: verify_scales(base, _as_float(jm[1]), self.min_inliers), others
-            )
+            results = [verify_scales(base, _as_float(m), self.min_inliers) for _, m in others]
             found = dict(zip((j for j, _ in others), results, strict=True))
         # Captures are only decoded for pairs that get this far.
         a = self.capture(leader) if found else None
@@ -571,8 +573,23 @@ class PairJudge:
             return SIMILAR if check.inliers >= self.min_inliers else None
 
         self.counts["alignments"] += len(todo)
-        decided = dict(zip((j for j, _, _ in todo), pool.map(tier, todo), strict=True))
+        decided = {job[0]: tier(job) for job in todo}
         return [decided.get(j) for j, _ in pairs]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch and BLAS on one thread each for a while. Deciding pairs alternates small
+    numpy steps with small forward passes; with a pool of threads each, idle threads spin
+    between the steps, and on 2 busy cores that cost ten times the CPU of one thread
+    (``python -m benchmarks.othershots --synthetic-only 200``: 54 CPU seconds, not 5)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _workers() -> int:

@@ -89,11 +89,14 @@ class Capture:
 class Agreement:
     """A pair after alignment: ``score`` is the share of overlap patches that agree (the
     better of grey and colour), ``overlap`` the share of the kept image the other covers,
-    ``warp`` the refined affine (2 x 3) from the kept image's unit square to the other's."""
+    ``warp`` the refined affine (2 x 3) from the kept image's unit square to the other's,
+    ``level`` the level of ``LEVELS`` where it was settled (a coarse one for a pair that
+    hardly agrees, see :func:`agreement`)."""
 
     score: float
     overlap: float
     warp: np.ndarray
+    level: int = len(LEVELS) - 1
 
     @property
     def same_capture(self) -> bool:
@@ -307,19 +310,22 @@ def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
     """Align ``other`` onto ``kept`` from ``warp`` (kept's unit square to the other's) and
     measure how much of the overlap agrees.
 
-    A pair that agrees on less than ``COARSE_FLOORS`` of its patches at a coarse level is
-    settled there (its score is that share): no copy was measured that low, and most
-    pairs that reach the check are other shots or unrelated."""
+    A pair is settled at a coarse level when it agrees there on less than
+    ``COARSE_FLOORS`` of its patches (its score is that share), or when the alignment has
+    already slid into a map that no edit makes or onto too small an overlap (as between
+    two smooth noise images): no copy was measured that way, and most pairs that reach the
+    check are other shots or unrelated."""
     refined = warp
     for level in range(len(LEVELS)):
         refined = align(kept, other, refined, range(level, level + 1))
         if level < len(COARSE_FLOORS):
             r, inside = residuals(kept, other, refined, level)
-            if (
-                inside.sum() >= 16
-                and (share := _share(kept, r, inside, level)) < COARSE_FLOORS[level]
-            ):
-                return Agreement(share, float(inside.mean()), refined)
+            overlap = float(inside.mean())
+            if inside.sum() < 16:
+                return Agreement(0.0, overlap, refined, level)
+            share = _share(kept, r, inside, level)
+            if share < COARSE_FLOORS[level] or overlap < MIN_OVERLAP or not _editable(refined):
+                return Agreement(share, overlap, refined, level)
     r, inside = residuals(kept, other, refined)
     return _measured(kept, other, refined, r, inside)
 

@@ -1,0 +1,68 @@
+"""What the same-capture decision spends on a pair: the shortcuts give the answers the full
+measurement gives, and the work they skip is really skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+from skimage import data
+
+from ghostmatch.dupes import samecapture
+from ghostmatch.dupes.samecapture import LEVELS, agreement, prepare_capture
+
+
+def scene() -> Image.Image:
+    return Image.fromarray(data.astronaut()).convert("RGB").resize((320, 240))
+
+
+def sorted_share(e: np.ndarray, inside: np.ndarray) -> float:
+    """The patch share by each patch's own median, the way it reads in the docstring."""
+    patch = samecapture._patch_of(*e.shape)
+    mask = inside.ravel()
+    n = samecapture.PATCHES**2
+    sizes, covered = np.bincount(patch, minlength=n), np.bincount(patch[mask], minlength=n)
+    counted = covered >= 0.5 * sizes
+    if not counted.any():
+        return 0.0
+    medians = np.array(
+        [np.median(e.ravel()[mask & (patch == k)]) if covered[k] else np.inf for k in range(n)]
+    )
+    return float((medians[counted] <= samecapture.TOLERANCE).sum() / counted.sum())
+
+
+def test_patch_medians_by_counting_equal_sorted_medians() -> None:
+    rng = np.random.default_rng(3)
+    for case in range(300):
+        h, w = (int(v) for v in rng.integers(8, 130, 2))
+        # Residuals rounded to tenths put many values exactly on the tolerance and make
+        # even-sized patches whose two middle values straddle it.
+        e = np.round(np.abs(rng.standard_normal((h, w))) * rng.choice([0.1, 0.2, 0.4]), 1)
+        inside = rng.random((h, w)) >= rng.choice([0.0, 0.3, 0.6])
+        if case % 5 == 0:
+            inside[:, : w // 2] = False
+        assert samecapture._patch_share(e, inside) == sorted_share(e, inside)
+
+
+def test_a_pair_that_hardly_agrees_is_settled_at_a_coarse_level() -> None:
+    kept = prepare_capture(scene())
+    unrelated = Image.fromarray(data.coffee()).convert("RGB").resize((320, 240))
+    mirrored = ImageOps.mirror(scene())
+    for other in (unrelated, mirrored):
+        found = agreement(kept, prepare_capture(other), np.eye(2, 3))
+        assert not found.same_capture
+        assert found.level < len(LEVELS) - 1
+        assert found.score < samecapture.COARSE_FLOORS[found.level]
+    # A copy goes all the way to the finest level, and is the same capture there.
+    copy = agreement(kept, prepare_capture(scene().resize((200, 150))), np.eye(2, 3))
+    assert copy.level == len(LEVELS) - 1
+    assert copy.same_capture and copy.is_whole()
+
+
+def test_a_recoloured_copy_still_agrees_after_the_colour_fit() -> None:
+    # Hue and saturation changes agree in colour, not in grey: the colour fit must still
+    # run for them, whatever it skips for pairs that hardly agree in grey.
+    pixels = np.asarray(scene(), np.float64)
+    recoloured = np.clip(pixels[..., [1, 2, 0]] * 0.6 + pixels * 0.4, 0, 255).astype(np.uint8)
+    kept = prepare_capture(scene())
+    found = agreement(kept, prepare_capture(Image.fromarray(recoloured)), np.eye(2, 3))
+    assert found.same_capture
