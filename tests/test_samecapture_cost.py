@@ -3,12 +3,22 @@ measurement gives, and the work they skip is really skipped."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from skimage import data
+from threadpoolctl import threadpool_info
 
+import ghostmatch
 from ghostmatch.dupes import samecapture
 from ghostmatch.dupes.samecapture import LEVELS, agreement, prepare_capture
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import synthetic
 
 
 def scene() -> Image.Image:
@@ -66,3 +76,33 @@ def test_a_recoloured_copy_still_agrees_after_the_colour_fit() -> None:
     kept = prepare_capture(scene())
     found = agreement(kept, prepare_capture(Image.fromarray(recoloured)), np.eye(2, 3))
     assert found.same_capture
+
+
+def test_pairs_are_decided_on_one_thread_and_the_count_is_restored(tmp_path: Path) -> None:
+    # Idle pool threads spin between the many small steps of deciding pairs; one thread
+    # each for torch and BLAS, and the caller's setting back afterwards.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene().save(folder / "scene.jpg", quality=95)
+    scene().save(folder / "scene_q50.jpg", quality=50)
+    for n in range(4):
+        synthetic.make_image("noise", n, seed=5).save(folder / f"noise{n}.jpg", quality=90)
+    seen: list[tuple[int, list[int]]] = []
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        blas = [int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+        seen.append((torch.get_num_threads(), blas))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+            lib.index([folder])
+            groups = lib.find_duplicates(progress=progress)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and all(threads == 1 and set(blas) <= {1} for threads, blas in seen)
+    assert [(g.keep.path.name, [(m.path.name, m.tier) for m in g.members]) for g in groups] == [
+        ("scene.jpg", [("scene_q50.jpg", "near")])
+    ]

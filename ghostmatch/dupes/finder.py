@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -471,9 +471,6 @@ class PairJudge:
         self._maps: _MapCache | None = None
         # None marks an image that could not be decoded.
         self.captures: OrderedDict[int, Capture | None] = OrderedDict()
-        # Work done, by kind: "alignments" (dense alignments of a pair), "captures"
-        # (images prepared for them); the feature maps are counted by ``maps``.
-        self.counts: Counter[str] = Counter()
 
     @property
     def maps(self) -> _MapCache:
@@ -487,7 +484,6 @@ class PairJudge:
         if i in self.captures:
             self.captures.move_to_end(i)
             return self.captures[i]
-        self.counts["captures"] += 1
         try:
             image = load_image(self.records[i].path, DECODE_SIDE).image
         except ImageRejected:
@@ -526,7 +522,6 @@ class PairJudge:
         # One pair at a time: numpy's own threads already share out the larger steps, and
         # more threads on top of them only contend for the cores.
         checks = [agreement(a, b, np.eye(2, 3)) for _, _, b in unmoved] if a is not None else []
-        self.counts["alignments"] += len(checks)
         scores = dict(others)
         for (j, crowded, _), check in zip(unmoved, checks, strict=True):
             if check.same_capture:
@@ -572,7 +567,6 @@ class PairJudge:
             # A pair that only its score brought here is not alike at all.
             return SIMILAR if check.inliers >= self.min_inliers else None
 
-        self.counts["alignments"] += len(todo)
         decided = {job[0]: tier(job) for job in todo}
         return [decided.get(j) for j, _ in pairs]
 
@@ -672,8 +666,6 @@ class _MapCache:
         self.zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
         # None marks an image that could not be decoded, so it is not tried again.
         self.maps: OrderedDict[int, ScaledMaps | None] = OrderedDict()
-        # Images whose maps were computed (each image's three maps count once).
-        self.computed = 0
 
     def __contains__(self, i: int) -> bool:
         return i in self.maps
@@ -712,6 +704,5 @@ class _MapCache:
                 zoomed = zoomed.astype(np.float16)
                 for k, (i, _) in enumerate(ok):
                     self.maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
-                self.computed += n
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)
