@@ -9,7 +9,9 @@ of one affine map between the two greyscale images, coarse to fine, weighted rob
 (Tukey) so that a caption or a border does not pull it, with a gain and offset for the
 brightness. The overlap is then cut into an 8 x 8 grid of patches, and a patch agrees
 when its median residual is small against the image's contrast, in grey or after an
-affine colour fit. The pair is one capture when nearly all patches agree.
+affine colour fit. The pair is one capture when nearly all patches agree. A pair whose
+alignment slides into a map no edit makes is settled at a coarse level (see
+:func:`agreement`).
 
 The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 ``python -m benchmarks.othershots`` and checked on its held-out half (README, duplicates).
@@ -36,13 +38,6 @@ TUKEY = 4.685
 # Share of overlap patches that must agree (in grey or in colour) for one capture:
 # measured, see the module docstring.
 SAME_CAPTURE_CUT = 8 / 9
-# Shares of agreeing patches in grey below which a pair is settled as another capture
-# without finishing: after the first and second level of ``LEVELS``, and at the finest
-# level before the colour fit. On ``benchmarks.othershots --quick`` every copy agreed on
-# at least 0.48 / 0.56 of its patches at the coarse levels and 0.56 in grey at the finest
-# before its colour fit, while a quarter to a half of the other pairs fell below these.
-COARSE_FLOORS = (0.2, 0.3)
-COLOUR_FLOOR = 0.25
 # Images are decoded for the comparison with at least this shorter side.
 DECODE_SIDE = 160
 # The identity alignment counts as "the whole image, unmoved" (a ``near`` copy) within
@@ -310,22 +305,21 @@ def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
     """Align ``other`` onto ``kept`` from ``warp`` (kept's unit square to the other's) and
     measure how much of the overlap agrees.
 
-    A pair is settled at a coarse level when it agrees there on less than
-    ``COARSE_FLOORS`` of its patches (its score is that share), or when the alignment has
-    already slid into a map that no edit makes or onto too small an overlap (as between
-    two smooth noise images): no copy was measured that way, and most pairs that reach the
-    check are other shots or unrelated."""
+    A pair is settled at a coarse level (its score is the share of patches that agree in
+    grey there) when the alignment has already slid into a map that no edit makes or onto
+    too small an overlap, as between two smooth noise images: no copy was measured that
+    way. Agreement itself is only judged at the finest level, in grey and in colour: a
+    recoloured copy can agree on few patches in grey."""
     refined = warp
     for level in range(len(LEVELS)):
         refined = align(kept, other, refined, range(level, level + 1))
-        if level < len(COARSE_FLOORS):
+        if level < len(LEVELS) - 1:
             r, inside = residuals(kept, other, refined, level)
             overlap = float(inside.mean())
             if inside.sum() < 16:
                 return Agreement(0.0, overlap, refined, level)
-            share = _share(kept, r, inside, level)
-            if share < COARSE_FLOORS[level] or overlap < MIN_OVERLAP or not _editable(refined):
-                return Agreement(share, overlap, refined, level)
+            if overlap < MIN_OVERLAP or not _editable(refined):
+                return Agreement(_share(kept, r, inside, level), overlap, refined, level)
     r, inside = residuals(kept, other, refined)
     return _measured(kept, other, refined, r, inside)
 
@@ -342,8 +336,8 @@ def _measured(
     if inside.sum() < 16:
         return Agreement(0.0, 0.0, warp)
     score = _share(kept, r, inside)
-    if COLOUR_FLOOR <= score < SAME_CAPTURE_CUT - 1e-9:
+    if score < SAME_CAPTURE_CUT - 1e-9:
         # Recoloured copies agree in colour, not in grey; a pair that agrees in grey
-        # already needs no colour fit, nor does one that hardly agrees in grey at all.
+        # already needs no colour fit.
         score = max(score, _patch_share(_colour_residuals(kept, other, warp), inside))
     return Agreement(score, float(inside.mean()), warp)
