@@ -3,14 +3,17 @@ image, in two stages (descriptor scores, then a geometric check of local feature
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from threadpoolctl import threadpool_limits
 
 from ghostmatch.dupes import turns
 from ghostmatch.dupes.collection import (
@@ -210,7 +213,9 @@ class DuplicateFinder:
 
         groups = []
         ranked = turns.by_picture(members, pictures)
-        for leader, taken in group_judged(ranked, pairs, decide, keep, report):
+        with one_thread():
+            decided = group_judged(ranked, pairs, decide, keep, report)
+        for leader, taken in decided:
             copies = [
                 _member(records[j], s, tier, turn(leader, j))
                 for j, s, tier in taken
@@ -286,7 +291,7 @@ class DuplicateFinder:
         results: dict[tuple[int, int], Verification] = {}
         ordered = _locality_order(pairs)
         block: list[tuple[int, int]] = []
-        with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+        with ThreadPoolExecutor(_workers()) as pool:
 
             def flush() -> None:
                 cache.load({i for pair in block for i in pair}, pool)
@@ -375,11 +380,16 @@ class DuplicateFinder:
         judge = self._judge_against(x, records, t)
         copies, alike = [], []
         taken = set(exact)
+        decided: dict[int, str | None] = {}
+        with one_thread():
+            for i, s in hits:
+                if i in records and i not in exact:
+                    decided[i] = judge(i, [(_QUERY, s)]).get(_QUERY)
         for i, s in hits:
             record = records.get(i)
             if record is None:
                 continue
-            tier = "exact" if i in exact else judge(i, [(_QUERY, s)]).get(_QUERY)
+            tier = "exact" if i in exact else decided.get(i)
             if tier == SIMILAR:
                 alike.append(_member(record, s, tier))
             elif tier is not None:
@@ -495,6 +505,7 @@ class PairJudge:
         kept = self.records[leader]
         tiers: dict[int, str | None] = {}
         geometric: list[tuple[int, float]] = []
+        unmoved: list[tuple[int, bool, Capture]] = []
         for j, score in others:
             other = self.records.get(j)
             if other is not None and kept.content_hash == other.content_hash:
@@ -512,38 +523,77 @@ class PairJudge:
                 continue
             if crowded and a.correlation(b) < CROWDED_CORRELATION:
                 continue
-            unmoved = agreement(a, b, np.eye(2, 3))
-            if unmoved.same_capture:
-                tiers[j] = "near" if unmoved.is_whole() else "edited"
+            unmoved.append((j, crowded, b))
+        a = self.capture(leader) if unmoved else None
+        # One pair at a time: numpy's own threads already share out the larger steps, and
+        # more threads on top of them only contend for the cores.
+        checks = [agreement(a, b, np.eye(2, 3)) for _, _, b in unmoved] if a is not None else []
+        scores = dict(others)
+        for (j, crowded, _), check in zip(unmoved, checks, strict=True):
+            if check.same_capture:
+                tiers[j] = "near" if check.is_whole() else "edited"
             elif not crowded:
-                geometric.append((j, score))
+                geometric.append((j, scores[j]))
         if geometric:
-            with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
+            with ThreadPoolExecutor(_workers()) as pool:
                 self.maps.load({leader, *(j for j, _ in geometric)}, pool)
-            for j, score in geometric:
-                tiers[j] = self._aligned(leader, j, score)
+            decided = self._aligned(leader, geometric)
+            tiers.update(zip((j for j, _ in geometric), decided, strict=True))
         return tiers
 
-    def _aligned(self, leader: int, j: int, score: float) -> str | None:
-        """The tier of a pair that the identity map does not align."""
-        ma, mb = self.maps.get(leader), self.maps.get(j)
-        if ma is None or mb is None:
-            return None
-        check = verify_scales(_as_float(ma), _as_float(mb), self.min_inliers)
-        if check.inliers < self.min_inliers and score < self.threshold:
-            return None
+    def _aligned(self, leader: int, pairs: list[tuple[int, float]]) -> list[str | None]:
+        """The tiers of pairs that the identity map does not align, in order."""
+        ma = self.maps.get(leader)
+        found: dict[int, Verification] = {}
+        if ma is not None:
+            base = _as_float(ma)
+            others = [(j, m) for j, _ in pairs if (m := self.maps.get(j)) is not None]
+            results = [verify_scales(base, _as_float(m), self.min_inliers) for _, m in others]
+            found = dict(zip((j for j, _ in others), results, strict=True))
         # Captures are only decoded for pairs that get this far.
-        a, b = self.capture(leader), self.capture(j)
-        if a is None or b is None:
-            return None
-        # The check maps the other's unit square to the kept one's; alignment needs the
-        # other way round.
-        warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
-        if agreement(a, b, warp).same_capture:
-            return "near" if check.is_identity() else "edited"
-        # Another capture of the same scene: its local features agree on one geometry.
-        # A pair that only its score brought here is not alike at all.
-        return SIMILAR if check.inliers >= self.min_inliers else None
+        a = self.capture(leader) if found else None
+        if a is None:
+            return [None] * len(pairs)
+        todo = [
+            (j, check, b)
+            for j, score in pairs
+            if (check := found.get(j)) is not None
+            and (check.inliers >= self.min_inliers or score >= self.threshold)
+            and (b := self.capture(j)) is not None
+        ]
+
+        def tier(job: tuple[int, Verification, Capture]) -> str | None:
+            _, check, b = job
+            # The check maps the other's unit square to the kept one's; alignment needs
+            # the other way round.
+            warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
+            if agreement(a, b, warp).same_capture:
+                return "near" if check.is_identity() else "edited"
+            # Another capture of the same scene: its local features agree on one geometry.
+            # A pair that only its score brought here is not alike at all.
+            return SIMILAR if check.inliers >= self.min_inliers else None
+
+        decided = {job[0]: tier(job) for job in todo}
+        return [decided.get(j) for j, _ in pairs]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch and BLAS on one thread each for a while. Deciding pairs alternates small
+    numpy steps with small forward passes; with a pool of threads each, idle threads spin
+    between the steps, and on 2 busy cores that cost ten times the CPU of one thread
+    (``python -m benchmarks.othershots --synthetic-only 200``: 54 CPU seconds, not 5)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _workers() -> int:
+    return min(8, max(2, os.cpu_count() or 2))
 
 
 def _pair(scores: dict[tuple[int, int], float], i: int, j: int) -> float:

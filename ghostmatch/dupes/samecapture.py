@@ -9,7 +9,9 @@ of one affine map between the two greyscale images, coarse to fine, weighted rob
 (Tukey) so that a caption or a border does not pull it, with a gain and offset for the
 brightness. The overlap is then cut into an 8 x 8 grid of patches, and a patch agrees
 when its median residual is small against the image's contrast, in grey or after an
-affine colour fit. The pair is one capture when nearly all patches agree.
+affine colour fit. The pair is one capture when nearly all patches agree. A pair whose
+alignment slides into a map no edit makes is settled at a coarse level (see
+:func:`agreement`).
 
 The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 ``python -m benchmarks.othershots`` and checked on its held-out half (README, duplicates).
@@ -82,11 +84,14 @@ class Capture:
 class Agreement:
     """A pair after alignment: ``score`` is the share of overlap patches that agree (the
     better of grey and colour), ``overlap`` the share of the kept image the other covers,
-    ``warp`` the refined affine (2 x 3) from the kept image's unit square to the other's."""
+    ``warp`` the refined affine (2 x 3) from the kept image's unit square to the other's,
+    ``level`` the level of ``LEVELS`` where it was settled (a coarse one for a pair that
+    hardly agrees, see :func:`agreement`)."""
 
     score: float
     overlap: float
     warp: np.ndarray
+    level: int = len(LEVELS) - 1
 
     @property
     def same_capture(self) -> bool:
@@ -195,16 +200,16 @@ def _robust_fit(
 
 
 def align(
-    kept: Capture, other: Capture, warp: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    kept: Capture, other: Capture, warp: np.ndarray, levels: range | None = None
+) -> np.ndarray:
     """Refine ``warp`` (2 x 3, kept's unit coordinates to the other's) by robust
-    Gauss-Newton from coarse to fine: (warp, finest residuals, finest inside mask)."""
+    Gauss-Newton from coarse to fine, over ``levels`` of ``LEVELS`` (all by default)."""
     p = warp.astype(np.float64).copy()
-    for level, (_, _, steps) in enumerate(LEVELS):
+    for level in range(len(LEVELS)) if levels is None else levels:
         t_img, stack = kept.levels[level][0], other.levels[level]
         design = _unit_grid(*t_img.shape)
         t = t_img.ravel()
-        for _ in range(steps):
+        for _ in range(LEVELS[level][2]):
             sampled, inside = _sample(stack, design @ p.T)
             if inside.sum() < 16:
                 break
@@ -218,11 +223,18 @@ def align(
             p += step.reshape(2, 3)
             if np.abs(step).max() < STEP_DONE:
                 break
-    t_img, stack = kept.levels[-1][0], other.levels[-1]
-    design = _unit_grid(*t_img.shape)
-    sampled, inside = _sample(stack[:1], design @ p.T)
+    return p
+
+
+def residuals(
+    kept: Capture, other: Capture, warp: np.ndarray, level: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grey residuals (h, w) of ``other`` under ``warp`` at one level of ``LEVELS`` (the
+    finest by default), after a robust gain and offset, and which pixels it covers."""
+    t_img, stack = kept.levels[level][0], other.levels[level]
+    sampled, inside = _sample(stack[:1], _unit_grid(*t_img.shape) @ warp.T)
     _, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
-    return p, r.reshape(t_img.shape), inside.reshape(t_img.shape)
+    return r.reshape(t_img.shape), inside.reshape(t_img.shape)
 
 
 def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.ndarray:
@@ -275,30 +287,57 @@ def _patch_share(e: np.ndarray, inside: np.ndarray) -> float:
     counted = covered >= 0.5 * sizes
     if not counted.any():
         return 0.0
-    # Medians of every patch at once: sort by (patch, value), then read each patch's middle.
+    # A median is within the tolerance when both middle values are, so counting the
+    # values within it settles each patch without sorting: k of n values within it puts
+    # the median within it when k > n // 2, beyond it when k <= (n - 1) // 2. Only a
+    # patch of even size with exactly n / 2 values within it needs its two middle values.
     cells, values = patch[mask], e.ravel()[mask]
-    order = np.lexsort((values, cells))
-    values = values[order]
-    starts = np.concatenate([[0], np.cumsum(covered)[:-1]])
-    low = starts + (covered - 1) // 2
-    high = starts + covered // 2
-    ok = counted & (covered > 0)
-    medians = np.full(len(covered), np.inf)
-    medians[ok] = (values[low[ok]] + values[high[ok]]) / 2
-    return float((medians[counted] <= TOLERANCE).sum() / counted.sum())
+    within = np.bincount(cells[values <= TOLERANCE], minlength=PATCHES * PATCHES)
+    ok = within > covered // 2
+    even = (covered > 0) & (covered % 2 == 0)
+    for n in np.flatnonzero(counted & even & (within == covered // 2)):
+        middle = np.partition(values[cells == n], [within[n] - 1, within[n]])
+        ok[n] = (middle[within[n] - 1] + middle[within[n]]) / 2 <= TOLERANCE
+    return float((ok & counted).sum() / counted.sum())
 
 
 def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
     """Align ``other`` onto ``kept`` from ``warp`` (kept's unit square to the other's) and
-    measure how much of the overlap agrees."""
-    refined, r, inside = align(kept, other, warp)
+    measure how much of the overlap agrees.
+
+    A pair is settled at a coarse level (its score is the share of patches that agree in
+    grey there) when the alignment has already slid into a map that no edit makes or onto
+    too small an overlap, as between two smooth noise images: no copy was measured that
+    way. Agreement itself is only judged at the finest level, in grey and in colour: a
+    recoloured copy can agree on few patches in grey."""
+    refined = warp
+    for level in range(len(LEVELS)):
+        refined = align(kept, other, refined, range(level, level + 1))
+        if level < len(LEVELS) - 1:
+            r, inside = residuals(kept, other, refined, level)
+            overlap = float(inside.mean())
+            if inside.sum() < 16:
+                return Agreement(0.0, overlap, refined, level)
+            if overlap < MIN_OVERLAP or not _editable(refined):
+                return Agreement(_share(kept, r, inside, level), overlap, refined, level)
+    r, inside = residuals(kept, other, refined)
+    return _measured(kept, other, refined, r, inside)
+
+
+def _share(kept: Capture, r: np.ndarray, inside: np.ndarray, level: int = -1) -> float:
+    """Share of the overlap's patches that agree in grey, residuals ``r`` at ``level``."""
+    contrast = max(float(kept.levels[level][0][inside].std()), 0.02)
+    return _patch_share(np.abs(r) / contrast, inside)
+
+
+def _measured(
+    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+) -> Agreement:
     if inside.sum() < 16:
-        return Agreement(0.0, 0.0, refined)
-    t = kept.levels[-1][0]
-    contrast = max(float(t[inside].std()), 0.02)
-    score = _patch_share(np.abs(r) / contrast, inside)
+        return Agreement(0.0, 0.0, warp)
+    score = _share(kept, r, inside)
     if score < SAME_CAPTURE_CUT - 1e-9:
         # Recoloured copies agree in colour, not in grey; a pair that agrees in grey
         # already needs no colour fit.
-        score = max(score, _patch_share(_colour_residuals(kept, other, refined), inside))
-    return Agreement(score, float(inside.mean()), refined)
+        score = max(score, _patch_share(_colour_residuals(kept, other, warp), inside))
+    return Agreement(score, float(inside.mean()), warp)
