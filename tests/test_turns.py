@@ -170,8 +170,8 @@ def _groups_by_kept(groups: list) -> dict[str, dict[str, tuple[str, int]]]:  # t
 @pytest.mark.usefixtures("shared_model_cache")
 def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: Path) -> None:
     with ghostmatch.open(turned_index, create=False) as lib:
-        groups = _groups_by_kept(lib.find_duplicates(turned=True))
-        upright = _groups_by_kept(lib.finder.find_duplicates())
+        groups = _groups_by_kept(lib.find_duplicates())
+        upright = _groups_by_kept(lib.find_duplicates(turned=False))
     assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
     assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
     # Not one of them is a duplicate as it stands.
@@ -186,12 +186,12 @@ def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
     coffee = photo("coffee")
     with ghostmatch.open(turned_index, create=False) as lib:
         # Counter-clockwise by 90: coffee.jpg turned clockwise by 270 lines up with it.
-        found = {m.path.name: m for m in lib.duplicates_of(turn_image(coffee, 270), turned=True)}
+        found = {m.path.name: m for m in lib.duplicates_of(turn_image(coffee, 270))}
         assert found["coffee.jpg"].turn == 270 and found["coffee.jpg"].tier == "edited"
         assert found["coffee-cw90.jpg"].turn == 180
         tilt = jpeg(tilted(photo("rocket"), -25.0, (255, 255, 255)))
-        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt, turned=True)]
-        assert lib.finder.duplicates_of(tilt) == []
+        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt)]
+        assert lib.duplicates_of(tilt, turned=False) == []
 
 
 # ---------------------------------------------------------------------------- query, CLI
@@ -247,15 +247,22 @@ def test_query_rotations_in_the_library_and_under_a_folder(
         assert all(m.turn is None for m in lib.query(upside_down, 2))
 
 
-def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
+def _dupes(index: Path, model_cache: Path, *flags: str) -> dict[str, list[dict]]:  # type: ignore[type-arg]
     done = subprocess.run(
-        [*CLI, "dupes", "--turned", "--index", str(turned_index), "--json"],
+        [*CLI, "dupes", "--index", str(index), "--json", *flags],
         capture_output=True,
         text=True,
         env=cli_env(model_cache),
         check=True,
     )
-    groups = {Path(g["keep"]).name: g["members"] for g in json.loads(done.stdout)["groups"]}
+    return {Path(g["keep"]).name: g["members"] for g in json.loads(done.stdout)["groups"]}
+
+
+def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
+    # Turned copies are found by default; --no-turned leaves them out.
+    groups = _dupes(turned_index, model_cache)
     turns = {Path(m["path"]).name: m["turn"] for m in groups["coffee.jpg"]}
     assert turns == COFFEE_TURNS
     assert [m["turn"] for m in groups["rocket.jpg"]] == [0]
+    upright = _dupes(turned_index, model_cache, "--no-turned")
+    assert not {Path(m["path"]).name for m in upright.get("coffee.jpg", [])} & set(COFFEE_TURNS)
