@@ -109,6 +109,39 @@ def test_letterboxed_and_bordered_photos_have_no_tilt() -> None:
     assert find_tilt(Image.new("RGB", (200, 100), (0, 0, 0))) is None
 
 
+def light_photo(size: tuple[int, int], at: tuple[int, int]) -> Image.Image:
+    """A 320 x 240 photo that is white but for coffee, ``size`` at ``at`` (a studio shot on
+    white): tilted onto white corners, only the corners beside its dark sides show an edge."""
+    canvas = Image.new("RGB", (320, 240), (255, 255, 255))
+    canvas.paste(photo("coffee").resize(size), at)
+    return canvas
+
+
+@pytest.mark.parametrize(
+    ("size", "at", "degrees"),
+    [((240, 100), (40, 140), 15.0), ((140, 240), (180, 0), 15.0), ((140, 240), (180, 0), -30.0)],
+)
+def test_a_light_photo_tilted_onto_white_is_measured(
+    size: tuple[int, int], at: tuple[int, int], degrees: float
+) -> None:
+    copy = jpeg(tilted(light_photo(size, at), degrees, (255, 255, 255)))
+    tilt = find_tilt(copy)
+    assert tilt is not None
+    assert tilt.degrees == pytest.approx(degrees, abs=1.5)
+    assert tilt.fill == (255, 255, 255) or min(tilt.fill) >= 248
+
+
+def test_an_edge_in_one_corner_that_misses_the_canvas_is_no_tilt() -> None:
+    # A white picture crossed by one dark bar at 20 degrees: the top-left corner shows a
+    # straight edge, but pixels lie where the corners of a tilted picture would be fill.
+    from PIL import ImageDraw
+
+    canvas = Image.new("RGB", (320, 240), (255, 255, 255))
+    ImageDraw.Draw(canvas).line([(5, 60), (170, 0)], fill=(20, 20, 20), width=14)
+    assert find_tilt(jpeg(canvas)) is None
+    assert find_tilt(jpeg(light_photo((240, 100), (40, 140)))) is None
+
+
 def test_straighten_with_a_tilt_of_nothing_keeps_the_image() -> None:
     blank = Image.new("RGB", (60, 40), (0, 0, 0))
     assert straighten(blank, Tilt(10.0, (0, 0, 0))).size == (60, 40)
@@ -179,6 +212,33 @@ def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: 
     assert "rocket-tilt20.jpg" not in upright.get("rocket.jpg", {})
     # Nothing else is grouped (chelsea and rocket, astronaut and coffee stay apart).
     assert set(groups) == {"coffee.jpg", "rocket.jpg"}
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
+    turned_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import turns
+
+    checked: list[set[str]] = []
+    real = turns.verify_turned
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real(*args, **kwargs)
+        checked.extend({names[p.owner], names[p.other]} for p in found)
+        return found
+
+    monkeypatch.setattr(turns, "verify_turned", counting)
+    with ghostmatch.open(turned_index, create=False) as lib:
+        names = {
+            r.id: r.path.name for r in lib.catalog.get(list(map(int, lib.catalog.vectors()[0])))
+        }
+        groups = _groups_by_kept(lib.find_duplicates())
+    assert set(groups["coffee.jpg"]) == set(COFFEE_TURNS)
+    # The kept file takes every turned copy, so two copies are never compared (their views
+    # do find each other).
+    assert {"coffee.jpg", "coffee-180.jpg"} in checked
+    assert not [pair for pair in checked if pair <= set(COFFEE_TURNS)]
 
 
 @pytest.mark.usefixtures("shared_model_cache")
