@@ -160,8 +160,9 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def turned_folder(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The photos, and copies of two of them: coffee turned every way (and mirrored),
-    smaller, and rocket tilted onto black corners; the originals are the files to keep."""
+    """The photos, and copies of three of them: coffee turned every way (and mirrored),
+    smaller, astronaut mirrored and turned, and rocket tilted onto black corners; the
+    originals are the files to keep."""
     folder = tmp_path_factory.mktemp("turned")
     for path in photo_folder.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
@@ -170,6 +171,11 @@ def turned_folder(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) 
     turn_image(coffee, 180).save(folder / "coffee-180.jpg", quality=90)
     turn_image(coffee, 270).save(folder / "coffee-cw270.jpg", quality=90)
     ImageOps.mirror(turn_image(coffee, 90)).save(folder / "coffee-mirror-cw90.jpg", quality=90)
+    # Mirrored, then turned clockwise: each file of this pair is the other turned by 270
+    # and mirrored, from either side (astronaut, unlike coffee, looks nothing like itself
+    # upside down).
+    astronaut = turn_image(ImageOps.mirror(photo("astronaut").resize((400, 400))), 90)
+    astronaut.save(folder / "astronaut-flip-cw90.jpg", quality=90)
     # Full size: its canvas has more pixels than the original, its picture has not.
     tilted(photo("rocket"), 20.0, (0, 0, 0)).save(folder / "rocket-tilt20.jpg", quality=90)
     return folder
@@ -207,11 +213,12 @@ def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: 
         upright = _groups_by_kept(lib.find_duplicates(turned=False))
     assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
     assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
+    assert groups["astronaut.jpg"] == {"astronaut-flip-cw90.jpg": ("edited", 270)}
     # Not one of them is a duplicate as it stands.
     assert not set(upright.get("coffee.jpg", {})) & set(COFFEE_TURNS)
     assert "rocket-tilt20.jpg" not in upright.get("rocket.jpg", {})
     # Nothing else is grouped (chelsea and rocket, astronaut and coffee stay apart).
-    assert set(groups) == {"coffee.jpg", "rocket.jpg"}
+    assert set(groups) == {"coffee.jpg", "rocket.jpg", "astronaut.jpg"}
 
 
 @pytest.mark.usefixtures("shared_model_cache")

@@ -3,9 +3,9 @@ filled corners are still copies; their turned or straightened views find and ver
 
 A descriptor is not rotation invariant: a photo turned by 90 degrees scores like an
 unrelated photo against its original. So the duplicate search embeds *views* of each
-image: turned clockwise by 90 and 180 degrees (searching every image's views against the
-stored descriptors finds turns of 90, 180 and 270 from one side of each pair or the other;
-the descriptor itself tolerates a mirror), and for an image that was tilted onto a
+image: turned clockwise by 90, 180 and 270 degrees (the descriptor itself tolerates a
+mirror, but a mirror image turned by 270 is that turn from both of its files, so the
+other side of a pair cannot stand in for a 270 view), and for an image tilted onto a
 larger canvas with filled corners, the image straightened and cut back to its content. A
 view's pair is then verified on the view itself, so the geometric stage sees an upright
 copy.
@@ -368,9 +368,10 @@ def member_turn(pair: TurnedPair | None, member: int) -> int:
 # compared with (a turned copy is its view's nearest image; more only guard against ties).
 VIEW_BATCH = 64
 VIEW_NEIGHBOURS = 8
-# Turns the all-pairs search embeds: a pair turned by 270 is found from its other side,
-# through that image's 90, and the descriptor tolerates a mirror.
-PAIR_TURNS = (90, 180)
+# Turns the all-pairs search embeds. Each of a pair's two files is the other turned, so a
+# pair turned by 270 would be found from its other side, through that file's 90, but not
+# a mirror image turned by 270: mirrored and turned, each is the other turned by 270.
+PAIR_TURNS = QUARTER_TURNS
 
 Offsets = Callable[[np.ndarray], "np.ndarray | None"]
 
