@@ -209,8 +209,8 @@ def _groups_by_kept(groups: list) -> dict[str, dict[str, tuple[str, int]]]:  # t
 @pytest.mark.usefixtures("shared_model_cache")
 def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: Path) -> None:
     with ghostmatch.open(turned_index, create=False) as lib:
-        groups = _groups_by_kept(lib.find_duplicates())
-        upright = _groups_by_kept(lib.find_duplicates(turned=False))
+        groups = _groups_by_kept(lib.find_duplicates(turned=True))
+        upright = _groups_by_kept(lib.find_duplicates())
     assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
     assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
     assert groups["astronaut.jpg"] == {"astronaut-flip-cw90.jpg": ("edited", 270)}
@@ -240,7 +240,7 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
         names = {
             r.id: r.path.name for r in lib.catalog.get(list(map(int, lib.catalog.vectors()[0])))
         }
-        groups = _groups_by_kept(lib.find_duplicates())
+        groups = _groups_by_kept(lib.find_duplicates(turned=True))
     assert set(groups["coffee.jpg"]) == set(COFFEE_TURNS)
     # The kept file takes every turned copy, so two copies are never compared (their views
     # do find each other).
@@ -253,12 +253,12 @@ def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
     coffee = photo("coffee")
     with ghostmatch.open(turned_index, create=False) as lib:
         # Counter-clockwise by 90: coffee.jpg turned clockwise by 270 lines up with it.
-        found = {m.path.name: m for m in lib.duplicates_of(turn_image(coffee, 270))}
+        found = {m.path.name: m for m in lib.duplicates_of(turn_image(coffee, 270), turned=True)}
         assert found["coffee.jpg"].turn == 270 and found["coffee.jpg"].tier == "edited"
         assert found["coffee-cw90.jpg"].turn == 180
         tilt = jpeg(tilted(photo("rocket"), -25.0, (255, 255, 255)))
-        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt)]
-        assert lib.duplicates_of(tilt, turned=False) == []
+        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt, turned=True)]
+        assert lib.duplicates_of(tilt) == []
 
 
 # ---------------------------------------------------------------------------- query, CLI
@@ -326,10 +326,10 @@ def _dupes(index: Path, model_cache: Path, *flags: str) -> dict[str, list[dict]]
 
 
 def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
-    # Turned copies are found by default; --no-turned leaves them out.
-    groups = _dupes(turned_index, model_cache)
+    # Turned copies are found with --turned, and only then.
+    groups = _dupes(turned_index, model_cache, "--turned")
     turns = {Path(m["path"]).name: m["turn"] for m in groups["coffee.jpg"]}
     assert turns == COFFEE_TURNS
     assert [m["turn"] for m in groups["rocket.jpg"]] == [0]
-    upright = _dupes(turned_index, model_cache, "--no-turned")
+    upright = _dupes(turned_index, model_cache)
     assert not {Path(m["path"]).name for m in upright.get("coffee.jpg", [])} & set(COFFEE_TURNS)
