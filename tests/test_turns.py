@@ -206,6 +206,34 @@ def _groups_by_kept(groups: list) -> dict[str, dict[str, tuple[str, int]]]:  # t
     return {g.keep.path.name: {m.path.name: (m.tier, m.turn) for m in g.members} for g in groups}
 
 
+def test_the_screen_picks_the_turned_and_the_tilted_images_only(turned_folder: Path) -> None:
+    from ghostmatch.dupes.turns import decode, screen, screen_pairs, thumbnail
+
+    paths = dict(enumerate(sorted(turned_folder.iterdir())))
+    names = {i: p.name for i, p in paths.items()}
+    thumbs = np.stack([thumbnail(decode(p, 224)) for p in paths.values()])  # type: ignore[arg-type]
+    pairs = {
+        frozenset((names[a], names[b])): (names[owner], turn)
+        for (a, b), (owner, turn, _) in screen_pairs(thumbs).items()
+    }
+    turned = {**COFFEE_TURNS, "astronaut-flip-cw90.jpg": 270}
+    for copy, turn in turned.items():
+        original = "astronaut.jpg" if copy.startswith("astronaut") else "coffee.jpg"
+        owner, found = pairs[frozenset((copy, original))]
+        # The owner's view turned by ``found`` lines up with the other file.
+        mirrored = "mirror" in copy or "flip" in copy
+        assert found == (turn if owner == copy else inverse_turn(turn, mirrored))
+    # Only turned copies and their originals are screened: not the upright photos, not a
+    # tilt (its own view is the straightened one).
+    screened = {name for pair in pairs for name in pair}
+    assert screened == {*turned, "coffee.jpg", "astronaut.jpg"}
+    found = screen(paths, 224)
+    assert {names[i] for i in found.turns} <= screened
+    assert {names[i] for i in found.tilts} == {"rocket-tilt20.jpg"}
+    # The tilted picture is not turned: it is seen upright only.
+    assert [found.tilt_turns[i] for i in found.tilts] == [{0}]
+
+
 @pytest.mark.usefixtures("shared_model_cache")
 def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: Path) -> None:
     with ghostmatch.open(turned_index, create=False) as lib:

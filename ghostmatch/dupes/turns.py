@@ -389,15 +389,174 @@ def decode(path: Path, side: int) -> Image.Image | None:
         return None
 
 
+# ---------------------------------------------------------------------------- screening
+
+# Thumbnails compared for the screen: grey, this many pixels a side whatever the aspect
+# ratio (a quarter-turn of an image squashed to a square is the square turned).
+THUMB_SIDE = 16
+# A turned thumbnail must correlate at least this with another image's, and beat the
+# two images' upright correlation by ``THUMB_MARGIN``, for their views to be embedded.
+# Set on caltech101 train photos (``python -m benchmarks.turn_screen``): every turned
+# and mirrored-and-turned copy passes, a pair of unrelated photos for about one photo in
+# thirty.
+THUMB_CUT = 0.9
+THUMB_MARGIN = 0.05
+# Other thumbnails each turned thumbnail is compared with (a turned copy is its nearest).
+THUMB_NEIGHBOURS = 4
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """``image`` as a ``THUMB_SIDE`` squared grey vector, mean removed and unit length
+    (zero for a flat image)."""
+    grey = image.convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
+    pixels = np.asarray(grey, dtype=np.float32).reshape(-1)
+    pixels = pixels - pixels.mean()
+    norm = float(np.linalg.norm(pixels))
+    return pixels / norm if norm > 1e-3 else np.zeros_like(pixels)
+
+
+def _dihedral(thumbs: np.ndarray) -> list[tuple[int, bool, np.ndarray]]:
+    """``thumbs`` (n, side*side) under the eight turns and mirrors: (clockwise turn,
+    mirrored after the turn, the n turned thumbnails)."""
+    squares = thumbs.reshape(-1, THUMB_SIDE, THUMB_SIDE)
+    found = []
+    for turn in (0, *QUARTER_TURNS):
+        turned = np.rot90(squares, k=-(turn // 90), axes=(1, 2))
+        for flipped in (False, True):
+            made = turned[:, :, ::-1] if flipped else turned
+            found.append((turn, flipped, np.ascontiguousarray(made).reshape(len(thumbs), -1)))
+    return found
+
+
+def screen_pairs(
+    thumbs: np.ndarray,
+    cut: float = THUMB_CUT,
+    margin: float = THUMB_MARGIN,
+    preferred: np.ndarray | None = None,
+) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """The pairs of rows of ``thumbs`` (:func:`thumbnail`) where one may be the other
+    turned by a quarter-turn (with or without a mirror): its turned (or turned and
+    mirrored) thumbnail correlates at least ``cut`` with the other's and beats their
+    upright correlation by ``margin`` (less when it is nearly exact). Each pair (low row
+    first) with its owner (the ``preferred`` row where one of the two is, else the lower
+    one), the turn that lines the owner up with the other row, and the turn that lines
+    the other up with the owner. A cheap screen: the views decide.
+    """
+    import faiss
+
+    n = len(thumbs)
+    if n < 2:
+        return {}
+    thumbs = np.ascontiguousarray(thumbs, dtype=np.float32)
+    index = faiss.IndexFlatIP(thumbs.shape[1])
+    index.add(thumbs)
+    k = min(THUMB_NEIGHBOURS + 1, n)
+    variants = _dihedral(thumbs)
+    mirrored = variants[1][2]
+    prefer = np.zeros(n, bool) if preferred is None else preferred
+    found: dict[tuple[int, int], tuple[float, tuple[int, int, int]]] = {}
+    for turn, flipped, turned in variants[2:]:
+        scores, rows = index.search(turned, k)
+        for i, j in zip(*np.nonzero((scores >= cut) & (rows >= 0)), strict=True):
+            mine, other = int(i), int(rows[i, j])
+            if other == mine:
+                continue
+            upright = max(
+                float(thumbs[mine] @ thumbs[other]), float(mirrored[mine] @ thumbs[other])
+            )
+            score = float(scores[i, j])
+            # A near-exact turned match need beat the upright one only by as much as it
+            # misses being exact: a photo nearly symmetric under a mirror and a turn
+            # correlates highly upright too.
+            if score - upright < min(margin, 1.0 - score):
+                continue
+            key = (min(mine, other), max(mine, other))
+            back = inverse_turn(turn, flipped)
+            owns = prefer[mine] if prefer[mine] != prefer[other] else mine == key[0]
+            made = (mine, turn, back) if owns else (other, back, turn)
+            # The best transform of a pair: a thumbnail nearly alike under two of them
+            # keeps the one that fits.
+            if key not in found or found[key][0] < score:
+                found[key] = (score, made)
+    return {key: made for key, (_, made) in found.items()}
+
+
+@dataclass(frozen=True)
+class Screened:
+    """The views the screen asks for: ``turns`` of each image itself, the ``tilts`` of
+    the tilted images, and ``tilt_turns``, the turns of each tilted image's straightened
+    picture (0 always)."""
+
+    turns: dict[int, set[int]]
+    tilts: dict[int, Tilt]
+    tilt_turns: dict[int, set[int]]
+
+    @property
+    def images(self) -> set[int]:
+        return set(self.turns) | set(self.tilts)
+
+
+def screen(
+    paths: Mapping[int, Path], side: int, on_batch: Callable[[int], None] | None = None
+) -> Screened:
+    """Which images need views, from one small decode of each (:func:`screen_pairs` on
+    thumbnails, :func:`find_tilt` on corners). Both images of a screened pair get their
+    view: each finds the other, and each the other's upright copies (a copy kept over
+    the original must meet the turned copies itself, as the grouping never chains). A
+    tilted image's straightened picture is screened as well, to pick its quarter-turns."""
+    ids = list(paths)
+    thumbs = np.zeros((len(ids), THUMB_SIDE * THUMB_SIDE), np.float32)
+    tilts: dict[int, Tilt] = {}
+    straightened: dict[int, np.ndarray] = {}
+
+    def work(n: int) -> None:
+        image = decode(paths[ids[n]], side)
+        if image is None:
+            return
+        thumbs[n] = thumbnail(image)
+        tilt = find_tilt(image)
+        if tilt is not None:
+            tilts[ids[n]] = tilt
+            straightened[n] = thumbnail(straighten(image, tilt))
+
+    with _pool() as pool:
+        for start in range(0, len(ids), VIEW_BATCH):
+            chunk = range(start, min(start + VIEW_BATCH, len(ids)))
+            list(pool.map(work, chunk))
+            if on_batch is not None:
+                on_batch(len(chunk))
+    # Rows: every image, then each tilted image's picture, which owns its pairs (a view
+    # of the picture finds the other image; the other's view would not find the canvas).
+    extra = sorted(straightened)
+    rows = np.vstack([thumbs, *(straightened[n][None] for n in extra)])
+    owner = [ids[n] for n in range(len(ids))] + [ids[n] for n in extra]
+    picture = np.arange(len(rows)) >= len(ids)
+    turns: dict[int, set[int]] = {}
+    tilt_turns: dict[int, set[int]] = {i: {0} for i in tilts}
+    for (a, b), (mine, turn, back) in screen_pairs(rows, preferred=picture).items():
+        if owner[a] == owner[b]:
+            continue
+        if picture[mine]:
+            tilt_turns[owner[mine]].add(turn)
+            continue
+        other = b if mine == a else a
+        turns.setdefault(owner[mine], set()).add(turn)
+        if not picture[other]:
+            turns.setdefault(owner[other], set()).add(back)
+    return Screened(turns, tilts, tilt_turns)
+
+
 def embed_views(
     embedder: Embedder,
     paths: Mapping[int, Path],
     turns: tuple[int, ...] = PAIR_TURNS,
+    screened: Screened | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[View], np.ndarray, dict[int, float]]:
-    """Every image's views (:func:`views_of`) and their descriptors, a batch of images at
-    a time so that memory stays bounded, and for each tilted image the share of its pixels
-    that is picture; files that cannot be read have none."""
+    """Images' views and their descriptors, a batch of images at a time so that memory
+    stays bounded, and for each tilted image the share of its pixels that is picture;
+    files that cannot be read have none. The views: those ``screened`` asks for, else
+    ``turns`` of every image and its straightened picture when tilted (:func:`views_of`)."""
     from ghostmatch.model.embedder import prepare
 
     card = embedder.card
@@ -405,6 +564,16 @@ def embed_views(
     blocks = []
     pictures: dict[int, float] = {}
     ids = list(paths)
+
+    def planned(i: int, image: Image.Image) -> list[View]:
+        if screened is None:
+            return views_of(i, image, turns)
+        made = [View(i, t) for t in sorted(screened.turns.get(i, ()))]
+        if i in screened.tilts:
+            tilt = screened.tilts[i]
+            made += [View(i, t, tilt) for t in sorted(screened.tilt_turns[i])]
+        return made
+
     with _pool() as pool:
         for start in range(0, len(ids), VIEW_BATCH):
             chunk = ids[start : start + VIEW_BATCH]
@@ -417,7 +586,7 @@ def embed_views(
                 upright = prepare(image, card)
                 straightened = None
                 made = []
-                for view in views_of(i, image, turns):
+                for view in planned(i, image):
                     if view.tilt is None:
                         made.append((view, turn_array(upright, view.turn)))
                         continue
@@ -621,12 +790,14 @@ class TurnedCandidates:
     """The turned and tilted candidate pairs of an index, decided only when the grouping
     asks for them (as ``PairJudge`` decides upright pairs).
 
-    Every image's views are searched against the stored descriptors from ``floor`` up; a
-    pair becomes a turned candidate when its best view scores above its upright score
-    (``upright``: the upright candidates' scores) and it is neither byte-identical nor
-    marked not a duplicate (``ignored``). :meth:`decide` then checks the candidates of one
-    kept file (:func:`decide`); one that fails there still gets the upright decision when
-    it is an upright candidate too.
+    The images that :func:`screen` picks have views (their screened turns, a tilted
+    image's straightened picture upright and at its screened turns); those views are
+    searched against the stored descriptors from ``floor`` up; a pair becomes a turned
+    candidate when its best view scores above its upright score (``upright``: the
+    upright candidates' scores) and it is neither byte-identical nor marked not a
+    duplicate (``ignored``).
+    :meth:`decide` then checks the candidates of one kept file (:func:`decide`); one
+    that fails there still gets the upright decision when it is an upright candidate too.
     """
 
     def __init__(
@@ -646,7 +817,11 @@ class TurnedCandidates:
         self.embedder = finder.embedder
         self.threshold, self.enough = threshold, enough
         self.upright = upright
-        views, view_vectors, self.pictures = embed_views(self.embedder, paths)
+        # Views only of the images that need them: a cheap screen of every image's
+        # thumbnail and corners picks the turned and the tilted ones.
+        screened = screen(paths, self.embedder.card.input_size)
+        needed = {i: p for i, p in paths.items() if i in screened.images}
+        views, view_vectors, self.pictures = embed_views(self.embedder, needed, screened=screened)
         found = view_pairs(
             views,
             view_vectors,
