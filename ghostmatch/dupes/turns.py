@@ -432,15 +432,14 @@ def screen_pairs(
     thumbs: np.ndarray,
     cut: float = THUMB_CUT,
     margin: float = THUMB_MARGIN,
-    preferred: np.ndarray | None = None,
 ) -> dict[tuple[int, int], tuple[int, int, int]]:
     """The pairs of rows of ``thumbs`` (:func:`thumbnail`) where one may be the other
     turned by a quarter-turn (with or without a mirror): its turned (or turned and
     mirrored) thumbnail correlates at least ``cut`` with the other's and beats their
     upright correlation by ``margin`` (less when it is nearly exact). Each pair (low row
-    first) with its owner (the ``preferred`` row where one of the two is, else the lower
-    one), the turn that lines the owner up with the other row, and the turn that lines
-    the other up with the owner. A cheap screen: the views decide.
+    first) with its owner (the row found from), the turn that lines the owner up with
+    the other row, and the turn that lines the other up with the owner. A cheap
+    screen: the views decide.
     """
     import faiss
 
@@ -453,7 +452,6 @@ def screen_pairs(
     k = min(THUMB_NEIGHBOURS + 1, n)
     variants = _dihedral(thumbs)
     mirrored = variants[1][2]
-    prefer = np.zeros(n, bool) if preferred is None else preferred
     found: dict[tuple[int, int], tuple[float, tuple[int, int, int]]] = {}
     for turn, flipped, turned in variants[2:]:
         scores, rows = index.search(turned, k)
@@ -471,9 +469,7 @@ def screen_pairs(
             if score - upright < min(margin, 1.0 - score):
                 continue
             key = (min(mine, other), max(mine, other))
-            back = inverse_turn(turn, flipped)
-            owns = prefer[mine] if prefer[mine] != prefer[other] else mine == key[0]
-            made = (mine, turn, back) if owns else (other, back, turn)
+            made = (mine, turn, inverse_turn(turn, flipped))
             # The best transform of a pair: a thumbnail nearly alike under two of them
             # keeps the one that fits.
             if key not in found or found[key][0] < score:
@@ -483,13 +479,11 @@ def screen_pairs(
 
 @dataclass(frozen=True)
 class Screened:
-    """The views the screen asks for: ``turns`` of each image itself, the ``tilts`` of
-    the tilted images, and ``tilt_turns``, the turns of each tilted image's straightened
-    picture (0 always)."""
+    """The views the screen asks for: ``turns`` of each image itself, and the ``tilts`` of
+    the tilted images (whose straightened picture is seen at every quarter-turn)."""
 
     turns: dict[int, set[int]]
     tilts: dict[int, Tilt]
-    tilt_turns: dict[int, set[int]]
 
     @property
     def images(self) -> set[int]:
@@ -502,12 +496,10 @@ def screen(
     """Which images need views, from one small decode of each (:func:`screen_pairs` on
     thumbnails, :func:`find_tilt` on corners). Both images of a screened pair get their
     view: each finds the other, and each the other's upright copies (a copy kept over
-    the original must meet the turned copies itself, as the grouping never chains). A
-    tilted image's straightened picture is screened as well, to pick its quarter-turns."""
+    the original must meet the turned copies itself, as the grouping never chains)."""
     ids = list(paths)
     thumbs = np.zeros((len(ids), THUMB_SIDE * THUMB_SIDE), np.float32)
     tilts: dict[int, Tilt] = {}
-    straightened: dict[int, np.ndarray] = {}
 
     def work(n: int) -> None:
         image = decode(paths[ids[n]], side)
@@ -517,7 +509,6 @@ def screen(
         tilt = find_tilt(image)
         if tilt is not None:
             tilts[ids[n]] = tilt
-            straightened[n] = thumbnail(straighten(image, tilt))
 
     with _pool() as pool:
         for start in range(0, len(ids), VIEW_BATCH):
@@ -525,25 +516,12 @@ def screen(
             list(pool.map(work, chunk))
             if on_batch is not None:
                 on_batch(len(chunk))
-    # Rows: every image, then each tilted image's picture, which owns its pairs (a view
-    # of the picture finds the other image; the other's view would not find the canvas).
-    extra = sorted(straightened)
-    rows = np.vstack([thumbs, *(straightened[n][None] for n in extra)])
-    owner = [ids[n] for n in range(len(ids))] + [ids[n] for n in extra]
-    picture = np.arange(len(rows)) >= len(ids)
     turns: dict[int, set[int]] = {}
-    tilt_turns: dict[int, set[int]] = {i: {0} for i in tilts}
-    for (a, b), (mine, turn, back) in screen_pairs(rows, preferred=picture).items():
-        if owner[a] == owner[b]:
-            continue
-        if picture[mine]:
-            tilt_turns[owner[mine]].add(turn)
-            continue
+    for (a, b), (mine, turn, back) in screen_pairs(thumbs).items():
         other = b if mine == a else a
-        turns.setdefault(owner[mine], set()).add(turn)
-        if not picture[other]:
-            turns.setdefault(owner[other], set()).add(back)
-    return Screened(turns, tilts, tilt_turns)
+        turns.setdefault(ids[mine], set()).add(turn)
+        turns.setdefault(ids[other], set()).add(back)
+    return Screened(turns, tilts)
 
 
 def embed_views(
@@ -570,8 +548,7 @@ def embed_views(
             return views_of(i, image, turns)
         made = [View(i, t) for t in sorted(screened.turns.get(i, ()))]
         if i in screened.tilts:
-            tilt = screened.tilts[i]
-            made += [View(i, t, tilt) for t in sorted(screened.tilt_turns[i])]
+            made += [View(i, t, screened.tilts[i]) for t in (0, *QUARTER_TURNS)]
         return made
 
     with _pool() as pool:
@@ -791,7 +768,7 @@ class TurnedCandidates:
     asks for them (as ``PairJudge`` decides upright pairs).
 
     The images that :func:`screen` picks have views (their screened turns, a tilted
-    image's straightened picture upright and at its screened turns); those views are
+    image's straightened picture at every quarter-turn); those views are
     searched against the stored descriptors from ``floor`` up; a pair becomes a turned
     candidate when its best view scores above its upright score (``upright``: the
     upright candidates' scores) and it is neither byte-identical nor marked not a
