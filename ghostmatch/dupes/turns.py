@@ -2,8 +2,9 @@
 filled corners are still copies; their turned or straightened views find and verify them.
 
 A descriptor is not rotation invariant: a photo turned by 90 degrees scores like an
-unrelated photo against its original. So the duplicate search embeds *views* of each
-image: turned clockwise by 90, 180 and 270 degrees (the descriptor itself tolerates a
+unrelated photo against its original. So the duplicate search embeds *views* of the
+images that a thumbnail screen pairs with a turned partner (:func:`screen`): turned
+clockwise by 90, 180 or 270 degrees (the descriptor itself tolerates a
 mirror, but a mirror image turned by 270 is that turn from both of its files, so the
 other side of a pair cannot stand in for a 270 view), and for an image tilted onto a
 larger canvas with filled corners, the image straightened and cut back to its content. A
