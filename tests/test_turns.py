@@ -109,6 +109,39 @@ def test_letterboxed_and_bordered_photos_have_no_tilt() -> None:
     assert find_tilt(Image.new("RGB", (200, 100), (0, 0, 0))) is None
 
 
+def light_photo(size: tuple[int, int], at: tuple[int, int]) -> Image.Image:
+    """A 320 x 240 photo that is white but for coffee, ``size`` at ``at`` (a studio shot on
+    white): tilted onto white corners, only the corners beside its dark sides show an edge."""
+    canvas = Image.new("RGB", (320, 240), (255, 255, 255))
+    canvas.paste(photo("coffee").resize(size), at)
+    return canvas
+
+
+@pytest.mark.parametrize(
+    ("size", "at", "degrees"),
+    [((240, 100), (40, 140), 15.0), ((140, 240), (180, 0), 15.0), ((140, 240), (180, 0), -30.0)],
+)
+def test_a_light_photo_tilted_onto_white_is_measured(
+    size: tuple[int, int], at: tuple[int, int], degrees: float
+) -> None:
+    copy = jpeg(tilted(light_photo(size, at), degrees, (255, 255, 255)))
+    tilt = find_tilt(copy)
+    assert tilt is not None
+    assert tilt.degrees == pytest.approx(degrees, abs=1.5)
+    assert tilt.fill == (255, 255, 255) or min(tilt.fill) >= 248
+
+
+def test_an_edge_in_one_corner_that_misses_the_canvas_is_no_tilt() -> None:
+    # A white picture crossed by one dark bar at 20 degrees: the top-left corner shows a
+    # straight edge, but pixels lie where the corners of a tilted picture would be fill.
+    from PIL import ImageDraw
+
+    canvas = Image.new("RGB", (320, 240), (255, 255, 255))
+    ImageDraw.Draw(canvas).line([(5, 60), (170, 0)], fill=(20, 20, 20), width=14)
+    assert find_tilt(jpeg(canvas)) is None
+    assert find_tilt(jpeg(light_photo((240, 100), (40, 140)))) is None
+
+
 def test_straighten_with_a_tilt_of_nothing_keeps_the_image() -> None:
     blank = Image.new("RGB", (60, 40), (0, 0, 0))
     assert straighten(blank, Tilt(10.0, (0, 0, 0))).size == (60, 40)
@@ -127,8 +160,9 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def turned_folder(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The photos, and copies of two of them: coffee turned every way (and mirrored),
-    smaller, and rocket tilted onto black corners; the originals are the files to keep."""
+    """The photos, and copies of three of them: coffee turned every way (and mirrored),
+    smaller, astronaut mirrored and turned, and rocket tilted onto black corners; the
+    originals are the files to keep."""
     folder = tmp_path_factory.mktemp("turned")
     for path in photo_folder.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
@@ -137,6 +171,11 @@ def turned_folder(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) 
     turn_image(coffee, 180).save(folder / "coffee-180.jpg", quality=90)
     turn_image(coffee, 270).save(folder / "coffee-cw270.jpg", quality=90)
     ImageOps.mirror(turn_image(coffee, 90)).save(folder / "coffee-mirror-cw90.jpg", quality=90)
+    # Mirrored, then turned clockwise: each file of this pair is the other turned by 270
+    # and mirrored, from either side (astronaut, unlike coffee, looks nothing like itself
+    # upside down).
+    astronaut = turn_image(ImageOps.mirror(photo("astronaut").resize((400, 400))), 90)
+    astronaut.save(folder / "astronaut-flip-cw90.jpg", quality=90)
     # Full size: its canvas has more pixels than the original, its picture has not.
     tilted(photo("rocket"), 20.0, (0, 0, 0)).save(folder / "rocket-tilt20.jpg", quality=90)
     return folder
@@ -167,18 +206,72 @@ def _groups_by_kept(groups: list) -> dict[str, dict[str, tuple[str, int]]]:  # t
     return {g.keep.path.name: {m.path.name: (m.tier, m.turn) for m in g.members} for g in groups}
 
 
+def test_the_screen_picks_the_turned_and_the_tilted_images_only(turned_folder: Path) -> None:
+    from ghostmatch.dupes.turns import decode, screen, screen_pairs, thumbnail
+
+    paths = dict(enumerate(sorted(turned_folder.iterdir())))
+    names = {i: p.name for i, p in paths.items()}
+    thumbs = np.stack([thumbnail(decode(p, 224)) for p in paths.values()])  # type: ignore[arg-type]
+    pairs = {
+        frozenset((names[a], names[b])): (names[owner], turn)
+        for (a, b), (owner, turn, _) in screen_pairs(thumbs).items()
+    }
+    turned = {**COFFEE_TURNS, "astronaut-flip-cw90.jpg": 270}
+    for copy, turn in turned.items():
+        original = "astronaut.jpg" if copy.startswith("astronaut") else "coffee.jpg"
+        owner, found = pairs[frozenset((copy, original))]
+        # The owner's view turned by ``found`` lines up with the other file.
+        mirrored = "mirror" in copy or "flip" in copy
+        assert found == (turn if owner == copy else inverse_turn(turn, mirrored))
+    # Only turned copies and their originals are screened: not the upright photos, not a
+    # tilt (its own view is the straightened one).
+    screened = {name for pair in pairs for name in pair}
+    assert screened == {*turned, "coffee.jpg", "astronaut.jpg"}
+    found = screen(paths, 224)
+    assert {names[i] for i in found.turns} <= screened
+    assert {names[i] for i in found.tilts} == {"rocket-tilt20.jpg"}
+
+
 @pytest.mark.usefixtures("shared_model_cache")
 def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: Path) -> None:
     with ghostmatch.open(turned_index, create=False) as lib:
         groups = _groups_by_kept(lib.find_duplicates(turned=True))
-        upright = _groups_by_kept(lib.finder.find_duplicates())
+        upright = _groups_by_kept(lib.find_duplicates())
     assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
     assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
+    assert groups["astronaut.jpg"] == {"astronaut-flip-cw90.jpg": ("edited", 270)}
     # Not one of them is a duplicate as it stands.
     assert not set(upright.get("coffee.jpg", {})) & set(COFFEE_TURNS)
     assert "rocket-tilt20.jpg" not in upright.get("rocket.jpg", {})
     # Nothing else is grouped (chelsea and rocket, astronaut and coffee stay apart).
-    assert set(groups) == {"coffee.jpg", "rocket.jpg"}
+    assert set(groups) == {"coffee.jpg", "rocket.jpg", "astronaut.jpg"}
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
+    turned_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import turns
+
+    checked: list[set[str]] = []
+    real = turns.verify_turned
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real(*args, **kwargs)
+        checked.extend({names[p.owner], names[p.other]} for p in found)
+        return found
+
+    monkeypatch.setattr(turns, "verify_turned", counting)
+    with ghostmatch.open(turned_index, create=False) as lib:
+        names = {
+            r.id: r.path.name for r in lib.catalog.get(list(map(int, lib.catalog.vectors()[0])))
+        }
+        groups = _groups_by_kept(lib.find_duplicates(turned=True))
+    assert set(groups["coffee.jpg"]) == set(COFFEE_TURNS)
+    # The kept file takes every turned copy, so two copies are never compared (their views
+    # do find each other).
+    assert {"coffee.jpg", "coffee-180.jpg"} in checked
+    assert not [pair for pair in checked if pair <= set(COFFEE_TURNS)]
 
 
 @pytest.mark.usefixtures("shared_model_cache")
@@ -191,7 +284,7 @@ def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
         assert found["coffee-cw90.jpg"].turn == 180
         tilt = jpeg(tilted(photo("rocket"), -25.0, (255, 255, 255)))
         assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt, turned=True)]
-        assert lib.finder.duplicates_of(tilt) == []
+        assert lib.duplicates_of(tilt) == []
 
 
 # ---------------------------------------------------------------------------- query, CLI
@@ -247,15 +340,22 @@ def test_query_rotations_in_the_library_and_under_a_folder(
         assert all(m.turn is None for m in lib.query(upside_down, 2))
 
 
-def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
+def _dupes(index: Path, model_cache: Path, *flags: str) -> dict[str, list[dict]]:  # type: ignore[type-arg]
     done = subprocess.run(
-        [*CLI, "dupes", "--turned", "--index", str(turned_index), "--json"],
+        [*CLI, "dupes", "--index", str(index), "--json", *flags],
         capture_output=True,
         text=True,
         env=cli_env(model_cache),
         check=True,
     )
-    groups = {Path(g["keep"]).name: g["members"] for g in json.loads(done.stdout)["groups"]}
+    return {Path(g["keep"]).name: g["members"] for g in json.loads(done.stdout)["groups"]}
+
+
+def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
+    # Turned copies are found with --turned, and only then.
+    groups = _dupes(turned_index, model_cache, "--turned")
     turns = {Path(m["path"]).name: m["turn"] for m in groups["coffee.jpg"]}
     assert turns == COFFEE_TURNS
     assert [m["turn"] for m in groups["rocket.jpg"]] == [0]
+    upright = _dupes(turned_index, model_cache)
+    assert not {Path(m["path"]).name for m in upright.get("coffee.jpg", [])} & set(COFFEE_TURNS)

@@ -124,7 +124,8 @@ class DuplicateFinder:
         ``threshold``), byte-identical files always; nothing is ``similar`` then.
         ``progress(stage, done, total)`` counts the files the grouping has visited.
         ``turned``: copies turned by a quarter-turn or tilted are found too, through turned
-        and straightened views (``ghostmatch.dupes.turns``), tier ``edited`` with their turn.
+        and straightened views (``ghostmatch.dupes.turns``), tier ``edited`` with their turn;
+        off by default, since it costs about 1.7 times the plain search (README).
         """
         normalised = self.normalised_scores
         t = (
@@ -162,15 +163,12 @@ class DuplicateFinder:
         if needed is None:
             needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
         judge = PairJudge(self.model, records, t, needed, crowded)
-        # Quarter-turned and tilted copies, found and checked through turned views; each
-        # such pair is decided already, ``edited``.
-        turned_pairs: dict[tuple[int, int], turns.TurnedPair] = {}
+        # Quarter-turned and tilted copies, found through turned views and checked on them
+        # when the grouping asks; each such pair that passes is ``edited``.
+        found_turned = None
         pictures: dict[int, float] = {}
         if turned:
-            same = {
-                (i, j) for i, j, _ in pairs if records[i].content_hash == records[j].content_hash
-            }
-            turned_pairs, more, pictures = turns.pairs_of_collection(
+            found_turned = turns.TurnedCandidates(
                 self,
                 ids,
                 in_memory(vectors),
@@ -178,19 +176,15 @@ class DuplicateFinder:
                 low if verify else t,
                 t,
                 needed if verify else None,
-                same,
+                scores,
                 ignored,
             )
-            records.update(more)
-            pairs = [p for p in pairs if (p[0], p[1]) not in turned_pairs]
-            pairs += [(i, j, p.score) for (i, j), p in turned_pairs.items()]
-            scores.update({key: p.score for key, p in turned_pairs.items()})
+            records.update(found_turned.records)
+            pictures = found_turned.pictures
+            pairs = found_turned.candidates(pairs)
 
         def decide(leader: int, others: list[int]) -> dict[int, str | None]:
-            known = {
-                j: "edited" for j in others if (min(leader, j), max(leader, j)) in turned_pairs
-            }
-            rest = [j for j in others if j not in known]
+            known, rest = found_turned.decide(leader, others) if found_turned else ({}, others)
             return {**known, **(judged(leader, rest) if rest else {})}
 
         def judged(leader: int, others: list[int]) -> dict[int, str | None]:
@@ -209,7 +203,7 @@ class DuplicateFinder:
         members = {i: _member(r, 1.0, "keep") for i, r in records.items()}
 
         def turn(leader: int, j: int) -> int:
-            return turns.member_turn(turned_pairs.get((min(leader, j), max(leader, j))), j)
+            return found_turned.turn(leader, j) if found_turned else 0
 
         groups = []
         ranked = turns.by_picture(members, pictures)
@@ -398,7 +392,9 @@ class DuplicateFinder:
         if turned:
             # Files that are x turned or tilted, found and checked through x's turned views.
             enough = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-            by_turn = turns.pairs_of_image(self, x, low, t, enough, k, taken | {own_id or -1})
+            by_turn = turns.pairs_of_image(
+                self, x, low, t, enough, k, taken | {own_id or -1}, vector
+            )
             if by_turn:
                 found_turned = {r.id: r for r in self.catalog.get([p.other for p in by_turn])}
                 alike = [m for m in alike if m.path not in {r.path for r in found_turned.values()}]

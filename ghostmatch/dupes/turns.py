@@ -2,10 +2,11 @@
 filled corners are still copies; their turned or straightened views find and verify them.
 
 A descriptor is not rotation invariant: a photo turned by 90 degrees scores like an
-unrelated photo against its original. So the duplicate search embeds *views* of each
-image: turned clockwise by 90 and 180 degrees (searching every image's views against the
-stored descriptors finds turns of 90, 180 and 270 from one side of each pair or the other;
-the descriptor itself tolerates a mirror), and for an image that was tilted onto a
+unrelated photo against its original. So the duplicate search embeds *views* of the
+images that a thumbnail screen pairs with a turned partner (:func:`screen`): turned
+clockwise by 90, 180 or 270 degrees (the descriptor itself tolerates a
+mirror, but a mirror image turned by 270 is that turn from both of its files, so the
+other side of a pair cannot stand in for a 270 view), and for an image tilted onto a
 larger canvas with filled corners, the image straightened and cut back to its content. A
 view's pair is then verified on the view itself, so the geometric stage sees an upright
 copy.
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     from ghostmatch.dupes.verify import ScaledMaps
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
-    from ghostmatch.store.catalog import ImageRecord
 
 QUARTER_TURNS = (90, 180, 270)
 
@@ -94,10 +95,8 @@ class Tilt:
     fill: tuple[int, int, int]
 
 
-def find_tilt(image: Image.Image) -> Tilt | None:
-    """The tilt of ``image`` when its four corners are filled with one flat colour whose
-    edges towards the content are straight lines at one angle (a photo turned by some
-    degrees and pasted on black or white), else None."""
+def _tilt_pixels(image: Image.Image) -> np.ndarray:
+    """``image`` as (h, w, 3) int16 RGB at most ``TILT_SIDE`` pixels on its longer side."""
     small = image.convert("RGB")
     scale = TILT_SIDE / max(small.size)
     if scale < 1:
@@ -105,7 +104,12 @@ def find_tilt(image: Image.Image) -> Tilt | None:
             (max(8, round(small.width * scale)), max(8, round(small.height * scale))),
             Image.Resampling.BILINEAR,
         )
-    pixels = np.asarray(small, dtype=np.int16)
+    return np.asarray(small, dtype=np.int16)
+
+
+def _corner_fill(pixels: np.ndarray) -> np.ndarray | None:
+    """The colour that the four corners of ``pixels`` share, or None when they do not
+    share one (or the image is too small to tell)."""
     h, w, _ = pixels.shape
     if min(h, w) < 16:
         return None
@@ -114,25 +118,107 @@ def find_tilt(image: Image.Image) -> Tilt | None:
     fill = np.median(colours, axis=0)
     if np.abs(colours - fill).max() > FILL_TOLERANCE / 2:
         return None
+    return fill
+
+
+def find_tilt(image: Image.Image) -> Tilt | None:
+    """The tilt of ``image`` when its four corners are filled with one flat colour whose
+    edges towards the content are straight lines at one angle (a photo turned by some
+    degrees and pasted on black or white), else None."""
+    pixels = _tilt_pixels(image)
+    fill = _corner_fill(pixels)
+    if fill is None:
+        return None
     content = np.abs(pixels - fill).max(axis=2) > FILL_TOLERANCE
-    angles = []
-    for flip_y, flip_x in ((False, False), (False, True), (True, False), (True, True)):
+    angles: dict[tuple[bool, bool], float] = {}
+    for flip_y, flip_x in CORNERS:
         corner = content[::-1] if flip_y else content
         corner = corner[:, ::-1] if flip_x else corner
         angle = _corner_angle(corner)
         if angle is None:
             continue
         # Mirroring a corner into the top-left one mirrors its edge's direction too.
-        angles.append(-angle if flip_x != flip_y else angle)
-    if len(angles) < 3:
+        angles[(flip_y, flip_x)] = -angle if flip_x != flip_y else angle
+    if not angles:
         return None
-    degrees = float(np.median(angles))
-    if sum(abs(a - degrees) <= ANGLE_AGREEMENT for a in angles) < 3:
-        return None
+    degrees = float(np.median(list(angles.values())))
+    agreeing = [c for c, a in angles.items() if abs(a - degrees) <= ANGLE_AGREEMENT]
     if not MIN_TILT <= abs(degrees) <= MAX_TILT:
+        return None
+    # Three corners with one edge direction are a tilt. Fewer (a light photo on white
+    # corners, a dark one on black, shows no edge where its own border is the fill's
+    # colour) are one only where the photo fills the canvas exactly as a turn onto a
+    # canvas that holds all of it would: nothing outside that rectangle, and the edges
+    # that do show lying on its sides.
+    if len(agreeing) < 3 and not _fits_canvas(content, degrees, agreeing):
         return None
     red, green, blue = (round(float(c)) for c in fill)
     return Tilt(degrees, (red, green, blue))
+
+
+# The corners as (flipped vertically, flipped horizontally) from the top-left one.
+CORNERS = ((False, False), (False, True), (True, False), (True, True))
+# Pixels beside a predicted side of the picture: within this many of it, and, outside the
+# picture, further than this from it (JPEG and resampling blur the side itself).
+SIDE_BAND = 3
+# Outside the predicted picture at most this share of pixels may differ from the fill; in
+# the band inside a side that shows, at least this share must (a light photo on white
+# shows about half of its sides).
+OUTSIDE_CONTENT, SIDE_CONTENT = 0.01, 0.3
+
+
+def _canvas_rectangle(
+    width: int, height: int, degrees: float, grow: float = 0.0
+) -> list[tuple[float, float]] | None:
+    """The corners of the picture that, turned counter-clockwise by ``degrees`` onto a
+    canvas just large enough to hold it, fills a ``width`` x ``height`` canvas (its sides
+    moved out by ``grow`` pixels), or None when no picture does."""
+    c, s = abs(math.cos(math.radians(degrees))), abs(math.sin(math.radians(degrees)))
+    det = c * c - s * s
+    w = (width * c - height * s) / det + 2 * grow
+    h = (height * c - width * s) / det + 2 * grow
+    if min(w, h) < 8:
+        return None
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    cx, cy = width / 2, height / 2
+    # Counter-clockwise on screen, where y points down.
+    return [
+        (cx + x * cos + y * sin, cy - x * sin + y * cos)
+        for x, y in ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))
+    ]
+
+
+def _polygon_mask(shape: tuple[int, int], corners: list[tuple[float, float]]) -> np.ndarray:
+    from PIL import ImageDraw
+
+    mask = Image.new("1", (shape[1], shape[0]))
+    ImageDraw.Draw(mask).polygon(corners, fill=1)
+    return np.array(mask, dtype=bool)
+
+
+def _fits_canvas(content: np.ndarray, degrees: float, shown: Sequence[tuple[bool, bool]]) -> bool:
+    """Whether ``content`` (the pixels that differ from the fill) is a picture turned by
+    ``degrees`` onto a canvas that just holds it, one of the corners ``shown`` (flips from
+    the top-left one) showing its side of the picture."""
+    h, w = content.shape
+    outer = _canvas_rectangle(w, h, degrees, SIDE_BAND)
+    inner = _canvas_rectangle(w, h, degrees, -SIDE_BAND)
+    if outer is None or inner is None:
+        return False
+    outside = ~_polygon_mask((h, w), outer)
+    if not outside.any() or content[outside].mean() > OUTSIDE_CONTENT:
+        return False
+    band = _polygon_mask((h, w), _canvas_rectangle(w, h, degrees) or inner)
+    band &= ~_polygon_mask((h, w), inner)
+    for flip_y, flip_x in shown:
+        rows = slice(h // 2, h) if flip_y else slice(0, h // 2)
+        cols = slice(w // 2, w) if flip_x else slice(0, w // 2)
+        side = band[rows, cols]
+        # One side that shows is enough: an edge inside the picture (a frame, a horizon)
+        # can line up with a corner whose own side is the fill's colour.
+        if side.any() and content[rows, cols][side].mean() >= SIDE_CONTENT:
+            return True
+    return False
 
 
 def _corner_angle(content: np.ndarray) -> float | None:
@@ -283,9 +369,10 @@ def member_turn(pair: TurnedPair | None, member: int) -> int:
 # compared with (a turned copy is its view's nearest image; more only guard against ties).
 VIEW_BATCH = 64
 VIEW_NEIGHBOURS = 8
-# Turns the all-pairs search embeds: a pair turned by 270 is found from its other side,
-# through that image's 90, and the descriptor tolerates a mirror.
-PAIR_TURNS = (90, 180)
+# Turns the all-pairs search embeds. Each of a pair's two files is the other turned, so a
+# pair turned by 270 would be found from its other side, through that file's 90, but not
+# a mirror image turned by 270: mirrored and turned, each is the other turned by 270.
+PAIR_TURNS = QUARTER_TURNS
 
 Offsets = Callable[[np.ndarray], "np.ndarray | None"]
 
@@ -303,15 +390,152 @@ def decode(path: Path, side: int) -> Image.Image | None:
         return None
 
 
+# ---------------------------------------------------------------------------- screening
+
+# Thumbnails compared for the screen: grey, this many pixels a side whatever the aspect
+# ratio (a quarter-turn of an image squashed to a square is the square turned).
+THUMB_SIDE = 16
+# A turned thumbnail must correlate at least this with another image's, and beat the
+# two images' upright correlation by ``THUMB_MARGIN``, for their views to be embedded.
+# Set on caltech101 train photos (``python -m benchmarks.turn_screen``): every turned
+# and mirrored-and-turned copy passes, a pair of unrelated photos for about one photo in
+# thirty.
+THUMB_CUT = 0.9
+THUMB_MARGIN = 0.05
+# Other thumbnails each turned thumbnail is compared with (a turned copy is its nearest).
+THUMB_NEIGHBOURS = 4
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """``image`` as a ``THUMB_SIDE`` squared grey vector, mean removed and unit length
+    (zero for a flat image)."""
+    grey = image.convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
+    pixels = np.asarray(grey, dtype=np.float32).reshape(-1)
+    pixels = pixels - pixels.mean()
+    norm = float(np.linalg.norm(pixels))
+    return pixels / norm if norm > 1e-3 else np.zeros_like(pixels)
+
+
+def _dihedral(thumbs: np.ndarray) -> list[tuple[int, bool, np.ndarray]]:
+    """``thumbs`` (n, side*side) under the eight turns and mirrors: (clockwise turn,
+    mirrored after the turn, the n turned thumbnails)."""
+    squares = thumbs.reshape(-1, THUMB_SIDE, THUMB_SIDE)
+    found = []
+    for turn in (0, *QUARTER_TURNS):
+        turned = np.rot90(squares, k=-(turn // 90), axes=(1, 2))
+        for flipped in (False, True):
+            made = turned[:, :, ::-1] if flipped else turned
+            found.append((turn, flipped, np.ascontiguousarray(made).reshape(len(thumbs), -1)))
+    return found
+
+
+def screen_pairs(
+    thumbs: np.ndarray,
+    cut: float = THUMB_CUT,
+    margin: float = THUMB_MARGIN,
+) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """The pairs of rows of ``thumbs`` (:func:`thumbnail`) where one may be the other
+    turned by a quarter-turn (with or without a mirror): its turned (or turned and
+    mirrored) thumbnail correlates at least ``cut`` with the other's and beats their
+    upright correlation by ``margin`` (less when it is nearly exact). Each pair (low row
+    first) with its owner (the row found from), the turn that lines the owner up with
+    the other row, and the turn that lines the other up with the owner. A cheap
+    screen: the views decide.
+    """
+    import faiss
+
+    n = len(thumbs)
+    if n < 2:
+        return {}
+    thumbs = np.ascontiguousarray(thumbs, dtype=np.float32)
+    index = faiss.IndexFlatIP(thumbs.shape[1])
+    index.add(thumbs)
+    k = min(THUMB_NEIGHBOURS + 1, n)
+    variants = _dihedral(thumbs)
+    mirrored = variants[1][2]
+    found: dict[tuple[int, int], tuple[float, tuple[int, int, int]]] = {}
+    for turn, flipped, turned in variants[2:]:
+        scores, rows = index.search(turned, k)
+        for i, j in zip(*np.nonzero((scores >= cut) & (rows >= 0)), strict=True):
+            mine, other = int(i), int(rows[i, j])
+            if other == mine:
+                continue
+            upright = max(
+                float(thumbs[mine] @ thumbs[other]), float(mirrored[mine] @ thumbs[other])
+            )
+            score = float(scores[i, j])
+            # A near-exact turned match need beat the upright one only by as much as it
+            # misses being exact: a photo nearly symmetric under a mirror and a turn
+            # correlates highly upright too.
+            if score - upright < min(margin, 1.0 - score):
+                continue
+            key = (min(mine, other), max(mine, other))
+            made = (mine, turn, inverse_turn(turn, flipped))
+            # The best transform of a pair: a thumbnail nearly alike under two of them
+            # keeps the one that fits.
+            if key not in found or found[key][0] < score:
+                found[key] = (score, made)
+    return {key: made for key, (_, made) in found.items()}
+
+
+@dataclass(frozen=True)
+class Screened:
+    """The views the screen asks for: ``turns`` of each image itself, and the ``tilts`` of
+    the tilted images (whose straightened picture is seen at every quarter-turn)."""
+
+    turns: dict[int, set[int]]
+    tilts: dict[int, Tilt]
+
+    @property
+    def images(self) -> set[int]:
+        return set(self.turns) | set(self.tilts)
+
+
+def screen(
+    paths: Mapping[int, Path], side: int, on_batch: Callable[[int], None] | None = None
+) -> Screened:
+    """Which images need views, from one small decode of each (:func:`screen_pairs` on
+    thumbnails, :func:`find_tilt` on corners). Both images of a screened pair get their
+    view: each finds the other, and each the other's upright copies (a copy kept over
+    the original must meet the turned copies itself, as the grouping never chains)."""
+    ids = list(paths)
+    thumbs = np.zeros((len(ids), THUMB_SIDE * THUMB_SIDE), np.float32)
+    tilts: dict[int, Tilt] = {}
+
+    def work(n: int) -> None:
+        image = decode(paths[ids[n]], side)
+        if image is None:
+            return
+        thumbs[n] = thumbnail(image)
+        tilt = find_tilt(image)
+        if tilt is not None:
+            tilts[ids[n]] = tilt
+
+    with _pool() as pool:
+        for start in range(0, len(ids), VIEW_BATCH):
+            chunk = range(start, min(start + VIEW_BATCH, len(ids)))
+            list(pool.map(work, chunk))
+            if on_batch is not None:
+                on_batch(len(chunk))
+    turns: dict[int, set[int]] = {}
+    for (a, b), (mine, turn, back) in screen_pairs(thumbs).items():
+        other = b if mine == a else a
+        turns.setdefault(ids[mine], set()).add(turn)
+        turns.setdefault(ids[other], set()).add(back)
+    return Screened(turns, tilts)
+
+
 def embed_views(
     embedder: Embedder,
     paths: Mapping[int, Path],
     turns: tuple[int, ...] = PAIR_TURNS,
+    screened: Screened | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[View], np.ndarray, dict[int, float]]:
-    """Every image's views (:func:`views_of`) and their descriptors, a batch of images at
-    a time so that memory stays bounded, and for each tilted image the share of its pixels
-    that is picture; files that cannot be read have none."""
+    """Images' views and their descriptors, a batch of images at a time so that memory
+    stays bounded, and for each tilted image the share of its pixels that is picture;
+    files that cannot be read have none. The views: those ``screened`` asks for, else
+    ``turns`` of every image and its straightened picture when tilted (:func:`views_of`)."""
     from ghostmatch.model.embedder import prepare
 
     card = embedder.card
@@ -319,6 +543,15 @@ def embed_views(
     blocks = []
     pictures: dict[int, float] = {}
     ids = list(paths)
+
+    def planned(i: int, image: Image.Image) -> list[View]:
+        if screened is None:
+            return views_of(i, image, turns)
+        made = [View(i, t) for t in sorted(screened.turns.get(i, ()))]
+        if i in screened.tilts:
+            made += [View(i, t, screened.tilts[i]) for t in (0, *QUARTER_TURNS)]
+        return made
+
     with _pool() as pool:
         for start in range(0, len(ids), VIEW_BATCH):
             chunk = ids[start : start + VIEW_BATCH]
@@ -331,7 +564,7 @@ def embed_views(
                 upright = prepare(image, card)
                 straightened = None
                 made = []
-                for view in views_of(i, image, turns):
+                for view in planned(i, image):
                     if view.tilt is None:
                         made.append((view, turn_array(upright, view.turn)))
                         continue
@@ -429,49 +662,48 @@ def verify_turned(
     images: Callable[[int], Image.Image | None],
     pairs: Iterable[TurnedPair],
     enough: int | None = None,
+    cache: MutableMapping[View, ScaledMaps] | None = None,
 ) -> list[TurnedPair]:
     """Each pair with the geometric check of its owner's view against the other image
     (``ghostmatch.dupes.verify.verify_scales``). A quarter-turn of 90 or 270 is checked
     both ways: a mirrored copy's view lines up with the opposite turn, which its
-    mirror-tolerant descriptor cannot tell apart. ``images`` decodes an image by id."""
+    mirror-tolerant descriptor cannot tell apart. ``images`` decodes an image by id;
+    ``cache`` keeps views' maps from one call to the next."""
     from ghostmatch.dupes.verify import verify_scales
 
+    pairs = list(pairs)
     # Maps by view: the pairs of one image's views (and of one query) share them.
-    cache: dict[View, ScaledMaps] = {}
+    maps: MutableMapping[View, ScaledMaps] = {} if cache is None else cache
+    if len(maps) >= MAP_CACHE_VIEWS:
+        maps.clear()
 
-    def maps_of(view: View, image: Image.Image) -> ScaledMaps:
-        if view not in cache:
-            if len(cache) >= MAP_CACHE_VIEWS:
-                cache.clear()
-            cache[view] = scaled_maps(embedder, [view.of(image)])[0]
-        return cache[view]
+    def load(views: Iterable[View]) -> None:
+        """The maps of ``views`` that are not there yet, embedded as one batch."""
+        needed = list(dict.fromkeys(v for v in views if v not in maps))
+        made = [(v, image) for v in needed if (image := images(v.owner)) is not None]
+        found = scaled_maps(embedder, [v.of(image) for v, image in made])
+        maps.update(zip([v for v, _ in made], found, strict=True))
 
-    checked = []
-    for pair in pairs:
-        owner, other = images(pair.owner), images(pair.other)
-        if owner is None or other is None:
-            checked.append(replace(pair, inliers=0))
-            continue
-        target = maps_of(View(pair.other, 0), other)
-        turns = [pair.turn] + ([(-pair.turn) % 360] if pair.turn in (90, 270) else [])
-        best = None
-        for t in turns:
-            view = View(pair.owner, t, pair.tilt)
-            result = verify_scales(target, maps_of(view, owner), enough)
-            if best is None or result.inliers > best[1].inliers:
-                best = (view, result)
-            if enough is not None and result.inliers >= enough:
-                break
-        assert best is not None
-        view, result = best
-        checked.append(
-            replace(
-                pair,
-                turn=view.turn,
-                flipped=result.flipped,
-                inliers=result.inliers,
-            )
-        )
+    def check(pair: TurnedPair, turn: int) -> TurnedPair:
+        target, view = View(pair.other, 0), View(pair.owner, turn, pair.tilt)
+        if target not in maps or view not in maps:
+            return replace(pair, inliers=0)
+        result = verify_scales(maps[target], maps[view], enough)
+        return replace(pair, turn=turn, flipped=result.flipped, inliers=result.inliers)
+
+    load(v for p in pairs for v in (View(p.other, 0), View(p.owner, p.turn, p.tilt)))
+    checked = [check(p, p.turn) for p in pairs]
+    # The opposite turn only for the pairs that need it, on maps made for them alone.
+    again = [
+        n
+        for n, p in enumerate(checked)
+        if p.turn in (90, 270) and (enough is None or (p.inliers or 0) < enough)
+    ]
+    load(View(checked[n].owner, (-checked[n].turn) % 360, checked[n].tilt) for n in again)
+    for n in again:
+        other = check(pairs[n], (-pairs[n].turn) % 360)
+        if (other.inliers or 0) > (checked[n].inliers or 0):
+            checked[n] = other
     return checked
 
 
@@ -490,14 +722,23 @@ def by_picture(
     return ranked
 
 
+# Decoded images image_loader keeps at once (at the zoomed maps' size, about 0.3 MB each).
+IMAGE_CACHE = 256
+
+
 def image_loader(paths: Mapping[int, Path], side: int) -> Callable[[int], Image.Image | None]:
-    """Decode images by id, each once (only the few images of view pairs are asked for)."""
-    cache: dict[int, Image.Image | None] = {}
+    """Decode images by id, the recently used ones kept (a pair's two images, and a kept
+    file's turned copies, are asked for together)."""
+    cache: OrderedDict[int, Image.Image | None] = OrderedDict()
 
     def load(i: int) -> Image.Image | None:
-        if i not in cache:
-            cache[i] = decode(paths[i], side)
-        return cache[i]
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        cache[i] = found = decode(paths[i], side)
+        if len(cache) > IMAGE_CACHE:
+            cache.popitem(last=False)
+        return found
 
     return load
 
@@ -508,6 +749,7 @@ def decide(
     pairs: Sequence[TurnedPair],
     threshold: float,
     enough: int | None,
+    cache: MutableMapping[View, ScaledMaps] | None = None,
 ) -> list[TurnedPair]:
     """The view pairs that are duplicates. With the geometric stage (``enough`` inliers),
     every one must pass it on its view, whatever its score: a turned view of an unrelated
@@ -515,46 +757,97 @@ def decide(
     out. Without it, the score decides, as for upright pairs."""
     if enough is None:
         return [p for p in pairs if p.score >= threshold]
-    return [p for p in verify_turned(embedder, images, pairs, enough) if (p.inliers or 0) >= enough]
+    checked = verify_turned(embedder, images, pairs, enough, cache)
+    return [p for p in checked if (p.inliers or 0) >= enough]
 
 
 # ---------------------------------------------------------------------------- the finder's hooks
 
 
-def pairs_of_collection(
-    finder: DuplicateFinder,
-    ids: np.ndarray,
-    vectors: np.ndarray,
-    offsets: np.ndarray | None,
-    floor: float,
-    threshold: float,
-    enough: int | None,
-    accepted: set[tuple[int, int]],
-    ignored: set[tuple[Path, Path]],
-) -> tuple[dict[tuple[int, int], TurnedPair], dict[int, ImageRecord], dict[int, float]]:
-    """The turned and tilted duplicate pairs of an index that ``find_duplicates`` has not
-    already accepted upright (``accepted``) nor been told are not duplicates
-    (``ignored``), by pair key, the records of their files, and the share of each tilted
-    image's pixels that is picture: every image's views searched against the stored
-    descriptors from ``floor`` up, then :func:`decide`."""
-    records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
-    paths = {i: r.path for i, r in records.items()}
-    embedder = finder.embedder
-    views, view_vectors, pictures = embed_views(embedder, paths)
-    index = finder.vectors.index
-    found = view_pairs(
-        views, view_vectors, ids, vectors, floor, offsets, finder.score_offsets, index
-    )
-    found = [
-        p
-        for p in found
-        if p.key not in accepted
-        and (paths[p.owner], paths[p.other]) not in ignored
-        and (paths[p.other], paths[p.owner]) not in ignored
-    ]
-    images = image_loader(paths, _map_side(embedder))
-    pairs = {p.key: p for p in decide(embedder, images, found, threshold, enough)}
-    return pairs, {i: records[i] for key in pairs for i in key}, pictures
+class TurnedCandidates:
+    """The turned and tilted candidate pairs of an index, decided only when the grouping
+    asks for them (as ``PairJudge`` decides upright pairs).
+
+    The images that :func:`screen` picks have views (their screened turns, a tilted
+    image's straightened picture at every quarter-turn); those views are
+    searched against the stored descriptors from ``floor`` up; a pair becomes a turned
+    candidate when its best view scores above its upright score (``upright``: the
+    upright candidates' scores) and it is neither byte-identical nor marked not a
+    duplicate (``ignored``).
+    :meth:`decide` then checks the candidates of one kept file (:func:`decide`); one
+    that fails there still gets the upright decision when it is an upright candidate too.
+    """
+
+    def __init__(
+        self,
+        finder: DuplicateFinder,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        offsets: np.ndarray | None,
+        floor: float,
+        threshold: float,
+        enough: int | None,
+        upright: Mapping[tuple[int, int], float],
+        ignored: set[tuple[Path, Path]],
+    ) -> None:
+        self.records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
+        paths = {i: r.path for i, r in self.records.items()}
+        self.embedder = finder.embedder
+        self.threshold, self.enough = threshold, enough
+        self.upright = upright
+        # Views only of the images that need them: a cheap screen of every image's
+        # thumbnail and corners picks the turned and the tilted ones.
+        screened = screen(paths, self.embedder.card.input_size)
+        needed = {i: p for i, p in paths.items() if i in screened.images}
+        views, view_vectors, self.pictures = embed_views(self.embedder, needed, screened=screened)
+        found = view_pairs(
+            views,
+            view_vectors,
+            ids,
+            vectors,
+            floor,
+            offsets,
+            finder.score_offsets,
+            finder.vectors.index,
+        )
+        hashes = {i: r.content_hash for i, r in self.records.items()}
+        self.pairs = {
+            p.key: p
+            for p in found
+            if p.score > upright.get(p.key, -math.inf)
+            and hashes[p.owner] != hashes[p.other]
+            and (paths[p.owner], paths[p.other]) not in ignored
+            and (paths[p.other], paths[p.owner]) not in ignored
+        }
+        self.images = image_loader(paths, _map_side(self.embedder))
+        self.maps: dict[View, ScaledMaps] = {}
+        # The pairs that passed, as checked (their turn and mirror settled).
+        self.passed: dict[tuple[int, int], TurnedPair] = {}
+
+    def candidates(self, upright: Iterable[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
+        """The grouping's candidates: ``upright`` ones (low id first), each turned
+        candidate in place of its upright pair with its view's score."""
+        merged = [(i, j, s) for i, j, s in upright if (i, j) not in self.pairs]
+        return merged + [(i, j, p.score) for (i, j), p in self.pairs.items()]
+
+    def decide(self, leader: int, others: Sequence[int]) -> tuple[dict[int, str], list[int]]:
+        """The others that are ``leader``'s turned or tilted copies (tier ``edited``), and
+        the ones left for the upright decision."""
+        keys = {j: (min(leader, j), max(leader, j)) for j in others}
+        asked = [self.pairs[k] for k in keys.values() if k in self.pairs]
+        passed = decide(self.embedder, self.images, asked, self.threshold, self.enough, self.maps)
+        self.passed.update((p.key, p) for p in passed)
+        known = {j: "edited" for j, k in keys.items() if k in self.passed}
+        rest = [
+            j
+            for j, k in keys.items()
+            if j not in known and (k not in self.pairs or k in self.upright)
+        ]
+        return known, rest
+
+    def turn(self, leader: int, j: int) -> int:
+        """The turn that lines copy ``j`` up with its kept file ``leader`` (0: upright)."""
+        return member_turn(self.passed.get((min(leader, j), max(leader, j))), j)
 
 
 def pairs_of_image(
@@ -565,10 +858,13 @@ def pairs_of_image(
     enough: int | None,
     k: int,
     accepted: set[int],
+    vector: np.ndarray | None = None,
 ) -> list[TurnedPair]:
     """Indexed files that duplicate image ``x`` turned (every quarter-turn of it) or
     tilted, leaving out ``accepted`` ids; ``x`` is the pairs' owner, id -1. Each view
-    meets its nearest stored images (``VIEW_NEIGHBOURS``, at most ``k``)."""
+    meets its nearest stored images (``VIEW_NEIGHBOURS``, at most ``k``); with ``x``'s
+    own descriptor (``vector``), only the files that its view scores above ``x`` itself
+    are checked, as in :class:`TurnedCandidates`."""
     from ghostmatch.model.embedder import prepare
 
     index = finder.vectors.index
@@ -586,6 +882,13 @@ def pairs_of_image(
     pairs = view_pairs(
         views, view_vectors, ids, vectors, floor, offsets, finder.score_offsets, None, len(ids)
     )
+    if vector is not None and pairs:
+        rows = np.searchsorted(ids, [p.other for p in pairs])
+        upright = vectors[rows].astype(np.float64) @ vector.astype(np.float64)
+        own = finder.score_offsets(vector[None, :])
+        if offsets is not None and own is not None:
+            upright -= offsets[rows] + float(own[0])
+        pairs = [p for p, u in zip(pairs, upright.tolist(), strict=True) if p.score > u]
     paths = {r.id: r.path for r in finder.catalog.get([p.other for p in pairs])}
     cached = image_loader(paths, _map_side(embedder))
 
