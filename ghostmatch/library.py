@@ -465,8 +465,13 @@ class Library:
         ``weights`` (default: the index's own, which must have one, e.g. imagenet)."""
         from ghostmatch.recognition.classify import Classifier
 
-        spec = weights or self.catalog.get_meta(WEIGHTS_META) or (self.card and self.card.weights)
-        return Classifier(spec or "imagenet").classify(images, top)
+        return Classifier(weights or self.classifier_weights()).classify(images, top)
+
+    def classifier_weights(self) -> str:
+        """The weights whose classifier ``classify`` runs by default: the index's own
+        (imagenet for an index not given a model yet)."""
+        spec = self.catalog.get_meta(WEIGHTS_META) or (self.card and self.card.weights)
+        return spec or "imagenet"
 
     # ------------------------------------------------------------------------ summary
 
