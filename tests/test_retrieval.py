@@ -191,6 +191,33 @@ def test_the_default_query_confirms_a_copy_by_local_features(copies: tuple[Path,
     assert matches[0].to_dict()["inliers"] == matches[0].inliers
 
 
+def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
+    copies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once its maps are kept, an indexed query costs no network pass for re-ranking, and
+    its answer is the same as from a library that kept nothing."""
+    import ghostmatch.retrieval.pipeline as pipeline
+
+    folder, index = copies
+    mapped: list[int] = []
+    computed = pipeline.scaled_maps
+
+    def counted(model, card, images):  # type: ignore[no-untyped-def]
+        mapped.append(len(images))
+        return computed(model, card, images)
+
+    monkeypatch.setattr(pipeline, "scaled_maps", counted)
+    query = folder / "coffee.jpg"
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        first = lib.query(query, 4, refine=DEFAULT)
+        again = lib.query(query, 4, refine=DEFAULT)
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        cold = lib.query(query, 4, refine=DEFAULT)
+    # The query and its 5 indexed neighbours, then nothing, then all again.
+    assert mapped == [6, 0, 6]
+    assert first == again == cold
+
+
 def test_whitening_from_the_training_photos_needs_a_model_that_has_them(
     photos: Path, tmp_path: Path
 ) -> None:
