@@ -211,7 +211,7 @@ def query(
     augment: Annotated[
         str | None,
         typer.Option(
-            "--augment", help="none, flip or multiscale views of the query (default flip)."
+            "--augment", help="none, flip or multiscale views of the query (default none)."
         ),
     ] = None,
     dba: Annotated[
@@ -227,7 +227,7 @@ def query(
     rerank: Annotated[
         int | None,
         typer.Option(
-            "--rerank", min=0, help="Top results re-ranked by local features (default 24; 0 off)."
+            "--rerank", min=0, help="Top results re-ranked by local features (default 0: off)."
         ),
     ] = None,
     as_json: JsonOpt = False,

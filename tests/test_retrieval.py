@@ -163,22 +163,33 @@ def test_a_plain_query_is_the_cosine_search(copies: tuple[Path, Path]) -> None:
         scores = vectors @ vector
         order = [i for i in np.argsort(-scores, kind="stable") if ids[i] != own]
         matches = lib.query(query, 4, refine=PLAIN)
-        assert lib.query(query, 4) == matches  # the library's default is the plain search
+        assert lib.query(query, 4, refine=None) == matches
     assert [m.id for m in matches] == [int(ids[i]) for i in order[:4]]
     assert [m.score for m in matches] == pytest.approx([float(scores[i]) for i in order[:4]])
     assert all(m.inliers is None and "inliers" not in m.to_dict() for m in matches)
 
 
-def test_the_default_query_confirms_a_copy_by_local_features(copies: tuple[Path, Path]) -> None:
+def test_the_library_queries_with_the_command_s_defaults(copies: tuple[Path, Path]) -> None:
     folder, index = copies
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
-        matches = lib.query(folder / "chelsea.jpg", 5, refine=DEFAULT)
-        fewer = lib.query(folder / "chelsea.jpg", 2, refine=DEFAULT)
+        by_default = lib.query(folder / "coffee.jpg", 4)
+        assert by_default == lib.query(folder / "coffee.jpg", 4, refine=DEFAULT)
+        assert by_default != lib.query(folder / "coffee.jpg", 4, refine=PLAIN)
+
+
+RERANK = DEFAULT.with_changes(augment="flip", rerank=24)
+
+
+def test_re_ranking_confirms_a_copy_by_local_features(copies: tuple[Path, Path]) -> None:
+    folder, index = copies
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        matches = lib.query(folder / "chelsea.jpg", 5, refine=RERANK)
+        fewer = lib.query(folder / "chelsea.jpg", 2, refine=RERANK)
         cut = (matches[1].score + matches[2].score) / 2
-        kept = lib.query(folder / "chelsea.jpg", 5, refine=DEFAULT, min_score=cut)
+        kept = lib.query(folder / "chelsea.jpg", 5, refine=RERANK, min_score=cut)
         # A new image (not a path) is refined the same way.
         with Image.open(folder / "chelsea.jpg") as image:
-            unindexed = lib.query(image.copy(), 5, refine=DEFAULT)
+            unindexed = lib.query(image.copy(), 5, refine=RERANK)
     assert matches[0].path.name == "chelsea-crop.jpg"
     assert matches[0].inliers is not None
     assert all(m.inliers is not None and m.inliers < matches[0].inliers for m in matches[1:])
@@ -209,10 +220,10 @@ def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
     monkeypatch.setattr(pipeline, "scaled_maps", counted)
     query = folder / "coffee.jpg"
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
-        first = lib.query(query, 4, refine=DEFAULT)
-        again = lib.query(query, 4, refine=DEFAULT)
+        first = lib.query(query, 4, refine=RERANK)
+        again = lib.query(query, 4, refine=RERANK)
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
-        cold = lib.query(query, 4, refine=DEFAULT)
+        cold = lib.query(query, 4, refine=RERANK)
     # The query and its 5 indexed neighbours, then nothing, then all again.
     assert mapped == [6, 0, 6]
     assert first == again == cold

@@ -50,7 +50,7 @@ def refined(
     ids, vectors = searcher.catalog.vectors([i for i, _ in pairs])
     if len(ids) == 0:
         return [], {}
-    image = _image(x, searcher) if refine.augment != "none" or refine.rerank else None
+    image = query_image(x, searcher) if looks_again(refine) else None
     query = vector
     if image is not None:
         query = augmented(searcher.model.embedder, image, vector, refine.augment)
@@ -80,7 +80,12 @@ def refined(
     return ranked, counts
 
 
-def _image(x: ImageLike, searcher: Searcher) -> Image.Image:
+def looks_again(refine: Refinements) -> bool:
+    """Whether ``refine`` needs the query's pixels, not only its descriptor."""
+    return refine.augment != "none" or refine.rerank > 0
+
+
+def query_image(x: ImageLike, searcher: Searcher) -> Image.Image:
     """The query as an RGB image, decoded large enough for the zoomed local maps."""
     if isinstance(x, Image.Image):
         return to_rgb(x)
