@@ -63,6 +63,24 @@ def _map(items: Sequence[Path], work: Callable[[Path], T], label: str, show: boo
     return results
 
 
+# Photos embedded at once by ``recognize``: most of one model call's overhead shared,
+# while the progress bar still moves.
+RECOGNIZE_BATCH = 16
+
+
+def _batched(
+    items: Sequence[Path], work: Callable[[Sequence[Path]], list[T]], show: bool
+) -> list[T]:
+    results: list[T] = []
+    with _each(items, "recognising", show) as advance:
+        for start in range(0, len(items), RECOGNIZE_BATCH):
+            chunk = items[start : start + RECOGNIZE_BATCH]
+            results.extend(work(chunk))
+            for _ in chunk:
+                advance()
+    return results
+
+
 def label(
     paths: Annotated[
         list[Path] | None,
@@ -237,7 +255,7 @@ def recognize(
     try:
         show = not as_json and err.is_terminal
         with _labels_needed(lib.path):
-            results = _map(images, lambda image: lib.recognize(image, k), "recognising", show)
+            results = _batched(images, lambda chunk: lib.recognize_many(chunk, k), show)
     finally:
         lib.close()
     if as_json:

@@ -450,6 +450,11 @@ class Library:
         photos; ``unknown`` below the calibrated threshold (see ``Recognizer.recognize``)."""
         return self.recognizer.recognize(x, k)
 
+    def recognize_many(self, images: Sequence[ImageLike], k: int = 20) -> list[Recognition]:
+        """``recognize`` of each image, the new ones embedded in one batch: faster per photo
+        than one call each."""
+        return self.recognizer.recognize_many(images, k)
+
     def calibrate_recognition(self, precision: float | None = None, k: int = 20) -> Calibration:
         """Choose and store the rejection threshold for ``precision`` (default: the stored
         target, else 0.95), leave-one-out on the labelled photos."""
