@@ -185,7 +185,7 @@ def test_indexed_path_uses_its_stored_vector_and_never_matches_itself(
     assert own_id == record(library, path).id
     np.testing.assert_array_equal(vector, stored_vector(library, path))
     total = library.catalog.count()
-    matches = library.query(path, k=total)
+    matches = library.query(path, k=total, refine=PLAIN)
     assert len(matches) == total - 1
     assert path not in {m.path for m in matches}
     assert matches[0].path == gallery / "copies" / "astronaut-copy.jpg"
@@ -195,7 +195,8 @@ def test_indexed_path_uses_its_stored_vector_and_never_matches_itself(
     assert scores == sorted(scores, reverse=True)
     # The same query by a relative path.
     monkeypatch.chdir(gallery)
-    assert [m.path for m in library.query("astronaut.jpg", k=3)] == [m.path for m in matches[:3]]
+    relative = library.query("astronaut.jpg", k=3, refine=PLAIN)
+    assert [m.path for m in relative] == [m.path for m in matches[:3]]
 
 
 def test_query_by_image_or_array_finds_the_file(library: Library, gallery: Path) -> None:
@@ -317,7 +318,9 @@ def test_every_index_type_answers_like_exact_search(library: Library, tmp_path: 
         photos = [p for p, (i, _, _) in lib.catalog.all_stat().items() if i in set(ids.tolist())]
 
         def answers() -> list[list[tuple[int, float]]]:
-            return [[(m.id, m.score) for m in lib.query(p, k=10)] for p in sorted(photos)]
+            return [
+                [(m.id, m.score) for m in lib.query(p, k=10, refine=PLAIN)] for p in sorted(photos)
+            ]
 
         assert lib.rebuild("Flat") == "Flat"
         exact = answers()
