@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ghostmatch.cli.opening import open_library as _open
 from ghostmatch.cli.output import (
     CatalogOpt,
     IndexOpt,
@@ -78,14 +79,6 @@ def _progress(enabled: bool, label: str) -> Iterator[Any]:
             bar.update(task, completed=done, total=total, rate=rate)
 
         yield update
-
-
-def _open(index: Path | None, **options: Any) -> Any:
-    import ghostmatch
-
-    # A write waits for another process writing the same index, and says so.
-    options.setdefault("on_wait", lambda message: err.print(message, markup=False))
-    return ghostmatch.open(index, **options)
 
 
 @app.command()
@@ -218,7 +211,7 @@ def query(
     augment: Annotated[
         str | None,
         typer.Option(
-            "--augment", help="none, flip or multiscale views of the query (default flip)."
+            "--augment", help="none, flip or multiscale views of the query (default none)."
         ),
     ] = None,
     dba: Annotated[
@@ -234,7 +227,7 @@ def query(
     rerank: Annotated[
         int | None,
         typer.Option(
-            "--rerank", min=0, help="Top results re-ranked by local features (default 24; 0 off)."
+            "--rerank", min=0, help="Top results re-ranked by local features (default 0: off)."
         ),
     ] = None,
     as_json: JsonOpt = False,

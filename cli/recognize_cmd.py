@@ -2,7 +2,7 @@
 
 Labels and recognition live in ``ghostmatch.recognition``. This module does not import
 ``app`` (which imports it to register the commands); the consoles come from
-``ghostmatch.cli.output``.
+``ghostmatch.cli.output``, the opening of an index from ``ghostmatch.cli.opening``.
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ghostmatch.cli.output import IndexOpt, JsonOpt, err, out, print_json, progress_columns
+from ghostmatch.cli.opening import open_library
+from ghostmatch.cli.output import (
+    CatalogOpt,
+    IndexOpt,
+    JsonOpt,
+    err,
+    out,
+    print_json,
+    progress_columns,
+)
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.pathtext import path_text
 
 T = TypeVar("T")
-
-
-def _open(index: Path | None, **options: Any) -> Any:
-    import ghostmatch
-
-    options.setdefault("on_wait", lambda message: err.print(message, markup=False))
-    return ghostmatch.open(index, create=False, **options)
 
 
 @contextmanager
@@ -58,6 +60,24 @@ def _map(items: Sequence[Path], work: Callable[[Path], T], label: str, show: boo
         for item in items:
             results.append(work(item))
             advance()
+    return results
+
+
+# Photos embedded at once by ``recognize``: most of one model call's overhead shared,
+# while the progress bar still moves.
+RECOGNIZE_BATCH = 16
+
+
+def _batched(
+    items: Sequence[Path], work: Callable[[Sequence[Path]], list[T]], show: bool
+) -> list[T]:
+    results: list[T] = []
+    with _each(items, "recognising", show) as advance:
+        for start in range(0, len(items), RECOGNIZE_BATCH):
+            chunk = items[start : start + RECOGNIZE_BATCH]
+            results.extend(work(chunk))
+            for _ in chunk:
+                advance()
     return results
 
 
@@ -107,6 +127,7 @@ def label(
         ),
     ] = None,
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Label indexed photos (by content: labels survive re-indexing and moves)."""
@@ -128,7 +149,7 @@ def label(
         )
     if from_folders is not None and not from_folders.is_dir():
         raise GhostmatchError(f"{path_text(from_folders)} is not a folder")
-    lib = _open(index)
+    lib = open_library(index, catalog=catalog, create=False)
     result: dict[str, Any] = {"index": os.fsdecode(lib.path)}
     try:
         if clear:
@@ -216,6 +237,7 @@ def recognize(
         int, typer.Option("-k", "--k", min=1, help="Nearest labelled photos that vote.")
     ] = 20,
     index: IndexOpt = None,
+    catalog: CatalogOpt = None,
     runtime: Annotated[
         str, typer.Option("--runtime", help="auto, torch, onnx or eager (the model as loaded).")
     ] = "auto",
@@ -229,11 +251,11 @@ def recognize(
     for image in images:
         if not image.exists():
             raise GhostmatchError(f"{path_text(image)} does not exist")
-    lib = _open(index, runtime=runtime, device=device)
+    lib = open_library(index, catalog=catalog, runtime=runtime, device=device, create=False)
     try:
         show = not as_json and err.is_terminal
         with _labels_needed(lib.path):
-            results = _map(images, lambda image: lib.recognize(image, k), "recognising", show)
+            results = _batched(images, lambda chunk: lib.recognize_many(chunk, k), show)
     finally:
         lib.close()
     if as_json:
@@ -262,14 +284,20 @@ def recognize(
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Photos to classify.")],
     weights: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--weights",
-            help="imagenet (default) or a timm GhostNet checkpoint with its classifier.",
+            help="imagenet or a timm GhostNet checkpoint with its classifier (default: the "
+            "weights of the index named by --index or --catalog, else imagenet).",
         ),
-    ] = "imagenet",
+    ] = None,
     top: Annotated[int, typer.Option("-k", "--top", min=1, help="Classes per photo.")] = 5,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", help="Classify with this index's weights (see --weights)."),
+    ] = None,
+    catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The top ImageNet-1k classes of each IMAGE by the network's own classifier."""
@@ -278,7 +306,15 @@ def classify(
     for image in images:
         if not image.exists():
             raise GhostmatchError(f"{path_text(image)} does not exist")
-    classifier = Classifier(weights, device=device)
+    if weights is None and (index is not None or catalog is not None):
+        # Only an index named here: one that happens to sit at the default place may
+        # hold a descriptor without a classifier, and classify needs no index.
+        lib = open_library(index, catalog=catalog, create=False)
+        try:
+            weights = lib.classifier_weights()
+        finally:
+            lib.close()
+    classifier = Classifier(weights or "imagenet", device=device)
     show = not as_json and err.is_terminal
     results = _map(images, lambda image: classifier.classify([image], top)[0], "classifying", show)
     if as_json:

@@ -140,7 +140,7 @@ class Searcher:
         if not refine.plain and pairs and not rotations:
             from ghostmatch.retrieval.pipeline import refined
 
-            pairs, inliers = refined(self, x, vector, pairs, refine)
+            pairs, inliers = refined(self, x, vector, pairs, refine, own_id)
         pairs = pairs[:k]
         if min_score is not None:
             pairs = [(i, s) for i, s in pairs if s >= min_score]

@@ -21,6 +21,7 @@ import ghostmatch
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.vector_index import VectorIndex
 from ghostmatch.library import CARD_META, INDEX_FILE, WEIGHTS_META, IndexReport, Library
+from ghostmatch.retrieval.refine import PLAIN
 from ghostmatch.store.catalog import NewImage
 from ghostmatch.store.locking import WriterLock
 
@@ -184,7 +185,7 @@ def test_indexed_path_uses_its_stored_vector_and_never_matches_itself(
     assert own_id == record(library, path).id
     np.testing.assert_array_equal(vector, stored_vector(library, path))
     total = library.catalog.count()
-    matches = library.query(path, k=total)
+    matches = library.query(path, k=total, refine=PLAIN)
     assert len(matches) == total - 1
     assert path not in {m.path for m in matches}
     assert matches[0].path == gallery / "copies" / "astronaut-copy.jpg"
@@ -194,7 +195,8 @@ def test_indexed_path_uses_its_stored_vector_and_never_matches_itself(
     assert scores == sorted(scores, reverse=True)
     # The same query by a relative path.
     monkeypatch.chdir(gallery)
-    assert [m.path for m in library.query("astronaut.jpg", k=3)] == [m.path for m in matches[:3]]
+    relative = library.query("astronaut.jpg", k=3, refine=PLAIN)
+    assert [m.path for m in relative] == [m.path for m in matches[:3]]
 
 
 def test_query_by_image_or_array_finds_the_file(library: Library, gallery: Path) -> None:
@@ -202,7 +204,7 @@ def test_query_by_image_or_array_finds_the_file(library: Library, gallery: Path)
     with Image.open(path) as image:
         pil = image.copy()
     for query in (pil, np.asarray(pil), np.asarray(pil.convert("RGB"))):
-        matches = library.query(query, k=3)
+        matches = library.query(query, k=3, refine=PLAIN)
         assert matches[0].path == path and matches[0].score > 0.9999
         assert (matches[0].width, matches[0].height) == pil.size
         assert matches[0].bytes == path.stat().st_size
@@ -219,7 +221,7 @@ def test_query_match_fields_describe_the_file(library: Library, gallery: Path) -
 def test_query_under_a_folder_is_exact_over_that_folder(library: Library, gallery: Path) -> None:
     variants = gallery / "variants"
     query = gallery / "coffee.jpg"
-    matches = library.query(query, k=2, under=variants)
+    matches = library.query(query, k=2, under=variants, refine=PLAIN)
     ids = [i for i, p in library.catalog.paths_under(variants)]
     _, vectors = library.catalog.vectors(ids)
     exact = np.sort(vectors @ stored_vector(library, query))[::-1][:2]
@@ -316,7 +318,9 @@ def test_every_index_type_answers_like_exact_search(library: Library, tmp_path: 
         photos = [p for p, (i, _, _) in lib.catalog.all_stat().items() if i in set(ids.tolist())]
 
         def answers() -> list[list[tuple[int, float]]]:
-            return [[(m.id, m.score) for m in lib.query(p, k=10)] for p in sorted(photos)]
+            return [
+                [(m.id, m.score) for m in lib.query(p, k=10, refine=PLAIN)] for p in sorted(photos)
+            ]
 
         assert lib.rebuild("Flat") == "Flat"
         exact = answers()
@@ -636,7 +640,7 @@ def test_a_query_never_trusts_an_index_file_overwritten_in_place(
     file.write_bytes(bytes(raw))
     os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
     with ghostmatch.open(index_dir) as lib:
-        matches = lib.query(changed, k=10)
+        matches = lib.query(changed, k=10, refine=PLAIN)
         assert matches and all(-1.0 <= m.score <= 1.0 for m in matches)
         ids, vectors = lib.catalog.vectors()
         own_id = record(lib, changed).id

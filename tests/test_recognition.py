@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import ghostmatch
 import ghostmatch.store.catalog as catalog_module
@@ -318,6 +319,37 @@ def test_recognising_an_indexed_photo_by_path_leaves_it_and_its_copies_out(
         outside = tmp_path / "outside.jpg"
         shutil.copy2(coffee, outside)
         assert coffee not in {n.path for n in lib.recognize(outside, k=3).neighbours}
+
+
+def test_several_photos_at_once_are_each_one_s_answer_with_one_model_call(
+    classes: Path, tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ghostmatch.open(tmp_path / "index", weights="random") as lib:
+        lib.index([classes], batch_size=8)
+        lib.set_labels(classes)
+        outside = tmp_path / "outside.jpg"
+        shutil.copy2(photos / "rocket.jpg", outside)
+        with Image.open(photos / "astronaut.jpg") as opened:
+            new = opened.convert("RGB").resize((200, 150))
+        asked = [classes / "things" / "coffee.jpg", outside, new, classes / "loose.jpg"]
+        one_by_one = [lib.recognize(x, k=3) for x in asked]
+        model_calls: list[int] = []
+        embed = lib.model.embed
+
+        def counted(images):  # type: ignore[no-untyped-def]
+            model_calls.append(len(images))
+            return embed(images)
+
+        monkeypatch.setattr(lib.model, "embed", counted)
+        together = lib.recognize_many(asked, k=3)
+    # The two photos that are not indexed, embedded in one call; the others' stored
+    # vectors used, and every answer (own content left out) the same as alone.
+    assert model_calls == [2]
+    for alone, batched in zip(one_by_one, together, strict=True):
+        assert (batched.label, batched.best) == (alone.label, alone.best)
+        assert [n.id for n in batched.neighbours] == [n.id for n in alone.neighbours]
+        # A batch may round differently from one image in the network's last digits.
+        assert batched.confidence == pytest.approx(alone.confidence, abs=1e-5)
 
 
 def test_folder_labels_need_indexed_photos_in_sub_folders(classes: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from cli_support import CLI, cli_env
+from sqlalchemy import URL
 
 import ghostmatch
 from ghostmatch.errors import GhostmatchError
@@ -36,10 +37,12 @@ CLASSES = {
 }
 
 
-def run_cli(args: Sequence[object], model_cache: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[object], model_cache: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
-        env=cli_env(model_cache),
+        env=cli_env(model_cache, **env),
         capture_output=True,
         text=True,
         errors="surrogateescape",
@@ -126,6 +129,66 @@ def test_label_recognize_info_and_clear(
 
     cleared = ok(run_cli(["label", "--clear", "--index", index, "--json"], model_cache)).stdout
     assert json.loads(cleared)["removed"] == 7 and json.loads(cleared)["labels"] == {}
+
+
+def test_label_recognize_and_classify_on_a_shared_catalog(
+    classes: Path, tmp_path: Path, model_cache: Path, photos: Path, catalog_url: URL
+) -> None:
+    """Folders that never indexed anything reach the index through the catalog named by
+    --catalog or $GHOSTMATCH_CATALOG, as every other command does."""
+    url = catalog_url.render_as_string(hide_password=False)
+    with ghostmatch.open(tmp_path / "indexer", catalog=url, weights="random") as lib:
+        lib.index([classes])
+    labelled = ok(
+        run_cli(
+            [
+                "label",
+                "--from-folders",
+                classes,
+                "--json",
+                "--index",
+                tmp_path / "a",
+                "--catalog",
+                url,
+            ],
+            model_cache,
+        )
+    )
+    assert json.loads(labelled.stdout)["labels"]["space"] == {"photos": 3, "indexed": 3}
+    answers = json.loads(
+        ok(
+            run_cli(
+                [
+                    "recognize",
+                    photos / "rocket.jpg",
+                    "-k",
+                    "3",
+                    "--index",
+                    tmp_path / "b",
+                    "--json",
+                ],
+                model_cache,
+                GHOSTMATCH_CATALOG=url,
+            )
+        ).stdout
+    )
+    assert answers[0]["best"] in CLASSES and len(answers[0]["neighbours"]) == 3
+    # classify runs the index's own weights (here random ones, which have a classifier).
+    [classified] = json.loads(
+        ok(
+            run_cli(
+                ["classify", photos / "coffee.jpg", "--index", tmp_path / "c", "--json"],
+                model_cache,
+                GHOSTMATCH_CATALOG=url,
+            )
+        ).stdout
+    )
+    assert len(classified["classes"]) == 5
+    # Without the catalog, a new folder holds no index: the option is what found it.
+    line = one_line_error(
+        run_cli(["recognize", photos / "rocket.jpg", "--index", tmp_path / "b2"], model_cache)
+    )
+    assert "no index at" in line
 
 
 def test_label_mistakes_are_one_line(tmp_path: Path, model_cache: Path, classes: Path) -> None:

@@ -163,22 +163,33 @@ def test_a_plain_query_is_the_cosine_search(copies: tuple[Path, Path]) -> None:
         scores = vectors @ vector
         order = [i for i in np.argsort(-scores, kind="stable") if ids[i] != own]
         matches = lib.query(query, 4, refine=PLAIN)
-        assert lib.query(query, 4) == matches  # the library's default is the plain search
+        assert lib.query(query, 4, refine=None) == matches
     assert [m.id for m in matches] == [int(ids[i]) for i in order[:4]]
     assert [m.score for m in matches] == pytest.approx([float(scores[i]) for i in order[:4]])
     assert all(m.inliers is None and "inliers" not in m.to_dict() for m in matches)
 
 
-def test_the_default_query_confirms_a_copy_by_local_features(copies: tuple[Path, Path]) -> None:
+def test_the_library_queries_with_the_command_s_defaults(copies: tuple[Path, Path]) -> None:
     folder, index = copies
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
-        matches = lib.query(folder / "chelsea.jpg", 5, refine=DEFAULT)
-        fewer = lib.query(folder / "chelsea.jpg", 2, refine=DEFAULT)
+        by_default = lib.query(folder / "coffee.jpg", 4)
+        assert by_default == lib.query(folder / "coffee.jpg", 4, refine=DEFAULT)
+        assert by_default != lib.query(folder / "coffee.jpg", 4, refine=PLAIN)
+
+
+RERANK = DEFAULT.with_changes(augment="flip", rerank=24)
+
+
+def test_re_ranking_confirms_a_copy_by_local_features(copies: tuple[Path, Path]) -> None:
+    folder, index = copies
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        matches = lib.query(folder / "chelsea.jpg", 5, refine=RERANK)
+        fewer = lib.query(folder / "chelsea.jpg", 2, refine=RERANK)
         cut = (matches[1].score + matches[2].score) / 2
-        kept = lib.query(folder / "chelsea.jpg", 5, refine=DEFAULT, min_score=cut)
+        kept = lib.query(folder / "chelsea.jpg", 5, refine=RERANK, min_score=cut)
         # A new image (not a path) is refined the same way.
         with Image.open(folder / "chelsea.jpg") as image:
-            unindexed = lib.query(image.copy(), 5, refine=DEFAULT)
+            unindexed = lib.query(image.copy(), 5, refine=RERANK)
     assert matches[0].path.name == "chelsea-crop.jpg"
     assert matches[0].inliers is not None
     assert all(m.inliers is not None and m.inliers < matches[0].inliers for m in matches[1:])
@@ -189,6 +200,33 @@ def test_the_default_query_confirms_a_copy_by_local_features(copies: tuple[Path,
     assert [m.id for m in fewer] == [m.id for m in matches[:2]]
     assert unindexed[0].path.name in ("chelsea.jpg", "chelsea-crop.jpg")
     assert matches[0].to_dict()["inliers"] == matches[0].inliers
+
+
+def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
+    copies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once its maps are kept, an indexed query costs no network pass for re-ranking, and
+    its answer is the same as from a library that kept nothing."""
+    import ghostmatch.retrieval.pipeline as pipeline
+
+    folder, index = copies
+    mapped: list[int] = []
+    computed = pipeline.scaled_maps
+
+    def counted(model, card, images):  # type: ignore[no-untyped-def]
+        mapped.append(len(images))
+        return computed(model, card, images)
+
+    monkeypatch.setattr(pipeline, "scaled_maps", counted)
+    query = folder / "coffee.jpg"
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        first = lib.query(query, 4, refine=RERANK)
+        again = lib.query(query, 4, refine=RERANK)
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        cold = lib.query(query, 4, refine=RERANK)
+    # The query and its 5 indexed neighbours, then nothing, then all again.
+    assert mapped == [6, 0, 6]
+    assert first == again == cold
 
 
 def test_whitening_from_the_training_photos_needs_a_model_that_has_them(

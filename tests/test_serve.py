@@ -92,7 +92,16 @@ def without_ids(answer: dict[str, Any], key: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- answers
 
 
-@pytest.mark.parametrize("options", [{"k": 4}, {"k": 10, "min_score": 0.2}, {"under": "copies"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"k": 4},
+        {"k": 10, "min_score": 0.2},
+        {"under": "copies"},
+        {"k": 4, "plain": True},
+        {"under": "copies", "plain": True},
+    ],
+)
 def test_query_by_upload_is_the_cli_answer(
     client: httpx.Client, indexed: Indexed, env: Path, tmp_path: Path, options: dict[str, Any]
 ) -> None:
@@ -100,8 +109,10 @@ def test_query_by_upload_is_the_cli_answer(
     photo = tmp_path / "new photo.jpg"
     photo.write_bytes(jpeg("astronaut", (300, 300), quality=80))
     params = dict(options)
-    # The server's query is the plain cosine search, the command's with --plain.
-    args: list[object] = ["query", photo, "--index", indexed.index, "--json", "--plain"]
+    # The server refines as the command does by default; plain=true is its --plain.
+    args: list[object] = ["query", photo, "--index", indexed.index, "--json"]
+    if params.get("plain"):
+        args.append("--plain")
     if "k" in params:
         args += ["-k", params["k"]]
     if "min_score" in params:
@@ -120,15 +131,16 @@ def test_query_by_upload_is_the_cli_answer(
         assert all(m["path"].startswith(params["under"] + "/") for m in answer["matches"])
 
 
+@pytest.mark.parametrize("plain", [False, True])
 def test_query_by_indexed_path_is_the_cli_answer(
-    client: httpx.Client, indexed: Indexed, env: Path
+    client: httpx.Client, indexed: Indexed, env: Path, plain: bool
 ) -> None:
     path = indexed.files["astronaut"]
-    response = client.post("/api/v1/query", params={"k": 3}, json={"path": str(path)})
+    params = {"k": 3, **({"plain": True} if plain else {})}
+    response = client.post("/api/v1/query", params=params, json={"path": str(path)})
     assert response.status_code == 200, response.text
-    cli = json.loads(
-        run_cli(env, "query", path, "--index", indexed.index, "-k", 3, "--json", "--plain").stdout
-    )
+    args = ["query", path, "--index", indexed.index, "-k", 3, "--json"]
+    cli = json.loads(run_cli(env, *args, *(["--plain"] if plain else [])).stdout)
     assert without_ids(response.json(), "matches") == cli[0]
     # The file does not match itself; its exact copy comes first.
     assert response.json()["matches"][0]["path"] == str(indexed.files["astronaut-copy"])

@@ -32,6 +32,8 @@ RELEARN_CHANGE = 0.1
 # Indexed images whose local maps a searcher keeps for re-ranking (about 0.1 MB each, fp16,
 # at the bundled model's 160 px).
 MAP_CACHE_IMAGES = 1024
+# An indexed image's local maps are kept under its catalog id, file size and mtime.
+MapKey = tuple[int, int, int]
 
 
 def refined(
@@ -40,13 +42,15 @@ def refined(
     vector: np.ndarray,
     pairs: list[tuple[int, float]],
     refine: Refinements,
+    own: int | None = None,
 ) -> tuple[list[tuple[int, float]], dict[int, int]]:
     """``pairs`` (id, plain cosine), best first, ranked anew: (id, score) pairs and the
-    inlier counts of the results that were re-ranked."""
+    inlier counts of the results that were re-ranked. ``own``: the catalog id of ``x``
+    when it is an indexed path, whose kept local maps then serve as the query's."""
     ids, vectors = searcher.catalog.vectors([i for i, _ in pairs])
     if len(ids) == 0:
         return [], {}
-    image = _image(x, searcher) if refine.augment != "none" or refine.rerank else None
+    image = query_image(x, searcher) if looks_again(refine) else None
     query = vector
     if image is not None:
         query = augmented(searcher.model.embedder, image, vector, refine.augment)
@@ -61,7 +65,7 @@ def refined(
     counts: dict[int, int] = {}
     if refine.rerank and image is not None:
         top = ranked[: refine.rerank]
-        found = _inliers(searcher, image, [i for i, _ in top])
+        found = _inliers(searcher, image, [i for i, _ in top], _own_key(searcher, x, own))
         lifted = blend(
             np.array([s for _, s in top]),
             np.array([found[i] for i, _ in top]),
@@ -76,7 +80,12 @@ def refined(
     return ranked, counts
 
 
-def _image(x: ImageLike, searcher: Searcher) -> Image.Image:
+def looks_again(refine: Refinements) -> bool:
+    """Whether ``refine`` needs the query's pixels, not only its descriptor."""
+    return refine.augment != "none" or refine.rerank > 0
+
+
+def query_image(x: ImageLike, searcher: Searcher) -> Image.Image:
     """The query as an RGB image, decoded large enough for the zoomed local maps."""
     if isinstance(x, Image.Image):
         return to_rgb(x)
@@ -89,21 +98,45 @@ def _image(x: ImageLike, searcher: Searcher) -> Image.Image:
         raise GhostmatchError(f"cannot read {path_text(x)}: {err}") from err
 
 
-def _inliers(searcher: Searcher, image: Image.Image, ids: list[int]) -> dict[int, int]:
+def _own_key(searcher: Searcher, x: ImageLike, own: int | None) -> MapKey | None:
+    """The map cache's key of the query when it is an indexed file unchanged since it was
+    indexed (a changed one is not what its kept maps describe)."""
+    if own is None or not isinstance(x, str | os.PathLike):
+        return None
+    records = searcher.catalog.get([own])
+    if not records:
+        return None
+    record = records[0]
+    try:
+        st = os.stat(x)
+    except OSError:
+        return None
+    if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
+        return None
+    return (record.id, record.size, record.mtime_ns)
+
+
+def _inliers(
+    searcher: Searcher, image: Image.Image, ids: list[int], own: MapKey | None = None
+) -> dict[int, int]:
     """Each indexed image's inlier count against the query (0 if it cannot be read).
 
     Indexed images' maps are kept (``MAP_CACHE_IMAGES`` of them, least recently used
     dropped first, keyed by file size and mtime too): the results of one query are often
-    the results of the next, and a map costs three passes of the network.
+    the results of the next, and a map costs three passes of the network. An indexed
+    query (key ``own``) is one of those images: its kept maps are the query's. The query's
+    maps go through the same half precision either way, so that an answer does not depend
+    on what was kept.
     """
     embedder = searcher.model.embedder
     card = embedder.card
     size = zoomed_card(card).input_size
-    cache: OrderedDict[tuple[int, int, int], ScaledMaps | None]
+    cache: OrderedDict[MapKey, ScaledMaps | None]
     cache = searcher.cache.setdefault("local_maps", OrderedDict())
     records = {r.id: r for r in searcher.catalog.get(ids)}
     keys = {i: (i, r.size, r.mtime_ns) for i, r in records.items()}
     missing = [i for i in ids if i in keys and keys[i] not in cache]
+    kept_query = cache.get(own) if own is not None else None
 
     def decode(i: int) -> Image.Image | None:
         try:
@@ -114,7 +147,14 @@ def _inliers(searcher: Searcher, image: Image.Image, ids: list[int]) -> dict[int
     with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
         decoded = list(pool.map(decode, missing))
     readable = [d for d in decoded if d is not None]
-    query_maps, *maps = scaled_maps(embedder.local_model, card, [image, *readable])
+    if kept_query is not None:
+        maps = scaled_maps(embedder.local_model, card, readable)
+        query_maps = _single(kept_query)
+    else:
+        fresh_query, *maps = scaled_maps(embedder.local_model, card, [image, *readable])
+        query_maps = _single(_half(fresh_query))
+        if own is not None:
+            cache[own] = _half(fresh_query)
     fresh = iter(maps)
     for i, d in zip(missing, decoded, strict=True):
         cache[keys[i]] = None if d is None else _half(next(fresh))
@@ -127,7 +167,9 @@ def _inliers(searcher: Searcher, image: Image.Image, ids: list[int]) -> dict[int
         cache.move_to_end(key)
         maps_i = cache[key]
         candidates.append(None if maps_i is None else _single(maps_i))
-    while len(cache) > max(MAP_CACHE_IMAGES, len(ids)):
+    if own is not None and own in cache:
+        cache.move_to_end(own)
+    while len(cache) > max(MAP_CACHE_IMAGES, len(ids) + 1):
         cache.popitem(last=False)
     return dict(zip(ids, inliers(query_maps, candidates).tolist(), strict=True))
 

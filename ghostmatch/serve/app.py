@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ghostmatch import __version__
 from ghostmatch.errors import GhostmatchError
+from ghostmatch.retrieval.refine import DEFAULT, PLAIN
 from ghostmatch.serve.engine import QueryEngine, RequestRefused, ServeSettings
 
 API = "/api/v1"
@@ -358,7 +359,11 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
         k: Annotated[int, Query(ge=1, le=1000)] = 10,
         min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
         under: Annotated[str | None, Query(max_length=4096)] = None,
+        plain: Annotated[
+            bool, Query(description="A plain cosine search, as `query --plain`")
+        ] = False,
     ) -> dict[str, Any]:
+        refine = PLAIN if plain else DEFAULT
         with engine.admitted():
             if _content_type(request) == "application/json":
                 # Checked by hand, not by pydantic: a file name's undecodable bytes arrive as
@@ -367,9 +372,11 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
                 path = body.get("path") if isinstance(body, dict) else None
                 if not isinstance(path, str) or not 0 < len(path) <= 4096:
                     raise RequestRefused(422, 'send {"path": "/an/indexed/file.jpg"}')
-                return await run_in_threadpool(engine.query_path, path, k, min_score, under)
+                return await run_in_threadpool(engine.query_path, path, k, min_score, under, refine)
             data, name = await _upload(request)
-            return await run_in_threadpool(engine.query_upload, data, name, k, min_score, under)
+            return await run_in_threadpool(
+                engine.query_upload, data, name, k, min_score, under, refine
+            )
 
     @app.post(
         f"{API}/duplicates-of",

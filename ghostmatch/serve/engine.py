@@ -34,6 +34,8 @@ from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import ImageRejected, load_image, sniff_image
 from ghostmatch.library import GENERATION_META, Library, Match
 from ghostmatch.model.embedder import prepare
+from ghostmatch.retrieval.pipeline import looks_again, query_image, refined
+from ghostmatch.retrieval.refine import DEFAULT, Refinements
 from ghostmatch.serve.batching import MicroBatcher
 from ghostmatch.store.catalog import ImageRecord
 
@@ -290,29 +292,45 @@ class QueryEngine:
     # ------------------------------------------------------------------ queries
 
     def query_upload(
-        self, data: bytes, name: str, k: int, min_score: float | None, under: str | None
+        self,
+        data: bytes,
+        name: str,
+        k: int,
+        min_score: float | None,
+        under: str | None,
+        refine: Refinements = DEFAULT,
     ) -> dict[str, Any]:
         """``query --json`` for one uploaded image: decoded as ``index`` decodes a file,
-        its descriptor computed in a shared batch."""
+        its descriptor computed in a shared batch, refined as ``query`` refines."""
         lib = self.library()
         folder = self._under(lib, under)
+        image = None
         with self.batcher.expecting():
             with self._upload_file(data) as file:
                 pixels = prepare(self._decode(file, self.card.input_size).image, self.card)
-            # A query limited to a folder scans that folder's vectors itself.
-            future = self.batcher.submit(_Upload(pixels, 0 if folder else k))
+                if looks_again(refine):  # decoded again as ``query`` decodes it for these
+                    image = query_image(file, lib.searcher)
+            # A query limited to a folder scans that folder's vectors itself; a refined
+            # one ranks a shortlist of the plain search anew.
+            want = k if refine.plain else max(k, refine.shortlist)
+            future = self.batcher.submit(_Upload(pixels, 0 if folder else want))
         found = future.result()
-        matches = self._matches(found, k, min_score, folder)
+        matches = self._matches(found, k, min_score, folder, refine, image)
         return {"query": name, "matches": [_match(m) for m in matches]}
 
     def query_path(
-        self, path: str, k: int, min_score: float | None, under: str | None
+        self,
+        path: str,
+        k: int,
+        min_score: float | None,
+        under: str | None,
+        refine: Refinements = DEFAULT,
     ) -> dict[str, Any]:
         """``query --json`` for an indexed file, named by its exact catalog path."""
         lib = self.library()
         folder = self._under(lib, under)
         record = self._catalog_path(lib, path)
-        matches = lib.query(record.path, k, min_score=min_score, under=folder)
+        matches = lib.query(record.path, k, min_score=min_score, under=folder, refine=refine)
         return {"query": os.fsdecode(record.path), "matches": [_match(m) for m in matches]}
 
     def duplicates_of_upload(self, data: bytes, name: str) -> dict[str, Any]:
@@ -328,22 +346,37 @@ class QueryEngine:
         }
 
     def _matches(
-        self, found: _Found, k: int, min_score: float | None, under: Path | None
+        self,
+        found: _Found,
+        k: int,
+        min_score: float | None,
+        under: Path | None,
+        refine: Refinements,
+        image: Image.Image | None,
     ) -> list[Match]:
         """``Library.query``'s answer for an upload's descriptor (an upload is never an
-        indexed file, so nothing is left out)."""
+        indexed file, so nothing is left out), ``image`` its pixels where ``refine`` looks
+        at them again."""
         lib, vector, pairs, records = found.lib, found.vector, found.pairs, found.records
+        want = k if refine.plain else max(k, refine.shortlist)
         if under is not None:
             ids, vectors = lib.catalog.vectors([i for i, _ in lib.catalog.paths_under(under)])
             scores = vectors @ vector if len(ids) else np.zeros(0, np.float32)
-            order = np.argsort(-scores, kind="stable")[:k]
+            order = np.argsort(-scores, kind="stable")[:want]
             pairs = [(int(ids[i]), float(scores[i])) for i in order]
-            records = {r.id: r for r in lib.catalog.get([i for i, _ in pairs])}
+        inliers: dict[int, int] = {}
+        if not refine.plain and pairs:
+            # The pixels are read only where ``refine`` looks at them again.
+            pixels = image if image is not None else vector
+            pairs, inliers = refined(lib.searcher, pixels, vector, pairs, refine)
+        pairs = pairs[:k]
         if min_score is not None:
             pairs = [(i, s) for i, s in pairs if s >= min_score]
+        if any(i not in records for i, _ in pairs):
+            records = {r.id: r for r in lib.catalog.get([i for i, _ in pairs])}
         kept = [(i, s) for i, s in pairs if i in records]
         return [
-            Match(rank, r.path, s, r.width, r.height, r.size, i)
+            Match(rank, r.path, s, r.width, r.height, r.size, i, inliers=inliers.get(i))
             for rank, (i, s) in enumerate(kept, start=1)
             for r in (records[i],)
         ]
