@@ -290,7 +290,8 @@ class DuplicateFinder:
             return {}
         keys = sorted(pairs)
         rows = np.searchsorted(ids, np.array(keys, dtype=np.int64))
-        return dict(zip(keys, pair_scores(vectors, rows[:, 0], rows[:, 1], offsets).tolist()))
+        scores = pair_scores(vectors, rows[:, 0], rows[:, 1], offsets)
+        return dict(zip(keys, scores.tolist(), strict=True))
 
     def _stage2_setting(self, key: str, default: float) -> float:
         """A stage-2 setting: calibrated in this index, else measured for the model."""

@@ -7,6 +7,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,7 +133,8 @@ class Embedder:
         self.runtime = runtime
         self.threads = threads or os.cpu_count() or 1
         self._session = None
-        self._regional_session = None  # made on first use: only indexing needs regions
+        # Made on first use: only indexing needs regions.
+        self._regional_session: Any = None
         self._model: nn.Module
         if runtime == "eager":
             self._model = model.to(self.device).eval()
@@ -151,7 +153,8 @@ class Embedder:
         path = cache_dir() / "onnx" / f"{name}.onnx"
         if not path.exists():
             if regional:
-                export_onnx(RegionalDescriptor(model), self.card, path, ["descriptors", "regions"])
+                regional_model = RegionalDescriptor(model)  # type: ignore[arg-type]
+                export_onnx(regional_model, self.card, path, ["descriptors", "regions"])
             else:
                 export_onnx(model, self.card, path)
         options = ort.SessionOptions()
