@@ -298,7 +298,7 @@ def _create_regions_v4(conn: Connection) -> None:
         ),
         Column("vectors", LargeBinary, nullable=False),
     )
-    metadata.tables["regions"].create(conn)
+    metadata.tables["regions"].create(conn, checkfirst=True)
 
 
 # (version, why, apply) in order; opening a catalog applies those above its version.
