@@ -277,6 +277,8 @@ class DuplicateFinder:
         """Candidate pairs for heavily cropped copies (``ghostmatch.dupes.regions``) that
         ``found`` lacks, with their scores; none for images without regional descriptors
         (indexed before they existed) or a collection past the search's limit."""
+        if len(ids) > regions.REGION_SEARCH_LIMIT:
+            return {}  # checked before the regions are read: they are REGIONS x the vectors
         region_ids, parts = self.catalog.regions()
         # Only images of this search: the catalog may have changed since it read ``ids``.
         known = np.isin(region_ids, ids)
