@@ -105,7 +105,7 @@ def run_and_save(
     env = environment()
     start = time.perf_counter()
     report = measure()
-    report.seconds = round(time.perf_counter() - start, 1)
+    report.seconds = time.perf_counter() - start
     report.command = " ".join([f"python -m benchmarks.{name}", *(argv or sys.argv[1:])])
     report.environment = env
     path = save(report, out)
