@@ -166,17 +166,10 @@ class Indexer:
         seen = {e.path for e in entries}
         todo: list[FileEntry] = []
         changed_ids: dict[Path, int] = {}
-        # Images indexed before regional descriptors existed get them now, read again like
-        # changed files (Ray workers make no regions: they would be read again every run).
-        lacking = set(self.catalog.ids_without_regions().tolist()) if remote is None else set()
         for entry in entries:
             stat = known.get(entry.path)
             if stat is not None and stat[1:] == (entry.size, entry.mtime_ns):
-                if stat[0] not in lacking:
-                    report.unchanged += 1
-                    continue
-                changed_ids[entry.path] = stat[0]
-                todo.append(entry)
+                report.unchanged += 1
             elif stat is None and _fails_again(bad.get(entry.path), entry, max_megapixels):
                 report.known_bad += 1
             else:
@@ -272,14 +265,10 @@ class Indexer:
         pending: list[_Embedded | _Failed] = []
         waiting: list[_Embedded] = []  # decoded, not yet through the model
         vectors: dict[int, np.ndarray] = {}
-        regions: dict[int, np.ndarray] = {}  # regional descriptors, made in the same pass
 
         def run_model() -> None:
-            out, parts = embedder.embed_with_regions(
-                [r.pixels for r in waiting if r.pixels is not None]
-            )
+            out = embedder.embed_arrays([r.pixels for r in waiting if r.pixels is not None])
             vectors.update((id(r), v) for r, v in zip(waiting, out, strict=True))
-            regions.update((id(r), v) for r, v in zip(waiting, parts, strict=True))
             report.embedded += len(waiting)
             waiting.clear()
 
@@ -311,11 +300,9 @@ class Indexer:
                     ):
                         run_model()
                         # Handed over before the commit: interrupted, it is never redone.
-                        batch, batch_vectors, batch_regions = pending, vectors, regions
-                        pending, vectors, regions = [], {}, {}
-                        self._commit(
-                            batch, batch_vectors, changed_ids, moved_from, report, batch_regions
-                        )
+                        batch, batch_vectors = pending, vectors
+                        pending, vectors = [], {}
+                        self._commit(batch, batch_vectors, changed_ids, moved_from, report)
                         last_commit = time.monotonic()
                     if progress:
                         progress("indexed", done, len(todo))
@@ -329,9 +316,9 @@ class Indexer:
                 for r in pending
                 if not (isinstance(r, _Embedded) and r.pixels is not None and id(r) not in vectors)
             ]
-            self._commit(finished, vectors, changed_ids, moved_from, report, regions)
+            self._commit(finished, vectors, changed_ids, moved_from, report)
             raise
-        self._commit(pending, vectors, changed_ids, moved_from, report, regions)
+        self._commit(pending, vectors, changed_ids, moved_from, report)
 
     def _commit(
         self,
@@ -340,17 +327,12 @@ class Indexer:
         changed_ids: dict[Path, int],
         moved_from: set[Path],
         report: IndexReport,
-        regions: dict[int, np.ndarray] | None = None,
     ) -> None:
-        """Write one catalog transaction for ``results`` (with their regional descriptors
-        where ``regions`` has them); the FAISS index catches up later
+        """Write one catalog transaction for ``results``; the FAISS index catches up later
         (:meth:`VectorStore.apply`), from the changes noted here."""
-        regions = regions or {}
         if not results:
             return
         new_rows: list[NewImage] = []
-        new_regions: list[np.ndarray | None] = []
-        updated_regions: list[tuple[int, np.ndarray]] = []
         failures: list[NewFailure] = []
         ok_paths: list[Path] = []
         with self.vectors.change() as change:
@@ -386,8 +368,6 @@ class Indexer:
                         format=r.format,
                         vector=vector,
                     )
-                    if id(r) in regions:
-                        updated_regions.append((image_id, regions[id(r)]))
                     change.removed.append(image_id)
                     change.added.append(image_id)
                     report.updated += 1
@@ -404,15 +384,7 @@ class Indexer:
                             vector,
                         )
                     )
-                    new_regions.append(regions.get(id(r)))
-            added = tx.insert_images(new_rows)
-            change.added.extend(added)
-            tx.set_regions(
-                [
-                    *updated_regions,
-                    *((i, p) for i, p in zip(added, new_regions, strict=True) if p is not None),
-                ]
-            )
+            change.added.extend(tx.insert_images(new_rows))
             report.added += len(new_rows)
             tx.record_failures(failures)
             tx.clear_failures(ok_paths)
