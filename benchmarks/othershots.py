@@ -36,7 +36,7 @@ from typing import Any
 
 from benchmarks import synthetic
 from benchmarks.data import REPO, caltech_test, sample
-from benchmarks.report import Figure, Report, environment, save
+from benchmarks.report import Figure, Report, run_and_save
 from benchmarks.settings import RESULTS, Settings, default_weights
 from ghostmatch.dupes.finder import one_thread
 from ghostmatch.dupes.groups import (
@@ -643,20 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     settings = Settings(quick=args.quick, weights=args.weights or default_weights(), out=args.out)
-    env = environment()
-    start = time.perf_counter()
-    if args.synthetic_only is not None:
-        report = synthetic_timing(settings, args.synthetic_only, args.work)
-    else:
-        report = run(settings, args.work, args.reuse)
-    report.seconds = time.perf_counter() - start
-    report.command = " ".join(["python -m benchmarks.othershots", *(argv or sys.argv[1:])])
-    report.environment = env
-    save(report, settings.out)
-    for f in report.figures:
-        print(f"{f.name}: {f.value:.4g} {f.unit} ({f.baseline}: {f.baseline_value:.4g})")
-    for note in report.notes:
-        print(f"note: {note}")
+
+    def measured() -> Report:
+        if args.synthetic_only is not None:
+            return synthetic_timing(settings, args.synthetic_only, args.work)
+        return run(settings, args.work, args.reuse)
+
+    run_and_save("othershots", argv, settings.out, measured)
     return 0
 
 

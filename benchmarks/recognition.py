@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from benchmarks.data import new_photos
 from benchmarks.measure import Stopwatch, percentile_ms, timed
 from benchmarks.query import fill_catalog
-from benchmarks.report import Figure, Report, environment, save
+from benchmarks.report import Figure, Report, run_and_save
 from benchmarks.settings import RESULTS, default_weights
 from ghostmatch.library import Library
 from ghostmatch.recognition.recognizer import DEFAULT_K
@@ -183,18 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    env = environment()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
-        report = measure(Path(tmp), args.weights or default_weights(), args.labelled, args.queries)
-    report.seconds = time.perf_counter() - start
-    report.command = " ".join(["python -m benchmarks.recognition", *(argv or sys.argv[1:])])
-    report.environment = env
-    save(report, args.out)
-    for f in report.figures:
-        print(f"{f.name}: {f.value:.4g} {f.unit} ({f.baseline}: {f.baseline_value:.4g})")
-    for note in report.notes:
-        print(f"note: {note}")
+
+    def measured() -> Report:
+        with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
+            return measure(
+                Path(tmp), args.weights or default_weights(), args.labelled, args.queries
+            )
+
+    run_and_save("recognition", argv, args.out, measured)
     return 0
 
 

@@ -14,7 +14,6 @@ import argparse
 import random
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.data import CALTECH, Photo, sample
-from benchmarks.report import Figure, Report, environment, save
+from benchmarks.report import Figure, Report, run_and_save
 from benchmarks.settings import RESULTS, Settings, default_weights
 from benchmarks.turns import QUARTER
 from ghostmatch.dupes.turns import THUMB_CUT, THUMB_MARGIN, decode, screen_pairs, thumbnail
@@ -153,17 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     settings = Settings(quick=args.quick, weights=default_weights(), out=args.out)
-    env = environment()
-    start = time.perf_counter()
-    report = run(settings)
-    report.seconds = time.perf_counter() - start
-    report.command = " ".join(["python -m benchmarks.turn_screen", *(argv or sys.argv[1:])])
-    report.environment = env
-    save(report, settings.out)
-    for f in report.figures:
-        print(f"{f.name}: {f.value:.4g} {f.unit} ({f.baseline}: {f.baseline_value:.4g})")
-    for note in report.notes:
-        print(f"note: {note}")
+    run_and_save("turn_screen", argv, settings.out, lambda: run(settings))
     return 0
 
 

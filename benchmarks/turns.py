@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 
 from benchmarks import othershots
 from benchmarks.data import caltech_test, link_photos, missing_caltech_note, split_photos
-from benchmarks.report import Figure, Report, environment, save
+from benchmarks.report import Figure, Report, run_and_save
 from benchmarks.settings import RESULTS, Settings, default_weights
 from ghostmatch.dupes.groups import DuplicateGroup
 from ghostmatch.dupes.turns import inverse_turn, turn_image
@@ -406,17 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     settings = Settings(quick=args.quick, weights=args.weights or default_weights(), out=args.out)
-    env = environment()
-    start = time.perf_counter()
-    report = run(settings, args.work)
-    report.seconds = time.perf_counter() - start
-    report.command = " ".join(["python -m benchmarks.turns", *(argv or sys.argv[1:])])
-    report.environment = env
-    save(report, settings.out)
-    for f in report.figures:
-        print(f"{f.name}: {f.value:.4g} {f.unit} ({f.baseline}: {f.baseline_value:.4g})")
-    for note in report.notes:
-        print(f"note: {note}")
+    run_and_save("turns", argv, settings.out, lambda: run(settings, args.work))
     return 0
 
 

@@ -8,13 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cli_support import CLI, cli_env
+from cli_support import ok, run_cli
 from sqlalchemy import URL
 
 import ghostmatch
@@ -35,24 +34,6 @@ CLASSES = {
     "space": ("astronaut.jpg", "rocket.jpg", "hubble_deep_field.jpg"),
     "things": ("coffee.jpg", "camera.png"),
 }
-
-
-def run_cli(
-    args: Sequence[object], model_cache: Path, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *map(os.fspath, args)],  # type: ignore[arg-type]
-        env=cli_env(model_cache, **env),
-        capture_output=True,
-        text=True,
-        errors="surrogateescape",
-        timeout=300,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
