@@ -22,7 +22,7 @@ from benchmarks import (
     query,
     scale,
 )
-from benchmarks.report import Report, environment, save, write_summary
+from benchmarks.report import ORDER, Report, environment, save, write_summary
 from benchmarks.settings import RESULTS, Settings, default_weights
 
 BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in report.notes:
             print(f"   note: {note}", flush=True)
         print(f"   ({report.seconds:.1f} s)", flush=True)
-    summary = write_summary(settings.out, list(BENCHMARKS))
+    summary = write_summary(settings.out, ORDER)
     print(f"wrote {summary}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import Any
 
 SUMMARY = "summary.md"
+# The summary's order: the benchmarks ``python -m benchmarks`` runs, then the others by name.
+ORDER = (
+    "descriptor",
+    "index",
+    "query",
+    "ann",
+    "allpairs",
+    "quality",
+    "dupes_stages",
+    "heldout",
+    "othershots",
+    "scale",
+)
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,10 @@ def run_and_save(
         print(figure_line(figure))
     for note in report.notes:
         print(f"note: {note}")
-    print(f"wrote {path}")
+    # The summary gathers every report in the folder: refreshed here, it never lags behind
+    # a benchmark run on its own.
+    summary = write_summary(out, ORDER)
+    print(f"wrote {path} and {summary}")
     return report
 
 

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import allpairs, ann, descriptor, indexing, quality, query
 from benchmarks import data as bench_data
+from benchmarks.__main__ import BENCHMARKS
 from benchmarks.data import Photo, make_large_jpegs
 from benchmarks.index_open import main as index_open_main
-from benchmarks.report import Figure, Report, save, write_summary
+from benchmarks.report import ORDER, Figure, Report, run_and_save, save, write_summary
 from benchmarks.settings import Settings
 
 
@@ -195,6 +196,23 @@ def test_summary_lists_reports_and_skips_foreign_json(tmp_path: Path) -> None:
     text = write_summary(tmp_path, ["descriptor", "allpairs"]).read_text()
     assert "| onnx | 25.0 img/s | eager | 10.0 img/s | 2.5x | >= 1.8x: met |" in text
     assert "## allpairs" not in text
+
+
+def test_a_benchmark_run_on_its_own_refreshes_the_summary(tmp_path: Path) -> None:
+    (tmp_path / "summary.md").write_text("stale")
+
+    def measure() -> Report:
+        report = Report("turns", quick=True)
+        report.add(Figure("found at 90", 0.96, "", "upright", 1.0))
+        return report
+
+    run_and_save("turns", ["--quick"], tmp_path, measure)
+    text = (tmp_path / "summary.md").read_text()
+    assert "## turns (quick" in text and "`python -m benchmarks.turns --quick`" in text
+
+
+def test_the_summary_follows_the_benchmarks_the_main_command_runs() -> None:
+    assert list(ORDER) == list(BENCHMARKS)
 
 
 def test_caltech_test_leaves_out_the_second_photo_of_each_known_duplicate(
