@@ -211,13 +211,13 @@ def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
 
     folder, index = copies
     mapped: list[int] = []
-    computed = pipeline.scaled_maps
+    computed = pipeline.local_maps
 
-    def counted(model, card, images):  # type: ignore[no-untyped-def]
+    def counted(model, card, images, mirrored=0):  # type: ignore[no-untyped-def]
         mapped.append(len(images))
-        return computed(model, card, images)
+        return computed(model, card, images, mirrored)
 
-    monkeypatch.setattr(pipeline, "scaled_maps", counted)
+    monkeypatch.setattr(pipeline, "local_maps", counted)
     query = folder / "coffee.jpg"
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
         first = lib.query(query, 4, refine=RERANK)
