@@ -41,7 +41,7 @@ OBJECTS_QUICK = 12
 CALTECH_QUICK = 120
 SHORTLIST = 200
 
-FLIP_DBA_QE = PLAIN.with_changes(augment="flip", dba=2, expand=2)
+DBA_QE = PLAIN.with_changes(dba=2, expand=2)
 # Rows named by what they do; ``default_row`` says which one is ``DEFAULT``. Re-ranking rows
 # come longest first, so that shorter ones find the local maps already kept.
 CONFIGS: dict[str, Refinements] = {
@@ -52,15 +52,16 @@ CONFIGS: dict[str, Refinements] = {
     "multiscale": PLAIN.with_changes(augment="multiscale"),
     "alpha-QE 2": PLAIN.with_changes(expand=2),
     "DBA 2": PLAIN.with_changes(dba=2),
-    "DBA 2 + alpha-QE 2": PLAIN.with_changes(dba=2, expand=2),
-    "flip + DBA 2 + alpha-QE 2": FLIP_DBA_QE,
-    "re-rank 24": PLAIN.with_changes(rerank=24),
-    "flip + DBA 2 + alpha-QE 2 + re-rank 24": FLIP_DBA_QE.with_changes(rerank=24),
-    "DBA 2 + alpha-QE 2 + re-rank 24": PLAIN.with_changes(dba=2, expand=2, rerank=24),
-    "DBA 2 + alpha-QE 2 + re-rank 8": PLAIN.with_changes(dba=2, expand=2, rerank=8),
-    "DBA 2 + alpha-QE 2 + whiten (training photos)": PLAIN.with_changes(
-        dba=2, expand=2, whiten="training"
-    ),
+    "DBA 2 + alpha-QE 2": DBA_QE,
+    "flip + DBA 2 + alpha-QE 2": DBA_QE.with_changes(augment="flip"),
+    "DBA 2 + alpha-QE 2 + whiten (training photos)": DBA_QE.with_changes(whiten="training"),
+    "DBA 2 + alpha-QE 2 + re-rank 32": DBA_QE.with_changes(rerank=32),
+    "re-rank 20": PLAIN.with_changes(rerank=20),
+    "DBA 2 + alpha-QE 2 + re-rank 24": DBA_QE.with_changes(rerank=24),
+    "DBA 2 + alpha-QE 2 + re-rank 20": DBA_QE.with_changes(rerank=20),
+    "DBA 2 + alpha-QE 2 + re-rank 16": DBA_QE.with_changes(rerank=16),
+    "DBA 2 + alpha-QE 2 + re-rank 12": DBA_QE.with_changes(rerank=12),
+    "DBA 2 + alpha-QE 2 + re-rank 8": DBA_QE.with_changes(rerank=8),
 }
 # New photos timed per row for the cost of one query with nothing kept from earlier ones
 # (what a ``ghostmatch query`` command of a photo not in the index pays, start-up aside).

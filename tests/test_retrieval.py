@@ -229,6 +229,33 @@ def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
     assert first == again == cold
 
 
+def test_a_default_query_re_ranks_at_one_network_pass_per_result(
+    copies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a query's best results are checked by local features, each at one pass of
+    the network (the query at two: as it is and mirrored), all in one batch."""
+    import ghostmatch.retrieval.rerank as rerank
+
+    folder, index = copies
+    batches: list[int] = []
+    computed = rerank.local_features
+
+    def counted(model, batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        return computed(model, batch)
+
+    monkeypatch.setattr(rerank, "local_features", counted)
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        indexed = lib.catalog.count()
+        with Image.open(folder / "chelsea.jpg") as image:
+            matches = lib.query(image.copy(), 3)
+    assert DEFAULT.rerank > indexed  # so every indexed photo is a result to check
+    assert batches == [indexed + 2]
+    assert matches[0].path.name in ("chelsea.jpg", "chelsea-crop.jpg")
+    assert all(m.inliers is not None for m in matches)
+    assert matches[0].inliers is not None and matches[0].inliers >= rerank.INLIER_CAP
+
+
 def test_whitening_from_the_training_photos_needs_a_model_that_has_them(
     photos: Path, tmp_path: Path
 ) -> None:

@@ -12,7 +12,7 @@ per image at ``MAP_SCALE`` times the input size (16 x 16 cells at the bundled mo
 160 px): on ukbench-dev that one finer map confirms other shots as well as the finder's
 three maps do, for a third of the network's work, and the network passes are nearly all
 of a re-ranked query's cost. Only the query is also mirrored, so that a flipped copy is
-still confirmed.
+still confirmed (:func:`inliers`).
 """
 
 from __future__ import annotations
@@ -54,15 +54,24 @@ def local_maps(
 def inliers(
     query: np.ndarray, query_mirrored: np.ndarray | None, candidates: Sequence[np.ndarray | None]
 ) -> np.ndarray:
-    """How many of the query's local matches with each candidate fit one affine map, the
-    query as it is or mirrored (0 for a candidate whose image could not be read)."""
-    return np.array(
-        [
-            0 if found is None else verify_pair(found, query, query_mirrored).inliers
-            for found in candidates
-        ],
-        dtype=np.int64,
-    )
+    """How many of the query's local matches with each candidate fit one affine map (0 for
+    a candidate whose image could not be read).
+
+    The mirrored query counts only where it confirms a result (``INLIER_CAP`` inliers or
+    more) and the query as it is does not: a flipped copy is confirmed, while the mirror
+    image's chance fits, which the better of two fits would add to every unrelated
+    result, are left out.
+    """
+    counts = np.zeros(len(candidates), dtype=np.int64)
+    for n, found in enumerate(candidates):
+        if found is None:
+            continue
+        counts[n] = verify_pair(found, query).inliers
+        if query_mirrored is not None and counts[n] < INLIER_CAP:
+            flipped = verify_pair(found, query_mirrored).inliers
+            if flipped >= INLIER_CAP:
+                counts[n] = flipped
+    return counts
 
 
 def blend(scores: np.ndarray, counts: np.ndarray, weight: float) -> np.ndarray:
