@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from cli_support import CLI, cli_env
 from PIL import Image, ImageOps
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import ghostmatch
 from ghostmatch.errors import GhostmatchError
@@ -254,6 +255,30 @@ def test_a_default_query_re_ranks_at_one_network_pass_per_result(
     assert matches[0].path.name in ("chelsea.jpg", "chelsea-crop.jpg")
     assert all(m.inliers is not None for m in matches)
     assert matches[0].inliers is not None and matches[0].inliers >= rerank.INLIER_CAP
+
+
+def test_re_ranking_checks_results_with_blas_on_one_thread(
+    copies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each local-feature check multiplies small matrices, where a BLAS thread pool only
+    spins: the checks run with BLAS on one thread whatever the process allows."""
+    import ghostmatch.retrieval.rerank as rerank
+
+    folder, index = copies
+    threads: list[int] = []
+    checked = rerank.verify_pair
+
+    def counted(*maps):  # type: ignore[no-untyped-def]
+        threads.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        return checked(*maps)
+
+    monkeypatch.setattr(rerank, "verify_pair", counted)
+    with (
+        ghostmatch.open(index, create=False, runtime="torch") as lib,
+        threadpool_limits(2, user_api="blas"),
+    ):
+        lib.query(folder / "coffee.jpg", 3)
+    assert threads and set(threads) == {1}
 
 
 def test_whitening_from_the_training_photos_needs_a_model_that_has_them(

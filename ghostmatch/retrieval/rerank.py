@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+from threadpoolctl import threadpool_limits
 
 from ghostmatch.dupes.verify import ZOOM, local_features, verify_pair
 from ghostmatch.model.card import ModelCard
@@ -61,16 +62,21 @@ def inliers(
     more) and the query as it is does not: a flipped copy is confirmed, while the mirror
     image's chance fits, which the better of two fits would add to every unrelated
     result, are left out.
+
+    BLAS runs on one thread meanwhile: each check multiplies matrices of a few hundred rows,
+    where a pool's idle threads only spin, and on two busy cores that spinning made a
+    query's checks take twenty times the CPU of one thread.
     """
     counts = np.zeros(len(candidates), dtype=np.int64)
-    for n, found in enumerate(candidates):
-        if found is None:
-            continue
-        counts[n] = verify_pair(found, query).inliers
-        if query_mirrored is not None and counts[n] < INLIER_CAP:
-            flipped = verify_pair(found, query_mirrored).inliers
-            if flipped >= INLIER_CAP:
-                counts[n] = flipped
+    with threadpool_limits(1, user_api="blas"):
+        for n, found in enumerate(candidates):
+            if found is None:
+                continue
+            counts[n] = verify_pair(found, query).inliers
+            if query_mirrored is not None and counts[n] < INLIER_CAP:
+                flipped = verify_pair(found, query_mirrored).inliers
+                if flipped >= INLIER_CAP:
+                    counts[n] = flipped
     return counts
 
 
