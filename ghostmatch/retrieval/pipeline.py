@@ -175,6 +175,7 @@ def _inliers(
         candidates.append(None if found is None else _single(found))
     if own is not None and own in cache:
         cache.move_to_end(own)
+    if own is not None and own in mirrors:
         mirrors.move_to_end(own)
     while len(cache) > max(MAP_CACHE_IMAGES, len(ids) + 1):
         cache.popitem(last=False)
