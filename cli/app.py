@@ -227,7 +227,7 @@ def query(
     rerank: Annotated[
         int | None,
         typer.Option(
-            "--rerank", min=0, help="Top results re-ranked by local features (default 0: off)."
+            "--rerank", min=0, help="Top results re-ranked by local features (default 20; 0 off)."
         ),
     ] = None,
     as_json: JsonOpt = False,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from cli_support import CLI, cli_env
 from PIL import Image, ImageOps
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import ghostmatch
 from ghostmatch.errors import GhostmatchError
@@ -211,13 +212,13 @@ def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
 
     folder, index = copies
     mapped: list[int] = []
-    computed = pipeline.scaled_maps
+    computed = pipeline.local_maps
 
-    def counted(model, card, images):  # type: ignore[no-untyped-def]
+    def counted(model, card, images, mirrored=0):  # type: ignore[no-untyped-def]
         mapped.append(len(images))
-        return computed(model, card, images)
+        return computed(model, card, images, mirrored)
 
-    monkeypatch.setattr(pipeline, "scaled_maps", counted)
+    monkeypatch.setattr(pipeline, "local_maps", counted)
     query = folder / "coffee.jpg"
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
         first = lib.query(query, 4, refine=RERANK)
@@ -227,6 +228,57 @@ def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
     # The query and its 5 indexed neighbours, then nothing, then all again.
     assert mapped == [6, 0, 6]
     assert first == again == cold
+
+
+def test_a_default_query_re_ranks_at_one_network_pass_per_result(
+    copies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a query's best results are checked by local features, each at one pass of
+    the network (the query at two: as it is and mirrored), all in one batch."""
+    import ghostmatch.retrieval.rerank as rerank
+
+    folder, index = copies
+    batches: list[int] = []
+    computed = rerank.local_features
+
+    def counted(model, batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        return computed(model, batch)
+
+    monkeypatch.setattr(rerank, "local_features", counted)
+    with ghostmatch.open(index, create=False, runtime="torch") as lib:
+        indexed = lib.catalog.count()
+        with Image.open(folder / "chelsea.jpg") as image:
+            matches = lib.query(image.copy(), 3)
+    assert DEFAULT.rerank > indexed  # so every indexed photo is a result to check
+    assert batches == [indexed + 2]
+    assert matches[0].path.name in ("chelsea.jpg", "chelsea-crop.jpg")
+    assert all(m.inliers is not None for m in matches)
+    assert matches[0].inliers is not None and matches[0].inliers >= rerank.INLIER_CAP
+
+
+def test_re_ranking_checks_results_with_blas_on_one_thread(
+    copies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each local-feature check multiplies small matrices, where a BLAS thread pool only
+    spins: the checks run with BLAS on one thread whatever the process allows."""
+    import ghostmatch.retrieval.rerank as rerank
+
+    folder, index = copies
+    threads: list[int] = []
+    checked = rerank.verify_pair
+
+    def counted(*maps):  # type: ignore[no-untyped-def]
+        threads.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        return checked(*maps)
+
+    monkeypatch.setattr(rerank, "verify_pair", counted)
+    with (
+        ghostmatch.open(index, create=False, runtime="torch") as lib,
+        threadpool_limits(2, user_api="blas"),
+    ):
+        lib.query(folder / "coffee.jpg", 3)
+    assert threads and set(threads) == {1}
 
 
 def test_whitening_from_the_training_photos_needs_a_model_that_has_them(

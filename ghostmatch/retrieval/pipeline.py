@@ -18,7 +18,7 @@ from ghostmatch.pathtext import path_text
 from ghostmatch.retrieval.augment import augmented
 from ghostmatch.retrieval.expansion import alpha_qe, dba
 from ghostmatch.retrieval.refine import Refinements
-from ghostmatch.retrieval.rerank import ScaledMaps, blend, inliers, scaled_maps, zoomed_card
+from ghostmatch.retrieval.rerank import blend, inliers, local_maps, map_card
 from ghostmatch.retrieval.whitening import Whitening, learn_whitening
 
 if TYPE_CHECKING:
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 # once the number of indexed images has moved this far (as a share) from what it saw.
 WHITENING_FILE = "whitening.npz"
 RELEARN_CHANGE = 0.1
-# Indexed images whose local maps a searcher keeps for re-ranking (about 0.1 MB each, fp16,
-# at the bundled model's 160 px).
+# Indexed images whose local maps a searcher keeps for re-ranking (about 0.06 MB each,
+# fp16, at the bundled model's 160 px).
 MAP_CACHE_IMAGES = 1024
 # An indexed image's local maps are kept under its catalog id, file size and mtime.
 MapKey = tuple[int, int, int]
@@ -86,12 +86,12 @@ def looks_again(refine: Refinements) -> bool:
 
 
 def query_image(x: ImageLike, searcher: Searcher) -> Image.Image:
-    """The query as an RGB image, decoded large enough for the zoomed local maps."""
+    """The query as an RGB image, decoded large enough for the local maps."""
     if isinstance(x, Image.Image):
         return to_rgb(x)
     if isinstance(x, np.ndarray):
         return image_from_array(x)
-    size = zoomed_card(searcher.model.embedder.card).input_size
+    size = map_card(searcher.model.embedder.card).input_size
     try:
         return load_image(x, min_side=size).image
     except ImageRejected as err:
@@ -123,20 +123,23 @@ def _inliers(
 
     Indexed images' maps are kept (``MAP_CACHE_IMAGES`` of them, least recently used
     dropped first, keyed by file size and mtime too): the results of one query are often
-    the results of the next, and a map costs three passes of the network. An indexed
-    query (key ``own``) is one of those images: its kept maps are the query's. The query's
-    maps go through the same half precision either way, so that an answer does not depend
-    on what was kept.
+    the results of the next, and a map costs a pass of the network. An indexed query (key
+    ``own``) is one of those images: its kept map, and its mirror image's, are the query's.
+    The query's maps go through the same half precision either way, so that an answer does
+    not depend on what was kept.
     """
     embedder = searcher.model.embedder
     card = embedder.card
-    size = zoomed_card(card).input_size
-    cache: OrderedDict[MapKey, ScaledMaps | None]
+    size = map_card(card).input_size
+    cache: OrderedDict[MapKey, np.ndarray | None]
     cache = searcher.cache.setdefault("local_maps", OrderedDict())
+    mirrors: OrderedDict[MapKey, np.ndarray]
+    mirrors = searcher.cache.setdefault("mirrored_maps", OrderedDict())
     records = {r.id: r for r in searcher.catalog.get(ids)}
     keys = {i: (i, r.size, r.mtime_ns) for i, r in records.items()}
     missing = [i for i in ids if i in keys and keys[i] not in cache]
     kept_query = cache.get(own) if own is not None else None
+    kept_mirror = mirrors.get(own) if own is not None else None
 
     def decode(i: int) -> Image.Image | None:
         try:
@@ -147,39 +150,47 @@ def _inliers(
     with ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2))) as pool:
         decoded = list(pool.map(decode, missing))
     readable = [d for d in decoded if d is not None]
-    if kept_query is not None:
-        maps = scaled_maps(embedder.local_model, card, readable)
-        query_maps = _single(kept_query)
+    if kept_query is not None and kept_mirror is not None:
+        maps = local_maps(embedder.local_model, card, readable)
+        query, mirrored = kept_query, kept_mirror
     else:
-        fresh_query, *maps = scaled_maps(embedder.local_model, card, [image, *readable])
-        query_maps = _single(_half(fresh_query))
+        # The query, its results, and the query mirrored, in one batch.
+        fresh_query, *maps, fresh_mirror = local_maps(
+            embedder.local_model, card, [image, *readable], mirrored=1
+        )
+        query, mirrored = _half(fresh_query), _half(fresh_mirror)
         if own is not None:
-            cache[own] = _half(fresh_query)
+            cache[own], mirrors[own] = query, mirrored
     fresh = iter(maps)
     for i, d in zip(missing, decoded, strict=True):
         cache[keys[i]] = None if d is None else _half(next(fresh))
-    candidates: list[ScaledMaps | None] = []
+    candidates: list[np.ndarray | None] = []
     for i in ids:
         key = keys.get(i)
         if key is None:
             candidates.append(None)
             continue
         cache.move_to_end(key)
-        maps_i = cache[key]
-        candidates.append(None if maps_i is None else _single(maps_i))
+        found = cache[key]
+        candidates.append(None if found is None else _single(found))
     if own is not None and own in cache:
         cache.move_to_end(own)
+    if own is not None and own in mirrors:
+        mirrors.move_to_end(own)
     while len(cache) > max(MAP_CACHE_IMAGES, len(ids) + 1):
         cache.popitem(last=False)
-    return dict(zip(ids, inliers(query_maps, candidates).tolist(), strict=True))
+    while len(mirrors) > MAP_CACHE_IMAGES:
+        mirrors.popitem(last=False)
+    counts = inliers(_single(query), _single(mirrored), candidates)
+    return dict(zip(ids, counts.tolist(), strict=True))
 
 
-def _half(maps: ScaledMaps) -> ScaledMaps:
-    return ScaledMaps(*(m.astype(np.float16) for m in (maps.base, maps.mirrored, maps.zoomed)))
+def _half(found: np.ndarray) -> np.ndarray:
+    return found.astype(np.float16)
 
 
-def _single(maps: ScaledMaps) -> ScaledMaps:
-    return ScaledMaps(*(m.astype(np.float32) for m in (maps.base, maps.mirrored, maps.zoomed)))
+def _single(found: np.ndarray) -> np.ndarray:
+    return found.astype(np.float32)
 
 
 def whitening_for(searcher: Searcher, refine: Refinements) -> Whitening:

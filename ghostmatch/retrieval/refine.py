@@ -37,8 +37,8 @@ class Refinements:
     dba: int = 2
     expand: int = 2
     alpha: float = 3.0
-    rerank: int = 0
-    rerank_weight: float = 3.0
+    rerank: int = 20
+    rerank_weight: float = 1.0
     shortlist: int = 200
 
     def __post_init__(self) -> None:
@@ -85,8 +85,9 @@ class Refinements:
 
 
 # What ``ghostmatch query``, ``Library.query`` and ``serve`` do unless told otherwise:
-# DBA and alpha-QE over the shortlist, which gain most of what the refinements gain for a
-# few milliseconds; the flipped view gains nothing beside them, and re-ranking by local
-# features gains more on UKBench but costs about 40 times as long for a new photo.
+# DBA and alpha-QE over the shortlist, which gain most of what the descriptor-only
+# refinements gain for a few milliseconds, then the best 20 re-ranked by local features,
+# which gains as much again for one network pass per result (16 to 24 results gained the
+# same on the tuning objects). The flipped view gains nothing beside DBA and alpha-QE.
 DEFAULT = Refinements()
 PLAIN = Refinements(whiten="none", augment="none", dba=0, expand=0, rerank=0)
