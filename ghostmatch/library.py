@@ -24,7 +24,7 @@ from ghostmatch.errors import GhostmatchError, NoIndexError
 from ghostmatch.ingest.indexer import Indexer, IndexReport, Progress
 from ghostmatch.model.binding import CARD_META, WEIGHTS_META, ImageLike, ModelBinding
 from ghostmatch.model.card import ModelCard
-from ghostmatch.retrieval.refine import DEFAULT, Refinements
+from ghostmatch.retrieval.refine import QUICK, Refinements
 from ghostmatch.search import Match, Searcher
 from ghostmatch.store.catalog import (
     CATALOG_FILE,
@@ -327,16 +327,18 @@ class Library:
         min_score: float | None = None,
         under: str | os.PathLike[str] | None = None,
         rotations: bool = False,
-        refine: Refinements | None = DEFAULT,
+        refine: Refinements | None = QUICK,
     ) -> list[Match]:
         """The ``k`` most similar indexed images to ``x`` (a path, PIL image or array).
 
         An indexed file does not match itself. ``under`` keeps only results below a
         folder (searched exactly over that folder's vectors). ``rotations`` searches every
         quarter-turn of ``x`` too, each match scored by its best turn (``Match.turn``).
-        ``refine``: how the plain cosine search is refined; by default as ``ghostmatch
-        query`` and ``serve`` do (``ghostmatch.retrieval.refine.DEFAULT``, the measured
-        defaults); ``PLAIN`` or None: not at all. A search of every quarter-turn is not
+        ``refine``: how the plain cosine search is refined; by default as ``serve`` does,
+        DBA and alpha-QE without re-ranking (``ghostmatch.retrieval.refine.QUICK``, tens of
+        milliseconds); ``DEFAULT``: as ``ghostmatch query`` does, the best 20 also re-ranked
+        by local features (the best ranking measured, hundreds of milliseconds for a new
+        photo); ``PLAIN`` or None: not at all. A search of every quarter-turn is not
         refined.
         """
         return self.searcher.query(

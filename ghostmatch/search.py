@@ -102,7 +102,7 @@ class Searcher:
         search is not refined, as the re-ranking's local features are not turned.
         ``refine`` says how the plain cosine search is refined (``ghostmatch.retrieval``):
         None, a plain cosine search; ``ghostmatch.retrieval.refine.DEFAULT``, what
-        ``ghostmatch query`` does.
+        ``ghostmatch query`` does; ``QUICK``, what the library and ``serve`` do.
         """
         k = check_k(k)
         refine = PLAIN if refine is None else refine

@@ -20,7 +20,7 @@ import ghostmatch
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.retrieval.expansion import alpha_qe, dba
 from ghostmatch.retrieval.pipeline import WHITENING_FILE
-from ghostmatch.retrieval.refine import DEFAULT, PLAIN, Refinements
+from ghostmatch.retrieval.refine import DEFAULT, PLAIN, QUICK, Refinements
 from ghostmatch.retrieval.whitening import Whitening, learn_whitening
 from ghostmatch.store.catalog import NewImage
 
@@ -170,12 +170,19 @@ def test_a_plain_query_is_the_cosine_search(copies: tuple[Path, Path]) -> None:
     assert all(m.inliers is None and "inliers" not in m.to_dict() for m in matches)
 
 
-def test_the_library_queries_with_the_command_s_defaults(copies: tuple[Path, Path]) -> None:
+def test_the_library_refines_without_re_ranking_by_default(copies: tuple[Path, Path]) -> None:
+    # Programs and servers ask many queries: the library's default skips the re-ranking's
+    # network passes, and ranks as the command does when asked to.
     folder, index = copies
+    assert DEFAULT.with_changes(rerank=0) == QUICK and DEFAULT.rerank > 0
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
         by_default = lib.query(folder / "coffee.jpg", 4)
-        assert by_default == lib.query(folder / "coffee.jpg", 4, refine=DEFAULT)
+        assert by_default == lib.query(folder / "coffee.jpg", 4, refine=QUICK)
         assert by_default != lib.query(folder / "coffee.jpg", 4, refine=PLAIN)
+        assert all(m.inliers is None for m in by_default)
+        assert all(
+            m.inliers is not None for m in lib.query(folder / "coffee.jpg", 4, refine=DEFAULT)
+        )
 
 
 RERANK = DEFAULT.with_changes(augment="flip", rerank=24)
@@ -230,11 +237,11 @@ def test_an_indexed_query_re_ranks_with_its_kept_local_maps(
     assert first == again == cold
 
 
-def test_a_default_query_re_ranks_at_one_network_pass_per_result(
+def test_the_command_s_default_query_re_ranks_at_one_network_pass_per_result(
     copies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """By default a query's best results are checked by local features, each at one pass of
-    the network (the query at two: as it is and mirrored), all in one batch."""
+    """By default ``ghostmatch query``'s best results are checked by local features, each at
+    one pass of the network (the query at two: as it is and mirrored), all in one batch."""
     import ghostmatch.retrieval.rerank as rerank
 
     folder, index = copies
@@ -249,7 +256,7 @@ def test_a_default_query_re_ranks_at_one_network_pass_per_result(
     with ghostmatch.open(index, create=False, runtime="torch") as lib:
         indexed = lib.catalog.count()
         with Image.open(folder / "chelsea.jpg") as image:
-            matches = lib.query(image.copy(), 3)
+            matches = lib.query(image.copy(), 3, refine=DEFAULT)
     assert DEFAULT.rerank > indexed  # so every indexed photo is a result to check
     assert batches == [indexed + 2]
     assert matches[0].path.name in ("chelsea.jpg", "chelsea-crop.jpg")
@@ -277,7 +284,7 @@ def test_re_ranking_checks_results_with_blas_on_one_thread(
         ghostmatch.open(index, create=False, runtime="torch") as lib,
         threadpool_limits(2, user_api="blas"),
     ):
-        lib.query(folder / "coffee.jpg", 3)
+        lib.query(folder / "coffee.jpg", 3, refine=DEFAULT)
     assert threads and set(threads) == {1}
 
 

@@ -100,6 +100,7 @@ def without_ids(answer: dict[str, Any], key: str) -> dict[str, Any]:
         {"under": "copies"},
         {"k": 4, "plain": True},
         {"under": "copies", "plain": True},
+        {"k": 4, "rerank": 20},
     ],
 )
 def test_query_by_upload_is_the_cli_answer(
@@ -109,10 +110,12 @@ def test_query_by_upload_is_the_cli_answer(
     photo = tmp_path / "new photo.jpg"
     photo.write_bytes(jpeg("astronaut", (300, 300), quality=80))
     params = dict(options)
-    # The server refines as the command does by default; plain=true is its --plain.
+    # The server refines as the command does, without the re-ranking unless asked
+    # (rerank=N is its --rerank N); plain=true is its --plain.
     args: list[object] = ["query", photo, "--index", indexed.index, "--json"]
     if params.get("plain"):
         args.append("--plain")
+    args += ["--rerank", params.get("rerank", 0)]
     if "k" in params:
         args += ["-k", params["k"]]
     if "min_score" in params:
@@ -140,6 +143,7 @@ def test_query_by_indexed_path_is_the_cli_answer(
     response = client.post("/api/v1/query", params=params, json={"path": str(path)})
     assert response.status_code == 200, response.text
     args = ["query", path, "--index", indexed.index, "-k", 3, "--json"]
+    args += ["--rerank", 0]
     cli = json.loads(run_cli(env, *args, *(["--plain"] if plain else [])).stdout)
     assert without_ids(response.json(), "matches") == cli[0]
     # The file does not match itself; its exact copy comes first.

@@ -84,10 +84,15 @@ class Refinements:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-# What ``ghostmatch query``, ``Library.query`` and ``serve`` do unless told otherwise:
-# DBA and alpha-QE over the shortlist, which gain most of what the descriptor-only
-# refinements gain for a few milliseconds, then the best 20 re-ranked by local features,
-# which gains as much again for one network pass per result (16 to 24 results gained the
-# same on the tuning objects). The flipped view gains nothing beside DBA and alpha-QE.
+# What ``ghostmatch query`` does unless told otherwise: DBA and alpha-QE over the shortlist,
+# which gain most of what the descriptor-only refinements gain for a few milliseconds, then
+# the best 20 re-ranked by local features, which gains as much again for one network pass
+# per result (16 to 24 results gained the same on the tuning objects). The flipped view
+# gains nothing beside DBA and alpha-QE.
 DEFAULT = Refinements()
+# What ``Library.query`` and ``serve`` do unless told otherwise: the same without the
+# re-ranking. Programs and servers answer many queries; the re-ranking's network passes
+# take a new photo from tens of milliseconds to hundreds, and a server's throughput with
+# them. ``refine=DEFAULT`` (``rerank=20`` on the server) ranks as the command does.
+QUICK = DEFAULT.with_changes(rerank=0)
 PLAIN = Refinements(whiten="none", augment="none", dba=0, expand=0, rerank=0)

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ghostmatch import __version__
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.retrieval.refine import DEFAULT, PLAIN
+from ghostmatch.retrieval.refine import PLAIN, QUICK
 from ghostmatch.serve.engine import QueryEngine, RequestRefused, ServeSettings
 
 API = "/api/v1"
@@ -362,8 +362,17 @@ def create_app(settings: ServeSettings, engine: QueryEngine | None = None) -> AS
         plain: Annotated[
             bool, Query(description="A plain cosine search, as `query --plain`")
         ] = False,
+        rerank: Annotated[
+            int,
+            Query(
+                ge=0,
+                le=100,
+                description="Top results re-ranked by local features, as `query --rerank N` "
+                "(default 0 here: each costs a network pass; `query` re-ranks 20)",
+            ),
+        ] = 0,
     ) -> dict[str, Any]:
-        refine = PLAIN if plain else DEFAULT
+        refine = (PLAIN if plain else QUICK).with_changes(rerank=rerank)
         with engine.admitted():
             if _content_type(request) == "application/json":
                 # Checked by hand, not by pydantic: a file name's undecodable bytes arrive as

@@ -35,7 +35,7 @@ from ghostmatch.ingest.images import ImageRejected, load_image, sniff_image
 from ghostmatch.library import GENERATION_META, Library, Match
 from ghostmatch.model.embedder import prepare
 from ghostmatch.retrieval.pipeline import looks_again, query_image, refined
-from ghostmatch.retrieval.refine import DEFAULT, Refinements
+from ghostmatch.retrieval.refine import QUICK, Refinements
 from ghostmatch.serve.batching import MicroBatcher
 from ghostmatch.store.catalog import ImageRecord
 
@@ -298,7 +298,7 @@ class QueryEngine:
         k: int,
         min_score: float | None,
         under: str | None,
-        refine: Refinements = DEFAULT,
+        refine: Refinements = QUICK,
     ) -> dict[str, Any]:
         """``query --json`` for one uploaded image: decoded as ``index`` decodes a file,
         its descriptor computed in a shared batch, refined as ``query`` refines."""
@@ -324,7 +324,7 @@ class QueryEngine:
         k: int,
         min_score: float | None,
         under: str | None,
-        refine: Refinements = DEFAULT,
+        refine: Refinements = QUICK,
     ) -> dict[str, Any]:
         """``query --json`` for an indexed file, named by its exact catalog path."""
         lib = self.library()
