@@ -122,3 +122,22 @@ def test_regional_descriptors_follow_moves_and_removes(crop_folder: Path, tmp_pa
         lib.remove([folder / "chelsea.jpg"])
         assert np.array_equal(lib.catalog.regions()[0], lib.catalog.ids())
         assert len(lib.catalog.ids()) == len(CROPS) + 2
+
+
+def test_crop_cost_benchmark_times_dupes_with_and_without_the_crop_candidates(
+    crop_folder: Path, tmp_path: Path
+) -> None:
+    from benchmarks.crop_cost import measure
+
+    work = tmp_path / "work"
+    with ghostmatch.open(work / "index", weights="bundled") as lib:
+        lib.index([crop_folder])
+    (work / "timings.json").write_text(json.dumps({"index_cpu_s": 1.0}))
+    report = measure(work)
+    assert report.error is None
+    with_crops, without = report.details["with_crops"], report.details["without_crops"]
+    # The two crops are grouped only through the regional descriptors' candidates.
+    assert (with_crops["copies"], without["copies"]) == (len(CROPS), 0)
+    assert with_crops["crop_candidates"] >= len(CROPS) and without["crop_candidates"] == 0
+    assert all(figure.value > 0 for figure in report.figures)
+    assert "benchmarks.othershots" in (measure(tmp_path / "missing").error or "")
