@@ -563,3 +563,32 @@ def test_opening_without_create_leaves_an_empty_database_empty(catalog_url: URL)
     engine = create_engine(catalog_url)
     assert inspect(engine).get_table_names() == []
     engine.dispose()
+
+
+def test_regions_round_trip_and_go_with_their_image(catalog: Catalog) -> None:
+    a, b, c = insert(
+        catalog, new_image("/p/a.jpg", 1), new_image("/p/b.jpg", 2), new_image("/p/c.jpg", 3)
+    )
+    rng = np.random.default_rng(0)
+    parts = {i: rng.standard_normal((5, DIM)).astype(np.float32) for i in (a, b, c)}
+    assert catalog.ids_without_regions().tolist() == [a, b, c]
+    with catalog.transaction() as tx:
+        tx.set_regions(parts.items())
+    ids, stored = catalog.regions()
+    assert ids.tolist() == [a, b, c] and stored.shape == (3, 5, DIM)
+    # Stored as float16: what a ranking of candidates needs, in half the bytes.
+    np.testing.assert_allclose(stored[1], parts[b], rtol=1e-3, atol=1e-3)
+    assert catalog.regions([c, a])[0].tolist() == [c, a]
+    assert catalog.ids_without_regions().size == 0
+
+    # A move keeps the image's row, so its regions; a new vector drops them (new pixels);
+    # a deleted image takes its regions along.
+    with catalog.transaction() as tx:
+        tx.update_image(a, path=Path("/q/a.jpg"))
+        tx.update_image(b, vector=new_image("", seed=9).vector)
+        tx.delete_images([c])
+    assert catalog.regions()[0].tolist() == [a]
+    assert catalog.ids_without_regions().tolist() == [b]
+    with catalog.transaction() as tx:
+        tx.set_regions([(b, parts[a])])
+    np.testing.assert_allclose(catalog.regions([b])[1][0], parts[a], atol=1e-3)

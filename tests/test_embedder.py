@@ -10,7 +10,7 @@ from PIL import Image
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import ModelCard
 from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.embedder import Embedder, fuse_batchnorm, prepare
+from ghostmatch.model.embedder import Embedder, fuse_batchnorm, prepare, to_batch
 
 
 def _arrays(n: int, size: int = 224) -> list[np.ndarray]:
@@ -74,3 +74,25 @@ def test_bad_runtime_and_device_are_user_errors(random_model: Descriptor) -> Non
     if not torch.cuda.is_available():
         with pytest.raises(GhostmatchError, match="no CUDA"):
             Embedder(random_model, device="cuda")
+
+
+@pytest.mark.parametrize("runtime", ["eager", "torch", "onnx"])
+def test_regions_come_from_the_same_pass(random_model: Descriptor, runtime: str) -> None:
+    from ghostmatch.model.regions import REGIONS, RegionalDescriptor
+
+    arrays = _arrays(3)
+    embedder = Embedder(random_model, runtime=runtime)
+    whole, parts = embedder.embed_with_regions(arrays)
+    np.testing.assert_allclose(whole, embedder.embed_arrays(arrays), atol=1e-5)
+    assert parts.shape == (3, REGIONS, 960) and parts.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(parts, axis=2), 1.0, atol=1e-5)
+    with torch.no_grad():
+        _, eager = RegionalDescriptor(random_model.eval())(torch.from_numpy(to_batch(arrays)))
+    assert np.min(np.sum(parts * eager.numpy(), axis=2)) >= 0.9999
+
+
+def test_region_windows_are_the_corners_and_the_centre() -> None:
+    from ghostmatch.model.regions import windows
+
+    assert windows(5, 5) == [(0, 3, 0, 3), (0, 3, 2, 5), (2, 5, 0, 3), (2, 5, 2, 5), (1, 4, 1, 4)]
+    assert windows(1, 1) == [(0, 1, 0, 1)] * 5

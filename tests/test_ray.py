@@ -29,6 +29,7 @@ import ghostmatch
 from ghostmatch.cli.app import _with_option_values
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.ray_embed import RayEmbedding
+from ghostmatch.model.regions import REGIONS
 
 ray = pytest.importorskip("ray")
 
@@ -92,6 +93,13 @@ def vectors_by_path(index: Path) -> dict[Path, np.ndarray]:
     return {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
 
 
+def regions_by_path(index: Path) -> dict[Path, np.ndarray]:
+    with ghostmatch.open(index, create=False) as lib:
+        ids, parts = lib.catalog.regions()
+        paths = {stat[0]: path for path, stat in lib.catalog.all_stat().items()}
+    return {paths[int(i)]: p for i, p in zip(ids, parts, strict=True)}
+
+
 def test_ray_run_equals_the_local_one_and_recognises_a_move(
     cluster: str, photos: Path, tmp_path: Path
 ) -> None:
@@ -122,6 +130,16 @@ def test_ray_run_equals_the_local_one_and_recognises_a_move(
     assert want.keys() == got.keys()
     cosines = [float(want[p] @ got[p]) for p in want]
     assert min(cosines) >= 0.9999
+    # The regional descriptors too, as a local run makes them (the moved file keeps those
+    # of its first run), so that a local run afterwards reads nothing again.
+    want_parts, got_parts = regions_by_path(local), regions_by_path(remote)
+    assert want_parts.keys() == got_parts.keys() == want.keys()
+    for path in want:
+        assert got_parts[path].shape == (REGIONS, want[path].shape[0])
+        np.testing.assert_allclose(got_parts[path], want_parts[path], atol=2e-3)
+    with ghostmatch.open(remote) as lib:
+        again = lib.index([folder])
+    assert (again.unchanged, again.embedded, again.updated) == (7, 0, 0)
 
 
 def test_interrupted_and_killed_ray_indexing_resumes(

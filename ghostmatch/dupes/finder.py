@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps
 from threadpoolctl import threadpool_limits
 
-from ghostmatch.dupes import turns
+from ghostmatch.dupes import regions, turns
 from ghostmatch.dupes.collection import (
     Stored,
     in_memory,
@@ -141,6 +141,10 @@ class DuplicateFinder:
             return []
         offsets = stored_offsets(vectors, self.score_offsets)
         found, crowded = self.candidate_pairs(ids, vectors, offsets, low if verify else t)
+        # Heavily cropped copies, found through regional descriptors (only the geometric
+        # check can accept a pair under the threshold, so only with it).
+        cropped = self.crop_pairs(ids, vectors, offsets, found, low, t) if verify else {}
+        found.update(cropped)
         involved = sorted({i for pair in found for i in pair})
         records = {r.id: r for r in self.catalog.get(involved)}
         ignored = self.catalog.not_duplicates()
@@ -189,7 +193,18 @@ class DuplicateFinder:
 
         def judged(leader: int, others: list[int]) -> dict[int, str | None]:
             if verify:
-                return judge(leader, [(j, _pair(scores, leader, j)) for j in others])
+                plain = [j for j in others if (min(leader, j), max(leader, j)) not in cropped]
+                tiers = judge(leader, [(j, _pair(scores, leader, j)) for j in plain])
+                if len(plain) < len(others):
+                    # A crop shares fewer local features with its source, in proportion to
+                    # what it keeps; the dense agreement still decides same capture.
+                    crops = [j for j in others if j not in tiers]
+                    judge.min_inliers = min(needed, REGION_MIN_INLIERS)
+                    try:
+                        tiers.update(judge(leader, [(j, _pair(scores, leader, j)) for j in crops]))
+                    finally:
+                        judge.min_inliers = needed
+                return tiers
             kept = records[leader]
             return {
                 j: tier_of(kept, records[j], s, t, None, ceiling(leader, j))
@@ -254,6 +269,37 @@ class DuplicateFinder:
             exact_scores = pair_scores(vectors, rows[:, 0], rows[:, 1], offsets)
             found.update(zip(exact, exact_scores.tolist(), strict=True))
         return found, {i for i, n in kept.items() if n > MAX_CANDIDATES}
+
+    def crop_pairs(
+        self,
+        ids: np.ndarray,
+        stored: Stored,
+        offsets: np.ndarray | None,
+        found: dict[tuple[int, int], float],
+        floor: float,
+        strong: float,
+    ) -> dict[tuple[int, int], float]:
+        """Candidate pairs for heavily cropped copies (``ghostmatch.dupes.regions``) that
+        ``found`` lacks, with their scores; none for images without regional descriptors
+        (indexed before they existed) or a collection past the search's limit."""
+        if len(ids) > regions.REGION_SEARCH_LIMIT:
+            return {}  # checked before the regions are read: they are REGIONS x the vectors
+        vectors = in_memory(stored)
+        region_ids, parts = self.catalog.regions()
+        # Only images of this search: the catalog may have changed since it read ``ids``.
+        known = np.isin(region_ids, ids)
+        region_ids, parts = region_ids[known], parts[known]
+        if len(region_ids) == 0:
+            return {}
+        pairs = regions.crop_candidates(
+            ids, vectors, offsets, region_ids, parts, self.score_offsets, found, floor, strong
+        )
+        if not pairs:
+            return {}
+        keys = sorted(pairs)
+        rows = np.searchsorted(ids, np.array(keys, dtype=np.int64))
+        scores = pair_scores(vectors, rows[:, 0], rows[:, 1], offsets)
+        return dict(zip(keys, scores.tolist(), strict=True))
 
     def _stage2_setting(self, key: str, default: float) -> float:
         """A stage-2 setting: calibrated in this index, else measured for the model."""
@@ -610,6 +656,9 @@ def _member(record: ImageRecord, score: float, tier: str, turn: int = 0) -> Dupl
     )
 
 
+# The local features a pair found through regional descriptors needs on one transform (a
+# crop to 60% keeps about a third of its source's area, and as many of its features).
+REGION_MIN_INLIERS = 24
 # A file keeps at most this many candidate partners (best first), besides byte-identical
 # ones; a file with more is crowded (see PairJudge).
 MAX_CANDIDATES = 16

@@ -93,6 +93,7 @@ class _Embedded:
     pixels: np.ndarray | None  # None: a move, the vector comes from the catalog
     source: ImageRecord | None = None  # for a move: the vanished image this file is
     vector: np.ndarray | None = None  # embedded elsewhere (a RemoteEmbedding): no pixels
+    regions: np.ndarray | None = None  # the regional descriptors made there with ``vector``
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,9 @@ class RemoteEmbedding(Protocol):
         changed: Collection[Path],
     ) -> Generator[_Embedded | _Failed, None, None]:
         """One :func:`read_entry` result per file of ``todo``, in order, each image with
-        its ``vector`` from ``embedder``'s model, runtime and device. ``movable``: content
-        hashes of vanished images (a file with one is a move, unless it is in ``changed``)."""
+        its ``vector`` and ``regions`` (``Embedder.embed_with_regions``) from ``embedder``'s
+        model, runtime and device. ``movable``: content hashes of vanished images (a file
+        with one is a move, unless it is in ``changed``)."""
         ...
 
 
@@ -166,10 +168,17 @@ class Indexer:
         seen = {e.path for e in entries}
         todo: list[FileEntry] = []
         changed_ids: dict[Path, int] = {}
+        # Images indexed before regional descriptors existed get them now, read again like
+        # changed files (locally or on Ray workers: both make them).
+        lacking = set(self.catalog.ids_without_regions().tolist())
         for entry in entries:
             stat = known.get(entry.path)
             if stat is not None and stat[1:] == (entry.size, entry.mtime_ns):
-                report.unchanged += 1
+                if stat[0] not in lacking:
+                    report.unchanged += 1
+                    continue
+                changed_ids[entry.path] = stat[0]
+                todo.append(entry)
             elif stat is None and _fails_again(bad.get(entry.path), entry, max_megapixels):
                 report.known_bad += 1
             else:
@@ -265,10 +274,14 @@ class Indexer:
         pending: list[_Embedded | _Failed] = []
         waiting: list[_Embedded] = []  # decoded, not yet through the model
         vectors: dict[int, np.ndarray] = {}
+        regions: dict[int, np.ndarray] = {}  # regional descriptors, made in the same pass
 
         def run_model() -> None:
-            out = embedder.embed_arrays([r.pixels for r in waiting if r.pixels is not None])
+            out, parts = embedder.embed_with_regions(
+                [r.pixels for r in waiting if r.pixels is not None]
+            )
             vectors.update((id(r), v) for r, v in zip(waiting, out, strict=True))
+            regions.update((id(r), v) for r, v in zip(waiting, parts, strict=True))
             report.embedded += len(waiting)
             waiting.clear()
 
@@ -281,6 +294,8 @@ class Indexer:
                     result = item
                     if isinstance(result, _Embedded) and result.vector is not None:
                         vectors[id(result)] = result.vector
+                        if result.regions is not None:
+                            regions[id(result)] = result.regions
                         report.embedded += 1
                     elif isinstance(result, _Embedded) and result.pixels is None:
                         origins = movable[result.digest]
@@ -300,9 +315,11 @@ class Indexer:
                     ):
                         run_model()
                         # Handed over before the commit: interrupted, it is never redone.
-                        batch, batch_vectors = pending, vectors
-                        pending, vectors = [], {}
-                        self._commit(batch, batch_vectors, changed_ids, moved_from, report)
+                        batch, batch_vectors, batch_regions = pending, vectors, regions
+                        pending, vectors, regions = [], {}, {}
+                        self._commit(
+                            batch, batch_vectors, changed_ids, moved_from, report, batch_regions
+                        )
                         last_commit = time.monotonic()
                     if progress:
                         progress("indexed", done, len(todo))
@@ -316,9 +333,9 @@ class Indexer:
                 for r in pending
                 if not (isinstance(r, _Embedded) and r.pixels is not None and id(r) not in vectors)
             ]
-            self._commit(finished, vectors, changed_ids, moved_from, report)
+            self._commit(finished, vectors, changed_ids, moved_from, report, regions)
             raise
-        self._commit(pending, vectors, changed_ids, moved_from, report)
+        self._commit(pending, vectors, changed_ids, moved_from, report, regions)
 
     def _commit(
         self,
@@ -327,12 +344,17 @@ class Indexer:
         changed_ids: dict[Path, int],
         moved_from: set[Path],
         report: IndexReport,
+        regions: dict[int, np.ndarray] | None = None,
     ) -> None:
-        """Write one catalog transaction for ``results``; the FAISS index catches up later
+        """Write one catalog transaction for ``results`` (with their regional descriptors
+        where ``regions`` has them); the FAISS index catches up later
         (:meth:`VectorStore.apply`), from the changes noted here."""
+        regions = regions or {}
         if not results:
             return
         new_rows: list[NewImage] = []
+        new_regions: list[np.ndarray | None] = []
+        updated_regions: list[tuple[int, np.ndarray]] = []
         failures: list[NewFailure] = []
         ok_paths: list[Path] = []
         with self.vectors.change() as change:
@@ -368,6 +390,8 @@ class Indexer:
                         format=r.format,
                         vector=vector,
                     )
+                    if id(r) in regions:
+                        updated_regions.append((image_id, regions[id(r)]))
                     change.removed.append(image_id)
                     change.added.append(image_id)
                     report.updated += 1
@@ -384,7 +408,15 @@ class Indexer:
                             vector,
                         )
                     )
-            change.added.extend(tx.insert_images(new_rows))
+                    new_regions.append(regions.get(id(r)))
+            added = tx.insert_images(new_rows)
+            change.added.extend(added)
+            tx.set_regions(
+                [
+                    *updated_regions,
+                    *((i, p) for i, p in zip(added, new_regions, strict=True) if p is not None),
+                ]
+            )
             report.added += len(new_rows)
             tx.record_failures(failures)
             tx.clear_failures(ok_paths)

@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.indexer import _Embedded, _Failed, read_entry
 from ghostmatch.ingest.scan import FileEntry
@@ -59,17 +61,24 @@ class EmbedWorker:
 
     def embed(self, entries: Sequence[FileEntry], changed: Sequence[bool]) -> list[Any]:
         """Each file's result, in order: a failure, a move (no vector: the catalog has it) or
-        an image with its vector. A changed file is never taken for a move."""
+        an image with its vector and regional descriptors. A changed file is never taken for
+        a move."""
         card = self.embedder.card
         results = [
             read_entry(entry, card, self.max_megapixels, () if was_indexed else self.movable)
             for entry, was_indexed in zip(entries, changed, strict=True)
         ]
         images = [r for r in results if isinstance(r, _Embedded) and r.pixels is not None]
-        vectors = self.embedder.embed_arrays([r.pixels for r in images if r.pixels is not None])
-        # The pixels stay here: only the vectors travel back to the driver.
+        # The regional descriptors too, from the same pass, as a local run stores them: an
+        # image without them would be read again by the next run.
+        vectors, regions = self.embedder.embed_with_regions(
+            [r.pixels for r in images if r.pixels is not None]
+        )
+        # The pixels stay here: only the vectors travel back to the driver, the regional
+        # ones in float16, as the catalog stores them.
         done = {
-            id(r): replace(r, pixels=None, vector=v) for r, v in zip(images, vectors, strict=True)
+            id(r): replace(r, pixels=None, vector=v, regions=p.astype(np.float16))
+            for r, v, p in zip(images, vectors, regions, strict=True)
         }
         return [done.get(id(r), r) for r in results]
 
@@ -99,7 +108,8 @@ class RayEmbedding:
         movable: Collection[str],
         changed: Collection[Path],
     ) -> Generator[_Embedded | _Failed, None, None]:
-        """One result per file of ``todo``, in order; images come with their vector."""
+        """One result per file of ``todo``, in order; images come with their vector and
+        regional descriptors."""
         ray = _import_ray()
         started = self._connect(ray)
         pool: list[Any] = []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import ModelCard
 from ghostmatch.model.descriptor import Descriptor
 from ghostmatch.model.ghostnet import ConvBnAct, GhostBottleneck, GhostNet
+from ghostmatch.model.regions import REGION_VERSION, RegionalDescriptor
 
 RUNTIMES = ("auto", "torch", "onnx", "eager")
 DEVICES = ("auto", "cpu", "cuda")
@@ -130,6 +133,8 @@ class Embedder:
         self.runtime = runtime
         self.threads = threads or os.cpu_count() or 1
         self._session = None
+        # Made on first use: only indexing needs regions.
+        self._regional_session: Any = None
         self._model: nn.Module
         if runtime == "eager":
             self._model = model.to(self.device).eval()
@@ -139,14 +144,19 @@ class Embedder:
         if runtime == "onnx":
             self._session = self._onnx_session(self._model)
 
-    def _onnx_session(self, model: nn.Module):  # type: ignore[no-untyped-def]
+    def _onnx_session(self, model: nn.Module, regional: bool = False):  # type: ignore[no-untyped-def]
         import onnxruntime as ort
 
         from ghostmatch.model.weights import cache_dir
 
-        path = cache_dir() / "onnx" / f"{self.card.fingerprint}.onnx"
+        name = self.card.fingerprint + (f"-regions{REGION_VERSION}" if regional else "")
+        path = cache_dir() / "onnx" / f"{name}.onnx"
         if not path.exists():
-            export_onnx(model, self.card, path)
+            if regional:
+                regional_model = RegionalDescriptor(model)  # type: ignore[arg-type]
+                export_onnx(regional_model, self.card, path, ["descriptors", "regions"])
+            else:
+                export_onnx(model, self.card, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -182,24 +192,65 @@ class Embedder:
             y = torch.nn.functional.normalize(y.float(), dim=1)
         return np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)
 
+    def embed_with_regions(self, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Descriptors (n, dim) and regional descriptors (n, REGIONS, dim), float32, from one
+        pass of the model (``ghostmatch.model.regions``), for uint8 HWC arrays."""
+        from ghostmatch.model.regions import REGIONS
 
-def export_onnx(model: nn.Module, card: ModelCard, path: Path) -> Path:
-    """Export the whole descriptor (normalise ... L2) with a dynamic batch axis, atomically."""
+        if not arrays:
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            return empty, np.zeros((0, REGIONS, self.dim), dtype=np.float32)
+        batch = to_batch(arrays)
+        if self.runtime == "onnx":
+            if self._regional_session is None:
+                self._regional_session = self._onnx_session(self._model, regional=True)
+            whole, parts = self._regional_session.run(None, {"images": batch})
+        else:
+            model = RegionalDescriptor(self._model)  # type: ignore[arg-type]
+            with torch.inference_mode():
+                x = torch.from_numpy(batch).to(self.device)
+                if self.runtime != "eager":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if self.device == "cuda":
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        w, r = model(x)
+                else:
+                    w, r = model(x)
+                # Normalised again in fp32, as embed_arrays does (fp16 under autocast).
+                whole = torch.nn.functional.normalize(w.float(), dim=1).cpu().numpy()
+                parts = torch.nn.functional.normalize(r.float(), dim=2).cpu().numpy()
+        return (
+            np.ascontiguousarray(whole, dtype=np.float32),
+            np.ascontiguousarray(parts, dtype=np.float32),
+        )
+
+
+def export_onnx(
+    model: nn.Module,
+    card: ModelCard,
+    path: Path,
+    outputs: Sequence[str] = ("descriptors",),
+) -> Path:
+    """Export the whole descriptor (normalise ... L2) with a dynamic batch axis, atomically;
+    ``outputs`` names the model's outputs (the regional model has two)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
     example = torch.zeros(2, 3, card.input_size, card.input_size)
     cpu_model = copy.deepcopy(model).cpu().float()
     for param in cpu_model.parameters():
         param.data = param.data.contiguous()
-    torch.onnx.export(
-        cpu_model,
-        (example,),
-        str(tmp),
-        input_names=["images"],
-        output_names=["descriptors"],
-        dynamic_axes={"images": {0: "batch"}, "descriptors": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # The regional model reads its map's size as plain ints: constants, as meant.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            cpu_model,
+            (example,),
+            str(tmp),
+            input_names=["images"],
+            output_names=list(outputs),
+            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+            opset_version=17,
+            dynamo=False,
+        )
     os.replace(tmp, path)
     return path

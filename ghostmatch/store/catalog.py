@@ -31,6 +31,7 @@ from sqlalchemy import (
     Dialect,
     Engine,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -191,6 +192,23 @@ _LABELS = Table(
     Index("ix_labels_label", "label"),
 )
 
+# The regional descriptors of an image (``ghostmatch.model.regions``), float16, one after
+# the other; an image indexed before they existed has no row. They go with the image row.
+_REGIONS = Table(
+    "regions",
+    _METADATA,
+    Column(
+        "image_id",
+        _Id,
+        ForeignKey("images.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("vectors", LargeBinary, nullable=False),
+)
+# Half the bytes of float32, and the search over regions only needs to rank candidates.
+_REGION_DTYPE = np.dtype("<f2")
+
 # ---------------------------------------------------------------------------- migrations
 
 
@@ -264,6 +282,25 @@ def _create_labels_v3(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _create_regions_v4(conn: Connection) -> None:
+    """Create the version 4 regions table from a frozen copy."""
+    metadata = MetaData()
+    Table("images", metadata, Column("id", _Id, primary_key=True))
+    Table(
+        "regions",
+        metadata,
+        Column(
+            "image_id",
+            _Id,
+            ForeignKey("images.id", ondelete="CASCADE"),
+            primary_key=True,
+            autoincrement=False,
+        ),
+        Column("vectors", LargeBinary, nullable=False),
+    )
+    metadata.tables["regions"].create(conn, checkfirst=True)
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
@@ -278,11 +315,18 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "labels of photos by content hash, for recognition by the nearest labelled photos",
         _create_labels_v3,
     ),
+    (
+        4,
+        "regional descriptors of each image, so that heavily cropped copies are found",
+        _create_regions_v4,
+    ),
 ]
 # The first version whose failures table has the columns of version 2.
 _FAILURE_RETRY_VERSION = 2
 # The first version with the labels table.
 _LABELS_VERSION = 3
+# The first version with the regions table.
+_REGIONS_VERSION = 4
 
 
 # ---------------------------------------------------------------------------- records
@@ -394,6 +438,24 @@ def _vector_bytes(vector: NDArray[np.float32]) -> bytes:
     if array.ndim != 1:
         raise ValueError(f"a vector must be one-dimensional, got shape {array.shape}")
     return array.tobytes()
+
+
+def _region_bytes(regions: NDArray[np.float32]) -> bytes:
+    array = np.asarray(regions, dtype=_REGION_DTYPE)
+    if array.ndim != 2:
+        raise ValueError(f"regions must be (regions, d), got shape {array.shape}")
+    return array.tobytes()
+
+
+def _stack_regions(blobs: Sequence[bytes], dim: int) -> NDArray[np.float32]:
+    """(n, regions, dim) float32 from n stored rows of regional descriptors."""
+    if not blobs or dim == 0:
+        return np.empty((0, 0, 0), dtype=np.float32)
+    lengths = {len(blob) for blob in blobs}
+    if len(lengths) > 1 or next(iter(lengths)) % (dim * _REGION_DTYPE.itemsize):
+        raise GhostmatchError("the catalog mixes regional descriptor sizes; rebuild the index")
+    flat = np.frombuffer(bytearray().join(blobs), dtype=_REGION_DTYPE)
+    return flat.reshape(len(blobs), -1, dim).astype(np.float32)
 
 
 def _stack(blobs: Sequence[bytes]) -> NDArray[np.float32]:
@@ -936,6 +998,44 @@ class Catalog:
                 order = [image_id for image_id in ids if image_id in found]
         return np.array(order, dtype=np.int64), _stack([found[image_id] for image_id in order])
 
+    def regions(
+        self, ids: Sequence[int] | None = None
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """(ids, (n, regions, d) float32): the regional descriptors of every image that has
+        them, by id, or of those of ``ids`` that have them, in order. An image indexed
+        before they were made has none; an empty result has shape (0, 0, 0)."""
+        if self._version < _REGIONS_VERSION:  # an older catalog read as it is has none
+            return np.empty(0, dtype=np.int64), np.empty((0, 0, 0), dtype=np.float32)
+        query = select(_REGIONS.c.image_id, _REGIONS.c.vectors)
+        found: dict[int, bytes] = {}
+        with self._read() as conn:
+            if ids is None:
+                found.update(conn.execute(query.order_by(_REGIONS.c.image_id)).all())
+                order = list(found)
+            else:
+                for chunk in _chunks(list(dict.fromkeys(ids))):
+                    found.update(conn.execute(query.where(_REGIONS.c.image_id.in_(chunk))).all())
+                order = [image_id for image_id in ids if image_id in found]
+        return np.array(order, dtype=np.int64), _stack_regions(
+            [found[image_id] for image_id in order], self._dim_of_vectors()
+        )
+
+    def ids_without_regions(self) -> NDArray[np.int64]:
+        """Ids of the images that have no regional descriptors, ascending (none for an
+        older catalog read as it is, which cannot take them)."""
+        if self._version < _REGIONS_VERSION:
+            return np.empty(0, dtype=np.int64)
+        have = select(_REGIONS.c.image_id).where(_REGIONS.c.image_id == _IMAGES.c.id).exists()
+        with self._read() as conn:
+            ids = conn.scalars(select(_IMAGES.c.id).where(~have)).all()
+        return np.sort(np.array(ids, dtype=np.int64))
+
+    def _dim_of_vectors(self) -> int:
+        """The dimension of the stored vectors (0 when there are none)."""
+        with self._read() as conn:
+            blob = conn.scalar(select(_IMAGES.c.vector).limit(1))
+        return 0 if blob is None else len(blob) // _VECTOR_DTYPE.itemsize
+
     def failures(self) -> list[FailureRecord]:
         """Every recorded failure, by path."""
         columns: list[Any] = [
@@ -1087,6 +1187,7 @@ class CatalogTransaction:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._regions: bool | None = None
 
     def insert_images(self, rows: Sequence[NewImage]) -> list[int]:
         """Add images and return their ids in order. A path already cataloged (another
@@ -1134,7 +1235,8 @@ class CatalogTransaction:
     ) -> None:
         """Change the given fields of one image (None leaves a field as it is).
 
-        A new vector also sets ``indexed_at`` to now. Raises KeyError for an unknown id.
+        A new vector also sets ``indexed_at`` to now and drops the image's regional
+        descriptors (``set_regions`` stores new ones). Raises KeyError for an unknown id.
         """
         values: dict[str, Any] = {
             "size": size,
@@ -1155,10 +1257,34 @@ class CatalogTransaction:
         result = self._conn.execute(update(_IMAGES).where(_IMAGES.c.id == image_id).values(values))
         if result.rowcount == 0:
             raise KeyError(image_id)
+        if vector is not None and self._has_regions():
+            # The old regions describe the old pixels; new ones come with set_regions.
+            self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id == image_id))
 
     def delete_images(self, ids: Iterable[int]) -> None:
         for chunk in _chunks(list(ids)):
+            # Explicitly too: a PostgreSQL catalog cascades, but nothing says an SQLite
+            # connection made elsewhere turned its foreign keys on.
+            if self._has_regions():
+                self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id.in_(chunk)))
             self._conn.execute(delete(_IMAGES).where(_IMAGES.c.id.in_(chunk)))
+
+    def set_regions(self, rows: Iterable[tuple[int, NDArray[np.float32]]]) -> None:
+        """Store the (regions, d) regional descriptors of images, replacing ones they had."""
+        params = [{"image_id": int(i), "vectors": _region_bytes(r)} for i, r in rows]
+        if not params or not self._has_regions():
+            return
+        for chunk in _chunks(params):
+            ids = [p["image_id"] for p in chunk]
+            self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id.in_(ids)))
+            self._conn.execute(insert(_REGIONS), list(chunk))
+
+    def _has_regions(self) -> bool:
+        """Whether the catalog has the regions table (one older than version 4 opened by a
+        process that could not migrate it has not)."""
+        if self._regions is None:
+            self._regions = inspect(self._conn).has_table(_REGIONS.name)
+        return self._regions
 
     def record_failures(self, rows: Sequence[NewFailure]) -> None:
         """Record files that could not be indexed, replacing earlier failures of the paths."""
