@@ -110,3 +110,70 @@ def test_pairs_are_decided_on_one_thread_and_the_count_is_restored(tmp_path: Pat
     assert [(g.keep.path.name, [(m.path.name, m.tier) for m in g.members]) for g in groups] == [
         ("scene.jpg", [("scene_q50.jpg", "near")])
     ]
+
+
+def four_neighbours(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear samples of a (c, h, w) stack at unit coordinates, clamped at the border,
+    from each point's four neighbouring pixels: the formula itself."""
+    _, h, w = stack.shape
+    x, y = units[:, 0] * w - 0.5, units[:, 1] * h - 0.5
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    x, y = np.clip(x, 0, w - 1), np.clip(y, 0, h - 1)
+    x0, y0 = np.minimum(x.astype(np.intp), w - 2), np.minimum(y.astype(np.intp), h - 2)
+    fx, fy = x - x0, y - y0
+    return (
+        stack[:, y0, x0] * ((1 - fx) * (1 - fy))
+        + stack[:, y0, x0 + 1] * (fx * (1 - fy))
+        + stack[:, y0 + 1, x0] * ((1 - fx) * fy)
+        + stack[:, y0 + 1, x0 + 1] * (fx * fy)
+    ), inside
+
+
+def test_bilinear_samples_equal_the_four_neighbour_formula() -> None:
+    rng = np.random.default_rng(11)
+    for case in range(40):
+        c, h, w = 1 + case % 3, int(rng.integers(8, 60)), int(rng.integers(8, 60))
+        stack = rng.random((c, h, w))
+        # Maps near the identity and wild ones, with points well outside the image.
+        warp = np.eye(2, 3) + rng.normal(0, 0.05 if case % 2 else 0.5, (2, 3))
+        units = samecapture._unit_grid(h, w) @ warp.T
+        got, inside = samecapture._sample(stack, units)
+        want, want_inside = four_neighbours(stack, units)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        assert np.array_equal(inside, want_inside)
+
+
+def test_a_pair_that_hardly_agrees_is_settled_before_the_finest_level() -> None:
+    # Two unrelated photos framed alike: the alignment stays a map an edit could make, but
+    # few patches agree at the next-to-finest level, so the finest one is never computed.
+    kept = prepare_capture(scene())
+    other = Image.fromarray(data.hubble_deep_field()).convert("RGB").resize((320, 240))
+    found = agreement(kept, prepare_capture(other), np.eye(2, 3))
+    assert found.level == len(LEVELS) - 2
+    assert found.score < samecapture.SETTLED_SHARE and not found.same_capture
+
+
+def test_zoomed_maps_are_made_only_for_pairs_the_equal_scale_check_leaves_open(
+    tmp_path: Path,
+) -> None:
+    from ghostmatch.dupes.finder import PairJudge
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene().save(folder / "scene.jpg", quality=95)
+    ImageOps.mirror(scene()).save(folder / "mirrored.jpg", quality=95)
+    Image.fromarray(data.coffee()).convert("RGB").resize((320, 240)).save(folder / "coffee.jpg")
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+        ids = {r.path.name: i for i, r in records.items()}
+        # A score under any threshold: each pair goes to the geometric check.
+        judge = PairJudge(lib.finder.model, records, 2.0, 36)
+        # The mirror image matches at equal scale (on the mirrored map): nothing zoomed.
+        assert judge(ids["scene.jpg"], [(ids["mirrored.jpg"], 0.0)]) == {
+            ids["mirrored.jpg"]: "edited"
+        }
+        assert judge.maps.made == {"base": 2}
+        # An unrelated photo leaves the equal-scale check open: both images zoomed, once.
+        assert judge(ids["scene.jpg"], [(ids["coffee.jpg"], 0.0)]) == {ids["coffee.jpg"]: None}
+        assert judge.maps.made == {"base": 3, "zoomed": 2}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -219,10 +220,25 @@ class ScaledMaps:
     zoomed: np.ndarray
 
 
-def verify_scales(a: ScaledMaps, b: ScaledMaps, enough: int | None = None) -> Verification:
+class Maps(Protocol):
+    """What :func:`verify_scales` reads of an image's maps: ``ScaledMaps``, or a view that
+    makes the zoomed map only when it is first read (``ghostmatch.dupes.finder``)."""
+
+    @property
+    def base(self) -> np.ndarray: ...
+
+    @property
+    def mirrored(self) -> np.ndarray: ...
+
+    @property
+    def zoomed(self) -> np.ndarray: ...
+
+
+def verify_scales(a: Maps, b: Maps, enough: int | None = None) -> Verification:
     """Check a pair at equal scales and, unless that already finds ``enough`` inliers, with
     A zoomed (B a crop of A) and with B zoomed (A a crop of B); the best fit wins. The
-    affine always maps B's unit square to A's."""
+    affine always maps B's unit square to A's. The zoomed maps are read only when the
+    equal-scale check falls short, so a caller can leave them unmade until then."""
     best = verify_pair(a.base, b.base, b.mirrored)
     if enough is not None and best.inliers >= enough:
         return best
