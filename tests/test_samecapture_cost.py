@@ -177,3 +177,25 @@ def test_zoomed_maps_are_made_only_for_pairs_the_equal_scale_check_leaves_open(
         # An unrelated photo leaves the equal-scale check open: both images zoomed, once.
         assert judge(ids["scene.jpg"], [(ids["coffee.jpg"], 0.0)]) == {ids["coffee.jpg"]: None}
         assert judge.maps.made == {"base": 3, "zoomed": 2}
+
+
+def test_local_maps_from_onnx_runtime_equal_torch_s(tmp_path: Path) -> None:
+    from ghostmatch.dupes import verify
+    from ghostmatch.model.embedder import prepare, to_batch
+
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        model = lib.finder.embedder.local_model
+    if verify._local_session(model) is None:
+        return  # no onnxruntime here: the maps come from torch only
+    card = model.card
+    images = [scene(), ImageOps.mirror(scene()), synthetic.make_image("noise", 1, seed=5)]
+    for size in (card.input_size, card.input_size * 3 // 2):
+        batch = to_batch([prepare(i, card.with_changes(input_size=size)) for i in images])
+        fast = verify.local_features(model, batch)
+        with torch.inference_mode():
+            x = torch.from_numpy(batch)
+            if model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
+            plain = verify._LocalMaps(model)(x).numpy()
+        assert fast.shape == plain.shape == (3, size // 16, size // 16, fast.shape[-1])
+        np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-4)

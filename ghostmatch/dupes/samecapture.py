@@ -150,6 +150,20 @@ def _unit_grid(h: int, w: int) -> np.ndarray:
     return grid
 
 
+@functools.lru_cache(maxsize=32)
+def _moments(h: int, w: int) -> np.ndarray:
+    """Products of the pixel centres' unit coordinates, (h * w, 6) as (xx, xy, x, yy, y, 1):
+    what the Gauss-Newton normal equations of an affine map weigh, fixed per level."""
+    x, y, one = _unit_grid(h, w).T
+    moments = np.stack([x * x, x * y, x, y * y, y, one], axis=1)
+    moments.flags.writeable = False
+    return moments
+
+
+# Where each entry of the symmetric 3 x 3 (x, y, 1) outer product sits in ``_moments``.
+_OUTER = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
+
+
 def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear samples (c, n) of a (c, h, w) stack at unit coordinates (n, 2), clamped at
     the border, and which points fall inside it."""
@@ -227,6 +241,7 @@ def align(
     for level in range(len(LEVELS)) if levels is None else levels:
         t_img, stack = kept.levels[level][0], other.levels[level]
         design = _unit_grid(*t_img.shape)
+        moments = _moments(*t_img.shape)
         t = t_img.ravel()
         for _ in range(LEVELS[level][2]):
             sampled, inside = _sample(stack, design @ p.T)
@@ -235,10 +250,15 @@ def align(
             # One reweighting per step: the steps themselves iterate the robust fit.
             gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
             ix, iy = sampled[1] * gain, sampled[2] * gain
-            jac = np.concatenate([ix[:, None] * design, iy[:, None] * design], axis=1)
-            jw = jac * weight[:, None]
-            hessian = jw.T @ jac + 1e-6 * np.eye(6)
-            step = np.linalg.solve(hessian, jw.T @ r)
+            # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1), so the
+            # normal equations are weighted sums of ix^2, ix iy, iy^2 times d's outer
+            # product, and of ix r, iy r times d: two small products with fixed
+            # per-level matrices instead of an n x 6 Jacobian.
+            wx, wy = weight * ix, weight * iy
+            blocks = (np.stack([wx * ix, wx * iy, wy * iy]) @ moments)[:, _OUTER]
+            hessian = np.block([[blocks[0], blocks[1]], [blocks[1], blocks[2]]])
+            gradient = (np.stack([wx * r, wy * r]) @ design).ravel()
+            step = np.linalg.solve(hessian + 1e-6 * np.eye(6), gradient)
             p += step.reshape(2, 3)
             if np.abs(step).max() < STEP_DONE:
                 break
