@@ -143,16 +143,6 @@ def test_bilinear_samples_equal_the_four_neighbour_formula() -> None:
         assert np.array_equal(inside, want_inside)
 
 
-def test_a_pair_that_hardly_agrees_is_settled_before_the_finest_level() -> None:
-    # Two unrelated photos framed alike: the alignment stays a map an edit could make, but
-    # few patches agree at the next-to-finest level, so the finest one is never computed.
-    kept = prepare_capture(scene())
-    other = Image.fromarray(data.hubble_deep_field()).convert("RGB").resize((320, 240))
-    found = agreement(kept, prepare_capture(other), np.eye(2, 3))
-    assert found.level == len(LEVELS) - 2
-    assert found.score < samecapture.SETTLED_SHARE and not found.same_capture
-
-
 def test_zoomed_maps_are_made_only_for_pairs_the_equal_scale_check_leaves_open(
     tmp_path: Path,
 ) -> None:

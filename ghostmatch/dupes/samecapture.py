@@ -51,10 +51,6 @@ THUMB_SIDE = 16
 MIN_OVERLAP = 0.2
 MAX_ANISOTROPY = 1.5
 MAX_SCALE = 4.0
-# A pair whose grey patches agree on less than this share at the next-to-finest level is
-# settled there: copies measured at least 0.56 there (the quick set of
-# ``python -m benchmarks.othershots``), and the finest level is most of a pair's cost.
-SETTLED_SHARE = 0.4
 
 
 def _editable(warp: np.ndarray) -> bool:
@@ -347,8 +343,7 @@ def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
     A pair is settled at a coarse level (its score is the share of patches that agree in
     grey there) when the alignment has already slid into a map that no edit makes or onto
     too small an overlap, as between two smooth noise images: no copy was measured that
-    way; and at the next-to-finest level when under ``SETTLED_SHARE`` of its patches agree
-    there. Agreement itself is only judged at the finest level, in grey and in colour: a
+    way. Agreement itself is only judged at the finest level, in grey and in colour: a
     recoloured copy can agree on few patches in grey."""
     refined = warp
     for level in range(len(LEVELS)):
@@ -360,10 +355,6 @@ def agreement(kept: Capture, other: Capture, warp: np.ndarray) -> Agreement:
                 return Agreement(0.0, overlap, refined, level)
             if overlap < MIN_OVERLAP or not _editable(refined):
                 return Agreement(_share(kept, r, inside, level), overlap, refined, level)
-            if level == len(LEVELS) - 2:
-                share = _share(kept, r, inside, level)
-                if share < SETTLED_SHARE:
-                    return Agreement(share, overlap, refined, level)
     r, inside = residuals(kept, other, refined)
     return _measured(kept, other, refined, r, inside)
 

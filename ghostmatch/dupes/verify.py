@@ -145,7 +145,11 @@ def _local_session(model: Descriptor) -> Any:
 
         path = cache_dir() / "onnx" / f"{model.card.fingerprint}-local{STRIDE16_STAGE}.onnx"
         if not path.exists():
-            _export_local(model, path)
+            try:
+                _export_local(model, path)
+            except OSError:  # a read-only cache: torch makes the same maps, only slower
+                _SESSIONS[key] = None
+                return None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
