@@ -143,6 +143,24 @@ def test_bilinear_samples_equal_the_four_neighbour_formula() -> None:
         assert np.array_equal(inside, want_inside)
 
 
+def test_a_first_try_that_hardly_agrees_is_settled_before_the_finest_level() -> None:
+    # Two unrelated photos framed alike: the alignment stays a map an edit could make, but
+    # few patches agree at the next-to-finest level. A first try (the geometric check
+    # follows) stops there; a pair without a second chance is measured at the finest.
+    kept = prepare_capture(scene())
+    other = Image.fromarray(data.hubble_deep_field()).convert("RGB").resize((320, 240))
+    first = agreement(kept, prepare_capture(other), np.eye(2, 3), second_chance=True)
+    assert first.level == len(LEVELS) - 2 and first.score < samecapture.FIRST_TRY_SHARE
+    assert not first.same_capture
+    only = agreement(kept, prepare_capture(other), np.eye(2, 3))
+    assert only.level == len(LEVELS) - 1 and not only.same_capture
+    # A copy is not stopped on its first try.
+    copy = agreement(
+        kept, prepare_capture(scene().resize((200, 150))), np.eye(2, 3), second_chance=True
+    )
+    assert copy.level == len(LEVELS) - 1 and copy.same_capture
+
+
 def test_zoomed_maps_are_made_only_for_pairs_the_equal_scale_check_leaves_open(
     tmp_path: Path,
 ) -> None:

@@ -521,8 +521,14 @@ class PairJudge:
             unmoved.append((j, crowded, b))
         a = self.capture(leader) if unmoved else None
         # One pair at a time: numpy's own threads already share out the larger steps, and
-        # more threads on top of them only contend for the cores.
-        checks = [agreement(a, b, np.eye(2, 3)) for _, _, b in unmoved] if a is not None else []
+        # more threads on top of them only contend for the cores. A pair that fails
+        # unmoved goes on to the geometric check and is aligned again from its map, unless
+        # it is crowded.
+        checks = (
+            [agreement(a, b, np.eye(2, 3), second_chance=not c) for _, c, b in unmoved]
+            if a is not None
+            else []
+        )
         scores = dict(others)
         for (j, crowded, _), check in zip(unmoved, checks, strict=True):
             if check.same_capture:
