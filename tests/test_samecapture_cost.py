@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageOps
 from skimage import data
@@ -244,3 +245,26 @@ def test_alignment_equals_the_textbook_gauss_newton() -> None:
         captured = prepare_capture(other)
         fast = samecapture.align(kept, captured, start)
         np.testing.assert_allclose(fast, jacobian_align(kept, captured, start), atol=1e-8)
+
+
+def test_local_maps_come_from_torch_where_the_export_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import verify
+    from ghostmatch.model.embedder import prepare, to_batch
+
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        model = lib.finder.embedder.local_model
+    # A cache "directory" that is a file: no export can be written beneath it.
+    blocked = tmp_path / "cache-is-a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("GHOSTMATCH_CACHE", str(blocked))
+    monkeypatch.setattr(verify, "_SESSIONS", {})
+    batch = to_batch([prepare(scene(), model.card)])
+    maps = verify.local_features(model, batch)
+    assert verify._local_session(model) is None
+    with torch.inference_mode():
+        x = torch.from_numpy(batch)
+        if model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        np.testing.assert_allclose(maps, verify._LocalMaps(model)(x).numpy(), atol=1e-6)

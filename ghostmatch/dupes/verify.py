@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -129,6 +130,8 @@ class _LocalMaps(torch.nn.Module):
 # ONNX Runtime sessions of the local maps, by (model card, torch's thread count): the
 # maps of a duplicate search are made on one thread (``ghostmatch.dupes.finder.one_thread``).
 _SESSIONS: dict[tuple[str, int], Any] = {}
+# One export at a time in this process: threads of a server share the temporary file name.
+_SESSIONS_LOCK = threading.Lock()
 
 
 def _local_session(model: Descriptor) -> Any:
@@ -138,26 +141,34 @@ def _local_session(model: Descriptor) -> Any:
     of torch's (the same maps to 1e-6)."""
     threads = torch.get_num_threads()
     key = (model.card.fingerprint, threads)
-    if key not in _SESSIONS:
-        if not onnx_available():
-            return None
+    if key in _SESSIONS:
+        return _SESSIONS[key]
+    with _SESSIONS_LOCK:
+        return _SESSIONS[key] if key in _SESSIONS else _new_session(model, key)
+
+
+def _new_session(model: Descriptor, key: tuple[str, int]) -> Any:
+    """Make and keep the session for ``key`` (None where onnxruntime is missing or the
+    export cannot be written: torch makes the same maps, only slower)."""
+    session = None
+    if onnx_available():
         import onnxruntime as ort
 
         path = cache_dir() / "onnx" / f"{model.card.fingerprint}-local{STRIDE16_STAGE}.onnx"
-        if not path.exists():
-            try:
+        try:
+            if not path.exists():
                 _export_local(model, path)
-            except OSError:  # a read-only cache: torch makes the same maps, only slower
-                _SESSIONS[key] = None
-                return None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        _SESSIONS[key] = ort.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
-    return _SESSIONS[key]
+            exported = True
+        except OSError:  # a read-only cache
+            exported = False
+        if exported:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = key[1]
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    _SESSIONS[key] = session
+    return session
 
 
 def _export_local(model: Descriptor, path: os.PathLike[str]) -> None:
