@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageOps
 from skimage import data
@@ -110,3 +111,160 @@ def test_pairs_are_decided_on_one_thread_and_the_count_is_restored(tmp_path: Pat
     assert [(g.keep.path.name, [(m.path.name, m.tier) for m in g.members]) for g in groups] == [
         ("scene.jpg", [("scene_q50.jpg", "near")])
     ]
+
+
+def four_neighbours(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear samples of a (c, h, w) stack at unit coordinates, clamped at the border,
+    from each point's four neighbouring pixels: the formula itself."""
+    _, h, w = stack.shape
+    x, y = units[:, 0] * w - 0.5, units[:, 1] * h - 0.5
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    x, y = np.clip(x, 0, w - 1), np.clip(y, 0, h - 1)
+    x0, y0 = np.minimum(x.astype(np.intp), w - 2), np.minimum(y.astype(np.intp), h - 2)
+    fx, fy = x - x0, y - y0
+    return (
+        stack[:, y0, x0] * ((1 - fx) * (1 - fy))
+        + stack[:, y0, x0 + 1] * (fx * (1 - fy))
+        + stack[:, y0 + 1, x0] * ((1 - fx) * fy)
+        + stack[:, y0 + 1, x0 + 1] * (fx * fy)
+    ), inside
+
+
+def test_bilinear_samples_equal_the_four_neighbour_formula() -> None:
+    rng = np.random.default_rng(11)
+    for case in range(40):
+        c, h, w = 1 + case % 3, int(rng.integers(8, 60)), int(rng.integers(8, 60))
+        stack = rng.random((c, h, w))
+        # Maps near the identity and wild ones, with points well outside the image.
+        warp = np.eye(2, 3) + rng.normal(0, 0.05 if case % 2 else 0.5, (2, 3))
+        units = samecapture._unit_grid(h, w) @ warp.T
+        got, inside = samecapture._sample(stack, units)
+        want, want_inside = four_neighbours(stack, units)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        assert np.array_equal(inside, want_inside)
+
+
+def test_a_first_try_that_hardly_agrees_is_settled_before_the_finest_level() -> None:
+    # Two unrelated photos framed alike: the alignment stays a map an edit could make, but
+    # few patches agree at the next-to-finest level. A first try (the geometric check
+    # follows) stops there; a pair without a second chance is measured at the finest.
+    kept = prepare_capture(scene())
+    other = Image.fromarray(data.hubble_deep_field()).convert("RGB").resize((320, 240))
+    first = agreement(kept, prepare_capture(other), np.eye(2, 3), second_chance=True)
+    assert first.level == len(LEVELS) - 2 and first.score < samecapture.FIRST_TRY_SHARE
+    assert not first.same_capture
+    only = agreement(kept, prepare_capture(other), np.eye(2, 3))
+    assert only.level == len(LEVELS) - 1 and not only.same_capture
+    # A copy is not stopped on its first try.
+    copy = agreement(
+        kept, prepare_capture(scene().resize((200, 150))), np.eye(2, 3), second_chance=True
+    )
+    assert copy.level == len(LEVELS) - 1 and copy.same_capture
+
+
+def test_zoomed_maps_are_made_only_for_pairs_the_equal_scale_check_leaves_open(
+    tmp_path: Path,
+) -> None:
+    from ghostmatch.dupes.finder import PairJudge
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene().save(folder / "scene.jpg", quality=95)
+    ImageOps.mirror(scene()).save(folder / "mirrored.jpg", quality=95)
+    Image.fromarray(data.coffee()).convert("RGB").resize((320, 240)).save(folder / "coffee.jpg")
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+        ids = {r.path.name: i for i, r in records.items()}
+        # A score under any threshold: each pair goes to the geometric check.
+        judge = PairJudge(lib.finder.model, records, 2.0, 36)
+        # The mirror image matches at equal scale (on the mirrored map): nothing zoomed.
+        assert judge(ids["scene.jpg"], [(ids["mirrored.jpg"], 0.0)]) == {
+            ids["mirrored.jpg"]: "edited"
+        }
+        assert judge.maps.made == {"base": 2}
+        # An unrelated photo leaves the equal-scale check open: both images zoomed, once.
+        assert judge(ids["scene.jpg"], [(ids["coffee.jpg"], 0.0)]) == {ids["coffee.jpg"]: None}
+        assert judge.maps.made == {"base": 3, "zoomed": 2}
+
+
+def test_local_maps_from_onnx_runtime_equal_torch_s(tmp_path: Path) -> None:
+    from ghostmatch.dupes import verify
+    from ghostmatch.model.embedder import prepare, to_batch
+
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        model = lib.finder.embedder.local_model
+    if verify._local_session(model) is None:
+        return  # no onnxruntime here: the maps come from torch only
+    card = model.card
+    images = [scene(), ImageOps.mirror(scene()), synthetic.make_image("noise", 1, seed=5)]
+    for size in (card.input_size, card.input_size * 3 // 2):
+        batch = to_batch([prepare(i, card.with_changes(input_size=size)) for i in images])
+        fast = verify.local_features(model, batch)
+        with torch.inference_mode():
+            x = torch.from_numpy(batch)
+            if model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
+            plain = verify._LocalMaps(model)(x).numpy()
+        assert fast.shape == plain.shape == (3, size // 16, size // 16, fast.shape[-1])
+        np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-4)
+
+
+def jacobian_align(
+    kept: samecapture.Capture, other: samecapture.Capture, warp: np.ndarray
+) -> np.ndarray:
+    """Gauss-Newton as its textbook form reads: an n x 6 Jacobian and its normal equations."""
+    p = warp.astype(np.float64).copy()
+    for level, (_, _, steps) in enumerate(LEVELS):
+        t_img, stack = kept.levels[level][0], other.levels[level]
+        design = samecapture._unit_grid(*t_img.shape)
+        t = t_img.ravel()
+        for _ in range(steps):
+            sampled, inside = four_neighbours(stack, design @ p.T)
+            if inside.sum() < 16:
+                break
+            gain, r, weight = samecapture._robust_fit(t, sampled[0], inside, rounds=1)
+            ix, iy = sampled[1] * gain, sampled[2] * gain
+            jac = np.concatenate([ix[:, None] * design, iy[:, None] * design], axis=1)
+            jw = jac * weight[:, None]
+            step = np.linalg.solve(jw.T @ jac + 1e-6 * np.eye(6), jw.T @ r)
+            p += step.reshape(2, 3)
+            if np.abs(step).max() < samecapture.STEP_DONE:
+                break
+    return p
+
+
+def test_alignment_equals_the_textbook_gauss_newton() -> None:
+    kept = prepare_capture(scene())
+    w, h = scene().size
+    crop = scene().crop((w // 10, h // 10, w - w // 10, h - h // 10))
+    start = np.array([[0.75, 0.02, 0.14], [-0.01, 0.8, 0.11]])
+    # Photos with detail: on smooth noise the alignment wanders, and rounding alone takes
+    # two runs apart.
+    for other in (crop, ImageOps.mirror(scene()), scene().rotate(8, Image.Resampling.BICUBIC)):
+        captured = prepare_capture(other)
+        fast = samecapture.align(kept, captured, start)
+        np.testing.assert_allclose(fast, jacobian_align(kept, captured, start), atol=1e-8)
+
+
+def test_local_maps_come_from_torch_where_the_export_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import verify
+    from ghostmatch.model.embedder import prepare, to_batch
+
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        model = lib.finder.embedder.local_model
+    # A cache "directory" that is a file: no export can be written beneath it.
+    blocked = tmp_path / "cache-is-a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("GHOSTMATCH_CACHE", str(blocked))
+    monkeypatch.setattr(verify, "_SESSIONS", {})
+    batch = to_batch([prepare(scene(), model.card)])
+    maps = verify.local_features(model, batch)
+    assert verify._local_session(model) is None
+    with torch.inference_mode():
+        x = torch.from_numpy(batch)
+        if model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        np.testing.assert_allclose(maps, verify._LocalMaps(model)(x).numpy(), atol=1e-6)

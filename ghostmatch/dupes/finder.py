@@ -4,8 +4,9 @@ image, in two stages (descriptor scores, then a geometric check of local feature
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +37,7 @@ from ghostmatch.dupes.groups import (
     tier_of,
 )
 from ghostmatch.dupes.samecapture import DECODE_SIDE, Capture, agreement, prepare_capture
-from ghostmatch.dupes.verify import ZOOM, ScaledMaps, Verification, local_features, verify_scales
+from ghostmatch.dupes.verify import ZOOM, Verification, local_features, verify_scales
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
@@ -338,9 +339,7 @@ class DuplicateFinder:
                 for i, j in block:
                     a, b = cache.get(i), cache.get(j)
                     results[(i, j)] = (
-                        empty
-                        if a is None or b is None
-                        else verify_scales(_as_float(a), _as_float(b), enough)
+                        empty if a is None or b is None else verify_scales(a, b, enough)
                     )
                 block.clear()
 
@@ -475,7 +474,7 @@ class DuplicateFinder:
         pixels = [prepare(image, cache.card), prepare(ImageOps.mirror(image), cache.card)]
         base = local_features(model, to_batch(pixels)).astype(np.float16)
         zoomed = local_features(model, to_batch([prepare(image, cache.zoomed_card)]))
-        cache.maps[_QUERY] = ScaledMaps(base[0], base[1], zoomed[0].astype(np.float16))
+        cache.maps[_QUERY] = _Maps(base[0], base[1], zoomed[0].astype(np.float16))
         judge.captures[_QUERY] = prepare_capture(image)
         return judge
 
@@ -568,8 +567,14 @@ class PairJudge:
             unmoved.append((j, crowded, b))
         a = self.capture(leader) if unmoved else None
         # One pair at a time: numpy's own threads already share out the larger steps, and
-        # more threads on top of them only contend for the cores.
-        checks = [agreement(a, b, np.eye(2, 3)) for _, _, b in unmoved] if a is not None else []
+        # more threads on top of them only contend for the cores. A pair that fails
+        # unmoved goes on to the geometric check and is aligned again from its map, unless
+        # it is crowded.
+        checks = (
+            [agreement(a, b, np.eye(2, 3), second_chance=not c) for _, c, b in unmoved]
+            if a is not None
+            else []
+        )
         scores = dict(others)
         for (j, crowded, _), check in zip(unmoved, checks, strict=True):
             if check.same_capture:
@@ -585,12 +590,11 @@ class PairJudge:
 
     def _aligned(self, leader: int, pairs: list[tuple[int, float]]) -> list[str | None]:
         """The tiers of pairs that the identity map does not align, in order."""
-        ma = self.maps.get(leader)
+        base = self.maps.get(leader)
         found: dict[int, Verification] = {}
-        if ma is not None:
-            base = _as_float(ma)
+        if base is not None:
             others = [(j, m) for j, _ in pairs if (m := self.maps.get(j)) is not None]
-            results = [verify_scales(base, _as_float(m), self.min_inliers) for _, m in others]
+            results = [verify_scales(base, m, self.min_inliers) for _, m in others]
             found = dict(zip((j for j, _ in others), results, strict=True))
         # Captures are only decoded for pairs that get this far.
         a = self.capture(leader) if found else None
@@ -702,12 +706,33 @@ def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     )
 
 
-def _as_float(maps: ScaledMaps) -> ScaledMaps:
-    return ScaledMaps(*(m.astype(np.float32) for m in (maps.base, maps.mirrored, maps.zoomed)))
+class _Maps:
+    """One image's cached local maps (fp16): at the input size, mirrored, and zoomed once
+    a check has needed it (None until then)."""
+
+    def __init__(self, base: np.ndarray, mirrored: np.ndarray, zoomed: np.ndarray | None) -> None:
+        self.base, self.mirrored, self.zoomed = base, mirrored, zoomed
+
+
+class _MapsView:
+    """An image's maps as ``verify_scales`` reads them (float32), the zoomed map made by
+    the cache when first read: a pair settled at equal scales never needs it."""
+
+    def __init__(self, cache: _MapCache, i: int, maps: _Maps) -> None:
+        self._cache, self._i = cache, i
+        self.base = maps.base.astype(np.float32)
+        self.mirrored = maps.mirrored.astype(np.float32)
+
+    @functools.cached_property
+    def zoomed(self) -> np.ndarray:
+        return self._cache.zoomed(self._i).astype(np.float32)
 
 
 class _MapCache:
-    """Local feature maps (fp16 ``ScaledMaps``) of recently used images, LRU-bounded."""
+    """Local feature maps of recently used images, LRU-bounded. The maps at the input size
+    (plain and mirrored) are made in batches; the zoomed map, more than half the cost of
+    an image's maps, only for an image whose pair the equal-scale check does not settle.
+    ``made`` counts the images whose maps were made, by kind (``base``, ``zoomed``)."""
 
     def __init__(self, embedder: Embedder, records: dict[int, ImageRecord]) -> None:
         self.embedder = embedder
@@ -716,25 +741,41 @@ class _MapCache:
         self.card = card
         self.zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
         # None marks an image that could not be decoded, so it is not tried again.
-        self.maps: OrderedDict[int, ScaledMaps | None] = OrderedDict()
+        self.maps: OrderedDict[int, _Maps | None] = OrderedDict()
+        self.made: Counter[str] = Counter()
 
     def __contains__(self, i: int) -> bool:
         return i in self.maps
 
-    def get(self, i: int) -> ScaledMaps | None:
+    def get(self, i: int) -> _MapsView | None:
         self.maps.move_to_end(i)
-        return self.maps[i]
+        maps = self.maps[i]
+        return None if maps is None else _MapsView(self, i, maps)
 
-    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
         try:
+            # Decoded as for the zoomed map, so both scales see the same pixels.
             image = load_image(self.records[i].path, self.zoomed_card.input_size).image
         except ImageRejected:
             return None
-        return (
-            prepare(image, self.card),
-            prepare(ImageOps.mirror(image), self.card),
-            prepare(image, self.zoomed_card),
-        )
+        return prepare(image, self.card), prepare(ImageOps.mirror(image), self.card)
+
+    def zoomed(self, i: int) -> np.ndarray:
+        """Image ``i``'s zoomed map (fp16), made on first call. Its other maps are cached."""
+        maps = self.maps[i]
+        assert maps is not None
+        if maps.zoomed is None:
+            try:
+                image = load_image(self.records[i].path, self.zoomed_card.input_size).image
+            except ImageRejected:
+                # Gone or changed since its other maps were made: the equal-scale map
+                # stands in, which can only find fewer matches.
+                maps.zoomed = maps.base
+            else:
+                batch = to_batch([prepare(image, self.zoomed_card)])
+                maps.zoomed = local_features(self.embedder.local_model, batch)[0].astype(np.float16)
+                self.made["zoomed"] += 1
+        return maps.zoomed
 
     def load(self, ids: set[int], pool: ThreadPoolExecutor) -> None:
         """Make sure every image in ``ids`` has its maps (or a failure mark) cached."""
@@ -751,9 +792,8 @@ class _MapCache:
                 base = local_features(
                     model, to_batch([d[0] for _, d in ok] + [d[1] for _, d in ok])
                 ).astype(np.float16)
-                zoomed = local_features(model, to_batch([d[2] for _, d in ok]))
-                zoomed = zoomed.astype(np.float16)
                 for k, (i, _) in enumerate(ok):
-                    self.maps[i] = ScaledMaps(base[k], base[n + k], zoomed[k])
+                    self.maps[i] = _Maps(base[k], base[n + k], None)
+                self.made["base"] += n
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)
