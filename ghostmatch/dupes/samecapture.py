@@ -50,6 +50,31 @@ THUMB_SIDE = 16
 MIN_OVERLAP = 0.2
 MAX_ANISOTROPY = 1.5
 MAX_SCALE = 4.0
+# An alignment must be distinctive: the same map moved by ``SHIFT`` of the side, up, down,
+# left and right, must stop agreeing where the picture has detail of its own. A patch
+# tells (is textured) where the kept image, moved by the same step against itself, has a
+# median residual above ``TEXTURED`` of its contrast: a copy moved there disagrees. Flat
+# sky agrees anywhere, so it neither proves nor disproves. A pair with at least
+# ``MIN_TEXTURED`` textured (patch, direction) cells, of which ``MOVED_AGREEMENT_CUT`` or
+# more still agree under the moved map, agrees about as well anywhere nearby: no copy.
+SHIFT = 0.08
+TEXTURED = 0.3
+MIN_TEXTURED = 8
+MOVED_AGREEMENT_CUT = 0.25
+# Where most of the overlap agrees under the moved map (at least ``LOOSE_MOVED`` of the
+# patches, mean of the four), nothing pins the map: a strong squash then comes from the
+# alignment sliding over flat areas, not from an edit.
+LOOSE_MOVED = 0.45
+LOOSE_ANISOTROPY = 1.25
+# Fine detail: a patch whose mean residual against the kept image moved by ``DETAIL_SHIFT``
+# of the side is above ``DETAIL_RESIDUAL`` of the contrast. An image with fewer than
+# ``MIN_DETAIL`` such patches (smooth colour fields) is a copy only when its patches agree
+# within ``TIGHT_TOLERANCE``, the way re-encoded, resized or lightly edited pixels do:
+# two independent smooth fields can be bent onto each other within ``TOLERANCE``.
+DETAIL_SHIFT = 0.02
+DETAIL_RESIDUAL = 0.2
+MIN_DETAIL = 4
+TIGHT_TOLERANCE = TOLERANCE / 4
 
 
 def _editable(warp: np.ndarray) -> bool:
@@ -81,6 +106,32 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class Distinctiveness:
+    """Whether an agreeing pair agrees only where it is aligned: ``moved`` is the mean
+    share of overlap patches that still agree under the map moved by ``SHIFT`` (four
+    directions), ``textured_moved`` the share of textured (patch, direction) cells that
+    do, of ``textured`` such cells; ``detail`` counts the kept image's patches with fine
+    detail, and ``tight`` is the share of patches that agree within ``TIGHT_TOLERANCE``
+    (grey or colour; only measured for an image with too little detail, else 1)."""
+
+    moved: float
+    textured_moved: float
+    textured: int
+    detail: int
+    tight: float = 1.0
+
+    def distinctive(self, warp: np.ndarray) -> bool:
+        if self.detail < MIN_DETAIL and self.tight < SAME_CAPTURE_CUT - 1e-9:
+            return False
+        if self.textured >= MIN_TEXTURED and self.textured_moved >= MOVED_AGREEMENT_CUT:
+            return False
+        if self.moved >= LOOSE_MOVED:
+            big, small = np.linalg.svd(warp[:, :2], compute_uv=False)
+            return bool(big <= LOOSE_ANISOTROPY * small)
+        return True
+
+
+@dataclass(frozen=True)
 class Agreement:
     """A pair after alignment: ``score`` is the share of overlap patches that agree (the
     better of grey and colour), ``overlap`` the share of the kept image the other covers,
@@ -92,16 +143,22 @@ class Agreement:
     overlap: float
     warp: np.ndarray
     level: int = len(LEVELS) - 1
+    # How distinctive the alignment is (measured only for pairs that agree, see
+    # :func:`distinctiveness`; the defaults let a pair through).
+    distinct: Distinctiveness | None = None
 
     @property
     def same_capture(self) -> bool:
-        """Nearly all the overlap agrees, under a map that an edit could have made. On
-        images without detail (smooth noise, flat graphics) the alignment can slide into
-        a strong shear or squash that makes a small overlap agree: that is no copy."""
+        """Nearly all the overlap agrees, under a map that an edit could have made, and
+        only under that map. On images without detail (smooth noise, flat graphics) the
+        alignment can slide into a strong shear or squash that makes a small overlap
+        agree, or agree about as well anywhere nearby: that is no copy."""
         if self.overlap < MIN_OVERLAP or not _editable(self.warp):
             return False
         # The cut is a ratio of small counts: compare with a little slack for rounding.
-        return self.score >= SAME_CAPTURE_CUT - 1e-9
+        if self.score < SAME_CAPTURE_CUT - 1e-9:
+            return False
+        return self.distinct is None or self.distinct.distinctive(self.warp)
 
     def is_whole(self) -> bool:
         """The other image is the whole kept one, unmoved (re-encoded, resized, recoloured)."""
@@ -340,4 +397,89 @@ def _measured(
         # Recoloured copies agree in colour, not in grey; a pair that agrees in grey
         # already needs no colour fit.
         score = max(score, _patch_share(_colour_residuals(kept, other, warp), inside))
-    return Agreement(score, float(inside.mean()), warp)
+    if score < SAME_CAPTURE_CUT - 1e-9:
+        return Agreement(score, float(inside.mean()), warp)
+    # Only a pair that agrees pays for the moved maps.
+    distinct = distinctiveness(kept, other, warp, r, inside)
+    return Agreement(score, float(inside.mean()), warp, distinct=distinct)
+
+
+def _patch_medians(e: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each patch's median of ``e`` over ``inside`` (``PATCHES`` ** 2 values), and which
+    patches count (at least half inside, as in :func:`_patch_share`)."""
+    patch = _patch_of(*e.shape)
+    mask = inside.ravel()
+    n = PATCHES * PATCHES
+    sizes = np.bincount(patch, minlength=n)
+    cells, values = patch[mask], e.ravel()[mask]
+    covered = np.bincount(cells, minlength=n)
+    order = np.lexsort((values, cells))
+    ordered = values[order]
+    start = np.concatenate([[0], np.cumsum(covered)[:-1]])
+    low = start + np.maximum(covered - 1, 0) // 2
+    high = start + covered // 2
+    medians = np.full(n, np.inf)
+    some = covered > 0
+    medians[some] = (ordered[low[some]] + ordered[np.minimum(high[some], len(ordered) - 1)]) / 2
+    return medians, covered >= 0.5 * sizes
+
+
+def _moved_map(warp: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    moved = warp.copy()
+    moved[0, 2] += dx
+    moved[1, 2] += dy
+    return moved
+
+
+def distinctiveness(
+    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+) -> Distinctiveness:
+    """How the agreement of ``other`` under ``warp`` (grey residuals ``r`` over
+    ``inside``) holds up when the map moves by ``SHIFT`` of the other image's side, on all
+    patches and on the textured ones, and how much fine detail the kept image has."""
+    contrast = max(float(kept.levels[-1][0][inside].std()), 0.02)
+    zero, counted = _patch_medians(np.abs(r) / contrast, inside)
+    # The same step in the kept image's own coordinates, to move it against itself.
+    to_kept = np.linalg.inv(warp[:, :2])
+    shares, textured, agreeing = [], 0, 0
+    for dx, dy in ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT)):
+        ro, io = residuals(kept, other, _moved_map(warp, dx, dy))
+        io &= inside
+        mo, co = _patch_medians(np.abs(ro) / contrast, io)
+        if io.sum() < 16 or not co.any():
+            shares.append(0.0)  # a moved map covering too little agrees on nothing
+            continue
+        shares.append(float((mo[co] <= TOLERANCE).mean()))
+        step = to_kept @ np.array([dx, dy])
+        rs, own = residuals(kept, kept, _moved_map(np.eye(2, 3), float(step[0]), float(step[1])))
+        ms, cs = _patch_medians(np.abs(rs) / contrast, own & inside)
+        tells = cs & co & counted & (ms > TEXTURED)
+        textured += int(tells.sum())
+        agreeing += int((tells & (mo <= TOLERANCE)).sum())
+    detail = _detail(kept)
+    tight = 1.0
+    if detail < MIN_DETAIL:
+        tight = float((zero[counted] <= TIGHT_TOLERANCE).mean()) if counted.any() else 0.0
+        if tight < SAME_CAPTURE_CUT - 1e-9:
+            colour, _ = _patch_medians(_colour_residuals(kept, other, warp), inside)
+            tight = max(tight, float((colour[counted] <= TIGHT_TOLERANCE).mean()))
+    return Distinctiveness(
+        float(np.mean(shares)), agreeing / textured if textured else 0.0, textured, detail, tight
+    )
+
+
+def _detail(kept: Capture) -> int:
+    """Patches of the kept image with fine detail: a mean residual above
+    ``DETAIL_RESIDUAL`` of the contrast against itself moved by ``DETAIL_SHIFT`` across or
+    down (the larger of the two)."""
+    grey = kept.levels[-1][0]
+    contrast = max(float(grey.std()), 0.02)
+    patch = _patch_of(*grey.shape)
+    n = PATCHES * PATCHES
+    most = np.zeros(n)
+    for dx, dy in ((DETAIL_SHIFT, 0.0), (0.0, DETAIL_SHIFT)):
+        r, inside = residuals(kept, kept, _moved_map(np.eye(2, 3), dx, dy))
+        mask = inside.ravel()
+        total = np.bincount(patch[mask], weights=np.abs(r.ravel()[mask]) / contrast, minlength=n)
+        most = np.maximum(most, total / np.maximum(np.bincount(patch[mask], minlength=n), 1))
+    return int((most > DETAIL_RESIDUAL).sum())
