@@ -112,7 +112,9 @@ class Distinctiveness:
     directions), ``textured_moved`` the share of textured (patch, direction) cells that
     do, of ``textured`` such cells; ``detail`` counts the kept image's patches with fine
     detail, and ``tight`` is the share of patches that agree within ``TIGHT_TOLERANCE``
-    (grey or colour; only measured for an image with too little detail, else 1)."""
+    (grey or colour; only measured for an image with too little detail, else 1). An image
+    with too little detail that fails ``tight`` is settled by it: its moved maps are not
+    measured (nan)."""
 
     moved: float
     textured_moved: float
@@ -397,31 +399,33 @@ def _measured(
         # Recoloured copies agree in colour, not in grey; a pair that agrees in grey
         # already needs no colour fit.
         score = max(score, _patch_share(_colour_residuals(kept, other, warp), inside))
-    if score < SAME_CAPTURE_CUT - 1e-9:
-        return Agreement(score, float(inside.mean()), warp)
+    found = Agreement(score, float(inside.mean()), warp)
+    if not found.same_capture:
+        return found
     # Only a pair that agrees pays for the moved maps.
     distinct = distinctiveness(kept, other, warp, r, inside)
-    return Agreement(score, float(inside.mean()), warp, distinct=distinct)
+    return Agreement(score, found.overlap, warp, distinct=distinct)
 
 
-def _patch_medians(e: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each patch's median of ``e`` over ``inside`` (``PATCHES`` ** 2 values), and which
-    patches count (at least half inside, as in :func:`_patch_share`)."""
+def _medians_within(
+    e: np.ndarray, inside: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (``PATCHES`` ** 2 values): whether its median of ``e`` over ``inside`` is
+    within ``tolerance``, and whether the patch counts (at least half inside). Settled by
+    counting, as in :func:`_patch_share`."""
     patch = _patch_of(*e.shape)
     mask = inside.ravel()
     n = PATCHES * PATCHES
     sizes = np.bincount(patch, minlength=n)
     cells, values = patch[mask], e.ravel()[mask]
     covered = np.bincount(cells, minlength=n)
-    order = np.lexsort((values, cells))
-    ordered = values[order]
-    start = np.concatenate([[0], np.cumsum(covered)[:-1]])
-    low = start + np.maximum(covered - 1, 0) // 2
-    high = start + covered // 2
-    medians = np.full(n, np.inf)
-    some = covered > 0
-    medians[some] = (ordered[low[some]] + ordered[np.minimum(high[some], len(ordered) - 1)]) / 2
-    return medians, covered >= 0.5 * sizes
+    within = np.bincount(cells[values <= tolerance], minlength=n)
+    ok = within > covered // 2
+    even = (covered > 0) & (covered % 2 == 0)
+    for k in np.flatnonzero(even & (within == covered // 2)):
+        middle = np.partition(values[cells == k], [within[k] - 1, within[k]])
+        ok[k] = (middle[within[k] - 1] + middle[within[k]]) / 2 <= tolerance
+    return ok & (covered > 0), covered >= 0.5 * sizes
 
 
 def _moved_map(warp: np.ndarray, dx: float, dy: float) -> np.ndarray:
@@ -438,48 +442,57 @@ def distinctiveness(
     ``inside``) holds up when the map moves by ``SHIFT`` of the other image's side, on all
     patches and on the textured ones, and how much fine detail the kept image has."""
     contrast = max(float(kept.levels[-1][0][inside].std()), 0.02)
-    zero, counted = _patch_medians(np.abs(r) / contrast, inside)
+    close, counted = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE)
+    detail = _detail(kept)
+    tight = 1.0
+    if detail < MIN_DETAIL:
+        tight = float(close[counted].mean()) if counted.any() else 0.0
+        if tight < SAME_CAPTURE_CUT - 1e-9:
+            e = _colour_residuals(kept, other, warp)
+            tight = max(
+                tight, float(_medians_within(e, inside, TIGHT_TOLERANCE)[0][counted].mean())
+            )
+        if tight < SAME_CAPTURE_CUT - 1e-9:
+            # Settled without the moved maps (not measured: nan).
+            return Distinctiveness(float("nan"), float("nan"), 0, detail, tight)
     # The same step in the kept image's own coordinates, to move it against itself.
     to_kept = np.linalg.inv(warp[:, :2])
     shares, textured, agreeing = [], 0, 0
     for dx, dy in ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT)):
         ro, io = residuals(kept, other, _moved_map(warp, dx, dy))
         io &= inside
-        mo, co = _patch_medians(np.abs(ro) / contrast, io)
+        agrees, co = _medians_within(np.abs(ro) / contrast, io, TOLERANCE)
         if io.sum() < 16 or not co.any():
             shares.append(0.0)  # a moved map covering too little agrees on nothing
             continue
-        shares.append(float((mo[co] <= TOLERANCE).mean()))
+        shares.append(float(agrees[co].mean()))
+        # The kept image against itself moved by the same step, judged the same way.
         step = to_kept @ np.array([dx, dy])
         rs, own = residuals(kept, kept, _moved_map(np.eye(2, 3), float(step[0]), float(step[1])))
-        ms, cs = _patch_medians(np.abs(rs) / contrast, own & inside)
-        tells = cs & co & counted & (ms > TEXTURED)
+        unmoved, cs = _medians_within(np.abs(rs) / contrast, own & inside, TEXTURED)
+        tells = cs & co & counted & ~unmoved
         textured += int(tells.sum())
-        agreeing += int((tells & (mo <= TOLERANCE)).sum())
-    detail = _detail(kept)
-    tight = 1.0
-    if detail < MIN_DETAIL:
-        tight = float((zero[counted] <= TIGHT_TOLERANCE).mean()) if counted.any() else 0.0
-        if tight < SAME_CAPTURE_CUT - 1e-9:
-            colour, _ = _patch_medians(_colour_residuals(kept, other, warp), inside)
-            tight = max(tight, float((colour[counted] <= TIGHT_TOLERANCE).mean()))
+        agreeing += int((tells & agrees).sum())
     return Distinctiveness(
         float(np.mean(shares)), agreeing / textured if textured else 0.0, textured, detail, tight
     )
 
 
 def _detail(kept: Capture) -> int:
-    """Patches of the kept image with fine detail: a mean residual above
-    ``DETAIL_RESIDUAL`` of the contrast against itself moved by ``DETAIL_SHIFT`` across or
-    down (the larger of the two)."""
+    """Patches of the kept image with fine detail: a mean absolute difference above
+    ``DETAIL_RESIDUAL`` of the contrast from itself moved by ``DETAIL_SHIFT`` of the side
+    across or down (the larger of the two)."""
     grey = kept.levels[-1][0]
+    h, w = grey.shape
     contrast = max(float(grey.std()), 0.02)
-    patch = _patch_of(*grey.shape)
+    patch = _patch_of(h, w).reshape(h, w)
     n = PATCHES * PATCHES
     most = np.zeros(n)
-    for dx, dy in ((DETAIL_SHIFT, 0.0), (0.0, DETAIL_SHIFT)):
-        r, inside = residuals(kept, kept, _moved_map(np.eye(2, 3), dx, dy))
-        mask = inside.ravel()
-        total = np.bincount(patch[mask], weights=np.abs(r.ravel()[mask]) / contrast, minlength=n)
-        most = np.maximum(most, total / np.maximum(np.bincount(patch[mask], minlength=n), 1))
+    sx, sy = max(1, round(DETAIL_SHIFT * w)), max(1, round(DETAIL_SHIFT * h))
+    for diff, cells in (
+        (grey[:, sx:] - grey[:, :-sx], patch[:, :-sx]),
+        (grey[sy:, :] - grey[:-sy, :], patch[:-sy, :]),
+    ):
+        total = np.bincount(cells.ravel(), weights=np.abs(diff).ravel() / contrast, minlength=n)
+        most = np.maximum(most, total / np.maximum(np.bincount(cells.ravel(), minlength=n), 1))
     return int((most > DETAIL_RESIDUAL).sum())
