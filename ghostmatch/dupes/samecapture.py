@@ -11,7 +11,9 @@ brightness. The overlap is then cut into an 8 x 8 grid of patches, and a patch a
 when its median residual is small against the image's contrast, in grey or after an
 affine colour fit. The pair is one capture when nearly all patches agree. A pair whose
 alignment slides into a map no edit makes is settled at a coarse level (see
-:func:`agreement`).
+:func:`agreement`). An agreeing pair must also agree only where it is aligned
+(:func:`distinctiveness`): between images without detail (smooth colour fields, flat
+graphics) a nearby map agrees about as well, and that proves nothing.
 
 The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 ``python -m benchmarks.othershots`` and checked on its held-out half (README, duplicates).
