@@ -22,6 +22,9 @@ The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -470,14 +473,43 @@ def distinctiveness(
         shares.append(float(agrees[co].mean()))
         # The kept image against itself moved by the same step, judged the same way.
         step = to_kept @ np.array([dx, dy])
-        rs, own = residuals(kept, kept, _moved_map(np.eye(2, 3), float(step[0]), float(step[1])))
-        unmoved, cs = _medians_within(np.abs(rs) / contrast, own & inside, TEXTURED)
+        rs, own = _moved_self(kept, float(step[0]), float(step[1]))
+        unmoved, cs = _medians_within(rs / contrast, own & inside, TEXTURED)
         tells = cs & co & counted & ~unmoved
         textured += int(tells.sum())
         agreeing += int((tells & agrees).sum())
     return Distinctiveness(
         float(np.mean(shares)), agreeing / textured if textured else 0.0, textured, detail, tight
     )
+
+
+# The kept image's residuals against itself moved by a step, for the last few (image,
+# step): a kept file is compared with each of its group's members, mostly under the same
+# step. Keyed by the capture's id, held by a weak reference that must still be that image.
+_MOVED_SELF: OrderedDict[
+    tuple[int, int, int], tuple[weakref.ref[Capture], np.ndarray, np.ndarray]
+] = OrderedDict()
+_MOVED_SELF_LOCK = threading.Lock()
+MOVED_SELF_CACHE = 64
+
+
+def _moved_self(kept: Capture, dx: float, dy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Absolute grey residuals of ``kept`` against itself moved by (dx, dy) of its side,
+    and which pixels the moved image covers (steps rounded to a thousandth)."""
+    key = (id(kept), round(dx * 1000), round(dy * 1000))
+    with _MOVED_SELF_LOCK:
+        found = _MOVED_SELF.get(key)
+        if found is not None and found[0]() is kept:
+            _MOVED_SELF.move_to_end(key)
+            return found[1], found[2]
+    r, inside = residuals(kept, kept, _moved_map(np.eye(2, 3), key[1] / 1000, key[2] / 1000))
+    r = np.abs(r)
+    with _MOVED_SELF_LOCK:
+        _MOVED_SELF[key] = (weakref.ref(kept), r, inside)
+        _MOVED_SELF.move_to_end(key)
+        while len(_MOVED_SELF) > MOVED_SELF_CACHE:
+            _MOVED_SELF.popitem(last=False)
+    return r, inside
 
 
 def _detail(kept: Capture) -> int:
