@@ -67,10 +67,12 @@ TEXTURED = 0.3
 MIN_TEXTURED = 8
 MOVED_AGREEMENT_CUT = 0.25
 # Where most of the overlap agrees under the moved map (at least ``LOOSE_MOVED`` of the
-# patches, mean of the four), nothing pins the map: a strong squash then comes from the
-# alignment sliding over flat areas, not from an edit.
+# patches, mean of the four), nothing pins the map: a squash then comes from the alignment
+# sliding over flat areas, not from an edit. An edit's map is close to a similarity either
+# in pixels (crop, turn, flip, border) or in each image's unit square (a whole image
+# stretched to another aspect); such a pair may squash at most ``LOOSE_SQUASH`` in both.
 LOOSE_MOVED = 0.45
-LOOSE_ANISOTROPY = 1.25
+LOOSE_SQUASH = 1.15
 # Fine detail: a patch whose mean residual against the kept image moved by ``DETAIL_SHIFT``
 # of the side is above ``DETAIL_RESIDUAL`` of the contrast. An image with fewer than
 # ``MIN_DETAIL`` such patches (smooth colour fields) is a copy only when its patches agree
@@ -126,15 +128,17 @@ class Distinctiveness:
     textured: int
     detail: int
     tight: float = 1.0
+    # The map's squash (largest over smallest stretch) in pixels or in unit squares,
+    # whichever is less.
+    squash: float = 1.0
 
-    def distinctive(self, warp: np.ndarray) -> bool:
+    def distinctive(self) -> bool:
         if self.detail < MIN_DETAIL and self.tight < SAME_CAPTURE_CUT - 1e-9:
             return False
         if self.textured >= MIN_TEXTURED and self.textured_moved >= MOVED_AGREEMENT_CUT:
             return False
         if self.moved >= LOOSE_MOVED:
-            big, small = np.linalg.svd(warp[:, :2], compute_uv=False)
-            return bool(big <= LOOSE_ANISOTROPY * small)
+            return self.squash <= LOOSE_SQUASH
         return True
 
 
@@ -165,7 +169,7 @@ class Agreement:
         # The cut is a ratio of small counts: compare with a little slack for rounding.
         if self.score < SAME_CAPTURE_CUT - 1e-9:
             return False
-        return self.distinct is None or self.distinct.distinctive(self.warp)
+        return self.distinct is None or self.distinct.distinctive()
 
     def is_whole(self) -> bool:
         """The other image is the whole kept one, unmoved (re-encoded, resized, recoloured)."""
@@ -479,8 +483,28 @@ def distinctiveness(
         textured += int(tells.sum())
         agreeing += int((tells & agrees).sum())
     return Distinctiveness(
-        float(np.mean(shares)), agreeing / textured if textured else 0.0, textured, detail, tight
+        float(np.mean(shares)),
+        agreeing / textured if textured else 0.0,
+        textured,
+        detail,
+        tight,
+        _squash(kept, other, warp),
     )
+
+
+def _squash(kept: Capture, other: Capture, warp: np.ndarray) -> float:
+    """How much ``warp`` stretches one way against the other, in unit squares or in
+    pixels (whichever is less): a turn of a wide image is no squash in pixels, a whole
+    image stretched to another aspect none in unit squares."""
+    _, hk, wk = kept.levels[-1].shape
+    _, ho, wo = other.levels[-1].shape
+    linear = warp[:, :2]
+    pixels = np.diag([wo, ho]) @ linear @ np.diag([1 / wk, 1 / hk])
+    squashes = []
+    for m in (linear, pixels):
+        big, small = np.linalg.svd(m, compute_uv=False)
+        squashes.append(float(big / max(small, 1e-9)))
+    return min(squashes)
 
 
 # The kept image's residuals against itself moved by a step, for the last few (image,
