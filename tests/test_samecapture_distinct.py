@@ -50,6 +50,20 @@ def test_independent_synthetic_images_that_agree_anywhere_nearby_are_no_copies()
         assert not found.same_capture
 
 
+def test_a_loosely_pinned_alignment_that_squashes_is_no_copy() -> None:
+    # Two flat-shape pictures (seed 8) whose rectangles line up after a squash of 1.2 to 1:
+    # most of the picture still agrees under the moved map, so nothing but the flat
+    # areas holds the map, and no edit squashes a picture that way.
+    kept = prepare_capture(synthetic.make_image("shapes", 277, seed=8))
+    other = prepare_capture(synthetic.make_image("shapes", 25, seed=8))
+    found = agreement(kept, other, np.eye(2, 3))
+    assert found.score >= samecapture.SAME_CAPTURE_CUT - 1e-9
+    assert found.distinct is not None
+    assert found.distinct.moved >= samecapture.LOOSE_MOVED
+    assert found.distinct.squash > samecapture.LOOSE_SQUASH
+    assert not found.same_capture
+
+
 def test_a_copy_of_a_smooth_image_is_still_one_when_its_pixels_match() -> None:
     image = synthetic.make_image("noise", 3, seed=99)
     kept = prepare_capture(image)
