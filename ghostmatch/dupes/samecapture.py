@@ -73,6 +73,9 @@ MOVED_AGREEMENT_CUT = 0.25
 # stretched to another aspect); such a pair may squash at most ``LOOSE_SQUASH`` in both.
 LOOSE_MOVED = 0.45
 LOOSE_SQUASH = 1.15
+# Nor does an edit scale the grey contrast by more than ``LOOSE_GAIN`` either way: a fit
+# that nearly drops the other image's contrast agrees wherever the kept one is flat.
+LOOSE_GAIN = 2.0
 # Fine detail: a patch whose mean residual against the kept image moved by ``DETAIL_SHIFT``
 # of the side is above ``DETAIL_RESIDUAL`` of the contrast. An image with fewer than
 # ``MIN_DETAIL`` such patches (smooth colour fields) is a copy only when its patches agree
@@ -131,6 +134,8 @@ class Distinctiveness:
     # The map's squash (largest over smallest stretch) in pixels or in unit squares,
     # whichever is less.
     squash: float = 1.0
+    # The grey gain taking the other image to the kept one (robust fit).
+    gain: float = 1.0
 
     def distinctive(self) -> bool:
         if self.detail < MIN_DETAIL and self.tight < SAME_CAPTURE_CUT - 1e-9:
@@ -138,7 +143,7 @@ class Distinctiveness:
         if self.textured >= MIN_TEXTURED and self.textured_moved >= MOVED_AGREEMENT_CUT:
             return False
         if self.moved >= LOOSE_MOVED:
-            return self.squash <= LOOSE_SQUASH
+            return bool(self.squash <= LOOSE_SQUASH and 1 / LOOSE_GAIN <= self.gain <= LOOSE_GAIN)
         return True
 
 
@@ -489,7 +494,15 @@ def distinctiveness(
         detail,
         tight,
         _squash(kept, other, warp),
+        _gain(kept, other, warp),
     )
+
+
+def _gain(kept: Capture, other: Capture, warp: np.ndarray) -> float:
+    """The robust grey gain taking ``other`` under ``warp`` to ``kept``."""
+    grey = kept.levels[-1][0]
+    sampled, inside = _sample(other.levels[-1][:1], _unit_grid(*grey.shape) @ warp.T)
+    return _robust_fit(grey.ravel(), sampled[0], inside)[0]
 
 
 def _squash(kept: Capture, other: Capture, warp: np.ndarray) -> float:
