@@ -138,6 +138,7 @@ class Distinctiveness:
     gain: float = 1.0
 
     def distinctive(self) -> bool:
+        """Whether the agreement proves the alignment (see the constants above)."""
         if self.detail < MIN_DETAIL and self.tight < SAME_CAPTURE_CUT - 1e-9:
             return False
         if self.textured >= MIN_TEXTURED and self.textured_moved >= MOVED_AGREEMENT_CUT:
@@ -159,8 +160,8 @@ class Agreement:
     overlap: float
     warp: np.ndarray
     level: int = len(LEVELS) - 1
-    # How distinctive the alignment is (measured only for pairs that agree, see
-    # :func:`distinctiveness`; the defaults let a pair through).
+    # How distinctive the alignment is (see :func:`distinctiveness`): measured only for a
+    # pair that agrees otherwise; None, not measured, decides nothing.
     distinct: Distinctiveness | None = None
 
     @property
@@ -454,7 +455,8 @@ def distinctiveness(
 ) -> Distinctiveness:
     """How the agreement of ``other`` under ``warp`` (grey residuals ``r`` over
     ``inside``) holds up when the map moves by ``SHIFT`` of the other image's side, on all
-    patches and on the textured ones, and how much fine detail the kept image has."""
+    patches and on the textured ones; how much fine detail the kept image has; and how far
+    the map squashes and the grey gain scales the other image."""
     contrast = max(float(kept.levels[-1][0][inside].std()), 0.02)
     close, counted = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE)
     detail = _detail(kept)
@@ -541,6 +543,9 @@ def _moved_self(kept: Capture, dx: float, dy: float) -> tuple[np.ndarray, np.nda
             return found[1], found[2]
     r, inside = residuals(kept, kept, _moved_map(np.eye(2, 3), key[1] / 1000, key[2] / 1000))
     r = np.abs(r)
+    # Shared by the pairs that find it here.
+    r.flags.writeable = False
+    inside.flags.writeable = False
     with _MOVED_SELF_LOCK:
         _MOVED_SELF[key] = (weakref.ref(kept), r, inside)
         _MOVED_SELF.move_to_end(key)
