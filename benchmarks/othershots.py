@@ -514,12 +514,17 @@ def describe(
 SYNTHETIC_TIMING_KINDS = ("noise", "shapes")
 
 
-def synthetic_timing(settings: Settings, count: int, work: Path | None = None) -> Report:
+def synthetic_timing(
+    settings: Settings, count: int, work: Path | None = None, seed: int = SEED
+) -> Report:
     """``dupes`` time beside ``index`` time on ``count`` independent synthetic images
-    (``SYNTHETIC_TIMING_KINDS``), with the defaults, and the pairs it wrongly reports."""
+    (``SYNTHETIC_TIMING_KINDS``, drawn from ``seed``), with the defaults, and the pairs it
+    wrongly reports."""
     report = Report("othershots_synthetic", settings.quick)
     with tempfile.TemporaryDirectory(prefix="ghostmatch-bench-") as tmp:
-        root = (work or Path(tmp)) / f"synthetic-{count}"
+        # Each seed its own folder: the images in one are made once and then reused.
+        name = f"synthetic-{count}" if seed == SEED else f"synthetic-{count}-seed{seed}"
+        root = (work or Path(tmp)) / name
         folder = root / "images"
         folder.mkdir(parents=True, exist_ok=True)
         kinds = SYNTHETIC_TIMING_KINDS
@@ -527,7 +532,7 @@ def synthetic_timing(settings: Settings, count: int, work: Path | None = None) -
             kind = kinds[n % len(kinds)]
             path = folder / f"{kind}-{n:05d}.png"
             if not path.is_file():
-                synthetic.make_image(kind, n, SEED).save(path)
+                synthetic.make_image(kind, n, seed).save(path)
         with Library(root / "index", weights=settings.weights, device="cpu") as lib:
             start, cpu = time.perf_counter(), time.process_time()
             lib.index([folder])
@@ -565,7 +570,7 @@ def synthetic_timing(settings: Settings, count: int, work: Path | None = None) -
         {
             "images": count,
             "kinds": list(kinds),
-            "seed": SEED,
+            "seed": seed,
             "timings_s": {
                 "index_s": index_s,
                 "dupes_s": dupes_s,
@@ -640,13 +645,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="only time dupes against index on N independent synthetic images",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="the synthetic images' seed, with --synthetic-only (another seed: images no "
+        "rule was tuned on)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     settings = Settings(quick=args.quick, weights=args.weights or default_weights(), out=args.out)
 
     def measured() -> Report:
         if args.synthetic_only is not None:
-            return synthetic_timing(settings, args.synthetic_only, args.work)
+            return synthetic_timing(settings, args.synthetic_only, args.work, args.seed)
         return run(settings, args.work, args.reuse)
 
     run_and_save("othershots", argv, settings.out, measured)

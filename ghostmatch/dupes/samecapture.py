@@ -11,7 +11,9 @@ brightness. The overlap is then cut into an 8 x 8 grid of patches, and a patch a
 when its median residual is small against the image's contrast, in grey or after an
 affine colour fit. The pair is one capture when nearly all patches agree. A pair whose
 alignment slides into a map no edit makes is settled at a coarse level (see
-:func:`agreement`).
+:func:`agreement`). An agreeing pair must also agree only where it is aligned
+(:func:`distinctiveness`): between images without detail (smooth colour fields, flat
+graphics) a nearby map agrees about as well, and that proves nothing.
 
 The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 ``python -m benchmarks.othershots`` and checked on its held-out half (README, duplicates).
@@ -20,6 +22,9 @@ The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +61,36 @@ MAX_SCALE = 4.0
 # at least 0.56 there (the quick set of ``python -m benchmarks.othershots``), except
 # recoloured ones, which agree in colour only and which the second try then finds.
 FIRST_TRY_SHARE = 0.4
+# An alignment must be distinctive: the same map moved by ``SHIFT`` of the side, up, down,
+# left and right, must stop agreeing where the picture has detail of its own. A patch
+# tells (is textured) where the kept image, moved by the same step against itself, has a
+# median residual above ``TEXTURED`` of its contrast: a copy moved there disagrees. Flat
+# sky agrees anywhere, so it neither proves nor disproves. A pair with at least
+# ``MIN_TEXTURED`` textured (patch, direction) cells, of which ``MOVED_AGREEMENT_CUT`` or
+# more still agree under the moved map, agrees about as well anywhere nearby: no copy.
+SHIFT = 0.08
+TEXTURED = 0.3
+MIN_TEXTURED = 8
+MOVED_AGREEMENT_CUT = 0.25
+# Where most of the overlap agrees under the moved map (at least ``LOOSE_MOVED`` of the
+# patches, mean of the four), nothing pins the map: a squash then comes from the alignment
+# sliding over flat areas, not from an edit. An edit's map is close to a similarity either
+# in pixels (crop, turn, flip, border) or in each image's unit square (a whole image
+# stretched to another aspect); such a pair may squash at most ``LOOSE_SQUASH`` in both.
+LOOSE_MOVED = 0.45
+LOOSE_SQUASH = 1.15
+# Nor does an edit scale the grey contrast by more than ``LOOSE_GAIN`` either way: a fit
+# that nearly drops the other image's contrast agrees wherever the kept one is flat.
+LOOSE_GAIN = 2.0
+# Fine detail: a patch whose mean residual against the kept image moved by ``DETAIL_SHIFT``
+# of the side is above ``DETAIL_RESIDUAL`` of the contrast. An image with fewer than
+# ``MIN_DETAIL`` such patches (smooth colour fields) is a copy only when its patches agree
+# within ``TIGHT_TOLERANCE``, the way re-encoded, resized or lightly edited pixels do:
+# two independent smooth fields can be bent onto each other within ``TOLERANCE``.
+DETAIL_SHIFT = 0.02
+DETAIL_RESIDUAL = 0.2
+MIN_DETAIL = 4
+TIGHT_TOLERANCE = TOLERANCE / 4
 
 
 def _editable(warp: np.ndarray) -> bool:
@@ -87,6 +122,39 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class Distinctiveness:
+    """Whether an agreeing pair agrees only where it is aligned: ``moved`` is the mean
+    share of overlap patches that still agree under the map moved by ``SHIFT`` (four
+    directions), ``textured_moved`` the share of textured (patch, direction) cells that
+    do, of ``textured`` such cells; ``detail`` counts the kept image's patches with fine
+    detail, and ``tight`` is the share of patches that agree within ``TIGHT_TOLERANCE``
+    (grey or colour; only measured for an image with too little detail, else 1). An image
+    with too little detail that fails ``tight`` is settled by it: its moved maps are not
+    measured (nan)."""
+
+    moved: float
+    textured_moved: float
+    textured: int
+    detail: int
+    tight: float = 1.0
+    # The map's squash (largest over smallest stretch) in pixels or in unit squares,
+    # whichever is less.
+    squash: float = 1.0
+    # The grey gain taking the other image to the kept one (robust fit).
+    gain: float = 1.0
+
+    def distinctive(self) -> bool:
+        """Whether the agreement proves the alignment (see the constants above)."""
+        if self.detail < MIN_DETAIL and self.tight < SAME_CAPTURE_CUT - 1e-9:
+            return False
+        if self.textured >= MIN_TEXTURED and self.textured_moved >= MOVED_AGREEMENT_CUT:
+            return False
+        if self.moved >= LOOSE_MOVED:
+            return bool(self.squash <= LOOSE_SQUASH and 1 / LOOSE_GAIN <= self.gain <= LOOSE_GAIN)
+        return True
+
+
+@dataclass(frozen=True)
 class Agreement:
     """A pair after alignment: ``score`` is the share of overlap patches that agree (the
     better of grey and colour), ``overlap`` the share of the kept image the other covers,
@@ -98,16 +166,22 @@ class Agreement:
     overlap: float
     warp: np.ndarray
     level: int = len(LEVELS) - 1
+    # How distinctive the alignment is (see :func:`distinctiveness`): measured only for a
+    # pair that agrees otherwise; None, not measured, decides nothing.
+    distinct: Distinctiveness | None = None
 
     @property
     def same_capture(self) -> bool:
-        """Nearly all the overlap agrees, under a map that an edit could have made. On
-        images without detail (smooth noise, flat graphics) the alignment can slide into
-        a strong shear or squash that makes a small overlap agree: that is no copy."""
+        """Nearly all the overlap agrees, under a map that an edit could have made, and
+        only under that map. On images without detail (smooth noise, flat graphics) the
+        alignment can slide into a strong shear or squash that makes a small overlap
+        agree, or agree about as well anywhere nearby: that is no copy."""
         if self.overlap < MIN_OVERLAP or not _editable(self.warp):
             return False
         # The cut is a ratio of small counts: compare with a little slack for rounding.
-        return self.score >= SAME_CAPTURE_CUT - 1e-9
+        if self.score < SAME_CAPTURE_CUT - 1e-9:
+            return False
+        return self.distinct is None or self.distinct.distinctive()
 
     def is_whole(self) -> bool:
         """The other image is the whole kept one, unmoved (re-encoded, resized, recoloured)."""
@@ -394,4 +468,161 @@ def _measured(
         # Recoloured copies agree in colour, not in grey; a pair that agrees in grey
         # already needs no colour fit.
         score = max(score, _patch_share(_colour_residuals(kept, other, warp), inside))
-    return Agreement(score, float(inside.mean()), warp)
+    found = Agreement(score, float(inside.mean()), warp)
+    if not found.same_capture:
+        return found
+    # Only a pair that agrees pays for the moved maps.
+    distinct = distinctiveness(kept, other, warp, r, inside)
+    return Agreement(score, found.overlap, warp, distinct=distinct)
+
+
+def _medians_within(
+    e: np.ndarray, inside: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (``PATCHES`` ** 2 values): whether its median of ``e`` over ``inside`` is
+    within ``tolerance``, and whether the patch counts (at least half inside). Settled by
+    counting, as in :func:`_patch_share`."""
+    patch = _patch_of(*e.shape)
+    mask = inside.ravel()
+    n = PATCHES * PATCHES
+    sizes = np.bincount(patch, minlength=n)
+    cells, values = patch[mask], e.ravel()[mask]
+    covered = np.bincount(cells, minlength=n)
+    within = np.bincount(cells[values <= tolerance], minlength=n)
+    ok = within > covered // 2
+    even = (covered > 0) & (covered % 2 == 0)
+    for k in np.flatnonzero(even & (within == covered // 2)):
+        middle = np.partition(values[cells == k], [within[k] - 1, within[k]])
+        ok[k] = (middle[within[k] - 1] + middle[within[k]]) / 2 <= tolerance
+    return ok & (covered > 0), covered >= 0.5 * sizes
+
+
+def _moved_map(warp: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    moved = warp.copy()
+    moved[0, 2] += dx
+    moved[1, 2] += dy
+    return moved
+
+
+def distinctiveness(
+    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+) -> Distinctiveness:
+    """How the agreement of ``other`` under ``warp`` (grey residuals ``r`` over
+    ``inside``) holds up when the map moves by ``SHIFT`` of the other image's side, on all
+    patches and on the textured ones; how much fine detail the kept image has; and how far
+    the map squashes and the grey gain scales the other image."""
+    contrast = max(float(kept.levels[-1][0][inside].std()), 0.02)
+    close, counted = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE)
+    detail = _detail(kept)
+    tight = 1.0
+    if detail < MIN_DETAIL:
+        tight = float(close[counted].mean()) if counted.any() else 0.0
+        if tight < SAME_CAPTURE_CUT - 1e-9:
+            e = _colour_residuals(kept, other, warp)
+            tight = max(
+                tight, float(_medians_within(e, inside, TIGHT_TOLERANCE)[0][counted].mean())
+            )
+        if tight < SAME_CAPTURE_CUT - 1e-9:
+            # Settled without the moved maps (not measured: nan).
+            return Distinctiveness(float("nan"), float("nan"), 0, detail, tight)
+    # The same step in the kept image's own coordinates, to move it against itself.
+    to_kept = np.linalg.inv(warp[:, :2])
+    shares, textured, agreeing = [], 0, 0
+    for dx, dy in ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT)):
+        ro, io = residuals(kept, other, _moved_map(warp, dx, dy))
+        io &= inside
+        agrees, co = _medians_within(np.abs(ro) / contrast, io, TOLERANCE)
+        if io.sum() < 16 or not co.any():
+            shares.append(0.0)  # a moved map covering too little agrees on nothing
+            continue
+        shares.append(float(agrees[co].mean()))
+        # The kept image against itself moved by the same step, judged the same way.
+        step = to_kept @ np.array([dx, dy])
+        rs, own = _moved_self(kept, float(step[0]), float(step[1]))
+        unmoved, cs = _medians_within(rs / contrast, own & inside, TEXTURED)
+        tells = cs & co & counted & ~unmoved
+        textured += int(tells.sum())
+        agreeing += int((tells & agrees).sum())
+    return Distinctiveness(
+        float(np.mean(shares)),
+        agreeing / textured if textured else 0.0,
+        textured,
+        detail,
+        tight,
+        _squash(kept, other, warp),
+        _gain(kept, other, warp),
+    )
+
+
+def _gain(kept: Capture, other: Capture, warp: np.ndarray) -> float:
+    """The robust grey gain taking ``other`` under ``warp`` to ``kept``."""
+    grey = kept.levels[-1][0]
+    sampled, inside = _sample(other.levels[-1][:1], _unit_grid(*grey.shape) @ warp.T)
+    return _robust_fit(grey.ravel(), sampled[0], inside)[0]
+
+
+def _squash(kept: Capture, other: Capture, warp: np.ndarray) -> float:
+    """How much ``warp`` stretches one way against the other, in unit squares or in
+    pixels (whichever is less): a turn of a wide image is no squash in pixels, a whole
+    image stretched to another aspect none in unit squares."""
+    _, hk, wk = kept.levels[-1].shape
+    _, ho, wo = other.levels[-1].shape
+    linear = warp[:, :2]
+    pixels = np.diag([wo, ho]) @ linear @ np.diag([1 / wk, 1 / hk])
+    squashes = []
+    for m in (linear, pixels):
+        big, small = np.linalg.svd(m, compute_uv=False)
+        squashes.append(float(big / max(small, 1e-9)))
+    return min(squashes)
+
+
+# The kept image's residuals against itself moved by a step, for the last few (image,
+# step): a kept file is compared with each of its group's members, mostly under the same
+# step. Keyed by the capture's id, held by a weak reference that must still be that image.
+_MOVED_SELF: OrderedDict[
+    tuple[int, int, int], tuple[weakref.ref[Capture], np.ndarray, np.ndarray]
+] = OrderedDict()
+_MOVED_SELF_LOCK = threading.Lock()
+MOVED_SELF_CACHE = 64
+
+
+def _moved_self(kept: Capture, dx: float, dy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Absolute grey residuals of ``kept`` against itself moved by (dx, dy) of its side,
+    and which pixels the moved image covers (steps rounded to a thousandth)."""
+    key = (id(kept), round(dx * 1000), round(dy * 1000))
+    with _MOVED_SELF_LOCK:
+        found = _MOVED_SELF.get(key)
+        if found is not None and found[0]() is kept:
+            _MOVED_SELF.move_to_end(key)
+            return found[1], found[2]
+    r, inside = residuals(kept, kept, _moved_map(np.eye(2, 3), key[1] / 1000, key[2] / 1000))
+    r = np.abs(r)
+    # Shared by the pairs that find it here.
+    r.flags.writeable = False
+    inside.flags.writeable = False
+    with _MOVED_SELF_LOCK:
+        _MOVED_SELF[key] = (weakref.ref(kept), r, inside)
+        _MOVED_SELF.move_to_end(key)
+        while len(_MOVED_SELF) > MOVED_SELF_CACHE:
+            _MOVED_SELF.popitem(last=False)
+    return r, inside
+
+
+def _detail(kept: Capture) -> int:
+    """Patches of the kept image with fine detail: a mean absolute difference above
+    ``DETAIL_RESIDUAL`` of the contrast from itself moved by ``DETAIL_SHIFT`` of the side
+    across or down (the larger of the two)."""
+    grey = kept.levels[-1][0]
+    h, w = grey.shape
+    contrast = max(float(grey.std()), 0.02)
+    patch = _patch_of(h, w).reshape(h, w)
+    n = PATCHES * PATCHES
+    most = np.zeros(n)
+    sx, sy = max(1, round(DETAIL_SHIFT * w)), max(1, round(DETAIL_SHIFT * h))
+    for diff, cells in (
+        (grey[:, sx:] - grey[:, :-sx], patch[:, :-sx]),
+        (grey[sy:, :] - grey[:-sy, :], patch[:-sy, :]),
+    ):
+        total = np.bincount(cells.ravel(), weights=np.abs(diff).ravel() / contrast, minlength=n)
+        most = np.maximum(most, total / np.maximum(np.bincount(cells.ravel(), minlength=n), 1))
+    return int((most > DETAIL_RESIDUAL).sum())
