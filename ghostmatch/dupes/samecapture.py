@@ -183,6 +183,14 @@ class Agreement:
             return False
         return self.distinct is None or self.distinct.distinctive()
 
+    @property
+    def pinned(self) -> bool:
+        """The agreement holds only near its map: under the map moved by ``SHIFT`` less
+        than ``LOOSE_MOVED`` of the patches still agree (a pair that does not agree was
+        not measured and is not pinned). A photo's detail pins the map of its copies;
+        flat graphics agree under many maps, and only a squash or gain check tells."""
+        return self.distinct is not None and not self.distinct.moved >= LOOSE_MOVED
+
     def is_whole(self) -> bool:
         """The other image is the whole kept one, unmoved (re-encoded, resized, recoloured)."""
         close = float(np.abs(self.warp - np.eye(2, 3)).max()) <= IDENTITY_TOLERANCE
