@@ -23,7 +23,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,7 @@ QUARTER_TURNS = (90, 180, 270)
 
 # Tilt detection works on the image scaled to at most this side (enough to fit each edge's
 # line to a fraction of a degree, cheap beside embedding).
-TILT_SIDE = 256
+TILT_SIDE = 128
 # A pixel belongs to the fill when every channel is within this of the fill colour (JPEG
 # rings a few levels around the edge of a flat area).
 FILL_TOLERANCE = 40
@@ -121,10 +121,13 @@ def _corner_fill(pixels: np.ndarray) -> np.ndarray | None:
     return fill
 
 
-def find_tilt(image: Image.Image) -> Tilt | None:
+def find_tilt(image: Image.Image, sides_shown: bool = True) -> Tilt | None:
     """The tilt of ``image`` when its four corners are filled with one flat colour whose
     edges towards the content are straight lines at one angle (a photo turned by some
-    degrees and pasted on black or white), else None."""
+    degrees and pasted on black or white), else None. With ``sides_shown`` false, an
+    edge that only lies parallel to the picture's sides (the subject of a studio shot on
+    white corners, whose own sides are white) is taken for a tilt too: often wrong, so only
+    for a caller that checks what the straightened picture matches (:func:`screen`)."""
     pixels = _tilt_pixels(image)
     fill = _corner_fill(pixels)
     if fill is None:
@@ -150,7 +153,7 @@ def find_tilt(image: Image.Image) -> Tilt | None:
     # colour) are one only where the photo fills the canvas exactly as a turn onto a
     # canvas that holds all of it would: nothing outside that rectangle, and the edges
     # that do show lying on its sides.
-    if len(agreeing) < 3 and not _fits_canvas(content, degrees, agreeing):
+    if len(agreeing) < 3 and not _fits_canvas(content, degrees, agreeing, sides_shown):
         return None
     red, green, blue = (round(float(c)) for c in fill)
     return Tilt(degrees, (red, green, blue))
@@ -196,10 +199,15 @@ def _polygon_mask(shape: tuple[int, int], corners: list[tuple[float, float]]) ->
     return np.array(mask, dtype=bool)
 
 
-def _fits_canvas(content: np.ndarray, degrees: float, shown: Sequence[tuple[bool, bool]]) -> bool:
+def _fits_canvas(
+    content: np.ndarray,
+    degrees: float,
+    shown: Sequence[tuple[bool, bool]],
+    sides_shown: bool = True,
+) -> bool:
     """Whether ``content`` (the pixels that differ from the fill) is a picture turned by
     ``degrees`` onto a canvas that just holds it, one of the corners ``shown`` (flips from
-    the top-left one) showing its side of the picture."""
+    the top-left one) showing its side of the picture (unless not ``sides_shown``)."""
     h, w = content.shape
     outer = _canvas_rectangle(w, h, degrees, SIDE_BAND)
     inner = _canvas_rectangle(w, h, degrees, -SIDE_BAND)
@@ -208,6 +216,8 @@ def _fits_canvas(content: np.ndarray, degrees: float, shown: Sequence[tuple[bool
     outside = ~_polygon_mask((h, w), outer)
     if not outside.any() or content[outside].mean() > OUTSIDE_CONTENT:
         return False
+    if not sides_shown:
+        return True
     band = _polygon_mask((h, w), _canvas_rectangle(w, h, degrees) or inner)
     band &= ~_polygon_mask((h, w), inner)
     for flip_y, flip_x in shown:
@@ -280,8 +290,12 @@ def _fit_line(points: np.ndarray, tolerance: float = 1.5) -> tuple[np.ndarray, i
 
 
 def straighten(image: Image.Image, tilt: Tilt) -> Image.Image:
-    """``image`` turned back by its tilt and cut to the content's bounding box, less a
-    margin where the fill was blended in."""
+    """``image`` turned back by its tilt and cut to its picture, less a margin where the
+    fill was blended in. The picture is the rectangle that, tilted onto a canvas just
+    large enough to hold it, fills ``image``, when every content pixel lies inside it: a
+    picture whose own sides are the fill's colour (a studio shot on white) shows only its
+    subject, whose bounding box is not the picture. Otherwise (a canvas cut or padded
+    after the tilt) the picture is the content's bounding box."""
     rgb = image.convert("RGB")
     upright = rgb.rotate(
         -tilt.degrees, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=tilt.fill
@@ -297,11 +311,44 @@ def straighten(image: Image.Image, tilt: Tilt) -> Image.Image:
     cols = np.flatnonzero(per_col >= 0.5 * per_col.max())
     if len(rows) < 8 or len(cols) < 8:
         return rgb
-    top, bottom = rows[0] + EDGE_MARGIN, rows[-1] + 1 - EDGE_MARGIN
-    left, right = cols[0] + EDGE_MARGIN, cols[-1] + 1 - EDGE_MARGIN
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    picture = _picture_box(rgb.size, upright.size, tilt.degrees)
+    if picture is not None and _holds(picture, content):
+        box = picture
+    left, top = box[0] + EDGE_MARGIN, box[1] + EDGE_MARGIN
+    right, bottom = box[2] - EDGE_MARGIN, box[3] - EDGE_MARGIN
     if bottom - top < 8 or right - left < 8:
         return rgb
-    return upright.crop((int(left), int(top), int(right), int(bottom)))
+    return upright.crop((left, top, right, bottom))
+
+
+def _picture_box(
+    canvas: tuple[int, int], upright: tuple[int, int], degrees: float
+) -> tuple[int, int, int, int] | None:
+    """The box, in a ``canvas`` (width, height) turned back by ``degrees`` onto an
+    ``upright`` canvas, of the picture that tilted by ``degrees`` just fills ``canvas``."""
+    c, s = abs(math.cos(math.radians(degrees))), abs(math.sin(math.radians(degrees)))
+    det = c * c - s * s
+    if det <= 0:
+        return None
+    w = (canvas[0] * c - canvas[1] * s) / det
+    h = (canvas[1] * c - canvas[0] * s) / det
+    if min(w, h) < 8:
+        return None
+    left, top = (upright[0] - w) / 2, (upright[1] - h) / 2
+    return (round(left), round(top), round(left + w), round(top + h))
+
+
+def _holds(box: tuple[int, int, int, int], content: np.ndarray) -> bool:
+    """Whether (nearly) every content pixel lies in ``box`` (left, top, right, bottom),
+    give or take the blur of a side."""
+    inside = np.zeros_like(content)
+    grow = SIDE_BAND
+    inside[
+        max(0, box[1] - grow) : box[3] + grow,
+        max(0, box[0] - grow) : box[2] + grow,
+    ] = True
+    return float(content[~inside].sum()) <= OUTSIDE_CONTENT * max(1, int(content.sum()))
 
 
 # ---------------------------------------------------------------------------- views
@@ -480,36 +527,54 @@ def screen_pairs(
 
 @dataclass(frozen=True)
 class Screened:
-    """The views the screen asks for: ``turns`` of each image itself, and the ``tilts`` of
-    the tilted images (whose straightened picture is seen at every quarter-turn)."""
+    """The views the screen asks for: ``turns`` of each image itself, and for the tilted
+    images (``tilts``) the turns of their straightened picture (``tilt_turns``)."""
 
     turns: dict[int, set[int]]
     tilts: dict[int, Tilt]
+    tilt_turns: dict[int, set[int]] = field(default_factory=dict)
 
     @property
     def images(self) -> set[int]:
-        return set(self.turns) | set(self.tilts)
+        return set(self.turns) | set(self.tilt_turns)
+
+
+# The straightened picture of a tilted image, at some quarter-turn (with or without a
+# mirror), must correlate at least this with another image's thumbnail for its view at
+# that turn to be embedded. Set on the tuning half of ``python -m benchmarks.turns``'
+# tilted copies (their straightened thumbnails correlate 0.875 and more with their
+# sources'); the tilted photos of caltech101 itself (its rotated classes) meet nothing
+# above 0.83.
+TILT_CUT = 0.8
+# The side, in pixels, the screen decodes images to (at least, on the shorter side): a
+# JPEG is decoded at a reduced DCT scale, and corners, edges and thumbnails need no more.
+SCREEN_SIDE = 96
 
 
 def screen(
-    paths: Mapping[int, Path], side: int, on_batch: Callable[[int], None] | None = None
+    paths: Mapping[int, Path], side: int = SCREEN_SIDE, on_batch: Callable[[int], None] | None = None
 ) -> Screened:
     """Which images need views, from one small decode of each (:func:`screen_pairs` on
     thumbnails, :func:`find_tilt` on corners). Both images of a screened pair get their
     view: each finds the other, and each the other's upright copies (a copy kept over
-    the original must meet the turned copies itself, as the grouping never chains)."""
+    the original must meet the turned copies itself, as the grouping never chains). A
+    tilted image gets its straightened picture's view only at the turns at which that
+    picture's thumbnail meets another image's (:func:`tilt_turns`): most tilted photos
+    are no one's copy."""
     ids = list(paths)
     thumbs = np.zeros((len(ids), THUMB_SIDE * THUMB_SIDE), np.float32)
     tilts: dict[int, Tilt] = {}
+    straightened: dict[int, np.ndarray] = {}
 
     def work(n: int) -> None:
         image = decode(paths[ids[n]], side)
         if image is None:
             return
         thumbs[n] = thumbnail(image)
-        tilt = find_tilt(image)
+        tilt = find_tilt(image, sides_shown=False)
         if tilt is not None:
             tilts[ids[n]] = tilt
+            straightened[n] = thumbnail(straighten(image, tilt))
 
     with _pool() as pool:
         for start in range(0, len(ids), VIEW_BATCH):
@@ -522,7 +587,34 @@ def screen(
         other = b if mine == a else a
         turns.setdefault(ids[mine], set()).add(turn)
         turns.setdefault(ids[other], set()).add(back)
-    return Screened(turns, tilts)
+    found = tilt_turns(thumbs, straightened)
+    return Screened(turns, tilts, {ids[n]: t for n, t in found.items()})
+
+
+def tilt_turns(
+    thumbs: np.ndarray, straightened: Mapping[int, np.ndarray], cut: float = TILT_CUT
+) -> dict[int, set[int]]:
+    """For each row of ``thumbs`` in ``straightened`` (its straightened picture's
+    :func:`thumbnail`), the clockwise quarter-turns at which that thumbnail, or its
+    mirror image, correlates at least ``cut`` with the thumbnail of another row. The
+    descriptor tolerates the mirror, so a turn's view serves both."""
+    import faiss
+
+    if not straightened or len(thumbs) < 2:
+        return {}
+    rows = list(straightened)
+    index = faiss.IndexFlatIP(thumbs.shape[1])
+    index.add(np.ascontiguousarray(thumbs, dtype=np.float32))
+    mine = np.stack([straightened[n] for n in rows]).astype(np.float32)
+    found: dict[int, set[int]] = {}
+    # Two neighbours: one of them may be the tilted image's own canvas.
+    k = min(2, len(thumbs))
+    for turn, _, turned in _dihedral(mine):
+        scores, near = index.search(turned, k)
+        for m, n in enumerate(rows):
+            if any(s >= cut and j != n for s, j in zip(scores[m], near[m], strict=True)):
+                found.setdefault(n, set()).add(turn)
+    return found
 
 
 def embed_views(
@@ -548,8 +640,7 @@ def embed_views(
         if screened is None:
             return views_of(i, image, turns)
         made = [View(i, t) for t in sorted(screened.turns.get(i, ()))]
-        if i in screened.tilts:
-            made += [View(i, t, screened.tilts[i]) for t in (0, *QUARTER_TURNS)]
+        made += [View(i, t, screened.tilts[i]) for t in sorted(screened.tilt_turns.get(i, ()))]
         return made
 
     with _pool() as pool:
@@ -797,7 +888,7 @@ class TurnedCandidates:
         self.upright = upright
         # Views only of the images that need them: a cheap screen of every image's
         # thumbnail and corners picks the turned and the tilted ones.
-        screened = screen(paths, self.embedder.card.input_size)
+        screened = screen(paths)
         needed = {i: p for i, p in paths.items() if i in screened.images}
         views, view_vectors, self.pictures = embed_views(self.embedder, needed, screened=screened)
         found = view_pairs(
