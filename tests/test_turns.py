@@ -131,6 +131,46 @@ def test_a_light_photo_tilted_onto_white_is_measured(
     assert tilt.fill == (255, 255, 255) or min(tilt.fill) >= 248
 
 
+@pytest.mark.parametrize(
+    ("size", "at", "sides_shown"), [((200, 120), (60, 60), True), ((120, 80), (30, 30), False)]
+)
+def test_a_studio_shot_tilted_onto_white_is_straightened_to_its_whole_picture(
+    size: tuple[int, int], at: tuple[int, int], sides_shown: bool
+) -> None:
+    # Coffee inside a white picture: tilted onto white, the picture's own sides show no
+    # edge, only the subject's, which lie parallel to them (in three corners, or in one).
+    original = light_photo(size, at)
+    copy = jpeg(tilted(original, 30.0, (255, 255, 255)))
+    assert (find_tilt(copy) is not None) == sides_shown
+    tilt = find_tilt(copy, sides_shown=False)
+    assert tilt is not None and tilt.degrees == pytest.approx(30.0, abs=1.0)
+    upright = straighten(copy, tilt)
+    # The whole picture, not the subject's bounding box.
+    assert abs(upright.width - 316) <= 4 and abs(upright.height - 236) <= 4
+    diff = np.abs(
+        np.asarray(upright.resize((316, 236)), np.int16)
+        - np.asarray(original.crop((2, 2, 318, 238)), np.int16)
+    )
+    assert np.median(diff) < 12
+
+
+def test_a_tilted_image_gets_views_only_where_its_picture_meets_another(tmp_path: Path) -> None:
+    from ghostmatch.dupes.turns import screen
+
+    photo("rocket").save(tmp_path / "rocket.jpg", quality=92)
+    tilted(photo("rocket"), 20.0, (0, 0, 0)).save(tmp_path / "rocket-tilt20.jpg", quality=90)
+    # Tilted too, but a copy of nothing here.
+    lonely = Image.fromarray(data.coins()).convert("RGB")
+    tilted(lonely, -25.0, (0, 0, 0)).save(tmp_path / "coins-tilt25.jpg", quality=90)
+    paths = dict(enumerate(sorted(tmp_path.iterdir())))
+    names = {i: p.name for i, p in paths.items()}
+    found = screen(paths)
+    assert {names[i] for i in found.tilts} == {"rocket-tilt20.jpg", "coins-tilt25.jpg"}
+    # The straightened rocket is the upright rocket: its view at no turn, and nothing else.
+    assert {names[i]: t for i, t in found.tilt_turns.items()} == {"rocket-tilt20.jpg": {0}}
+    assert {names[i] for i in found.images} == {"rocket-tilt20.jpg"}
+
+
 def test_an_edge_in_one_corner_that_misses_the_canvas_is_no_tilt() -> None:
     # A white picture crossed by one dark bar at 20 degrees: the top-left corner shows a
     # straight edge, but pixels lie where the corners of a tilted picture would be fill.
