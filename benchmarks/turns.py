@@ -14,10 +14,10 @@ plain query). Precision counts the (kept, member) pairs of one source; the other
 another shot of an object, a pair of synthetic images, or unrelated.
 
 The tilt detector's constants were set on scikit-image photos and the screen's cut for
-tilted images (``TILT_CUT``) on the first half of the sources (by file name); the figures
-for tilted copies are given for both halves in the JSON.
+tilted images (``TILT_CUT``) on the first half (by file name) of the full run's sources;
+the JSON gives the figures of ``dupes`` for that half and for the held-out rest.
 
-The cost is measured a second way, on a library that is mostly not turned: 1,000 other
+The cost is measured a second way, on a library that is mostly not turned: 1,000
 caltech101 test photos among which 27 (three per kind above) are copied, 2.6% turned or
 tilted copies, ``find_duplicates`` with and without turns, CPU seconds of each (the
 lower of two runs).
@@ -226,7 +226,7 @@ def measure_all(report: Report, settings: Settings, work: Path, photos: Sequence
         timings["dupes_s"] = time.perf_counter() - start
         timings["dupes_cpu_s"] = time.process_time() - cpu
         images = lib.catalog.count()
-    describe(report, copies, shots, one, plain, turned, timings)
+    describe(report, copies, shots, one, plain, turned, timings, tuning_half(photos))
     measure_library(report, settings, work / "library", photos)
     report.details.update(
         {
@@ -354,6 +354,7 @@ def describe(
     plain: Sequence[DuplicateGroup],
     turned: Sequence[DuplicateGroup],
     timings: dict[str, float],
+    tuning: set[str],
 ) -> None:
     upright = "without rotation handling"
     details: dict[str, Any] = {}
@@ -398,13 +399,12 @@ def describe(
                 _share([r["rank_plain"] == 1 for r in rows]),
             )
         )
-        tuning = tuning_half(copies)
         details[variant.name] = {
             "dupes_found_tuning": _share(
-                [f for (f, _), c in zip(found, mine, strict=True) if c.source in tuning]
+                [f for (f, _), c in zip(found, mine, strict=True) if c.source.name in tuning]
             ),
             "dupes_found_held_out": _share(
-                [f for (f, _), c in zip(found, mine, strict=True) if c.source not in tuning]
+                [f for (f, _), c in zip(found, mine, strict=True) if c.source.name not in tuning]
             ),
             "dupes_turn_right": _share([t for f, t in found if f]),
             "of_turn_right": _share([r["turn_right"] for r in rows if r["found"]]),
@@ -472,11 +472,13 @@ def describe(
     )
 
 
-def tuning_half(copies: Sequence[Copy]) -> set[Path]:
-    """The first half of the sources by name, on which the screen's cut for tilted images
-    was set; the rest are held out."""
-    sources = sorted({c.source for c in copies})
-    return set(sources[: len(sources) // 2])
+def tuning_half(photos: Sequence[Any]) -> set[str]:
+    """The file names (as linked) of the first half, by name, of the full run's sources,
+    on which the screen's cut for tilted images was set; the other sources, and those of
+    ``--quick`` that are not among them, are held out."""
+    sources, _ = split_photos(photos, SOURCES, DISTRACTORS, SEED)
+    names = sorted(f"{p.label}-{p.path.name}" for p in sources)
+    return set(names[: len(names) // 2])
 
 
 def _share(values: Sequence[bool]) -> float:

@@ -7,9 +7,9 @@ images that a thumbnail screen pairs with a turned partner (:func:`screen`): tur
 clockwise by 90, 180 or 270 degrees (the descriptor itself tolerates a
 mirror, but a mirror image turned by 270 is that turn from both of its files, so the
 other side of a pair cannot stand in for a 270 view), and for an image tilted onto a
-larger canvas with filled corners, the image straightened and cut back to its content. A
-view's pair is then verified on the view itself, so the geometric stage sees an upright
-copy.
+larger canvas with filled corners, the image straightened and cut back to its picture,
+at the turns where that picture's thumbnail meets another image's. A view's pair is then
+verified on the view itself, so the geometric stage sees an upright copy.
 
 Turns here are clockwise degrees. A pair's relation is kept as "``owner`` turned by
 ``turn`` (straightened first when ``straightened``), then mirrored when ``flipped``, lines
@@ -97,7 +97,7 @@ class Tilt:
 
 def _tilt_pixels(image: Image.Image) -> np.ndarray:
     """``image`` as (h, w, 3) int16 RGB at most ``TILT_SIDE`` pixels on its longer side."""
-    small = image.convert("RGB")
+    small = image if image.mode == "RGB" else image.convert("RGB")
     scale = TILT_SIDE / max(small.size)
     if scale < 1:
         small = small.resize(
@@ -546,9 +546,11 @@ class Screened:
 # sources'); the tilted photos of caltech101 itself (its rotated classes) meet nothing
 # above 0.83.
 TILT_CUT = 0.8
-# The side, in pixels, the screen decodes images to (at least, on the shorter side): a
-# JPEG is decoded at a reduced DCT scale, and corners, edges and thumbnails need no more.
-SCREEN_SIDE = 96
+# The side, in pixels, the screen decodes images to (at least, on the shorter side; a
+# JPEG at a reduced DCT scale): the bundled model's input size. At 96 the thumbnails of
+# two held-out turned copies in 500 fell under the cut (``benchmarks.turn_screen``), and
+# photos of caltech101's size decoded no faster.
+SCREEN_SIDE = 160
 
 
 def screen(
