@@ -187,6 +187,24 @@ def test_straighten_with_a_tilt_of_nothing_keeps_the_image() -> None:
     assert straighten(blank, Tilt(10.0, (0, 0, 0))).size == (60, 40)
 
 
+def test_a_tilted_file_is_not_kept_over_an_upright_one_of_about_its_pixels() -> None:
+    from ghostmatch.dupes.groups import DuplicateMember
+    from ghostmatch.dupes.turns import by_picture
+
+    def member(name: str, width: int, height: int) -> DuplicateMember:
+        return DuplicateMember(Path(name), 1.0, "keep", width, height, 10_000, 0)
+
+    # The tilted canvas's picture measured a little large (its angle taken a few degrees
+    # off): 96,000 pixels against the upright file's 90,000.
+    members = {1: member("upright.jpg", 300, 300), 2: member("tilted.jpg", 400, 400)}
+    ranked = by_picture(members, {2: 0.6})
+    assert ranked[2].width * ranked[2].height < ranked[1].width * ranked[1].height
+    # A picture with clearly more pixels is still the one to keep.
+    larger = by_picture({**members, 2: member("tilted.jpg", 600, 600)}, {2: 0.6})
+    assert larger[2].width * larger[2].height > ranked[1].width * ranked[1].height
+    assert ranked[1] == members[1]
+
+
 # ---------------------------------------------------------------------------- the finder
 
 

@@ -823,17 +823,24 @@ def verify_turned(
     return checked
 
 
+# The share of a tilted image's picture pixels that the keep rule counts: an upright file
+# of about as many pixels is kept over it.
+TILTED_PIXELS = 0.8
+
+
 def by_picture(
     members: Mapping[int, DuplicateMember], pictures: Mapping[int, float]
 ) -> dict[int, DuplicateMember]:
     """``members`` as the keep rule should rank them: a tilted image counts only the
     pixels of its picture (``pictures``: the share of each tilted image's pixels that is
     picture), not its filled corners, so that the larger canvas of a tilt does not make it
-    the file kept over its upright original."""
+    the file kept over its upright original; and only ``TILTED_PIXELS`` of those, since a
+    picture measured from an angle a degree or two off (one taken from its subject's
+    edges) comes out larger than it is, and a tilt has resampled every pixel anyway."""
     ranked = dict(members)
     for i, share in pictures.items():
-        if i in ranked and share < 1.0:
-            m, side = ranked[i], math.sqrt(share)
+        if i in ranked:
+            m, side = ranked[i], math.sqrt(share * TILTED_PIXELS)
             ranked[i] = replace(m, width=int(m.width * side), height=int(m.height * side))
     return ranked
 
