@@ -187,6 +187,21 @@ def test_straighten_with_a_tilt_of_nothing_keeps_the_image() -> None:
     assert straighten(blank, Tilt(10.0, (0, 0, 0))).size == (60, 40)
 
 
+def test_two_unrelated_tilted_canvases_get_no_turned_views(tmp_path: Path) -> None:
+    from ghostmatch.dupes.turns import screen
+
+    # Dull square photos tilted alike onto black: turned by 180, their canvases match by
+    # their corners alone.
+    for name in ("rocket", "coffee", "chelsea"):
+        pixels = np.asarray(photo(name).resize((300, 300)), np.float32)
+        dull = 110 + (pixels - pixels.mean()) * 0.15
+        picture = Image.fromarray(dull.clip(0, 255).astype(np.uint8))
+        tilted(picture, -30.0, (0, 0, 0)).save(tmp_path / f"{name}.jpg", quality=90)
+    found = screen(dict(enumerate(sorted(tmp_path.iterdir()))))
+    assert len(found.tilts) == 3
+    assert found.turns == {} and found.images == set()
+
+
 def test_a_tilted_file_is_not_kept_over_an_upright_one_of_about_its_pixels() -> None:
     from ghostmatch.dupes.groups import DuplicateMember
     from ghostmatch.dupes.turns import by_picture

@@ -609,6 +609,11 @@ def screen(
                 on_batch(len(chunk))
     turns: dict[int, set[int]] = {}
     for (a, b), (mine, turn, back) in screen_pairs(thumbs).items():
+        # Two tilted canvases line up turned by their fill alone (a tilt turned by 90 is
+        # the same tilt): their thumbnails, and the geometric check, see the corners. A
+        # tilted image meets its copies through its straightened picture instead.
+        if ids[a] in tilts and ids[b] in tilts:
+            continue
         other = b if mine == a else a
         turns.setdefault(ids[mine], set()).add(turn)
         turns.setdefault(ids[other], set()).add(back)
