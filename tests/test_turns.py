@@ -187,7 +187,7 @@ def test_straighten_with_a_tilt_of_nothing_keeps_the_image() -> None:
     assert straighten(blank, Tilt(10.0, (0, 0, 0))).size == (60, 40)
 
 
-def test_two_unrelated_tilted_canvases_get_no_turned_views(tmp_path: Path) -> None:
+def test_tilted_canvases_get_turned_views_only_of_their_own_picture(tmp_path: Path) -> None:
     from ghostmatch.dupes.turns import screen
 
     # Dull square photos tilted alike onto black: turned by 180, their canvases match by
@@ -197,9 +197,13 @@ def test_two_unrelated_tilted_canvases_get_no_turned_views(tmp_path: Path) -> No
         dull = 110 + (pixels - pixels.mean()) * 0.15
         picture = Image.fromarray(dull.clip(0, 255).astype(np.uint8))
         tilted(picture, -30.0, (0, 0, 0)).save(tmp_path / f"{name}.jpg", quality=90)
-    found = screen(dict(enumerate(sorted(tmp_path.iterdir()))))
-    assert len(found.tilts) == 3
-    assert found.turns == {} and found.images == set()
+    # And a tilted photo turned by 90: it is one of them.
+    turn_image(Image.open(tmp_path / "coffee.jpg"), 90).save(tmp_path / "coffee-cw90.jpg")
+    paths = dict(enumerate(sorted(tmp_path.iterdir())))
+    names = {i: p.name for i, p in paths.items()}
+    found = screen(paths)
+    assert len(found.tilts) == 4
+    assert {names[i] for i in found.turns} == {"coffee.jpg", "coffee-cw90.jpg"}
 
 
 def test_a_tilted_file_is_not_kept_over_an_upright_one_of_about_its_pixels() -> None:

@@ -610,15 +610,22 @@ def screen(
     turns: dict[int, set[int]] = {}
     for (a, b), (mine, turn, back) in screen_pairs(thumbs).items():
         # Two tilted canvases line up turned by their fill alone (a tilt turned by 90 is
-        # the same tilt): their thumbnails, and the geometric check, see the corners. A
-        # tilted image meets its copies through its straightened picture instead.
-        if ids[a] in tilts and ids[b] in tilts:
+        # the same tilt): their thumbnails, and the geometric check, see the corners. So
+        # their straightened pictures must meet as well.
+        if a in straightened and b in straightened and not _pictures_meet(straightened, a, b):
             continue
         other = b if mine == a else a
         turns.setdefault(ids[mine], set()).add(turn)
         turns.setdefault(ids[other], set()).add(back)
     found = tilt_turns(thumbs, straightened)
     return Screened(turns, tilts, {ids[n]: t for n, t in found.items()})
+
+
+def _pictures_meet(straightened: Mapping[int, np.ndarray], a: int, b: int) -> bool:
+    """Whether the straightened thumbnails of rows ``a`` and ``b`` correlate at least
+    ``TILT_CUT`` at some quarter-turn, with or without a mirror."""
+    variants = np.stack([v[0] for _, _, v in _dihedral(straightened[a][None])])
+    return bool((variants @ straightened[b]).max() >= TILT_CUT)
 
 
 def tilt_turns(
