@@ -204,6 +204,8 @@ def test_tilted_canvases_get_turned_views_only_of_their_own_picture(tmp_path: Pa
     found = screen(paths)
     assert len(found.tilts) == 4
     assert {names[i] for i in found.turns} == {"coffee.jpg", "coffee-cw90.jpg"}
+    # The only pair of tilted images whose turned views may be checked against each other.
+    assert [{names[a], names[b]} for a, b in found.pairs] == [{"coffee.jpg", "coffee-cw90.jpg"}]
 
 
 def test_a_tilted_file_is_not_kept_over_an_upright_one_of_about_its_pixels() -> None:

@@ -545,11 +545,13 @@ def screen_pairs(
 @dataclass(frozen=True)
 class Screened:
     """The views the screen asks for: ``turns`` of each image itself, and for the tilted
-    images (``tilts``) the turns of their straightened picture (``tilt_turns``)."""
+    images (``tilts``) the turns of their straightened picture (``tilt_turns``);
+    ``pairs``: the pairs of ids (low first) whose thumbnails met turned."""
 
     turns: dict[int, set[int]]
     tilts: dict[int, Tilt]
     tilt_turns: dict[int, set[int]] = field(default_factory=dict)
+    pairs: set[tuple[int, int]] = field(default_factory=set)
 
     @property
     def images(self) -> set[int]:
@@ -608,6 +610,7 @@ def screen(
             if on_batch is not None:
                 on_batch(len(chunk))
     turns: dict[int, set[int]] = {}
+    pairs = set()
     for (a, b), (mine, turn, back) in screen_pairs(thumbs).items():
         # Two tilted canvases line up turned by their fill alone (a tilt turned by 90 is
         # the same tilt): their thumbnails, and the geometric check, see the corners. So
@@ -617,8 +620,9 @@ def screen(
         other = b if mine == a else a
         turns.setdefault(ids[mine], set()).add(turn)
         turns.setdefault(ids[other], set()).add(back)
+        pairs.add((min(ids[a], ids[b]), max(ids[a], ids[b])))
     found = tilt_turns(thumbs, straightened)
-    return Screened(turns, tilts, {ids[n]: t for n, t in found.items()})
+    return Screened(turns, tilts, {ids[n]: t for n, t in found.items()}, pairs)
 
 
 def _pictures_meet(straightened: Mapping[int, np.ndarray], a: int, b: int) -> bool:
@@ -951,6 +955,14 @@ class TurnedCandidates:
             for p in found
             if p.score > upright.get(p.key, -math.inf)
             and hashes[p.owner] != hashes[p.other]
+            # A turned view of a tilted canvas meets other tilted canvases by their
+            # corners: two tilted images pair by a turn only as the screen paired them.
+            and not (
+                p.tilt is None
+                and p.owner in screened.tilts
+                and p.other in screened.tilts
+                and p.key not in screened.pairs
+            )
             and (paths[p.owner], paths[p.other]) not in ignored
             and (paths[p.other], paths[p.owner]) not in ignored
         }
