@@ -25,13 +25,19 @@ from benchmarks.data import CALTECH, Photo, sample
 from benchmarks.report import Figure, Report, run_and_save
 from benchmarks.settings import RESULTS, Settings, default_weights
 from benchmarks.turns import QUARTER
-from ghostmatch.dupes.turns import THUMB_CUT, THUMB_MARGIN, decode, screen_pairs, thumbnail
+from ghostmatch.dupes.turns import (
+    SCREEN_SIDE,
+    THUMB_CUT,
+    THUMB_MARGIN,
+    decode,
+    screen_pairs,
+    thumbnail,
+)
 
 SOURCES, SOURCES_QUICK = 200, 80
 OTHERS, OTHERS_QUICK = 800, 240
 SEED = 29
 CUTS = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-SIDE = 224
 
 
 def caltech_train(root: Path = CALTECH) -> list[Photo] | None:
@@ -46,7 +52,7 @@ def thumbnails(paths: Sequence[Path]) -> np.ndarray:
     """Each file's thumbnail as the finder's screen decodes it."""
     rows = []
     for path in paths:
-        image = decode(path, SIDE)
+        image = decode(path, SCREEN_SIDE)
         rows.append(thumbnail(image) if image is not None else np.zeros(256, np.float32))
     return np.stack(rows)
 

@@ -131,6 +131,46 @@ def test_a_light_photo_tilted_onto_white_is_measured(
     assert tilt.fill == (255, 255, 255) or min(tilt.fill) >= 248
 
 
+@pytest.mark.parametrize(
+    ("size", "at", "sides_shown"), [((200, 120), (60, 60), True), ((120, 80), (30, 30), False)]
+)
+def test_a_studio_shot_tilted_onto_white_is_straightened_to_its_whole_picture(
+    size: tuple[int, int], at: tuple[int, int], sides_shown: bool
+) -> None:
+    # Coffee inside a white picture: tilted onto white, the picture's own sides show no
+    # edge, only the subject's, which lie parallel to them (in three corners, or in one).
+    original = light_photo(size, at)
+    copy = jpeg(tilted(original, 30.0, (255, 255, 255)))
+    assert (find_tilt(copy) is not None) == sides_shown
+    tilt = find_tilt(copy, sides_shown=False)
+    assert tilt is not None and tilt.degrees == pytest.approx(30.0, abs=1.0)
+    upright = straighten(copy, tilt)
+    # The whole picture, not the subject's bounding box.
+    assert abs(upright.width - 316) <= 4 and abs(upright.height - 236) <= 4
+    diff = np.abs(
+        np.asarray(upright.resize((316, 236)), np.int16)
+        - np.asarray(original.crop((2, 2, 318, 238)), np.int16)
+    )
+    assert np.median(diff) < 12
+
+
+def test_a_tilted_image_gets_views_only_where_its_picture_meets_another(tmp_path: Path) -> None:
+    from ghostmatch.dupes.turns import screen
+
+    photo("rocket").save(tmp_path / "rocket.jpg", quality=92)
+    tilted(photo("rocket"), 20.0, (0, 0, 0)).save(tmp_path / "rocket-tilt20.jpg", quality=90)
+    # Tilted too, but a copy of nothing here.
+    lonely = Image.fromarray(data.coins()).convert("RGB")
+    tilted(lonely, -25.0, (0, 0, 0)).save(tmp_path / "coins-tilt25.jpg", quality=90)
+    paths = dict(enumerate(sorted(tmp_path.iterdir())))
+    names = {i: p.name for i, p in paths.items()}
+    found = screen(paths)
+    assert {names[i] for i in found.tilts} == {"rocket-tilt20.jpg", "coins-tilt25.jpg"}
+    # The straightened rocket is the upright rocket: its view at no turn, and nothing else.
+    assert {names[i]: t for i, t in found.tilt_turns.items()} == {"rocket-tilt20.jpg": {0}}
+    assert {names[i] for i in found.images} == {"rocket-tilt20.jpg"}
+
+
 def test_an_edge_in_one_corner_that_misses_the_canvas_is_no_tilt() -> None:
     # A white picture crossed by one dark bar at 20 degrees: the top-left corner shows a
     # straight edge, but pixels lie where the corners of a tilted picture would be fill.
@@ -145,6 +185,45 @@ def test_an_edge_in_one_corner_that_misses_the_canvas_is_no_tilt() -> None:
 def test_straighten_with_a_tilt_of_nothing_keeps_the_image() -> None:
     blank = Image.new("RGB", (60, 40), (0, 0, 0))
     assert straighten(blank, Tilt(10.0, (0, 0, 0))).size == (60, 40)
+
+
+def test_tilted_canvases_get_turned_views_only_of_their_own_picture(tmp_path: Path) -> None:
+    from ghostmatch.dupes.turns import screen
+
+    # Dull square photos tilted alike onto black: turned by 180, their canvases match by
+    # their corners alone.
+    for name in ("rocket", "coffee", "chelsea"):
+        pixels = np.asarray(photo(name).resize((300, 300)), np.float32)
+        dull = 110 + (pixels - pixels.mean()) * 0.15
+        picture = Image.fromarray(dull.clip(0, 255).astype(np.uint8))
+        tilted(picture, -30.0, (0, 0, 0)).save(tmp_path / f"{name}.jpg", quality=90)
+    # And a tilted photo turned by 90: it is one of them.
+    turn_image(Image.open(tmp_path / "coffee.jpg"), 90).save(tmp_path / "coffee-cw90.jpg")
+    paths = dict(enumerate(sorted(tmp_path.iterdir())))
+    names = {i: p.name for i, p in paths.items()}
+    found = screen(paths)
+    assert len(found.tilts) == 4
+    assert {names[i] for i in found.turns} == {"coffee.jpg", "coffee-cw90.jpg"}
+    # The only pair of tilted images whose turned views may be checked against each other.
+    assert [{names[a], names[b]} for a, b in found.pairs] == [{"coffee.jpg", "coffee-cw90.jpg"}]
+
+
+def test_a_tilted_file_is_not_kept_over_an_upright_one_of_about_its_pixels() -> None:
+    from ghostmatch.dupes.groups import DuplicateMember
+    from ghostmatch.dupes.turns import by_picture
+
+    def member(name: str, width: int, height: int) -> DuplicateMember:
+        return DuplicateMember(Path(name), 1.0, "keep", width, height, 10_000, 0)
+
+    # The tilted canvas's picture measured a little large (its angle taken a few degrees
+    # off): 96,000 pixels against the upright file's 90,000.
+    members = {1: member("upright.jpg", 300, 300), 2: member("tilted.jpg", 400, 400)}
+    ranked = by_picture(members, {2: 0.6})
+    assert ranked[2].width * ranked[2].height < ranked[1].width * ranked[1].height
+    # A picture with clearly more pixels is still the one to keep.
+    larger = by_picture({**members, 2: member("tilted.jpg", 600, 600)}, {2: 0.6})
+    assert larger[2].width * larger[2].height > ranked[1].width * ranked[1].height
+    assert ranked[1] == members[1]
 
 
 # ---------------------------------------------------------------------------- the finder

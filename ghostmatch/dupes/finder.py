@@ -132,7 +132,8 @@ class DuplicateFinder:
         ``progress(stage, done, total)`` counts the files the grouping has visited.
         ``turned``: copies turned by a quarter-turn or tilted are found too, through turned
         and straightened views (``ghostmatch.dupes.turns``), tier ``edited`` with their turn;
-        off by default, since it costs about 1.7 times the plain search (README).
+        off by default, since it costs 1.7 times the plain search on a set of many turned
+        copies and 3.9 times on a mostly upright library (README).
         """
         normalised = self.normalised_scores
         t = (
