@@ -147,7 +147,8 @@ def test_a_region_pair_must_agree_only_near_its_map(tmp_path: Path) -> None:
     # Two independent flat-shape pictures that ``python -m benchmarks.othershots
     # --synthetic-only 1000`` found through a region match: their rectangles line up under
     # a loose map, which still agrees when moved. Only the whole-image descriptors could
-    # bring such a pair; a region pair must be pinned to its map.
+    # bring such a pair; a region pair with a loose map must be an unchanged crop, and
+    # this one is squashed and its contrast scaled.
     from benchmarks import synthetic
     from ghostmatch.dupes.finder import PairJudge
     from ghostmatch.dupes.samecapture import agreement, prepare_capture
@@ -167,5 +168,5 @@ def test_a_region_pair_must_agree_only_near_its_map(tmp_path: Path) -> None:
         judge = PairJudge(lib.finder.model, records, 0.0, 24)
         pair = [(ids["other.png"], 1.0)]
         assert judge(ids["kept.png"], pair) == {ids["other.png"]: "edited"}
-        judge.pinned_only = True
+        judge.crops_only = True
         assert judge(ids["kept.png"], pair)[ids["other.png"]] != "edited"

@@ -205,19 +205,16 @@ class DuplicateFinder:
                 tiers = judge(leader, [(j, _pair(scores, leader, j)) for j in plain])
                 if len(plain) < len(others):
                     # A crop shares fewer local features with its source, in proportion to
-                    # what it keeps; the dense agreement still decides same capture, and
-                    # must be pinned to its map: a pair that the whole-image descriptors
-                    # did not bring together has no other evidence (between independent
-                    # flat graphics, a region match and a loose map: 2 pairs in 1,000
-                    # synthetic images).
+                    # what it keeps; the dense agreement still decides same capture, and a
+                    # loose one only for an unchanged crop (``PairJudge._same``).
                     crops = [j for j in others if j not in tiers]
                     judge.min_inliers = min(needed, REGION_MIN_INLIERS)
-                    judge.pinned_only = True
+                    judge.crops_only = True
                     try:
                         tiers.update(judge(leader, [(j, _pair(scores, leader, j)) for j in crops]))
                     finally:
                         judge.min_inliers = needed
-                        judge.pinned_only = False
+                        judge.crops_only = False
                 return tiers
             kept = records[leader]
             return {
@@ -526,9 +523,10 @@ class PairJudge:
         self.records = records
         self.threshold = threshold
         self.min_inliers = min_inliers
-        # When set, an agreement counts only where it is pinned (``Agreement.pinned``):
-        # for pairs that only regional descriptors made candidates.
-        self.pinned_only = False
+        # Set while judging pairs that only regional descriptors made candidates: an
+        # agreement that its map does not pin (``Agreement.pinned``) then counts only as
+        # an unchanged crop (see ``_same``).
+        self.crops_only = False
         self.crowded = crowded
         self.model = model
         self._maps: _MapCache | None = None
@@ -605,7 +603,16 @@ class PairJudge:
         return tiers
 
     def _same(self, found: Agreement) -> bool:
-        return found.same_capture and (found.pinned or not self.pinned_only)
+        if not found.same_capture:
+            return False
+        if found.pinned or not self.crops_only or found.distinct is None:
+            return True
+        # Nothing but flat areas holds the map, and no whole-image match backs the pair: it
+        # counts only as a crop, which keeps its source's pixels, neither squashed nor
+        # recoloured (between independent flat-shape pictures, region matches lined up by
+        # a loose map gained or lost a third of the contrast).
+        d = found.distinct
+        return d.squash <= CROP_LOOSE_SQUASH and 1 / CROP_LOOSE_GAIN <= d.gain <= CROP_LOOSE_GAIN
 
     def _aligned(self, leader: int, pairs: list[tuple[int, float]]) -> list[str | None]:
         """The tiers of pairs that the identity map does not align, in order."""
@@ -682,6 +689,13 @@ def _member(record: ImageRecord, score: float, tier: str, turn: int = 0) -> Dupl
 # The local features a pair found through regional descriptors needs on one transform (a
 # crop to 60% keeps about a third of its source's area, and as many of its features).
 REGION_MIN_INLIERS = 24
+# A pair found through regional descriptors alone whose map only flat areas hold
+# (``Agreement.pinned`` false) must be an unchanged crop: squashed at most this much and
+# its grey gain within this factor. Loose crops to 60% of photos measured at most 1.03 and
+# within 0.97-1.00 (``python -m benchmarks.othershots``, full set); two pairs of independent
+# flat-shape pictures (``--synthetic-only 1000``) 1.07 and 1.15, gains 0.63 and 1.88.
+CROP_LOOSE_SQUASH = 1.05
+CROP_LOOSE_GAIN = 1.1
 # A file keeps at most this many candidate partners (best first), besides byte-identical
 # ones; a file with more is crowded (see PairJudge).
 MAX_CANDIDATES = 16
