@@ -194,3 +194,12 @@ def test_synthetic_timing_draws_its_images_from_the_seed_asked(tmp_path: Path) -
     expected = np.asarray(synthetic.make_image("noise", 0, 8))
     assert np.array_equal(np.asarray(Image.open(made[0]).convert("RGB")), expected)
     assert not (tmp_path / "synthetic-4").exists()
+
+
+def test_synthetic_timing_times_a_new_index_each_run(tmp_path: Path) -> None:
+    # The images are kept between runs, the index is not: an index already up to date
+    # would embed nothing and time next to nothing.
+    settings = Settings(quick=True, weights="random", out=tmp_path)
+    for _ in range(2):
+        report = othershots.synthetic_timing(settings, 4, tmp_path)
+        assert report.details["embedded"] == 4
