@@ -691,7 +691,7 @@ def _member(record: ImageRecord, score: float, tier: str, turn: int = 0) -> Dupl
 REGION_MIN_INLIERS = 24
 # A pair found through regional descriptors alone whose map only flat areas hold
 # (``Agreement.pinned`` false) must be an unchanged crop: squashed at most this much and
-# its grey gain within this factor. Loose crops to 60% of photos measured at most 1.03 and
+# its grey gain within this factor. Copies accepted through a loose map measured at most 1.03 and
 # within 0.97-1.00 (``python -m benchmarks.othershots``, full set); two pairs of independent
 # flat-shape pictures (``--synthetic-only 1000``) 1.07 and 1.15, gains 0.63 and 1.88.
 CROP_LOOSE_SQUASH = 1.05
