@@ -181,16 +181,19 @@ class Embedder:
             out = self._session.run(None, {"images": batch})[0]
             return np.ascontiguousarray(out, dtype=np.float32)
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device)
-            if self.runtime != "eager":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self.device == "cuda":
-                with torch.autocast("cuda", dtype=torch.float16):
-                    y = self._model(x)
-            else:
-                y = self._model(x)
-            y = torch.nn.functional.normalize(y.float(), dim=1)
+            y = torch.nn.functional.normalize(self._run(self._model, batch).float(), dim=1)
         return np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)
+
+    def _run(self, model: nn.Module, batch: np.ndarray) -> Any:
+        """``model`` on ``batch`` (NCHW float32) on this embedder's device, channels-last
+        unless eager, in fp16 autocast on CUDA; call under ``torch.inference_mode``."""
+        x = torch.from_numpy(batch).to(self.device)
+        if self.runtime != "eager":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.device == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return model(x)
+        return model(x)
 
     def embed_with_regions(self, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Descriptors (n, dim) and regional descriptors (n, REGIONS, dim), float32, from one
@@ -208,14 +211,7 @@ class Embedder:
         else:
             model = RegionalDescriptor(self._model)  # type: ignore[arg-type]
             with torch.inference_mode():
-                x = torch.from_numpy(batch).to(self.device)
-                if self.runtime != "eager":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if self.device == "cuda":
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        w, r = model(x)
-                else:
-                    w, r = model(x)
+                w, r = self._run(model, batch)
                 # Normalised again in fp32, as embed_arrays does (fp16 under autocast).
                 whole = torch.nn.functional.normalize(w.float(), dim=1).cpu().numpy()
                 parts = torch.nn.functional.normalize(r.float(), dim=2).cpu().numpy()

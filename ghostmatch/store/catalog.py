@@ -986,17 +986,25 @@ class Catalog:
 
         An empty result has shape (0, 0): the catalog does not know the dimension.
         """
-        query = select(_IMAGES.c.id, _IMAGES.c.vector)
+        order, blobs = self._blobs(_IMAGES.c.id, _IMAGES.c.vector, ids)
+        return order, _stack(blobs)
+
+    def _blobs(
+        self, key: Any, column: Any, ids: Sequence[int] | None
+    ) -> tuple[NDArray[np.int64], list[bytes]]:
+        """(ids, blobs) of ``column`` keyed by image id ``key``: every row by id, or the
+        rows of those of ``ids`` that exist, in the order of ``ids``."""
+        query = select(key, column)
         found: dict[int, bytes] = {}
         with self._read() as conn:
             if ids is None:
-                found.update(conn.execute(query.order_by(_IMAGES.c.id)).all())
+                found.update(conn.execute(query.order_by(key)).all())
                 order = list(found)
             else:
                 for chunk in _chunks(list(dict.fromkeys(ids))):
-                    found.update(conn.execute(query.where(_IMAGES.c.id.in_(chunk))).all())
+                    found.update(conn.execute(query.where(key.in_(chunk))).all())
                 order = [image_id for image_id in ids if image_id in found]
-        return np.array(order, dtype=np.int64), _stack([found[image_id] for image_id in order])
+        return np.array(order, dtype=np.int64), [found[image_id] for image_id in order]
 
     def regions(
         self, ids: Sequence[int] | None = None
@@ -1006,19 +1014,8 @@ class Catalog:
         before they were made has none; an empty result has shape (0, 0, 0)."""
         if self._version < _REGIONS_VERSION:  # an older catalog read as it is has none
             return np.empty(0, dtype=np.int64), np.empty((0, 0, 0), dtype=np.float32)
-        query = select(_REGIONS.c.image_id, _REGIONS.c.vectors)
-        found: dict[int, bytes] = {}
-        with self._read() as conn:
-            if ids is None:
-                found.update(conn.execute(query.order_by(_REGIONS.c.image_id)).all())
-                order = list(found)
-            else:
-                for chunk in _chunks(list(dict.fromkeys(ids))):
-                    found.update(conn.execute(query.where(_REGIONS.c.image_id.in_(chunk))).all())
-                order = [image_id for image_id in ids if image_id in found]
-        return np.array(order, dtype=np.int64), _stack_regions(
-            [found[image_id] for image_id in order], self._dim_of_vectors()
-        )
+        order, blobs = self._blobs(_REGIONS.c.image_id, _REGIONS.c.vectors, ids)
+        return order, _stack_regions(blobs, self._dim_of_vectors())
 
     def ids_without_regions(self) -> NDArray[np.int64]:
         """Ids of the images that have no regional descriptors, ascending (none for an
