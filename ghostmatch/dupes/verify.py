@@ -15,18 +15,17 @@ size, and a pair is tried at equal scales and with either image zoomed
 
 from __future__ import annotations
 
-import copy
 import functools
-import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.embedder import onnx_available
+from ghostmatch.model.embedder import export_onnx, onnx_available
 from ghostmatch.model.weights import cache_dir
 
 # Stage of GhostNet after which the feature map has stride 16 (14 x 14 at 224 px).
@@ -171,29 +170,18 @@ def _new_session(model: Descriptor, key: tuple[str, int]) -> Any:
     return session
 
 
-def _export_local(model: Descriptor, path: os.PathLike[str]) -> None:
+def _export_local(model: Descriptor, path: Path) -> None:
     """Export :class:`_LocalMaps` with dynamic batch, height and width, atomically."""
-    target = os.fspath(path)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = f"{target}.{os.getpid()}.tmp"
-    cpu_model = copy.deepcopy(model).cpu().float().eval()
-    for param in cpu_model.parameters():
-        param.data = param.data.contiguous()
-    size = model.card.input_size
-    torch.onnx.export(
-        _LocalMaps(cpu_model),
-        (torch.zeros(2, 3, size, size),),
-        tmp,
-        input_names=["images"],
-        output_names=["maps"],
+    export_onnx(
+        _LocalMaps(model).eval(),
+        model.card,
+        path,
+        ["maps"],
         dynamic_axes={
             "images": {0: "batch", 2: "height", 3: "width"},
             "maps": {0: "batch", 1: "rows", 2: "columns"},
         },
-        opset_version=17,
-        dynamo=False,
     )
-    os.replace(tmp, target)
 
 
 @functools.lru_cache(maxsize=64)

@@ -226,9 +226,12 @@ def export_onnx(
     card: ModelCard,
     path: Path,
     outputs: Sequence[str] = ("descriptors",),
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
-    """Export the whole descriptor (normalise ... L2) with a dynamic batch axis, atomically;
-    ``outputs`` names the model's outputs (the regional model has two)."""
+    """Export ``model`` (the whole descriptor, normalise ... L2, unless another network is
+    given) atomically, traced at the card's input size; ``outputs`` names the model's
+    outputs (the regional model has two); ``dynamic_axes`` which axes may vary (default:
+    the batch axis of the input and of each output)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
     example = torch.zeros(2, 3, card.input_size, card.input_size)
@@ -244,7 +247,8 @@ def export_onnx(
             str(tmp),
             input_names=["images"],
             output_names=list(outputs),
-            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+            dynamic_axes=dynamic_axes
+            or {"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=17,
             dynamo=False,
         )
