@@ -48,6 +48,17 @@ def tilted(image: Image.Image, degrees: float, fill: tuple[int, int, int]) -> Im
 # ---------------------------------------------------------------------------- geometry
 
 
+def assert_is_the_picture(upright: Image.Image, original: Image.Image, slack: int) -> None:
+    """``upright`` is the 320 x 240 ``original`` less a 2-pixel margin (its size within
+    ``slack`` pixels), pixel for pixel up to resampling."""
+    assert abs(upright.width - 316) <= slack and abs(upright.height - 236) <= slack
+    diff = np.abs(
+        np.asarray(upright.resize((316, 236)), np.int16)
+        - np.asarray(original.crop((2, 2, 318, 238)), np.int16)
+    )
+    assert np.median(diff) < 12
+
+
 def test_quarter_turns_are_clockwise_and_undo_each_other() -> None:
     pixels = np.arange(6).reshape(2, 3)
     # Clockwise: the bottom-left element comes to the top-left.
@@ -87,12 +98,7 @@ def test_a_tilt_onto_filled_corners_is_measured_and_undone(
     assert np.abs(np.array(tilt.fill) - fill).max() <= 8
     upright = straighten(copy, tilt)
     # Back to the original's frame, less a thin margin where the fill was blended in.
-    assert abs(upright.width - 316) <= 3 and abs(upright.height - 236) <= 3
-    diff = np.abs(
-        np.asarray(upright.resize((316, 236)), np.int16)
-        - np.asarray(original.crop((2, 2, 318, 238)), np.int16)
-    )
-    assert np.median(diff) < 12
+    assert_is_the_picture(upright, original, 3)
 
 
 @pytest.mark.parametrize("name", PHOTOS)
@@ -146,12 +152,7 @@ def test_a_studio_shot_tilted_onto_white_is_straightened_to_its_whole_picture(
     assert tilt is not None and tilt.degrees == pytest.approx(30.0, abs=1.0)
     upright = straighten(copy, tilt)
     # The whole picture, not the subject's bounding box.
-    assert abs(upright.width - 316) <= 4 and abs(upright.height - 236) <= 4
-    diff = np.abs(
-        np.asarray(upright.resize((316, 236)), np.int16)
-        - np.asarray(original.crop((2, 2, 318, 238)), np.int16)
-    )
-    assert np.median(diff) < 12
+    assert_is_the_picture(upright, original, 4)
 
 
 def test_a_tilted_image_gets_views_only_where_its_picture_meets_another(tmp_path: Path) -> None:
