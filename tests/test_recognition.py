@@ -17,7 +17,13 @@ from PIL import Image
 import ghostmatch
 import ghostmatch.store.catalog as catalog_module
 from ghostmatch.errors import GhostmatchError
-from ghostmatch.eval.recognition import _cut_rejecting, auroc, split
+from ghostmatch.eval.recognition import (
+    _cut_rejecting,
+    auroc,
+    evaluate_recognition,
+    evaluate_vectors,
+    split,
+)
 from ghostmatch.library import Library
 from ghostmatch.recognition.calibration import choose_threshold
 from ghostmatch.recognition.labels import UNKNOWN, read_label_csv
@@ -397,6 +403,24 @@ def test_the_split_holds_classes_out_whole_and_halves_the_others() -> None:
         assert sum(labels[p] == c for p in labelled) == 2
         assert sum(labels[p] == c for p in held) == 3
     assert split(labels, 2, seed=3) == (labelled, held, unknown)
+
+
+def test_other_descriptors_of_the_indexed_photos_are_measured_as_the_index_s_own(
+    clusters: tuple[Library, np.ndarray],
+) -> None:
+    lib, _ = clusters
+    labels = labels_by_folder(lib)
+    records = lib.catalog.records_by_path(labels)
+    _, vectors = lib.catalog.vectors([records[p].id for p in labels])
+    hashes = [records[p].content_hash for p in labels]
+    own = evaluate_recognition(lib, labels, unknown_classes=1, k=5, seed=2)
+    given = evaluate_vectors(labels, vectors, hashes, unknown_classes=1, k=5, seed=2)
+    assert given.to_dict() | {"calibration": None} == own.to_dict() | {"calibration": None}
+    assert given.top1 == 1.0 and given.auroc > 0.9
+    # The same photos with random descriptors: nothing to recognise them by.
+    noise = unit(np.random.default_rng(1).standard_normal(vectors.shape))
+    blind = evaluate_vectors(labels, noise, hashes, unknown_classes=1, k=5, seed=2)
+    assert blind.known_classes == given.known_classes and blind.top1 < 0.9
 
 
 def test_auroc_counts_ties_as_half() -> None:

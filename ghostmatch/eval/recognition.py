@@ -9,7 +9,7 @@ calibration) on the stored vectors, without writing labels into the index.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,25 +111,56 @@ def evaluate_recognition(
         unknown_classes = n_classes // 3
     records = lib.catalog.records_by_path(labels)
     indexed = {p: c for p, c in labels.items() if p in records}
-    labelled, held, unknowns = split(indexed, unknown_classes, seed)
-    ids = [records[p].id for p in labelled]
-    rows = [(records[p].id, records[p].content_hash, c) for p, c in labelled.items()]
-    found, vectors = lib.catalog.vectors(ids)
+    _, vectors = lib.catalog.vectors([records[p].id for p in indexed])
     card = lib.card
-    labelled_set = LabelledSet(rows, found, vectors, card.fingerprint if card else "")
+    return evaluate_vectors(
+        indexed,
+        vectors,
+        [records[p].content_hash for p in indexed],
+        unknown_classes=unknown_classes,
+        k=k,
+        precision=precision,
+        seed=seed,
+        model=card.fingerprint if card else "",
+        n_unindexed=len(labels) - len(indexed),
+    )
+
+
+def evaluate_vectors(
+    labels: Mapping[Path, str],
+    vectors: np.ndarray,
+    hashes: Sequence[str],
+    *,
+    unknown_classes: int,
+    k: int = DEFAULT_K,
+    precision: float = DEFAULT_PRECISION,
+    seed: int = 0,
+    model: str = "",
+    n_unindexed: int = 0,
+) -> RecognitionEvaluation:
+    """:func:`evaluate_recognition` on given descriptors: ``vectors[i]`` and ``hashes[i]``
+    (the content hash: byte-identical photos never vote for each other) belong to the
+    ``i``-th photo of ``labels``, so that other descriptors of the same photos can be
+    measured the same way."""
+    paths = list(labels)
+    row_of = {p: i for i, p in enumerate(paths)}
+    labelled, held, unknowns = split(labels, unknown_classes, seed)
+    rows = [(row_of[p], hashes[row_of[p]], c) for p, c in labelled.items()]
+    ids = np.array([row_of[p] for p in labelled], dtype=np.int64)
+    labelled_set = LabelledSet(rows, ids, vectors[ids], model)
     calibration = calibrate_set(labelled_set, precision, k)
 
     def answers(photos: Mapping[Path, str]) -> tuple[np.ndarray, np.ndarray]:
-        paths = list(photos)
-        _, queries = lib.catalog.vectors([records[p].id for p in paths])
-        exclude = [labelled_set.rows_of_hash.get(records[p].content_hash, []) for p in paths]
-        if not paths:
+        queries = list(photos)
+        if not queries:
             return np.zeros(0), np.zeros(0, dtype=bool)
-        confidence, winners = labelled_set.answer(queries, k, exclude)
+        at = [row_of[p] for p in queries]
+        exclude = [labelled_set.rows_of_hash.get(hashes[i], []) for i in at]
+        confidence, winners = labelled_set.answer(vectors[at], k, exclude)
         right = np.array(
             [
                 w >= 0 and labelled_set.names[w] == photos[p]
-                for w, p in zip(winners, paths, strict=True)
+                for w, p in zip(winners, queries, strict=True)
             ],
             dtype=bool,
         )
@@ -160,7 +191,7 @@ def evaluate_recognition(
         n_unknown_queries=len(unknown_conf),
         known_classes=sorted(set(labelled.values())),
         unknown_classes=sorted(set(unknowns.values())),
-        n_unindexed=len(labels) - len(indexed),
+        n_unindexed=n_unindexed,
         k=k,
         seed=seed,
     )
