@@ -5,6 +5,7 @@ training classes carries over to classes it never saw."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,17 @@ def synthetic(n_classes: int, per_class: int, seed: int) -> tuple[np.ndarray, li
     return np.concatenate(rows).astype(np.float32), labels
 
 
-def test_a_head_trained_on_some_classes_recognises_others_better_than_raw_features() -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """A tiny head gains nothing from threads, which wait for each other on a busy machine."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_head_trained_on_some_classes_recognises_others_better_than_raw_features() -> None:
     x_train, y_train = synthetic(20, 30, seed=0)
     x_eval, y_eval = synthetic(16, 12, seed=1)  # other classes: none was trained on
     paths = [f"/eval/{i}.jpg" for i in range(len(y_eval))]
