@@ -197,11 +197,12 @@ def cached(
     features = extract(model, root, items, n_views, seed, report)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            path,
-            paths=np.asarray(features.paths),
-            labels=np.asarray(features.labels),
-            view=features.view,
+        columns = {
+            "paths": np.asarray(features.paths),
+            "labels": np.asarray(features.labels),
+            "view": features.view,
             **features.arrays,
-        )
+        }
+        # numpy's stubs read every keyword as its allow_pickle flag.
+        np.savez(path, **columns)  # type: ignore[arg-type]
     return features

@@ -189,6 +189,10 @@ def apply(head: Head, x: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(x)).numpy().astype(np.float32)
 
 
+def _applying(head: Head, inputs: Sequence[str]) -> Callable[[Features], np.ndarray]:
+    return lambda features: apply(head, inputs_of(features, inputs))
+
+
 def lda(
     x: np.ndarray, labels: Sequence[str], dim: int, shrink: float = 0.1
 ) -> Callable[[np.ndarray], np.ndarray]:
@@ -322,7 +326,7 @@ def measure(cache: Path | None, class_seed: int, heads: Sequence[HeadConfig]) ->
         t = time.process_time()
         head = train_head(inputs_of(fit, config.inputs), fit.labels, config, seed=0)
         cpu = time.process_time() - t
-        run(config.name, lambda f, h=head, c=config: apply(h, inputs_of(f, c.inputs)), cpu)
+        run(config.name, _applying(head, config.inputs), cpu)
         results[config.name]["training_accuracy"] = head.training_accuracy
         trained.append(config.name)
         print(f"  training classes' own photos: {head.training_accuracy:.3f} right", flush=True)

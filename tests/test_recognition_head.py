@@ -117,3 +117,24 @@ def test_feature_rows_keep_paths_labels_and_views_together() -> None:
     assert picked.paths == ["a", "b"] and picked.labels == ["x", "y"]
     assert picked.view.tolist() == [1, 0]
     assert np.array_equal(picked.arrays["descriptor"], np.eye(3, dtype=np.float32)[1:])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.filterwarnings("ignore:using RANDOM weights")
+def test_features_are_made_once_and_read_back_from_the_cache(tmp_path: Path) -> None:
+    from benchmarks.recognition_features import cached
+    from ghostmatch.model.weights import load_descriptor
+
+    model = load_descriptor("random", input_size=64)
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    items = [("a.jpg", "x"), ("b.jpg", "y")]
+    made = cached(tmp_path / "cache", "t", model, tmp_path, items, 3, seed=0)
+    assert made.paths == ["a.jpg"] * 3 + ["b.jpg"] * 3 and made.view.tolist() == [0, 1, 2] * 2
+    assert made.arrays["descriptor"].shape == (6, 960) and made.arrays["gem112"].shape == (6, 112)
+    (tmp_path / "a.jpg").unlink()  # read back, not made again
+    again = cached(tmp_path / "cache", "t", model, tmp_path, items, 3, seed=0)
+    assert again.paths == made.paths and again.labels == made.labels
+    for kind, values in made.arrays.items():
+        assert np.array_equal(again.arrays[kind], values)
