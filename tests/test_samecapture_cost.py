@@ -272,3 +272,40 @@ def test_local_maps_come_from_torch_where_the_export_cannot_be_written(
         if model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         np.testing.assert_allclose(maps, verify._LocalMaps(model)(x).numpy(), atol=1e-6)
+
+
+def test_a_capture_is_prepared_only_when_compared(tmp_path: Path) -> None:
+    from ghostmatch.dupes.finder import CROWDED_CORRELATION, PairJudge
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene().save(folder / "scene.jpg", quality=95)
+    scene().resize((200, 150)).save(folder / "smaller.jpg", quality=90)
+    Image.fromarray(data.coffee()).convert("RGB").resize((320, 240)).save(folder / "coffee.jpg")
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+        ids = {r.path.name: i for i, r in records.items()}
+        # Every file crowded: a pair is compared only when its thumbnails correlate.
+        judge = PairJudge(lib.finder.model, records, 0.0, 36, crowded=set(records))
+        kept, coffee, smaller = ids["scene.jpg"], ids["coffee.jpg"], ids["smaller.jpg"]
+        assert judge(kept, [(coffee, 1.0)]) == {coffee: None}
+        a, b = judge.capture(kept), judge.capture(coffee)
+        assert a is not None and b is not None and a.correlation(b) < CROWDED_CORRELATION
+        # Only the thumbnails were made: no pyramid for a pair that is never aligned.
+        assert not a.prepared and not b.prepared
+        assert judge(kept, [(smaller, 1.0)]) == {smaller: "near"}
+        c = judge.capture(smaller)
+        assert c is not None and a.prepared and c.prepared and not b.prepared
+
+
+def test_a_lazily_prepared_capture_equals_the_pyramid_made_at_once() -> None:
+    capture = prepare_capture(scene())
+    assert not capture.prepared and capture.thumb.shape == (samecapture.THUMB_SIDE**2,)
+    levels, rgb = capture.levels, capture.rgb
+    assert capture.prepared
+    # The same arrays on every read, in single precision.
+    assert capture.levels is levels and capture.rgb is rgb
+    assert all(level.dtype == np.float32 for level in levels) and rgb.dtype == np.float32
+    assert [level.shape for level in levels] == [(3, 36, 48), (3, 72, 96), (3, 120, 160)]
+    assert rgb.shape == (120, 160, 3)

@@ -111,16 +111,59 @@ def _editable(warp: np.ndarray) -> bool:
     return bool(small >= 1 / MAX_SCALE and big <= MAX_SCALE and big <= MAX_ANISOTROPY * small)
 
 
-@dataclass(frozen=True)
 class Capture:
     """One image prepared for comparison: per level of ``LEVELS`` a (3, h, w) stack of the
     blurred grey image and its x and y gradients (per unit of the image's width and
-    height), and the finest level in colour (h, w, 3)."""
+    height), and the finest level in colour (h, w, 3). Both are made on first use: many
+    images of a duplicate search only ever show their thumbnail (``thumb``, made at once;
+    see :meth:`correlation`)."""
 
-    levels: tuple[np.ndarray, ...]
-    rgb: np.ndarray
-    # A THUMB_SIDE x THUMB_SIDE grey thumbnail, zero mean and unit norm, flattened.
-    thumb: np.ndarray
+    def __init__(self, image: Image.Image) -> None:
+        self._image: Image.Image | None = image
+        self._luma: Image.Image | None = image.convert("L")  # once, not per level
+        self._lock = threading.Lock()
+        self._made: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None
+        small = self._luma.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
+        thumb = np.asarray(small, np.float64).ravel()
+        thumb -= thumb.mean()
+        thumb /= max(float(np.linalg.norm(thumb)), 1e-9)
+        # A THUMB_SIDE x THUMB_SIDE grey thumbnail, zero mean and unit norm, flattened.
+        self.thumb = thumb
+
+    def _prepared(self) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        if self._made is not None:
+            return self._made
+        with self._lock:
+            image, luma = self._image, self._luma
+            if self._made is not None or image is None or luma is None:
+                assert self._made is not None  # made meanwhile by another thread
+                return self._made
+            levels = []
+            for side, sigma, _ in LEVELS:
+                grey = ndimage.gaussian_filter(_resized(luma, side, "L"), sigma)
+                gy, gx = np.gradient(grey)
+                h, w = grey.shape
+                levels.append(np.stack([grey, gx * w, gy * h]))
+            side, sigma, _ = LEVELS[-1]
+            # Each channel blurred on its own (no blur across the channel axis).
+            rgb = ndimage.gaussian_filter(_resized(image, side, "RGB"), (sigma, sigma, 0))
+            self._made = (tuple(levels), rgb)
+            # The pixels are no longer needed once prepared.
+            self._image = self._luma = None
+            return self._made
+
+    @property
+    def prepared(self) -> bool:
+        """Whether the pyramid and colour image have been made."""
+        return self._made is not None
+
+    @property
+    def levels(self) -> tuple[np.ndarray, ...]:
+        return self._prepared()[0]
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self._prepared()[1]
 
     def correlation(self, other: Capture) -> float:
         """Correlation of the two thumbnails: near 1 for the same picture unmoved, near 0
@@ -216,22 +259,9 @@ def _resized(image: Image.Image, side: int, mode: str) -> np.ndarray:
 
 
 def prepare_capture(image: Image.Image) -> Capture:
-    """The pyramid and colour image that :func:`agreement` compares."""
-    levels = []
-    luma = image.convert("L")  # once, not per level
-    for side, sigma, _ in LEVELS:
-        grey = ndimage.gaussian_filter(_resized(luma, side, "L"), sigma)
-        gy, gx = np.gradient(grey)
-        h, w = grey.shape
-        levels.append(np.stack([grey, gx * w, gy * h]))
-    side, sigma, _ = LEVELS[-1]
-    # Each channel blurred on its own (no blur across the channel axis).
-    rgb = ndimage.gaussian_filter(_resized(image, side, "RGB"), (sigma, sigma, 0))
-    small = luma.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
-    thumb = np.asarray(small, np.float64).ravel()
-    thumb -= thumb.mean()
-    thumb /= max(float(np.linalg.norm(thumb)), 1e-9)
-    return Capture(tuple(levels), rgb, thumb)
+    """The pyramid and colour image that :func:`agreement` compares (made when first
+    compared)."""
+    return Capture(image)
 
 
 @functools.lru_cache(maxsize=32)
@@ -245,8 +275,10 @@ def _unit_grid(h: int, w: int) -> np.ndarray:
     return grid
 
 
-def _mapped(h: int, w: int, warp: np.ndarray) -> np.ndarray:
-    """Where ``warp`` takes the pixel centres of an h x w image: unit coordinates (n, 2)."""
+def _mapped(shape: tuple[int, ...], warp: np.ndarray) -> np.ndarray:
+    """Where ``warp`` takes the pixel centres of an image of ``shape`` (h, w): unit
+    coordinates (n, 2)."""
+    h, w = shape
     return _unit_grid(h, w) @ warp.T.astype(np.float32)
 
 
@@ -269,19 +301,26 @@ _REGULARISED = 1e-6 * np.eye(6)
 def _inside(h: int, w: int, units: np.ndarray) -> np.ndarray:
     """Which points at unit coordinates (n, 2) fall inside an h x w image (between the
     centres of its outer pixels)."""
-    x, y = units[:, 0] * w - 0.5, units[:, 1] * h - 0.5
-    return (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    return _inside_grid(h, w, units * 2.0 - 1.0)
+
+
+def _inside_grid(h: int, w: int, grid: np.ndarray) -> np.ndarray:
+    """:func:`_inside` for coordinates from -1 to 1 across the image (torch's grid): the
+    outer pixels' centres lie at 1 - 1 / size either way."""
+    spread = np.abs(grid)
+    return (spread[:, 0] <= 1 - 1 / w) & (spread[:, 1] <= 1 - 1 / h)
 
 
 def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear samples (c, n) of a (c, h, w) stack at unit coordinates (n, 2), clamped at
     the border, and which points fall inside it."""
     _, h, w = stack.shape
-    inside = _inside(h, w, units)
     # torch's grid_sample is this very interpolation (pixel centres at (k + 0.5) / size,
     # coordinates clamped to the border), in one pass: a tenth of the CPU of numpy's four
     # gathers, and the same values to rounding.
-    grid = torch.from_numpy(np.ascontiguousarray(units[:, :2]) * 2.0 - 1.0)
+    coordinates = np.ascontiguousarray(units[:, :2]) * 2.0 - 1.0
+    inside = _inside_grid(h, w, coordinates)
+    grid = torch.from_numpy(coordinates)
     with torch.inference_mode():
         value = torch.nn.functional.grid_sample(
             torch.from_numpy(stack)[None],
@@ -360,25 +399,35 @@ def align(
         moments = _moments(*t_img.shape)
         t = t_img.ravel()
         done = STEP_DONE if level == len(LEVELS) - 1 else COARSE_STEP_DONE / max(t_img.shape)
+        # The per-pixel products of a step, written in place: rows 0-2 for the normal
+        # matrix, 3-4 for the gradient, 5-6 the weighted image gradients.
+        products = np.empty((7, t.size), t.dtype)
         for _ in range(LEVELS[level][2]):
-            sampled, inside = _sample(stack, _mapped(*t_img.shape, p))
+            sampled, inside = _sample(stack, _mapped(t_img.shape, p))
             if inside.sum() < 16:
                 break
             # One reweighting per step: the steps themselves iterate the robust fit.
             gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
-            ix, iy = sampled[1] * gain, sampled[2] * gain
-            # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1), so the
-            # normal equations are weighted sums of ix^2, ix iy, iy^2 times d's outer
-            # product, and of ix r, iy r times d: two small products with fixed
-            # per-level matrices instead of an n x 6 Jacobian.
-            wx, wy = weight * ix, weight * iy
-            blocks = (np.stack([wx * ix, wx * iy, wy * iy]) @ moments)[:, _OUTER]
+            # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
+            # (ix, iy) the gain times the other image's gradient, so the normal equations
+            # are the gain squared times weighted sums of gx^2, gx gy, gy^2 times d's outer
+            # product, and the gain times those of gx r, gy r times d: two small products
+            # with fixed per-level matrices instead of an n x 6 Jacobian.
+            gx, gy = sampled[1], sampled[2]
+            wx = np.multiply(weight, gx, out=products[5])
+            wy = np.multiply(weight, gy, out=products[6])
+            np.multiply(wx, gx, out=products[0])
+            np.multiply(wx, gy, out=products[1])
+            np.multiply(wy, gy, out=products[2])
+            np.multiply(wx, r, out=products[3])
+            np.multiply(wy, r, out=products[4])
+            blocks = (products[:3] @ moments)[:, _OUTER] * (gain * gain)
             hessian = _REGULARISED.copy()
             hessian[:3, :3] += blocks[0]
             hessian[:3, 3:] += blocks[1]
             hessian[3:, :3] += blocks[1]
             hessian[3:, 3:] += blocks[2]
-            gradient = (np.stack([wx * r, wy * r]) @ design).ravel()
+            gradient = (products[3:5] @ design).ravel() * gain
             step = np.linalg.solve(hessian, gradient)
             p += step.reshape(2, 3)
             if np.abs(step).max() < done:
@@ -392,7 +441,7 @@ def residuals(
     """Grey residuals (h, w) of ``other`` under ``warp`` at one level of ``LEVELS`` (the
     finest by default), after a robust gain and offset, and which pixels it covers."""
     t_img, stack = kept.levels[level][0], other.levels[level]
-    sampled, inside = _sample(stack[:1], _mapped(*t_img.shape, warp))
+    sampled, inside = _sample(stack[:1], _mapped(t_img.shape, warp))
     _, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
     return r.reshape(t_img.shape), inside.reshape(t_img.shape)
 
@@ -404,22 +453,27 @@ def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.nda
     target = kept.rgb
     h, w = target.shape[:2]
     source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
-    warped, inside = _sample(source, _mapped(h, w, warp))
-    t = target.reshape(-1, 3)
-    design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)]).T
+    warped, inside = _sample(source, _mapped((h, w), warp))
+    # Channels first (3, n) throughout: numpy reduces over a long axis much faster than
+    # over an axis of 3.
+    t = np.ascontiguousarray(target.reshape(-1, 3).T)
+    design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)])
     weight = inside.astype(t.dtype)
-    r = np.zeros(len(t), t.dtype)
+    r = np.zeros(t.shape[1], t.dtype)
     for _ in range(4):
         # Weighted least squares by its normal equations (4 x 4): the same fit as a
         # weighted lstsq, much cheaper for tens of thousands of pixels.
-        dw = design * weight[:, None]
-        colour = np.linalg.solve(dw.T @ design + 1e-9 * np.eye(4), dw.T @ t).astype(t.dtype)
-        r = np.linalg.norm(t - design @ colour, axis=1)
+        dw = design * weight
+        colour = np.linalg.solve(dw @ design.T + 1e-9 * np.eye(4), dw @ t.T).astype(t.dtype)
+        error = t - colour.T @ design
+        error *= error
+        r = np.sqrt(error.sum(axis=0))
         if not inside.any():
             break
         weight = _tukey(r, inside)
-    spread = t[inside] - t[inside].mean(axis=0) if inside.any() else np.zeros((1, 3))
-    contrast = max(float(np.sqrt((spread**2).sum(axis=1).mean())), 0.02)
+    # The root mean square distance from the mean colour over the overlap.
+    spread = sum(float(channel[inside].var()) for channel in t) if inside.any() else 0.0
+    contrast = max(float(np.sqrt(spread)), 0.02)
     return (r / contrast).reshape(h, w)
 
 
@@ -480,8 +534,8 @@ def agreement(
         if level < len(LEVELS) - 1:
             # The overlap and the map settle most pairs here; residuals are only worth
             # their cost where a share of agreeing patches is reported or decides.
-            h, w = kept.levels[level][0].shape
-            inside = _inside(*other.levels[level].shape[1:], _mapped(h, w, refined))
+            _, ho, wo = other.levels[level].shape
+            inside = _inside(ho, wo, _mapped(kept.levels[level][0].shape, refined))
             overlap = float(inside.mean())
             if inside.sum() < 16:
                 return Agreement(0.0, overlap, refined, level)
