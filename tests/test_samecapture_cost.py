@@ -309,3 +309,33 @@ def test_a_lazily_prepared_capture_equals_the_pyramid_made_at_once() -> None:
     assert all(level.dtype == np.float32 for level in levels) and rgb.dtype == np.float32
     assert [level.shape for level in levels] == [(3, 36, 48), (3, 72, 96), (3, 120, 160)]
     assert rgb.shape == (120, 160, 3)
+
+
+def test_coarse_levels_measure_residuals_only_where_they_decide(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The overlap and the map settle a coarse level; its residuals (a sampled image and a
+    # robust fit) are only worth their cost where a share of agreeing patches is reported
+    # or decides: a first try at the next-to-finest level, or a pair settled there.
+    levels: list[int] = []
+    measured = samecapture.residuals
+
+    def counted(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        found = measured(*args, **kwargs)  # type: ignore[arg-type]
+        levels.append(found[0].shape[0])
+        return found
+
+    monkeypatch.setattr(samecapture, "residuals", counted)
+    kept = prepare_capture(scene())
+    copy = prepare_capture(scene().resize((200, 150)))
+    coarse = [side * 3 // 4 for side, _, _ in LEVELS[:-1]]  # the rows of a 4:3 image
+    assert agreement(kept, copy, np.eye(2, 3)).same_capture
+    assert levels and not set(levels) & set(coarse)
+    levels.clear()
+    assert agreement(kept, copy, np.eye(2, 3), second_chance=True).same_capture
+    assert [n for n in levels if n in coarse] == [coarse[-1]]
+    # A pair whose map slides off is still reported with its share at that level.
+    noise = [prepare_capture(synthetic.make_image("noise", n, seed=5)) for n in range(2)]
+    levels.clear()
+    settled = agreement(noise[0], noise[1], np.eye(2, 3))
+    assert settled.level < len(LEVELS) - 1 and levels == [coarse[settled.level]]
