@@ -38,9 +38,17 @@ LEVELS = ((48, 1.0, 10), (96, 1.0, 6), (160, 1.0, 2))
 TOLERANCE = 0.2
 PATCHES = 8
 # A Gauss-Newton step this small (unit coordinates: a fiftieth of a pixel at the finest
-# level) ends a level.
+# level) ends the finest level; a coarser level ends at a step under ``COARSE_STEP_DONE``
+# of its own pixels, since the next level refines the map anyway (copies on the full set of
+# ``python -m benchmarks.othershots`` took 7.7 and 4.3 steps at the two coarse levels, and
+# 5.3 and 2.4 to get there).
 STEP_DONE = 1e-4
+COARSE_STEP_DONE = 0.1
 TUKEY = 4.685
+# The robust scale is the median of at most about this many of the overlap's residuals (an
+# even spread of them): within a few percent of the median of all, plenty for Tukey's
+# weights, at a fraction of the cost of partitioning 19,200 values at every step.
+SCALE_SAMPLES = 2048
 # Share of overlap patches that must agree (in grey or in colour) for one capture:
 # measured, see the module docstring.
 SAME_CAPTURE_CUT = 8 / 9
@@ -103,16 +111,59 @@ def _editable(warp: np.ndarray) -> bool:
     return bool(small >= 1 / MAX_SCALE and big <= MAX_SCALE and big <= MAX_ANISOTROPY * small)
 
 
-@dataclass(frozen=True)
 class Capture:
     """One image prepared for comparison: per level of ``LEVELS`` a (3, h, w) stack of the
     blurred grey image and its x and y gradients (per unit of the image's width and
-    height), and the finest level in colour (h, w, 3)."""
+    height), and the finest level in colour (h, w, 3). Both are made on first use: many
+    images of a duplicate search only ever show their thumbnail (``thumb``, made at once;
+    see :meth:`correlation`)."""
 
-    levels: tuple[np.ndarray, ...]
-    rgb: np.ndarray
-    # A THUMB_SIDE x THUMB_SIDE grey thumbnail, zero mean and unit norm, flattened.
-    thumb: np.ndarray
+    def __init__(self, image: Image.Image) -> None:
+        self._image: Image.Image | None = image
+        self._luma: Image.Image | None = image.convert("L")  # once, not per level
+        self._lock = threading.Lock()
+        self._made: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None
+        small = self._luma.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
+        thumb = np.asarray(small, np.float64).ravel()
+        thumb -= thumb.mean()
+        thumb /= max(float(np.linalg.norm(thumb)), 1e-9)
+        # A THUMB_SIDE x THUMB_SIDE grey thumbnail, zero mean and unit norm, flattened.
+        self.thumb = thumb
+
+    def _prepared(self) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        if self._made is not None:
+            return self._made
+        with self._lock:
+            image, luma = self._image, self._luma
+            if self._made is not None or image is None or luma is None:
+                assert self._made is not None  # made meanwhile by another thread
+                return self._made
+            levels = []
+            for side, sigma, _ in LEVELS:
+                grey = ndimage.gaussian_filter(_resized(luma, side, "L"), sigma)
+                gy, gx = np.gradient(grey)
+                h, w = grey.shape
+                levels.append(np.stack([grey, gx * w, gy * h]))
+            side, sigma, _ = LEVELS[-1]
+            # Each channel blurred on its own (no blur across the channel axis).
+            rgb = ndimage.gaussian_filter(_resized(image, side, "RGB"), (sigma, sigma, 0))
+            self._made = (tuple(levels), rgb)
+            # The pixels are no longer needed once prepared.
+            self._image = self._luma = None
+            return self._made
+
+    @property
+    def prepared(self) -> bool:
+        """Whether the pyramid and colour image have been made."""
+        return self._made is not None
+
+    @property
+    def levels(self) -> tuple[np.ndarray, ...]:
+        return self._prepared()[0]
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self._prepared()[1]
 
     def correlation(self, other: Capture) -> float:
         """Correlation of the two thumbnails: near 1 for the same picture unmoved, near 0
@@ -202,43 +253,41 @@ def _resized(image: Image.Image, side: int, mode: str) -> np.ndarray:
     scale = side / max(w, h)
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
     small = image.convert(mode).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(small, np.float64) / 255.0
+    # Single precision throughout the comparison: residuals are judged against a fifth of
+    # the contrast, far above its rounding, and every pass over the pixels costs half.
+    return np.asarray(small, np.float32) / 255.0
 
 
 def prepare_capture(image: Image.Image) -> Capture:
-    """The pyramid and colour image that :func:`agreement` compares."""
-    levels = []
-    luma = image.convert("L")  # once, not per level
-    for side, sigma, _ in LEVELS:
-        grey = ndimage.gaussian_filter(_resized(luma, side, "L"), sigma)
-        gy, gx = np.gradient(grey)
-        h, w = grey.shape
-        levels.append(np.stack([grey, gx * w, gy * h]))
-    side, sigma, _ = LEVELS[-1]
-    pixels = _resized(image, side, "RGB")
-    rgb = np.stack([ndimage.gaussian_filter(pixels[..., c], sigma) for c in range(3)], -1)
-    small = luma.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
-    thumb = np.asarray(small, np.float64).ravel()
-    thumb -= thumb.mean()
-    thumb /= max(float(np.linalg.norm(thumb)), 1e-9)
-    return Capture(tuple(levels), rgb, thumb)
+    """The pyramid and colour image that :func:`agreement` compares (made when first
+    compared)."""
+    return Capture(image)
 
 
 @functools.lru_cache(maxsize=32)
 def _unit_grid(h: int, w: int) -> np.ndarray:
-    """Pixel centres of an h x w image in unit coordinates, (h * w, 3) as (x, y, 1)."""
+    """Pixel centres of an h x w image in unit coordinates, (h * w, 3) as (x, y, 1), in
+    the captures' single precision."""
     ys, xs = np.mgrid[0:h, 0:w]
     grid = np.stack([(xs.ravel() + 0.5) / w, (ys.ravel() + 0.5) / h, np.ones(h * w)], axis=1)
+    grid = grid.astype(np.float32)
     grid.flags.writeable = False
     return grid
+
+
+def _mapped(shape: tuple[int, ...], warp: np.ndarray) -> np.ndarray:
+    """Where ``warp`` takes the pixel centres of an image of ``shape`` (h, w): unit
+    coordinates (n, 2)."""
+    h, w = shape
+    return _unit_grid(h, w) @ warp.T.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=32)
 def _moments(h: int, w: int) -> np.ndarray:
     """Products of the pixel centres' unit coordinates, (h * w, 6) as (xx, xy, x, yy, y, 1):
     what the Gauss-Newton normal equations of an affine map weigh, fixed per level."""
-    x, y, one = _unit_grid(h, w).T
-    moments = np.stack([x * x, x * y, x, y * y, y, one], axis=1)
+    x, y, one = _unit_grid(h, w).T.astype(np.float64)
+    moments = np.stack([x * x, x * y, x, y * y, y, one], axis=1).astype(np.float32)
     moments.flags.writeable = False
     return moments
 
@@ -249,16 +298,29 @@ _OUTER = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
 _REGULARISED = 1e-6 * np.eye(6)
 
 
+def _inside(h: int, w: int, units: np.ndarray) -> np.ndarray:
+    """Which points at unit coordinates (n, 2) fall inside an h x w image (between the
+    centres of its outer pixels)."""
+    return _inside_grid(h, w, units * 2.0 - 1.0)
+
+
+def _inside_grid(h: int, w: int, grid: np.ndarray) -> np.ndarray:
+    """:func:`_inside` for coordinates from -1 to 1 across the image (torch's grid): the
+    outer pixels' centres lie at 1 - 1 / size either way."""
+    spread = np.abs(grid)
+    return (spread[:, 0] <= 1 - 1 / w) & (spread[:, 1] <= 1 - 1 / h)
+
+
 def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear samples (c, n) of a (c, h, w) stack at unit coordinates (n, 2), clamped at
     the border, and which points fall inside it."""
     _, h, w = stack.shape
-    x, y = units[:, 0] * w - 0.5, units[:, 1] * h - 0.5
-    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
     # torch's grid_sample is this very interpolation (pixel centres at (k + 0.5) / size,
     # coordinates clamped to the border), in one pass: a tenth of the CPU of numpy's four
     # gathers, and the same values to rounding.
-    grid = torch.from_numpy(np.ascontiguousarray(units[:, :2]) * 2.0 - 1.0)
+    coordinates = np.ascontiguousarray(units[:, :2]) * 2.0 - 1.0
+    inside = _inside_grid(h, w, coordinates)
+    grid = torch.from_numpy(coordinates)
     with torch.inference_mode():
         value = torch.nn.functional.grid_sample(
             torch.from_numpy(stack)[None],
@@ -296,10 +358,18 @@ def _median(values: np.ndarray) -> float:
 
 
 def _tukey(r: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """Tukey weights of residuals ``r`` at a robust scale (their median absolute value)."""
-    scale = max(1.4826 * _median(np.abs(r[inside])), 1e-3)
-    u = r / (TUKEY * scale)
-    return inside * np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+    """Tukey weights of residuals ``r`` at a robust scale (their median absolute value,
+    over every ``stride``-th pixel: see ``SCALE_SAMPLES``)."""
+    stride = max(1, np.count_nonzero(inside) // SCALE_SAMPLES)
+    scale = max(1.4826 * _median(np.abs(r[::stride][inside[::stride]])), 1e-3)
+    # (1 - u^2)^2 for |u| < 1, else 0, with u = r / (TUKEY * scale), in place.
+    weight = r * r
+    weight *= 1.0 / (TUKEY * scale) ** 2
+    np.subtract(1.0, weight, out=weight)
+    np.maximum(weight, 0.0, out=weight)
+    weight *= weight
+    weight *= inside
+    return weight
 
 
 def _robust_fit(
@@ -307,7 +377,7 @@ def _robust_fit(
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Gain and offset taking ``i`` to ``t`` over ``inside``, refitted with Tukey weights
     so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights)."""
-    weight = inside.astype(np.float64)
+    weight = inside.astype(t.dtype)
     if not inside.any():  # the other image does not cover the kept one at all
         return 1.0, t - i, weight
     for _ in range(rounds):
@@ -328,28 +398,39 @@ def align(
         design = _unit_grid(*t_img.shape)
         moments = _moments(*t_img.shape)
         t = t_img.ravel()
+        done = STEP_DONE if level == len(LEVELS) - 1 else COARSE_STEP_DONE / max(t_img.shape)
+        # The per-pixel products of a step, written in place: rows 0-2 for the normal
+        # matrix, 3-4 for the gradient, 5-6 the weighted image gradients.
+        products = np.empty((7, t.size), t.dtype)
         for _ in range(LEVELS[level][2]):
-            sampled, inside = _sample(stack, design @ p.T)
+            sampled, inside = _sample(stack, _mapped(t_img.shape, p))
             if inside.sum() < 16:
                 break
             # One reweighting per step: the steps themselves iterate the robust fit.
             gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
-            ix, iy = sampled[1] * gain, sampled[2] * gain
-            # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1), so the
-            # normal equations are weighted sums of ix^2, ix iy, iy^2 times d's outer
-            # product, and of ix r, iy r times d: two small products with fixed
-            # per-level matrices instead of an n x 6 Jacobian.
-            wx, wy = weight * ix, weight * iy
-            blocks = (np.stack([wx * ix, wx * iy, wy * iy]) @ moments)[:, _OUTER]
+            # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
+            # (ix, iy) the gain times the other image's gradient, so the normal equations
+            # are the gain squared times weighted sums of gx^2, gx gy, gy^2 times d's outer
+            # product, and the gain times those of gx r, gy r times d: two small products
+            # with fixed per-level matrices instead of an n x 6 Jacobian.
+            gx, gy = sampled[1], sampled[2]
+            wx = np.multiply(weight, gx, out=products[5])
+            wy = np.multiply(weight, gy, out=products[6])
+            np.multiply(wx, gx, out=products[0])
+            np.multiply(wx, gy, out=products[1])
+            np.multiply(wy, gy, out=products[2])
+            np.multiply(wx, r, out=products[3])
+            np.multiply(wy, r, out=products[4])
+            blocks = (products[:3] @ moments)[:, _OUTER] * (gain * gain)
             hessian = _REGULARISED.copy()
             hessian[:3, :3] += blocks[0]
             hessian[:3, 3:] += blocks[1]
             hessian[3:, :3] += blocks[1]
             hessian[3:, 3:] += blocks[2]
-            gradient = (np.stack([wx * r, wy * r]) @ design).ravel()
+            gradient = (products[3:5] @ design).ravel() * gain
             step = np.linalg.solve(hessian, gradient)
             p += step.reshape(2, 3)
-            if np.abs(step).max() < STEP_DONE:
+            if np.abs(step).max() < done:
                 break
     return p
 
@@ -360,7 +441,7 @@ def residuals(
     """Grey residuals (h, w) of ``other`` under ``warp`` at one level of ``LEVELS`` (the
     finest by default), after a robust gain and offset, and which pixels it covers."""
     t_img, stack = kept.levels[level][0], other.levels[level]
-    sampled, inside = _sample(stack[:1], _unit_grid(*t_img.shape) @ warp.T)
+    sampled, inside = _sample(stack[:1], _mapped(t_img.shape, warp))
     _, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
     return r.reshape(t_img.shape), inside.reshape(t_img.shape)
 
@@ -372,22 +453,27 @@ def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.nda
     target = kept.rgb
     h, w = target.shape[:2]
     source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
-    warped, inside = _sample(source, _unit_grid(h, w) @ warp.T)
-    t = target.reshape(-1, 3)
-    design = np.vstack([warped, np.ones((1, warped.shape[1]))]).T
-    weight = inside.astype(np.float64)
-    r = np.zeros(len(t))
+    warped, inside = _sample(source, _mapped((h, w), warp))
+    # Channels first (3, n) throughout: numpy reduces over a long axis much faster than
+    # over an axis of 3.
+    t = np.ascontiguousarray(target.reshape(-1, 3).T)
+    design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)])
+    weight = inside.astype(t.dtype)
+    r = np.zeros(t.shape[1], t.dtype)
     for _ in range(4):
         # Weighted least squares by its normal equations (4 x 4): the same fit as a
         # weighted lstsq, much cheaper for tens of thousands of pixels.
-        dw = design * weight[:, None]
-        colour = np.linalg.solve(dw.T @ design + 1e-9 * np.eye(4), dw.T @ t)
-        r = np.linalg.norm(t - design @ colour, axis=1)
+        dw = design * weight
+        colour = np.linalg.solve(dw @ design.T + 1e-9 * np.eye(4), dw @ t.T).astype(t.dtype)
+        error = t - colour.T @ design
+        error *= error
+        r = np.sqrt(error.sum(axis=0))
         if not inside.any():
             break
         weight = _tukey(r, inside)
-    spread = t[inside] - t[inside].mean(axis=0) if inside.any() else np.zeros((1, 3))
-    contrast = max(float(np.sqrt((spread**2).sum(axis=1).mean())), 0.02)
+    # The root mean square distance from the mean colour over the overlap.
+    spread = sum(float(channel[inside].var()) for channel in t) if inside.any() else 0.0
+    contrast = max(float(np.sqrt(spread)), 0.02)
     return (r / contrast).reshape(h, w)
 
 
@@ -446,15 +532,18 @@ def agreement(
     for level in range(len(LEVELS)):
         refined = align(kept, other, refined, range(level, level + 1))
         if level < len(LEVELS) - 1:
-            r, inside = residuals(kept, other, refined, level)
+            # The overlap and the map settle most pairs here; residuals are only worth
+            # their cost where a share of agreeing patches is reported or decides.
+            _, ho, wo = other.levels[level].shape
+            inside = _inside(ho, wo, _mapped(kept.levels[level][0].shape, refined))
             overlap = float(inside.mean())
             if inside.sum() < 16:
                 return Agreement(0.0, overlap, refined, level)
-            if overlap < MIN_OVERLAP or not _editable(refined):
-                return Agreement(_share(kept, r, inside, level), overlap, refined, level)
-            if second_chance and level == len(LEVELS) - 2:
+            settled = overlap < MIN_OVERLAP or not _editable(refined)
+            if settled or (second_chance and level == len(LEVELS) - 2):
+                r, inside = residuals(kept, other, refined, level)
                 share = _share(kept, r, inside, level)
-                if share < FIRST_TRY_SHARE:
+                if settled or share < FIRST_TRY_SHARE:
                     return Agreement(share, overlap, refined, level)
     r, inside = residuals(kept, other, refined)
     return _measured(kept, other, refined, r, inside)
