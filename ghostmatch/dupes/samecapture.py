@@ -101,11 +101,14 @@ TIGHT_TOLERANCE = TOLERANCE / 4
 # send any two or three colours onto any others, and an affine map sends one rectangle or
 # ellipse onto another, so two independent such pictures can agree everywhere. A patch
 # follows the change when its median chroma residual is within ``CHROMA_TOLERANCE`` of the
-# target's chroma spread (JPEG keeps colour at half the resolution, and coarser than
-# brightness), a spread counted as at least ``CHROMA_FLOOR`` (the colour of a nearly grey
-# picture says little either way); ``SAME_CAPTURE_CUT`` of the patches must follow it.
+# target's chroma spread, a spread counted as at least ``CHROMA_FLOOR`` (the colour of a
+# nearly grey picture says little either way); ``SAME_CAPTURE_CUT`` of the patches must
+# follow it. Chroma is compared blurred by ``CHROMA_BLUR`` pixels of the finest level, and
+# more loosely than grey: JPEG keeps colour at half the resolution, and quantises it more
+# coarsely (at quality 20, fine colour textures lose most of theirs).
 CHROMA_TOLERANCE = 1.5 * TOLERANCE
 CHROMA_FLOOR = 0.1
+CHROMA_BLUR = 1.5
 
 
 def _editable(warp: np.ndarray) -> bool:
@@ -591,10 +594,13 @@ def distinctiveness(
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
-    """The chroma of (n, 3) RGB values as complex numbers in the hue plane (red against
-    cyan, green against blue): turning the hue rotates it, desaturating scales it."""
-    r, g, b = rgb.T
-    return (r - (g + b) / 2) + 1j * (np.sqrt(3) / 2) * (g - b)
+    """The chroma of an (h, w, 3) RGB image as complex numbers in the hue plane (red
+    against cyan, green against blue), blurred by ``CHROMA_BLUR``, flattened: turning the
+    hue rotates it, desaturating scales it."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    across = ndimage.gaussian_filter(r - (g + b) / 2, CHROMA_BLUR)
+    down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), CHROMA_BLUR)
+    return (across + 1j * down).ravel()
 
 
 def _one_colour_change(
@@ -608,7 +614,7 @@ def _one_colour_change(
     source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
     warped, _ = _sample(source, _unit_grid(h, w) @ warp.T)
     mask = inside.ravel()
-    ours, theirs = _chroma(kept.rgb.reshape(-1, 3)), _chroma(warped.T)
+    ours, theirs = _chroma(kept.rgb), _chroma(warped.T.reshape(h, w, 3))
     best = 0.0
     for source_chroma, target in ((ours, theirs), (theirs, ours)):
         weight = mask.astype(np.float64)
