@@ -144,18 +144,23 @@ def test_crop_cost_benchmark_times_dupes_with_and_without_the_crop_candidates(
 
 
 def test_a_region_pair_must_agree_only_near_its_map(tmp_path: Path) -> None:
-    # Two independent flat-shape pictures that ``python -m benchmarks.othershots
-    # --synthetic-only 1000`` found through a region match: their rectangles line up under
-    # a loose map, which still agrees when moved. Only the whole-image descriptors could
-    # bring such a pair; a region pair with a loose map must be an unchanged crop, and
-    # this one is squashed and its contrast scaled.
-    from benchmarks import synthetic
-    from ghostmatch.dupes.finder import PairJudge
+    # A flat picture and its top nine tenths stretched back to the full height: its
+    # shapes line up under a loose map, which still agrees when moved, squashed 1.11 to 1.
+    # Only the whole-image descriptors could bring such a pair; a region pair with a loose
+    # map must be an unchanged crop, and this one is squashed.
+    from PIL import ImageDraw
+
+    from ghostmatch.dupes.finder import CROP_LOOSE_SQUASH, PairJudge
     from ghostmatch.dupes.samecapture import agreement, prepare_capture
 
-    kept, other = (synthetic.make_image("shapes", n, seed=7) for n in (103, 623))
+    kept = Image.new("RGB", (320, 240), (200, 80, 150))
+    draw = ImageDraw.Draw(kept)
+    draw.ellipse((55, 60, 295, 235), fill=(90, 25, 30))
+    draw.rectangle((20, 150, 40, 200), fill=(40, 230, 60))
+    other = kept.crop((0, 0, 320, 216)).resize((320, 240), Image.Resampling.BILINEAR)
     found = agreement(prepare_capture(kept), prepare_capture(other), np.eye(2, 3))
     assert found.same_capture and not found.pinned
+    assert found.distinct is not None and found.distinct.squash > CROP_LOOSE_SQUASH
     folder = tmp_path / "images"
     folder.mkdir()
     kept.save(folder / "kept.png")

@@ -13,7 +13,9 @@ affine colour fit. The pair is one capture when nearly all patches agree. A pair
 alignment slides into a map no edit makes is settled at a coarse level (see
 :func:`agreement`). An agreeing pair must also agree only where it is aligned
 (:func:`distinctiveness`): between images without detail (smooth colour fields, flat
-graphics) a nearby map agrees about as well, and that proves nothing.
+graphics) a nearby map agrees about as well, and that proves nothing. Nor does agreement
+that needs the colours of one image sent onto the other's any which way: the colours of
+a copy follow one colour change (``CHROMA_TOLERANCE``).
 
 The rule (``either patches@0.2 >= 8/9``) was chosen on the tuning half of
 ``python -m benchmarks.othershots`` and checked on its held-out half (README, duplicates).
@@ -99,6 +101,22 @@ DETAIL_SHIFT = 0.02
 DETAIL_RESIDUAL = 0.2
 MIN_DETAIL = 4
 TIGHT_TOLERANCE = TOLERANCE / 4
+# One colour change: an edit changes all of a picture's colours alike (brightness,
+# contrast, saturation, a turn of the hue, or no colour left in a grey copy), so the other
+# image's chroma is the kept one's times one complex gain (a scale and a turn of the hue
+# circle), or the other way round. The grey gain and offset and the affine colour fit are
+# far freer: between pictures of a few flat colours (slides, logos, random shapes) they
+# send any two or three colours onto any others, and an affine map sends one rectangle or
+# ellipse onto another, so two independent such pictures can agree everywhere. A patch
+# follows the change when its median chroma residual is within ``CHROMA_TOLERANCE`` of the
+# target's chroma spread, a spread counted as at least ``CHROMA_FLOOR`` (the colour of a
+# nearly grey picture says little either way); ``SAME_CAPTURE_CUT`` of the patches must
+# follow it. Chroma is compared blurred by ``CHROMA_BLUR`` pixels of the finest level, and
+# more loosely than grey: JPEG keeps colour at half the resolution, and quantises it more
+# coarsely (at quality 20, fine colour textures lose most of theirs).
+CHROMA_TOLERANCE = 1.5 * TOLERANCE
+CHROMA_FLOOR = 0.1
+CHROMA_BLUR = 1.5
 
 
 def _editable(warp: np.ndarray) -> bool:
@@ -180,8 +198,8 @@ class Distinctiveness:
     do, of ``textured`` such cells; ``detail`` counts the kept image's patches with fine
     detail, and ``tight`` is the share of patches that agree within ``TIGHT_TOLERANCE``
     (grey or colour; only measured for an image with too little detail, else 1). An image
-    with too little detail that fails ``tight`` is settled by it: its moved maps are not
-    measured (nan)."""
+    with too little detail that fails ``tight``, or a pair whose colours follow no one
+    colour change (``colours``), is settled by it: its moved maps are not measured (nan)."""
 
     moved: float
     textured_moved: float
@@ -193,9 +211,14 @@ class Distinctiveness:
     squash: float = 1.0
     # The grey gain taking the other image to the kept one (robust fit).
     gain: float = 1.0
+    # The share of patches whose colours follow one colour change (see
+    # ``CHROMA_TOLERANCE``); a pair that fails it is settled by it (moved maps nan).
+    colours: float = 1.0
 
     def distinctive(self) -> bool:
         """Whether the agreement proves the alignment (see the constants above)."""
+        if self.colours < SAME_CAPTURE_CUT - 1e-9:
+            return False
         if self.detail < MIN_DETAIL and self.tight < SAME_CAPTURE_CUT - 1e-9:
             return False
         if self.textured >= MIN_TEXTURED and self.textured_moved >= MOVED_AGREEMENT_CUT:
@@ -224,9 +247,11 @@ class Agreement:
     @property
     def same_capture(self) -> bool:
         """Nearly all the overlap agrees, under a map that an edit could have made, and
-        only under that map. On images without detail (smooth noise, flat graphics) the
-        alignment can slide into a strong shear or squash that makes a small overlap
-        agree, or agree about as well anywhere nearby: that is no copy."""
+        only under that map, with colours that follow one colour change. On images without
+        detail (smooth noise, flat graphics) the alignment can slide into a strong shear
+        or squash that makes a small overlap agree, or agree about as well anywhere
+        nearby, or agree only because the colour fit sends a few flat colours onto any
+        others: that is no copy."""
         if self.overlap < MIN_OVERLAP or not _editable(self.warp):
             return False
         # The cut is a ratio of small counts: compare with a little slack for rounding.
@@ -606,11 +631,16 @@ def distinctiveness(
 ) -> Distinctiveness:
     """How the agreement of ``other`` under ``warp`` (grey residuals ``r`` over
     ``inside``) holds up when the map moves by ``SHIFT`` of the other image's side, on all
-    patches and on the textured ones; how much fine detail the kept image has; and how far
-    the map squashes and the grey gain scales the other image."""
+    patches and on the textured ones; how much fine detail the kept image has; how far the
+    map squashes and the grey gain scales the other image; and how much of the overlap
+    follows one colour change."""
     contrast = max(float(kept.levels[-1][0][inside].std()), 0.02)
     close, counted = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE)
     detail = _detail(kept)
+    colours = _one_colour_change(kept, other, warp, inside)
+    if colours < SAME_CAPTURE_CUT - 1e-9:
+        # Settled without the moved maps (not measured: nan).
+        return Distinctiveness(float("nan"), float("nan"), 0, detail, colours=colours)
     tight = 1.0
     if detail < MIN_DETAIL:
         tight = float(close[counted].mean()) if counted.any() else 0.0
@@ -621,7 +651,7 @@ def distinctiveness(
             )
         if tight < SAME_CAPTURE_CUT - 1e-9:
             # Settled without the moved maps (not measured: nan).
-            return Distinctiveness(float("nan"), float("nan"), 0, detail, tight)
+            return Distinctiveness(float("nan"), float("nan"), 0, detail, tight, colours=colours)
     # The same step in the kept image's own coordinates, to move it against itself.
     to_kept = np.linalg.inv(warp[:, :2])
     shares, textured, agreeing = [], 0, 0
@@ -648,7 +678,45 @@ def distinctiveness(
         tight,
         _squash(kept, other, warp),
         _gain(kept, other, warp),
+        colours,
     )
+
+
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    """The chroma of an (h, w, 3) RGB image as complex numbers in the hue plane (red
+    against cyan, green against blue), blurred by ``CHROMA_BLUR``, flattened: turning the
+    hue rotates it, desaturating scales it."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    across = ndimage.gaussian_filter(r - (g + b) / 2, CHROMA_BLUR)
+    down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), CHROMA_BLUR)
+    return (across + 1j * down).ravel()
+
+
+def _one_colour_change(
+    kept: Capture, other: Capture, warp: np.ndarray, inside: np.ndarray
+) -> float:
+    """Share of the overlap's patches (``inside``, at the finest level) whose colours follow
+    one colour change (see ``CHROMA_TOLERANCE``): the better of the other image's chroma
+    under ``warp`` as the kept one's times one complex gain, fitted robustly, and the
+    kept one's as the other's (a grey kept image with its colour source)."""
+    h, w = kept.rgb.shape[:2]
+    source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
+    warped, _ = _sample(source, _unit_grid(h, w) @ warp.T)
+    mask = inside.ravel()
+    ours, theirs = _chroma(kept.rgb), _chroma(warped.T.reshape(h, w, 3))
+    best = 0.0
+    for source_chroma, target in ((ours, theirs), (theirs, ours)):
+        weight = mask.astype(np.float64)
+        for _ in range(4):
+            power = float(weight @ (np.abs(source_chroma) ** 2))
+            gain = (weight @ (np.conj(source_chroma) * target)) / power if power > 1e-12 else 0j
+            r = np.abs(target - gain * source_chroma)
+            weight = _tukey(r, mask)
+        spread = max(float(np.sqrt(np.mean(np.abs(target[mask]) ** 2))), CHROMA_FLOOR)
+        follows, counted = _medians_within((r / spread).reshape(h, w), inside, CHROMA_TOLERANCE)
+        if counted.any():
+            best = max(best, float(follows[counted].mean()))
+    return best
 
 
 def _gain(kept: Capture, other: Capture, warp: np.ndarray) -> float:
