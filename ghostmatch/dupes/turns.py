@@ -40,7 +40,6 @@ from ghostmatch.store.catalog import TurnScreen
 if TYPE_CHECKING:
     from ghostmatch.dupes.finder import DuplicateFinder
     from ghostmatch.dupes.groups import DuplicateMember
-    from ghostmatch.dupes.verify import ScaledMaps
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
 
@@ -434,10 +433,6 @@ def member_turn(pair: TurnedPair | None, member: int) -> int:
 # compared with (a turned copy is its view's nearest image; more only guard against ties).
 VIEW_BATCH = 64
 VIEW_NEIGHBOURS = 8
-# Turns the all-pairs search embeds. Each of a pair's two files is the other turned, so a
-# pair turned by 270 would be found from its other side, through that file's 90, but not
-# a mirror image turned by 270: mirrored and turned, each is the other turned by 270.
-PAIR_TURNS = QUARTER_TURNS
 
 Offsets = Callable[[np.ndarray], "np.ndarray | None"]
 
@@ -771,84 +766,11 @@ def view_pairs(
 # ---------------------------------------------------------------------------- verification
 
 
-def scaled_maps(embedder: Embedder, images: Sequence[Image.Image]) -> list[ScaledMaps]:
-    """Local feature maps (float32) of each image as the geometric check takes them: at the
-    model's input size, mirrored, and zoomed."""
-    from ghostmatch.dupes.verify import ZOOM, ScaledMaps, local_features
-    from ghostmatch.model.embedder import prepare, to_batch
-
-    if not images:
-        return []
-    card = embedder.card
-    zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
-    model, n = embedder.local_model, len(images)
-    base = local_features(
-        model,
-        to_batch(
-            [prepare(i, card) for i in images] + [prepare(ImageOps.mirror(i), card) for i in images]
-        ),
-    )
-    zoomed = local_features(model, to_batch([prepare(i, zoomed_card) for i in images]))
-    # fp16 and back, as the finder's map cache holds them, so both checks agree.
-    cast = [m.astype(np.float16).astype(np.float32) for m in (base, zoomed)]
-    return [ScaledMaps(cast[0][k], cast[0][n + k], cast[1][k]) for k in range(n)]
-
-
 # Views embedded together for their scores: on one thread, small batches cost less per
 # image than large ones, whose activations no longer fit in the cache.
 SCORE_BATCH = 8
-# Views whose local maps verify_turned keeps at once (about 0.3 MB each).
+# Maps check_screened keeps at once (about 0.1 MB each).
 MAP_CACHE_VIEWS = 512
-
-
-def verify_turned(
-    embedder: Embedder,
-    images: Callable[[int], Image.Image | None],
-    pairs: Iterable[TurnedPair],
-    enough: int | None = None,
-    cache: MutableMapping[View, ScaledMaps] | None = None,
-) -> list[TurnedPair]:
-    """Each pair with the geometric check of its owner's view against the other image
-    (``ghostmatch.dupes.verify.verify_scales``). A quarter-turn of 90 or 270 is checked
-    both ways: a mirrored copy's view lines up with the opposite turn, which its
-    mirror-tolerant descriptor cannot tell apart. ``images`` decodes an image by id;
-    ``cache`` keeps views' maps from one call to the next."""
-    from ghostmatch.dupes.verify import verify_scales
-
-    pairs = list(pairs)
-    # Maps by view: the pairs of one image's views (and of one query) share them.
-    maps: MutableMapping[View, ScaledMaps] = {} if cache is None else cache
-    if len(maps) >= MAP_CACHE_VIEWS:
-        maps.clear()
-
-    def load(views: Iterable[View]) -> None:
-        """The maps of ``views`` that are not there yet, embedded as one batch."""
-        needed = list(dict.fromkeys(v for v in views if v not in maps))
-        made = [(v, image) for v in needed if (image := images(v.owner)) is not None]
-        found = scaled_maps(embedder, [v.of(image) for v, image in made])
-        maps.update(zip([v for v, _ in made], found, strict=True))
-
-    def check(pair: TurnedPair, turn: int) -> TurnedPair:
-        target, view = View(pair.other, 0), View(pair.owner, turn, pair.tilt)
-        if target not in maps or view not in maps:
-            return replace(pair, inliers=0)
-        result = verify_scales(maps[target], maps[view], enough)
-        return replace(pair, turn=turn, flipped=result.flipped, inliers=result.inliers)
-
-    load(v for p in pairs for v in (View(p.other, 0), View(p.owner, p.turn, p.tilt)))
-    checked = [check(p, p.turn) for p in pairs]
-    # The opposite turn only for the pairs that need it, on maps made for them alone.
-    again = [
-        n
-        for n, p in enumerate(checked)
-        if p.turn in (90, 270) and (enough is None or (p.inliers or 0) < enough)
-    ]
-    load(View(checked[n].owner, (-checked[n].turn) % 360, checked[n].tilt) for n in again)
-    for n in again:
-        other = check(pairs[n], (-pairs[n].turn) % 360)
-        if (other.inliers or 0) > (checked[n].inliers or 0):
-            checked[n] = other
-    return checked
 
 
 # The share of a tilted image's picture pixels that the keep rule counts: an upright file
@@ -892,24 +814,6 @@ def image_loader(paths: Mapping[int, Path], side: int) -> Callable[[int], Image.
         return found
 
     return load
-
-
-def decide(
-    embedder: Embedder,
-    images: Callable[[int], Image.Image | None],
-    pairs: Sequence[TurnedPair],
-    threshold: float,
-    enough: int | None,
-    cache: MutableMapping[View, ScaledMaps] | None = None,
-) -> list[TurnedPair]:
-    """The view pairs that are duplicates. With the geometric stage (``enough`` inliers),
-    every one must pass it on its view, whatever its score: a turned view of an unrelated
-    photo meets more strangers than the photo itself, and the check is what keeps them
-    out. Without it, the score decides, as for upright pairs."""
-    if enough is None:
-        return [p for p in pairs if p.score >= threshold]
-    checked = verify_turned(embedder, images, pairs, enough, cache)
-    return [p for p in checked if (p.inliers or 0) >= enough]
 
 
 # ---------------------------------------------------------------------------- screened pairs
@@ -992,6 +896,8 @@ class TurnedCandidates:
         self.images = image_loader(paths, self.embedder.card.input_size)
         self.maps: dict[tuple[View, bool], np.ndarray] = {}
         self.straightened: OrderedDict[tuple[int, Tilt], Image.Image] = OrderedDict()
+        # Each view's descriptor and score offset.
+        self.described: dict[View, tuple[np.ndarray, float]] = {}
         # Made while indexing; images indexed before that are decoded here.
         screened = screen(paths, stored=finder.catalog.turn_screens([int(i) for i in ids]))
         hashes = {i: r.content_hash for i, r in self.records.items()}
@@ -1004,16 +910,51 @@ class TurnedCandidates:
         ]
         # All views at once, before the grouping starts deciding upright pairs: a few small
         # batches cost less than one model pass per pair between those of the check.
+        scored = {p.key: p for p in self._scored(kept)}
+        # Each view also meets its nearest stored images: the thumbnails pair a copy with
+        # its few nearest, which may miss the file kept over its original (an upright or
+        # turned copy of it) or the original of a tilted copy whose straightened thumbnail
+        # met another image first. The thumbnails then tell such a pair's turn and mirror.
+        views = list(self.described)
+        found = view_pairs(
+            views,
+            np.stack([self.described[v][0] for v in views]).astype(np.float32)
+            if views
+            else np.zeros((0, vectors.shape[1]), np.float32),
+            ids,
+            vectors,
+            floor,
+            offsets,
+            lambda _: np.array([self.described[v][1] for v in views]),
+            finder.vectors.index,
+        )
+        for p in found:
+            if p.key in scored or hashes[p.owner] == hashes[p.other]:
+                continue
+            # A turned view of a tilted canvas meets other tilted canvases by their
+            # corners: two tilted images pair by a turn only as the screen paired them.
+            if p.tilt is None and p.owner in screened.tilts and p.other in screened.tilts:
+                continue
+            if {(paths[p.owner], paths[p.other]), (paths[p.other], paths[p.owner])} & ignored:
+                continue
+            if p.tilt is None and p.other in screened.tilts:
+                # A turned view that meets a tilted canvas: checked, like the screen's tilted
+                # pairs, on the canvas straightened (the picture at the other's scale).
+                p = TurnedPair(p.other, p.owner, 0, screened.tilts[p.other], p.score)
+            lined_up = self._lined_up(p)
+            if lined_up is not None:
+                scored[p.key] = lined_up
         self.pairs = {
-            p.key: p
-            for p in self._scored(kept)
-            if p.score >= floor and p.score > upright.get(p.key, -math.inf)
+            key: p
+            for key, p in scored.items()
+            if p.score >= floor and p.score > upright.get(key, -math.inf)
         }
         # The keep rule counts a tilted image's picture, not its filled corners.
         self.pictures = {
-            i: picture_share(self.records[i].width, self.records[i].height, tilt)
+            i: share
             for i, tilt in screened.tilts.items()
             if any(i in key for key in self.pairs)
+            and (share := picture_share(self.records[i].width, self.records[i].height, tilt)) < 1
         }
         # The pairs that passed, as checked (their turn and mirror settled).
         self.passed: dict[tuple[int, int], TurnedPair] = {}
@@ -1051,7 +992,7 @@ class TurnedCandidates:
 
         card = self.embedder.card
         views = list(dict.fromkeys(View(p.owner, p.turn, p.tilt) for p in pairs))
-        described: dict[View, tuple[np.ndarray, float]] = {}
+        described = self.described
         for start in range(0, len(views), SCORE_BATCH):
             chunk = views[start : start + SCORE_BATCH]
             made = [(v, seen) for v in chunk if (seen := self._view(v)) is not None]
@@ -1074,6 +1015,16 @@ class TurnedCandidates:
                 score -= float(self.offsets[row]) + view[1]
             scored.append(replace(p, score=score))
         return scored
+
+    def _lined_up(self, pair: TurnedPair) -> TurnedPair | None:
+        """``pair`` with the turn and mirror under which its owner's thumbnail (its
+        straightened picture's, when tilted) best meets the other file's; None when either
+        cannot be read any more."""
+        base, other = self._view(View(pair.owner, 0, pair.tilt)), self.images(pair.other)
+        if base is None or other is None:
+            return None
+        turn, flipped = _best_transform(base, other)
+        return replace(pair, turn=turn, flipped=flipped)
 
     def _view(self, view: View) -> Image.Image | None:
         """The pixels of ``view``; a tilted image is straightened once for its check and its
@@ -1114,9 +1065,11 @@ def pairs_of_image(
     if index is None or index.ntotal == 0:
         return []
     embedder = finder.embedder
-    image = _as_image(x, _map_side(embedder))
+    image = _as_image(x, embedder.card.input_size)
     views = views_of(-1, image, QUARTER_TURNS)
-    view_vectors = embedder.embed_arrays([prepare(v.of(image), embedder.card) for v in views])
+    view_vectors = embedder.embed_arrays(
+        [prepare(v.of(image), embedder.card) for v in views], threads=1
+    )
     # A turned copy is its view's nearest stored image; a few more only guard against ties.
     _, found = index.search(view_vectors, min(k, VIEW_NEIGHBOURS, index.ntotal))
     candidates = sorted({int(i) for i in found.ravel() if i >= 0} - accepted)
@@ -1132,13 +1085,37 @@ def pairs_of_image(
         if offsets is not None and own is not None:
             upright -= offsets[rows] + float(own[0])
         pairs = [p for p, u in zip(pairs, upright.tolist(), strict=True) if p.score > u]
+    if enough is None:
+        return [p for p in pairs if p.score >= threshold]
     paths = {r.id: r.path for r in finder.catalog.get([p.other for p in pairs])}
-    cached = image_loader(paths, _map_side(embedder))
+    cached = image_loader(paths, embedder.card.input_size)
+    # x itself, and straightened when it is tilted.
+    bases: dict[Tilt | None, Image.Image] = {None: image}
+    bases.update((v.tilt, straighten(image, v.tilt)) for v in views if v.tilt is not None)
 
-    def images(i: int) -> Image.Image | None:
-        return image if i == -1 else cached(i)
+    def view_of(view: View) -> Image.Image | None:
+        # Stored files are only ever seen as they are.
+        return cached(view.owner) if view.owner != -1 else turn_image(bases[view.tilt], view.turn)
 
-    return decide(embedder, images, pairs, threshold, enough)
+    # The descriptor tolerates a mirror, the thumbnails do not: they tell the turn and
+    # mirror that line the view up with the file, for a check on one map a side.
+    lined_up = []
+    for p in pairs:
+        other = cached(p.other)
+        if other is not None:
+            turn, flipped = _best_transform(bases[p.tilt], other)
+            lined_up.append(replace(p, turn=turn, flipped=flipped))
+    checked = check_screened(embedder, view_of, lined_up, {})
+    return [p for p in checked if (p.inliers or 0) >= enough]
+
+
+def _best_transform(image: Image.Image, other: Image.Image) -> tuple[int, bool]:
+    """The clockwise quarter-turn, and whether a mirror follows it, under which the
+    thumbnail of ``image`` correlates best with that of ``other``."""
+    mine, theirs = thumbnail(image), thumbnail(other)
+    scores = [(float(v[0] @ theirs), t, f) for t, f, v in _dihedral(mine[None])]
+    _, turn, flipped = max(scores)
+    return turn, flipped
 
 
 def quarter_turns_of(x: ImageLike, side: int) -> list[Image.Image]:
@@ -1158,10 +1135,3 @@ def _as_image(x: ImageLike, side: int) -> Image.Image:
         return load_image(x, side).image
     except ImageRejected as err:
         raise GhostmatchError(f"cannot read {path_text(x)}: {err}") from err
-
-
-def _map_side(embedder: Embedder) -> int:
-    """The decoded size the zoomed local maps need."""
-    from ghostmatch.dupes.verify import ZOOM
-
-    return round(embedder.card.input_size * ZOOM / 16) * 16
