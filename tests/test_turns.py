@@ -372,8 +372,9 @@ def test_a_catalog_from_before_turn_screens_finds_turned_copies_and_gets_them_on
 @pytest.mark.usefixtures("shared_model_cache")
 def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: Path) -> None:
     with ghostmatch.open(turned_index, create=False) as lib:
-        groups = _groups_by_kept(lib.find_duplicates(turned=True))
-        upright = _groups_by_kept(lib.find_duplicates())
+        # Turned copies are found by default.
+        groups = _groups_by_kept(lib.find_duplicates())
+        upright = _groups_by_kept(lib.find_duplicates(turned=False))
     assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
     assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
     assert groups["astronaut.jpg"] == {"astronaut-flip-cw90.jpg": ("edited", 270)}
@@ -420,8 +421,8 @@ def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
         assert found["coffee.jpg"].turn == 270 and found["coffee.jpg"].tier == "edited"
         assert found["coffee-cw90.jpg"].turn == 180
         tilt = jpeg(tilted(photo("rocket"), -25.0, (255, 255, 255)))
-        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt, turned=True)]
-        assert lib.duplicates_of(tilt) == []
+        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt)]
+        assert lib.duplicates_of(tilt, turned=False) == []
 
 
 # ---------------------------------------------------------------------------- query, CLI
@@ -489,10 +490,10 @@ def _dupes(index: Path, model_cache: Path, *flags: str) -> dict[str, list[dict]]
 
 
 def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
-    # Turned copies are found with --turned, and only then.
-    groups = _dupes(turned_index, model_cache, "--turned")
+    # Turned copies are found unless --no-turned says not to look for them.
+    groups = _dupes(turned_index, model_cache)
     turns = {Path(m["path"]).name: m["turn"] for m in groups["coffee.jpg"]}
     assert turns == COFFEE_TURNS
     assert [m["turn"] for m in groups["rocket.jpg"]] == [0]
-    upright = _dupes(turned_index, model_cache)
+    upright = _dupes(turned_index, model_cache, "--no-turned")
     assert not {Path(m["path"]).name for m in upright.get("coffee.jpg", [])} & set(COFFEE_TURNS)
