@@ -80,3 +80,30 @@ def test_views_embedded_on_one_thread_are_the_same_descriptors(random_model) -> 
     np.testing.assert_allclose(
         embedder.embed_arrays(arrays, threads=1), embedder.embed_arrays(arrays), atol=1e-5
     )
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_a_tilted_original_and_its_quarter_turned_copy(tmp_path: Path) -> None:
+    """A photo that is itself tilted onto black corners, and a copy of it turned by 90:
+    their canvases pair turned, since their straightened pictures meet too; a new copy
+    turned by 180 finds both with ``duplicates_of``."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    original = tilted(photo("rocket"), 20.0, (0, 0, 0))
+    original.save(folder / "rocket-tilt20.jpg", quality=92)
+    turn_image(original, 90).save(folder / "rocket-tilt20-cw90.jpg", quality=90)
+    for name in ("coffee", "chelsea", "astronaut"):
+        photo(name).save(folder / f"{name}.jpg", quality=92)
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        groups = lib.find_duplicates()
+        found = {m.path.name: m for m in lib.duplicates_of(turn_image(original, 180))}
+    assert len(groups) == 1 and len(groups[0].members) == 1
+    kept, copy = groups[0].keep, groups[0].members[0]
+    assert {kept.path.name, copy.path.name} == {"rocket-tilt20.jpg", "rocket-tilt20-cw90.jpg"}
+    # The copy turned by its turn lines up with the kept file.
+    assert copy.tier == "edited" and copy.turn == (
+        270 if kept.path.name == "rocket-tilt20.jpg" else 90
+    )
+    assert found.keys() == {"rocket-tilt20.jpg", "rocket-tilt20-cw90.jpg"}
+    assert found["rocket-tilt20.jpg"].turn == 180 and found["rocket-tilt20-cw90.jpg"].turn == 90
