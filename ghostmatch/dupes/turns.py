@@ -2,14 +2,15 @@
 filled corners are still copies; their turned or straightened views find and verify them.
 
 A descriptor is not rotation invariant: a photo turned by 90 degrees scores like an
-unrelated photo against its original. So the duplicate search embeds *views* of the
-images that a thumbnail screen pairs with a turned partner (:func:`screen`): turned
-clockwise by 90, 180 or 270 degrees (the descriptor itself tolerates a
-mirror, but a mirror image turned by 270 is that turn from both of its files, so the
-other side of a pair cannot stand in for a 270 view), and for an image tilted onto a
-larger canvas with filled corners, the image straightened and cut back to its picture,
-at the turns where that picture's thumbnail meets another image's. A view's pair is then
-verified on the view itself, so the geometric stage sees an upright copy.
+unrelated photo against its original. So the duplicate search first pairs images on
+their thumbnails and tilts (:func:`turn_screen`, made while indexing and kept in the
+catalog; :func:`screen`): two images whose thumbnails meet at a quarter-turn (with or
+without a mirror), and an image tilted onto a larger canvas with filled corners with the
+images that its straightened picture's thumbnail meets. Each pair's *view* (its owner
+turned clockwise by 90, 180 or 270 degrees, or straightened and cut back to its picture,
+then turned) is embedded and scored against the other file, and the pair is verified on
+the view itself with the mirror the thumbnails tell, so the geometric stage sees an
+upright copy.
 
 Turns here are clockwise degrees. A pair's relation is kept as "``owner`` turned by
 ``turn`` (straightened first when ``straightened``), then mirrored when ``flipped``, lines
@@ -429,8 +430,9 @@ def member_turn(pair: TurnedPair | None, member: int) -> int:
 
 # ---------------------------------------------------------------------------- search
 
-# Images decoded and embedded together, and the nearest stored images each view is
-# compared with (a turned copy is its view's nearest image; more only guard against ties).
+# Images decoded together for a screen without stored thumbnails, and the nearest stored
+# images each view is compared with (a turned copy is its view's nearest image; more only
+# guard against ties).
 VIEW_BATCH = 64
 VIEW_NEIGHBOURS = 8
 
