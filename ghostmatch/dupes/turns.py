@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from ghostmatch.dupes.groups import DuplicateMember
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
+    from ghostmatch.model.scorenorm import ScoreNorm
 
 QUARTER_TURNS = (90, 180, 270)
 
@@ -889,13 +890,13 @@ class TurnedCandidates:
     ) -> None:
         self.records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
         paths = {i: r.path for i, r in self.records.items()}
-        self.embedder = finder.embedder
+        self.finder = finder
         self.ids, self.vectors, self.offsets = ids, vectors, offsets
-        # The score background itself: the finder's own lookup reads the model card each time.
-        self.norm = finder.embedder.model.score_norm if offsets is not None else None
+        self.normalised = offsets is not None
         self.threshold, self.enough = threshold, enough
         self.upright = upright
-        self.images = image_loader(paths, self.embedder.card.input_size)
+        card = finder.card
+        self.images = image_loader(paths, card.input_size if card is not None else SCREEN_SIDE)
         self.maps: dict[tuple[View, bool], np.ndarray] = {}
         self.straightened: OrderedDict[tuple[int, Tilt], Image.Image] = OrderedDict()
         # Each view's descriptor and score offset.
@@ -961,6 +962,17 @@ class TurnedCandidates:
         # The pairs that passed, as checked (their turn and mirror settled).
         self.passed: dict[tuple[int, int], TurnedPair] = {}
 
+    @functools.cached_property
+    def embedder(self) -> Embedder:
+        """The model, loaded only when there is a view to embed or a pair to check."""
+        return self.finder.embedder
+
+    @functools.cached_property
+    def _norm(self) -> ScoreNorm | None:
+        """The score background itself (the finder's own lookup reads the model card each
+        time), None for plain cosines."""
+        return self.embedder.model.score_norm if self.normalised else None
+
     def candidates(self, upright: Iterable[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
         """The grouping's candidates: ``upright`` ones (low id first), each turned
         candidate in place of its upright pair with its view's score."""
@@ -1001,7 +1013,7 @@ class TurnedCandidates:
             if not made:
                 continue
             found = self.embedder.embed_arrays([prepare(s, card) for _, s in made], threads=1)
-            own = self.norm.offsets(found) if self.norm is not None else np.zeros(len(made))
+            own = self._norm.offsets(found) if self._norm is not None else np.zeros(len(made))
             described.update(
                 (v, (found[n].astype(np.float64), float(own[n]))) for n, (v, _) in enumerate(made)
             )
