@@ -1079,23 +1079,33 @@ def pairs_of_image(
     if index is None or index.ntotal == 0:
         return []
     embedder = finder.embedder
+    # The score background itself: the finder's own lookup reads the model card each time.
+    norm = embedder.model.score_norm if finder.normalised_scores else None
+
+    def offsets_of(vectors: np.ndarray) -> np.ndarray | None:
+        return None if norm is None else norm.offsets(vectors)
+
     image = _as_image(x, embedder.card.input_size)
     views = views_of(-1, image, QUARTER_TURNS)
+    # x itself, and straightened (once) when it is tilted.
+    bases: dict[Tilt | None, Image.Image] = {None: image}
+    tilts = {v.tilt for v in views if v.tilt is not None}
+    bases.update((tilt, straighten(image, tilt)) for tilt in tilts)
     view_vectors = embedder.embed_arrays(
-        [prepare(v.of(image), embedder.card) for v in views], threads=1
+        [prepare(turn_image(bases[v.tilt], v.turn), embedder.card) for v in views], threads=1
     )
     # A turned copy is its view's nearest stored image; a few more only guard against ties.
     _, found = index.search(view_vectors, min(k, VIEW_NEIGHBOURS, index.ntotal))
     candidates = sorted({int(i) for i in found.ravel() if i >= 0} - accepted)
     ids, vectors = finder.catalog.vectors(candidates)
-    offsets = finder.score_offsets(vectors) if len(ids) else None
+    offsets = offsets_of(vectors) if len(ids) else None
     pairs = view_pairs(
-        views, view_vectors, ids, vectors, floor, offsets, finder.score_offsets, None, len(ids)
+        views, view_vectors, ids, vectors, floor, offsets, offsets_of, None, len(ids)
     )
     if vector is not None and pairs:
         rows = np.searchsorted(ids, [p.other for p in pairs])
         upright = vectors[rows].astype(np.float64) @ vector.astype(np.float64)
-        own = finder.score_offsets(vector[None, :])
+        own = offsets_of(vector[None, :])
         if offsets is not None and own is not None:
             upright -= offsets[rows] + float(own[0])
         pairs = [p for p, u in zip(pairs, upright.tolist(), strict=True) if p.score > u]
@@ -1103,9 +1113,6 @@ def pairs_of_image(
         return [p for p in pairs if p.score >= threshold]
     paths = {r.id: r.path for r in finder.catalog.get([p.other for p in pairs])}
     cached = image_loader(paths, embedder.card.input_size)
-    # x itself, and straightened when it is tilted.
-    bases: dict[Tilt | None, Image.Image] = {None: image}
-    bases.update((v.tilt, straighten(image, v.tilt)) for v in views if v.tilt is not None)
 
     def view_of(view: View) -> Image.Image | None:
         # Stored files are only ever seen as they are.
