@@ -52,10 +52,10 @@ def dupes(
     turned: Annotated[
         bool,
         typer.Option(
-            "--turned",
-            help="Also find copies turned by 90, 180 or 270 degrees or tilted (slower).",
+            "--turned/--no-turned",
+            help="Also find copies turned by 90, 180 or 270 degrees or tilted.",
         ),
-    ] = False,
+    ] = True,
     of: Annotated[
         list[Path] | None,
         typer.Option("--of", help="Only: is this image a duplicate of anything indexed?"),
@@ -196,7 +196,7 @@ def _report_of(
     threshold: float | None,
     as_json: bool,
     similar: bool,
-    turned: bool = False,
+    turned: bool = True,
 ) -> None:
     from ghostmatch.dupes.groups import SIMILAR
 

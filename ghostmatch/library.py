@@ -370,11 +370,11 @@ class Library:
         min_inliers: int | None = None,
         similar: bool = False,
         progress: Progress | None = None,
-        turned: bool = False,
+        turned: bool = True,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies, and with
-        ``similar`` the other captures of it; ``turned`` finds quarter-turned and tilted
-        copies too (see ``DuplicateFinder.find_duplicates``)."""
+        ``similar`` the other captures of it; ``turned`` (the default) finds quarter-turned
+        and tilted copies too (see ``DuplicateFinder.find_duplicates``)."""
         return self.finder.find_duplicates(
             threshold,
             keep=keep,
@@ -401,11 +401,11 @@ class Library:
         k: int = 100,
         *,
         similar: bool = False,
-        turned: bool = False,
+        turned: bool = True,
     ) -> list[DuplicateMember]:
         """Indexed files that duplicate ``x`` (a new image or an indexed path), best first;
-        with ``similar``, then the other captures of it (tier ``similar``); ``turned``
-        counts files that are ``x`` quarter-turned or tilted too."""
+        with ``similar``, then the other captures of it (tier ``similar``); ``turned`` (the
+        default) counts files that are ``x`` quarter-turned or tilted too."""
         return self.finder.duplicates_of(x, threshold, k, similar=similar, turned=turned)
 
     def mark_not_duplicate(self, a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:

@@ -30,6 +30,7 @@ from ghostmatch.cli.app import _with_option_values
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.ray_embed import RayEmbedding
 from ghostmatch.model.regions import REGIONS
+from ghostmatch.store.catalog import TurnScreen
 
 ray = pytest.importorskip("ray")
 
@@ -100,6 +101,12 @@ def regions_by_path(index: Path) -> dict[Path, np.ndarray]:
     return {paths[int(i)]: p for i, p in zip(ids, parts, strict=True)}
 
 
+def screens_by_path(index: Path) -> dict[Path, TurnScreen]:
+    with ghostmatch.open(index, create=False) as lib:
+        paths = {stat[0]: path for path, stat in lib.catalog.all_stat().items()}
+        return {paths[i]: s for i, s in lib.catalog.turn_screens().items()}
+
+
 def test_ray_run_equals_the_local_one_and_recognises_a_move(
     cluster: str, photos: Path, tmp_path: Path
 ) -> None:
@@ -137,6 +144,8 @@ def test_ray_run_equals_the_local_one_and_recognises_a_move(
     for path in want:
         assert got_parts[path].shape == (REGIONS, want[path].shape[0])
         np.testing.assert_allclose(got_parts[path], want_parts[path], atol=2e-3)
+    # And what the turned-copy screen needs, made on the workers from the same decode.
+    assert screens_by_path(remote) == screens_by_path(local)
     with ghostmatch.open(remote) as lib:
         again = lib.index([folder])
     assert (again.unchanged, again.embedded, again.updated) == (7, 0, 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -293,16 +295,18 @@ def test_the_screen_picks_the_turned_and_the_tilted_images_only(turned_folder: P
     names = {i: p.name for i, p in paths.items()}
     thumbs = np.stack([thumbnail(decode(p, 224)) for p in paths.values()])  # type: ignore[arg-type]
     pairs = {
-        frozenset((names[a], names[b])): (names[owner], turn)
-        for (a, b), (owner, turn, _) in screen_pairs(thumbs).items()
+        frozenset((names[a], names[b])): (names[owner], turn, flipped)
+        for (a, b), (owner, turn, flipped, _) in screen_pairs(thumbs).items()
     }
     turned = {**COFFEE_TURNS, "astronaut-flip-cw90.jpg": 270}
     for copy, turn in turned.items():
         original = "astronaut.jpg" if copy.startswith("astronaut") else "coffee.jpg"
-        owner, found = pairs[frozenset((copy, original))]
-        # The owner's view turned by ``found`` lines up with the other file.
+        owner, found, flipped = pairs[frozenset((copy, original))]
+        # The owner's view turned by ``found`` (then mirrored when the thumbnails say so)
+        # lines up with the other file.
         mirrored = "mirror" in copy or "flip" in copy
         assert found == (turn if owner == copy else inverse_turn(turn, mirrored))
+        assert flipped == mirrored
     # Only turned copies and their originals are screened: not the upright photos, not a
     # tilt (its own view is the straightened one).
     screened = {name for pair in pairs for name in pair}
@@ -312,11 +316,65 @@ def test_the_screen_picks_the_turned_and_the_tilted_images_only(turned_folder: P
     assert {names[i] for i in found.tilts} == {"rocket-tilt20.jpg"}
 
 
+def test_the_stored_screen_is_the_screen_of_the_decoded_images(turned_folder: Path) -> None:
+    from ghostmatch.dupes.turns import SCREEN_SIDE, decode, screen, turn_screen
+
+    paths = dict(enumerate(sorted(turned_folder.iterdir())))
+    decoded = screen(paths)
+    stored = {i: turn_screen(decode(p, SCREEN_SIDE)) for i, p in paths.items()}  # type: ignore[arg-type]
+    # Nothing is decoded for the screen when every image has its data.
+    nowhere = {i: Path("/nonexistent") / p.name for i, p in paths.items()}
+    assert screen(nowhere, stored=stored) == decoded
+    # Some stored, the others decoded: the same again.
+    assert screen(paths, stored={i: s for i, s in stored.items() if i % 2}) == decoded
+    names = {i: p.name for i, p in paths.items()}
+    found = {frozenset((names[p.owner], names[p.other])) for p in decoded.candidates}
+    assert {frozenset((copy, "coffee.jpg")) for copy in COFFEE_TURNS} <= found
+    assert frozenset(("rocket-tilt20.jpg", "rocket.jpg")) in found
+
+
+def _as_before_turn_screens(index: Path) -> None:
+    """Make the catalog of ``index`` one that the version before turn screens wrote."""
+    with sqlite3.connect(index / "catalog.db") as db:
+        db.execute("DROP TABLE turn_screens")
+        db.execute("DELETE FROM schema_version WHERE version >= 5")
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_a_catalog_from_before_turn_screens_finds_turned_copies_and_gets_them_on_index(
+    turned_index: Path, turned_folder: Path, tmp_path: Path
+) -> None:
+    from ghostmatch.dupes.turns import SCREEN_SIDE, decode, turn_screen
+    from ghostmatch.store.catalog import MIGRATIONS
+
+    index = tmp_path / "index"
+    shutil.copytree(turned_index, index)
+    _as_before_turn_screens(index)
+    with ghostmatch.open(index, create=False) as lib:
+        assert lib.catalog.schema_version() == MIGRATIONS[-1][0]
+        assert lib.catalog.turn_screens() == {}
+        # Screened the old way: every image decoded.
+        groups = _groups_by_kept(lib.find_duplicates(turned=True))
+        assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
+        assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
+        # The next run adds them from a decode of each image, embedding nothing again.
+        report = lib.index([turned_folder])
+        assert (report.embedded, report.updated, report.added) == (0, 0, 0)
+        assert report.unchanged == len(list(turned_folder.iterdir()))
+        assert lib.catalog.ids_without_turn_screens().tolist() == []
+        assert _groups_by_kept(lib.find_duplicates(turned=True)) == groups
+        stored = lib.catalog.turn_screens()
+        names = {stat[0]: path.name for path, stat in lib.catalog.all_stat().items()}
+    for i, found in stored.items():
+        assert found == turn_screen(decode(turned_folder / names[i], SCREEN_SIDE))  # type: ignore[arg-type]
+
+
 @pytest.mark.usefixtures("shared_model_cache")
 def test_turned_and_tilted_copies_are_grouped_with_their_original(turned_index: Path) -> None:
     with ghostmatch.open(turned_index, create=False) as lib:
-        groups = _groups_by_kept(lib.find_duplicates(turned=True))
-        upright = _groups_by_kept(lib.find_duplicates())
+        # Turned copies are found by default.
+        groups = _groups_by_kept(lib.find_duplicates())
+        upright = _groups_by_kept(lib.find_duplicates(turned=False))
     assert groups["coffee.jpg"] == {name: ("edited", t) for name, t in COFFEE_TURNS.items()}
     assert groups["rocket.jpg"] == {"rocket-tilt20.jpg": ("edited", 0)}
     assert groups["astronaut.jpg"] == {"astronaut-flip-cw90.jpg": ("edited", 270)}
@@ -334,14 +392,14 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
     from ghostmatch.dupes import turns
 
     checked: list[set[str]] = []
-    real = turns.verify_turned
+    real = turns.check_screened
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         found = real(*args, **kwargs)
         checked.extend({names[p.owner], names[p.other]} for p in found)
         return found
 
-    monkeypatch.setattr(turns, "verify_turned", counting)
+    monkeypatch.setattr(turns, "check_screened", counting)
     with ghostmatch.open(turned_index, create=False) as lib:
         names = {
             r.id: r.path.name for r in lib.catalog.get(list(map(int, lib.catalog.vectors()[0])))
@@ -363,8 +421,8 @@ def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
         assert found["coffee.jpg"].turn == 270 and found["coffee.jpg"].tier == "edited"
         assert found["coffee-cw90.jpg"].turn == 180
         tilt = jpeg(tilted(photo("rocket"), -25.0, (255, 255, 255)))
-        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt, turned=True)]
-        assert lib.duplicates_of(tilt) == []
+        assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt)]
+        assert lib.duplicates_of(tilt, turned=False) == []
 
 
 # ---------------------------------------------------------------------------- query, CLI
@@ -432,10 +490,10 @@ def _dupes(index: Path, model_cache: Path, *flags: str) -> dict[str, list[dict]]
 
 
 def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> None:
-    # Turned copies are found with --turned, and only then.
-    groups = _dupes(turned_index, model_cache, "--turned")
+    # Turned copies are found unless --no-turned says not to look for them.
+    groups = _dupes(turned_index, model_cache)
     turns = {Path(m["path"]).name: m["turn"] for m in groups["coffee.jpg"]}
     assert turns == COFFEE_TURNS
     assert [m["turn"] for m in groups["rocket.jpg"]] == [0]
-    upright = _dupes(turned_index, model_cache)
+    upright = _dupes(turned_index, model_cache, "--no-turned")
     assert not {Path(m["path"]).name for m in upright.get("coffee.jpg", [])} & set(COFFEE_TURNS)

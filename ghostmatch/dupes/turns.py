@@ -2,14 +2,15 @@
 filled corners are still copies; their turned or straightened views find and verify them.
 
 A descriptor is not rotation invariant: a photo turned by 90 degrees scores like an
-unrelated photo against its original. So the duplicate search embeds *views* of the
-images that a thumbnail screen pairs with a turned partner (:func:`screen`): turned
-clockwise by 90, 180 or 270 degrees (the descriptor itself tolerates a
-mirror, but a mirror image turned by 270 is that turn from both of its files, so the
-other side of a pair cannot stand in for a 270 view), and for an image tilted onto a
-larger canvas with filled corners, the image straightened and cut back to its picture,
-at the turns where that picture's thumbnail meets another image's. A view's pair is then
-verified on the view itself, so the geometric stage sees an upright copy.
+unrelated photo against its original. So the duplicate search first pairs images on
+their thumbnails and tilts (:func:`turn_screen`, made while indexing and kept in the
+catalog; :func:`screen`): two images whose thumbnails meet at a quarter-turn (with or
+without a mirror), and an image tilted onto a larger canvas with filled corners with the
+images that its straightened picture's thumbnail meets. Each pair's *view* (its owner
+turned clockwise by 90, 180 or 270 degrees, or straightened and cut back to its picture,
+then turned) is embedded and scored against the other file, and the pair is verified on
+the view itself with the mirror the thumbnails tell, so the geometric stage sees an
+upright copy.
 
 Turns here are clockwise degrees. A pair's relation is kept as "``owner`` turned by
 ``turn`` (straightened first when ``straightened``), then mirrored when ``flipped``, lines
@@ -35,13 +36,14 @@ from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
 from ghostmatch.model.binding import ImageLike
 from ghostmatch.pathtext import path_text
+from ghostmatch.store.catalog import TurnScreen
 
 if TYPE_CHECKING:
     from ghostmatch.dupes.finder import DuplicateFinder
     from ghostmatch.dupes.groups import DuplicateMember
-    from ghostmatch.dupes.verify import ScaledMaps
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
+    from ghostmatch.model.scorenorm import ScoreNorm
 
 QUARTER_TURNS = (90, 180, 270)
 
@@ -429,14 +431,11 @@ def member_turn(pair: TurnedPair | None, member: int) -> int:
 
 # ---------------------------------------------------------------------------- search
 
-# Images decoded and embedded together, and the nearest stored images each view is
-# compared with (a turned copy is its view's nearest image; more only guard against ties).
+# Images decoded together for a screen without stored thumbnails, and the nearest stored
+# images each view is compared with (a turned copy is its view's nearest image; more only
+# guard against ties).
 VIEW_BATCH = 64
 VIEW_NEIGHBOURS = 8
-# Turns the all-pairs search embeds. Each of a pair's two files is the other turned, so a
-# pair turned by 270 would be found from its other side, through that file's 90, but not
-# a mirror image turned by 270: mirrored and turned, each is the other turned by 270.
-PAIR_TURNS = QUARTER_TURNS
 
 Offsets = Callable[[np.ndarray], "np.ndarray | None"]
 
@@ -470,14 +469,42 @@ THUMB_MARGIN = 0.05
 THUMB_NEIGHBOURS = 4
 
 
-def thumbnail(image: Image.Image) -> np.ndarray:
-    """``image`` as a ``THUMB_SIDE`` squared grey vector, mean removed and unit length
-    (zero for a flat image)."""
+def grey_thumbnail(image: Image.Image) -> np.ndarray:
+    """``image`` as ``THUMB_SIDE`` x ``THUMB_SIDE`` uint8 grey pixels, whatever its aspect
+    ratio (what the catalog keeps, ``TurnScreen.thumbnail``)."""
     grey = image.convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
+    return np.asarray(grey, dtype=np.uint8)
+
+
+def unit_thumbnail(grey: np.ndarray) -> np.ndarray:
+    """Grey thumbnail pixels as a vector, mean removed and unit length (zero for a flat
+    image), so that a dot product of two is their correlation."""
     pixels = np.asarray(grey, dtype=np.float32).reshape(-1)
     pixels = pixels - pixels.mean()
     norm = float(np.linalg.norm(pixels))
     return pixels / norm if norm > 1e-3 else np.zeros_like(pixels)
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """``image`` as a ``THUMB_SIDE`` squared grey vector, mean removed and unit length
+    (zero for a flat image)."""
+    return unit_thumbnail(grey_thumbnail(image))
+
+
+def turn_screen(image: Image.Image) -> TurnScreen:
+    """What :func:`screen` needs of a decoded image (at least ``SCREEN_SIDE`` pixels on
+    its shorter side): its grey thumbnail, and when its picture is tilted onto filled
+    corners, the tilt and the straightened picture's thumbnail. The indexer keeps it in
+    the catalog, where the image is decoded anyway."""
+    grey = grey_thumbnail(image).tobytes()
+    tilt = find_tilt(image, sides_shown=False)
+    if tilt is None:
+        return TurnScreen(grey)
+    # A thumbnail needs no more pixels than the tilt was measured on (and at that size the
+    # blended edge is one pixel wide).
+    small = Image.fromarray(_tilt_pixels(image).astype(np.uint8))
+    picture = grey_thumbnail(straighten(small, tilt, margin=1)).tobytes()
+    return TurnScreen(grey, tilt.degrees, tilt.fill, picture)
 
 
 def _dihedral(thumbs: np.ndarray) -> list[tuple[int, bool, np.ndarray]]:
@@ -497,7 +524,7 @@ def screen_pairs(
     thumbs: np.ndarray,
     cut: float = THUMB_CUT,
     margin: float = THUMB_MARGIN,
-) -> dict[tuple[int, int], tuple[int, int, int]]:
+) -> dict[tuple[int, int], tuple[int, int, bool, float]]:
     """The pairs of rows of ``thumbs`` (:func:`thumbnail`) where one may be the other
     turned by a quarter-turn (with or without a mirror): its turned (or turned and
     mirrored) thumbnail correlates at least ``cut`` with the other's and beats their
@@ -517,7 +544,7 @@ def screen_pairs(
     k = min(THUMB_NEIGHBOURS + 1, n)
     variants = _dihedral(thumbs)
     mirrored = variants[1][2]
-    found: dict[tuple[int, int], tuple[float, tuple[int, int, int]]] = {}
+    found: dict[tuple[int, int], tuple[int, int, bool, float]] = {}
     for turn, flipped, turned in variants[2:]:
         scores, rows = index.search(turned, k)
         for i, j in zip(*np.nonzero((scores >= cut) & (rows >= 0)), strict=True):
@@ -534,24 +561,28 @@ def screen_pairs(
             if score - upright < min(margin, 1.0 - score):
                 continue
             key = (min(mine, other), max(mine, other))
-            made = (mine, turn, inverse_turn(turn, flipped))
             # The best transform of a pair: a thumbnail nearly alike under two of them
             # keeps the one that fits.
-            if key not in found or found[key][0] < score:
-                found[key] = (score, made)
-    return {key: made for key, (_, made) in found.items()}
+            if key not in found or found[key][3] < score:
+                found[key] = (mine, turn, flipped, score)
+    return found
 
 
 @dataclass(frozen=True)
 class Screened:
-    """The views the screen asks for: ``turns`` of each image itself, and for the tilted
-    images (``tilts``) the turns of their straightened picture (``tilt_turns``);
-    ``pairs``: the pairs of ids (low first) whose thumbnails met turned."""
+    """What the screen found: ``candidates``, the pairs whose thumbnails met turned (or
+    whose straightened picture met another image), best first, at most one per pair of
+    ids, each with the turn (and mirror) that the thumbnails say lines its owner up with
+    the other file, and no score yet; the tilted images (``tilts``); and, as sets, the
+    turns of each image itself (``turns``) and of the tilted images' straightened pictures
+    (``tilt_turns``) that those pairs ask for, and the pairs of ids (low first) whose
+    thumbnails met turned (``pairs``)."""
 
     turns: dict[int, set[int]]
     tilts: dict[int, Tilt]
     tilt_turns: dict[int, set[int]] = field(default_factory=dict)
     pairs: set[tuple[int, int]] = field(default_factory=set)
+    candidates: list[TurnedPair] = field(default_factory=list)
 
     @property
     def images(self) -> set[int]:
@@ -559,13 +590,15 @@ class Screened:
 
 
 # The straightened picture of a tilted image, at some quarter-turn (with or without a
-# mirror), must correlate at least this with another image's thumbnail for its view at
-# that turn to be embedded: the highest cut that keeps as many tilted copies as any. Set on
+# mirror), must correlate at least this with another image's thumbnail for the two to be
+# checked at that turn: the highest cut that keeps as many tilted copies as any. Set on
 # the tuning half of the full ``python -m benchmarks.turns`` set's tilted copies (196 of
 # the 197 whose tilt is found pass; held out, 179 of 189); of the 1,000 caltech101 test
 # photos of its mostly upright library, 65 look tilted (caltech rotated some classes, or a
 # studio shot's edges pass for a tilt) and 8 of them pass.
 TILT_CUT = 0.75
+# Other thumbnails each straightened picture is compared with.
+TILT_NEIGHBOURS = 2
 # The side, in pixels, the screen decodes images to (at least, on the shorter side; a
 # JPEG at a reduced DCT scale): the bundled model's input size. At 96 the thumbnails of
 # two held-out turned copies in 500 fell under the cut (``benchmarks.turn_screen``), and
@@ -577,41 +610,51 @@ def screen(
     paths: Mapping[int, Path],
     side: int = SCREEN_SIDE,
     on_batch: Callable[[int], None] | None = None,
+    stored: Mapping[int, TurnScreen] | None = None,
 ) -> Screened:
-    """Which images need views, from one small decode of each (:func:`screen_pairs` on
-    thumbnails, :func:`find_tilt` on corners). Both images of a screened pair get their
-    view: each finds the other, and each the other's upright copies (a copy kept over
-    the original must meet the turned copies itself, as the grouping never chains). A
-    tilted image gets its straightened picture's view only at the turns at which that
-    picture's thumbnail meets another image's (:func:`tilt_turns`): most tilted photos
-    are no one's copy."""
+    """Which pairs of images may be turned or tilted copies, from each image's thumbnail
+    and tilt (:func:`turn_screen`): ``stored`` ones (the catalog's, made while indexing),
+    else from one small decode of the image. Pairs: two images whose thumbnails meet at
+    a quarter-turn (:func:`screen_pairs`), and a tilted image with each image that its
+    straightened picture's thumbnail meets (:func:`tilt_partners`): most tilted photos are
+    no one's copy. ``on_batch`` counts the images decoded."""
     ids = list(paths)
+    stored = stored or {}
     thumbs = np.zeros((len(ids), THUMB_SIDE * THUMB_SIDE), np.float32)
     tilts: dict[int, Tilt] = {}
     straightened: dict[int, np.ndarray] = {}
 
+    def keep(n: int, found: TurnScreen) -> None:
+        thumbs[n] = unit_thumbnail(np.frombuffer(found.thumbnail, np.uint8))
+        if found.tilt is not None and found.fill is not None and found.straightened is not None:
+            tilts[ids[n]] = Tilt(found.tilt, found.fill)
+            straightened[n] = unit_thumbnail(np.frombuffer(found.straightened, np.uint8))
+
     def work(n: int) -> None:
         image = decode(paths[ids[n]], side)
-        if image is None:
-            return
-        thumbs[n] = thumbnail(image)
-        tilt = find_tilt(image, sides_shown=False)
-        if tilt is not None:
-            tilts[ids[n]] = tilt
-            # A thumbnail needs no more pixels than the tilt was measured on (and at that
-            # size the blended edge is one pixel wide).
-            small = Image.fromarray(_tilt_pixels(image).astype(np.uint8))
-            straightened[n] = thumbnail(straighten(small, tilt, margin=1))
+        if image is not None:
+            keep(n, turn_screen(image))
 
-    with _pool() as pool:
-        for start in range(0, len(ids), VIEW_BATCH):
-            chunk = range(start, min(start + VIEW_BATCH, len(ids)))
-            list(pool.map(work, chunk))
-            if on_batch is not None:
-                on_batch(len(chunk))
+    size = THUMB_SIDE * THUMB_SIDE
+    missing = []
+    for n, i in enumerate(ids):
+        found = stored.get(i)
+        # A thumbnail of another size was made by another version: made again here.
+        if found is None or len(found.thumbnail) != size:
+            missing.append(n)
+        else:
+            keep(n, found)
+    if missing:
+        with _pool() as pool:
+            for start in range(0, len(missing), VIEW_BATCH):
+                chunk = missing[start : start + VIEW_BATCH]
+                list(pool.map(work, chunk))
+                if on_batch is not None:
+                    on_batch(len(chunk))
     turns: dict[int, set[int]] = {}
     pairs = set()
-    for (a, b), (mine, turn, back) in screen_pairs(thumbs).items():
+    found_pairs: list[tuple[float, TurnedPair]] = []
+    for (a, b), (mine, turn, flipped, score) in screen_pairs(thumbs).items():
         # Two tilted canvases line up turned by their fill alone (a tilt turned by 90 is
         # the same tilt): their thumbnails, and the geometric check, see the corners. So
         # their straightened pictures must meet as well.
@@ -619,10 +662,20 @@ def screen(
             continue
         other = b if mine == a else a
         turns.setdefault(ids[mine], set()).add(turn)
-        turns.setdefault(ids[other], set()).add(back)
+        turns.setdefault(ids[other], set()).add(inverse_turn(turn, flipped))
         pairs.add((min(ids[a], ids[b]), max(ids[a], ids[b])))
-    found = tilt_turns(thumbs, straightened)
-    return Screened(turns, tilts, {ids[n]: t for n, t in found.items()}, pairs)
+        found_pairs.append(
+            (score, TurnedPair(ids[mine], ids[other], turn, None, math.nan, flipped))
+        )
+    tilt_turns: dict[int, set[int]] = {}
+    for n, other, turn, flipped, score in tilt_partners(thumbs, straightened):
+        tilt = tilts[ids[n]]
+        tilt_turns.setdefault(ids[n], set()).add(turn)
+        found_pairs.append((score, TurnedPair(ids[n], ids[other], turn, tilt, math.nan, flipped)))
+    best: dict[tuple[int, int], TurnedPair] = {}
+    for _, pair in sorted(found_pairs, key=lambda sp: -sp[0]):
+        best.setdefault(pair.key, pair)
+    return Screened(turns, tilts, tilt_turns, pairs, list(best.values()))
 
 
 def _pictures_meet(straightened: Mapping[int, np.ndarray], a: int, b: int) -> bool:
@@ -632,89 +685,43 @@ def _pictures_meet(straightened: Mapping[int, np.ndarray], a: int, b: int) -> bo
     return bool((variants @ straightened[b]).max() >= TILT_CUT)
 
 
-def tilt_turns(
+def tilt_partners(
     thumbs: np.ndarray, straightened: Mapping[int, np.ndarray], cut: float = TILT_CUT
-) -> dict[int, set[int]]:
+) -> list[tuple[int, int, int, bool, float]]:
     """For each row of ``thumbs`` in ``straightened`` (its straightened picture's
-    :func:`thumbnail`), the clockwise quarter-turns at which that thumbnail, or its
-    mirror image, correlates at least ``cut`` with the thumbnail of another row. The
-    descriptor tolerates the mirror, so a turn's view serves both."""
+    :func:`thumbnail`), the other rows whose thumbnail that picture, turned clockwise by a
+    quarter-turn and then mirrored or not, correlates at least ``cut`` with: (row, other
+    row, turn, mirrored, correlation)."""
     import faiss
 
     if not straightened or len(thumbs) < 2:
-        return {}
+        return []
     rows = list(straightened)
     index = faiss.IndexFlatIP(thumbs.shape[1])
     index.add(np.ascontiguousarray(thumbs, dtype=np.float32))
     mine = np.stack([straightened[n] for n in rows]).astype(np.float32)
-    found: dict[int, set[int]] = {}
-    # Two neighbours: one of them may be the tilted image's own canvas.
-    k = min(2, len(thumbs))
-    for turn, _, turned in _dihedral(mine):
+    found = []
+    # Two others (one neighbour may be the tilted image's own canvas): the original and an
+    # upright copy of it that may be the file kept.
+    k = min(TILT_NEIGHBOURS + 1, len(thumbs))
+    for turn, flipped, turned in _dihedral(mine):
         scores, near = index.search(turned, k)
         for m, n in enumerate(rows):
-            if any(s >= cut and j != n for s, j in zip(scores[m], near[m], strict=True)):
-                found.setdefault(n, set()).add(turn)
+            for score, j in zip(scores[m].tolist(), near[m].tolist(), strict=True):
+                if score >= cut and j >= 0 and j != n:
+                    found.append((n, int(j), turn, flipped, float(score)))
     return found
 
 
-def embed_views(
-    embedder: Embedder,
-    paths: Mapping[int, Path],
-    turns: tuple[int, ...] = PAIR_TURNS,
-    screened: Screened | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[View], np.ndarray, dict[int, float]]:
-    """Images' views and their descriptors, a batch of images at a time so that memory
-    stays bounded, and for each tilted image the share of its pixels that is picture;
-    files that cannot be read have none. The views: those ``screened`` asks for, else
-    ``turns`` of every image and its straightened picture when tilted (:func:`views_of`)."""
-    from ghostmatch.model.embedder import prepare
-
-    card = embedder.card
-    views: list[View] = []
-    blocks = []
-    pictures: dict[int, float] = {}
-    ids = list(paths)
-
-    def planned(i: int, image: Image.Image) -> list[View]:
-        if screened is None:
-            return views_of(i, image, turns)
-        made = [View(i, t) for t in sorted(screened.turns.get(i, ()))]
-        made += [View(i, t, screened.tilts[i]) for t in sorted(screened.tilt_turns.get(i, ()))]
-        return made
-
-    with _pool() as pool:
-        for start in range(0, len(ids), VIEW_BATCH):
-            chunk = ids[start : start + VIEW_BATCH]
-
-            def work(i: int) -> list[tuple[View, np.ndarray]]:
-                image = decode(paths[i], card.input_size)
-                if image is None:
-                    return []
-                # Turning commutes with the model's resize: each view is one array turned.
-                upright = prepare(image, card)
-                straightened = None
-                made = []
-                for view in planned(i, image):
-                    if view.tilt is None:
-                        made.append((view, turn_array(upright, view.turn)))
-                        continue
-                    if straightened is None:
-                        picture = straighten(image, view.tilt)
-                        pictures[i] = picture.width * picture.height / (image.width * image.height)
-                        straightened = prepare(picture, card)
-                    made.append((view, turn_array(straightened, view.turn)))
-                return made
-
-            made = [item for items in pool.map(work, chunk) for item in items]
-            if made:
-                views += [v for v, _ in made]
-                blocks.append(embedder.embed_arrays([a for _, a in made]))
-            if on_batch is not None:
-                on_batch(len(chunk))
-    vectors = np.vstack(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
-    return views, vectors, pictures
+def picture_share(width: int, height: int, tilt: Tilt) -> float:
+    """The share of a ``width`` x ``height`` canvas that a picture tilted by ``tilt`` onto
+    it, just fitting, covers (1 where no picture fits)."""
+    c, s = abs(math.cos(math.radians(tilt.degrees))), abs(math.sin(math.radians(tilt.degrees)))
+    det = c * c - s * s
+    if det <= 0 or width <= 0 or height <= 0:
+        return 1.0
+    w, h = (width * c - height * s) / det, (height * c - width * s) / det
+    return 1.0 if min(w, h) <= 0 else min(1.0, w * h / (width * height))
 
 
 def view_pairs(
@@ -762,81 +769,11 @@ def view_pairs(
 # ---------------------------------------------------------------------------- verification
 
 
-def scaled_maps(embedder: Embedder, images: Sequence[Image.Image]) -> list[ScaledMaps]:
-    """Local feature maps (float32) of each image as the geometric check takes them: at the
-    model's input size, mirrored, and zoomed."""
-    from ghostmatch.dupes.verify import ZOOM, ScaledMaps, local_features
-    from ghostmatch.model.embedder import prepare, to_batch
-
-    if not images:
-        return []
-    card = embedder.card
-    zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
-    model, n = embedder.local_model, len(images)
-    base = local_features(
-        model,
-        to_batch(
-            [prepare(i, card) for i in images] + [prepare(ImageOps.mirror(i), card) for i in images]
-        ),
-    )
-    zoomed = local_features(model, to_batch([prepare(i, zoomed_card) for i in images]))
-    # fp16 and back, as the finder's map cache holds them, so both checks agree.
-    cast = [m.astype(np.float16).astype(np.float32) for m in (base, zoomed)]
-    return [ScaledMaps(cast[0][k], cast[0][n + k], cast[1][k]) for k in range(n)]
-
-
-# Views whose local maps verify_turned keeps at once (about 0.3 MB each).
+# Views embedded together for their scores: on one thread, small batches cost less per
+# image than large ones, whose activations no longer fit in the cache.
+SCORE_BATCH = 8
+# Maps check_screened keeps at once (about 0.1 MB each).
 MAP_CACHE_VIEWS = 512
-
-
-def verify_turned(
-    embedder: Embedder,
-    images: Callable[[int], Image.Image | None],
-    pairs: Iterable[TurnedPair],
-    enough: int | None = None,
-    cache: MutableMapping[View, ScaledMaps] | None = None,
-) -> list[TurnedPair]:
-    """Each pair with the geometric check of its owner's view against the other image
-    (``ghostmatch.dupes.verify.verify_scales``). A quarter-turn of 90 or 270 is checked
-    both ways: a mirrored copy's view lines up with the opposite turn, which its
-    mirror-tolerant descriptor cannot tell apart. ``images`` decodes an image by id;
-    ``cache`` keeps views' maps from one call to the next."""
-    from ghostmatch.dupes.verify import verify_scales
-
-    pairs = list(pairs)
-    # Maps by view: the pairs of one image's views (and of one query) share them.
-    maps: MutableMapping[View, ScaledMaps] = {} if cache is None else cache
-    if len(maps) >= MAP_CACHE_VIEWS:
-        maps.clear()
-
-    def load(views: Iterable[View]) -> None:
-        """The maps of ``views`` that are not there yet, embedded as one batch."""
-        needed = list(dict.fromkeys(v for v in views if v not in maps))
-        made = [(v, image) for v in needed if (image := images(v.owner)) is not None]
-        found = scaled_maps(embedder, [v.of(image) for v, image in made])
-        maps.update(zip([v for v, _ in made], found, strict=True))
-
-    def check(pair: TurnedPair, turn: int) -> TurnedPair:
-        target, view = View(pair.other, 0), View(pair.owner, turn, pair.tilt)
-        if target not in maps or view not in maps:
-            return replace(pair, inliers=0)
-        result = verify_scales(maps[target], maps[view], enough)
-        return replace(pair, turn=turn, flipped=result.flipped, inliers=result.inliers)
-
-    load(v for p in pairs for v in (View(p.other, 0), View(p.owner, p.turn, p.tilt)))
-    checked = [check(p, p.turn) for p in pairs]
-    # The opposite turn only for the pairs that need it, on maps made for them alone.
-    again = [
-        n
-        for n, p in enumerate(checked)
-        if p.turn in (90, 270) and (enough is None or (p.inliers or 0) < enough)
-    ]
-    load(View(checked[n].owner, (-checked[n].turn) % 360, checked[n].tilt) for n in again)
-    for n in again:
-        other = check(pairs[n], (-pairs[n].turn) % 360)
-        if (other.inliers or 0) > (checked[n].inliers or 0):
-            checked[n] = other
-    return checked
 
 
 # The share of a tilted image's picture pixels that the keep rule counts: an upright file
@@ -882,22 +819,42 @@ def image_loader(paths: Mapping[int, Path], side: int) -> Callable[[int], Image.
     return load
 
 
-def decide(
+# ---------------------------------------------------------------------------- screened pairs
+
+
+def check_screened(
     embedder: Embedder,
-    images: Callable[[int], Image.Image | None],
+    views: Callable[[View], Image.Image | None],
     pairs: Sequence[TurnedPair],
-    threshold: float,
-    enough: int | None,
-    cache: MutableMapping[View, ScaledMaps] | None = None,
+    cache: MutableMapping[tuple[View, bool], np.ndarray],
 ) -> list[TurnedPair]:
-    """The view pairs that are duplicates. With the geometric stage (``enough`` inliers),
-    every one must pass it on its view, whatever its score: a turned view of an unrelated
-    photo meets more strangers than the photo itself, and the check is what keeps them
-    out. Without it, the score decides, as for upright pairs."""
-    if enough is None:
-        return [p for p in pairs if p.score >= threshold]
-    checked = verify_turned(embedder, images, pairs, enough, cache)
-    return [p for p in checked if (p.inliers or 0) >= enough]
+    """Each screened pair with the inliers of the geometric check of its owner's view
+    against the other image (``ghostmatch.dupes.verify.verify_pair``), on maps at the
+    model's input size. The thumbnails have told the turn and whether a mirror follows
+    it, so each side needs one map, not the mirrored and zoomed ones of a pair whose
+    transform is unknown. ``cache`` keeps the maps by (view, mirrored) from one call to
+    the next (a kept file's map serves all its turned copies); ``views`` makes a view's
+    pixels (None: its image cannot be read any more)."""
+    from ghostmatch.dupes.verify import local_features, verify_pair
+    from ghostmatch.model.embedder import prepare, to_batch
+
+    if len(cache) >= MAP_CACHE_VIEWS:
+        cache.clear()
+    sides = [((View(p.other, 0), False), (View(p.owner, p.turn, p.tilt), p.flipped)) for p in pairs]
+    made: list[tuple[tuple[View, bool], np.ndarray]] = []
+    for key in dict.fromkeys(k for side in sides for k in side):
+        seen = views(key[0]) if key not in cache else None
+        if seen is not None:
+            made.append((key, prepare(ImageOps.mirror(seen) if key[1] else seen, embedder.card)))
+    if made:
+        maps = local_features(embedder.local_model, to_batch([a for _, a in made]))
+        cache.update(zip([k for k, _ in made], maps, strict=True))
+    checked = []
+    for pair, (target, view) in zip(pairs, sides, strict=True):
+        a, b = cache.get(target), cache.get(view)
+        inliers = 0 if a is None or b is None else verify_pair(a, b).inliers
+        checked.append(replace(pair, inliers=inliers))
+    return checked
 
 
 # ---------------------------------------------------------------------------- the finder's hooks
@@ -907,14 +864,16 @@ class TurnedCandidates:
     """The turned and tilted candidate pairs of an index, decided only when the grouping
     asks for them (as ``PairJudge`` decides upright pairs).
 
-    The images that :func:`screen` picks have views (their screened turns, a tilted
-    image's straightened picture at every quarter-turn); those views are
-    searched against the stored descriptors from ``floor`` up; a pair becomes a turned
-    candidate when its best view scores above its upright score (``upright``: the
-    upright candidates' scores) and it is neither byte-identical nor marked not a
-    duplicate (``ignored``).
-    :meth:`decide` then checks the candidates of one kept file (:func:`decide`); one
-    that fails there still gets the upright decision when it is an upright candidate too.
+    :func:`screen` pairs images by their thumbnails (stored in the catalog while
+    indexing), each pair with the turn and mirror that line its owner up with the other
+    file; a pair that is byte-identical or marked not a duplicate (``ignored``) is left
+    out. Each pair's view (its owner turned, or straightened and turned) is embedded
+    and scored against the other file's stored descriptor; the pair is a candidate when
+    that score reaches ``floor`` and beats its upright score (``upright``: the upright
+    candidates'). :meth:`decide` then settles the candidates of one kept file: with the
+    geometric stage (``enough`` inliers), the view must pass it against the other file
+    (:func:`check_screened`); without it, the view's score must reach ``threshold``. A
+    pair that fails still gets the upright decision when it is an upright candidate too.
     """
 
     def __init__(
@@ -931,45 +890,88 @@ class TurnedCandidates:
     ) -> None:
         self.records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
         paths = {i: r.path for i, r in self.records.items()}
-        self.embedder = finder.embedder
+        self.finder = finder
+        self.ids, self.vectors, self.offsets = ids, vectors, offsets
+        self.normalised = offsets is not None
         self.threshold, self.enough = threshold, enough
         self.upright = upright
-        # Views only of the images that need them: a cheap screen of every image's
-        # thumbnail and corners picks the turned and the tilted ones.
-        screened = screen(paths)
-        needed = {i: p for i, p in paths.items() if i in screened.images}
-        views, view_vectors, self.pictures = embed_views(self.embedder, needed, screened=screened)
+        card = finder.card
+        self.images = image_loader(paths, card.input_size if card is not None else SCREEN_SIDE)
+        self.maps: dict[tuple[View, bool], np.ndarray] = {}
+        self.straightened: OrderedDict[tuple[int, Tilt], Image.Image] = OrderedDict()
+        # Each view's descriptor and score offset.
+        self.described: dict[View, tuple[np.ndarray, float]] = {}
+        # Made while indexing; images indexed before that are decoded here.
+        screened = screen(paths, stored=finder.catalog.turn_screens([int(i) for i in ids]))
+        hashes = {i: r.content_hash for i, r in self.records.items()}
+        kept = [
+            p
+            for p in screened.candidates
+            if hashes[p.owner] != hashes[p.other]
+            and (paths[p.owner], paths[p.other]) not in ignored
+            and (paths[p.other], paths[p.owner]) not in ignored
+        ]
+        # All views at once, before the grouping starts deciding upright pairs: a few small
+        # batches cost less than one model pass per pair between those of the check.
+        scored = {p.key: p for p in self._scored(kept)}
+        # Each view also meets its nearest stored images: the thumbnails pair a copy with
+        # its few nearest, which may miss the file kept over its original (an upright or
+        # turned copy of it) or the original of a tilted copy whose straightened thumbnail
+        # met another image first. The thumbnails then tell such a pair's turn and mirror.
+        views = list(self.described)
         found = view_pairs(
             views,
-            view_vectors,
+            np.stack([self.described[v][0] for v in views]).astype(np.float32)
+            if views
+            else np.zeros((0, vectors.shape[1]), np.float32),
             ids,
             vectors,
             floor,
             offsets,
-            finder.score_offsets,
+            lambda _: np.array([self.described[v][1] for v in views]),
             finder.vectors.index,
         )
-        hashes = {i: r.content_hash for i, r in self.records.items()}
-        self.pairs = {
-            p.key: p
-            for p in found
-            if p.score > upright.get(p.key, -math.inf)
-            and hashes[p.owner] != hashes[p.other]
+        for p in found:
+            if p.key in scored or hashes[p.owner] == hashes[p.other]:
+                continue
             # A turned view of a tilted canvas meets other tilted canvases by their
             # corners: two tilted images pair by a turn only as the screen paired them.
-            and not (
-                p.tilt is None
-                and p.owner in screened.tilts
-                and p.other in screened.tilts
-                and p.key not in screened.pairs
-            )
-            and (paths[p.owner], paths[p.other]) not in ignored
-            and (paths[p.other], paths[p.owner]) not in ignored
+            if p.tilt is None and p.owner in screened.tilts and p.other in screened.tilts:
+                continue
+            if {(paths[p.owner], paths[p.other]), (paths[p.other], paths[p.owner])} & ignored:
+                continue
+            if p.tilt is None and p.other in screened.tilts:
+                # A turned view that meets a tilted canvas: checked, like the screen's tilted
+                # pairs, on the canvas straightened (the picture at the other's scale).
+                p = TurnedPair(p.other, p.owner, 0, screened.tilts[p.other], p.score)
+            lined_up = self._lined_up(p)
+            if lined_up is not None:
+                scored[p.key] = lined_up
+        self.pairs = {
+            key: p
+            for key, p in scored.items()
+            if p.score >= floor and p.score > upright.get(key, -math.inf)
         }
-        self.images = image_loader(paths, _map_side(self.embedder))
-        self.maps: dict[View, ScaledMaps] = {}
+        # The keep rule counts a tilted image's picture, not its filled corners.
+        self.pictures = {
+            i: share
+            for i, tilt in screened.tilts.items()
+            if any(i in key for key in self.pairs)
+            and (share := picture_share(self.records[i].width, self.records[i].height, tilt)) < 1
+        }
         # The pairs that passed, as checked (their turn and mirror settled).
         self.passed: dict[tuple[int, int], TurnedPair] = {}
+
+    @functools.cached_property
+    def embedder(self) -> Embedder:
+        """The model, loaded only when there is a view to embed or a pair to check."""
+        return self.finder.embedder
+
+    @functools.cached_property
+    def _norm(self) -> ScoreNorm | None:
+        """The score background itself (the finder's own lookup reads the model card each
+        time), None for plain cosines."""
+        return self.embedder.model.score_norm if self.normalised else None
 
     def candidates(self, upright: Iterable[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
         """The grouping's candidates: ``upright`` ones (low id first), each turned
@@ -982,7 +984,11 @@ class TurnedCandidates:
         the ones left for the upright decision."""
         keys = {j: (min(leader, j), max(leader, j)) for j in others}
         asked = [self.pairs[k] for k in keys.values() if k in self.pairs]
-        passed = decide(self.embedder, self.images, asked, self.threshold, self.enough, self.maps)
+        if self.enough is None:
+            passed = [p for p in asked if p.score >= self.threshold]
+        else:
+            checked = check_screened(self.embedder, self._view, asked, self.maps)
+            passed = [p for p in checked if (p.inliers or 0) >= self.enough]
         self.passed.update((p.key, p) for p in passed)
         known = {j: "edited" for j, k in keys.items() if k in self.passed}
         rest = [
@@ -991,6 +997,61 @@ class TurnedCandidates:
             if j not in known and (k not in self.pairs or k in self.upright)
         ]
         return known, rest
+
+    def _scored(self, pairs: Sequence[TurnedPair]) -> list[TurnedPair]:
+        """``pairs`` with their views' duplicate scores against the other files' stored
+        descriptors, each view embedded once; a view whose image cannot be read any more
+        leaves its pair out."""
+        from ghostmatch.model.embedder import prepare
+
+        card = self.embedder.card
+        views = list(dict.fromkeys(View(p.owner, p.turn, p.tilt) for p in pairs))
+        described = self.described
+        for start in range(0, len(views), SCORE_BATCH):
+            chunk = views[start : start + SCORE_BATCH]
+            made = [(v, seen) for v in chunk if (seen := self._view(v)) is not None]
+            if not made:
+                continue
+            found = self.embedder.embed_arrays([prepare(s, card) for _, s in made], threads=1)
+            own = self._norm.offsets(found) if self._norm is not None else np.zeros(len(made))
+            described.update(
+                (v, (found[n].astype(np.float64), float(own[n]))) for n, (v, _) in enumerate(made)
+            )
+        scored = []
+        for p in pairs:
+            view = described.get(View(p.owner, p.turn, p.tilt))
+            if view is None:
+                continue
+            row = int(np.searchsorted(self.ids, p.other))
+            # Rescored from the vectors, as every duplicate score is.
+            score = float(view[0] @ self.vectors[row].astype(np.float64))
+            if self.offsets is not None:
+                score -= float(self.offsets[row]) + view[1]
+            scored.append(replace(p, score=score))
+        return scored
+
+    def _lined_up(self, pair: TurnedPair) -> TurnedPair | None:
+        """``pair`` with the turn and mirror under which its owner's thumbnail (its
+        straightened picture's, when tilted) best meets the other file's; None when either
+        cannot be read any more."""
+        base, other = self._view(View(pair.owner, 0, pair.tilt)), self.images(pair.other)
+        if base is None or other is None:
+            return None
+        turn, flipped = _best_transform(base, other)
+        return replace(pair, turn=turn, flipped=flipped)
+
+    def _view(self, view: View) -> Image.Image | None:
+        """The pixels of ``view``; a tilted image is straightened once for its check and its
+        descriptor."""
+        image = self.images(view.owner)
+        if image is None or view.tilt is None:
+            return None if image is None else view.of(image)
+        key = (view.owner, view.tilt)
+        if key not in self.straightened:
+            self.straightened[key] = straighten(image, view.tilt)
+            if len(self.straightened) > IMAGE_CACHE:
+                self.straightened.popitem(last=False)
+        return turn_image(self.straightened[key], view.turn)
 
     def turn(self, leader: int, j: int) -> int:
         """The turn that lines copy ``j`` up with its kept file ``leader`` (0: upright)."""
@@ -1018,31 +1079,64 @@ def pairs_of_image(
     if index is None or index.ntotal == 0:
         return []
     embedder = finder.embedder
-    image = _as_image(x, _map_side(embedder))
+    # The score background itself: the finder's own lookup reads the model card each time.
+    norm = embedder.model.score_norm if finder.normalised_scores else None
+
+    def offsets_of(vectors: np.ndarray) -> np.ndarray | None:
+        return None if norm is None else norm.offsets(vectors)
+
+    image = _as_image(x, embedder.card.input_size)
     views = views_of(-1, image, QUARTER_TURNS)
-    view_vectors = embedder.embed_arrays([prepare(v.of(image), embedder.card) for v in views])
+    # x itself, and straightened (once) when it is tilted.
+    bases: dict[Tilt | None, Image.Image] = {None: image}
+    tilts = {v.tilt for v in views if v.tilt is not None}
+    bases.update((tilt, straighten(image, tilt)) for tilt in tilts)
+    view_vectors = embedder.embed_arrays(
+        [prepare(turn_image(bases[v.tilt], v.turn), embedder.card) for v in views], threads=1
+    )
     # A turned copy is its view's nearest stored image; a few more only guard against ties.
     _, found = index.search(view_vectors, min(k, VIEW_NEIGHBOURS, index.ntotal))
     candidates = sorted({int(i) for i in found.ravel() if i >= 0} - accepted)
     ids, vectors = finder.catalog.vectors(candidates)
-    offsets = finder.score_offsets(vectors) if len(ids) else None
+    offsets = offsets_of(vectors) if len(ids) else None
     pairs = view_pairs(
-        views, view_vectors, ids, vectors, floor, offsets, finder.score_offsets, None, len(ids)
+        views, view_vectors, ids, vectors, floor, offsets, offsets_of, None, len(ids)
     )
     if vector is not None and pairs:
         rows = np.searchsorted(ids, [p.other for p in pairs])
         upright = vectors[rows].astype(np.float64) @ vector.astype(np.float64)
-        own = finder.score_offsets(vector[None, :])
+        own = offsets_of(vector[None, :])
         if offsets is not None and own is not None:
             upright -= offsets[rows] + float(own[0])
         pairs = [p for p, u in zip(pairs, upright.tolist(), strict=True) if p.score > u]
+    if enough is None:
+        return [p for p in pairs if p.score >= threshold]
     paths = {r.id: r.path for r in finder.catalog.get([p.other for p in pairs])}
-    cached = image_loader(paths, _map_side(embedder))
+    cached = image_loader(paths, embedder.card.input_size)
 
-    def images(i: int) -> Image.Image | None:
-        return image if i == -1 else cached(i)
+    def view_of(view: View) -> Image.Image | None:
+        # Stored files are only ever seen as they are.
+        return cached(view.owner) if view.owner != -1 else turn_image(bases[view.tilt], view.turn)
 
-    return decide(embedder, images, pairs, threshold, enough)
+    # The descriptor tolerates a mirror, the thumbnails do not: they tell the turn and
+    # mirror that line the view up with the file, for a check on one map a side.
+    lined_up = []
+    for p in pairs:
+        other = cached(p.other)
+        if other is not None:
+            turn, flipped = _best_transform(bases[p.tilt], other)
+            lined_up.append(replace(p, turn=turn, flipped=flipped))
+    checked = check_screened(embedder, view_of, lined_up, {})
+    return [p for p in checked if (p.inliers or 0) >= enough]
+
+
+def _best_transform(image: Image.Image, other: Image.Image) -> tuple[int, bool]:
+    """The clockwise quarter-turn, and whether a mirror follows it, under which the
+    thumbnail of ``image`` correlates best with that of ``other``."""
+    mine, theirs = thumbnail(image), thumbnail(other)
+    scores = [(float(v[0] @ theirs), t, f) for t, f, v in _dihedral(mine[None])]
+    _, turn, flipped = max(scores)
+    return turn, flipped
 
 
 def quarter_turns_of(x: ImageLike, side: int) -> list[Image.Image]:
@@ -1062,10 +1156,3 @@ def _as_image(x: ImageLike, side: int) -> Image.Image:
         return load_image(x, side).image
     except ImageRejected as err:
         raise GhostmatchError(f"cannot read {path_text(x)}: {err}") from err
-
-
-def _map_side(embedder: Embedder) -> int:
-    """The decoded size the zoomed local maps need."""
-    from ghostmatch.dupes.verify import ZOOM
-
-    return round(embedder.card.input_size * ZOOM / 16) * 16

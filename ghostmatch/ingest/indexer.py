@@ -20,7 +20,14 @@ from ghostmatch.ingest.images import ImageRejected, load_image
 from ghostmatch.ingest.scan import FileEntry, content_hash, is_under, scan
 from ghostmatch.model.binding import ModelBinding
 from ghostmatch.model.card import ModelCard
-from ghostmatch.store.catalog import Catalog, FailureRecord, ImageRecord, NewFailure, NewImage
+from ghostmatch.store.catalog import (
+    Catalog,
+    FailureRecord,
+    ImageRecord,
+    NewFailure,
+    NewImage,
+    TurnScreen,
+)
 from ghostmatch.store.vectors import VectorStore
 
 if TYPE_CHECKING:
@@ -94,6 +101,7 @@ class _Embedded:
     source: ImageRecord | None = None  # for a move: the vanished image this file is
     vector: np.ndarray | None = None  # embedded elsewhere (a RemoteEmbedding): no pixels
     regions: np.ndarray | None = None  # the regional descriptors made there with ``vector``
+    screen: TurnScreen | None = None  # what the turned-copy screen needs, from the same decode
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,8 @@ class Indexer:
         # Images indexed before regional descriptors existed get them now, read again like
         # changed files (locally or on Ray workers: both make them).
         lacking = set(self.catalog.ids_without_regions().tolist())
+        # Those indexed before the turned-copy screen's data existed only need a decode.
+        unscreened = set(self.catalog.ids_without_turn_screens().tolist()) - lacking
         for entry in entries:
             stat = known.get(entry.path)
             if stat is not None and stat[1:] == (entry.size, entry.mtime_ns):
@@ -213,6 +223,9 @@ class Indexer:
                 progress,
                 remote,
             )
+            self._add_turn_screens(
+                unscreened - set(changed_ids.values()), workers, max_megapixels, progress
+            )
         except KeyboardInterrupt:
             report.interrupted = True
         if prune and not report.interrupted:
@@ -224,6 +237,43 @@ class Indexer:
             self.vectors.apply()  # the FAISS file catches up once, after all of the run's commits
         report.seconds = time.monotonic() - start
         return report
+
+    def _add_turn_screens(
+        self,
+        ids: Collection[int],
+        workers: int | None,
+        max_megapixels: float,
+        progress: Progress | None,
+    ) -> None:
+        """Give images indexed before the turned-copy screen's data existed theirs, from one
+        decode each (no model pass), so that finding turned copies need not decode them.
+        A file that cannot be read any more is left as it is."""
+        if not ids:
+            return
+        from ghostmatch.dupes.turns import SCREEN_SIDE, turn_screen
+
+        card = self.model.card
+        side = card.input_size if card is not None else SCREEN_SIDE
+        records = self.catalog.get(sorted(ids))
+
+        def work(record: ImageRecord) -> tuple[int, TurnScreen] | None:
+            try:
+                decoded = load_image(record.path, side, max_megapixels)
+            except ImageRejected:
+                return None
+            return record.id, turn_screen(decoded.image)
+
+        threads = workers or min(8, max(2, os.cpu_count() or 2))
+        done = 0
+        with ThreadPoolExecutor(threads) as pool:
+            for start in range(0, len(records), CHECKPOINT_IMAGES):
+                chunk = records[start : start + CHECKPOINT_IMAGES]
+                found = [r for r in pool.map(work, chunk) if r is not None]
+                with self.catalog.transaction() as tx:
+                    tx.set_turn_screens(found)
+                done += len(chunk)
+                if progress:
+                    progress("screened", done, len(records))
 
     def _record_scan_failures(self, failures: Sequence[tuple[Path, str, str]]) -> None:
         if failures:
@@ -355,6 +405,8 @@ class Indexer:
         new_rows: list[NewImage] = []
         new_regions: list[np.ndarray | None] = []
         updated_regions: list[tuple[int, np.ndarray]] = []
+        new_screens: list[TurnScreen | None] = []
+        updated_screens: list[tuple[int, TurnScreen]] = []
         failures: list[NewFailure] = []
         ok_paths: list[Path] = []
         with self.vectors.change() as change:
@@ -392,6 +444,8 @@ class Indexer:
                     )
                     if id(r) in regions:
                         updated_regions.append((image_id, regions[id(r)]))
+                    if r.screen is not None:
+                        updated_screens.append((image_id, r.screen))
                     change.removed.append(image_id)
                     change.added.append(image_id)
                     report.updated += 1
@@ -409,12 +463,19 @@ class Indexer:
                         )
                     )
                     new_regions.append(regions.get(id(r)))
+                    new_screens.append(r.screen)
             added = tx.insert_images(new_rows)
             change.added.extend(added)
             tx.set_regions(
                 [
                     *updated_regions,
                     *((i, p) for i, p in zip(added, new_regions, strict=True) if p is not None),
+                ]
+            )
+            tx.set_turn_screens(
+                [
+                    *updated_screens,
+                    *((i, t) for i, t in zip(added, new_screens, strict=True) if t is not None),
                 ]
             )
             report.added += len(new_rows)
@@ -456,7 +517,9 @@ def read_entry(
 ) -> _Embedded | _Failed:
     """Hash and decode one file for the model with ``card``, as a worker does: a failure, a
     move (its content hash is in ``movable``: no pixels, the catalog has its vector and
-    dimensions) or an image's pixels to embed."""
+    dimensions) or an image's pixels to embed, with what the turned-copy screen needs of
+    it (``ghostmatch.dupes.turns.turn_screen``), made here where it is decoded anyway."""
+    from ghostmatch.dupes.turns import turn_screen
     from ghostmatch.model.embedder import prepare
 
     try:
@@ -470,11 +533,20 @@ def read_entry(
     except ImageRejected as err:
         return _Failed(entry, err.reason, err.detail, max_megapixels)
     pixels = prepare(decoded.image, card)
-    return _Embedded(entry, digest, decoded.width, decoded.height, decoded.format, pixels)
+    return _Embedded(
+        entry,
+        digest,
+        decoded.width,
+        decoded.height,
+        decoded.format,
+        pixels,
+        screen=turn_screen(decoded.image),
+    )
 
 
 def _decode_copy(result: _Embedded, card: ModelCard, max_megapixels: float) -> _Embedded | _Failed:
     """Decode a file whose content matched a moved image that another file already took."""
+    from ghostmatch.dupes.turns import turn_screen
     from ghostmatch.model.embedder import prepare
 
     try:
@@ -483,7 +555,13 @@ def _decode_copy(result: _Embedded, card: ModelCard, max_megapixels: float) -> _
         return _Failed(result.entry, err.reason, err.detail, max_megapixels)
     pixels = prepare(decoded.image, card)
     return _Embedded(
-        result.entry, result.digest, decoded.width, decoded.height, decoded.format, pixels
+        result.entry,
+        result.digest,
+        decoded.width,
+        decoded.height,
+        decoded.format,
+        pixels,
+        screen=turn_screen(decoded.image),
     )
 
 

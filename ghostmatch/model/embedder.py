@@ -133,6 +133,8 @@ class Embedder:
         self.runtime = runtime
         self.threads = threads or os.cpu_count() or 1
         self._session = None
+        # Sessions on fewer threads, by their number (``embed_arrays``), made on first use.
+        self._narrow_sessions: dict[int, Any] = {}
         # Made on first use: only indexing needs regions.
         self._regional_session: Any = None
         self._model: nn.Module
@@ -144,7 +146,9 @@ class Embedder:
         if runtime == "onnx":
             self._session = self._onnx_session(self._model)
 
-    def _onnx_session(self, model: nn.Module, regional: bool = False):  # type: ignore[no-untyped-def]
+    def _onnx_session(  # type: ignore[no-untyped-def]
+        self, model: nn.Module, regional: bool = False, threads: int | None = None
+    ):
         import onnxruntime as ort
 
         from ghostmatch.model.weights import cache_dir
@@ -158,7 +162,7 @@ class Embedder:
             else:
                 export_onnx(model, self.card, path)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = threads or self.threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -172,13 +176,25 @@ class Embedder:
     def dim(self) -> int:
         return self.card.dim
 
-    def embed_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Descriptors (n, dim) float32 for uint8 HWC arrays from :func:`prepare`."""
+    def embed_arrays(
+        self, arrays: Sequence[np.ndarray], *, threads: int | None = None
+    ) -> np.ndarray:
+        """Descriptors (n, dim) float32 for uint8 HWC arrays from :func:`prepare`.
+        ``threads``: run ONNX Runtime on at most this many (a session of its own, made on
+        first use): for a few images at a time between other work, where idle threads
+        would spin (on one thread of two busy cores the CPU time halves)."""
         if not arrays:
             return np.zeros((0, self.dim), dtype=np.float32)
         batch = to_batch(arrays)
         if self._session is not None:
-            out = self._session.run(None, {"images": batch})[0]
+            session = self._session
+            if threads is not None and threads < self.threads:
+                if threads not in self._narrow_sessions:
+                    self._narrow_sessions[threads] = self._onnx_session(
+                        self._model, threads=threads
+                    )
+                session = self._narrow_sessions[threads]
+            out = session.run(None, {"images": batch})[0]
             return np.ascontiguousarray(out, dtype=np.float32)
         with torch.inference_mode():
             y = torch.nn.functional.normalize(self._run(self._model, batch).float(), dim=1)

@@ -65,6 +65,7 @@ __all__ = [
     "ImageRecord",
     "NewFailure",
     "NewImage",
+    "TurnScreen",
     "catalog_url",
     "same_database",
     "user_error",
@@ -209,6 +210,26 @@ _REGIONS = Table(
 # Half the bytes of float32, and the search over regions only needs to rank candidates.
 _REGION_DTYPE = np.dtype("<f2")
 
+# What the turned-copy screen (``ghostmatch.dupes.turns``) needs of an image, made where
+# the indexer has it decoded: its grey thumbnail, and when its picture is tilted onto
+# filled corners, the tilt, the corners' colour (0xRRGGBB) and the straightened picture's
+# thumbnail. An image indexed before these existed has no row. They go with the image row.
+_TURN_SCREENS = Table(
+    "turn_screens",
+    _METADATA,
+    Column(
+        "image_id",
+        _Id,
+        ForeignKey("images.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("thumbnail", LargeBinary, nullable=False),
+    Column("tilt", Float),
+    Column("fill", Integer),
+    Column("straightened", LargeBinary),
+)
+
 # ---------------------------------------------------------------------------- migrations
 
 
@@ -301,6 +322,28 @@ def _create_regions_v4(conn: Connection) -> None:
     metadata.tables["regions"].create(conn, checkfirst=True)
 
 
+def _create_turn_screens_v5(conn: Connection) -> None:
+    """Create the version 5 turn_screens table from a frozen copy."""
+    metadata = MetaData()
+    Table("images", metadata, Column("id", _Id, primary_key=True))
+    Table(
+        "turn_screens",
+        metadata,
+        Column(
+            "image_id",
+            _Id,
+            ForeignKey("images.id", ondelete="CASCADE"),
+            primary_key=True,
+            autoincrement=False,
+        ),
+        Column("thumbnail", LargeBinary, nullable=False),
+        Column("tilt", Float),
+        Column("fill", Integer),
+        Column("straightened", LargeBinary),
+    )
+    metadata.tables["turn_screens"].create(conn, checkfirst=True)
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
@@ -320,6 +363,12 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "regional descriptors of each image, so that heavily cropped copies are found",
         _create_regions_v4,
     ),
+    (
+        5,
+        "each image's thumbnail and tilt, made while indexing, so that finding turned "
+        "copies need not decode every image again",
+        _create_turn_screens_v5,
+    ),
 ]
 # The first version whose failures table has the columns of version 2.
 _FAILURE_RETRY_VERSION = 2
@@ -327,6 +376,8 @@ _FAILURE_RETRY_VERSION = 2
 _LABELS_VERSION = 3
 # The first version with the regions table.
 _REGIONS_VERSION = 4
+# The first version with the turn_screens table.
+_TURN_SCREENS_VERSION = 5
 
 
 # ---------------------------------------------------------------------------- records
@@ -359,6 +410,19 @@ class ImageRecord:
     height: int
     format: str
     indexed_at: datetime
+
+
+@dataclass(frozen=True)
+class TurnScreen:
+    """What the turned-copy screen (``ghostmatch.dupes.turns``) keeps of an image: its
+    grey thumbnail (uint8 pixels, row by row) and, when its picture is tilted onto corners
+    filled with one colour, the tilt (degrees), that colour and the straightened
+    picture's grey thumbnail."""
+
+    thumbnail: bytes
+    tilt: float | None = None
+    fill: tuple[int, int, int] | None = None
+    straightened: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -445,6 +509,11 @@ def _region_bytes(regions: NDArray[np.float32]) -> bytes:
     if array.ndim != 2:
         raise ValueError(f"regions must be (regions, d), got shape {array.shape}")
     return array.tobytes()
+
+
+def _packed_colour(colour: tuple[int, int, int]) -> int:
+    red, green, blue = (min(255, max(0, int(c))) for c in colour)
+    return red << 16 | green << 8 | blue
 
 
 def _stack_regions(blobs: Sequence[bytes], dim: int) -> NDArray[np.float32]:
@@ -1027,6 +1096,36 @@ class Catalog:
             ids = conn.scalars(select(_IMAGES.c.id).where(~have)).all()
         return np.sort(np.array(ids, dtype=np.int64))
 
+    def turn_screens(self, ids: Sequence[int] | None = None) -> dict[int, TurnScreen]:
+        """The turned-copy screen's data of every image that has it, by id, or of those of
+        ``ids`` that have it. An image indexed before it was made has none."""
+        if self._version < _TURN_SCREENS_VERSION:  # an older catalog read as it is has none
+            return {}
+        t = _TURN_SCREENS.c
+        query = select(t.image_id, t.thumbnail, t.tilt, t.fill, t.straightened)
+        found: dict[int, TurnScreen] = {}
+        with self._read() as conn:
+            chunks = [None] if ids is None else _chunks(list(dict.fromkeys(ids)))
+            for chunk in chunks:
+                rows = conn.execute(query if chunk is None else query.where(t.image_id.in_(chunk)))
+                for image_id, thumbnail, tilt, fill, straightened in rows:
+                    colour = (
+                        None if fill is None else (fill >> 16 & 255, fill >> 8 & 255, fill & 255)
+                    )
+                    found[int(image_id)] = TurnScreen(bytes(thumbnail), tilt, colour, straightened)
+        return found
+
+    def ids_without_turn_screens(self) -> NDArray[np.int64]:
+        """Ids of the images that have no turned-copy screen data, ascending (none for an
+        older catalog read as it is, which cannot take it)."""
+        if self._version < _TURN_SCREENS_VERSION:
+            return np.empty(0, dtype=np.int64)
+        t = _TURN_SCREENS.c
+        have = select(t.image_id).where(t.image_id == _IMAGES.c.id).exists()
+        with self._read() as conn:
+            ids = conn.scalars(select(_IMAGES.c.id).where(~have)).all()
+        return np.sort(np.array(ids, dtype=np.int64))
+
     def _dim_of_vectors(self) -> int:
         """The dimension of the stored vectors (0 when there are none)."""
         with self._read() as conn:
@@ -1185,6 +1284,7 @@ class CatalogTransaction:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._regions: bool | None = None
+        self._turn_screens: bool | None = None
 
     def insert_images(self, rows: Sequence[NewImage]) -> list[int]:
         """Add images and return their ids in order. A path already cataloged (another
@@ -1233,7 +1333,8 @@ class CatalogTransaction:
         """Change the given fields of one image (None leaves a field as it is).
 
         A new vector also sets ``indexed_at`` to now and drops the image's regional
-        descriptors (``set_regions`` stores new ones). Raises KeyError for an unknown id.
+        descriptors and turned-copy screen data (``set_regions`` and ``set_turn_screens``
+        store new ones). Raises KeyError for an unknown id.
         """
         values: dict[str, Any] = {
             "size": size,
@@ -1257,6 +1358,8 @@ class CatalogTransaction:
         if vector is not None and self._has_regions():
             # The old regions describe the old pixels; new ones come with set_regions.
             self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id == image_id))
+        if vector is not None and self._has_turn_screens():
+            self._conn.execute(delete(_TURN_SCREENS).where(_TURN_SCREENS.c.image_id == image_id))
 
     def delete_images(self, ids: Iterable[int]) -> None:
         for chunk in _chunks(list(ids)):
@@ -1264,6 +1367,9 @@ class CatalogTransaction:
             # connection made elsewhere turned its foreign keys on.
             if self._has_regions():
                 self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id.in_(chunk)))
+            if self._has_turn_screens():
+                screens = _TURN_SCREENS.c.image_id
+                self._conn.execute(delete(_TURN_SCREENS).where(screens.in_(chunk)))
             self._conn.execute(delete(_IMAGES).where(_IMAGES.c.id.in_(chunk)))
 
     def set_regions(self, rows: Iterable[tuple[int, NDArray[np.float32]]]) -> None:
@@ -1275,6 +1381,32 @@ class CatalogTransaction:
             ids = [p["image_id"] for p in chunk]
             self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id.in_(ids)))
             self._conn.execute(insert(_REGIONS), list(chunk))
+
+    def set_turn_screens(self, rows: Iterable[tuple[int, TurnScreen]]) -> None:
+        """Store the turned-copy screen data of images, replacing what they had."""
+        params = [
+            {
+                "image_id": int(i),
+                "thumbnail": screen.thumbnail,
+                "tilt": screen.tilt,
+                "fill": None if screen.fill is None else _packed_colour(screen.fill),
+                "straightened": screen.straightened,
+            }
+            for i, screen in rows
+        ]
+        if not params or not self._has_turn_screens():
+            return
+        for chunk in _chunks(params):
+            ids = [p["image_id"] for p in chunk]
+            self._conn.execute(delete(_TURN_SCREENS).where(_TURN_SCREENS.c.image_id.in_(ids)))
+            self._conn.execute(insert(_TURN_SCREENS), list(chunk))
+
+    def _has_turn_screens(self) -> bool:
+        """Whether the catalog has the turn_screens table (one older than version 5 opened
+        by a process that could not migrate it has not)."""
+        if self._turn_screens is None:
+            self._turn_screens = inspect(self._conn).has_table(_TURN_SCREENS.name)
+        return self._turn_screens
 
     def _has_regions(self) -> bool:
         """Whether the catalog has the regions table (one older than version 4 opened by a
