@@ -497,3 +497,19 @@ def test_dupes_json_names_the_turn(turned_index: Path, model_cache: Path) -> Non
     assert [m["turn"] for m in groups["rocket.jpg"]] == [0]
     upright = _dupes(turned_index, model_cache, "--no-turned")
     assert not {Path(m["path"]).name for m in upright.get("coffee.jpg", [])} & set(COFFEE_TURNS)
+
+
+def test_independent_noise_pictures_lined_up_by_a_turn_are_no_copies(tmp_path: Path) -> None:
+    # Two independent smooth-noise pictures that ``python -m benchmarks.othershots
+    # --synthetic-only 1000`` grouped through a half-turn: their thumbnails meet turned and
+    # their local features fit one geometry, but pixel for pixel they are not one capture.
+    from benchmarks import synthetic
+
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    for index in (176, 530):
+        synthetic.make_image("noise", index, seed=7).save(folder / f"noise-{index}.png")
+    with ghostmatch.Library(tmp_path / "index", device="cpu") as lib:
+        lib.index([folder])
+        assert lib.find_duplicates(turned=False) == []
+        assert lib.find_duplicates() == []

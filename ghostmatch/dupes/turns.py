@@ -413,6 +413,8 @@ class TurnedPair:
     score: float
     flipped: bool = False
     inliers: int | None = None
+    # The geometric check's map (2 x 3, from the view's unit square to the other file's).
+    affine: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -852,9 +854,32 @@ def check_screened(
     checked = []
     for pair, (target, view) in zip(pairs, sides, strict=True):
         a, b = cache.get(target), cache.get(view)
-        inliers = 0 if a is None or b is None else verify_pair(a, b).inliers
-        checked.append(replace(pair, inliers=inliers))
+        if a is None or b is None:
+            checked.append(replace(pair, inliers=0))
+            continue
+        found = verify_pair(a, b)
+        checked.append(replace(pair, inliers=found.inliers, affine=found.affine))
     return checked
+
+
+def same_capture(views: Callable[[View], Image.Image | None], pair: TurnedPair) -> bool:
+    """Whether a checked pair's view and other file are one capture: the dense agreement
+    of ``ghostmatch.dupes.samecapture`` on the geometric check's map, the decision every
+    upright pair gets. Local features alone line up two unrelated pictures of smooth
+    noise turned, as they would upright."""
+    from ghostmatch.dupes.samecapture import agreement, prepare_capture
+
+    if pair.affine is None:
+        return False
+    target, seen = views(View(pair.other, 0)), views(View(pair.owner, pair.turn, pair.tilt))
+    if target is None or seen is None:
+        return False
+    if pair.flipped:
+        seen = ImageOps.mirror(seen)
+    # The check maps the view's unit square to the other file's; alignment needs the
+    # other way round.
+    warp = np.linalg.inv(np.vstack([pair.affine, [0.0, 0.0, 1.0]]))[:2]
+    return agreement(prepare_capture(target), prepare_capture(seen), warp).same_capture
 
 
 # ---------------------------------------------------------------------------- the finder's hooks
@@ -988,7 +1013,11 @@ class TurnedCandidates:
             passed = [p for p in asked if p.score >= self.threshold]
         else:
             checked = check_screened(self.embedder, self._view, asked, self.maps)
-            passed = [p for p in checked if (p.inliers or 0) >= self.enough]
+            passed = [
+                p
+                for p in checked
+                if (p.inliers or 0) >= self.enough and same_capture(self._view, p)
+            ]
         self.passed.update((p.key, p) for p in passed)
         known = {j: "edited" for j, k in keys.items() if k in self.passed}
         rest = [
@@ -1127,7 +1156,7 @@ def pairs_of_image(
             turn, flipped = _best_transform(bases[p.tilt], other)
             lined_up.append(replace(p, turn=turn, flipped=flipped))
     checked = check_screened(embedder, view_of, lined_up, {})
-    return [p for p in checked if (p.inliers or 0) >= enough]
+    return [p for p in checked if (p.inliers or 0) >= enough and same_capture(view_of, p)]
 
 
 def _best_transform(image: Image.Image, other: Image.Image) -> tuple[int, bool]:
