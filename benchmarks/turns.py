@@ -518,6 +518,13 @@ def describe(
                 [f for (f, _), c in zip(found, mine, strict=True) if c.source.name not in tuning]
             ),
             "dupes_turn_right": _share([t for f, t in found if f]),
+            # Rows are in the copies' order, as ``mine`` is.
+            "of_found_tuning": _share(
+                [r["found"] for r, c in zip(rows, mine, strict=True) if c.source.name in tuning]
+            ),
+            "of_found_held_out": _share(
+                [r["found"] for r, c in zip(rows, mine, strict=True) if c.source.name not in tuning]
+            ),
             "of_turn_right": _share([r["turn_right"] for r in rows if r["found"]]),
             "of_wrong_members": sum(r["wrong"] for r in rows),
             "of_wrong_members_upright": sum(r["wrong_upright"] for r in rows),

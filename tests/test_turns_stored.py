@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import URL
-from test_turns import photo, tilted
+from test_turns import jpeg, light_photo, photo, tilted
 
 import ghostmatch
-from ghostmatch.dupes.turns import decode, turn_image, turn_screen
+from ghostmatch.dupes.turns import decode, find_tilt, turn_image, turn_screen
 from ghostmatch.model.embedder import Embedder, prepare
 from ghostmatch.store.catalog import Catalog, NewImage, TurnScreen
 
@@ -107,3 +108,35 @@ def test_a_tilted_original_and_its_quarter_turned_copy(tmp_path: Path) -> None:
     )
     assert found.keys() == {"rocket-tilt20.jpg", "rocket-tilt20-cw90.jpg"}
     assert found["rocket-tilt20.jpg"].turn == 180 and found["rocket-tilt20-cw90.jpg"].turn == 90
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_duplicates_of_a_studio_shot_tilted_onto_white(tmp_path: Path) -> None:
+    """A studio shot (coffee inside a white picture) tilted by 30 degrees onto white shows
+    its tilt only in its subject's edges, not in the picture's sides: ``duplicates_of``
+    straightens it, as ``dupes`` does, where its picture's thumbnail meets a stored one,
+    and finds its original. Another studio shot tilted alike, and an upright photo, gain
+    no pair."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    original = light_photo((120, 80), (30, 30))
+    original.save(folder / "coffee-studio.jpg", quality=92)
+    for name in ("astronaut", "rocket", "chelsea"):
+        photo(name).save(folder / f"{name}.jpg", quality=92)
+    copy = jpeg(tilted(original, 30.0, (255, 255, 255)))
+    # Another studio shot, of a cat indexed nowhere, tilted alike: its straightened picture,
+    # turned by 180, is laid out as the indexed studio shot is (their thumbnails meet), but
+    # it is not that photo.
+    other_shot = Image.new("RGB", (320, 240), (255, 255, 255))
+    other_shot.paste(photo("chelsea").resize((120, 80)), (170, 130))
+    unrelated = jpeg(tilted(other_shot, 30.0, (255, 255, 255)))
+    for image in (copy, unrelated):
+        assert find_tilt(image) is None and find_tilt(image, sides_shown=False) is not None
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        found = {m.path.name: m for m in lib.duplicates_of(copy)}
+        assert lib.duplicates_of(copy, turned=False) == []
+        assert lib.duplicates_of(unrelated) == []
+        assert lib.duplicates_of(photo("coffee")) == []
+    assert found.keys() == {"coffee-studio.jpg"}
+    assert found["coffee-studio.jpg"].tier == "edited" and found["coffee-studio.jpg"].turn == 0

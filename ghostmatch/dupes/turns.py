@@ -502,11 +502,16 @@ def turn_screen(image: Image.Image) -> TurnScreen:
     tilt = find_tilt(image, sides_shown=False)
     if tilt is None:
         return TurnScreen(grey)
-    # A thumbnail needs no more pixels than the tilt was measured on (and at that size the
-    # blended edge is one pixel wide).
-    small = Image.fromarray(_tilt_pixels(image).astype(np.uint8))
-    picture = grey_thumbnail(straighten(small, tilt, margin=1)).tobytes()
+    picture = picture_thumbnail(image, tilt).tobytes()
     return TurnScreen(grey, tilt.degrees, tilt.fill, picture)
+
+
+def picture_thumbnail(image: Image.Image, tilt: Tilt) -> np.ndarray:
+    """The grey thumbnail (:func:`grey_thumbnail`) of ``image``'s picture straightened by
+    ``tilt``. A thumbnail needs no more pixels than the tilt was measured on (and at that
+    size the blended edge is one pixel wide)."""
+    small = Image.fromarray(_tilt_pixels(image).astype(np.uint8))
+    return grey_thumbnail(straighten(small, tilt, margin=1))
 
 
 def _dihedral(thumbs: np.ndarray) -> list[tuple[int, bool, np.ndarray]]:
@@ -1101,7 +1106,9 @@ def pairs_of_image(
     tilted, leaving out ``accepted`` ids; ``x`` is the pairs' owner, id -1. Each view
     meets its nearest stored images (``VIEW_NEIGHBOURS``, at most ``k``); with ``x``'s
     own descriptor (``vector``), only the files that its view scores above ``x`` itself
-    are checked, as in :class:`TurnedCandidates`."""
+    are checked, as in :class:`TurnedCandidates`. A tilt that only ``x``'s subject shows
+    is straightened where its picture's thumbnail meets a stored one
+    (:func:`_loose_tilt_views`)."""
     from ghostmatch.model.embedder import prepare
 
     index = finder.vectors.index
@@ -1116,6 +1123,11 @@ def pairs_of_image(
 
     image = _as_image(x, embedder.card.input_size)
     views = views_of(-1, image, QUARTER_TURNS)
+    # Met by their thumbnails: checked even where the views' nearest images miss them.
+    met: set[int] = set()
+    if not any(v.tilt is not None for v in views):
+        loose, met = _loose_tilt_views(finder, image, accepted)
+        views += loose
     # x itself, and straightened (once) when it is tilted.
     bases: dict[Tilt | None, Image.Image] = {None: image}
     tilts = {v.tilt for v in views if v.tilt is not None}
@@ -1125,7 +1137,7 @@ def pairs_of_image(
     )
     # A turned copy is its view's nearest stored image; a few more only guard against ties.
     _, found = index.search(view_vectors, min(k, VIEW_NEIGHBOURS, index.ntotal))
-    candidates = sorted({int(i) for i in found.ravel() if i >= 0} - accepted)
+    candidates = sorted(({int(i) for i in found.ravel() if i >= 0} | met) - accepted)
     ids, vectors = finder.catalog.vectors(candidates)
     offsets = offsets_of(vectors) if len(ids) else None
     pairs = view_pairs(
@@ -1140,6 +1152,11 @@ def pairs_of_image(
         pairs = [p for p, u in zip(pairs, upright.tolist(), strict=True) if p.score > u]
     if enough is None:
         return [p for p in pairs if p.score >= threshold]
+    if met:
+        # A tilt read from a subject's edges is found on pictures mostly of the fill's
+        # colour, whose flat areas and subject's outline pass the geometric check against
+        # another such studio shot laid out alike: its views must reach the threshold too.
+        pairs = [p for p in pairs if p.tilt is None or p.score >= threshold]
     paths = {r.id: r.path for r in finder.catalog.get([p.other for p in pairs])}
     cached = image_loader(paths, embedder.card.input_size)
 
@@ -1157,6 +1174,36 @@ def pairs_of_image(
             lined_up.append(replace(p, turn=turn, flipped=flipped))
     checked = check_screened(embedder, view_of, lined_up, {})
     return [p for p in checked if (p.inliers or 0) >= enough and same_capture(view_of, p)]
+
+
+def _loose_tilt_views(
+    finder: DuplicateFinder, image: Image.Image, accepted: set[int]
+) -> tuple[list[View], set[int]]:
+    """The views of a new ``image`` (id -1) whose tilt shows only in its subject's edges
+    (:func:`find_tilt` with ``sides_shown`` false, often wrong), and the stored images
+    they are for: as the duplicate search does (:func:`tilt_partners`), its picture is
+    straightened only at the quarter-turns where its thumbnail meets a stored image's
+    (the catalog's, made while indexing), other than the ``accepted`` ids."""
+    tilt = find_tilt(image, sides_shown=False)
+    if tilt is None:
+        return [], set()
+    stored = {
+        i: s.thumbnail
+        for i, s in finder.catalog.turn_screens().items()
+        if i not in accepted and len(s.thumbnail) == THUMB_SIDE * THUMB_SIDE
+    }
+    if not stored:
+        return [], set()
+    ids = list(stored)
+    # The image's own canvas is among the thumbnails searched, as a tilted indexed image's
+    # is in the duplicate search, so that the same neighbours are kept.
+    thumbs = np.stack(
+        [unit_thumbnail(np.frombuffer(stored[i], np.uint8)) for i in ids] + [thumbnail(image)]
+    )
+    picture = {len(ids): unit_thumbnail(picture_thumbnail(image, tilt))}
+    partners = tilt_partners(thumbs, picture)
+    turns = sorted({turn for _, _, turn, _, _ in partners})
+    return [View(-1, t, tilt) for t in turns], {ids[other] for _, other, _, _, _ in partners}
 
 
 def _best_transform(image: Image.Image, other: Image.Image) -> tuple[int, bool]:
