@@ -7,6 +7,7 @@ its own on a PostgreSQL server started once per session in a temporary folder.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -24,6 +25,13 @@ from benchmarks.postgres import (
     temporary_server,
     unavailable_reason,
 )
+
+# A suite started in the background by a shell without job control (``cmd &``, nohup)
+# inherits Ctrl-C ignored, and so would every CLI run it starts: the tests that interrupt
+# a run would wait on one that cannot be interrupted. Python's own Ctrl-C handler here
+# lets those runs start with the default again (a handler does not survive exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BACKENDS = ["sqlite", "postgresql"]
