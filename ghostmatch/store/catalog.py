@@ -193,20 +193,23 @@ _LABELS = Table(
     Index("ix_labels_label", "label"),
 )
 
-# The regional descriptors of an image (``ghostmatch.model.regions``), float16, one after
-# the other; an image indexed before they existed has no row. They go with the image row.
-_REGIONS = Table(
-    "regions",
-    _METADATA,
-    Column(
+
+def _per_image_table(name: str, metadata: MetaData, *columns: Column[Any]) -> Table:
+    """A table of data kept beside an image's row, one row an image at most, keyed by the
+    image's id and gone with it (and, written by this module, with its vector)."""
+    image_id = Column(
         "image_id",
         _Id,
         ForeignKey("images.id", ondelete="CASCADE"),
         primary_key=True,
         autoincrement=False,
-    ),
-    Column("vectors", LargeBinary, nullable=False),
-)
+    )
+    return Table(name, metadata, image_id, *columns)
+
+
+# The regional descriptors of an image (``ghostmatch.model.regions``), float16, one after
+# the other; an image indexed before they existed has no row. They go with the image row.
+_REGIONS = _per_image_table("regions", _METADATA, Column("vectors", LargeBinary, nullable=False))
 # Half the bytes of float32, and the search over regions only needs to rank candidates.
 _REGION_DTYPE = np.dtype("<f2")
 
@@ -214,21 +217,16 @@ _REGION_DTYPE = np.dtype("<f2")
 # the indexer has it decoded: its grey thumbnail, and when its picture is tilted onto
 # filled corners, the tilt, the corners' colour (0xRRGGBB) and the straightened picture's
 # thumbnail. An image indexed before these existed has no row. They go with the image row.
-_TURN_SCREENS = Table(
+_TURN_SCREENS = _per_image_table(
     "turn_screens",
     _METADATA,
-    Column(
-        "image_id",
-        _Id,
-        ForeignKey("images.id", ondelete="CASCADE"),
-        primary_key=True,
-        autoincrement=False,
-    ),
     Column("thumbnail", LargeBinary, nullable=False),
     Column("tilt", Float),
     Column("fill", Integer),
     Column("straightened", LargeBinary),
 )
+# The tables of per-image data, whose rows an image's new vector or removal drops.
+_PER_IMAGE = (_REGIONS, _TURN_SCREENS)
 
 # ---------------------------------------------------------------------------- migrations
 
@@ -303,45 +301,29 @@ def _create_labels_v3(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
-def _create_regions_v4(conn: Connection) -> None:
-    """Create the version 4 regions table from a frozen copy."""
+def _create_per_image(conn: Connection, name: str, *columns: Column[Any]) -> None:
+    """Create a table of per-image data from a frozen copy of its own columns (the image
+    id column has not changed since the first such table)."""
     metadata = MetaData()
     Table("images", metadata, Column("id", _Id, primary_key=True))
-    Table(
-        "regions",
-        metadata,
-        Column(
-            "image_id",
-            _Id,
-            ForeignKey("images.id", ondelete="CASCADE"),
-            primary_key=True,
-            autoincrement=False,
-        ),
-        Column("vectors", LargeBinary, nullable=False),
-    )
-    metadata.tables["regions"].create(conn, checkfirst=True)
+    _per_image_table(name, metadata, *columns).create(conn, checkfirst=True)
+
+
+def _create_regions_v4(conn: Connection) -> None:
+    """Create the version 4 regions table from a frozen copy."""
+    _create_per_image(conn, "regions", Column("vectors", LargeBinary, nullable=False))
 
 
 def _create_turn_screens_v5(conn: Connection) -> None:
     """Create the version 5 turn_screens table from a frozen copy."""
-    metadata = MetaData()
-    Table("images", metadata, Column("id", _Id, primary_key=True))
-    Table(
+    _create_per_image(
+        conn,
         "turn_screens",
-        metadata,
-        Column(
-            "image_id",
-            _Id,
-            ForeignKey("images.id", ondelete="CASCADE"),
-            primary_key=True,
-            autoincrement=False,
-        ),
         Column("thumbnail", LargeBinary, nullable=False),
         Column("tilt", Float),
         Column("fill", Integer),
         Column("straightened", LargeBinary),
     )
-    metadata.tables["turn_screens"].create(conn, checkfirst=True)
 
 
 # (version, why, apply) in order; opening a catalog applies those above its version.
@@ -1089,9 +1071,14 @@ class Catalog:
     def ids_without_regions(self) -> NDArray[np.int64]:
         """Ids of the images that have no regional descriptors, ascending (none for an
         older catalog read as it is, which cannot take them)."""
-        if self._version < _REGIONS_VERSION:
+        return self._ids_without(_REGIONS, _REGIONS_VERSION)
+
+    def _ids_without(self, table: Table, since: int) -> NDArray[np.int64]:
+        """Ids of the images without a row in the per-image ``table``, ascending (none for
+        a catalog older than version ``since`` read as it is)."""
+        if self._version < since:
             return np.empty(0, dtype=np.int64)
-        have = select(_REGIONS.c.image_id).where(_REGIONS.c.image_id == _IMAGES.c.id).exists()
+        have = select(table.c.image_id).where(table.c.image_id == _IMAGES.c.id).exists()
         with self._read() as conn:
             ids = conn.scalars(select(_IMAGES.c.id).where(~have)).all()
         return np.sort(np.array(ids, dtype=np.int64))
@@ -1118,13 +1105,7 @@ class Catalog:
     def ids_without_turn_screens(self) -> NDArray[np.int64]:
         """Ids of the images that have no turned-copy screen data, ascending (none for an
         older catalog read as it is, which cannot take it)."""
-        if self._version < _TURN_SCREENS_VERSION:
-            return np.empty(0, dtype=np.int64)
-        t = _TURN_SCREENS.c
-        have = select(t.image_id).where(t.image_id == _IMAGES.c.id).exists()
-        with self._read() as conn:
-            ids = conn.scalars(select(_IMAGES.c.id).where(~have)).all()
-        return np.sort(np.array(ids, dtype=np.int64))
+        return self._ids_without(_TURN_SCREENS, _TURN_SCREENS_VERSION)
 
     def _dim_of_vectors(self) -> int:
         """The dimension of the stored vectors (0 when there are none)."""
@@ -1283,8 +1264,9 @@ class CatalogTransaction:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._regions: bool | None = None
-        self._turn_screens: bool | None = None
+        # Per-image tables by name: whether the catalog has them (one older than their
+        # version, opened by a process that could not migrate it, has not).
+        self._tables: dict[str, bool] = {}
 
     def insert_images(self, rows: Sequence[NewImage]) -> list[int]:
         """Add images and return their ids in order. A path already cataloged (another
@@ -1355,32 +1337,23 @@ class CatalogTransaction:
         result = self._conn.execute(update(_IMAGES).where(_IMAGES.c.id == image_id).values(values))
         if result.rowcount == 0:
             raise KeyError(image_id)
-        if vector is not None and self._has_regions():
-            # The old regions describe the old pixels; new ones come with set_regions.
-            self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id == image_id))
-        if vector is not None and self._has_turn_screens():
-            self._conn.execute(delete(_TURN_SCREENS).where(_TURN_SCREENS.c.image_id == image_id))
+        if vector is not None:
+            # The old per-image data describes the old pixels; new data comes with
+            # set_regions and set_turn_screens.
+            self._drop_per_image([image_id])
 
     def delete_images(self, ids: Iterable[int]) -> None:
         for chunk in _chunks(list(ids)):
             # Explicitly too: a PostgreSQL catalog cascades, but nothing says an SQLite
             # connection made elsewhere turned its foreign keys on.
-            if self._has_regions():
-                self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id.in_(chunk)))
-            if self._has_turn_screens():
-                screens = _TURN_SCREENS.c.image_id
-                self._conn.execute(delete(_TURN_SCREENS).where(screens.in_(chunk)))
+            self._drop_per_image(chunk)
             self._conn.execute(delete(_IMAGES).where(_IMAGES.c.id.in_(chunk)))
 
     def set_regions(self, rows: Iterable[tuple[int, NDArray[np.float32]]]) -> None:
         """Store the (regions, d) regional descriptors of images, replacing ones they had."""
-        params = [{"image_id": int(i), "vectors": _region_bytes(r)} for i, r in rows]
-        if not params or not self._has_regions():
-            return
-        for chunk in _chunks(params):
-            ids = [p["image_id"] for p in chunk]
-            self._conn.execute(delete(_REGIONS).where(_REGIONS.c.image_id.in_(ids)))
-            self._conn.execute(insert(_REGIONS), list(chunk))
+        self._replace_per_image(
+            _REGIONS, [{"image_id": int(i), "vectors": _region_bytes(r)} for i, r in rows]
+        )
 
     def set_turn_screens(self, rows: Iterable[tuple[int, TurnScreen]]) -> None:
         """Store the turned-copy screen data of images, replacing what they had."""
@@ -1394,26 +1367,28 @@ class CatalogTransaction:
             }
             for i, screen in rows
         ]
-        if not params or not self._has_turn_screens():
+        self._replace_per_image(_TURN_SCREENS, params)
+
+    def _replace_per_image(self, table: Table, params: list[dict[str, Any]]) -> None:
+        """Write ``params`` (rows with their ``image_id``) to the per-image ``table``,
+        replacing the rows those images had; nothing where the catalog lacks the table."""
+        if not params or not self._has(table):
             return
         for chunk in _chunks(params):
             ids = [p["image_id"] for p in chunk]
-            self._conn.execute(delete(_TURN_SCREENS).where(_TURN_SCREENS.c.image_id.in_(ids)))
-            self._conn.execute(insert(_TURN_SCREENS), list(chunk))
+            self._conn.execute(delete(table).where(table.c.image_id.in_(ids)))
+            self._conn.execute(insert(table), list(chunk))
 
-    def _has_turn_screens(self) -> bool:
-        """Whether the catalog has the turn_screens table (one older than version 5 opened
-        by a process that could not migrate it has not)."""
-        if self._turn_screens is None:
-            self._turn_screens = inspect(self._conn).has_table(_TURN_SCREENS.name)
-        return self._turn_screens
+    def _drop_per_image(self, ids: Sequence[int]) -> None:
+        """Delete the rows of images ``ids`` from every per-image table the catalog has."""
+        for table in _PER_IMAGE:
+            if self._has(table):
+                self._conn.execute(delete(table).where(table.c.image_id.in_(ids)))
 
-    def _has_regions(self) -> bool:
-        """Whether the catalog has the regions table (one older than version 4 opened by a
-        process that could not migrate it has not)."""
-        if self._regions is None:
-            self._regions = inspect(self._conn).has_table(_REGIONS.name)
-        return self._regions
+    def _has(self, table: Table) -> bool:
+        if table.name not in self._tables:
+            self._tables[table.name] = inspect(self._conn).has_table(table.name)
+        return self._tables[table.name]
 
     def record_failures(self, rows: Sequence[NewFailure]) -> None:
         """Record files that could not be indexed, replacing earlier failures of the paths."""
