@@ -43,6 +43,7 @@ from ghostmatch.dupes.samecapture import (
     agreement,
     prepare_capture,
 )
+from ghostmatch.dupes.settle import Glance, settles
 from ghostmatch.dupes.verify import ZOOM, Verification, local_features, verify_scales
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
@@ -486,6 +487,7 @@ class DuplicateFinder:
         zoomed = local_features(model, to_batch([prepare(image, cache.zoomed_card)]))
         cache.maps[_QUERY] = _Maps(base[0], base[1], zoomed[0].astype(np.float16))
         judge.captures[_QUERY] = prepare_capture(image)
+        judge.glances[_QUERY] = Glance.of(image)
         return judge
 
     def mark_not_duplicate(self, a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
@@ -504,7 +506,9 @@ class PairJudge:
 
     Each pair is first aligned from the identity map (``ghostmatch.dupes.samecapture``):
     a re-encoded, resized, recoloured or captioned copy agrees there already, and needs
-    no local features. Otherwise the geometric check (``verify_scales``) finds the
+    no local features; one scoring at least ``threshold`` whose small grey views already
+    show the same picture unmoved (``ghostmatch.dupes.settle``) is ``near`` without even
+    that (counted in ``settled``). Otherwise the geometric check (``verify_scales``) finds the
     transform (a crop, flip, turn, border), which must hold at least ``min_inliers``
     points unless the score reaches ``threshold``, and the pair is aligned again from it.
     A pair whose geometry holds but whose pixels disagree is ``similar``.
@@ -532,6 +536,10 @@ class PairJudge:
         self._maps: _MapCache | None = None
         # None marks an image that could not be decoded.
         self.captures: OrderedDict[int, Capture | None] = OrderedDict()
+        # The small grey views of the decoded captures, kept and dropped with them.
+        self.glances: dict[int, Glance] = {}
+        # Pairs settled ``near`` from their glances, without a dense comparison.
+        self.settled = 0
 
     @property
     def maps(self) -> _MapCache:
@@ -551,9 +559,11 @@ class PairJudge:
             found = None
         else:
             found = prepare_capture(image)
+            self.glances[i] = Glance.of(image)
         self.captures[i] = found
         if len(self.captures) > MAP_CACHE_IMAGES:
-            self.captures.popitem(last=False)
+            gone, _ = self.captures.popitem(last=False)
+            self.glances.pop(gone, None)
         return found
 
     def __call__(self, leader: int, others: Sequence[tuple[int, float]]) -> dict[int, str | None]:
@@ -578,6 +588,9 @@ class PairJudge:
                 continue
             if crowded and a.correlation(b) < CROWDED_CORRELATION:
                 continue
+            if self._settled(leader, j, crowded):
+                tiers[j] = "near"
+                continue
             unmoved.append((j, crowded, b))
         a = self.capture(leader) if unmoved else None
         # One pair at a time: numpy's own threads already share out the larger steps, and
@@ -601,6 +614,18 @@ class PairJudge:
             decided = self._aligned(leader, geometric)
             tiers.update(zip((j for j, _ in geometric), decided, strict=True))
         return tiers
+
+    def _settled(self, leader: int, j: int, crowded: bool) -> bool:
+        """Whether the pair is a near copy on its glances alone (``ghostmatch.dupes.settle``),
+        counted in ``settled``. Never for a crowded file, where the descriptor cannot tell
+        images apart, nor for a pair that only regional descriptors found."""
+        kept, other = self.glances.get(leader), self.glances.get(j)
+        if crowded or self.crops_only or kept is None or other is None:
+            return False
+        if not settles(kept, other):
+            return False
+        self.settled += 1
+        return True
 
     def _same(self, found: Agreement) -> bool:
         if not found.same_capture:
