@@ -15,7 +15,7 @@ from skimage import data
 
 import ghostmatch
 from ghostmatch.dupes.finder import _QUERY, PairJudge
-from ghostmatch.dupes.settle import MIN_CORRELATION, Glance, settles
+from ghostmatch.dupes.settle import MIN_CORRELATION, Glance, settled_tier, settles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +60,24 @@ def test_plain_copies_settle_and_moved_or_changed_pictures_do_not() -> None:
         assert not settles(kept, Glance.of(other))
 
 
+def bordered(image: Image.Image) -> Image.Image:
+    return ImageOps.expand(image, border=24, fill=(40, 160, 220))
+
+
+def test_a_framed_copy_settles_inside_its_frame() -> None:
+    framed = Glance.of(reencoded(bordered(scene()), 95))
+    assert framed.inside is not None and Glance.of(scene()).inside is None
+    copy = Glance.of(scene().resize((160, 120)))
+    # The frame is an edit: the pair is settled ``edited``, whichever file is kept.
+    assert not settles(framed, copy)
+    assert settled_tier(framed, copy) == settled_tier(copy, framed) == "edited"
+    assert settled_tier(Glance.of(scene()), copy) == "near"
+    # Another picture inside the same frame is not settled.
+    w, h = scene().size
+    moved = Glance.of(scene().crop((8, 0, w, h)).resize((w, h)))
+    assert settled_tier(framed, moved) is None
+
+
 def test_flat_glances_settle_nothing() -> None:
     flat = Glance.of(Image.new("RGB", (320, 240), (120, 130, 140)))
     assert not settles(flat, flat)
@@ -89,6 +107,7 @@ def test_a_reencoded_copy_is_settled_without_a_dense_comparison(tmp_path: Path) 
     folder.mkdir()
     scene().save(folder / "scene.png")
     scene().save(folder / "reencoded.jpg", quality=30)
+    bordered(scene()).save(folder / "framed.jpg", quality=95)
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([folder])
         judge, ids = judge_of(lib)
@@ -106,10 +125,16 @@ def test_a_reencoded_copy_is_settled_without_a_dense_comparison(tmp_path: Path) 
         )
         assert query(kept, [(_QUERY, judge.threshold)]) == {_QUERY: "near"}
         assert query.settled == 1
+        # A copy inside a frame: ``edited``, still without a dense comparison.
+        framed = ids["framed.jpg"]
+        assert judge(framed, [(copy, judge.threshold)]) == {copy: "edited"}
+        assert judge.settled == 2
+        f = judge.capture(framed)
+        assert f is not None and not f.prepared and judge._maps is None
         # A pair that regional descriptors alone found is left to the dense comparison.
         judge.crops_only = True
         judge(kept, [(copy, judge.threshold)])
-        assert judge.settled == 1
+        assert judge.settled == 2
 
 
 def test_a_crowded_pair_is_never_settled(tmp_path: Path) -> None:

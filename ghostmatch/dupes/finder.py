@@ -43,7 +43,7 @@ from ghostmatch.dupes.samecapture import (
     agreement,
     prepare_capture,
 )
-from ghostmatch.dupes.settle import Glance, settles
+from ghostmatch.dupes.settle import Glance, settled_tier
 from ghostmatch.dupes.verify import ZOOM, Verification, local_features, verify_scales
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
@@ -508,8 +508,9 @@ class PairJudge:
     a re-encoded, resized, recoloured or captioned copy agrees there already, and needs
     no local features; one scoring at least ``threshold`` whose small grey views already
     show the same picture unmoved (``ghostmatch.dupes.settle``) is ``near`` without even
-    that (counted in ``settled``). Otherwise the geometric check (``verify_scales``) finds the
-    transform (a crop, flip, turn, border), which must hold at least ``min_inliers``
+    that, or ``edited`` when one shows it inside a uniform frame (counted in ``settled``).
+    Otherwise the geometric check (``verify_scales``) finds the transform (a crop, flip,
+    turn, border), which must hold at least ``min_inliers``
     points unless the score reaches ``threshold``, and the pair is aligned again from it.
     A pair whose geometry holds but whose pixels disagree is ``similar``.
     A pair with a ``crowded`` file (where the descriptor cannot tell images apart) is
@@ -588,8 +589,8 @@ class PairJudge:
                 continue
             if crowded and a.correlation(b) < CROWDED_CORRELATION:
                 continue
-            if self._settled(leader, j, crowded):
-                tiers[j] = "near"
+            if settled := self._settled(leader, j, crowded):
+                tiers[j] = settled
                 continue
             unmoved.append((j, crowded, b))
         a = self.capture(leader) if unmoved else None
@@ -615,17 +616,16 @@ class PairJudge:
             tiers.update(zip((j for j, _ in geometric), decided, strict=True))
         return tiers
 
-    def _settled(self, leader: int, j: int, crowded: bool) -> bool:
-        """Whether the pair is a near copy on its glances alone (``ghostmatch.dupes.settle``),
-        counted in ``settled``. Never for a crowded file, where the descriptor cannot tell
+    def _settled(self, leader: int, j: int, crowded: bool) -> str | None:
+        """The pair's tier on its glances alone (``ghostmatch.dupes.settle``), counted in
+        ``settled``, or None. Never for a crowded file, where the descriptor cannot tell
         images apart, nor for a pair that only regional descriptors found."""
         kept, other = self.glances.get(leader), self.glances.get(j)
         if crowded or self.crops_only or kept is None or other is None:
-            return False
-        if not settles(kept, other):
-            return False
-        self.settled += 1
-        return True
+            return None
+        tier = settled_tier(kept, other)
+        self.settled += tier is not None
+        return tier
 
     def _same(self, found: Agreement) -> bool:
         if not found.same_capture:

@@ -1,6 +1,7 @@
-"""Near copies settled from small grey views: a re-encoded, resized, blurred or mildly
+"""Copies settled from small grey views: a re-encoded, resized, blurred or mildly
 recoloured copy shows its source's picture up to one brightness and contrast change, which
-another shot of the same scene does not; such a pair needs no dense comparison."""
+another shot of the same scene does not, and so does a framed copy inside its frame; such a
+pair needs no dense comparison."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ PATCH_RESIDUAL = 0.4
 # Grey levels (of 255): a glance with less contrast than this shows too little to settle
 # anything (a fine texture or a flat page averages out at this size).
 MIN_CONTRAST = 4.0
+# A frame: every side at least FRAME_MIN pixels (of the decoded image) of one colour, each
+# channel within FRAME_TOLERANCE of the top left corner's, and the picture inside at least
+# FRAME_INSIDE of each side. JPEG keeps a plain border within a few levels; the rows
+# that touch the picture ring, and end the frame.
+FRAME_MIN = 2
+FRAME_TOLERANCE = 24
+FRAME_INSIDE = 0.5
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,15 @@ class Glance:
     square), what :func:`settles` compares."""
 
     grey: np.ndarray
+    # The glance of the picture inside a uniform frame, when the image has one.
+    inside: Glance | None = None
 
     @classmethod
-    def of(cls, image: Image.Image) -> Glance:
+    def of(cls, image: Image.Image, framed: bool = True) -> Glance:
         small = image.convert("L").resize((GLANCE_SIDE, GLANCE_SIDE), Image.Resampling.BOX)
-        return cls(np.asarray(small, dtype=np.uint8))
+        box = _frame(np.asarray(image.convert("RGB"))) if framed else None
+        inside = None if box is None else cls.of(image.crop(box), framed=False)
+        return cls(np.asarray(small, dtype=np.uint8), inside)
 
     def thumbnail(self) -> np.ndarray:
         """The glance averaged over ``THUMB_BLOCK`` squares, mean removed and unit length
@@ -84,3 +96,38 @@ def settles(kept: Glance, other: Glance) -> bool:
     size = GLANCE_SIDE // PATCHES
     patches = (residual.reshape(PATCHES, size, PATCHES, size) ** 2).mean(axis=(1, 3))
     return float(np.sqrt(patches.max())) <= PATCH_RESIDUAL * contrast
+
+
+def settled_tier(kept: Glance, other: Glance) -> str | None:
+    """``near`` when ``other`` is ``kept`` unmoved (:func:`settles`), ``edited`` when one
+    of them is the other inside a uniform frame (a bordered copy), else None: not decided
+    here."""
+    if settles(kept, other):
+        return "near"
+    if kept.inside is not None and settles(kept.inside, other):
+        return "edited"
+    if other.inside is not None and settles(kept, other.inside):
+        return "edited"
+    return None
+
+
+def _frame(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) of the picture inside a uniform frame of
+    ``rgb`` (h, w, 3), or None when it has none."""
+    h, w = rgb.shape[:2]
+    off = np.abs(rgb.astype(np.int16) - rgb[0, 0].astype(np.int16)).max(axis=2)
+    plain = off <= FRAME_TOLERANCE
+    rows, cols = plain.all(axis=1), plain.all(axis=0)
+    top, bottom = _run(rows), _run(rows[::-1])
+    left, right = _run(cols), _run(cols[::-1])
+    if min(top, bottom, left, right) < FRAME_MIN:
+        return None
+    if w - left - right < FRAME_INSIDE * w or h - top - bottom < FRAME_INSIDE * h:
+        return None
+    return left, top, w - right, h - bottom
+
+
+def _run(flags: np.ndarray) -> int:
+    """How many of ``flags`` are true from the start on."""
+    false = np.flatnonzero(~flags)
+    return int(false[0]) if len(false) else len(flags)
