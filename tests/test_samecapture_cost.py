@@ -318,14 +318,14 @@ def test_coarse_levels_measure_residuals_only_where_they_decide(
     # robust fit) are only worth their cost where a share of agreeing patches is reported
     # or decides: a first try at the next-to-finest level, or a pair settled there.
     levels: list[int] = []
-    measured = samecapture.residuals
+    measured = samecapture._fitted
 
-    def counted(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+    def counted(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray, float]:
         found = measured(*args, **kwargs)  # type: ignore[arg-type]
         levels.append(found[0].shape[0])
         return found
 
-    monkeypatch.setattr(samecapture, "residuals", counted)
+    monkeypatch.setattr(samecapture, "_fitted", counted)
     kept = prepare_capture(scene())
     copy = prepare_capture(scene().resize((200, 150)))
     coarse = [side * 3 // 4 for side, _, _ in LEVELS[:-1]]  # the rows of a 4:3 image

@@ -141,6 +141,11 @@ class Capture:
         self._luma: Image.Image | None = image.convert("L")  # once, not per level
         self._lock = threading.Lock()
         self._made: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None
+        # What the comparison derives from this image alone, made on first use and kept:
+        # an image is compared with many others (as the kept one, or as the other).
+        self._planes: np.ndarray | None = None
+        self._chroma: np.ndarray | None = None
+        self._detail: int | None = None
         small = self._luma.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
         thumb = np.asarray(small, np.float64).ravel()
         thumb -= thumb.mean()
@@ -182,6 +187,30 @@ class Capture:
     @property
     def rgb(self) -> np.ndarray:
         return self._prepared()[1]
+
+    @property
+    def planes(self) -> np.ndarray:
+        """The finest level in colour, channels first (3, h, w): what sampling reads and
+        colour fits reduce over (a long axis, much faster than an axis of 3)."""
+        if self._planes is None:
+            self._planes = np.ascontiguousarray(self.rgb.transpose(2, 0, 1))
+        return self._planes
+
+    @property
+    def chroma(self) -> np.ndarray:
+        """The finest level's chroma (see :func:`_chroma`)."""
+        if self._chroma is None:
+            chroma = _chroma(self.rgb)
+            chroma.flags.writeable = False
+            self._chroma = chroma
+        return self._chroma
+
+    @property
+    def detail(self) -> int:
+        """How many patches have fine detail (see :func:`_detail`)."""
+        if self._detail is None:
+            self._detail = _detail(self)
+        return self._detail
 
     def correlation(self, other: Capture) -> float:
         """Correlation of the two thumbnails: near 1 for the same picture unmoved, near 0
@@ -465,23 +494,29 @@ def residuals(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grey residuals (h, w) of ``other`` under ``warp`` at one level of ``LEVELS`` (the
     finest by default), after a robust gain and offset, and which pixels it covers."""
+    r, inside, _ = _fitted(kept, other, warp, level)
+    return r, inside
+
+
+def _fitted(
+    kept: Capture, other: Capture, warp: np.ndarray, level: int = -1
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`residuals`, and the robust grey gain that they are after."""
     t_img, stack = kept.levels[level][0], other.levels[level]
     sampled, inside = _sample(stack[:1], _mapped(t_img.shape, warp))
-    _, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
-    return r.reshape(t_img.shape), inside.reshape(t_img.shape)
+    gain, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
+    return r.reshape(t_img.shape), inside.reshape(t_img.shape), float(gain)
 
 
 def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.ndarray:
     """Residuals (h, w) over the kept image's colour contrast after a robust 3 x 4 affine
     colour fit from the other image to the kept one: a hue or saturation change is linear
     in RGB, not in grey."""
-    target = kept.rgb
-    h, w = target.shape[:2]
-    source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
-    warped, inside = _sample(source, _mapped((h, w), warp))
+    _, h, w = kept.planes.shape
+    warped, inside = _sample(other.planes, _mapped((h, w), warp))
     # Channels first (3, n) throughout: numpy reduces over a long axis much faster than
     # over an axis of 3.
-    t = np.ascontiguousarray(target.reshape(-1, 3).T)
+    t = kept.planes.reshape(3, -1)
     design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)])
     weight = inside.astype(t.dtype)
     r = np.zeros(t.shape[1], t.dtype)
@@ -516,27 +551,63 @@ def _patch_of(h: int, w: int) -> np.ndarray:
     return patch
 
 
+@functools.lru_cache(maxsize=32)
+def _patch_sums(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For an h x w image, (rows, cols, sizes): ``rows @ m @ cols`` counts the pixels of a
+    mask ``m`` (as 0/1 single floats) in each patch of :func:`_patch_of`'s grid, (PATCHES,
+    PATCHES), exactly; ``sizes`` is each patch's pixel count, flattened."""
+    rows = np.zeros((PATCHES, h), np.float32)
+    for n, c in enumerate(np.array_split(np.arange(h), PATCHES)):
+        rows[n, c] = 1.0
+    cols = np.zeros((w, PATCHES), np.float32)
+    for n, c in enumerate(np.array_split(np.arange(w), PATCHES)):
+        cols[c, n] = 1.0
+    sizes = np.bincount(_patch_of(h, w), minlength=PATCHES * PATCHES)
+    for a in (rows, cols, sizes):
+        a.flags.writeable = False
+    return rows, cols, sizes
+
+
+def _patch_counts(mask: np.ndarray) -> np.ndarray:
+    """How many pixels of an (h, w) mask fall in each patch, flattened (``PATCHES`` ** 2):
+    two small products instead of gathering the masked pixels' patch numbers (counts stay
+    exact in single precision far beyond the pixels of a level)."""
+    rows, cols, _ = _patch_sums(*mask.shape)
+    return (rows @ mask.astype(np.float32) @ cols).ravel().astype(np.int64)
+
+
+def _medians_within(
+    e: np.ndarray, inside: np.ndarray, tolerance: float, covered: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (``PATCHES`` ** 2 values): whether its median of ``e`` over ``inside`` is
+    within ``tolerance``, and whether the patch counts (at least half inside). ``covered``,
+    the patches' pixel counts in ``inside``, where already counted.
+
+    A median is within the tolerance when both middle values are, so counting the values
+    within it settles each patch without sorting: k of n values within it puts the median
+    within it when k > n // 2, beyond it when k <= (n - 1) // 2. Only a patch of even size
+    with exactly n / 2 values within it needs its two middle values."""
+    sizes = _patch_sums(*e.shape)[2]
+    if covered is None:
+        covered = _patch_counts(inside)
+    within = _patch_counts((e <= tolerance) & inside)
+    ok = within > covered // 2
+    even = (covered > 0) & (covered % 2 == 0)
+    ties = np.flatnonzero(even & (within == covered // 2))
+    if len(ties):
+        patch, mask, values = _patch_of(*e.shape), inside.ravel(), e.ravel()
+        for k in ties:
+            middle = np.partition(values[mask & (patch == k)], [within[k] - 1, within[k]])
+            ok[k] = (middle[within[k] - 1] + middle[within[k]]) / 2 <= tolerance
+    return ok & (covered > 0), covered >= 0.5 * sizes
+
+
 def _patch_share(e: np.ndarray, inside: np.ndarray) -> float:
     """Share of the overlap's patches (an ``PATCHES`` x ``PATCHES`` grid, those at least
     half inside) whose median residual is within ``TOLERANCE``."""
-    patch = _patch_of(*e.shape)
-    mask = inside.ravel()
-    sizes = np.bincount(patch, minlength=PATCHES * PATCHES)
-    covered = np.bincount(patch[mask], minlength=PATCHES * PATCHES)
-    counted = covered >= 0.5 * sizes
+    ok, counted = _medians_within(e, inside, TOLERANCE)
     if not counted.any():
         return 0.0
-    # A median is within the tolerance when both middle values are, so counting the
-    # values within it settles each patch without sorting: k of n values within it puts
-    # the median within it when k > n // 2, beyond it when k <= (n - 1) // 2. Only a
-    # patch of even size with exactly n / 2 values within it needs its two middle values.
-    cells, values = patch[mask], e.ravel()[mask]
-    within = np.bincount(cells[values <= TOLERANCE], minlength=PATCHES * PATCHES)
-    ok = within > covered // 2
-    even = (covered > 0) & (covered % 2 == 0)
-    for n in np.flatnonzero(counted & even & (within == covered // 2)):
-        middle = np.partition(values[cells == n], [within[n] - 1, within[n]])
-        ok[n] = (middle[within[n] - 1] + middle[within[n]]) / 2 <= TOLERANCE
     return float((ok & counted).sum() / counted.sum())
 
 
@@ -570,8 +641,8 @@ def agreement(
                 share = _share(kept, r, inside, level)
                 if settled or share < FIRST_TRY_SHARE:
                     return Agreement(share, overlap, refined, level)
-    r, inside = residuals(kept, other, refined)
-    return _measured(kept, other, refined, r, inside)
+    r, inside, gain = _fitted(kept, other, refined)
+    return _measured(kept, other, refined, r, inside, gain)
 
 
 def _share(kept: Capture, r: np.ndarray, inside: np.ndarray, level: int = -1) -> float:
@@ -581,7 +652,12 @@ def _share(kept: Capture, r: np.ndarray, inside: np.ndarray, level: int = -1) ->
 
 
 def _measured(
-    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+    kept: Capture,
+    other: Capture,
+    warp: np.ndarray,
+    r: np.ndarray,
+    inside: np.ndarray,
+    gain: float,
 ) -> Agreement:
     if inside.sum() < 16:
         return Agreement(0.0, 0.0, warp)
@@ -594,29 +670,9 @@ def _measured(
     if not found.same_capture:
         return found
     # Only a pair that agrees pays for the moved maps.
-    distinct = distinctiveness(kept, other, warp, r, inside)
+    # The grey gain of the residuals is the one the moved maps' checks weigh.
+    distinct = distinctiveness(kept, other, warp, r, inside, gain)
     return Agreement(score, found.overlap, warp, distinct=distinct)
-
-
-def _medians_within(
-    e: np.ndarray, inside: np.ndarray, tolerance: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch (``PATCHES`` ** 2 values): whether its median of ``e`` over ``inside`` is
-    within ``tolerance``, and whether the patch counts (at least half inside). Settled by
-    counting, as in :func:`_patch_share`."""
-    patch = _patch_of(*e.shape)
-    mask = inside.ravel()
-    n = PATCHES * PATCHES
-    sizes = np.bincount(patch, minlength=n)
-    cells, values = patch[mask], e.ravel()[mask]
-    covered = np.bincount(cells, minlength=n)
-    within = np.bincount(cells[values <= tolerance], minlength=n)
-    ok = within > covered // 2
-    even = (covered > 0) & (covered % 2 == 0)
-    for k in np.flatnonzero(even & (within == covered // 2)):
-        middle = np.partition(values[cells == k], [within[k] - 1, within[k]])
-        ok[k] = (middle[within[k] - 1] + middle[within[k]]) / 2 <= tolerance
-    return ok & (covered > 0), covered >= 0.5 * sizes
 
 
 def _moved_map(warp: np.ndarray, dx: float, dy: float) -> np.ndarray:
@@ -627,27 +683,35 @@ def _moved_map(warp: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 
 def distinctiveness(
-    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+    kept: Capture,
+    other: Capture,
+    warp: np.ndarray,
+    r: np.ndarray,
+    inside: np.ndarray,
+    gain: float | None = None,
 ) -> Distinctiveness:
     """How the agreement of ``other`` under ``warp`` (grey residuals ``r`` over
-    ``inside``) holds up when the map moves by ``SHIFT`` of the other image's side, on all
-    patches and on the textured ones; how much fine detail the kept image has; how far the
-    map squashes and the grey gain scales the other image; and how much of the overlap
-    follows one colour change."""
+    ``inside``, after the robust grey ``gain`` when the caller has it) holds up when the
+    map moves by ``SHIFT`` of the other image's side, on all patches and on the textured
+    ones; how much fine detail the kept image has; how far the map squashes and the grey
+    gain scales the other image; and how much of the overlap follows one colour change."""
     contrast = max(float(kept.levels[-1][0][inside].std()), 0.02)
-    close, counted = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE)
-    detail = _detail(kept)
+    covered = _patch_counts(inside)
+    counted = covered >= 0.5 * _patch_sums(*inside.shape)[2]
+    detail = kept.detail
     colours = _one_colour_change(kept, other, warp, inside)
     if colours < SAME_CAPTURE_CUT - 1e-9:
         # Settled without the moved maps (not measured: nan).
         return Distinctiveness(float("nan"), float("nan"), 0, detail, colours=colours)
     tight = 1.0
     if detail < MIN_DETAIL:
+        close, _ = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE, covered)
         tight = float(close[counted].mean()) if counted.any() else 0.0
         if tight < SAME_CAPTURE_CUT - 1e-9:
             e = _colour_residuals(kept, other, warp)
             tight = max(
-                tight, float(_medians_within(e, inside, TIGHT_TOLERANCE)[0][counted].mean())
+                tight,
+                float(_medians_within(e, inside, TIGHT_TOLERANCE, covered)[0][counted].mean()),
             )
         if tight < SAME_CAPTURE_CUT - 1e-9:
             # Settled without the moved maps (not measured: nan).
@@ -655,8 +719,9 @@ def distinctiveness(
     # The same step in the kept image's own coordinates, to move it against itself.
     to_kept = np.linalg.inv(warp[:, :2])
     shares, textured, agreeing = [], 0, 0
-    for dx, dy in ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT)):
-        ro, io = residuals(kept, other, _moved_map(warp, dx, dy))
+    steps = ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT))
+    moved = _moved_residuals(kept, other, [_moved_map(warp, dx, dy) for dx, dy in steps])
+    for (dx, dy), (ro, io) in zip(steps, moved, strict=True):
         io &= inside
         agrees, co = _medians_within(np.abs(ro) / contrast, io, TOLERANCE)
         if io.sum() < 16 or not co.any():
@@ -677,9 +742,25 @@ def distinctiveness(
         detail,
         tight,
         _squash(kept, other, warp),
-        _gain(kept, other, warp),
+        _gain(kept, other, warp) if gain is None else gain,
         colours,
     )
+
+
+def _moved_residuals(
+    kept: Capture, other: Capture, warps: list[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`residuals` at the finest level under each of ``warps``, the other image
+    sampled for all of them at once (one pass, the same values)."""
+    t_img, stack = kept.levels[-1][0], other.levels[-1]
+    n = t_img.size
+    sampled, covers = _sample(stack[:1], np.concatenate([_mapped(t_img.shape, w) for w in warps]))
+    found = []
+    for k in range(len(warps)):
+        inside = covers[k * n : (k + 1) * n]
+        _, r, _ = _robust_fit(t_img.ravel(), sampled[0, k * n : (k + 1) * n], inside)
+        found.append((r.reshape(t_img.shape), inside.reshape(t_img.shape)))
+    return found
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
@@ -699,23 +780,30 @@ def _one_colour_change(
     one colour change (see ``CHROMA_TOLERANCE``): the better of the other image's chroma
     under ``warp`` as the kept one's times one complex gain, fitted robustly, and the
     kept one's as the other's (a grey kept image with its colour source)."""
-    h, w = kept.rgb.shape[:2]
-    source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
-    warped, _ = _sample(source, _unit_grid(h, w) @ warp.T)
+    _, h, w = kept.planes.shape
+    warped, _ = _sample(other.planes, _unit_grid(h, w) @ warp.T)
     mask = inside.ravel()
-    ours, theirs = _chroma(kept.rgb), _chroma(warped.T.reshape(h, w, 3))
+    covered = _patch_counts(inside)
+    ours, theirs = kept.chroma, _chroma(warped.T.reshape(h, w, 3))
     best = 0.0
     for source_chroma, target in ((ours, theirs), (theirs, ours)):
+        # What the reweighted fits below weigh, the same at every round.
+        power_of = np.abs(source_chroma) ** 2
+        product = np.conj(source_chroma) * target
         weight = mask.astype(np.float64)
         for _ in range(4):
-            power = float(weight @ (np.abs(source_chroma) ** 2))
-            gain = (weight @ (np.conj(source_chroma) * target)) / power if power > 1e-12 else 0j
+            power = float(weight @ power_of)
+            gain = (weight @ product) / power if power > 1e-12 else 0j
             r = np.abs(target - gain * source_chroma)
             weight = _tukey(r, mask)
         spread = max(float(np.sqrt(np.mean(np.abs(target[mask]) ** 2))), CHROMA_FLOOR)
-        follows, counted = _medians_within((r / spread).reshape(h, w), inside, CHROMA_TOLERANCE)
+        follows, counted = _medians_within(
+            (r / spread).reshape(h, w), inside, CHROMA_TOLERANCE, covered
+        )
         if counted.any():
             best = max(best, float(follows[counted].mean()))
+        if best >= 1.0:
+            break  # every patch follows: the other direction cannot do better
     return best
 
 
@@ -776,7 +864,7 @@ def _moved_self(kept: Capture, dx: float, dy: float) -> tuple[np.ndarray, np.nda
 def _detail(kept: Capture) -> int:
     """Patches of the kept image with fine detail: a mean absolute difference above
     ``DETAIL_RESIDUAL`` of the contrast from itself moved by ``DETAIL_SHIFT`` of the side
-    across or down (the larger of the two)."""
+    across or down (the larger of the two). Counted once per image: ``Capture.detail``."""
     grey = kept.levels[-1][0]
     h, w = grey.shape
     contrast = max(float(grey.std()), 0.02)
