@@ -348,6 +348,12 @@ def _moments(h: int, w: int) -> np.ndarray:
 
 # Where each entry of the symmetric 3 x 3 (x, y, 1) outer product sits in ``_moments``.
 _OUTER = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
+# The 6 x 6 normal matrix of a step from the three rows of weighted sums (gx^2, gx gy, gy^2
+# against ``_moments``, flattened): gx^2 for the x parameters, gy^2 for the y ones, gx gy
+# across.
+_HESSIAN = np.array(
+    [[(int(a >= 3) + int(b >= 3)) * 6 + _OUTER[a % 3, b % 3] for b in range(6)] for a in range(6)]
+)
 # What a Gauss-Newton step adds to its normal equations, so that a flat image still solves.
 _REGULARISED = 1e-6 * np.eye(6)
 
@@ -441,6 +447,39 @@ def _robust_fit(
     return gain, t - (gain * i + offset), weight
 
 
+def _robust_fits(
+    t: np.ndarray, i: np.ndarray, inside: np.ndarray, rounds: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_robust_fit` of each row of ``i`` (k, n) to ``t`` (n,) over that row of
+    ``inside``, all rows at once: (gains (k,), residuals (k, n)). The moved maps of one
+    pair are fitted together, one pass over the pixels per step instead of one per map."""
+    weight = inside.astype(t.dtype)
+    gain, offset = np.ones(len(i), t.dtype), np.zeros(len(i), t.dtype)
+    fitted = inside.any(axis=1)
+    for last in [False] * rounds + [True]:
+        sw = weight.sum(axis=1)
+        solvable = sw > 0
+        safe = np.where(solvable, sw, 1.0)
+        mt = (weight @ t) / safe
+        mi = np.einsum("kn,kn->k", weight, i) / safe
+        di = i - mi[:, None]
+        var = np.einsum("kn,kn->k", weight, di * di) / safe
+        cov = np.einsum("kn,kn->k", weight * di, t[None, :] - mt[:, None]) / safe
+        gain = np.where(
+            solvable, np.where(var > 1e-9, cov / np.where(var > 1e-9, var, 1.0), 0.0), 1.0
+        )
+        offset = np.where(solvable, mt - gain * mi, 0.0)
+        r = t[None, :] - (gain[:, None] * i + offset[:, None])
+        if last:
+            break
+        for k in np.flatnonzero(fitted):
+            weight[k] = _tukey(r[k], inside[k])
+    # A row whose map covers none of the kept image keeps its plain difference.
+    r[~fitted] = t[None, :] - i[~fitted]
+    gain[~fitted] = 1.0
+    return gain.astype(np.float64), r
+
+
 def align(
     kept: Capture, other: Capture, warp: np.ndarray, levels: range | None = None
 ) -> np.ndarray:
@@ -456,10 +495,27 @@ def align(
         # The per-pixel products of a step, written in place: rows 0-2 for the normal
         # matrix, 3-4 for the gradient, 5-6 the weighted image gradients.
         products = np.empty((7, t.size), t.dtype)
+        # What every step of the level reads: the other image as torch sees it, and where
+        # its outer pixels' centres lie.
+        source = torch.from_numpy(stack)[None]
+        _, ho, wo = stack.shape
         for _ in range(LEVELS[level][2]):
-            sampled, inside = _sample(stack, _mapped(t_img.shape, p))
+            # Torch's grid coordinates of the mapped centres (unit coordinates times two,
+            # less one): doubling the map doubles every rounding, the same values as
+            # doubling the product.
+            grid = design @ (2.0 * p).T.astype(np.float32)
+            grid -= 1.0
+            inside = _inside_grid(ho, wo, grid)
             if inside.sum() < 16:
                 break
+            # No autograd to switch off: nothing here requires a gradient.
+            sampled = torch.nn.functional.grid_sample(
+                source,
+                torch.from_numpy(grid)[None, None],
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            )[0, :, 0].numpy()
             # One reweighting per step: the steps themselves iterate the robust fit.
             gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
             # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
@@ -475,12 +531,8 @@ def align(
             np.multiply(wy, gy, out=products[2])
             np.multiply(wx, r, out=products[3])
             np.multiply(wy, r, out=products[4])
-            blocks = (products[:3] @ moments)[:, _OUTER] * (gain * gain)
-            hessian = _REGULARISED.copy()
-            hessian[:3, :3] += blocks[0]
-            hessian[:3, 3:] += blocks[1]
-            hessian[3:, :3] += blocks[1]
-            hessian[3:, 3:] += blocks[2]
+            sums = (products[:3] @ moments).ravel()
+            hessian = sums[_HESSIAN] * (gain * gain) + _REGULARISED
             gradient = (products[3:5] @ design).ravel() * gain
             step = np.linalg.solve(hessian, gradient)
             p += step.reshape(2, 3)
@@ -721,6 +773,7 @@ def distinctiveness(
     shares, textured, agreeing = [], 0, 0
     steps = ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT))
     moved = _moved_residuals(kept, other, [_moved_map(warp, dx, dy) for dx, dy in steps])
+    judged = []
     for (dx, dy), (ro, io) in zip(steps, moved, strict=True):
         io &= inside
         agrees, co = _medians_within(np.abs(ro) / contrast, io, TOLERANCE)
@@ -728,9 +781,12 @@ def distinctiveness(
             shares.append(0.0)  # a moved map covering too little agrees on nothing
             continue
         shares.append(float(agrees[co].mean()))
-        # The kept image against itself moved by the same step, judged the same way.
+        # The same step in the kept image's own coordinates.
         step = to_kept @ np.array([dx, dy])
-        rs, own = _moved_self(kept, float(step[0]), float(step[1]))
+        judged.append((agrees, co, (float(step[0]), float(step[1]))))
+    selves = _moved_self(kept, [step for _, _, step in judged])
+    for (agrees, co, _), (rs, own) in zip(judged, selves, strict=True):
+        # The kept image against itself moved by the same step, judged the same way.
         unmoved, cs = _medians_within(rs / contrast, own & inside, TEXTURED)
         tells = cs & co & counted & ~unmoved
         textured += int(tells.sum())
@@ -751,16 +807,13 @@ def _moved_residuals(
     kept: Capture, other: Capture, warps: list[np.ndarray]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`residuals` at the finest level under each of ``warps``, the other image
-    sampled for all of them at once (one pass, the same values)."""
+    sampled for all of them in one pass and fitted together."""
     t_img, stack = kept.levels[-1][0], other.levels[-1]
     n = t_img.size
     sampled, covers = _sample(stack[:1], np.concatenate([_mapped(t_img.shape, w) for w in warps]))
-    found = []
-    for k in range(len(warps)):
-        inside = covers[k * n : (k + 1) * n]
-        _, r, _ = _robust_fit(t_img.ravel(), sampled[0, k * n : (k + 1) * n], inside)
-        found.append((r.reshape(t_img.shape), inside.reshape(t_img.shape)))
-    return found
+    covers = covers.reshape(len(warps), n)
+    _, r = _robust_fits(t_img.ravel(), sampled[0].reshape(len(warps), n), covers)
+    return [(r[k].reshape(t_img.shape), covers[k].reshape(t_img.shape)) for k in range(len(warps))]
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
@@ -839,26 +892,36 @@ _MOVED_SELF_LOCK = threading.Lock()
 MOVED_SELF_CACHE = 64
 
 
-def _moved_self(kept: Capture, dx: float, dy: float) -> tuple[np.ndarray, np.ndarray]:
-    """Absolute grey residuals of ``kept`` against itself moved by (dx, dy) of its side,
-    and which pixels the moved image covers (steps rounded to a thousandth)."""
-    key = (id(kept), round(dx * 1000), round(dy * 1000))
+def _moved_self(
+    kept: Capture, steps: list[tuple[float, float]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Absolute grey residuals of ``kept`` against itself moved by each (dx, dy) of its
+    side, and which pixels the moved image covers (steps rounded to a thousandth); those
+    not kept from an earlier pair are measured together."""
+    keys = [(id(kept), round(dx * 1000), round(dy * 1000)) for dx, dy in steps]
+    found: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
     with _MOVED_SELF_LOCK:
-        found = _MOVED_SELF.get(key)
-        if found is not None and found[0]() is kept:
-            _MOVED_SELF.move_to_end(key)
-            return found[1], found[2]
-    r, inside = residuals(kept, kept, _moved_map(np.eye(2, 3), key[1] / 1000, key[2] / 1000))
-    r = np.abs(r)
-    # Shared by the pairs that find it here.
-    r.flags.writeable = False
-    inside.flags.writeable = False
-    with _MOVED_SELF_LOCK:
-        _MOVED_SELF[key] = (weakref.ref(kept), r, inside)
-        _MOVED_SELF.move_to_end(key)
-        while len(_MOVED_SELF) > MOVED_SELF_CACHE:
-            _MOVED_SELF.popitem(last=False)
-    return r, inside
+        for key in keys:
+            kept_one = _MOVED_SELF.get(key)
+            if kept_one is not None and kept_one[0]() is kept:
+                _MOVED_SELF.move_to_end(key)
+                found[key] = (kept_one[1], kept_one[2])
+    missing = list(dict.fromkeys(key for key in keys if key not in found))
+    if missing:
+        maps = [_moved_map(np.eye(2, 3), key[1] / 1000, key[2] / 1000) for key in missing]
+        for key, (r, inside) in zip(missing, _moved_residuals(kept, kept, maps), strict=True):
+            r = np.abs(r)
+            # Shared by the pairs that find it here.
+            r.flags.writeable = False
+            inside.flags.writeable = False
+            found[key] = (r, inside)
+        with _MOVED_SELF_LOCK:
+            for key in missing:
+                _MOVED_SELF[key] = (weakref.ref(kept), *found[key])
+                _MOVED_SELF.move_to_end(key)
+            while len(_MOVED_SELF) > MOVED_SELF_CACHE:
+                _MOVED_SELF.popitem(last=False)
+    return [found[key] for key in keys]
 
 
 def _detail(kept: Capture) -> int:
