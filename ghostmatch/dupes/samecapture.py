@@ -447,39 +447,6 @@ def _robust_fit(
     return gain, t - (gain * i + offset), weight
 
 
-def _robust_fits(
-    t: np.ndarray, i: np.ndarray, inside: np.ndarray, rounds: int = 3
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_robust_fit` of each row of ``i`` (k, n) to ``t`` (n,) over that row of
-    ``inside``, all rows at once: (gains (k,), residuals (k, n)). The moved maps of one
-    pair are fitted together, one pass over the pixels per step instead of one per map."""
-    weight = inside.astype(t.dtype)
-    gain, offset = np.ones(len(i), t.dtype), np.zeros(len(i), t.dtype)
-    fitted = inside.any(axis=1)
-    for last in [False] * rounds + [True]:
-        sw = weight.sum(axis=1)
-        solvable = sw > 0
-        safe = np.where(solvable, sw, 1.0)
-        mt = (weight @ t) / safe
-        mi = np.einsum("kn,kn->k", weight, i) / safe
-        di = i - mi[:, None]
-        var = np.einsum("kn,kn->k", weight, di * di) / safe
-        cov = np.einsum("kn,kn->k", weight * di, t[None, :] - mt[:, None]) / safe
-        gain = np.where(
-            solvable, np.where(var > 1e-9, cov / np.where(var > 1e-9, var, 1.0), 0.0), 1.0
-        )
-        offset = np.where(solvable, mt - gain * mi, 0.0)
-        r = t[None, :] - (gain[:, None] * i + offset[:, None])
-        if last:
-            break
-        for k in np.flatnonzero(fitted):
-            weight[k] = _tukey(r[k], inside[k])
-    # A row whose map covers none of the kept image keeps its plain difference.
-    r[~fitted] = t[None, :] - i[~fitted]
-    gain[~fitted] = 1.0
-    return gain.astype(np.float64), r
-
-
 def align(
     kept: Capture, other: Capture, warp: np.ndarray, levels: range | None = None
 ) -> np.ndarray:
@@ -807,13 +774,16 @@ def _moved_residuals(
     kept: Capture, other: Capture, warps: list[np.ndarray]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`residuals` at the finest level under each of ``warps``, the other image
-    sampled for all of them in one pass and fitted together."""
+    sampled for all of them in one pass (the same values)."""
     t_img, stack = kept.levels[-1][0], other.levels[-1]
     n = t_img.size
     sampled, covers = _sample(stack[:1], np.concatenate([_mapped(t_img.shape, w) for w in warps]))
-    covers = covers.reshape(len(warps), n)
-    _, r = _robust_fits(t_img.ravel(), sampled[0].reshape(len(warps), n), covers)
-    return [(r[k].reshape(t_img.shape), covers[k].reshape(t_img.shape)) for k in range(len(warps))]
+    found = []
+    for k in range(len(warps)):
+        inside = covers[k * n : (k + 1) * n]
+        _, r, _ = _robust_fit(t_img.ravel(), sampled[0, k * n : (k + 1) * n], inside)
+        found.append((r.reshape(t_img.shape), inside.reshape(t_img.shape)))
+    return found
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
@@ -834,19 +804,33 @@ def _one_colour_change(
     under ``warp`` as the kept one's times one complex gain, fitted robustly, and the
     kept one's as the other's (a grey kept image with its colour source)."""
     _, h, w = kept.planes.shape
-    warped, _ = _sample(other.planes, _unit_grid(h, w) @ warp.T)
+    # The other image's colours at the kept one's pixel centres (which of them it covers
+    # is ``inside`` already): torch's grid coordinates are the unit ones doubled, less one.
+    grid = _unit_grid(h, w) @ (2.0 * warp).T
+    grid -= 1.0
+    with torch.inference_mode():
+        warped = torch.nn.functional.grid_sample(
+            torch.from_numpy(other.planes)[None],
+            torch.from_numpy(grid).to(torch.float32)[None, None],
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )[0, :, 0].numpy()
     mask = inside.ravel()
     covered = _patch_counts(inside)
     ours, theirs = kept.chroma, _chroma(warped.T.reshape(h, w, 3))
     best = 0.0
     for source_chroma, target in ((ours, theirs), (theirs, ours)):
-        # What the reweighted fits below weigh, the same at every round.
+        # What the reweighted fits below weigh, the same at every round: the complex
+        # products as their real and imaginary parts, so that the real weights need no
+        # complex copy.
         power_of = np.abs(source_chroma) ** 2
         product = np.conj(source_chroma) * target
+        real, imaginary = np.ascontiguousarray(product.real), np.ascontiguousarray(product.imag)
         weight = mask.astype(np.float64)
         for _ in range(4):
             power = float(weight @ power_of)
-            gain = (weight @ product) / power if power > 1e-12 else 0j
+            gain = complex(weight @ real, weight @ imaginary) / power if power > 1e-12 else 0j
             r = np.abs(target - gain * source_chroma)
             weight = _tukey(r, mask)
         spread = max(float(np.sqrt(np.mean(np.abs(target[mask]) ** 2))), CHROMA_FLOOR)
