@@ -399,8 +399,12 @@ def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[floa
         return 1.0, 0.0
     mt, mi = (weight @ t) / sw, (weight @ i) / sw
     di = i - mi
-    var = (weight @ (di * di)) / sw
-    gain = ((weight @ (di * (t - mt))) / sw) / var if var > 1e-9 else 0.0
+    # One scratch array for both products (this runs several times per Gauss-Newton step).
+    product = np.multiply(di, di)
+    var = (weight @ product) / sw
+    np.subtract(t, mt, out=product)
+    product *= di
+    gain = ((weight @ product) / sw) / var if var > 1e-9 else 0.0
     return gain, mt - gain * mi
 
 
@@ -442,9 +446,16 @@ def _robust_fit(
         return 1.0, t - i, weight
     for _ in range(rounds):
         gain, offset = _photometric(t, i, weight)
-        weight = _tukey(t - (gain * i + offset), inside)
+        weight = _tukey(_residual(t, i, gain, offset), inside)
     gain, offset = _photometric(t, i, weight)
-    return gain, t - (gain * i + offset), weight
+    return gain, _residual(t, i, gain, offset), weight
+
+
+def _residual(t: np.ndarray, i: np.ndarray, gain: float, offset: float) -> np.ndarray:
+    """``t - (gain * i + offset)``, in one array."""
+    r = np.multiply(i, gain)
+    r += offset
+    return np.subtract(t, r, out=r)
 
 
 def align(
