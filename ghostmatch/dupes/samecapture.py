@@ -367,8 +367,8 @@ def _inside(h: int, w: int, units: np.ndarray) -> np.ndarray:
 def _inside_grid(h: int, w: int, grid: np.ndarray) -> np.ndarray:
     """:func:`_inside` for coordinates from -1 to 1 across the image (torch's grid): the
     outer pixels' centres lie at 1 - 1 / size either way."""
-    spread = np.abs(grid)
-    return (spread[:, 0] <= 1 - 1 / w) & (spread[:, 1] <= 1 - 1 / h)
+    across, down = grid.T
+    return (np.abs(across) <= 1 - 1 / w) & (np.abs(down) <= 1 - 1 / h)
 
 
 def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -484,7 +484,7 @@ def align(
             grid = design @ (2.0 * p).T.astype(np.float32)
             grid -= 1.0
             inside = _inside_grid(ho, wo, grid)
-            if inside.sum() < 16:
+            if np.count_nonzero(inside) < 16:
                 break
             # No autograd to switch off: nothing here requires a gradient.
             sampled = torch.nn.functional.grid_sample(
@@ -663,7 +663,7 @@ def agreement(
             _, ho, wo = other.levels[level].shape
             inside = _inside(ho, wo, _mapped(kept.levels[level][0].shape, refined))
             overlap = float(inside.mean())
-            if inside.sum() < 16:
+            if np.count_nonzero(inside) < 16:
                 return Agreement(0.0, overlap, refined, level)
             settled = overlap < MIN_OVERLAP or not _editable(refined)
             if settled or (second_chance and level == len(LEVELS) - 2):
@@ -689,7 +689,7 @@ def _measured(
     inside: np.ndarray,
     gain: float,
 ) -> Agreement:
-    if inside.sum() < 16:
+    if np.count_nonzero(inside) < 16:
         return Agreement(0.0, 0.0, warp)
     score = _share(kept, r, inside)
     if score < SAME_CAPTURE_CUT - 1e-9:
@@ -755,7 +755,7 @@ def distinctiveness(
     for (dx, dy), (ro, io) in zip(steps, moved, strict=True):
         io &= inside
         agrees, co = _medians_within(np.abs(ro) / contrast, io, TOLERANCE)
-        if io.sum() < 16 or not co.any():
+        if np.count_nonzero(io) < 16 or not co.any():
             shares.append(0.0)  # a moved map covering too little agrees on nothing
             continue
         shares.append(float(agrees[co].mean()))
