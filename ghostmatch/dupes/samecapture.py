@@ -501,14 +501,11 @@ def align(
             # are the gain squared times weighted sums of gx^2, gx gy, gy^2 times d's outer
             # product, and the gain times those of gx r, gy r times d: two small products
             # with fixed per-level matrices instead of an n x 6 Jacobian.
-            gx, gy = sampled[1], sampled[2]
-            wx = np.multiply(weight, gx, out=products[5])
-            wy = np.multiply(weight, gy, out=products[6])
-            np.multiply(wx, gx, out=products[0])
-            np.multiply(wx, gy, out=products[1])
-            np.multiply(wy, gy, out=products[2])
-            np.multiply(wx, r, out=products[3])
-            np.multiply(wy, r, out=products[4])
+            # Rows at a time: (wx, wy), then wx (gx, gy), wy gy, and (wx, wy) r.
+            np.multiply(sampled[1:3], weight, out=products[5:7])
+            np.multiply(sampled[1:3], products[5], out=products[0:2])
+            np.multiply(products[6], sampled[2], out=products[2])
+            np.multiply(products[5:7], r, out=products[3:5])
             sums = (products[:3] @ moments).ravel()
             hessian = sums[_HESSIAN] * (gain * gain) + _REGULARISED
             gradient = (products[3:5] @ design).ravel() * gain
