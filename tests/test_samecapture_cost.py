@@ -318,14 +318,14 @@ def test_coarse_levels_measure_residuals_only_where_they_decide(
     # robust fit) are only worth their cost where a share of agreeing patches is reported
     # or decides: a first try at the next-to-finest level, or a pair settled there.
     levels: list[int] = []
-    measured = samecapture.residuals
+    measured = samecapture._fitted
 
-    def counted(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+    def counted(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray, float]:
         found = measured(*args, **kwargs)  # type: ignore[arg-type]
         levels.append(found[0].shape[0])
         return found
 
-    monkeypatch.setattr(samecapture, "residuals", counted)
+    monkeypatch.setattr(samecapture, "_fitted", counted)
     kept = prepare_capture(scene())
     copy = prepare_capture(scene().resize((200, 150)))
     coarse = [side * 3 // 4 for side, _, _ in LEVELS[:-1]]  # the rows of a 4:3 image
@@ -339,3 +339,98 @@ def test_coarse_levels_measure_residuals_only_where_they_decide(
     levels.clear()
     settled = agreement(noise[0], noise[1], np.eye(2, 3))
     assert settled.level < len(LEVELS) - 1 and levels == [coarse[settled.level]]
+
+
+def test_patch_medians_within_any_tolerance_equal_sorted_medians() -> None:
+    # The counting settles every tolerance the checks use, with the overlap's patch counts
+    # given or counted anew.
+    rng = np.random.default_rng(5)
+    n = samecapture.PATCHES**2
+    for case in range(200):
+        h, w = (int(v) for v in rng.integers(8, 130, 2))
+        tolerance = float(rng.choice([samecapture.TIGHT_TOLERANCE, 0.2, 0.3]))
+        e = np.round(np.abs(rng.standard_normal((h, w))) * 0.2, 2)
+        e[rng.random((h, w)) < 0.3] = tolerance  # many values exactly on it
+        inside = rng.random((h, w)) >= rng.choice([0.0, 0.3, 0.6])
+        patch = samecapture._patch_of(h, w)
+        mask = inside.ravel()
+        covered = np.bincount(patch[mask], minlength=n)
+        want = np.array(
+            [
+                covered[k] > 0 and np.median(e.ravel()[mask & (patch == k)]) <= tolerance
+                for k in range(n)
+            ]
+        )
+        given = None if case % 2 else samecapture._patch_counts(inside)
+        ok, counted = samecapture._medians_within(e, inside, tolerance, given)
+        assert np.array_equal(ok, want)
+        assert np.array_equal(counted, covered >= 0.5 * np.bincount(patch, minlength=n))
+
+
+def copies() -> list[Image.Image]:
+    pixels = np.asarray(scene(), np.float64)
+    recoloured = np.clip(pixels[..., [1, 2, 0]] * 0.3 + pixels * 0.7, 0, 255).astype(np.uint8)
+    return [scene().resize((200, 150)), scene().resize((240, 180)), Image.fromarray(recoloured)]
+
+
+def test_what_one_image_decides_is_measured_once_per_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kept image's fine detail and chroma are the same for every copy it is compared
+    # with: made once on its capture. Only the other image's chroma under each map is new.
+    made: dict[str, int] = {"detail": 0, "chroma": 0}
+    detail, chroma = samecapture._detail, samecapture._chroma
+
+    def counted_detail(kept: samecapture.Capture) -> int:
+        made["detail"] += 1
+        return detail(kept)
+
+    def counted_chroma(rgb: np.ndarray) -> np.ndarray:
+        made["chroma"] += 1
+        return chroma(rgb)
+
+    monkeypatch.setattr(samecapture, "_detail", counted_detail)
+    monkeypatch.setattr(samecapture, "_chroma", counted_chroma)
+    kept = prepare_capture(scene())
+    found = [agreement(kept, prepare_capture(c), np.eye(2, 3)) for c in copies()]
+    assert all(f.same_capture and f.distinct is not None for f in found)
+    assert made["detail"] == 1
+    # Once for the kept image, once per pair for the other under its map (a copy whose
+    # colours all follow the first direction's change needs no second).
+    assert made["chroma"] == 1 + len(found)
+
+
+def test_the_moved_maps_share_one_sampling_and_the_gain_of_the_residuals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Four moved maps of the other image and four of the kept one against itself: one
+    # sampling pass each, and the grey gain is the one the unmoved residuals were fitted
+    # with, not a fit of its own.
+    samples: list[int] = []
+    gains: list[float] = []
+    sample, gain = samecapture._sample, samecapture._gain
+
+    def counted_sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        samples.append(len(units))
+        return sample(stack, units)
+
+    def counted_gain(*args: samecapture.Capture | np.ndarray) -> float:
+        found = gain(*args)  # type: ignore[arg-type]
+        gains.append(found)
+        return found
+
+    monkeypatch.setattr(samecapture, "_sample", counted_sample)
+    monkeypatch.setattr(samecapture, "_gain", counted_gain)
+    kept, other = prepare_capture(scene()), prepare_capture(copies()[0])
+    r, inside, fitted_gain = samecapture._fitted(kept, other, np.eye(2, 3))
+    samecapture._MOVED_SELF.clear()
+    samples.clear()
+    distinct = samecapture.distinctiveness(kept, other, np.eye(2, 3), r, inside, fitted_gain)
+    n = r.size
+    assert samples == [4 * n, 4 * n] and not gains
+    # The kept image's own moved copies are kept for its next pair.
+    samecapture.distinctiveness(kept, other, np.eye(2, 3), r, inside, fitted_gain)
+    assert samples == [4 * n, 4 * n, 4 * n]
+    # The same gain a separate fit finds, to rounding of the sampled positions.
+    assert distinct.gain == pytest.approx(samecapture._gain(kept, other, np.eye(2, 3)), abs=1e-4)
+    assert distinct.squash == pytest.approx(1.0) and distinct.distinctive()

@@ -141,6 +141,11 @@ class Capture:
         self._luma: Image.Image | None = image.convert("L")  # once, not per level
         self._lock = threading.Lock()
         self._made: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None
+        # What the comparison derives from this image alone, made on first use and kept:
+        # an image is compared with many others (as the kept one, or as the other).
+        self._planes: np.ndarray | None = None
+        self._chroma: np.ndarray | None = None
+        self._detail: int | None = None
         small = self._luma.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
         thumb = np.asarray(small, np.float64).ravel()
         thumb -= thumb.mean()
@@ -182,6 +187,30 @@ class Capture:
     @property
     def rgb(self) -> np.ndarray:
         return self._prepared()[1]
+
+    @property
+    def planes(self) -> np.ndarray:
+        """The finest level in colour, channels first (3, h, w): what sampling reads and
+        colour fits reduce over (a long axis, much faster than an axis of 3)."""
+        if self._planes is None:
+            self._planes = np.ascontiguousarray(self.rgb.transpose(2, 0, 1))
+        return self._planes
+
+    @property
+    def chroma(self) -> np.ndarray:
+        """The finest level's chroma (see :func:`_chroma`)."""
+        if self._chroma is None:
+            chroma = _chroma(self.rgb)
+            chroma.flags.writeable = False
+            self._chroma = chroma
+        return self._chroma
+
+    @property
+    def detail(self) -> int:
+        """How many patches have fine detail (see :func:`_detail`)."""
+        if self._detail is None:
+            self._detail = _detail(self)
+        return self._detail
 
     def correlation(self, other: Capture) -> float:
         """Correlation of the two thumbnails: near 1 for the same picture unmoved, near 0
@@ -319,6 +348,12 @@ def _moments(h: int, w: int) -> np.ndarray:
 
 # Where each entry of the symmetric 3 x 3 (x, y, 1) outer product sits in ``_moments``.
 _OUTER = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
+# The 6 x 6 normal matrix of a step from the three rows of weighted sums (gx^2, gx gy, gy^2
+# against ``_moments``, flattened): gx^2 for the x parameters, gy^2 for the y ones, gx gy
+# across.
+_HESSIAN = np.array(
+    [[(int(a >= 3) + int(b >= 3)) * 6 + _OUTER[a % 3, b % 3] for b in range(6)] for a in range(6)]
+)
 # What a Gauss-Newton step adds to its normal equations, so that a flat image still solves.
 _REGULARISED = 1e-6 * np.eye(6)
 
@@ -332,8 +367,8 @@ def _inside(h: int, w: int, units: np.ndarray) -> np.ndarray:
 def _inside_grid(h: int, w: int, grid: np.ndarray) -> np.ndarray:
     """:func:`_inside` for coordinates from -1 to 1 across the image (torch's grid): the
     outer pixels' centres lie at 1 - 1 / size either way."""
-    spread = np.abs(grid)
-    return (spread[:, 0] <= 1 - 1 / w) & (spread[:, 1] <= 1 - 1 / h)
+    across, down = grid.T
+    return (np.abs(across) <= 1 - 1 / w) & (np.abs(down) <= 1 - 1 / h)
 
 
 def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -364,8 +399,12 @@ def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[floa
         return 1.0, 0.0
     mt, mi = (weight @ t) / sw, (weight @ i) / sw
     di = i - mi
-    var = (weight @ (di * di)) / sw
-    gain = ((weight @ (di * (t - mt))) / sw) / var if var > 1e-9 else 0.0
+    # One scratch array for both products (this runs several times per Gauss-Newton step).
+    product = np.multiply(di, di)
+    var = (weight @ product) / sw
+    np.subtract(t, mt, out=product)
+    product *= di
+    gain = ((weight @ product) / sw) / var if var > 1e-9 else 0.0
     return gain, mt - gain * mi
 
 
@@ -407,9 +446,16 @@ def _robust_fit(
         return 1.0, t - i, weight
     for _ in range(rounds):
         gain, offset = _photometric(t, i, weight)
-        weight = _tukey(t - (gain * i + offset), inside)
+        weight = _tukey(_residual(t, i, gain, offset), inside)
     gain, offset = _photometric(t, i, weight)
-    return gain, t - (gain * i + offset), weight
+    return gain, _residual(t, i, gain, offset), weight
+
+
+def _residual(t: np.ndarray, i: np.ndarray, gain: float, offset: float) -> np.ndarray:
+    """``t - (gain * i + offset)``, in one array."""
+    r = np.multiply(i, gain)
+    r += offset
+    return np.subtract(t, r, out=r)
 
 
 def align(
@@ -427,10 +473,27 @@ def align(
         # The per-pixel products of a step, written in place: rows 0-2 for the normal
         # matrix, 3-4 for the gradient, 5-6 the weighted image gradients.
         products = np.empty((7, t.size), t.dtype)
+        # What every step of the level reads: the other image as torch sees it, and where
+        # its outer pixels' centres lie.
+        source = torch.from_numpy(stack)[None]
+        _, ho, wo = stack.shape
         for _ in range(LEVELS[level][2]):
-            sampled, inside = _sample(stack, _mapped(t_img.shape, p))
-            if inside.sum() < 16:
+            # Torch's grid coordinates of the mapped centres (unit coordinates times two,
+            # less one): doubling the map doubles every rounding, the same values as
+            # doubling the product.
+            grid = design @ (2.0 * p).T.astype(np.float32)
+            grid -= 1.0
+            inside = _inside_grid(ho, wo, grid)
+            if np.count_nonzero(inside) < 16:
                 break
+            # No autograd to switch off: nothing here requires a gradient.
+            sampled = torch.nn.functional.grid_sample(
+                source,
+                torch.from_numpy(grid)[None, None],
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            )[0, :, 0].numpy()
             # One reweighting per step: the steps themselves iterate the robust fit.
             gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
             # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
@@ -438,20 +501,13 @@ def align(
             # are the gain squared times weighted sums of gx^2, gx gy, gy^2 times d's outer
             # product, and the gain times those of gx r, gy r times d: two small products
             # with fixed per-level matrices instead of an n x 6 Jacobian.
-            gx, gy = sampled[1], sampled[2]
-            wx = np.multiply(weight, gx, out=products[5])
-            wy = np.multiply(weight, gy, out=products[6])
-            np.multiply(wx, gx, out=products[0])
-            np.multiply(wx, gy, out=products[1])
-            np.multiply(wy, gy, out=products[2])
-            np.multiply(wx, r, out=products[3])
-            np.multiply(wy, r, out=products[4])
-            blocks = (products[:3] @ moments)[:, _OUTER] * (gain * gain)
-            hessian = _REGULARISED.copy()
-            hessian[:3, :3] += blocks[0]
-            hessian[:3, 3:] += blocks[1]
-            hessian[3:, :3] += blocks[1]
-            hessian[3:, 3:] += blocks[2]
+            # Rows at a time: (wx, wy), then wx (gx, gy), wy gy, and (wx, wy) r.
+            np.multiply(sampled[1:3], weight, out=products[5:7])
+            np.multiply(sampled[1:3], products[5], out=products[0:2])
+            np.multiply(products[6], sampled[2], out=products[2])
+            np.multiply(products[5:7], r, out=products[3:5])
+            sums = (products[:3] @ moments).ravel()
+            hessian = sums[_HESSIAN] * (gain * gain) + _REGULARISED
             gradient = (products[3:5] @ design).ravel() * gain
             step = np.linalg.solve(hessian, gradient)
             p += step.reshape(2, 3)
@@ -465,23 +521,29 @@ def residuals(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grey residuals (h, w) of ``other`` under ``warp`` at one level of ``LEVELS`` (the
     finest by default), after a robust gain and offset, and which pixels it covers."""
+    r, inside, _ = _fitted(kept, other, warp, level)
+    return r, inside
+
+
+def _fitted(
+    kept: Capture, other: Capture, warp: np.ndarray, level: int = -1
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`residuals`, and the robust grey gain that they are after."""
     t_img, stack = kept.levels[level][0], other.levels[level]
     sampled, inside = _sample(stack[:1], _mapped(t_img.shape, warp))
-    _, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
-    return r.reshape(t_img.shape), inside.reshape(t_img.shape)
+    gain, r, _ = _robust_fit(t_img.ravel(), sampled[0], inside)
+    return r.reshape(t_img.shape), inside.reshape(t_img.shape), float(gain)
 
 
 def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.ndarray:
     """Residuals (h, w) over the kept image's colour contrast after a robust 3 x 4 affine
     colour fit from the other image to the kept one: a hue or saturation change is linear
     in RGB, not in grey."""
-    target = kept.rgb
-    h, w = target.shape[:2]
-    source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
-    warped, inside = _sample(source, _mapped((h, w), warp))
+    _, h, w = kept.planes.shape
+    warped, inside = _sample(other.planes, _mapped((h, w), warp))
     # Channels first (3, n) throughout: numpy reduces over a long axis much faster than
     # over an axis of 3.
-    t = np.ascontiguousarray(target.reshape(-1, 3).T)
+    t = kept.planes.reshape(3, -1)
     design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)])
     weight = inside.astype(t.dtype)
     r = np.zeros(t.shape[1], t.dtype)
@@ -516,27 +578,63 @@ def _patch_of(h: int, w: int) -> np.ndarray:
     return patch
 
 
+@functools.lru_cache(maxsize=32)
+def _patch_sums(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For an h x w image, (rows, cols, sizes): ``rows @ m @ cols`` counts the pixels of a
+    mask ``m`` (as 0/1 single floats) in each patch of :func:`_patch_of`'s grid, (PATCHES,
+    PATCHES), exactly; ``sizes`` is each patch's pixel count, flattened."""
+    rows = np.zeros((PATCHES, h), np.float32)
+    for n, c in enumerate(np.array_split(np.arange(h), PATCHES)):
+        rows[n, c] = 1.0
+    cols = np.zeros((w, PATCHES), np.float32)
+    for n, c in enumerate(np.array_split(np.arange(w), PATCHES)):
+        cols[c, n] = 1.0
+    sizes = np.bincount(_patch_of(h, w), minlength=PATCHES * PATCHES)
+    for a in (rows, cols, sizes):
+        a.flags.writeable = False
+    return rows, cols, sizes
+
+
+def _patch_counts(mask: np.ndarray) -> np.ndarray:
+    """How many pixels of an (h, w) mask fall in each patch, flattened (``PATCHES`` ** 2):
+    two small products instead of gathering the masked pixels' patch numbers (counts stay
+    exact in single precision far beyond the pixels of a level)."""
+    rows, cols, _ = _patch_sums(*mask.shape)
+    return (rows @ mask.astype(np.float32) @ cols).ravel().astype(np.int64)
+
+
+def _medians_within(
+    e: np.ndarray, inside: np.ndarray, tolerance: float, covered: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (``PATCHES`` ** 2 values): whether its median of ``e`` over ``inside`` is
+    within ``tolerance``, and whether the patch counts (at least half inside). ``covered``,
+    the patches' pixel counts in ``inside``, where already counted.
+
+    A median is within the tolerance when both middle values are, so counting the values
+    within it settles each patch without sorting: k of n values within it puts the median
+    within it when k > n // 2, beyond it when k <= (n - 1) // 2. Only a patch of even size
+    with exactly n / 2 values within it needs its two middle values."""
+    sizes = _patch_sums(*e.shape)[2]
+    if covered is None:
+        covered = _patch_counts(inside)
+    within = _patch_counts((e <= tolerance) & inside)
+    ok = within > covered // 2
+    even = (covered > 0) & (covered % 2 == 0)
+    ties = np.flatnonzero(even & (within == covered // 2))
+    if len(ties):
+        patch, mask, values = _patch_of(*e.shape), inside.ravel(), e.ravel()
+        for k in ties:
+            middle = np.partition(values[mask & (patch == k)], [within[k] - 1, within[k]])
+            ok[k] = (middle[within[k] - 1] + middle[within[k]]) / 2 <= tolerance
+    return ok & (covered > 0), covered >= 0.5 * sizes
+
+
 def _patch_share(e: np.ndarray, inside: np.ndarray) -> float:
     """Share of the overlap's patches (an ``PATCHES`` x ``PATCHES`` grid, those at least
     half inside) whose median residual is within ``TOLERANCE``."""
-    patch = _patch_of(*e.shape)
-    mask = inside.ravel()
-    sizes = np.bincount(patch, minlength=PATCHES * PATCHES)
-    covered = np.bincount(patch[mask], minlength=PATCHES * PATCHES)
-    counted = covered >= 0.5 * sizes
+    ok, counted = _medians_within(e, inside, TOLERANCE)
     if not counted.any():
         return 0.0
-    # A median is within the tolerance when both middle values are, so counting the
-    # values within it settles each patch without sorting: k of n values within it puts
-    # the median within it when k > n // 2, beyond it when k <= (n - 1) // 2. Only a
-    # patch of even size with exactly n / 2 values within it needs its two middle values.
-    cells, values = patch[mask], e.ravel()[mask]
-    within = np.bincount(cells[values <= TOLERANCE], minlength=PATCHES * PATCHES)
-    ok = within > covered // 2
-    even = (covered > 0) & (covered % 2 == 0)
-    for n in np.flatnonzero(counted & even & (within == covered // 2)):
-        middle = np.partition(values[cells == n], [within[n] - 1, within[n]])
-        ok[n] = (middle[within[n] - 1] + middle[within[n]]) / 2 <= TOLERANCE
     return float((ok & counted).sum() / counted.sum())
 
 
@@ -562,7 +660,7 @@ def agreement(
             _, ho, wo = other.levels[level].shape
             inside = _inside(ho, wo, _mapped(kept.levels[level][0].shape, refined))
             overlap = float(inside.mean())
-            if inside.sum() < 16:
+            if np.count_nonzero(inside) < 16:
                 return Agreement(0.0, overlap, refined, level)
             settled = overlap < MIN_OVERLAP or not _editable(refined)
             if settled or (second_chance and level == len(LEVELS) - 2):
@@ -570,8 +668,8 @@ def agreement(
                 share = _share(kept, r, inside, level)
                 if settled or share < FIRST_TRY_SHARE:
                     return Agreement(share, overlap, refined, level)
-    r, inside = residuals(kept, other, refined)
-    return _measured(kept, other, refined, r, inside)
+    r, inside, gain = _fitted(kept, other, refined)
+    return _measured(kept, other, refined, r, inside, gain)
 
 
 def _share(kept: Capture, r: np.ndarray, inside: np.ndarray, level: int = -1) -> float:
@@ -581,9 +679,14 @@ def _share(kept: Capture, r: np.ndarray, inside: np.ndarray, level: int = -1) ->
 
 
 def _measured(
-    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+    kept: Capture,
+    other: Capture,
+    warp: np.ndarray,
+    r: np.ndarray,
+    inside: np.ndarray,
+    gain: float,
 ) -> Agreement:
-    if inside.sum() < 16:
+    if np.count_nonzero(inside) < 16:
         return Agreement(0.0, 0.0, warp)
     score = _share(kept, r, inside)
     if score < SAME_CAPTURE_CUT - 1e-9:
@@ -594,29 +697,9 @@ def _measured(
     if not found.same_capture:
         return found
     # Only a pair that agrees pays for the moved maps.
-    distinct = distinctiveness(kept, other, warp, r, inside)
+    # The grey gain of the residuals is the one the moved maps' checks weigh.
+    distinct = distinctiveness(kept, other, warp, r, inside, gain)
     return Agreement(score, found.overlap, warp, distinct=distinct)
-
-
-def _medians_within(
-    e: np.ndarray, inside: np.ndarray, tolerance: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch (``PATCHES`` ** 2 values): whether its median of ``e`` over ``inside`` is
-    within ``tolerance``, and whether the patch counts (at least half inside). Settled by
-    counting, as in :func:`_patch_share`."""
-    patch = _patch_of(*e.shape)
-    mask = inside.ravel()
-    n = PATCHES * PATCHES
-    sizes = np.bincount(patch, minlength=n)
-    cells, values = patch[mask], e.ravel()[mask]
-    covered = np.bincount(cells, minlength=n)
-    within = np.bincount(cells[values <= tolerance], minlength=n)
-    ok = within > covered // 2
-    even = (covered > 0) & (covered % 2 == 0)
-    for k in np.flatnonzero(even & (within == covered // 2)):
-        middle = np.partition(values[cells == k], [within[k] - 1, within[k]])
-        ok[k] = (middle[within[k] - 1] + middle[within[k]]) / 2 <= tolerance
-    return ok & (covered > 0), covered >= 0.5 * sizes
 
 
 def _moved_map(warp: np.ndarray, dx: float, dy: float) -> np.ndarray:
@@ -627,27 +710,35 @@ def _moved_map(warp: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 
 def distinctiveness(
-    kept: Capture, other: Capture, warp: np.ndarray, r: np.ndarray, inside: np.ndarray
+    kept: Capture,
+    other: Capture,
+    warp: np.ndarray,
+    r: np.ndarray,
+    inside: np.ndarray,
+    gain: float | None = None,
 ) -> Distinctiveness:
     """How the agreement of ``other`` under ``warp`` (grey residuals ``r`` over
-    ``inside``) holds up when the map moves by ``SHIFT`` of the other image's side, on all
-    patches and on the textured ones; how much fine detail the kept image has; how far the
-    map squashes and the grey gain scales the other image; and how much of the overlap
-    follows one colour change."""
+    ``inside``, after the robust grey ``gain`` when the caller has it) holds up when the
+    map moves by ``SHIFT`` of the other image's side, on all patches and on the textured
+    ones; how much fine detail the kept image has; how far the map squashes and the grey
+    gain scales the other image; and how much of the overlap follows one colour change."""
     contrast = max(float(kept.levels[-1][0][inside].std()), 0.02)
-    close, counted = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE)
-    detail = _detail(kept)
+    covered = _patch_counts(inside)
+    counted = covered >= 0.5 * _patch_sums(*inside.shape)[2]
+    detail = kept.detail
     colours = _one_colour_change(kept, other, warp, inside)
     if colours < SAME_CAPTURE_CUT - 1e-9:
         # Settled without the moved maps (not measured: nan).
         return Distinctiveness(float("nan"), float("nan"), 0, detail, colours=colours)
     tight = 1.0
     if detail < MIN_DETAIL:
+        close, _ = _medians_within(np.abs(r) / contrast, inside, TIGHT_TOLERANCE, covered)
         tight = float(close[counted].mean()) if counted.any() else 0.0
         if tight < SAME_CAPTURE_CUT - 1e-9:
             e = _colour_residuals(kept, other, warp)
             tight = max(
-                tight, float(_medians_within(e, inside, TIGHT_TOLERANCE)[0][counted].mean())
+                tight,
+                float(_medians_within(e, inside, TIGHT_TOLERANCE, covered)[0][counted].mean()),
             )
         if tight < SAME_CAPTURE_CUT - 1e-9:
             # Settled without the moved maps (not measured: nan).
@@ -655,17 +746,22 @@ def distinctiveness(
     # The same step in the kept image's own coordinates, to move it against itself.
     to_kept = np.linalg.inv(warp[:, :2])
     shares, textured, agreeing = [], 0, 0
-    for dx, dy in ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT)):
-        ro, io = residuals(kept, other, _moved_map(warp, dx, dy))
+    steps = ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT))
+    moved = _moved_residuals(kept, other, [_moved_map(warp, dx, dy) for dx, dy in steps])
+    judged = []
+    for (dx, dy), (ro, io) in zip(steps, moved, strict=True):
         io &= inside
         agrees, co = _medians_within(np.abs(ro) / contrast, io, TOLERANCE)
-        if io.sum() < 16 or not co.any():
+        if np.count_nonzero(io) < 16 or not co.any():
             shares.append(0.0)  # a moved map covering too little agrees on nothing
             continue
         shares.append(float(agrees[co].mean()))
-        # The kept image against itself moved by the same step, judged the same way.
+        # The same step in the kept image's own coordinates.
         step = to_kept @ np.array([dx, dy])
-        rs, own = _moved_self(kept, float(step[0]), float(step[1]))
+        judged.append((agrees, co, (float(step[0]), float(step[1]))))
+    selves = _moved_self(kept, [step for _, _, step in judged])
+    for (agrees, co, _), (rs, own) in zip(judged, selves, strict=True):
+        # The kept image against itself moved by the same step, judged the same way.
         unmoved, cs = _medians_within(rs / contrast, own & inside, TEXTURED)
         tells = cs & co & counted & ~unmoved
         textured += int(tells.sum())
@@ -677,9 +773,25 @@ def distinctiveness(
         detail,
         tight,
         _squash(kept, other, warp),
-        _gain(kept, other, warp),
+        _gain(kept, other, warp) if gain is None else gain,
         colours,
     )
+
+
+def _moved_residuals(
+    kept: Capture, other: Capture, warps: list[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`residuals` at the finest level under each of ``warps``, the other image
+    sampled for all of them in one pass (the same values)."""
+    t_img, stack = kept.levels[-1][0], other.levels[-1]
+    n = t_img.size
+    sampled, covers = _sample(stack[:1], np.concatenate([_mapped(t_img.shape, w) for w in warps]))
+    found = []
+    for k in range(len(warps)):
+        inside = covers[k * n : (k + 1) * n]
+        _, r, _ = _robust_fit(t_img.ravel(), sampled[0, k * n : (k + 1) * n], inside)
+        found.append((r.reshape(t_img.shape), inside.reshape(t_img.shape)))
+    return found
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
@@ -699,23 +811,44 @@ def _one_colour_change(
     one colour change (see ``CHROMA_TOLERANCE``): the better of the other image's chroma
     under ``warp`` as the kept one's times one complex gain, fitted robustly, and the
     kept one's as the other's (a grey kept image with its colour source)."""
-    h, w = kept.rgb.shape[:2]
-    source = np.ascontiguousarray(other.rgb.transpose(2, 0, 1))
-    warped, _ = _sample(source, _unit_grid(h, w) @ warp.T)
+    _, h, w = kept.planes.shape
+    # The other image's colours at the kept one's pixel centres (which of them it covers
+    # is ``inside`` already): torch's grid coordinates are the unit ones doubled, less one.
+    grid = _unit_grid(h, w) @ (2.0 * warp).T
+    grid -= 1.0
+    with torch.inference_mode():
+        warped = torch.nn.functional.grid_sample(
+            torch.from_numpy(other.planes)[None],
+            torch.from_numpy(grid).to(torch.float32)[None, None],
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )[0, :, 0].numpy()
     mask = inside.ravel()
-    ours, theirs = _chroma(kept.rgb), _chroma(warped.T.reshape(h, w, 3))
+    covered = _patch_counts(inside)
+    ours, theirs = kept.chroma, _chroma(warped.T.reshape(h, w, 3))
     best = 0.0
     for source_chroma, target in ((ours, theirs), (theirs, ours)):
+        # What the reweighted fits below weigh, the same at every round: the complex
+        # products as their real and imaginary parts, so that the real weights need no
+        # complex copy.
+        power_of = np.abs(source_chroma) ** 2
+        product = np.conj(source_chroma) * target
+        real, imaginary = np.ascontiguousarray(product.real), np.ascontiguousarray(product.imag)
         weight = mask.astype(np.float64)
         for _ in range(4):
-            power = float(weight @ (np.abs(source_chroma) ** 2))
-            gain = (weight @ (np.conj(source_chroma) * target)) / power if power > 1e-12 else 0j
+            power = float(weight @ power_of)
+            gain = complex(weight @ real, weight @ imaginary) / power if power > 1e-12 else 0j
             r = np.abs(target - gain * source_chroma)
             weight = _tukey(r, mask)
         spread = max(float(np.sqrt(np.mean(np.abs(target[mask]) ** 2))), CHROMA_FLOOR)
-        follows, counted = _medians_within((r / spread).reshape(h, w), inside, CHROMA_TOLERANCE)
+        follows, counted = _medians_within(
+            (r / spread).reshape(h, w), inside, CHROMA_TOLERANCE, covered
+        )
         if counted.any():
             best = max(best, float(follows[counted].mean()))
+        if best >= 1.0:
+            break  # every patch follows: the other direction cannot do better
     return best
 
 
@@ -751,32 +884,42 @@ _MOVED_SELF_LOCK = threading.Lock()
 MOVED_SELF_CACHE = 64
 
 
-def _moved_self(kept: Capture, dx: float, dy: float) -> tuple[np.ndarray, np.ndarray]:
-    """Absolute grey residuals of ``kept`` against itself moved by (dx, dy) of its side,
-    and which pixels the moved image covers (steps rounded to a thousandth)."""
-    key = (id(kept), round(dx * 1000), round(dy * 1000))
+def _moved_self(
+    kept: Capture, steps: list[tuple[float, float]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Absolute grey residuals of ``kept`` against itself moved by each (dx, dy) of its
+    side, and which pixels the moved image covers (steps rounded to a thousandth); those
+    not kept from an earlier pair are measured together."""
+    keys = [(id(kept), round(dx * 1000), round(dy * 1000)) for dx, dy in steps]
+    found: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
     with _MOVED_SELF_LOCK:
-        found = _MOVED_SELF.get(key)
-        if found is not None and found[0]() is kept:
-            _MOVED_SELF.move_to_end(key)
-            return found[1], found[2]
-    r, inside = residuals(kept, kept, _moved_map(np.eye(2, 3), key[1] / 1000, key[2] / 1000))
-    r = np.abs(r)
-    # Shared by the pairs that find it here.
-    r.flags.writeable = False
-    inside.flags.writeable = False
-    with _MOVED_SELF_LOCK:
-        _MOVED_SELF[key] = (weakref.ref(kept), r, inside)
-        _MOVED_SELF.move_to_end(key)
-        while len(_MOVED_SELF) > MOVED_SELF_CACHE:
-            _MOVED_SELF.popitem(last=False)
-    return r, inside
+        for key in keys:
+            kept_one = _MOVED_SELF.get(key)
+            if kept_one is not None and kept_one[0]() is kept:
+                _MOVED_SELF.move_to_end(key)
+                found[key] = (kept_one[1], kept_one[2])
+    missing = list(dict.fromkeys(key for key in keys if key not in found))
+    if missing:
+        maps = [_moved_map(np.eye(2, 3), key[1] / 1000, key[2] / 1000) for key in missing]
+        for key, (r, inside) in zip(missing, _moved_residuals(kept, kept, maps), strict=True):
+            r = np.abs(r)
+            # Shared by the pairs that find it here.
+            r.flags.writeable = False
+            inside.flags.writeable = False
+            found[key] = (r, inside)
+        with _MOVED_SELF_LOCK:
+            for key in missing:
+                _MOVED_SELF[key] = (weakref.ref(kept), *found[key])
+                _MOVED_SELF.move_to_end(key)
+            while len(_MOVED_SELF) > MOVED_SELF_CACHE:
+                _MOVED_SELF.popitem(last=False)
+    return [found[key] for key in keys]
 
 
 def _detail(kept: Capture) -> int:
     """Patches of the kept image with fine detail: a mean absolute difference above
     ``DETAIL_RESIDUAL`` of the contrast from itself moved by ``DETAIL_SHIFT`` of the side
-    across or down (the larger of the two)."""
+    across or down (the larger of the two). Counted once per image: ``Capture.detail``."""
     grey = kept.levels[-1][0]
     h, w = grey.shape
     contrast = max(float(grey.std()), 0.02)
