@@ -8,7 +8,7 @@ import functools
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,13 @@ from ghostmatch.dupes.samecapture import (
     agreement,
     prepare_capture,
 )
-from ghostmatch.dupes.verify import ZOOM, Verification, local_features, verify_scales
+from ghostmatch.dupes.verify import (
+    ZOOM,
+    Verification,
+    local_features,
+    scale_steps,
+    verify_scales,
+)
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
@@ -231,10 +237,24 @@ class DuplicateFinder:
         def turn(leader: int, j: int) -> int:
             return found_turned.turn(leader, j) if found_turned else 0
 
+        # Pairs only found turned are checked on their turned views alone.
+        only_turned = (
+            found_turned.pairs.keys() - found_turned.upright.keys() if found_turned else set()
+        )
+
+        def ahead(leader: int, others: list[int]) -> None:
+            keys = [(j, (min(leader, j), max(leader, j))) for j in others]
+            judge.prefetch(leader, [(j, scores[k]) for j, k in keys if k not in only_turned])
+
         groups = []
         ranked = turns.by_picture(members, pictures)
         with one_thread():
-            decided = group_judged(ranked, pairs, decide, keep, report)
+            try:
+                decided = group_judged(
+                    ranked, pairs, decide, keep, report, ahead if verify else None
+                )
+            finally:
+                judge.close()
         for leader, taken in decided:
             copies = [
                 _member(records[j], s, tier, turn(leader, j))
@@ -617,36 +637,71 @@ class PairJudge:
     def _aligned(self, leader: int, pairs: list[tuple[int, float]]) -> list[str | None]:
         """The tiers of pairs that the identity map does not align, in order."""
         base = self.maps.get(leader)
-        found: dict[int, Verification] = {}
-        if base is not None:
-            others = [(j, m) for j, _ in pairs if (m := self.maps.get(j)) is not None]
-            results = [verify_scales(base, m, self.min_inliers) for _, m in others]
-            found = dict(zip((j for j, _ in others), results, strict=True))
-        # Captures are only decoded for pairs that get this far.
-        a = self.capture(leader) if found else None
-        if a is None:
+        if base is None:
             return [None] * len(pairs)
-        todo = [
-            (j, check, b)
-            for j, score in pairs
-            if (check := found.get(j)) is not None
-            and (check.inliers >= self.min_inliers or score >= self.threshold)
-            and (b := self.capture(j)) is not None
-        ]
+        return [self._geometric(leader, base, j, score) for j, score in pairs]
 
-        def tier(job: tuple[int, Verification, Capture]) -> str | None:
-            _, check, b = job
-            # The check maps the other's unit square to the kept one's; alignment needs
-            # the other way round.
-            warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
-            if self._same(agreement(a, b, warp)):
+    def _geometric(self, leader: int, base: _MapsView, j: int, score: float) -> str | None:
+        """One pair's tier from its geometric check (``scale_steps``): a fit without the
+        mirrored maps that already aligns the pair decides it as the full check would have,
+        so the mirrored maps are made only for pairs that it leaves open."""
+        other = self.maps.get(j)
+        if other is None:
+            return None
+        tried: list[tuple[Verification, Agreement | None]] = []
+        for check, final in scale_steps(base, other, self.min_inliers):
+            if final and not (check.inliers >= self.min_inliers or score >= self.threshold):
+                return None
+            # The full check often ends on a fit already compared without the mirrors.
+            known = [found for fit, found in tried if _same_fit(fit, check)]
+            found = known[0] if known else self._agreement(leader, j, check)
+            tried.append((check, found))
+            if found is not None and self._same(found):
                 return "near" if check.is_identity() else "edited"
-            # Another capture of the same scene: its local features agree on one geometry.
-            # A pair that only its score brought here is not alike at all.
-            return SIMILAR if check.inliers >= self.min_inliers else None
+            if final:
+                # Another capture of the same scene: its local features agree on one
+                # geometry. A pair that only its score brought here is not alike at all.
+                alike = found is not None and check.inliers >= self.min_inliers
+                return SIMILAR if alike else None
+        return None
 
-        decided = {job[0]: tier(job) for job in todo}
-        return [decided.get(j) for j, _ in pairs]
+    def _agreement(self, leader: int, j: int, check: Verification) -> Agreement | None:
+        """The dense agreement of a pair aligned by ``check``; None when either image
+        cannot be decoded. Captures are only decoded for pairs that get this far."""
+        a = self.capture(leader)
+        b = self.capture(j) if a is not None else None
+        if a is None or b is None:
+            return None
+        # The check maps the other's unit square to the kept one's; alignment needs the
+        # other way round.
+        warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
+        return agreement(a, b, warp)
+
+    def prefetch(self, leader: int, others: Sequence[tuple[int, float]]) -> None:
+        """Start making, in the background, the maps that judging ``others`` with
+        ``leader`` will need: those of pairs that go straight to the geometric check (under
+        the threshold). A pair above it needs them only when the identity map does not
+        align it, which only judging it tells; its maps are made then."""
+        ids = {
+            j
+            for j, score in others
+            if (other := self.records.get(j)) is not None
+            and other.content_hash != self.records[leader].content_hash
+            and score < self.threshold
+            and leader not in self.crowded
+            and j not in self.crowded
+        }
+        if ids:
+            self.maps.prefetch({leader, *ids})
+
+    def close(self) -> None:
+        """Stop the background work of :meth:`prefetch`."""
+        if self._maps is not None:
+            self._maps.close()
+
+
+def _same_fit(a: Verification, b: Verification) -> bool:
+    return a.inliers == b.inliers and a.flipped == b.flipped and np.array_equal(a.affine, b.affine)
 
 
 @contextlib.contextmanager
@@ -740,32 +795,48 @@ def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class _Maps:
-    """One image's cached local maps (fp16): at the input size, mirrored, and zoomed once
-    a check has needed it (None until then)."""
+    """One image's cached local maps (fp16): at the input size, and mirrored and zoomed
+    once a check has needed them (None until then)."""
 
-    def __init__(self, base: np.ndarray, mirrored: np.ndarray, zoomed: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        base: np.ndarray,
+        mirrored: np.ndarray | None = None,
+        zoomed: np.ndarray | None = None,
+    ) -> None:
         self.base, self.mirrored, self.zoomed = base, mirrored, zoomed
 
 
 class _MapsView:
-    """An image's maps as ``verify_scales`` reads them (float32), the zoomed map made by
-    the cache when first read: a pair settled at equal scales never needs it."""
+    """An image's maps as ``verify_scales`` reads them (float32), the mirrored and zoomed
+    maps made by the cache when first read: a pair that the plain map settles never needs
+    the mirrored one, nor one settled at equal scale the zoomed one."""
 
     def __init__(self, cache: _MapCache, i: int, maps: _Maps) -> None:
-        self._cache, self._i = cache, i
+        self._cache, self._i, self._maps = cache, i, maps
         self.base = maps.base.astype(np.float32)
-        self.mirrored = maps.mirrored.astype(np.float32)
+
+    @functools.cached_property
+    def mirrored(self) -> np.ndarray:
+        return self._cache.mirrored(self._i, self._maps).astype(np.float32)
 
     @functools.cached_property
     def zoomed(self) -> np.ndarray:
-        return self._cache.zoomed(self._i).astype(np.float32)
+        return self._cache.zoomed(self._i, self._maps).astype(np.float32)
 
 
 class _MapCache:
-    """Local feature maps of recently used images, LRU-bounded. The maps at the input size
-    (plain and mirrored) are made in batches; the zoomed map, more than half the cost of
-    an image's maps, only for an image whose pair the equal-scale check does not settle.
-    ``made`` counts the images whose maps were made, by kind (``base``, ``zoomed``)."""
+    """Local feature maps of recently used images, LRU-bounded. The plain maps at the input
+    size are made in batches; the mirrored map only for an image whose pair the plain maps
+    do not settle, and the zoomed map, more than half the cost of an image's maps, only for
+    one whose pair the equal-scale check does not settle. ``made`` counts the maps made,
+    by kind (``base``, ``mirrored``, ``zoomed``).
+
+    :meth:`prefetch` makes the plain maps of images that are about to be needed on one
+    background thread (decoding and ONNX Runtime release the GIL, so it runs beside the
+    dense comparison on the main one). Only the main thread reads or changes the cache;
+    a map is the same whichever thread made it, so the decisions do not depend on timing.
+    """
 
     def __init__(self, embedder: Embedder, records: dict[int, ImageRecord]) -> None:
         self.embedder = embedder
@@ -776,6 +847,9 @@ class _MapCache:
         # None marks an image that could not be decoded, so it is not tried again.
         self.maps: OrderedDict[int, _Maps | None] = OrderedDict()
         self.made: Counter[str] = Counter()
+        # Plain maps being made in the background, by image.
+        self._pending: dict[int, Future[list[tuple[int, _Maps | None]]]] = {}
+        self._background: ThreadPoolExecutor | None = None
 
     def __contains__(self, i: int) -> bool:
         return i in self.maps
@@ -785,22 +859,37 @@ class _MapCache:
         maps = self.maps[i]
         return None if maps is None else _MapsView(self, i, maps)
 
-    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _decode(self, i: int) -> Image.Image | None:
         try:
-            # Decoded as for the zoomed map, so both scales see the same pixels.
-            image = load_image(self.records[i].path, self.zoomed_card.input_size).image
+            # Decoded as for the zoomed map, so all scales see the same pixels.
+            return load_image(self.records[i].path, self.zoomed_card.input_size).image
         except ImageRejected:
             return None
-        return prepare(image, self.card), prepare(ImageOps.mirror(image), self.card)
 
-    def zoomed(self, i: int) -> np.ndarray:
-        """Image ``i``'s zoomed map (fp16), made on first call. Its other maps are cached."""
-        maps = self.maps[i]
-        assert maps is not None
+    def _prepared(self, i: int) -> np.ndarray | None:
+        image = self._decode(i)
+        return None if image is None else prepare(image, self.card)
+
+    def mirrored(self, i: int, maps: _Maps) -> np.ndarray:
+        """Image ``i``'s mirrored map (fp16), made on first call and kept in ``maps``."""
+        if maps.mirrored is None:
+            image = self._decode(i)
+            if image is None:
+                # Gone or changed since its plain map was made: a map that matches
+                # nothing stands in, so the pair is judged on its plain maps alone.
+                maps.mirrored = np.zeros_like(maps.base)
+            else:
+                batch = to_batch([prepare(ImageOps.mirror(image), self.card)])
+                found = local_features(self.embedder.local_model, batch)[0]
+                maps.mirrored = found.astype(np.float16)
+                self.made["mirrored"] += 1
+        return maps.mirrored
+
+    def zoomed(self, i: int, maps: _Maps) -> np.ndarray:
+        """Image ``i``'s zoomed map (fp16), made on first call and kept in ``maps``."""
         if maps.zoomed is None:
-            try:
-                image = load_image(self.records[i].path, self.zoomed_card.input_size).image
-            except ImageRejected:
+            image = self._decode(i)
+            if image is None:
                 # Gone or changed since its other maps were made: the equal-scale map
                 # stands in, which can only find fewer matches.
                 maps.zoomed = maps.base
@@ -810,23 +899,66 @@ class _MapCache:
                 self.made["zoomed"] += 1
         return maps.zoomed
 
+    def _embed(
+        self, chunk: list[int], prepared: list[np.ndarray | None]
+    ) -> list[tuple[int, _Maps | None]]:
+        """The plain maps of ``chunk`` (None for an image that could not be decoded), made
+        as one batch."""
+        ok = [(i, p) for i, p in zip(chunk, prepared, strict=True) if p is not None]
+        made: dict[int, _Maps] = {}
+        if ok:
+            found = local_features(self.embedder.local_model, to_batch([p for _, p in ok]))
+            made = {i: _Maps(m) for (i, _), m in zip(ok, found.astype(np.float16), strict=True)}
+        return [(i, made.get(i)) for i in chunk]
+
+    def _keep(self, found: list[tuple[int, _Maps | None]]) -> None:
+        self.maps.update(found)
+        self.made["base"] += sum(m is not None for _, m in found)
+
+    def _collect(self, ids: set[int] | None = None) -> None:
+        """Move finished background maps into the cache, and wait for those of ``ids``."""
+        for i, future in list(self._pending.items()):
+            if (ids is not None and i in ids) or future.done():
+                chunk = future.result()
+                for k, _ in chunk:
+                    self._pending.pop(k, None)
+                self._keep([(k, m) for k, m in chunk if k not in self.maps])
+
+    def prefetch(self, ids: set[int]) -> None:
+        """Start making the plain maps of ``ids`` in the background, those not already
+        cached or on their way."""
+        self._collect()
+        missing = sorted(ids - self.maps.keys() - self._pending.keys())
+        if not missing:
+            return
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="ghostmatch-maps")
+        for start in range(0, len(missing), MAP_BATCH):
+            chunk = missing[start : start + MAP_BATCH]
+            future = self._background.submit(
+                lambda chunk: self._embed(chunk, [self._prepared(i) for i in chunk]), chunk
+            )
+            self._pending.update((i, future) for i in chunk)
+        self._trim(0)
+
+    def close(self) -> None:
+        """Stop the background work: maps not started are not made."""
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
+            self._background = None
+        self._pending.clear()
+
     def load(self, ids: set[int], pool: ThreadPoolExecutor) -> None:
         """Make sure every image in ``ids`` has its maps (or a failure mark) cached."""
+        self._collect(ids)
         for i in ids & self.maps.keys():
             self.maps.move_to_end(i)
         missing = sorted(ids - self.maps.keys())
         for start in range(0, len(missing), MAP_BATCH):
             chunk = missing[start : start + MAP_BATCH]
-            decoded = list(pool.map(self._decode, chunk))
-            ok = [(i, d) for i, d in zip(chunk, decoded, strict=True) if d is not None]
-            self.maps.update((i, None) for i, d in zip(chunk, decoded, strict=True) if d is None)
-            if ok:
-                model, n = self.embedder.local_model, len(ok)
-                base = local_features(
-                    model, to_batch([d[0] for _, d in ok] + [d[1] for _, d in ok])
-                ).astype(np.float16)
-                for k, (i, _) in enumerate(ok):
-                    self.maps[i] = _Maps(base[k], base[n + k], None)
-                self.made["base"] += n
-        while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
+            self._keep(self._embed(chunk, list(pool.map(self._prepared, chunk))))
+        self._trim(len(ids))
+
+    def _trim(self, needed: int) -> None:
+        while len(self.maps) > max(MAP_CACHE_IMAGES, needed):
             self.maps.popitem(last=False)
