@@ -205,9 +205,15 @@ def test_maps_made_ahead_in_the_background_give_the_same_decisions(
         try:
             ahead.prefetch(leader, others)
             assert _maps_threads()
+            ahead.maps.wait()
+            made = Counter(ahead.maps.made)
+            # The background followed each check to its first possible decision: the
+            # bordered copy's plain maps, the mirror image's mirrored map, both images'
+            # zoomed maps and the kept one's mirrored map for the unrelated photo.
+            assert made == {"base": 4, "mirrored": 3, "zoomed": 2} == plain.maps.made
             assert ahead(leader, others) == expected
-            # Each plain map made once, whichever thread made it.
-            assert ahead.maps.made == plain.maps.made
+            # The main thread took them all: none made twice.
+            assert ahead.maps.made == made
         finally:
             ahead.close()
         assert not _maps_threads()

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -649,7 +652,7 @@ class PairJudge:
         if other is None:
             return None
         tried: list[tuple[Verification, Agreement | None]] = []
-        for check, final in scale_steps(base, other, self.min_inliers):
+        for check, final in self.maps.steps(leader, base, j, other, self.min_inliers):
             if final and not (check.inliers >= self.min_inliers or score >= self.threshold):
                 return None
             # The full check often ends on a fit already compared without the mirrors.
@@ -679,10 +682,10 @@ class PairJudge:
 
     def prefetch(self, leader: int, others: Sequence[tuple[int, float]]) -> None:
         """Start making, in the background, the maps that judging ``others`` with
-        ``leader`` will need: those of pairs that go straight to the geometric check (under
-        the threshold). A pair above it needs them only when the identity map does not
-        align it, which only judging it tells; its maps are made then."""
-        ids = {
+        ``leader`` will read: those of pairs that go straight to the geometric check (under
+        the threshold), as far as its first possible decision. A pair above it needs them
+        only when the identity map does not align it, which only judging it tells."""
+        ids = [
             j
             for j, score in others
             if (other := self.records.get(j)) is not None
@@ -690,9 +693,9 @@ class PairJudge:
             and score < self.threshold
             and leader not in self.crowded
             and j not in self.crowded
-        }
+        ]
         if ids:
-            self.maps.prefetch({leader, *ids})
+            self.maps.prefetch(leader, ids, self.min_inliers)
 
     def close(self) -> None:
         """Stop the background work of :meth:`prefetch`."""
@@ -762,6 +765,8 @@ _QUERY = -1
 # Images whose local maps verify_pairs embeds together, and the most it holds at once.
 MAP_BATCH = 32
 MAP_CACHE_IMAGES = 4096
+# Maps made ahead in the background and not yet taken, at most (about 50 KB each).
+PREFETCH_MAPS = 512
 
 
 def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -832,10 +837,12 @@ class _MapCache:
     one whose pair the equal-scale check does not settle. ``made`` counts the maps made,
     by kind (``base``, ``mirrored``, ``zoomed``).
 
-    :meth:`prefetch` makes the plain maps of images that are about to be needed on one
-    background thread (decoding and ONNX Runtime release the GIL, so it runs beside the
-    dense comparison on the main one). Only the main thread reads or changes the cache;
-    a map is the same whichever thread made it, so the decisions do not depend on timing.
+    :meth:`prefetch` makes, on one background thread, the maps that pairs about to be
+    judged will read (decoding and ONNX Runtime release the GIL, so it runs beside the
+    dense comparison on the main thread). It follows each pair's check only as far as its
+    first possible decision, so every map it makes is one the main thread would make; the
+    main thread takes them from it, waiting for one still being made. A map is the same
+    whichever thread made it, so the decisions do not depend on timing.
     """
 
     def __init__(self, embedder: Embedder, records: dict[int, ImageRecord]) -> None:
@@ -847,9 +854,19 @@ class _MapCache:
         # None marks an image that could not be decoded, so it is not tried again.
         self.maps: OrderedDict[int, _Maps | None] = OrderedDict()
         self.made: Counter[str] = Counter()
-        # Plain maps being made in the background, by image.
-        self._pending: dict[int, Future[list[tuple[int, _Maps | None]]]] = {}
+        # Maps made ahead, by (image, kind), None for an image that could not be decoded;
+        # the ones being made; and the lock and signal both threads share for them.
+        self._ready: OrderedDict[tuple[int, str], np.ndarray | None] = OrderedDict()
+        self._working: set[tuple[int, str]] = set()
+        self._lock = threading.Condition()
+        # Checks the background started, by (kept image, other image, inliers enough),
+        # and the ones it is starting.
+        self._started: OrderedDict[
+            tuple[int, int, int], tuple[tuple[Verification, bool], Iterator[Any]]
+        ] = OrderedDict()
+        self._checking: set[tuple[int, int, int]] = set()
         self._background: ThreadPoolExecutor | None = None
+        self._stopping = False
 
     def __contains__(self, i: int) -> bool:
         return i in self.maps
@@ -866,99 +883,187 @@ class _MapCache:
         except ImageRejected:
             return None
 
-    def _prepared(self, i: int) -> np.ndarray | None:
+    def _prepared(self, i: int, kind: str = "base") -> np.ndarray | None:
         image = self._decode(i)
-        return None if image is None else prepare(image, self.card)
+        if image is None:
+            return None
+        if kind == "zoomed":
+            return prepare(image, self.zoomed_card)
+        return prepare(ImageOps.mirror(image) if kind == "mirrored" else image, self.card)
+
+    def _embed(self, prepared: list[np.ndarray], kind: str) -> np.ndarray:
+        """The maps (fp16) of images prepared for one kind, as one batch."""
+        maps = local_features(self.embedder.local_model, to_batch(prepared))
+        with self._lock:
+            self.made[kind] += len(prepared)
+        return maps.astype(np.float16)
+
+    def _make(self, i: int, kind: str) -> np.ndarray | None:
+        """Image ``i``'s map of one kind, made now; None if it cannot be decoded."""
+        prepared = self._prepared(i, kind)
+        return None if prepared is None else self._embed([prepared], kind)[0]
+
+    def _take(self, i: int, kind: str) -> tuple[bool, np.ndarray | None]:
+        """A map made ahead, once it is done: (True, the map or None), else (False, None)."""
+        with self._lock:
+            while (i, kind) in self._working:
+                self._lock.wait()
+            if (i, kind) in self._ready:
+                return True, self._ready.pop((i, kind))
+        return False, None
+
+    def _extra(self, i: int, maps: _Maps, kind: str) -> np.ndarray | None:
+        """Image ``i``'s mirrored or zoomed map: made ahead, else made now."""
+        found, made = self._take(i, kind)
+        return made if found else self._make(i, kind)
 
     def mirrored(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s mirrored map (fp16), made on first call and kept in ``maps``."""
         if maps.mirrored is None:
-            image = self._decode(i)
-            if image is None:
-                # Gone or changed since its plain map was made: a map that matches
-                # nothing stands in, so the pair is judged on its plain maps alone.
-                maps.mirrored = np.zeros_like(maps.base)
-            else:
-                batch = to_batch([prepare(ImageOps.mirror(image), self.card)])
-                found = local_features(self.embedder.local_model, batch)[0]
-                maps.mirrored = found.astype(np.float16)
-                self.made["mirrored"] += 1
+            made = self._extra(i, maps, "mirrored")
+            # Gone or changed since its plain map was made: a map that matches nothing
+            # stands in, so the pair is judged on its plain maps alone.
+            maps.mirrored = np.zeros_like(maps.base) if made is None else made
         return maps.mirrored
 
     def zoomed(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s zoomed map (fp16), made on first call and kept in ``maps``."""
         if maps.zoomed is None:
-            image = self._decode(i)
-            if image is None:
-                # Gone or changed since its other maps were made: the equal-scale map
-                # stands in, which can only find fewer matches.
-                maps.zoomed = maps.base
-            else:
-                batch = to_batch([prepare(image, self.zoomed_card)])
-                maps.zoomed = local_features(self.embedder.local_model, batch)[0].astype(np.float16)
-                self.made["zoomed"] += 1
+            made = self._extra(i, maps, "zoomed")
+            # Gone or changed since its other maps were made: the equal-scale map stands
+            # in, which can only find fewer matches.
+            maps.zoomed = maps.base if made is None else made
         return maps.zoomed
 
-    def _embed(
-        self, chunk: list[int], prepared: list[np.ndarray | None]
-    ) -> list[tuple[int, _Maps | None]]:
-        """The plain maps of ``chunk`` (None for an image that could not be decoded), made
-        as one batch."""
-        ok = [(i, p) for i, p in zip(chunk, prepared, strict=True) if p is not None]
-        made: dict[int, _Maps] = {}
-        if ok:
-            found = local_features(self.embedder.local_model, to_batch([p for _, p in ok]))
-            made = {i: _Maps(m) for (i, _), m in zip(ok, found.astype(np.float16), strict=True)}
-        return [(i, made.get(i)) for i in chunk]
-
-    def _keep(self, found: list[tuple[int, _Maps | None]]) -> None:
-        self.maps.update(found)
-        self.made["base"] += sum(m is not None for _, m in found)
-
-    def _collect(self, ids: set[int] | None = None) -> None:
-        """Move finished background maps into the cache, and wait for those of ``ids``."""
-        for i, future in list(self._pending.items()):
-            if (ids is not None and i in ids) or future.done():
-                chunk = future.result()
-                for k, _ in chunk:
-                    self._pending.pop(k, None)
-                self._keep([(k, m) for k, m in chunk if k not in self.maps])
-
-    def prefetch(self, ids: set[int]) -> None:
-        """Start making the plain maps of ``ids`` in the background, those not already
-        cached or on their way."""
-        self._collect()
-        missing = sorted(ids - self.maps.keys() - self._pending.keys())
-        if not missing:
-            return
-        if self._background is None:
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="ghostmatch-maps")
+    def load(self, ids: set[int], pool: ThreadPoolExecutor) -> None:
+        """Make sure every image in ``ids`` has its maps (or a failure mark) cached."""
+        for i in ids & self.maps.keys():
+            self.maps.move_to_end(i)
+        for i in sorted(ids - self.maps.keys()):
+            found, made = self._take(i, "base")
+            if found:
+                self.maps[i] = None if made is None else _Maps(made)
+        missing = sorted(ids - self.maps.keys())
         for start in range(0, len(missing), MAP_BATCH):
             chunk = missing[start : start + MAP_BATCH]
-            future = self._background.submit(
-                lambda chunk: self._embed(chunk, [self._prepared(i) for i in chunk]), chunk
-            )
-            self._pending.update((i, future) for i in chunk)
-        self._trim(0)
+            prepared = list(pool.map(self._prepared, chunk))
+            ok = [(i, a) for i, a in zip(chunk, prepared, strict=True) if a is not None]
+            self.maps.update((i, None) for i, a in zip(chunk, prepared, strict=True) if a is None)
+            if ok:
+                made = self._embed([a for _, a in ok], "base")
+                self.maps.update((i, _Maps(m)) for (i, _), m in zip(ok, made, strict=True))
+        while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
+            self.maps.popitem(last=False)
+
+    def prefetch(self, leader: int, others: list[int], enough: int) -> None:
+        """Start making, in the background, the maps that checking ``leader`` against each
+        of ``others`` with ``enough`` inliers reads up to its first possible decision."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="ghostmatch-maps")
+        self._background.submit(self._ahead, leader, others, enough)
+
+    def _ahead(self, leader: int, others: list[int], enough: int) -> None:
+        """The background work of :meth:`prefetch`: each pair's check taken to its first
+        step, and kept for :meth:`steps` to go on with."""
+        base = _AheadView(self, leader)
+        for j in others:
+            if self._stopping or base.missing:
+                return
+            key = (leader, j, enough)
+            with self._lock:
+                if key in self._started:
+                    continue
+                self._checking.add(key)
+            try:
+                other = _AheadView(self, j)
+                if other.missing:
+                    continue
+                # The check reads these maps whatever happens after its first step.
+                steps = scale_steps(base, other, enough)
+                first = next(steps)
+                with self._lock:
+                    self._started[key] = (first, steps)
+                    while len(self._started) > PREFETCH_MAPS:
+                        self._started.popitem(last=False)
+            finally:
+                with self._lock:
+                    self._checking.discard(key)
+                    self._lock.notify_all()
+
+    def steps(
+        self, leader: int, base: _MapsView, j: int, other: _MapsView, enough: int
+    ) -> Iterator[tuple[Verification, bool]]:
+        """``scale_steps(base, other, enough)``, gone on with from where the background
+        left it when it started it: its fits are the same whichever thread makes them."""
+        key = (leader, j, enough)
+        with self._lock:
+            while key in self._checking:
+                self._lock.wait()
+            started = self._started.pop(key, None)
+        if started is None:
+            return scale_steps(base, other, enough)
+        first, rest = started
+        return itertools.chain([first], rest)
+
+    def _ahead_map(self, i: int, kind: str) -> np.ndarray | None:
+        """Image ``i``'s map of one kind for a check started in the background: cached,
+        made ahead already, or made now and kept for the main thread."""
+        # Read without the main thread's lock: at worst a map is made twice, the same.
+        cached = self.maps.get(i)
+        if cached is not None and (known := getattr(cached, kind)) is not None:
+            return known
+        key = (i, kind)
+        with self._lock:
+            while key in self._working:
+                self._lock.wait()
+            if key in self._ready:
+                return self._ready[key]
+            self._working.add(key)
+        made = None
+        try:
+            made = self._make(i, kind)
+        finally:
+            with self._lock:
+                self._working.discard(key)
+                self._ready[key] = made
+                while len(self._ready) > PREFETCH_MAPS:
+                    self._ready.popitem(last=False)
+                self._lock.notify_all()
+        return made
+
+    def wait(self) -> None:
+        """Wait until the maps asked for ahead so far are made."""
+        if self._background is not None:
+            self._background.submit(lambda: None).result()
 
     def close(self) -> None:
         """Stop the background work: maps not started are not made."""
         if self._background is not None:
+            self._stopping = True
             self._background.shutdown(wait=True, cancel_futures=True)
             self._background = None
-        self._pending.clear()
+            self._stopping = False
+        self._ready.clear()
+        self._started.clear()
 
-    def load(self, ids: set[int], pool: ThreadPoolExecutor) -> None:
-        """Make sure every image in ``ids`` has its maps (or a failure mark) cached."""
-        self._collect(ids)
-        for i in ids & self.maps.keys():
-            self.maps.move_to_end(i)
-        missing = sorted(ids - self.maps.keys())
-        for start in range(0, len(missing), MAP_BATCH):
-            chunk = missing[start : start + MAP_BATCH]
-            self._keep(self._embed(chunk, list(pool.map(self._prepared, chunk))))
-        self._trim(len(ids))
 
-    def _trim(self, needed: int) -> None:
-        while len(self.maps) > max(MAP_CACHE_IMAGES, needed):
-            self.maps.popitem(last=False)
+class _AheadView:
+    """An image's maps as the background thread reads them for ``scale_steps``, each made
+    (or found) when first read; ``missing`` when the image cannot be decoded."""
+
+    def __init__(self, cache: _MapCache, i: int) -> None:
+        self._cache, self._i = cache, i
+        found = cache._ahead_map(i, "base")
+        self.missing = found is None
+        self.base = np.zeros((1, 1, 1), np.float32) if found is None else found.astype(np.float32)
+
+    @functools.cached_property
+    def mirrored(self) -> np.ndarray:
+        found = self._cache._ahead_map(self._i, "mirrored")
+        # What the main thread's maps stand in with (see _MapCache.mirrored and zoomed).
+        return np.zeros_like(self.base) if found is None else found.astype(np.float32)
+
+    @functools.cached_property
+    def zoomed(self) -> np.ndarray:
+        found = self._cache._ahead_map(self._i, "zoomed")
+        return self.base if found is None else found.astype(np.float32)
