@@ -645,9 +645,11 @@ class PairJudge:
         return [self._geometric(leader, base, j, score) for j, score in pairs]
 
     def _geometric(self, leader: int, base: _MapsView, j: int, score: float) -> str | None:
-        """One pair's tier from its geometric check (``scale_steps``): a fit without the
-        mirrored maps that already aligns the pair decides it as the full check would have,
-        so the mirrored maps are made only for pairs that it leaves open."""
+        """One pair's tier from its geometric check (``scale_steps``). A fit found without
+        the mirrored maps, with enough inliers, under which the pixels agree decides the
+        pair a copy, so the mirrored maps are made only for pairs it leaves open (on the
+        full ``benchmarks.othershots`` set every pair's tier is the one that trying every
+        map first gives)."""
         other = self.maps.get(j)
         if other is None:
             return None
@@ -765,8 +767,10 @@ _QUERY = -1
 # Images whose local maps verify_pairs embeds together, and the most it holds at once.
 MAP_BATCH = 32
 MAP_CACHE_IMAGES = 4096
-# Maps made ahead in the background and not yet taken, at most (about 50 KB each).
+# Maps made ahead in the background and not yet taken, at most (about 50 KB each), and
+# checks started there and not yet gone on with (each holds its pair's maps, up to 1 MB).
 PREFETCH_MAPS = 512
+PREFETCH_CHECKS = 128
 
 
 def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -860,9 +864,9 @@ class _MapCache:
         self._working: set[tuple[int, str]] = set()
         self._lock = threading.Condition()
         # Checks the background started, by (kept image, other image, inliers enough),
-        # and the ones it is starting.
+        # None for one the main thread made itself; and the ones it is starting.
         self._started: OrderedDict[
-            tuple[int, int, int], tuple[tuple[Verification, bool], Iterator[Any]]
+            tuple[int, int, int], tuple[tuple[Verification, bool], Iterator[Any]] | None
         ] = OrderedDict()
         self._checking: set[tuple[int, int, int]] = set()
         self._background: ThreadPoolExecutor | None = None
@@ -912,7 +916,7 @@ class _MapCache:
                 return True, self._ready.pop((i, kind))
         return False, None
 
-    def _extra(self, i: int, maps: _Maps, kind: str) -> np.ndarray | None:
+    def _extra(self, i: int, kind: str) -> np.ndarray | None:
         """Image ``i``'s mirrored or zoomed map: made ahead, else made now."""
         found, made = self._take(i, kind)
         return made if found else self._make(i, kind)
@@ -920,7 +924,7 @@ class _MapCache:
     def mirrored(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s mirrored map (fp16), made on first call and kept in ``maps``."""
         if maps.mirrored is None:
-            made = self._extra(i, maps, "mirrored")
+            made = self._extra(i, "mirrored")
             # Gone or changed since its plain map was made: a map that matches nothing
             # stands in, so the pair is judged on its plain maps alone.
             maps.mirrored = np.zeros_like(maps.base) if made is None else made
@@ -929,7 +933,7 @@ class _MapCache:
     def zoomed(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s zoomed map (fp16), made on first call and kept in ``maps``."""
         if maps.zoomed is None:
-            made = self._extra(i, maps, "zoomed")
+            made = self._extra(i, "zoomed")
             # Gone or changed since its other maps were made: the equal-scale map stands
             # in, which can only find fewer matches.
             maps.zoomed = maps.base if made is None else made
@@ -983,8 +987,7 @@ class _MapCache:
                 first = next(steps)
                 with self._lock:
                     self._started[key] = (first, steps)
-                    while len(self._started) > PREFETCH_MAPS:
-                        self._started.popitem(last=False)
+                    self._trim_started()
             finally:
                 with self._lock:
                     self._checking.discard(key)
@@ -1000,10 +1003,18 @@ class _MapCache:
             while key in self._checking:
                 self._lock.wait()
             started = self._started.pop(key, None)
+            if started is None:
+                # Not started: the background, behind, leaves it alone from now on.
+                self._started[key] = None
+                self._trim_started()
         if started is None:
             return scale_steps(base, other, enough)
         first, rest = started
         return itertools.chain([first], rest)
+
+    def _trim_started(self) -> None:
+        while len(self._started) > PREFETCH_CHECKS:
+            self._started.popitem(last=False)
 
     def _ahead_map(self, i: int, kind: str) -> np.ndarray | None:
         """Image ``i``'s map of one kind for a check started in the background: cached,
