@@ -247,7 +247,11 @@ class DuplicateFinder:
 
         def ahead(leader: int, others: list[int]) -> None:
             keys = [(j, (min(leader, j), max(leader, j))) for j in others]
-            judge.prefetch(leader, [(j, scores[k]) for j, k in keys if k not in only_turned])
+            upright = [(j, k) for j, k in keys if k not in only_turned]
+            judge.prefetch(leader, [(j, scores[k]) for j, k in upright if k not in cropped])
+            # Pairs found through regional descriptors are judged with fewer inliers.
+            crops = [(j, scores[k]) for j, k in upright if k in cropped]
+            judge.prefetch(leader, crops, min(needed, REGION_MIN_INLIERS))
 
         groups = []
         ranked = turns.by_picture(members, pictures)
@@ -682,11 +686,14 @@ class PairJudge:
         warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
         return agreement(a, b, warp)
 
-    def prefetch(self, leader: int, others: Sequence[tuple[int, float]]) -> None:
+    def prefetch(
+        self, leader: int, others: Sequence[tuple[int, float]], min_inliers: int | None = None
+    ) -> None:
         """Start making, in the background, the maps that judging ``others`` with
-        ``leader`` will read: those of pairs that go straight to the geometric check (under
-        the threshold), as far as its first possible decision. A pair above it needs them
-        only when the identity map does not align it, which only judging it tells."""
+        ``leader`` (with ``min_inliers``, by default this judge's) will read: those of pairs
+        that go straight to the geometric check (under the threshold), as far as its first
+        possible decision. A pair above it needs them only when the identity map does not
+        align it, which only judging it tells."""
         ids = [
             j
             for j, score in others
@@ -697,7 +704,7 @@ class PairJudge:
             and j not in self.crowded
         ]
         if ids:
-            self.maps.prefetch(leader, ids, self.min_inliers)
+            self.maps.prefetch(leader, ids, min_inliers or self.min_inliers)
 
     def close(self) -> None:
         """Stop the background work of :meth:`prefetch`."""
