@@ -178,14 +178,15 @@ def test_zoomed_maps_are_made_only_for_pairs_the_equal_scale_check_leaves_open(
         ids = {r.path.name: i for i, r in records.items()}
         # A score under any threshold: each pair goes to the geometric check.
         judge = PairJudge(lib.finder.model, records, 2.0, 36)
-        # The mirror image matches at equal scale (on the mirrored map): nothing zoomed.
+        # The mirror image matches at equal scale (on its mirrored map): nothing zoomed.
         assert judge(ids["scene.jpg"], [(ids["mirrored.jpg"], 0.0)]) == {
             ids["mirrored.jpg"]: "edited"
         }
-        assert judge.maps.made == {"base": 2}
-        # An unrelated photo leaves the equal-scale check open: both images zoomed, once.
+        assert judge.maps.made == {"base": 2, "mirrored": 1}
+        # An unrelated photo leaves the equal-scale check open: both images zoomed, once
+        # (and both mirrored, for the zoomed checks of either against the other).
         assert judge(ids["scene.jpg"], [(ids["coffee.jpg"], 0.0)]) == {ids["coffee.jpg"]: None}
-        assert judge.maps.made == {"base": 3, "zoomed": 2}
+        assert judge.maps.made == {"base": 3, "mirrored": 3, "zoomed": 2}
 
 
 def test_local_maps_from_onnx_runtime_equal_torch_s(tmp_path: Path) -> None:

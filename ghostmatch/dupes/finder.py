@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +47,13 @@ from ghostmatch.dupes.samecapture import (
     prepare_capture,
 )
 from ghostmatch.dupes.settle import Glance, settled_tier
-from ghostmatch.dupes.verify import ZOOM, Verification, local_features, verify_scales
+from ghostmatch.dupes.verify import (
+    ZOOM,
+    Verification,
+    local_features,
+    scale_steps,
+    verify_scales,
+)
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
@@ -232,10 +241,28 @@ class DuplicateFinder:
         def turn(leader: int, j: int) -> int:
             return found_turned.turn(leader, j) if found_turned else 0
 
+        # Pairs only found turned are checked on their turned views alone.
+        only_turned = (
+            found_turned.pairs.keys() - found_turned.upright.keys() if found_turned else set()
+        )
+
+        def ahead(leader: int, others: list[int]) -> None:
+            keys = [(j, (min(leader, j), max(leader, j))) for j in others]
+            upright = [(j, k) for j, k in keys if k not in only_turned]
+            judge.prefetch(leader, [(j, scores[k]) for j, k in upright if k not in cropped])
+            # Pairs found through regional descriptors are judged with fewer inliers.
+            crops = [(j, scores[k]) for j, k in upright if k in cropped]
+            judge.prefetch(leader, crops, min(needed, REGION_MIN_INLIERS))
+
         groups = []
         ranked = turns.by_picture(members, pictures)
         with one_thread():
-            decided = group_judged(ranked, pairs, decide, keep, report)
+            try:
+                decided = group_judged(
+                    ranked, pairs, decide, keep, report, ahead if verify else None
+                )
+            finally:
+                judge.close()
         for leader, taken in decided:
             copies = [
                 _member(records[j], s, tier, turn(leader, j))
@@ -642,36 +669,76 @@ class PairJudge:
     def _aligned(self, leader: int, pairs: list[tuple[int, float]]) -> list[str | None]:
         """The tiers of pairs that the identity map does not align, in order."""
         base = self.maps.get(leader)
-        found: dict[int, Verification] = {}
-        if base is not None:
-            others = [(j, m) for j, _ in pairs if (m := self.maps.get(j)) is not None]
-            results = [verify_scales(base, m, self.min_inliers) for _, m in others]
-            found = dict(zip((j for j, _ in others), results, strict=True))
-        # Captures are only decoded for pairs that get this far.
-        a = self.capture(leader) if found else None
-        if a is None:
+        if base is None:
             return [None] * len(pairs)
-        todo = [
-            (j, check, b)
-            for j, score in pairs
-            if (check := found.get(j)) is not None
-            and (check.inliers >= self.min_inliers or score >= self.threshold)
-            and (b := self.capture(j)) is not None
-        ]
+        return [self._geometric(leader, base, j, score) for j, score in pairs]
 
-        def tier(job: tuple[int, Verification, Capture]) -> str | None:
-            _, check, b = job
-            # The check maps the other's unit square to the kept one's; alignment needs
-            # the other way round.
-            warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
-            if self._same(agreement(a, b, warp)):
+    def _geometric(self, leader: int, base: _MapsView, j: int, score: float) -> str | None:
+        """One pair's tier from its geometric check (``scale_steps``). A fit found without
+        the mirrored maps, with enough inliers, under which the pixels agree decides the
+        pair a copy, so the mirrored maps are made only for pairs it leaves open (on the
+        full ``benchmarks.othershots`` set every pair's tier is the one that trying every
+        map first gives)."""
+        other = self.maps.get(j)
+        if other is None:
+            return None
+        tried: list[tuple[Verification, Agreement | None]] = []
+        for check, final in self.maps.steps(leader, base, j, other, self.min_inliers):
+            if final and not (check.inliers >= self.min_inliers or score >= self.threshold):
+                return None
+            # The full check often ends on a fit already compared without the mirrors.
+            known = [found for fit, found in tried if _same_fit(fit, check)]
+            found = known[0] if known else self._agreement(leader, j, check)
+            tried.append((check, found))
+            if found is not None and self._same(found):
                 return "near" if check.is_identity() else "edited"
-            # Another capture of the same scene: its local features agree on one geometry.
-            # A pair that only its score brought here is not alike at all.
-            return SIMILAR if check.inliers >= self.min_inliers else None
+            if final:
+                # Another capture of the same scene: its local features agree on one
+                # geometry. A pair that only its score brought here is not alike at all.
+                alike = found is not None and check.inliers >= self.min_inliers
+                return SIMILAR if alike else None
+        return None
 
-        decided = {job[0]: tier(job) for job in todo}
-        return [decided.get(j) for j, _ in pairs]
+    def _agreement(self, leader: int, j: int, check: Verification) -> Agreement | None:
+        """The dense agreement of a pair aligned by ``check``; None when either image
+        cannot be decoded. Captures are only decoded for pairs that get this far."""
+        a = self.capture(leader)
+        b = self.capture(j) if a is not None else None
+        if a is None or b is None:
+            return None
+        # The check maps the other's unit square to the kept one's; alignment needs the
+        # other way round.
+        warp = np.linalg.inv(np.vstack([check.affine, [0.0, 0.0, 1.0]]))[:2]
+        return agreement(a, b, warp)
+
+    def prefetch(
+        self, leader: int, others: Sequence[tuple[int, float]], min_inliers: int | None = None
+    ) -> None:
+        """Start making, in the background, the maps that judging ``others`` with
+        ``leader`` (with ``min_inliers``, by default this judge's) will read: those of pairs
+        that go straight to the geometric check (under the threshold), as far as its first
+        possible decision. A pair above it needs them only when the identity map does not
+        align it, which only judging it tells."""
+        ids = [
+            j
+            for j, score in others
+            if (other := self.records.get(j)) is not None
+            and other.content_hash != self.records[leader].content_hash
+            and score < self.threshold
+            and leader not in self.crowded
+            and j not in self.crowded
+        ]
+        if ids:
+            self.maps.prefetch(leader, ids, min_inliers or self.min_inliers)
+
+    def close(self) -> None:
+        """Stop the background work of :meth:`prefetch`."""
+        if self._maps is not None:
+            self._maps.close()
+
+
+def _same_fit(a: Verification, b: Verification) -> bool:
+    return a.inliers == b.inliers and a.flipped == b.flipped and np.array_equal(a.affine, b.affine)
 
 
 @contextlib.contextmanager
@@ -732,6 +799,10 @@ _QUERY = -1
 # Images whose local maps verify_pairs embeds together, and the most it holds at once.
 MAP_BATCH = 32
 MAP_CACHE_IMAGES = 4096
+# Maps made ahead in the background and not yet taken, at most (about 50 KB each), and
+# checks started there and not yet gone on with (each holds its pair's maps, up to 1 MB).
+PREFETCH_MAPS = 512
+PREFETCH_CHECKS = 128
 
 
 def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -765,32 +836,50 @@ def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class _Maps:
-    """One image's cached local maps (fp16): at the input size, mirrored, and zoomed once
-    a check has needed it (None until then)."""
+    """One image's cached local maps (fp16): at the input size, and mirrored and zoomed
+    once a check has needed them (None until then)."""
 
-    def __init__(self, base: np.ndarray, mirrored: np.ndarray, zoomed: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        base: np.ndarray,
+        mirrored: np.ndarray | None = None,
+        zoomed: np.ndarray | None = None,
+    ) -> None:
         self.base, self.mirrored, self.zoomed = base, mirrored, zoomed
 
 
 class _MapsView:
-    """An image's maps as ``verify_scales`` reads them (float32), the zoomed map made by
-    the cache when first read: a pair settled at equal scales never needs it."""
+    """An image's maps as ``verify_scales`` reads them (float32), the mirrored and zoomed
+    maps made by the cache when first read: a pair that the plain map settles never needs
+    the mirrored one, nor one settled at equal scale the zoomed one."""
 
     def __init__(self, cache: _MapCache, i: int, maps: _Maps) -> None:
-        self._cache, self._i = cache, i
+        self._cache, self._i, self._maps = cache, i, maps
         self.base = maps.base.astype(np.float32)
-        self.mirrored = maps.mirrored.astype(np.float32)
+
+    @functools.cached_property
+    def mirrored(self) -> np.ndarray:
+        return self._cache.mirrored(self._i, self._maps).astype(np.float32)
 
     @functools.cached_property
     def zoomed(self) -> np.ndarray:
-        return self._cache.zoomed(self._i).astype(np.float32)
+        return self._cache.zoomed(self._i, self._maps).astype(np.float32)
 
 
 class _MapCache:
-    """Local feature maps of recently used images, LRU-bounded. The maps at the input size
-    (plain and mirrored) are made in batches; the zoomed map, more than half the cost of
-    an image's maps, only for an image whose pair the equal-scale check does not settle.
-    ``made`` counts the images whose maps were made, by kind (``base``, ``zoomed``)."""
+    """Local feature maps of recently used images, LRU-bounded. The plain maps at the input
+    size are made in batches; the mirrored map only for an image whose pair the plain maps
+    do not settle, and the zoomed map, more than half the cost of an image's maps, only for
+    one whose pair the equal-scale check does not settle. ``made`` counts the maps made,
+    by kind (``base``, ``mirrored``, ``zoomed``).
+
+    :meth:`prefetch` makes, on one background thread, the maps that pairs about to be
+    judged will read (decoding and ONNX Runtime release the GIL, so it runs beside the
+    dense comparison on the main thread). It follows each pair's check only as far as its
+    first possible decision, so every map it makes is one the main thread would make; the
+    main thread takes them from it, waiting for one still being made. A map is the same
+    whichever thread made it, so the decisions do not depend on timing.
+    """
 
     def __init__(self, embedder: Embedder, records: dict[int, ImageRecord]) -> None:
         self.embedder = embedder
@@ -801,6 +890,19 @@ class _MapCache:
         # None marks an image that could not be decoded, so it is not tried again.
         self.maps: OrderedDict[int, _Maps | None] = OrderedDict()
         self.made: Counter[str] = Counter()
+        # Maps made ahead, by (image, kind), None for an image that could not be decoded;
+        # the ones being made; and the lock and signal both threads share for them.
+        self._ready: OrderedDict[tuple[int, str], np.ndarray | None] = OrderedDict()
+        self._working: set[tuple[int, str]] = set()
+        self._lock = threading.Condition()
+        # Checks the background started, by (kept image, other image, inliers enough),
+        # None for one the main thread made itself; and the ones it is starting.
+        self._started: OrderedDict[
+            tuple[int, int, int], tuple[tuple[Verification, bool], Iterator[Any]] | None
+        ] = OrderedDict()
+        self._checking: set[tuple[int, int, int]] = set()
+        self._background: ThreadPoolExecutor | None = None
+        self._stopping = False
 
     def __contains__(self, i: int) -> bool:
         return i in self.maps
@@ -810,48 +912,201 @@ class _MapCache:
         maps = self.maps[i]
         return None if maps is None else _MapsView(self, i, maps)
 
-    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _decode(self, i: int) -> Image.Image | None:
         try:
-            # Decoded as for the zoomed map, so both scales see the same pixels.
-            image = load_image(self.records[i].path, self.zoomed_card.input_size).image
+            # Decoded as for the zoomed map, so all scales see the same pixels.
+            return load_image(self.records[i].path, self.zoomed_card.input_size).image
         except ImageRejected:
             return None
-        return prepare(image, self.card), prepare(ImageOps.mirror(image), self.card)
 
-    def zoomed(self, i: int) -> np.ndarray:
-        """Image ``i``'s zoomed map (fp16), made on first call. Its other maps are cached."""
-        maps = self.maps[i]
-        assert maps is not None
+    def _prepared(self, i: int, kind: str = "base") -> np.ndarray | None:
+        image = self._decode(i)
+        if image is None:
+            return None
+        if kind == "zoomed":
+            return prepare(image, self.zoomed_card)
+        return prepare(ImageOps.mirror(image) if kind == "mirrored" else image, self.card)
+
+    def _embed(self, prepared: list[np.ndarray], kind: str) -> np.ndarray:
+        """The maps (fp16) of images prepared for one kind, as one batch."""
+        maps = local_features(self.embedder.local_model, to_batch(prepared))
+        with self._lock:
+            self.made[kind] += len(prepared)
+        return maps.astype(np.float16)
+
+    def _make(self, i: int, kind: str) -> np.ndarray | None:
+        """Image ``i``'s map of one kind, made now; None if it cannot be decoded."""
+        prepared = self._prepared(i, kind)
+        return None if prepared is None else self._embed([prepared], kind)[0]
+
+    def _take(self, i: int, kind: str) -> tuple[bool, np.ndarray | None]:
+        """A map made ahead, once it is done: (True, the map or None), else (False, None)."""
+        with self._lock:
+            while (i, kind) in self._working:
+                self._lock.wait()
+            if (i, kind) in self._ready:
+                return True, self._ready.pop((i, kind))
+        return False, None
+
+    def _extra(self, i: int, kind: str) -> np.ndarray | None:
+        """Image ``i``'s mirrored or zoomed map: made ahead, else made now."""
+        found, made = self._take(i, kind)
+        return made if found else self._make(i, kind)
+
+    def mirrored(self, i: int, maps: _Maps) -> np.ndarray:
+        """Image ``i``'s mirrored map (fp16), made on first call and kept in ``maps``."""
+        if maps.mirrored is None:
+            made = self._extra(i, "mirrored")
+            # Gone or changed since its plain map was made: a map that matches nothing
+            # stands in, so the pair is judged on its plain maps alone.
+            maps.mirrored = np.zeros_like(maps.base) if made is None else made
+        return maps.mirrored
+
+    def zoomed(self, i: int, maps: _Maps) -> np.ndarray:
+        """Image ``i``'s zoomed map (fp16), made on first call and kept in ``maps``."""
         if maps.zoomed is None:
-            try:
-                image = load_image(self.records[i].path, self.zoomed_card.input_size).image
-            except ImageRejected:
-                # Gone or changed since its other maps were made: the equal-scale map
-                # stands in, which can only find fewer matches.
-                maps.zoomed = maps.base
-            else:
-                batch = to_batch([prepare(image, self.zoomed_card)])
-                maps.zoomed = local_features(self.embedder.local_model, batch)[0].astype(np.float16)
-                self.made["zoomed"] += 1
+            made = self._extra(i, "zoomed")
+            # Gone or changed since its other maps were made: the equal-scale map stands
+            # in, which can only find fewer matches.
+            maps.zoomed = maps.base if made is None else made
         return maps.zoomed
 
     def load(self, ids: set[int], pool: ThreadPoolExecutor) -> None:
         """Make sure every image in ``ids`` has its maps (or a failure mark) cached."""
         for i in ids & self.maps.keys():
             self.maps.move_to_end(i)
+        for i in sorted(ids - self.maps.keys()):
+            found, made = self._take(i, "base")
+            if found:
+                self.maps[i] = None if made is None else _Maps(made)
         missing = sorted(ids - self.maps.keys())
         for start in range(0, len(missing), MAP_BATCH):
             chunk = missing[start : start + MAP_BATCH]
-            decoded = list(pool.map(self._decode, chunk))
-            ok = [(i, d) for i, d in zip(chunk, decoded, strict=True) if d is not None]
-            self.maps.update((i, None) for i, d in zip(chunk, decoded, strict=True) if d is None)
+            prepared = list(pool.map(self._prepared, chunk))
+            ok = [(i, a) for i, a in zip(chunk, prepared, strict=True) if a is not None]
+            self.maps.update((i, None) for i, a in zip(chunk, prepared, strict=True) if a is None)
             if ok:
-                model, n = self.embedder.local_model, len(ok)
-                base = local_features(
-                    model, to_batch([d[0] for _, d in ok] + [d[1] for _, d in ok])
-                ).astype(np.float16)
-                for k, (i, _) in enumerate(ok):
-                    self.maps[i] = _Maps(base[k], base[n + k], None)
-                self.made["base"] += n
+                made = self._embed([a for _, a in ok], "base")
+                self.maps.update((i, _Maps(m)) for (i, _), m in zip(ok, made, strict=True))
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)
+
+    def prefetch(self, leader: int, others: list[int], enough: int) -> None:
+        """Start making, in the background, the maps that checking ``leader`` against each
+        of ``others`` with ``enough`` inliers reads up to its first possible decision."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="ghostmatch-maps")
+        self._background.submit(self._ahead, leader, others, enough)
+
+    def _ahead(self, leader: int, others: list[int], enough: int) -> None:
+        """The background work of :meth:`prefetch`: each pair's check taken to its first
+        step, and kept for :meth:`steps` to go on with."""
+        base = _AheadView(self, leader)
+        for j in others:
+            if self._stopping or base.missing:
+                return
+            key = (leader, j, enough)
+            with self._lock:
+                if key in self._started:
+                    continue
+                self._checking.add(key)
+            try:
+                other = _AheadView(self, j)
+                if other.missing:
+                    continue
+                # The check reads these maps whatever happens after its first step.
+                steps = scale_steps(base, other, enough)
+                first = next(steps)
+                with self._lock:
+                    self._started[key] = (first, steps)
+                    self._trim_started()
+            finally:
+                with self._lock:
+                    self._checking.discard(key)
+                    self._lock.notify_all()
+
+    def steps(
+        self, leader: int, base: _MapsView, j: int, other: _MapsView, enough: int
+    ) -> Iterator[tuple[Verification, bool]]:
+        """``scale_steps(base, other, enough)``, gone on with from where the background
+        left it when it started it: its fits are the same whichever thread makes them."""
+        key = (leader, j, enough)
+        with self._lock:
+            while key in self._checking:
+                self._lock.wait()
+            started = self._started.pop(key, None)
+            if started is None:
+                # Not started: the background, behind, leaves it alone from now on.
+                self._started[key] = None
+                self._trim_started()
+        if started is None:
+            return scale_steps(base, other, enough)
+        first, rest = started
+        return itertools.chain([first], rest)
+
+    def _trim_started(self) -> None:
+        while len(self._started) > PREFETCH_CHECKS:
+            self._started.popitem(last=False)
+
+    def _ahead_map(self, i: int, kind: str) -> np.ndarray | None:
+        """Image ``i``'s map of one kind for a check started in the background: cached,
+        made ahead already, or made now and kept for the main thread."""
+        # Read without the main thread's lock: at worst a map is made twice, the same.
+        cached = self.maps.get(i)
+        if cached is not None and (known := getattr(cached, kind)) is not None:
+            return known
+        key = (i, kind)
+        with self._lock:
+            while key in self._working:
+                self._lock.wait()
+            if key in self._ready:
+                return self._ready[key]
+            self._working.add(key)
+        made = None
+        try:
+            made = self._make(i, kind)
+        finally:
+            with self._lock:
+                self._working.discard(key)
+                self._ready[key] = made
+                while len(self._ready) > PREFETCH_MAPS:
+                    self._ready.popitem(last=False)
+                self._lock.notify_all()
+        return made
+
+    def wait(self) -> None:
+        """Wait until the maps asked for ahead so far are made."""
+        if self._background is not None:
+            self._background.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Stop the background work: maps not started are not made."""
+        if self._background is not None:
+            self._stopping = True
+            self._background.shutdown(wait=True, cancel_futures=True)
+            self._background = None
+            self._stopping = False
+        self._ready.clear()
+        self._started.clear()
+
+
+class _AheadView:
+    """An image's maps as the background thread reads them for ``scale_steps``, each made
+    (or found) when first read; ``missing`` when the image cannot be decoded."""
+
+    def __init__(self, cache: _MapCache, i: int) -> None:
+        self._cache, self._i = cache, i
+        found = cache._ahead_map(i, "base")
+        self.missing = found is None
+        self.base = np.zeros((1, 1, 1), np.float32) if found is None else found.astype(np.float32)
+
+    @functools.cached_property
+    def mirrored(self) -> np.ndarray:
+        found = self._cache._ahead_map(self._i, "mirrored")
+        # What the main thread's maps stand in with (see _MapCache.mirrored and zoomed).
+        return np.zeros_like(self.base) if found is None else found.astype(np.float32)
+
+    @functools.cached_property
+    def zoomed(self) -> np.ndarray:
+        found = self._cache._ahead_map(self._i, "zoomed")
+        return self.base if found is None else found.astype(np.float32)

@@ -172,6 +172,7 @@ def group_judged(
     judge: Callable[[int, list[int]], dict[int, str | None]],
     keep_rule: str = "pixels",
     progress: Callable[[int, int], None] | None = None,
+    ahead: Callable[[int, list[int]], None] | None = None,
 ) -> list[tuple[int, list[tuple[int, float, str]]]]:
     """Groups as :func:`group_pairs` makes them, deciding each pair only when the grouping
     needs it: (kept id, [(other id, score, tier), ...]).
@@ -181,7 +182,9 @@ def group_judged(
     alike). The ones in ``DUPLICATE_TIERS`` join its group; ``similar`` ones are listed
     with it but stay free for other groups. A candidate already taken is never judged,
     so a file is only ever compared with kept files. ``progress(done, total)`` counts
-    the files visited.
+    the files visited. ``ahead(file, [candidates])``, when given, hears of a file
+    ``LOOKAHEAD`` visits before it is visited, with its candidates unassigned then, so that
+    what judging them needs can be prepared meanwhile; it decides nothing.
     """
     neighbours: dict[int, dict[int, float]] = {}
     for a, b, score in candidates:
@@ -191,7 +194,18 @@ def group_judged(
     order = sorted(neighbours, key=lambda i: key(members[i]))
     assigned: set[int] = set()
     groups: list[tuple[int, list[tuple[int, float, str]]]] = []
+
+    def announce(position: int) -> None:
+        if ahead is not None and position < len(order) and order[position] not in assigned:
+            upcoming = order[position]
+            open_ = [j for j in neighbours[upcoming] if j not in assigned]
+            if open_:
+                ahead(upcoming, open_)
+
+    for position in range(LOOKAHEAD):
+        announce(position)
     for done, leader in enumerate(order, start=1):
+        announce(done - 1 + LOOKAHEAD)
         if leader not in assigned:
             open_ = [(j, s) for j, s in neighbours[leader].items() if j not in assigned]
             tiers = judge(leader, [j for j, _ in open_]) if open_ else {}
@@ -207,6 +221,10 @@ def group_judged(
             progress(done, len(order))
     return groups
 
+
+# How many visits ahead group_judged announces a file (a few kept files' candidates: enough
+# to keep one background thread busy making their local maps).
+LOOKAHEAD = 4
 
 # Without a geometric check, a copy is ``near`` when its score lies within this share of
 # the band between the threshold and the score an identical copy would get. Measured with

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -270,24 +271,32 @@ def verify_pair(
 ) -> Verification:
     """Check one pair from their local feature maps (h, w, c), which may differ in size;
     ``fb_flipped`` is B's map computed on the mirrored image, to accept flipped copies."""
+    best = _fit_one(fa, fb, False)
+    if fb_flipped is not None:
+        mirrored = _fit_one(fa, fb_flipped, True, best.matches)
+        if mirrored.inliers > best.inliers:
+            best = mirrored
+    return best
+
+
+def _fit_one(fa: np.ndarray, fb: np.ndarray, flipped: bool, after: int = 0) -> Verification:
+    """One try of :func:`verify_pair`: B's map, mirrored or not, against A's. ``after`` is
+    the number of matches of the unmirrored try, whose RANSAC draws come first from the
+    seed; a mirrored try made on its own later draws exactly what it would have drawn
+    right after it."""
     (ha, wa, c), (hb, wb, _) = fa.shape, fb.shape
     grid_a, grid_b = _grid(ha, wa), _grid(hb, wb)
     # The coarser grid's cell, in the unit coordinates both grids share.
     tolerance = TOLERANCE_CELLS / min(max(ha, wa), max(hb, wb))
     cells = min(ha * wa, hb * wb)
     rng = np.random.default_rng(SEED)
-    best: Verification | None = None
-    candidates = [(fb, False)] + ([(fb_flipped, True)] if fb_flipped is not None else [])
-    for feats, flipped in candidates:
-        ia, ib = mutual_matches(fa.reshape(-1, c), feats.reshape(-1, c))
-        affine, inliers = fit_affine(grid_b[ib], grid_a[ia], tolerance, rng)
-        if flipped:  # express the map from B's own (unmirrored) coordinates
-            affine = affine @ _MIRROR
-        result = Verification(len(ia), int(inliers.sum()), affine, flipped, cells)
-        if best is None or result.inliers > best.inliers:
-            best = result
-    assert best is not None
-    return best
+    if after >= 3:  # fit_affine draws nothing for fewer than 3 matches
+        rng.integers(0, after, (RANSAC_ITERATIONS, 3))
+    ia, ib = mutual_matches(fa.reshape(-1, c), fb.reshape(-1, c))
+    affine, inliers = fit_affine(grid_b[ib], grid_a[ia], tolerance, rng)
+    if flipped:  # express the map from B's own (unmirrored) coordinates
+        affine = affine @ _MIRROR
+    return Verification(len(ia), int(inliers.sum()), affine, flipped, cells)
 
 
 @dataclass(frozen=True)
@@ -318,17 +327,41 @@ def verify_scales(a: Maps, b: Maps, enough: int | None = None) -> Verification:
     A zoomed (B a crop of A) and with B zoomed (A a crop of B); the best fit wins. The
     affine always maps B's unit square to A's. The zoomed maps are read only when the
     equal-scale check falls short, so a caller can leave them unmade until then."""
-    best = verify_pair(a.base, b.base, b.mirrored)
+    for fit, final in scale_steps(a, b, enough):
+        if final:
+            return fit
+    raise AssertionError("scale_steps always ends with its final fit")
+
+
+def scale_steps(a: Maps, b: Maps, enough: int | None = None) -> Iterator[tuple[Verification, bool]]:
+    """:func:`verify_scales` one step at a time, each mirrored map read as late as it can
+    be: yields ``(fit, False)`` for a fit without mirrors that already has ``enough``
+    inliers, which a caller may accept (a copy that is not mirrored needs no mirrored map)
+    or pass over, and ends with ``(verify_scales(a, b, enough), True)``."""
+    plain = _fit_one(a.base, b.base, False)
+    if enough is not None and plain.inliers >= enough:
+        yield plain, False
+    best = _better(plain, _fit_one(a.base, b.mirrored, True, plain.matches))
     if enough is not None and best.inliers >= enough:
-        return best
-    tries = [verify_pair(a.zoomed, b.base, b.mirrored)]
-    # Roles swapped, the fit maps A's own coordinates (mirror included) to B's: invert it.
-    swapped = verify_pair(b.zoomed, a.base, a.mirrored)
-    affine = np.linalg.inv(np.vstack([swapped.affine, [0.0, 0.0, 1.0]]))[:2]
-    tries.append(
-        Verification(swapped.matches, swapped.inliers, affine, swapped.flipped, swapped.cells)
-    )
-    for result in tries:
-        if result.inliers > best.inliers:
-            best = result
-    return best
+        yield best, True
+        return
+    zoomed = _fit_one(a.zoomed, b.base, False)
+    # Roles swapped, the fit maps A's own coordinates (mirror included) to B's: inverted
+    # when it is kept.
+    swapped = _fit_one(b.zoomed, a.base, False)
+    if enough is not None and max(zoomed.inliers, swapped.inliers) >= enough:
+        yield _better(zoomed, _inverted(swapped)), False
+    zoomed = _better(zoomed, _fit_one(a.zoomed, b.mirrored, True, zoomed.matches))
+    swapped = _better(swapped, _fit_one(b.zoomed, a.mirrored, True, swapped.matches))
+    yield _better(_better(best, zoomed), _inverted(swapped)), True
+
+
+def _better(first: Verification, second: Verification) -> Verification:
+    """The fit with more inliers, the first one on a tie."""
+    return second if second.inliers > first.inliers else first
+
+
+def _inverted(fit: Verification) -> Verification:
+    """A fit of B against A as a fit of A against B (its affine inverted)."""
+    affine = np.linalg.inv(np.vstack([fit.affine, [0.0, 0.0, 1.0]]))[:2]
+    return Verification(fit.matches, fit.inliers, affine, fit.flipped, fit.cells)

@@ -1,0 +1,264 @@
+"""Local feature maps of the duplicate search: mirrored maps made only for pairs the plain
+maps leave open, plain maps made ahead on a background thread, same decisions either way."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from skimage import data
+
+import ghostmatch
+from ghostmatch.dupes.groups import DuplicateMember, group_judged
+from ghostmatch.dupes.verify import (
+    SEED,
+    TOLERANCE_CELLS,
+    ZOOM,
+    ScaledMaps,
+    Verification,
+    _grid,
+    fit_affine,
+    mutual_matches,
+    scale_steps,
+    verify_scales,
+)
+
+
+def scene() -> Image.Image:
+    return Image.fromarray(data.astronaut()).convert("RGB").resize((320, 240))
+
+
+def bordered(image: Image.Image) -> Image.Image:
+    """A copy with a border: the plain maps align it (a scaled, shifted map), no mirror."""
+    return ImageOps.expand(image.resize((280, 210)), border=20, fill=(255, 255, 255))
+
+
+def _reference_pair(fa: np.ndarray, fb: np.ndarray, fb_flipped: np.ndarray) -> Verification:
+    """The check of one pair as first written: plain then mirrored, one random stream."""
+    (ha, wa, c), (hb, wb, _) = fa.shape, fb.shape
+    grid_a, grid_b = _grid(ha, wa), _grid(hb, wb)
+    tolerance = TOLERANCE_CELLS / min(max(ha, wa), max(hb, wb))
+    rng = np.random.default_rng(SEED)
+    best: Verification | None = None
+    for feats, flipped in [(fb, False), (fb_flipped, True)]:
+        ia, ib = mutual_matches(fa.reshape(-1, c), feats.reshape(-1, c))
+        affine, inliers = fit_affine(grid_b[ib], grid_a[ia], tolerance, rng)
+        if flipped:
+            affine = affine @ np.array([[-1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        result = Verification(len(ia), int(inliers.sum()), affine, flipped, min(ha * wa, hb * wb))
+        if best is None or result.inliers > best.inliers:
+            best = result
+    assert best is not None
+    return best
+
+
+def _reference_scales(a: ScaledMaps, b: ScaledMaps, enough: int | None) -> Verification:
+    """Every scale and mirror tried up front, the best fit kept (first on a tie)."""
+    best = _reference_pair(a.base, b.base, b.mirrored)
+    if enough is not None and best.inliers >= enough:
+        return best
+    zoomed = _reference_pair(a.zoomed, b.base, b.mirrored)
+    swapped = _reference_pair(b.zoomed, a.base, a.mirrored)
+    inverse = np.linalg.inv(np.vstack([swapped.affine, [0.0, 0.0, 1.0]]))[:2]
+    swapped = Verification(
+        swapped.matches, swapped.inliers, inverse, swapped.flipped, swapped.cells
+    )
+    for result in (zoomed, swapped):
+        if result.inliers > best.inliers:
+            best = result
+    return best
+
+
+class _CountedMaps:
+    """Maps that count which of them a check reads."""
+
+    def __init__(self, maps: ScaledMaps, reads: Counter[str]) -> None:
+        self._maps, self.reads = maps, reads
+
+    @property
+    def base(self) -> np.ndarray:
+        self.reads["base"] += 1
+        return self._maps.base
+
+    @property
+    def mirrored(self) -> np.ndarray:
+        self.reads["mirrored"] += 1
+        return self._maps.mirrored
+
+    @property
+    def zoomed(self) -> np.ndarray:
+        self.reads["zoomed"] += 1
+        return self._maps.zoomed
+
+
+@pytest.fixture(scope="module")
+def scaled() -> dict[str, ScaledMaps]:
+    from ghostmatch.dupes.verify import local_features
+    from ghostmatch.model.embedder import prepare, to_batch
+    from ghostmatch.model.weights import load_descriptor
+
+    model = load_descriptor("bundled")
+    card = model.card
+    zoomed = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
+    w, h = scene().size
+    images = {
+        "scene": scene(),
+        "bordered": bordered(scene()),
+        "mirrored": ImageOps.mirror(scene()),
+        "crop": scene().crop((80, 36, 272, 180)),
+        "mirrored crop": ImageOps.mirror(scene().crop((80, 36, 272, 180))),
+        "coffee": Image.fromarray(data.coffee()).convert("RGB").resize((w, h)),
+    }
+    maps = {}
+    for name, image in images.items():
+        pair = [prepare(image, card), prepare(ImageOps.mirror(image), card)]
+        base = local_features(model, to_batch(pair))
+        big = local_features(model, to_batch([prepare(image, zoomed)]))[0]
+        maps[name] = ScaledMaps(base[0], base[1], big)
+    return maps
+
+
+@pytest.mark.parametrize("enough", [None, 1, 36, 400])
+@pytest.mark.parametrize("other", ["bordered", "mirrored", "crop", "mirrored crop", "coffee"])
+def test_checks_with_late_mirrors_equal_every_map_tried_up_front(
+    scaled: dict[str, ScaledMaps], other: str, enough: int | None
+) -> None:
+    for a, b in ((scaled["scene"], scaled[other]), (scaled[other], scaled["scene"])):
+        found, expected = verify_scales(a, b, enough), _reference_scales(a, b, enough)
+        assert (found.matches, found.inliers, found.flipped) == (
+            expected.matches,
+            expected.inliers,
+            expected.flipped,
+        )
+        np.testing.assert_array_equal(found.affine, expected.affine)
+
+
+def test_a_plain_fit_is_offered_before_any_mirrored_map_is_read(
+    scaled: dict[str, ScaledMaps],
+) -> None:
+    reads: Counter[str] = Counter()
+    a, b = _CountedMaps(scaled["scene"], reads), _CountedMaps(scaled["bordered"], reads)
+    steps = scale_steps(a, b, 36)
+    first, final = next(steps)
+    assert not final and not first.flipped and first.inliers >= 36
+    assert reads["mirrored"] == reads["zoomed"] == 0
+    # Passed over, the check goes on to the mirrored map and ends where verify_scales does.
+    rest = list(steps)
+    assert rest[-1][1] and reads["mirrored"] == 1
+    assert rest[-1][0].inliers == verify_scales(scaled["scene"], scaled["bordered"], 36).inliers
+
+
+@pytest.fixture
+def indexed(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene().save(folder / "scene.jpg", quality=95)
+    bordered(scene()).save(folder / "bordered.jpg", quality=95)
+    ImageOps.mirror(scene()).save(folder / "mirrored.jpg", quality=95)
+    Image.fromarray(data.coffee()).convert("RGB").resize((320, 240)).save(folder / "coffee.jpg")
+    return folder
+
+
+def test_a_plain_copy_needs_no_mirrored_map_and_a_mirrored_one_is_still_found(
+    tmp_path: Path, indexed: Path
+) -> None:
+    from ghostmatch.dupes.finder import PairJudge
+
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([indexed])
+        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+        ids = {r.path.name: i for i, r in records.items()}
+        # A score under any threshold: each pair goes to the geometric check.
+        judge = PairJudge(lib.finder.model, records, 2.0, 36)
+        assert judge(ids["scene.jpg"], [(ids["bordered.jpg"], 0.0)]) == {
+            ids["bordered.jpg"]: "edited"
+        }
+        assert judge.maps.made == {"base": 2}
+        assert judge(ids["scene.jpg"], [(ids["mirrored.jpg"], 0.0)]) == {
+            ids["mirrored.jpg"]: "edited"
+        }
+        assert judge.maps.made == {"base": 3, "mirrored": 1}
+
+
+def _maps_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ghostmatch-maps")]
+
+
+def test_maps_made_ahead_in_the_background_give_the_same_decisions(
+    tmp_path: Path, indexed: Path
+) -> None:
+    from ghostmatch.dupes.finder import PairJudge
+
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([indexed])
+        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+        ids = {r.path.name: i for i, r in records.items()}
+        others = [(ids[n], 0.0) for n in ("bordered.jpg", "mirrored.jpg", "coffee.jpg")]
+        leader = ids["scene.jpg"]
+        plain = PairJudge(lib.finder.model, records, 2.0, 36)
+        expected = plain(leader, others)
+        ahead = PairJudge(lib.finder.model, records, 2.0, 36)
+        try:
+            ahead.prefetch(leader, others)
+            assert _maps_threads()
+            ahead.maps.wait()
+            made = Counter(ahead.maps.made)
+            # The background followed each check to its first possible decision: the
+            # bordered copy's plain maps, the mirror image's mirrored map, both images'
+            # zoomed maps and the kept one's mirrored map for the unrelated photo.
+            assert made == {"base": 4, "mirrored": 3, "zoomed": 2} == plain.maps.made
+            assert ahead(leader, others) == expected
+            # The main thread took them all: none made twice.
+            assert ahead.maps.made == made
+        finally:
+            ahead.close()
+        assert not _maps_threads()
+        # A pair above the threshold needs maps only when unmoved alignment fails: nothing
+        # is made ahead for it.
+        above = PairJudge(lib.finder.model, records, -1.0, 36)
+        above.prefetch(leader, others)
+        assert not _maps_threads() and above.maps.made == {}
+
+
+def test_grouping_announces_files_ahead_and_decides_the_same() -> None:
+    members = {
+        i: DuplicateMember(Path(f"{i}.jpg"), 1.0, "keep", 100 - i, 100, 1, 0) for i in range(8)
+    }
+    pairs = [(0, 1, 0.9), (0, 2, 0.8), (1, 3, 0.7), (2, 3, 0.6), (4, 5, 0.9), (6, 7, 0.5)]
+    calls: list[int] = []
+
+    def judge(leader: int, others: list[int]) -> dict[int, str | None]:
+        calls.append(leader)
+        return {j: ("near" if (leader + j) % 2 else "similar") for j in others}
+
+    alone = group_judged(members, pairs, judge)
+    judged, calls[:] = list(calls), []
+    heard: list[tuple[int, list[int]]] = []
+    both = group_judged(members, pairs, judge, ahead=lambda i, js: heard.append((i, js)))
+    assert both == alone and calls == judged
+    # Every file judged was announced before, with the candidates it was judged with
+    # among the ones announced.
+    assert [i for i, _ in heard if i in judged] == judged
+
+
+def test_ctrl_c_while_maps_are_made_ahead_stops_them(tmp_path: Path, indexed: Path) -> None:
+    for n, angle in enumerate((3, 6)):
+        scene().rotate(angle).save(indexed / f"turned-{n}.jpg", quality=90)
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([indexed])
+        # A threshold no pair reaches: every candidate goes to the geometric check, and
+        # its maps are made ahead.
+        expected = lib.find_duplicates(threshold=0.999)
+
+        def interrupt(stage: str, done: int, total: int | None) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            lib.find_duplicates(threshold=0.999, progress=interrupt)
+        assert not _maps_threads()
+        assert lib.find_duplicates(threshold=0.999) == expected
+        assert expected  # the turned and bordered copies are found
