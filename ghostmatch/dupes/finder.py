@@ -190,6 +190,7 @@ class DuplicateFinder:
                 needed if verify else None,
                 scores,
                 ignored,
+                judge.capture,
             )
             records.update(found_turned.records)
             pictures = found_turned.pictures
