@@ -190,7 +190,7 @@ class DuplicateFinder:
                 needed if verify else None,
                 scores,
                 ignored,
-                judge.capture,
+                judge,
             )
             records.update(found_turned.records)
             pictures = found_turned.pictures

@@ -39,7 +39,7 @@ from ghostmatch.pathtext import path_text
 from ghostmatch.store.catalog import TurnScreen
 
 if TYPE_CHECKING:
-    from ghostmatch.dupes.finder import DuplicateFinder
+    from ghostmatch.dupes.finder import DuplicateFinder, PairJudge
     from ghostmatch.dupes.groups import DuplicateMember
     from ghostmatch.dupes.samecapture import Capture
     from ghostmatch.indexes.vector_index import VectorIndex
@@ -845,6 +845,7 @@ def check_screened(
     views: Callable[[View], Image.Image | None],
     pairs: Sequence[TurnedPair],
     cache: MutableMapping[tuple[View, bool], np.ndarray],
+    prepared: Mapping[View, np.ndarray] | None = None,
 ) -> list[TurnedPair]:
     """Each screened pair with the inliers of the geometric check of its owner's view
     against the other image (``ghostmatch.dupes.verify.verify_pair``), on maps at the
@@ -852,7 +853,8 @@ def check_screened(
     it, so each side needs one map, not the mirrored and zoomed ones of a pair whose
     transform is unknown. ``cache`` keeps the maps by (view, mirrored) from one call to
     the next (a kept file's map serves all its turned copies); ``views`` makes a view's
-    pixels (None: its image cannot be read any more)."""
+    pixels (None: its image cannot be read any more), ``prepared`` holds views already
+    prepared for the model (unmirrored, as for their descriptors)."""
     from ghostmatch.dupes.verify import local_features, verify_pair
     from ghostmatch.model.embedder import prepare, to_batch
 
@@ -861,9 +863,15 @@ def check_screened(
     sides = [((View(p.other, 0), False), (View(p.owner, p.turn, p.tilt), p.flipped)) for p in pairs]
     made: list[tuple[tuple[View, bool], np.ndarray]] = []
     for key in dict.fromkeys(k for side in sides for k in side):
-        seen = views(key[0]) if key not in cache else None
-        if seen is not None:
-            made.append((key, prepare(ImageOps.mirror(seen) if key[1] else seen, embedder.card)))
+        if key in cache:
+            continue
+        array = None if key[1] or prepared is None else prepared.get(key[0])
+        if array is None:
+            seen = views(key[0])
+            if seen is None:
+                continue
+            array = prepare(ImageOps.mirror(seen) if key[1] else seen, embedder.card)
+        made.append((key, array))
     if made:
         maps = local_features(embedder.local_model, to_batch([a for _, a in made]))
         cache.update(zip([k for k, _ in made], maps, strict=True))
@@ -952,8 +960,9 @@ class TurnedCandidates:
     geometric stage (``enough`` inliers), the view must pass it against the other file
     (:func:`check_screened`); without it, the view's score must reach ``threshold``. A
     pair that fails still gets the upright decision when it is an upright candidate too.
-    ``captures`` (``PairJudge.capture``) prepares the indexed files for the dense
-    agreement, shared with the upright pairs.
+    ``judge``, the upright pairs' ``PairJudge``, prepares the indexed files for the dense
+    agreement (shared with the upright pairs) and tells the crowded files, whose views'
+    nearest images are not looked at (see ``__init__``).
     """
 
     def __init__(
@@ -967,7 +976,7 @@ class TurnedCandidates:
         enough: int | None,
         upright: Mapping[tuple[int, int], float],
         ignored: set[tuple[Path, Path]],
-        captures: Callable[[int], Capture | None] | None = None,
+        judge: PairJudge | None = None,
     ) -> None:
         self.records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
         paths = {i: r.path for i, r in self.records.items()}
@@ -980,9 +989,12 @@ class TurnedCandidates:
         self.images = image_loader(paths, card.input_size if card is not None else SCREEN_SIDE)
         self.maps: dict[tuple[View, bool], np.ndarray] = {}
         self.straightened: OrderedDict[tuple[int, Tilt], Image.Image] = OrderedDict()
-        self.captures = capture_cache(self._view, captures)
+        self.captures = capture_cache(self._view, judge.capture if judge is not None else None)
+        crowded = judge.crowded if judge is not None else frozenset()
         # Each view's descriptor and score offset.
         self.described: dict[View, tuple[np.ndarray, float]] = {}
+        # Each view as the model took it, for the geometric check's map of the view.
+        self.prepared: dict[View, np.ndarray] = {}
         # Made while indexing; images indexed before that are decoded here.
         screened = screen(paths, stored=finder.catalog.turn_screens([int(i) for i in ids]))
         hashes = {i: r.content_hash for i, r in self.records.items()}
@@ -1016,6 +1028,13 @@ class TurnedCandidates:
         for p in found:
             if p.key in scored or hashes[p.owner] == hashes[p.other]:
                 continue
+            # Where the descriptor cannot tell images apart (a crowded file, see
+            # ``PairJudge``), a view's nearest images are any images: such a file pairs by a
+            # turn only as the screen paired it (1,000 synthetic images: 1,168 of their
+            # 1,639 turned pairs came that way, not one a copy, each needing the geometric
+            # check).
+            if p.owner in crowded or p.other in crowded:
+                continue
             # A turned view of a tilted canvas meets other tilted canvases by their
             # corners: two tilted images pair by a turn only as the screen paired them.
             if p.tilt is None and p.owner in screened.tilts and p.other in screened.tilts:
@@ -1034,6 +1053,9 @@ class TurnedCandidates:
             for key, p in scored.items()
             if p.score >= floor and p.score > upright.get(key, -math.inf)
         }
+        # Only the candidates' views are checked: the other views' pixels go.
+        asked = {View(p.owner, p.turn, p.tilt) for p in self.pairs.values()}
+        self.prepared = {v: a for v, a in self.prepared.items() if v in asked}
         # The keep rule counts a tilted image's picture, not its filled corners.
         self.pictures = {
             i: share
@@ -1069,7 +1091,7 @@ class TurnedCandidates:
         if self.enough is None:
             passed = [p for p in asked if p.score >= self.threshold]
         else:
-            checked = check_screened(self.embedder, self._view, asked, self.maps)
+            checked = check_screened(self.embedder, self._view, asked, self.maps, self.prepared)
             passed = [
                 p
                 for p in checked
@@ -1098,7 +1120,12 @@ class TurnedCandidates:
             made = [(v, seen) for v in chunk if (seen := self._view(v)) is not None]
             if not made:
                 continue
-            found = self.embedder.embed_arrays([prepare(s, card) for _, s in made], threads=1)
+            arrays = [prepare(s, card) for _, s in made]
+            found = self.embedder.embed_arrays(arrays, threads=1)
+            # At most ``IMAGE_CACHE`` of them kept (about 77 kB each); a view without its
+            # array is prepared again for its check.
+            room = max(0, IMAGE_CACHE - len(self.prepared))
+            self.prepared.update(list(zip([v for v, _ in made], arrays, strict=True))[:room])
             own = self._norm.offsets(found) if self._norm is not None else np.zeros(len(made))
             described.update(
                 (v, (found[n].astype(np.float64), float(own[n]))) for n, (v, _) in enumerate(made)
