@@ -432,15 +432,21 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
 ) -> None:
     from ghostmatch.dupes import turns
 
-    checked: list[set[str]] = []
-    real = turns.check_screened
+    decided: list[set[str]] = []
+    geometric: list[set[str]] = []
+    real_same, real_check = turns.same_capture, turns.check_screened
 
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        found = real(*args, **kwargs)
-        checked.extend({names[p.owner], names[p.other]} for p in found)
+    def deciding(captures, pair, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decided.append({names[pair.owner], names[pair.other]})
+        return real_same(captures, pair, *args, **kwargs)
+
+    def checking(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real_check(*args, **kwargs)
+        geometric.extend({names[p.owner], names[p.other]} for p in found)
         return found
 
-    monkeypatch.setattr(turns, "check_screened", counting)
+    monkeypatch.setattr(turns, "same_capture", deciding)
+    monkeypatch.setattr(turns, "check_screened", checking)
     with ghostmatch.open(turned_index, create=False) as lib:
         names = {
             r.id: r.path.name for r in lib.catalog.get(list(map(int, lib.catalog.vectors()[0])))
@@ -449,8 +455,11 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
     assert set(groups["coffee.jpg"]) == set(COFFEE_TURNS)
     # The kept file takes every turned copy, so two copies are never compared (their views
     # do find each other).
-    assert {"coffee.jpg", "coffee-180.jpg"} in checked
-    assert not [pair for pair in checked if pair <= set(COFFEE_TURNS)]
+    assert {"coffee.jpg", "coffee-180.jpg"} in decided
+    assert not [pair for pair in decided if pair <= set(COFFEE_TURNS)]
+    # Copies only turned (and resized, re-encoded) agree unmoved once turned, as upright
+    # copies do: no local features needed.
+    assert not [pair for pair in geometric if pair & set(COFFEE_TURNS)]
 
 
 @pytest.mark.usefixtures("shared_model_cache")

@@ -923,20 +923,25 @@ def capture_cache(
     return capture
 
 
-def same_capture(captures: Captures, pair: TurnedPair) -> bool:
+def same_capture(captures: Captures, pair: TurnedPair, unmoved: bool = False) -> bool:
     """Whether a checked pair's view and other file are one capture: the dense agreement
     of ``ghostmatch.dupes.samecapture`` on the geometric check's map, the decision every
     upright pair gets. Local features alone line up two unrelated pictures of smooth
-    noise turned, as they would upright. ``captures`` (:func:`capture_cache`) gives both
-    sides prepared."""
+    noise turned, as they would upright. With ``unmoved``, the pair (checked or not) is
+    aligned from the identity map instead, as an upright pair is first tried, and a
+    first try that hardly agrees is settled early. ``captures`` (:func:`capture_cache`)
+    gives both sides prepared."""
     from ghostmatch.dupes.samecapture import agreement
 
-    if pair.affine is None:
+    if pair.affine is None and not unmoved:
         return False
     target = captures(View(pair.other, 0), False)
     seen = captures(View(pair.owner, pair.turn, pair.tilt), pair.flipped)
     if target is None or seen is None:
         return False
+    if unmoved:
+        return agreement(target, seen, np.eye(2, 3), second_chance=True).same_capture
+    assert pair.affine is not None
     # The check maps the view's unit square to the other file's; alignment needs the
     # other way round.
     warp = np.linalg.inv(np.vstack([pair.affine, [0.0, 0.0, 1.0]]))[:2]
@@ -991,6 +996,7 @@ class TurnedCandidates:
         self.straightened: OrderedDict[tuple[int, Tilt], Image.Image] = OrderedDict()
         self.captures = capture_cache(self._view, judge.capture if judge is not None else None)
         crowded = judge.crowded if judge is not None else frozenset()
+        self.crowded = crowded
         # Each view's descriptor and score offset.
         self.described: dict[View, tuple[np.ndarray, float]] = {}
         # Each view as the model took it, for the geometric check's map of the view.
@@ -1091,8 +1097,21 @@ class TurnedCandidates:
         if self.enough is None:
             passed = [p for p in asked if p.score >= self.threshold]
         else:
-            checked = check_screened(self.embedder, self._view, asked, self.maps, self.prepared)
+            # As upright pairs are (``PairJudge``): a view that scores from the threshold up
+            # is first aligned unmoved, where a copy only turned or tilted (and re-encoded,
+            # resized, recoloured) agrees already without local features. A crowded file's
+            # pairs, and those that do not agree unmoved, go to the geometric check.
             passed = [
+                p
+                for p in asked
+                if p.score >= self.threshold
+                and not {p.owner, p.other} & self.crowded
+                and same_capture(self.captures, p, unmoved=True)
+            ]
+            settled = {p.key for p in passed}
+            moved = [p for p in asked if p.key not in settled]
+            checked = check_screened(self.embedder, self._view, moved, self.maps, self.prepared)
+            passed += [
                 p
                 for p in checked
                 if (p.inliers or 0) >= self.enough and same_capture(self.captures, p)
