@@ -475,6 +475,31 @@ def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
         assert lib.duplicates_of(tilt, turned=False) == []
 
 
+@pytest.mark.usefixtures("shared_model_cache")
+def test_a_new_photo_only_turned_needs_no_local_features(
+    turned_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import turns
+
+    geometric: list[int] = []
+    real = turns.check_screened
+
+    def checking(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real(*args, **kwargs)
+        geometric.extend(p.other for p in found)
+        return found
+
+    monkeypatch.setattr(turns, "check_screened", checking)
+    with ghostmatch.open(turned_index, create=False) as lib:
+        found = {m.path.name: m for m in lib.duplicates_of(turn_image(photo("coffee"), 90))}
+        ids = {
+            r.path.name: r.id for r in lib.catalog.get([int(i) for i in lib.catalog.vectors()[0]])
+        }
+    assert found["coffee.jpg"].turn == 90 and found["coffee.jpg"].tier == "edited"
+    # Turned back, it agrees with coffee.jpg unmoved, as an upright copy would.
+    assert ids["coffee.jpg"] not in geometric
+
+
 # ---------------------------------------------------------------------------- query, CLI
 
 

@@ -1270,9 +1270,18 @@ def pairs_of_image(
         if other is not None:
             turn, flipped = _best_transform(bases[p.tilt], other)
             lined_up.append(replace(p, turn=turn, flipped=flipped))
-    checked = check_screened(embedder, view_of, lined_up, {})
     captures = capture_cache(view_of)
-    return [p for p in checked if (p.inliers or 0) >= enough and same_capture(captures, p)]
+    # As the duplicate search decides (``TurnedCandidates.decide``): from the threshold up,
+    # a view is first aligned unmoved; the rest need the geometric check.
+    unmoved = [
+        p for p in lined_up if p.score >= threshold and same_capture(captures, p, unmoved=True)
+    ]
+    settled = {p.key for p in unmoved}
+    moved = [p for p in lined_up if p.key not in settled]
+    checked = check_screened(embedder, view_of, moved, {})
+    return unmoved + [
+        p for p in checked if (p.inliers or 0) >= enough and same_capture(captures, p)
+    ]
 
 
 def _loose_tilt_views(
