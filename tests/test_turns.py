@@ -103,6 +103,47 @@ def test_a_tilt_onto_filled_corners_is_measured_and_undone(
     assert_is_the_picture(upright, original, 3)
 
 
+@pytest.mark.parametrize("fill", [(0, 0, 0), (255, 255, 255)])
+def test_the_fill_is_found_per_channel_as_an_int16_difference_finds_it(
+    fill: tuple[int, int, int],
+) -> None:
+    from ghostmatch.dupes.turns import FILL_TOLERANCE, _differs
+
+    canvas = jpeg(tilted(photo("astronaut").resize((300, 300)), 20.0, fill))
+    pixels = np.asarray(canvas, dtype=np.int16)
+    expected = np.abs(pixels - np.array(fill)).max(axis=2) > FILL_TOLERANCE
+    np.testing.assert_array_equal(_differs(canvas, fill), expected)
+
+
+def test_captures_are_made_once_a_view_and_indexed_files_come_from_the_judge() -> None:
+    from ghostmatch.dupes.samecapture import prepare_capture
+    from ghostmatch.dupes.turns import View, capture_cache
+
+    image = photo("coffee").resize((240, 160))
+    kept = prepare_capture(image)
+    made: list[View] = []
+    asked: list[int] = []
+
+    def views(view: View) -> Image.Image:
+        made.append(view)
+        return view.of(image)
+
+    def stored(i: int):  # type: ignore[no-untyped-def]
+        asked.append(i)
+        return kept
+
+    captures = capture_cache(views, stored)
+    assert captures(View(3, 0), False) is kept
+    turned = captures(View(3, 90), True)
+    assert captures(View(3, 90), True) is turned
+    assert captures(View(3, 90), False) is not turned
+    # A new image (id -1) and a mirrored file are prepared here, once each.
+    assert captures(View(-1, 0), False) is captures(View(-1, 0), False)
+    assert captures(View(3, 0), True) is not kept
+    assert asked == [3]
+    assert made == [View(3, 90), View(3, 90), View(-1, 0), View(3, 0)]
+
+
 @pytest.mark.parametrize("name", PHOTOS)
 def test_an_upright_photo_has_no_tilt(name: str) -> None:
     assert find_tilt(photo(name)) is None
@@ -391,15 +432,21 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
 ) -> None:
     from ghostmatch.dupes import turns
 
-    checked: list[set[str]] = []
-    real = turns.check_screened
+    decided: list[set[str]] = []
+    geometric: list[set[str]] = []
+    real_same, real_check = turns.same_capture, turns.check_screened
 
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        found = real(*args, **kwargs)
-        checked.extend({names[p.owner], names[p.other]} for p in found)
+    def deciding(captures, pair, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decided.append({names[pair.owner], names[pair.other]})
+        return real_same(captures, pair, *args, **kwargs)
+
+    def checking(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real_check(*args, **kwargs)
+        geometric.extend({names[p.owner], names[p.other]} for p in found)
         return found
 
-    monkeypatch.setattr(turns, "check_screened", counting)
+    monkeypatch.setattr(turns, "same_capture", deciding)
+    monkeypatch.setattr(turns, "check_screened", checking)
     with ghostmatch.open(turned_index, create=False) as lib:
         names = {
             r.id: r.path.name for r in lib.catalog.get(list(map(int, lib.catalog.vectors()[0])))
@@ -408,8 +455,11 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
     assert set(groups["coffee.jpg"]) == set(COFFEE_TURNS)
     # The kept file takes every turned copy, so two copies are never compared (their views
     # do find each other).
-    assert {"coffee.jpg", "coffee-180.jpg"} in checked
-    assert not [pair for pair in checked if pair <= set(COFFEE_TURNS)]
+    assert {"coffee.jpg", "coffee-180.jpg"} in decided
+    assert not [pair for pair in decided if pair <= set(COFFEE_TURNS)]
+    # Copies only turned (and resized, re-encoded) agree unmoved once turned, as upright
+    # copies do: no local features needed.
+    assert not [pair for pair in geometric if pair & set(COFFEE_TURNS)]
 
 
 @pytest.mark.usefixtures("shared_model_cache")
@@ -423,6 +473,31 @@ def test_duplicates_of_a_new_turned_or_tilted_photo(turned_index: Path) -> None:
         tilt = jpeg(tilted(photo("rocket"), -25.0, (255, 255, 255)))
         assert "rocket.jpg" in [m.path.name for m in lib.duplicates_of(tilt)]
         assert lib.duplicates_of(tilt, turned=False) == []
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_a_new_photo_only_turned_needs_no_local_features(
+    turned_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import turns
+
+    geometric: list[int] = []
+    real = turns.check_screened
+
+    def checking(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real(*args, **kwargs)
+        geometric.extend(p.other for p in found)
+        return found
+
+    monkeypatch.setattr(turns, "check_screened", checking)
+    with ghostmatch.open(turned_index, create=False) as lib:
+        found = {m.path.name: m for m in lib.duplicates_of(turn_image(photo("coffee"), 90))}
+        ids = {
+            r.path.name: r.id for r in lib.catalog.get([int(i) for i in lib.catalog.vectors()[0]])
+        }
+    assert found["coffee.jpg"].turn == 90 and found["coffee.jpg"].tier == "edited"
+    # Turned back, it agrees with coffee.jpg unmoved, as an upright copy would.
+    assert ids["coffee.jpg"] not in geometric
 
 
 # ---------------------------------------------------------------------------- query, CLI
@@ -513,3 +588,45 @@ def test_independent_noise_pictures_lined_up_by_a_turn_are_no_copies(tmp_path: P
         lib.index([folder])
         assert lib.find_duplicates(turned=False) == []
         assert lib.find_duplicates() == []
+
+
+def test_crowded_files_pair_by_a_turn_only_as_the_screen_pairs_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Independent smooth noise and random shapes, which the descriptor cannot tell apart
+    # (as ``python -m benchmarks.othershots --synthetic-only`` makes them): each view's
+    # nearest images are any of them, so only the thumbnails' screen may pair them turned.
+    from benchmarks import synthetic
+    from ghostmatch.dupes import finder, turns
+
+    folder = tmp_path / "synthetic"
+    folder.mkdir()
+    for index in range(200):
+        kind = ("noise", "shapes")[index % 2]
+        synthetic.make_image(kind, index, seed=7).save(folder / f"{kind}-{index}.png")
+    checked: set[tuple[int, int]] = set()
+    real = turns.check_screened
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real(*args, **kwargs)
+        checked.update(p.key for p in found)
+        return found
+
+    crowded: list[frozenset[int]] = []
+    real_judge = finder.PairJudge.__init__
+
+    def judging(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_judge(self, *args, **kwargs)
+        crowded.append(frozenset(self.crowded))
+
+    monkeypatch.setattr(turns, "check_screened", counting)
+    monkeypatch.setattr(finder.PairJudge, "__init__", judging)
+    with ghostmatch.Library(tmp_path / "index", device="cpu") as lib:
+        lib.index([folder])
+        assert lib.find_duplicates() == []
+        ids = [int(i) for i in lib.catalog.vectors()[0]]
+        paths = {r.id: r.path for r in lib.catalog.get(ids)}
+        screened = turns.screen(paths, stored=lib.catalog.turn_screens(ids))
+    assert crowded and crowded[0]
+    by_views = checked - {p.key for p in screened.candidates}
+    assert not [key for key in by_views if set(key) & crowded[0]]

@@ -200,6 +200,7 @@ class DuplicateFinder:
                 needed if verify else None,
                 scores,
                 ignored,
+                judge,
             )
             records.update(found_turned.records)
             pictures = found_turned.pictures

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
@@ -39,8 +39,9 @@ from ghostmatch.pathtext import path_text
 from ghostmatch.store.catalog import TurnScreen
 
 if TYPE_CHECKING:
-    from ghostmatch.dupes.finder import DuplicateFinder
+    from ghostmatch.dupes.finder import DuplicateFinder, PairJudge
     from ghostmatch.dupes.groups import DuplicateMember
+    from ghostmatch.dupes.samecapture import Capture
     from ghostmatch.indexes.vector_index import VectorIndex
     from ghostmatch.model.embedder import Embedder
     from ghostmatch.model.scorenorm import ScoreNorm
@@ -319,8 +320,7 @@ def straighten(image: Image.Image, tilt: Tilt, margin: int = EDGE_MARGIN) -> Ima
     upright = rgb.rotate(
         -tilt.degrees, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=tilt.fill
     )
-    pixels = np.asarray(upright, dtype=np.int16)
-    content = np.abs(pixels - np.array(tilt.fill)).max(axis=2) > FILL_TOLERANCE
+    content = _differs(upright, tilt.fill)
     # Rows and columns mostly content: the bounding box of the content without the odd
     # fill-coloured pixel of a dark photo or the ring of JPEG noise outside it.
     if not content.any():
@@ -339,6 +339,17 @@ def straighten(image: Image.Image, tilt: Tilt, margin: int = EDGE_MARGIN) -> Ima
     if bottom - top < 8 or right - left < 8:
         return rgb
     return upright.crop((left, top, right, bottom))
+
+
+def _differs(image: Image.Image, fill: tuple[int, int, int]) -> np.ndarray:
+    """Which pixels of an RGB ``image`` differ from ``fill`` by more than
+    ``FILL_TOLERANCE`` in some channel, (h, w) bool. Pillow's per-channel difference and
+    maximum, in one pass each: a tenth of what numpy's reduction over the three channels
+    of a photo costs, with the same mask."""
+    difference = ImageChops.difference(image, Image.new("RGB", image.size, fill))
+    red, green, blue = difference.split()
+    largest = ImageChops.lighter(ImageChops.lighter(red, green), blue)
+    return np.asarray(largest) > FILL_TOLERANCE
 
 
 def _picture_box(
@@ -834,6 +845,7 @@ def check_screened(
     views: Callable[[View], Image.Image | None],
     pairs: Sequence[TurnedPair],
     cache: MutableMapping[tuple[View, bool], np.ndarray],
+    prepared: Mapping[View, np.ndarray] | None = None,
 ) -> list[TurnedPair]:
     """Each screened pair with the inliers of the geometric check of its owner's view
     against the other image (``ghostmatch.dupes.verify.verify_pair``), on maps at the
@@ -841,7 +853,8 @@ def check_screened(
     it, so each side needs one map, not the mirrored and zoomed ones of a pair whose
     transform is unknown. ``cache`` keeps the maps by (view, mirrored) from one call to
     the next (a kept file's map serves all its turned copies); ``views`` makes a view's
-    pixels (None: its image cannot be read any more)."""
+    pixels (None: its image cannot be read any more), ``prepared`` holds views already
+    prepared for the model (unmirrored, as for their descriptors)."""
     from ghostmatch.dupes.verify import local_features, verify_pair
     from ghostmatch.model.embedder import prepare, to_batch
 
@@ -850,9 +863,15 @@ def check_screened(
     sides = [((View(p.other, 0), False), (View(p.owner, p.turn, p.tilt), p.flipped)) for p in pairs]
     made: list[tuple[tuple[View, bool], np.ndarray]] = []
     for key in dict.fromkeys(k for side in sides for k in side):
-        seen = views(key[0]) if key not in cache else None
-        if seen is not None:
-            made.append((key, prepare(ImageOps.mirror(seen) if key[1] else seen, embedder.card)))
+        if key in cache:
+            continue
+        array = None if key[1] or prepared is None else prepared.get(key[0])
+        if array is None:
+            seen = views(key[0])
+            if seen is None:
+                continue
+            array = prepare(ImageOps.mirror(seen) if key[1] else seen, embedder.card)
+        made.append((key, array))
     if made:
         maps = local_features(embedder.local_model, to_batch([a for _, a in made]))
         cache.update(zip([k for k, _ in made], maps, strict=True))
@@ -867,24 +886,66 @@ def check_screened(
     return checked
 
 
-def same_capture(views: Callable[[View], Image.Image | None], pair: TurnedPair) -> bool:
+# Captures (``ghostmatch.dupes.samecapture``) of views that capture_cache keeps at once
+# (about 0.5 MB each, pyramid made).
+CAPTURE_CACHE = 64
+
+Captures = Callable[[View, bool], "Capture | None"]
+
+
+def capture_cache(
+    views: Callable[[View], Image.Image | None],
+    stored: Callable[[int], Capture | None] | None = None,
+) -> Captures:
+    """Captures for :func:`same_capture` by (view, mirrored), each prepared once: a kept
+    file's turned view serves all its copies turned alike. An indexed file seen as it is
+    comes from ``stored`` (the upright judge's own, ``PairJudge.capture``), which the
+    upright pairs of that file use too; ``views`` makes a view's pixels (None: its image
+    cannot be read any more)."""
+    from ghostmatch.dupes.samecapture import prepare_capture
+
+    cache: OrderedDict[tuple[View, bool], Capture | None] = OrderedDict()
+
+    def capture(view: View, flipped: bool) -> Capture | None:
+        if stored is not None and view.owner >= 0 and view == View(view.owner, 0) and not flipped:
+            return stored(view.owner)
+        key = (view, flipped)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        seen = views(view)
+        made = None if seen is None else prepare_capture(ImageOps.mirror(seen) if flipped else seen)
+        cache[key] = made
+        if len(cache) > CAPTURE_CACHE:
+            cache.popitem(last=False)
+        return made
+
+    return capture
+
+
+def same_capture(captures: Captures, pair: TurnedPair, unmoved: bool = False) -> bool:
     """Whether a checked pair's view and other file are one capture: the dense agreement
     of ``ghostmatch.dupes.samecapture`` on the geometric check's map, the decision every
     upright pair gets. Local features alone line up two unrelated pictures of smooth
-    noise turned, as they would upright."""
-    from ghostmatch.dupes.samecapture import agreement, prepare_capture
+    noise turned, as they would upright. With ``unmoved``, the pair (checked or not) is
+    aligned from the identity map instead, as an upright pair is first tried, and a
+    first try that hardly agrees is settled early. ``captures`` (:func:`capture_cache`)
+    gives both sides prepared."""
+    from ghostmatch.dupes.samecapture import agreement
 
-    if pair.affine is None:
+    if pair.affine is None and not unmoved:
         return False
-    target, seen = views(View(pair.other, 0)), views(View(pair.owner, pair.turn, pair.tilt))
+    target = captures(View(pair.other, 0), False)
+    seen = captures(View(pair.owner, pair.turn, pair.tilt), pair.flipped)
     if target is None or seen is None:
         return False
-    if pair.flipped:
-        seen = ImageOps.mirror(seen)
+    if unmoved:
+        return agreement(target, seen, np.eye(2, 3), second_chance=True).same_capture
+    assert pair.affine is not None
     # The check maps the view's unit square to the other file's; alignment needs the
     # other way round.
     warp = np.linalg.inv(np.vstack([pair.affine, [0.0, 0.0, 1.0]]))[:2]
-    return agreement(prepare_capture(target), prepare_capture(seen), warp).same_capture
+    return agreement(target, seen, warp).same_capture
 
 
 # ---------------------------------------------------------------------------- the finder's hooks
@@ -904,6 +965,9 @@ class TurnedCandidates:
     geometric stage (``enough`` inliers), the view must pass it against the other file
     (:func:`check_screened`); without it, the view's score must reach ``threshold``. A
     pair that fails still gets the upright decision when it is an upright candidate too.
+    ``judge``, the upright pairs' ``PairJudge``, prepares the indexed files for the dense
+    agreement (shared with the upright pairs) and tells the crowded files, whose views'
+    nearest images are not looked at (see ``__init__``).
     """
 
     def __init__(
@@ -917,6 +981,7 @@ class TurnedCandidates:
         enough: int | None,
         upright: Mapping[tuple[int, int], float],
         ignored: set[tuple[Path, Path]],
+        judge: PairJudge | None = None,
     ) -> None:
         self.records = {r.id: r for r in finder.catalog.get([int(i) for i in ids])}
         paths = {i: r.path for i, r in self.records.items()}
@@ -929,8 +994,13 @@ class TurnedCandidates:
         self.images = image_loader(paths, card.input_size if card is not None else SCREEN_SIDE)
         self.maps: dict[tuple[View, bool], np.ndarray] = {}
         self.straightened: OrderedDict[tuple[int, Tilt], Image.Image] = OrderedDict()
+        self.captures = capture_cache(self._view, judge.capture if judge is not None else None)
+        crowded = judge.crowded if judge is not None else frozenset()
+        self.crowded = crowded
         # Each view's descriptor and score offset.
         self.described: dict[View, tuple[np.ndarray, float]] = {}
+        # Each view as the model took it, for the geometric check's map of the view.
+        self.prepared: dict[View, np.ndarray] = {}
         # Made while indexing; images indexed before that are decoded here.
         screened = screen(paths, stored=finder.catalog.turn_screens([int(i) for i in ids]))
         hashes = {i: r.content_hash for i, r in self.records.items()}
@@ -964,6 +1034,13 @@ class TurnedCandidates:
         for p in found:
             if p.key in scored or hashes[p.owner] == hashes[p.other]:
                 continue
+            # Where the descriptor cannot tell images apart (a crowded file, see
+            # ``PairJudge``), a view's nearest images are any images: such a file pairs by a
+            # turn only as the screen paired it (1,000 synthetic images: 1,168 of their
+            # 1,639 turned pairs came that way, not one a copy, each needing the geometric
+            # check).
+            if p.owner in crowded or p.other in crowded:
+                continue
             # A turned view of a tilted canvas meets other tilted canvases by their
             # corners: two tilted images pair by a turn only as the screen paired them.
             if p.tilt is None and p.owner in screened.tilts and p.other in screened.tilts:
@@ -982,6 +1059,9 @@ class TurnedCandidates:
             for key, p in scored.items()
             if p.score >= floor and p.score > upright.get(key, -math.inf)
         }
+        # Only the candidates' views are checked: the other views' pixels go.
+        asked = {View(p.owner, p.turn, p.tilt) for p in self.pairs.values()}
+        self.prepared = {v: a for v, a in self.prepared.items() if v in asked}
         # The keep rule counts a tilted image's picture, not its filled corners.
         self.pictures = {
             i: share
@@ -1017,11 +1097,24 @@ class TurnedCandidates:
         if self.enough is None:
             passed = [p for p in asked if p.score >= self.threshold]
         else:
-            checked = check_screened(self.embedder, self._view, asked, self.maps)
+            # As upright pairs are (``PairJudge``): a view that scores from the threshold up
+            # is first aligned unmoved, where a copy only turned or tilted (and re-encoded,
+            # resized, recoloured) agrees already without local features. A crowded file's
+            # pairs, and those that do not agree unmoved, go to the geometric check.
             passed = [
                 p
+                for p in asked
+                if p.score >= self.threshold
+                and not {p.owner, p.other} & self.crowded
+                and same_capture(self.captures, p, unmoved=True)
+            ]
+            settled = {p.key for p in passed}
+            moved = [p for p in asked if p.key not in settled]
+            checked = check_screened(self.embedder, self._view, moved, self.maps, self.prepared)
+            passed += [
+                p
                 for p in checked
-                if (p.inliers or 0) >= self.enough and same_capture(self._view, p)
+                if (p.inliers or 0) >= self.enough and same_capture(self.captures, p)
             ]
         self.passed.update((p.key, p) for p in passed)
         known = {j: "edited" for j, k in keys.items() if k in self.passed}
@@ -1046,7 +1139,12 @@ class TurnedCandidates:
             made = [(v, seen) for v in chunk if (seen := self._view(v)) is not None]
             if not made:
                 continue
-            found = self.embedder.embed_arrays([prepare(s, card) for _, s in made], threads=1)
+            arrays = [prepare(s, card) for _, s in made]
+            found = self.embedder.embed_arrays(arrays, threads=1)
+            # At most ``IMAGE_CACHE`` of them kept (about 77 kB each); a view without its
+            # array is prepared again for its check.
+            room = max(0, IMAGE_CACHE - len(self.prepared))
+            self.prepared.update(list(zip([v for v, _ in made], arrays, strict=True))[:room])
             own = self._norm.offsets(found) if self._norm is not None else np.zeros(len(made))
             described.update(
                 (v, (found[n].astype(np.float64), float(own[n]))) for n, (v, _) in enumerate(made)
@@ -1172,8 +1270,18 @@ def pairs_of_image(
         if other is not None:
             turn, flipped = _best_transform(bases[p.tilt], other)
             lined_up.append(replace(p, turn=turn, flipped=flipped))
-    checked = check_screened(embedder, view_of, lined_up, {})
-    return [p for p in checked if (p.inliers or 0) >= enough and same_capture(view_of, p)]
+    captures = capture_cache(view_of)
+    # As the duplicate search decides (``TurnedCandidates.decide``): from the threshold up,
+    # a view is first aligned unmoved; the rest need the geometric check.
+    unmoved = [
+        p for p in lined_up if p.score >= threshold and same_capture(captures, p, unmoved=True)
+    ]
+    settled = {p.key for p in unmoved}
+    moved = [p for p in lined_up if p.key not in settled]
+    checked = check_screened(embedder, view_of, moved, {})
+    return unmoved + [
+        p for p in checked if (p.inliers or 0) >= enough and same_capture(captures, p)
+    ]
 
 
 def _loose_tilt_views(
