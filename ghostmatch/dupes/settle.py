@@ -117,7 +117,17 @@ def _frame(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
     """The box (left, top, right, bottom) of the picture inside a uniform frame of
     ``rgb`` (h, w, 3), or None when it has none."""
     h, w = rgb.shape[:2]
-    off = np.abs(rgb.astype(np.int16) - rgb[0, 0].astype(np.int16)).max(axis=2)
+    corner = rgb[0, 0].astype(np.int16)
+
+    def plain_lines(lines: np.ndarray) -> bool:
+        return bool((np.abs(lines.astype(np.int16) - corner).max(axis=-1) <= FRAME_TOLERANCE).all())
+
+    # Most images have no frame: their outermost lines already say so, before the whole
+    # image is looked at.
+    edges = (rgb[:FRAME_MIN], rgb[-FRAME_MIN:], rgb[:, :FRAME_MIN], rgb[:, -FRAME_MIN:])
+    if not all(plain_lines(edge) for edge in edges):
+        return None
+    off = np.abs(rgb.astype(np.int16) - corner).max(axis=2)
     plain = off <= FRAME_TOLERANCE
     rows, cols = plain.all(axis=1), plain.all(axis=0)
     top, bottom = _run(rows), _run(rows[::-1])
