@@ -1229,8 +1229,10 @@ class TurnedCandidates:
         composed through that copy. The grouping compares a file with kept files only,
         and a family of copies is often kept by a copy (a re-encode of more bytes than its
         original): a turned copy's screened partners are its few nearest thumbnails,
-        which may all be others of the family, never the kept one (held out, 3 of the 66
-        turned and tilted copies of ``benchmarks.turns --quick`` were lost so).
+        which may all be others of the family, never the kept one (of the 99 held-out
+        copies of ``benchmarks.turns --quick``, one turned by 90 was lost so: the family's
+        kept file was its mirror image, which the upright check of a nearly symmetric
+        subject does not take for a copy, and its eight turned partners were all taken).
         ``rank(file)`` orders files as the keep rule does: a file ranked before a group's
         kept file had its chance when it was visited, and is left as it is."""
         from ghostmatch.dupes.groups import DUPLICATE_TIERS, SIMILAR
