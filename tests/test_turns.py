@@ -20,6 +20,7 @@ import ghostmatch
 from ghostmatch.dupes.turns import (
     Tilt,
     TurnedPair,
+    compose_turns,
     find_tilt,
     inverse_turn,
     member_turn,
@@ -75,6 +76,23 @@ def test_quarter_turns_are_clockwise_and_undo_each_other() -> None:
         mirrored = ImageOps.mirror(turned)
         again = ImageOps.mirror(turn_image(mirrored, inverse_turn(degrees, True)))
         assert np.array_equal(np.asarray(again), np.asarray(image))
+
+
+def test_composed_turns_line_up_as_the_two_turns_one_after_the_other() -> None:
+    pixels = np.arange(12).reshape(3, 4)
+
+    def moved(a: np.ndarray, turn: int, flipped: bool) -> np.ndarray:
+        turned = turn_array(a, turn)
+        return turned[:, ::-1] if flipped else turned
+
+    for first in (0, 90, 180, 270):
+        for then in (0, 90, 180, 270):
+            for f1 in (False, True):
+                for f2 in (False, True):
+                    z = moved(moved(pixels, first, f1), then, f2)
+                    assert np.array_equal(
+                        z, moved(pixels, compose_turns(first, f1, then), f1 != f2)
+                    )
 
 
 def test_member_turn_names_the_turn_from_either_side() -> None:
@@ -460,6 +478,34 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
     # Copies only turned (and resized, re-encoded) agree unmoved once turned, as upright
     # copies do: no local features needed.
     assert not [pair for pair in geometric if pair & set(COFFEE_TURNS)]
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_a_turned_copy_whose_partners_another_copy_kept_joins_that_copy(
+    turned_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept by path, coffee-180 keeps the family. Where the screen never paired coffee-cw90
+    with it (in a larger family, its nearest thumbnails are other copies), coffee-cw90
+    still joins it through coffee, its original, which coffee-180 took."""
+    from ghostmatch.dupes import finder
+
+    real = finder.group_judged
+
+    def without_pair(members, candidates, *args, **kwargs):  # type: ignore[no-untyped-def]
+        unseen, candidates = {ids["coffee-180.jpg"], ids["coffee-cw90.jpg"]}, list(candidates)
+        kept = [(a, b, s) for a, b, s in candidates if {a, b} != unseen]
+        assert len(kept) < len(candidates)
+        return real(members, kept, *args, **kwargs)
+
+    monkeypatch.setattr(finder, "group_judged", without_pair)
+    with ghostmatch.open(turned_index, create=False) as lib:
+        ids = {r.path.name: r.id for r in lib.catalog.get(list(map(int, lib.catalog.vectors()[0])))}
+        groups = _groups_by_kept(lib.find_duplicates(keep="path"))
+    family = groups["coffee-180.jpg"]
+    # coffee-cw90 turned by another 90 degrees is coffee-180.
+    assert family["coffee-cw90.jpg"] == ("edited", 90)
+    assert family["coffee.jpg"] == ("edited", 180)
+    assert set(family) == {"coffee.jpg", *COFFEE_TURNS} - {"coffee-180.jpg"}
 
 
 @pytest.mark.usefixtures("shared_model_cache")

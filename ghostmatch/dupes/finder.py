@@ -36,6 +36,7 @@ from ghostmatch.dupes.groups import (
     check_threshold,
     default_thresholds,
     group_judged,
+    keep_priority,
     threshold_of,
     tier_of,
 )
@@ -262,6 +263,10 @@ class DuplicateFinder:
                 decided = group_judged(
                     ranked, pairs, decide, keep, report, ahead if verify else None
                 )
+                if found_turned is not None:
+                    # Turned copies whose partners a copy's group took, joined to it.
+                    rule = keep_priority(keep)
+                    decided = found_turned.adopt(decided, lambda i: rule(ranked[i]))
             finally:
                 judge.close()
         for leader, taken in decided:

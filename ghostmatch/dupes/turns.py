@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageOps
@@ -88,6 +88,28 @@ def inverse_turn(degrees: int, flipped: bool) -> int:
     Y up with X: the opposite turn, or with a mirror the same one (mirroring reverses the
     sense of a turn)."""
     return degrees % 360 if flipped else (-degrees) % 360
+
+
+def compose_turns(first: int, flipped: bool, then: int) -> int:
+    """If X turned clockwise by ``first`` (then mirrored when ``flipped``) is Y, and Y
+    turned by ``then`` (then mirrored or not) is Z, the turn that lines X up with Z (then
+    mirrored when exactly one of the two was): a mirror reverses the sense of the turns
+    after it."""
+    return (first + (-then if flipped else then)) % 360
+
+
+# How a file lines up with another: the clockwise turn, and whether a mirror follows it
+# (None: not known, for an upright pair, which the geometric check may have mirrored).
+Relation = tuple[int, "bool | None"]
+
+
+def _chained(first: Relation, then: Relation) -> Relation | None:
+    """X to Z through Y (:func:`compose_turns`), from X to Y and Y to Z; None when an
+    unknown mirror leaves the turn unknown (a mirror reverses a turn of 90 or 270)."""
+    (t1, f1), (t2, f2) = first, then
+    if f1 is None and t2 % 180:
+        return None
+    return compose_turns(t1, bool(f1), t2), None if f1 is None or f2 is None else f1 != f2
 
 
 @dataclass(frozen=True)
@@ -451,6 +473,8 @@ VIEW_BATCH = 64
 VIEW_NEIGHBOURS = 8
 
 Offsets = Callable[[np.ndarray], "np.ndarray | None"]
+# A kept file and what the grouping took with it: (file, score, tier) each.
+Grouped = tuple[int, list[tuple[int, float, str]]]
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -1071,6 +1095,9 @@ class TurnedCandidates:
         }
         # The pairs that passed, as checked (their turn and mirror settled).
         self.passed: dict[tuple[int, int], TurnedPair] = {}
+        self.ignored = ignored
+        # (kept file, copy) joined through another copy of the kept file (:meth:`adopt`).
+        self.chained: dict[tuple[int, int], Relation] = {}
 
     @functools.cached_property
     def embedder(self) -> Embedder:
@@ -1187,7 +1214,72 @@ class TurnedCandidates:
 
     def turn(self, leader: int, j: int) -> int:
         """The turn that lines copy ``j`` up with its kept file ``leader`` (0: upright)."""
-        return member_turn(self.passed.get((min(leader, j), max(leader, j))), j)
+        return self._relation(leader, j)[0]
+
+    def _relation(self, leader: int, j: int) -> Relation:
+        if (leader, j) in self.chained:
+            return self.chained[(leader, j)]
+        pair = self.passed.get((min(leader, j), max(leader, j)))
+        return (0, None) if pair is None else (member_turn(pair, j), pair.flipped)
+
+    def adopt(self, decided: Sequence[Grouped], rank: Callable[[int], Any]) -> list[Grouped]:
+        """The grouping's groups (kept file, [(copy, score, tier), ...]), with the files
+        left out that are turned or tilted copies of a copy in a group: each joins that
+        group (with its own copies, when it kept some), its turn to the kept file
+        composed through that copy. The grouping compares a file with kept files only,
+        and a family of copies is often kept by a copy (a re-encode of more bytes than its
+        original): a turned copy's screened partners are its few nearest thumbnails,
+        which may all be others of the family, never the kept one (of the 99 held-out
+        copies of ``benchmarks.turns --quick``, one turned by 90 was lost so: the family's
+        kept file was its mirror image, which the upright check of a nearly symmetric
+        subject does not take for a copy, and its eight turned partners were all taken).
+        ``rank(file)`` orders files as the keep rule does: a file ranked before a group's
+        kept file had its chance when it was visited, and is left as it is."""
+        from ghostmatch.dupes.groups import DUPLICATE_TIERS, SIMILAR
+
+        groups = [(leader, list(taken)) for leader, taken in decided]
+        at = {leader: n for n, (leader, _) in enumerate(groups)}
+        member_of = {
+            j: leader for leader, taken in groups for j, _, tier in taken if tier in DUPLICATE_TIERS
+        }
+        paths = {i: r.path for i, r in self.records.items()}
+
+        def ignored(a: int, b: int) -> bool:
+            return bool({(paths[a], paths[b]), (paths[b], paths[a])} & self.ignored)
+
+        for pair in sorted(self.pairs.values(), key=lambda p: (-p.score, p.key)):
+            for s, c in ((pair.owner, pair.other), (pair.other, pair.owner)):
+                leader = member_of.get(s)
+                if leader is None or c in member_of or c == leader or rank(c) <= rank(leader):
+                    continue
+                own = [m for m, _, t in groups[at[c]][1] if t in DUPLICATE_TIERS] if c in at else []
+                if any(ignored(leader, f) for f in (c, *own)):
+                    continue
+                if c not in self.decide(s, [c])[0]:
+                    continue
+                via = self.passed[pair.key]
+                joined = _chained((member_turn(via, c), via.flipped), self._relation(leader, s))
+                if joined is None:
+                    continue
+                theirs = {m: _chained(self._relation(c, m), joined) for m in own}
+                if any(r is None for r in theirs.values()):
+                    continue
+                joining = {c, *own}
+                taken = [e for e in groups[at[leader]][1] if e[0] not in joining or e[2] != SIMILAR]
+                taken.append((c, pair.score, "edited"))
+                if c in at:
+                    # The copies kept by ``c`` follow it (its similar files stay listed).
+                    listed = {e[0] for e in taken} | {leader}
+                    taken += [e for e in groups[at[c]][1] if e[0] not in listed]
+                    groups[at.pop(c)] = (c, [])
+                groups[at[leader]] = (leader, taken)
+                self.chained[(leader, c)] = joined
+                for m, r in theirs.items():
+                    assert r is not None
+                    self.chained[(leader, m)] = r
+                member_of.update((f, leader) for f in (c, *own))
+                break
+        return [(leader, taken) for leader, taken in groups if taken]
 
 
 def pairs_of_image(
