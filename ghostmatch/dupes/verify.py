@@ -186,6 +186,14 @@ def _export_local(model: Descriptor, path: Path) -> None:
 
 
 @functools.lru_cache(maxsize=64)
+def _design(h: int, w: int) -> np.ndarray:
+    """:func:`_grid` with a column of ones, the affine fit's design rows; read-only."""
+    design = np.hstack([_grid(h, w), np.ones((h * w, 1))])
+    design.flags.writeable = False
+    return design
+
+
+@functools.lru_cache(maxsize=64)
 def _grid(h: int, w: int) -> np.ndarray:
     """Cell centres of an h x w map in unit coordinates, (h * w, 2) as (x, y); read-only."""
     ys, xs = np.mgrid[0:h, 0:w]
@@ -266,12 +274,18 @@ def _seeded_picks(after: int, n: int) -> np.ndarray:
 
 
 def _fit_picked(
-    src: np.ndarray, dst: np.ndarray, tolerance: float, picks: np.ndarray
+    src: np.ndarray,
+    dst: np.ndarray,
+    tolerance: float,
+    picks: np.ndarray,
+    design: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`fit_affine` on triples already drawn (``picks``, three distinct indices each)."""
+    """:func:`fit_affine` on triples already drawn (``picks``, three distinct indices each);
+    ``design`` is src with a column of ones, where the caller has it at hand."""
     n = len(src)
     none = np.zeros(n, dtype=bool)
-    design = np.hstack([src, np.ones((n, 1))])
+    if design is None:
+        design = np.hstack([src, np.ones((n, 1))])
     models = _affines_from_triples(src[picks], dst[picks])
     models = models[plausible(models)]
     if len(models) == 0:
@@ -282,15 +296,21 @@ def _fit_picked(
     np.square(offsets, out=offsets)
     counts = np.count_nonzero(offsets[:, 0] + offsets[:, 1] <= tolerance**2, axis=1)
     best_model = models[int(counts.argmax())]
-    best = np.linalg.norm(design @ best_model.T - dst, axis=1) <= tolerance
+    best = _lengths(design @ best_model.T - dst) <= tolerance
     if best.sum() < 3:
         return np.eye(2, 3), none
     m, *_ = np.linalg.lstsq(design[best], dst[best], rcond=None)
     affine = m.T
     if not plausible(affine):
         return best_model, best
-    err = np.linalg.norm(design @ affine.T - dst, axis=1)
+    err = _lengths(design @ affine.T - dst)
     return affine, err <= tolerance
+
+
+def _lengths(offsets: np.ndarray) -> np.ndarray:
+    """Row lengths of (n, 2) offsets: ``np.linalg.norm(offsets, axis=1)``'s own arithmetic
+    (the square root of the summed squares) without its checks."""
+    return np.sqrt(np.add.reduce(offsets * offsets, axis=1))
 
 
 _MIRROR = np.array([[-1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -324,7 +344,7 @@ def _fit_one(fa: np.ndarray, fb: np.ndarray, flipped: bool, after: int = 0) -> V
         affine, inliers = np.eye(2, 3), np.zeros(len(ia), dtype=bool)
     else:
         picks = _seeded_picks(after if after >= 3 else 0, len(ia))
-        affine, inliers = _fit_picked(grid_b[ib], grid_a[ia], tolerance, picks)
+        affine, inliers = _fit_picked(grid_b[ib], grid_a[ia], tolerance, picks, _design(hb, wb)[ib])
     if flipped:  # express the map from B's own (unmirrored) coordinates
         affine = affine @ _MIRROR
     return Verification(len(ia), int(inliers.sum()), affine, flipped, cells)
