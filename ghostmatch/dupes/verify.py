@@ -186,6 +186,14 @@ def _export_local(model: Descriptor, path: Path) -> None:
 
 
 @functools.lru_cache(maxsize=64)
+def _design(h: int, w: int) -> np.ndarray:
+    """:func:`_grid` with a column of ones, the affine fit's design rows; read-only."""
+    design = np.hstack([_grid(h, w), np.ones((h * w, 1))])
+    design.flags.writeable = False
+    return design
+
+
+@functools.lru_cache(maxsize=64)
 def _grid(h: int, w: int) -> np.ndarray:
     """Cell centres of an h x w map in unit coordinates, (h * w, 2) as (x, y); read-only."""
     ys, xs = np.mgrid[0:h, 0:w]
@@ -204,9 +212,12 @@ def mutual_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     best = sim[ia, best_b]
     keep = (best_a[best_b] == ia) & (best >= MIN_LOCAL_SIMILARITY)
     if MATCH_RATIO < 1.0 and sim.shape[1] > 1:
-        second = np.partition(sim, -2, axis=1)[:, -2]
+        # The second-best similarity only of the rows still kept: most rows are not mutual
+        # matches, and a row's partition does not depend on the other rows.
+        rows = np.flatnonzero(keep)
+        second = np.partition(sim[rows], -2, axis=1)[:, -2]
         # Squared distances of unit vectors: 2 - 2 * cosine.
-        keep &= (1.0 - best) < MATCH_RATIO**2 * (1.0 - second)
+        keep[rows] = (1.0 - best[rows]) < MATCH_RATIO**2 * (1.0 - second)
     return ia[keep], best_b[keep]
 
 
@@ -237,30 +248,69 @@ def fit_affine(
     is what keeps a pair to about a millisecond.
     """
     n = len(src)
-    none = np.zeros(n, dtype=bool)
     if n < 3:
-        return np.eye(2, 3), none
-    design = np.hstack([src, np.ones((n, 1))])
-    picks = rng.integers(0, n, (RANSAC_ITERATIONS, 3))
+        return np.eye(2, 3), np.zeros(n, dtype=bool)
+    return _fit_picked(src, dst, tolerance, _distinct(rng.integers(0, n, (RANSAC_ITERATIONS, 3))))
+
+
+def _distinct(picks: np.ndarray) -> np.ndarray:
+    """The drawn triples (k, 3) whose three indices differ."""
     picks = picks[(picks[:, 0] != picks[:, 1]) & (picks[:, 1] != picks[:, 2])]
-    picks = picks[picks[:, 0] != picks[:, 2]]
+    return picks[picks[:, 0] != picks[:, 2]]
+
+
+@functools.lru_cache(maxsize=4096)
+def _seeded_picks(after: int, n: int) -> np.ndarray:
+    """The triples :func:`fit_affine` draws for ``n`` matches from a generator seeded with
+    ``SEED`` that first drew the triples of ``after`` matches (none below 3), as
+    :func:`_fit_one` seeds it: the draws depend on nothing else, so they are made once per
+    (after, n) instead of seeding a generator for every try; read-only."""
+    rng = np.random.default_rng(SEED)
+    if after >= 3:  # fit_affine draws nothing for fewer than 3 matches
+        rng.integers(0, after, (RANSAC_ITERATIONS, 3))
+    picks = _distinct(rng.integers(0, n, (RANSAC_ITERATIONS, 3)))
+    picks.flags.writeable = False
+    return picks
+
+
+def _fit_picked(
+    src: np.ndarray,
+    dst: np.ndarray,
+    tolerance: float,
+    picks: np.ndarray,
+    design: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fit_affine` on triples already drawn (``picks``, three distinct indices each);
+    ``design`` is src with a column of ones, where the caller has it at hand."""
+    n = len(src)
+    none = np.zeros(n, dtype=bool)
+    if design is None:
+        design = np.hstack([src, np.ones((n, 1))])
     models = _affines_from_triples(src[picks], dst[picks])
     models = models[plausible(models)]
     if len(models) == 0:
         return np.eye(2, 3), none
-    projected = np.matmul(models, design.T)  # (m, 2, n)
-    offsets = projected - dst.T[None]
-    counts = ((offsets**2).sum(axis=1) <= tolerance**2).sum(axis=1)
+    # The squared offsets computed in place, with the same roundings as written out.
+    offsets = np.matmul(models, design.T)  # (m, 2, n)
+    offsets -= dst.T[None]
+    np.square(offsets, out=offsets)
+    counts = np.count_nonzero(offsets[:, 0] + offsets[:, 1] <= tolerance**2, axis=1)
     best_model = models[int(counts.argmax())]
-    best = np.linalg.norm(design @ best_model.T - dst, axis=1) <= tolerance
+    best = _lengths(design @ best_model.T - dst) <= tolerance
     if best.sum() < 3:
         return np.eye(2, 3), none
     m, *_ = np.linalg.lstsq(design[best], dst[best], rcond=None)
     affine = m.T
     if not plausible(affine):
         return best_model, best
-    err = np.linalg.norm(design @ affine.T - dst, axis=1)
+    err = _lengths(design @ affine.T - dst)
     return affine, err <= tolerance
+
+
+def _lengths(offsets: np.ndarray) -> np.ndarray:
+    """Row lengths of (n, 2) offsets: ``np.linalg.norm(offsets, axis=1)``'s own arithmetic
+    (the square root of the summed squares) without its checks."""
+    return np.sqrt(np.add.reduce(offsets * offsets, axis=1))
 
 
 _MIRROR = np.array([[-1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -289,11 +339,12 @@ def _fit_one(fa: np.ndarray, fb: np.ndarray, flipped: bool, after: int = 0) -> V
     # The coarser grid's cell, in the unit coordinates both grids share.
     tolerance = TOLERANCE_CELLS / min(max(ha, wa), max(hb, wb))
     cells = min(ha * wa, hb * wb)
-    rng = np.random.default_rng(SEED)
-    if after >= 3:  # fit_affine draws nothing for fewer than 3 matches
-        rng.integers(0, after, (RANSAC_ITERATIONS, 3))
     ia, ib = mutual_matches(fa.reshape(-1, c), fb.reshape(-1, c))
-    affine, inliers = fit_affine(grid_b[ib], grid_a[ia], tolerance, rng)
+    if len(ia) < 3:  # no triple to draw: fit_affine's own answer, without a generator
+        affine, inliers = np.eye(2, 3), np.zeros(len(ia), dtype=bool)
+    else:
+        picks = _seeded_picks(after if after >= 3 else 0, len(ia))
+        affine, inliers = _fit_picked(grid_b[ib], grid_a[ia], tolerance, picks, _design(hb, wb)[ib])
     if flipped:  # express the map from B's own (unmirrored) coordinates
         affine = affine @ _MIRROR
     return Verification(len(ia), int(inliers.sum()), affine, flipped, cells)
