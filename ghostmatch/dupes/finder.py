@@ -143,8 +143,10 @@ class DuplicateFinder:
         ``progress(stage, done, total)`` counts the files the grouping has visited.
         ``turned`` (the default): copies turned by a quarter-turn or tilted are found too,
         through turned and straightened views (``ghostmatch.dupes.turns``), tier ``edited``
-        with their turn; it costs about 1.2 times the plain search on a mostly upright
-        library (README, turned copies).
+        with their turn; it costs about 1.3 times the plain search on a mostly upright
+        library (README, turned copies). A turned copy whose screened partners all went
+        into a group kept by another copy may join that group through one of them, after
+        the full check against it (``TurnedCandidates.adopt``).
         """
         normalised = self.normalised_scores
         t = (
