@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image, ImageOps
 from skimage import data
 
 import ghostmatch
+from ghostmatch import Library
 from ghostmatch.dupes.groups import DuplicateMember, group_judged
 from ghostmatch.dupes.verify import (
     SEED,
@@ -26,6 +28,7 @@ from ghostmatch.dupes.verify import (
     scale_steps,
     verify_scales,
 )
+from ghostmatch.store.catalog import ImageRecord
 
 
 def scene() -> Image.Image:
@@ -163,25 +166,31 @@ def indexed(tmp_path: Path) -> Path:
     return folder
 
 
-def test_a_plain_copy_needs_no_mirrored_map_and_a_mirrored_one_is_still_found(
-    tmp_path: Path, indexed: Path
-) -> None:
-    from ghostmatch.dupes.finder import PairJudge
+# A library, its catalog records by id, and their ids by file name.
+Judged = tuple[Library, dict[int, ImageRecord], dict[str, int]]
 
+
+@pytest.fixture
+def judged(tmp_path: Path, indexed: Path) -> Iterator[Judged]:
+    """The indexed photos' library, their catalog records by id, and their ids by name."""
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([indexed])
         records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
-        # A score under any threshold: each pair goes to the geometric check.
-        judge = PairJudge(lib.finder.model, records, 2.0, 36)
-        assert judge(ids["scene.jpg"], [(ids["bordered.jpg"], 0.0)]) == {
-            ids["bordered.jpg"]: "edited"
-        }
-        assert judge.maps.made == {"base": 2}
-        assert judge(ids["scene.jpg"], [(ids["mirrored.jpg"], 0.0)]) == {
-            ids["mirrored.jpg"]: "edited"
-        }
-        assert judge.maps.made == {"base": 3, "mirrored": 1}
+        yield lib, records, {r.path.name: i for i, r in records.items()}
+
+
+def test_a_plain_copy_needs_no_mirrored_map_and_a_mirrored_one_is_still_found(
+    judged: Judged,
+) -> None:
+    from ghostmatch.dupes.finder import PairJudge
+
+    lib, records, ids = judged
+    # A score under any threshold: each pair goes to the geometric check.
+    judge = PairJudge(lib.finder.model, records, 2.0, 36)
+    assert judge(ids["scene.jpg"], [(ids["bordered.jpg"], 0.0)]) == {ids["bordered.jpg"]: "edited"}
+    assert judge.maps.made == {"base": 2}
+    assert judge(ids["scene.jpg"], [(ids["mirrored.jpg"], 0.0)]) == {ids["mirrored.jpg"]: "edited"}
+    assert judge.maps.made == {"base": 3, "mirrored": 1}
 
 
 def _maps_threads() -> list[threading.Thread]:
@@ -189,39 +198,36 @@ def _maps_threads() -> list[threading.Thread]:
 
 
 def test_maps_made_ahead_in_the_background_give_the_same_decisions(
-    tmp_path: Path, indexed: Path
+    judged: Judged,
 ) -> None:
     from ghostmatch.dupes.finder import PairJudge
 
-    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
-        lib.index([indexed])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
-        others = [(ids[n], 0.0) for n in ("bordered.jpg", "mirrored.jpg", "coffee.jpg")]
-        leader = ids["scene.jpg"]
-        plain = PairJudge(lib.finder.model, records, 2.0, 36)
-        expected = plain(leader, others)
-        ahead = PairJudge(lib.finder.model, records, 2.0, 36)
-        try:
-            ahead.prefetch(leader, others)
-            assert _maps_threads()
-            ahead.maps.wait()
-            made = Counter(ahead.maps.made)
-            # The background followed each check to its first possible decision: the
-            # bordered copy's plain maps, the mirror image's mirrored map, both images'
-            # zoomed maps and the kept one's mirrored map for the unrelated photo.
-            assert made == {"base": 4, "mirrored": 3, "zoomed": 2} == plain.maps.made
-            assert ahead(leader, others) == expected
-            # The main thread took them all: none made twice.
-            assert ahead.maps.made == made
-        finally:
-            ahead.close()
-        assert not _maps_threads()
-        # A pair above the threshold needs maps only when unmoved alignment fails: nothing
-        # is made ahead for it.
-        above = PairJudge(lib.finder.model, records, -1.0, 36)
-        above.prefetch(leader, others)
-        assert not _maps_threads() and above.maps.made == {}
+    lib, records, ids = judged
+    others = [(ids[n], 0.0) for n in ("bordered.jpg", "mirrored.jpg", "coffee.jpg")]
+    leader = ids["scene.jpg"]
+    plain = PairJudge(lib.finder.model, records, 2.0, 36)
+    expected = plain(leader, others)
+    ahead = PairJudge(lib.finder.model, records, 2.0, 36)
+    try:
+        ahead.prefetch(leader, others)
+        assert _maps_threads()
+        ahead.maps.wait()
+        made = Counter(ahead.maps.made)
+        # The background followed each check to its first possible decision: the
+        # bordered copy's plain maps, the mirror image's mirrored map, both images'
+        # zoomed maps and the kept one's mirrored map for the unrelated photo.
+        assert made == {"base": 4, "mirrored": 3, "zoomed": 2} == plain.maps.made
+        assert ahead(leader, others) == expected
+        # The main thread took them all: none made twice.
+        assert ahead.maps.made == made
+    finally:
+        ahead.close()
+    assert not _maps_threads()
+    # A pair above the threshold needs maps only when unmoved alignment fails: nothing
+    # is made ahead for it.
+    above = PairJudge(lib.finder.model, records, -1.0, 36)
+    above.prefetch(leader, others)
+    assert not _maps_threads() and above.maps.made == {}
 
 
 def test_grouping_announces_files_ahead_and_decides_the_same() -> None:
