@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageChops, ImageOps
 
+from ghostmatch.dupes.groups import DUPLICATE_TIERS, SIMILAR
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
 from ghostmatch.model.binding import ImageLike
@@ -1235,8 +1236,6 @@ class TurnedCandidates:
         subject does not take for a copy, and its eight turned partners were all taken).
         ``rank(file)`` orders files as the keep rule does: a file ranked before a group's
         kept file had its chance when it was visited, and is left as it is."""
-        from ghostmatch.dupes.groups import DUPLICATE_TIERS, SIMILAR
-
         groups = [(leader, list(taken)) for leader, taken in decided]
         at = {leader: n for n, (leader, _) in enumerate(groups)}
         member_of = {
