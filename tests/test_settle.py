@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from skimage import data
 
 import ghostmatch
+from ghostmatch.dupes import settle
 from ghostmatch.dupes.finder import _QUERY, PairJudge
 from ghostmatch.dupes.settle import MIN_CORRELATION, Glance, settled_tier, settles
 
@@ -176,3 +177,50 @@ def test_neither_another_shot_nor_smooth_noise_is_settled(tmp_path: Path) -> Non
         assert judge.settled == 0
     if not have_shots:
         pytest.skip(f"no ukbench-dev photos at {UKBENCH}: only the noise pair was checked")
+
+
+def _frame_by_numpy(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The frame as its definition reads, pixel by pixel in numpy: the reference that the
+    quicker search must match."""
+    h, w = rgb.shape[:2]
+    plain = np.abs(rgb.astype(np.int16) - rgb[0, 0].astype(np.int16)).max(axis=2) <= (
+        settle.FRAME_TOLERANCE
+    )
+    rows, cols = plain.all(axis=1), plain.all(axis=0)
+    top, bottom = settle._run(rows), settle._run(rows[::-1])
+    left, right = settle._run(cols), settle._run(cols[::-1])
+    if min(top, bottom, left, right) < settle.FRAME_MIN:
+        return None
+    if w - left - right < settle.FRAME_INSIDE * w or h - top - bottom < settle.FRAME_INSIDE * h:
+        return None
+    return left, top, w - right, h - bottom
+
+
+def test_the_frame_found_is_the_one_its_definition_gives() -> None:
+    # Frames of every width and shade, near the tolerance on either side, on real photos
+    # and on flat pictures that fill most of the image.
+    rng = np.random.default_rng(5)
+    photo = np.asarray(scene().convert("RGB"))
+    found = 0
+    for n in range(60):
+        h, w = photo.shape[:2]
+        rgb = photo.copy() if n % 3 else np.full_like(photo, rng.integers(0, 256, 3))
+        shade = rng.integers(0, 256, 3)
+        sides = rng.integers(0, 12, 4)
+        top, bottom, left, right = (int(s) for s in sides)
+        frame = np.zeros((h, w), bool)
+        frame[:top], frame[h - bottom :], frame[:, :left], frame[:, w - right :] = (
+            True,
+            True,
+            True,
+            True,
+        )
+        noise = rng.integers(-settle.FRAME_TOLERANCE - 2, settle.FRAME_TOLERANCE + 3, (h, w, 3))
+        rgb = rgb.astype(np.int16)
+        rgb[frame] = np.clip(shade + noise[frame] * (n % 2), 0, 255)
+        rgb[0, 0] = shade
+        rgb = rgb.astype(np.uint8)
+        expected = _frame_by_numpy(rgb)
+        found += expected is not None
+        assert settle._frame(Image.fromarray(rgb)) == expected
+    assert found >= 10  # the cases include frames that are found

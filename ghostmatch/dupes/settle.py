@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 # Both views squash the image to a square, as the dense comparison's unit square does: a
 # copy whose aspect ratio changed lines up at the identity map there, and is ``near`` there.
@@ -58,7 +58,7 @@ class Glance:
     @classmethod
     def of(cls, image: Image.Image, framed: bool = True) -> Glance:
         small = image.convert("L").resize((GLANCE_SIDE, GLANCE_SIDE), Image.Resampling.BOX)
-        box = _frame(np.asarray(image.convert("RGB"))) if framed else None
+        box = _frame(image.convert("RGB")) if framed else None
         inside = None if box is None else cls.of(image.crop(box), framed=False)
         return cls(np.asarray(small, dtype=np.uint8), inside)
 
@@ -113,9 +113,10 @@ def settled_tier(kept: Glance, other: Glance) -> str | None:
     return None
 
 
-def _frame(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The box (left, top, right, bottom) of the picture inside a uniform frame of
-    ``rgb`` (h, w, 3), or None when it has none."""
+def _frame(image: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) of the picture inside a uniform frame of the RGB
+    ``image``, or None when it has none."""
+    rgb = np.asarray(image)
     h, w = rgb.shape[:2]
     corner = rgb[0, 0].astype(np.int16)
 
@@ -127,7 +128,12 @@ def _frame(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
     edges = (rgb[:FRAME_MIN], rgb[-FRAME_MIN:], rgb[:, :FRAME_MIN], rgb[:, -FRAME_MIN:])
     if not all(plain_lines(edge) for edge in edges):
         return None
-    off = np.abs(rgb.astype(np.int16) - corner).max(axis=2)
+    # Each pixel's largest channel difference from the corner, by Pillow (a picture on a
+    # plain background passes the outer lines, and numpy's int16 passes over the whole
+    # image cost 0.8 ms of it; these 0.1 ms).
+    plain_colour = Image.new("RGB", image.size, tuple(int(c) for c in rgb[0, 0]))
+    red, green, blue = ImageChops.difference(image, plain_colour).split()
+    off = np.asarray(ImageChops.lighter(ImageChops.lighter(red, green), blue))
     plain = off <= FRAME_TOLERANCE
     rows, cols = plain.all(axis=1), plain.all(axis=0)
     top, bottom = _run(rows), _run(rows[::-1])
