@@ -116,7 +116,7 @@ def settled_tier(kept: Glance, other: Glance) -> str | None:
 def _frame(image: Image.Image) -> tuple[int, int, int, int] | None:
     """The box (left, top, right, bottom) of the picture inside a uniform frame of the RGB
     ``image``, or None when it has none."""
-    rgb = np.asarray(image)
+    rgb: np.ndarray = np.asarray(image)
     h, w = rgb.shape[:2]
     corner = rgb[0, 0].astype(np.int16)
 
@@ -133,9 +133,10 @@ def _frame(image: Image.Image) -> tuple[int, int, int, int] | None:
     # image cost 0.8 ms of it; these 0.1 ms).
     plain_colour = Image.new("RGB", image.size, tuple(int(c) for c in rgb[0, 0]))
     red, green, blue = ImageChops.difference(image, plain_colour).split()
-    off = np.asarray(ImageChops.lighter(ImageChops.lighter(red, green), blue))
-    plain = off <= FRAME_TOLERANCE
-    rows, cols = plain.all(axis=1), plain.all(axis=0)
+    off: np.ndarray = np.asarray(ImageChops.lighter(ImageChops.lighter(red, green), blue))
+    plain: np.ndarray = off <= FRAME_TOLERANCE
+    rows = np.asarray(plain.all(axis=1))
+    cols = np.asarray(plain.all(axis=0))
     top, bottom = _run(rows), _run(rows[::-1])
     left, right = _run(cols), _run(cols[::-1])
     if min(top, bottom, left, right) < FRAME_MIN:
