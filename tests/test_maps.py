@@ -268,3 +268,26 @@ def test_ctrl_c_while_maps_are_made_ahead_stops_them(tmp_path: Path, indexed: Pa
         assert not _maps_threads()
         assert lib.find_duplicates(threshold=0.999) == expected
         assert expected  # the turned and bordered copies are found
+
+
+def test_the_grouping_judges_each_pair_once() -> None:
+    # 0 and 1 are alike but no copies, so 0 stays free; when 1 is visited, its pair with 0
+    # keeps the tier it got, and only its pair with 2 is judged.
+    members = {
+        i: DuplicateMember(Path(f"{i}.jpg"), 1.0, "keep", 100 - i, 100, 1, 0) for i in range(4)
+    }
+    pairs = [(0, 1, 0.9), (1, 2, 0.8), (0, 3, 0.7)]
+    asked: list[tuple[int, int]] = []
+
+    def judge(leader: int, others: list[int]) -> dict[int, str | None]:
+        asked.extend((min(leader, j), max(leader, j)) for j in others)
+        return {j: "near" if {leader, j} == {1, 2} else "similar" for j in others}
+
+    groups = group_judged(members, pairs, judge)
+    assert sorted(asked) == sorted(set(asked)) == [(0, 1), (0, 3), (1, 2)]
+    # The earlier tier stands for the pair: 0 is listed as similar with 1 as before.
+    assert groups == [
+        (0, [(1, 0.9, "similar"), (3, 0.7, "similar")]),
+        (1, [(0, 0.9, "similar"), (2, 0.8, "near")]),
+        (3, [(0, 0.7, "similar")]),
+    ]

@@ -185,6 +185,11 @@ def group_judged(
     the files visited. ``ahead(file, [candidates])``, when given, hears of a file
     ``LOOKAHEAD`` visits before it is visited, with its candidates unassigned then, so that
     what judging them needs can be prepared meanwhile; it decides nothing.
+
+    Each pair is judged once. A kept file that took no copy stays free, and when one of
+    the files it was compared with is visited later, their pair keeps the tier it got (no
+    copy: None or ``similar``): being one capture does not depend on which file is kept,
+    and on independent synthetic images half of the comparisons were such second asks.
     """
     neighbours: dict[int, dict[int, float]] = {}
     for a, b, score in candidates:
@@ -194,11 +199,17 @@ def group_judged(
     order = sorted(neighbours, key=lambda i: key(members[i]))
     assigned: set[int] = set()
     groups: list[tuple[int, list[tuple[int, float, str]]]] = []
+    # The tier of each pair judged so far (low id first).
+    known: dict[tuple[int, int], str | None] = {}
 
     def announce(position: int) -> None:
         if ahead is not None and position < len(order) and order[position] not in assigned:
             upcoming = order[position]
-            open_ = [j for j in neighbours[upcoming] if j not in assigned]
+            open_ = [
+                j
+                for j in neighbours[upcoming]
+                if j not in assigned and (min(upcoming, j), max(upcoming, j)) not in known
+            ]
             if open_:
                 ahead(upcoming, open_)
 
@@ -208,7 +219,11 @@ def group_judged(
         announce(done - 1 + LOOKAHEAD)
         if leader not in assigned:
             open_ = [(j, s) for j, s in neighbours[leader].items() if j not in assigned]
-            tiers = judge(leader, [j for j, _ in open_]) if open_ else {}
+            keys = {j: (min(leader, j), max(leader, j)) for j, _ in open_}
+            fresh = [j for j, _ in open_ if keys[j] not in known]
+            tiers = judge(leader, fresh) if fresh else {}
+            known.update((keys[j], tiers.get(j)) for j in fresh)
+            tiers = {j: known[keys[j]] for j, _ in open_}
             taken = [(j, s, tier) for j, s in open_ if (tier := tiers.get(j)) is not None]
             copies = {j for j, _, tier in taken if tier in DUPLICATE_TIERS}
             if copies:
