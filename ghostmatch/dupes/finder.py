@@ -34,6 +34,7 @@ from ghostmatch.dupes.groups import (
     DuplicateGroup,
     DuplicateMember,
     check_threshold,
+    components,
     default_thresholds,
     group_judged,
     keep_priority,
@@ -55,6 +56,7 @@ from ghostmatch.dupes.verify import (
     scale_steps,
     verify_scales,
 )
+from ghostmatch.dupes.workers import can_fork, run_parts, usable_cores
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
@@ -124,6 +126,7 @@ class DuplicateFinder:
         similar: bool = False,
         progress: Callable[[str, int, int | None], None] | None = None,
         turned: bool = True,
+        workers: int | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies.
 
@@ -147,6 +150,11 @@ class DuplicateFinder:
         library (README, turned copies). A turned copy whose screened partners all went
         into a group kept by another copy may join that group through one of them, after
         the full check against it (``TurnedCandidates.adopt``).
+
+        ``workers``: the processes that decide pairs, each a part of the candidates that
+        shares no file with the others (``ghostmatch.dupes.workers``); the groups are the
+        same whatever their number. None (the default): the usable cores, and one process
+        for a search too small to pay for starting more.
         """
         normalised = self.normalised_scores
         t = (
@@ -260,20 +268,41 @@ class DuplicateFinder:
 
         groups = []
         ranked = turns.by_picture(members, pictures)
+        rule = keep_priority(keep)
+
+        def grouped(part: _Part, visited: Callable[[int, int], None] | None) -> _Grouped:
+            """The groups of the files of ``part`` (candidate pairs), the turns of their
+            copies, and the pairs settled from their glances meanwhile."""
+            settled = judge.settled
+            decided = group_judged(ranked, part, decide, keep, visited, ahead if verify else None)
+            if found_turned is not None:
+                # Turned copies whose partners a copy's group took, joined to it (only
+                # through pairs of candidates, so within the part).
+                decided = found_turned.adopt(decided, lambda i: rule(ranked[i]))
+            turned_by = {
+                (leader, j): turn(leader, j)
+                for leader, taken in decided
+                for j, _, tier in taken
+                if tier != SIMILAR
+            }
+            return decided, turned_by, judge.settled - settled
+
+        parts = components(pairs)
+        processes = self._processes(workers, parts, verify)
         with one_thread():
             try:
-                decided = group_judged(
-                    ranked, pairs, decide, keep, report, ahead if verify else None
-                )
-                if found_turned is not None:
-                    # Turned copies whose partners a copy's group took, joined to it.
-                    rule = keep_priority(keep)
-                    decided = found_turned.adopt(decided, lambda i: rule(ranked[i]))
+                if processes == 1:
+                    decided, turned_by, _ = grouped(pairs, report)
+                else:
+                    decided, turned_by, settled = self._grouped_apart(
+                        parts, grouped, processes, progress, lambda i: rule(ranked[i])
+                    )
+                    judge.settled += settled
             finally:
                 judge.close()
         for leader, taken in decided:
             copies = [
-                _member(records[j], s, tier, turn(leader, j))
+                _member(records[j], s, tier, turned_by.get((leader, j), 0))
                 for j, s, tier in taken
                 if tier != SIMILAR
             ]
@@ -284,6 +313,63 @@ class DuplicateFinder:
             key=lambda g: (-len(g.members), -max(m.score for m in (*g.members, *g.similar)))
         )
         return groups
+
+    def _processes(self, workers: int | None, parts: list[_Part], verify: bool) -> int:
+        """How many processes decide the grouping's ``parts``: one without the geometric
+        check (nothing there is worth a process), for a single part, or where processes
+        cannot be forked; else ``workers``, by default the usable cores once there are
+        pairs enough to pay for starting them; never more than the parts."""
+        if workers is not None and workers < 1:
+            raise GhostmatchError(f"workers must be at least 1, not {workers}")
+        if not verify or len(parts) < 2 or not can_fork():
+            return 1
+        if workers is None:
+            if sum(len(part) for part in parts) < PARALLEL_PAIRS:
+                return 1
+            workers = usable_cores()
+        return min(workers, len(parts))
+
+    def _grouped_apart(
+        self,
+        parts: list[_Part],
+        grouped: Callable[
+            [list[tuple[int, int, float]], Callable[[int, int], None] | None], _Grouped
+        ],
+        processes: int,
+        progress: Callable[[str, int, int | None], None] | None,
+        rank: Callable[[int], Any],
+    ) -> _Grouped:
+        """``grouped`` on each part, on ``processes`` worker processes (the parts with the
+        most pairs first, so that no large one is left for last), merged as ``grouped``
+        on all of them gives them: in the keep order of their kept files."""
+        total = len({i for part in parts for a, b, _ in part for i in (a, b)})
+        done = 0
+
+        def visited(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress("verified", done, total)
+
+        def work(n: int, step: Callable[[int], None]) -> _Grouped:
+            return grouped(parts[n], lambda _done, _total: step(1))
+
+        # The model is loaded here once, its weights shared by the processes; they run
+        # only its torch module and local maps' session (made afresh in each after the
+        # fork, ``ghostmatch.dupes.verify``), never a session whose threads a fork drops.
+        self.model.embedder  # noqa: B018 - loaded for its side effect
+        order = sorted(range(len(parts)), key=lambda n: (-len(parts[n]), n))
+        found = run_parts(order, work, processes, visited, self._forked)
+        decided = sorted((g for r in found.values() for g in r[0]), key=lambda g: rank(g[0]))
+        turned_by = {key: t for r in found.values() for key, t in r[1].items()}
+        return decided, turned_by, sum(r[2] for r in found.values())
+
+    def _forked(self) -> None:
+        """What a worker process does first: its own database connections should it read
+        the catalog, and one thread for torch and BLAS (``one_thread``)."""
+        self.catalog.forget_connections()
+        torch.set_num_threads(1)
+        threadpool_limits(1, user_api="blas")
 
     def candidate_pairs(
         self, ids: np.ndarray, vectors: Stored, offsets: np.ndarray | None, floor: float
@@ -796,6 +882,14 @@ REGION_MIN_INLIERS = 24
 # flat-shape pictures (``--synthetic-only 1000``) 1.07 and 1.15, gains 0.63 and 1.88.
 CROP_LOOSE_SQUASH = 1.05
 CROP_LOOSE_GAIN = 1.1
+# Under this many candidate pairs the grouping runs in one process unless told otherwise:
+# starting a worker process costs about as much as deciding that many pairs.
+PARALLEL_PAIRS = 200
+# One part's groups (kept file, [(other, score, tier), ...]), the turns of their copies by
+# (kept file, copy), and the pairs settled from their glances meanwhile.
+_Grouped = tuple[list[turns.Grouped], dict[tuple[int, int], int], int]
+# Candidate pairs (file, file, score).
+_Part = list[tuple[int, int, float]]
 # A file keeps at most this many candidate partners (best first), besides byte-identical
 # ones; a file with more is crowded (see PairJudge).
 MAX_CANDIDATES = 16
