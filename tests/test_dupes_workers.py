@@ -95,9 +95,8 @@ def test_a_failure_in_a_process_reaches_the_caller_and_no_process_stays(
         return judge(self, leader, others)
 
     monkeypatch.setattr(PairJudge, "__call__", failing)
-    with ghostmatch.open(families, create=False) as lib:
-        with pytest.raises(GhostmatchError) as raised:
-            lib.find_duplicates(workers=2)
+    with ghostmatch.open(families, create=False) as lib, pytest.raises(GhostmatchError) as raised:
+        lib.find_duplicates(workers=2)
     # One line for the command line; where it failed, in a note beside it.
     assert str(raised.value) == "cannot judge coffee.jpg"
     assert multiprocessing.active_children() == []
