@@ -47,6 +47,26 @@ def families(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return index
 
 
+@pytest.fixture(scope="module")
+def one_family(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of one photo and its copies, each a candidate of the others: the candidate
+    graph is one part, which the processes share out by kept file."""
+    folder = tmp_path_factory.mktemp("one-family")
+    chelsea = Image.open(photos / "chelsea.jpg")
+    chelsea.save(folder / "chelsea.jpg", quality=92)
+    chelsea.save(folder / "chelsea_q40.jpg", quality=40)
+    chelsea.save(folder / "chelsea_q20.jpg", quality=20)
+    chelsea.resize((chelsea.width // 2, chelsea.height // 2)).save(folder / "chelsea_half.jpg")
+    w, h = chelsea.size
+    chelsea.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(folder / "chelsea_crop.jpg")
+    ImageOps.mirror(chelsea).save(folder / "chelsea_flip.jpg")
+    chelsea.rotate(90, expand=True).save(folder / "chelsea_turned.jpg")
+    index = tmp_path_factory.mktemp("one-family-index") / "index"
+    with ghostmatch.open(index, weights="bundled") as lib:
+        lib.index([folder])
+    return index
+
+
 class _Spy:
     """Records the parts each call of ``run_parts`` hands out, and runs it."""
 
@@ -82,6 +102,21 @@ def test_two_processes_make_the_groups_of_one(
     assert done == list(range(1, len(done) + 1))
     assert steps[-1][1] == steps[-1][2]
     assert multiprocessing.active_children() == []
+
+
+def test_a_part_too_large_to_share_out_is_decided_ahead_by_kept_file(
+    one_family: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy()
+    monkeypatch.setattr(finder_module, "run_parts", spy)
+    with ghostmatch.open(one_family, create=False) as lib:
+        one = lib.find_duplicates(similar=True, workers=1)
+        two = lib.find_duplicates(similar=True, workers=2)
+    # One part, handed out as slices of its kept files.
+    assert len(spy.orders) == 1 and len(spy.orders[0]) >= 2
+    assert two == one
+    assert len(one) == 1 and len(one[0].members) >= 5
+    assert any(m.turn for m in one[0].members)
 
 
 def test_a_failure_in_a_process_reaches_the_caller_and_no_process_stays(

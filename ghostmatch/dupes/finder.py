@@ -12,7 +12,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from ghostmatch.dupes.collection import (
 )
 from ghostmatch.dupes.groups import (
     DEFAULT_MIN_INLIERS,
+    LOOKAHEAD,
     SIMILAR,
     THRESHOLD_META,
     DuplicateGroup,
@@ -270,11 +271,23 @@ class DuplicateFinder:
         ranked = turns.by_picture(members, pictures)
         rule = keep_priority(keep)
 
-        def grouped(part: _Part, visited: Callable[[int, int], None] | None) -> _Grouped:
+        def grouped(
+            part: _Part,
+            visited: Callable[[int, int], None] | None,
+            known: _Tiers | None = None,
+        ) -> _Grouped:
             """The groups of the files of ``part`` (candidate pairs), the turns of their
-            copies, and the pairs settled from their glances meanwhile."""
+            copies, and the pairs settled from their glances meanwhile; with ``known``,
+            the decisions of each kept file (``foreseen``) instead of deciding them."""
             settled = judge.settled
-            decided = group_judged(ranked, part, decide, keep, visited, ahead if verify else None)
+            if known is None:
+                decided = group_judged(
+                    ranked, part, decide, keep, visited, ahead if verify else None
+                )
+            else:
+                decided = group_judged(
+                    ranked, part, lambda i, others: {j: known[i].get(j) for j in others}, keep
+                )
             if found_turned is not None:
                 # Turned copies whose partners a copy's group took, joined to it (only
                 # through pairs of candidates, so within the part).
@@ -287,15 +300,44 @@ class DuplicateFinder:
             }
             return decided, turned_by, judge.settled - settled
 
-        parts = components(pairs)
-        processes = self._processes(workers, parts, verify)
+        def foreseen(
+            candidates: dict[int, list[int]], leaders: list[int], step: Callable[[int], None]
+        ) -> _Foreseen:
+            """Each of ``leaders``'s decisions on all its ``candidates``, as the grouping
+            asks for them while none is taken: each pair's decision is the same whenever
+            it is asked, so the grouping can take the ones it asks for from these. With
+            the turned pairs that passed, and the pairs settled from their glances."""
+            settled = judge.settled
+            for leader in leaders[:LOOKAHEAD]:
+                ahead(leader, candidates[leader])
+            tiers = {}
+            for n, leader in enumerate(leaders):
+                if n + LOOKAHEAD < len(leaders):
+                    upcoming = leaders[n + LOOKAHEAD]
+                    ahead(upcoming, candidates[upcoming])
+                tiers[leader] = decide(leader, candidates[leader])
+                step(1)
+            passed = dict(found_turned.passed) if found_turned is not None else {}
+            return tiers, passed, judge.settled - settled
+
+        def learn(passed: dict[tuple[int, int], turns.TurnedPair]) -> None:
+            if found_turned is not None:
+                found_turned.passed.update(passed)
+
+        processes = self._processes(workers, len(pairs), verify)
         with one_thread():
             try:
                 if processes == 1:
                     decided, turned_by, _ = grouped(pairs, report)
                 else:
                     decided, turned_by, settled = self._grouped_apart(
-                        parts, grouped, processes, progress, lambda i: rule(ranked[i])
+                        components(pairs),
+                        processes,
+                        progress,
+                        lambda i: rule(ranked[i]),
+                        grouped,
+                        foreseen,
+                        learn,
                     )
                     judge.settled += settled
             finally:
@@ -314,34 +356,60 @@ class DuplicateFinder:
         )
         return groups
 
-    def _processes(self, workers: int | None, parts: list[_Part], verify: bool) -> int:
-        """How many processes decide the grouping's ``parts``: one without the geometric
-        check (nothing there is worth a process), for a single part, or where processes
-        cannot be forked; else ``workers``, by default the usable cores once there are
-        pairs enough to pay for starting them; never more than the parts."""
+    def _processes(self, workers: int | None, pairs: int, verify: bool) -> int:
+        """How many processes decide the grouping's ``pairs`` candidates: one without the
+        geometric check (nothing there is worth a process) or where processes cannot be
+        forked; else ``workers``, by default the usable cores once there are pairs enough
+        to pay for starting them."""
         if workers is not None and workers < 1:
             raise GhostmatchError(f"workers must be at least 1, not {workers}")
-        if not verify or len(parts) < 2 or not can_fork():
+        if not verify or not can_fork():
             return 1
         if workers is None:
-            if sum(len(part) for part in parts) < PARALLEL_PAIRS:
-                return 1
-            workers = usable_cores()
-        return min(workers, len(parts))
+            return 1 if pairs < PARALLEL_PAIRS else usable_cores()
+        return workers
 
     def _grouped_apart(
         self,
         parts: list[_Part],
-        grouped: Callable[
-            [list[tuple[int, int, float]], Callable[[int, int], None] | None], _Grouped
-        ],
         processes: int,
         progress: Callable[[str, int, int | None], None] | None,
         rank: Callable[[int], Any],
+        grouped: Callable[[_Part, Callable[[int, int], None] | None, _Tiers | None], _Grouped],
+        foreseen: Callable[[dict[int, list[int]], list[int], Callable[[int], None]], _Foreseen],
+        learn: Callable[[dict[tuple[int, int], turns.TurnedPair]], None],
     ) -> _Grouped:
-        """``grouped`` on each part, on ``processes`` worker processes (the parts with the
-        most pairs first, so that no large one is left for last), merged as ``grouped``
-        on all of them gives them: in the keep order of their kept files."""
+        """The grouping of ``parts`` (the candidates' connected parts) on ``processes``
+        worker processes, the same as ``grouped`` on all of them in one.
+
+        A part is grouped on one process (the parts with most pairs first, so that no
+        large one is left for last). A part too large to share out so (more than its
+        share of all pairs: images the descriptor cannot tell apart make one part of
+        nearly all) has its kept files' decisions made ahead on all processes, a slice
+        of its files each (``foreseen``), and is then grouped here from them; a pair
+        that a file the grouping took never needed is decided for nothing. The groups
+        of all parts are merged in the keep order of their kept files, the order the
+        grouping of all of them makes."""
+        total_pairs = sum(len(part) for part in parts)
+        tasks: list[tuple[int, list[int] | None]] = []
+        candidates: dict[int, dict[int, list[int]]] = {}
+        weights: list[int] = []
+        for n, part in enumerate(parts):
+            if len(part) * processes <= total_pairs:
+                tasks.append((n, None))
+                weights.append(len(part))
+                continue
+            lists: dict[int, list[int]] = {}
+            for a, b, _ in part:
+                lists.setdefault(a, []).append(b)
+                lists.setdefault(b, []).append(a)
+            candidates[n] = lists
+            leaders = sorted(lists, key=rank)
+            size = -(-len(leaders) // (processes * FORESEEN_SLICES))
+            for first in range(0, len(leaders), size):
+                chunk = leaders[first : first + size]
+                tasks.append((n, chunk))
+                weights.append(sum(len(lists[i]) for i in chunk))
         total = len({i for part in parts for a, b, _ in part for i in (a, b)})
         done = 0
 
@@ -351,18 +419,32 @@ class DuplicateFinder:
             if progress is not None:
                 progress("verified", done, total)
 
-        def work(n: int, step: Callable[[int], None]) -> _Grouped:
-            return grouped(parts[n], lambda _done, _total: step(1))
+        def work(t: int, step: Callable[[int], None]) -> _Grouped | _Foreseen:
+            n, leaders = tasks[t]
+            if leaders is None:
+                return grouped(parts[n], lambda _done, _total: step(1), None)
+            return foreseen(candidates[n], leaders, step)
 
         # The model is loaded here once, its weights shared by the processes; they run
         # only its torch module and local maps' session (made afresh in each after the
         # fork, ``ghostmatch.dupes.verify``), never a session whose threads a fork drops.
         self.model.embedder  # noqa: B018 - loaded for its side effect
-        order = sorted(range(len(parts)), key=lambda n: (-len(parts[n]), n))
+        order = sorted(range(len(tasks)), key=lambda t: (-weights[t], t))
         found = run_parts(order, work, processes, visited, self._forked)
-        decided = sorted((g for r in found.values() for g in r[0]), key=lambda g: rank(g[0]))
-        turned_by = {key: t for r in found.values() for key, t in r[1].items()}
-        return decided, turned_by, sum(r[2] for r in found.values())
+        whole = [cast(_Grouped, found[t]) for t, (_, some) in enumerate(tasks) if some is None]
+        ahead = [(n, cast(_Foreseen, found[t])) for t, (n, some) in enumerate(tasks) if some]
+        settled = sum(r[2] for r in found.values())
+        for _, (_, passed, _) in ahead:
+            learn(passed)
+        for n in candidates:
+            known: _Tiers = {}
+            for m, (tiers, _, _) in ahead:
+                if m == n:
+                    known.update(tiers)
+            whole.append(grouped(parts[n], None, known))
+        decided = sorted((g for r in whole for g in r[0]), key=lambda g: rank(g[0]))
+        turned_by = {key: t for r in whole for key, t in r[1].items()}
+        return decided, turned_by, settled
 
     def _forked(self) -> None:
         """What a worker process does first: its own database connections should it read
@@ -890,6 +972,14 @@ PARALLEL_PAIRS = 200
 _Grouped = tuple[list[turns.Grouped], dict[tuple[int, int], int], int]
 # Candidate pairs (file, file, score).
 _Part = list[tuple[int, int, float]]
+# Each kept file's decisions on its candidates.
+_Tiers = dict[int, dict[int, str | None]]
+# The decisions of some kept files made ahead, the turned pairs that passed meanwhile, and
+# the pairs settled from their glances.
+_Foreseen = tuple[_Tiers, dict[tuple[int, int], "turns.TurnedPair"], int]
+# Slices of a large part's kept files per process (``_grouped_apart``): enough that one
+# process that finishes first takes more of them.
+FORESEEN_SLICES = 8
 # A file keeps at most this many candidate partners (best first), besides byte-identical
 # ones; a file with more is crowded (see PairJudge).
 MAX_CANDIDATES = 16
