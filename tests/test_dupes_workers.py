@@ -3,9 +3,12 @@ its total, and a failure or an interruption that leaves no process behind."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,11 @@ from ghostmatch.dupes.groups import components
 from ghostmatch.dupes.workers import can_fork, run_parts
 from ghostmatch.errors import GhostmatchError
 
-pytestmark = pytest.mark.skipif(not can_fork(), reason="worker processes are forked")
+pytestmark = [
+    pytest.mark.skipif(not can_fork(), reason="worker processes are forked"),
+    # The model's ONNX exports made once for all of these searches.
+    pytest.mark.usefixtures("shared_model_cache"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +124,24 @@ def test_a_part_too_large_to_share_out_is_decided_ahead_by_kept_file(
     assert two == one
     assert len(one) == 1 and len(one[0].members) >= 5
     assert any(m.turn for m in one[0].members)
+
+
+def test_the_command_line_takes_the_number_of_processes(families: Path) -> None:
+    def dupes(*options: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "ghostmatch.cli.app", "dupes", "--index", str(families)]
+        return subprocess.run(
+            [*command, *options], capture_output=True, text=True, timeout=600, check=False
+        )
+
+    two = dupes("--json", "--workers", "2")
+    assert two.returncode == 0
+    with ghostmatch.open(families, create=False) as lib:
+        one = lib.find_duplicates(workers=1)
+        with pytest.raises(GhostmatchError, match="workers must be at least 1"):
+            lib.find_duplicates(workers=0)
+    assert json.loads(two.stdout)["groups"] == [g.to_dict() for g in one] != []
+    refused = dupes("--workers", "0")
+    assert refused.returncode == 2 and "--workers" in refused.stderr
 
 
 def test_a_failure_in_a_process_reaches_the_caller_and_no_process_stays(

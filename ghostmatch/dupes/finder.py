@@ -157,6 +157,8 @@ class DuplicateFinder:
         same whatever their number. None (the default): the usable cores, and one process
         for a search too small to pay for starting more.
         """
+        if workers is not None and workers < 1:
+            raise GhostmatchError(f"workers must be at least 1, not {workers}")
         normalised = self.normalised_scores
         t = (
             self.duplicate_threshold()
@@ -361,8 +363,6 @@ class DuplicateFinder:
         geometric check (nothing there is worth a process) or where processes cannot be
         forked; else ``workers``, by default the usable cores once there are pairs enough
         to pay for starting them."""
-        if workers is not None and workers < 1:
-            raise GhostmatchError(f"workers must be at least 1, not {workers}")
         if not verify or not can_fork():
             return 1
         if workers is None:
