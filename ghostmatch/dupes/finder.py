@@ -337,6 +337,7 @@ class DuplicateFinder:
                         processes,
                         progress,
                         lambda i: rule(ranked[i]),
+                        crowded,
                         grouped,
                         foreseen,
                         learn,
@@ -375,6 +376,7 @@ class DuplicateFinder:
         processes: int,
         progress: Callable[[str, int, int | None], None] | None,
         rank: Callable[[int], Any],
+        crowded: set[int] | frozenset[int],
         grouped: Callable[[_Part, Callable[[int, int], None] | None, _Tiers | None], _Grouped],
         foreseen: Callable[[dict[int, list[int]], list[int], Callable[[int], None]], _Foreseen],
         learn: Callable[[dict[tuple[int, int], turns.TurnedPair]], None],
@@ -384,18 +386,21 @@ class DuplicateFinder:
 
         A part is grouped on one process (the parts with most pairs first, so that no
         large one is left for last). A part too large to share out so (more than its
-        share of all pairs: images the descriptor cannot tell apart make one part of
-        nearly all) has its kept files' decisions made ahead on all processes, a slice
-        of its files each (``foreseen``), and is then grouped here from them; a pair
-        that a file the grouping took never needed is decided for nothing. The groups
-        of all parts are merged in the keep order of their kept files, the order the
-        grouping of all of them makes."""
+        share of all pairs) whose files are mostly ``crowded`` (images the descriptor
+        cannot tell apart make one part of nearly all, few of them copies) has its kept
+        files' decisions made ahead on all processes, a slice of its files each
+        (``foreseen``), and is then grouped here from them. Only there: every decision
+        the grouping does not ask for (a pair of a file it took) is made for nothing,
+        and among photos that is most of them (the full ``benchmarks.othershots`` set
+        made one part: 6.5 times the CPU). The groups of all parts are merged in the
+        keep order of their kept files, the order the grouping of all of them makes."""
         total_pairs = sum(len(part) for part in parts)
         tasks: list[tuple[int, list[int] | None]] = []
         candidates: dict[int, dict[int, list[int]]] = {}
         weights: list[int] = []
         for n, part in enumerate(parts):
-            if len(part) * processes <= total_pairs:
+            files = {i for a, b, _ in part for i in (a, b)}
+            if len(part) * processes <= total_pairs or len(files & crowded) * 2 < len(files):
                 tasks.append((n, None))
                 weights.append(len(part))
                 continue
