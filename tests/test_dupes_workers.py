@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import ghostmatch
 from ghostmatch.dupes import finder as finder_module
 from ghostmatch.dupes.finder import PairJudge
 from ghostmatch.dupes.groups import components
-from ghostmatch.dupes.workers import can_fork, run_parts
+from ghostmatch.dupes.workers import can_fork, run_parts, usable_cores
 from ghostmatch.errors import GhostmatchError
 
 pytestmark = [
@@ -130,6 +131,23 @@ def test_a_crowd_too_large_to_share_out_is_decided_ahead_by_kept_file(
     assert two == one
     copies = {(g.keep.path.name, m.path.name) for g in one for m in g.members}
     assert {("noise-00.jpg", "noise-00-q60.jpg"), ("chelsea.jpg", "chelsea_q40.jpg")} <= copies
+
+
+def test_by_default_the_main_thread_alone_starts_processes(
+    crowd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy()
+    monkeypatch.setattr(finder_module, "run_parts", spy)
+    found: list[Any] = []
+    with ghostmatch.open(crowd, create=False) as lib:
+        # As ``serve`` searches: on a thread of its own, beside others.
+        thread = threading.Thread(target=lambda: found.append(lib.find_duplicates()))
+        thread.start()
+        thread.join()
+        assert spy.orders == [] and found[0]
+        if usable_cores() > 1:
+            assert lib.find_duplicates() == found[0]
+            assert len(spy.orders) == 1
 
 
 def test_the_command_line_takes_the_number_of_processes(families: Path) -> None:

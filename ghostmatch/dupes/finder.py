@@ -363,11 +363,15 @@ class DuplicateFinder:
         """How many processes decide the grouping's ``pairs`` candidates: one without the
         geometric check (nothing there is worth a process) or where processes cannot be
         forked; else ``workers``, by default the usable cores once there are pairs enough
-        to pay for starting them."""
+        to pay for starting them, when called on the main thread. A server searches on
+        one of its threads while others run queries on the model, whose locks a fork
+        could copy held: there the default is one process."""
         if not verify or not can_fork():
             return 1
         if workers is None:
-            return 1 if pairs < PARALLEL_PAIRS else usable_cores()
+            if pairs < PARALLEL_PAIRS or threading.current_thread() is not threading.main_thread():
+                return 1
+            return usable_cores()
         return workers
 
     def _grouped_apart(
@@ -969,8 +973,11 @@ REGION_MIN_INLIERS = 24
 # flat-shape pictures (``--synthetic-only 1000``) 1.07 and 1.15, gains 0.63 and 1.88.
 CROP_LOOSE_SQUASH = 1.05
 CROP_LOOSE_GAIN = 1.1
-# Under this many candidate pairs the grouping runs in one process unless told otherwise:
-# starting a worker process costs about as much as deciding that many pairs.
+# Under this many candidate pairs the grouping runs in one process unless told otherwise.
+# A worker process costs little CPU to start (the fork and its own session for the local
+# maps: 0.03 CPU-seconds), but a third of a second passed on a busy machine before its
+# first maps were made, while 200 pairs take about a second to decide (4 ms a pair on the
+# full ``benchmarks.othershots`` set).
 PARALLEL_PAIRS = 200
 # One part's groups (kept file, [(other, score, tier), ...]), the turns of their copies by
 # (kept file, copy), and the pairs settled from their glances meanwhile.
