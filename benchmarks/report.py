@@ -88,6 +88,17 @@ class Report:
         return cls(**{**data, "figures": figures})
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process, all its threads, and of its child processes that have
+    ended (``dupes`` decides pairs on worker processes): time spent is the difference of
+    two readings."""
+    import resource
+
+    own = time.process_time()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own + children.ru_utime + children.ru_stime
+
+
 def environment() -> dict[str, Any]:
     """The machine as the benchmark saw it; the load average shows a busy machine."""
     import faiss

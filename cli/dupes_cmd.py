@@ -56,6 +56,10 @@ def dupes(
             help="Also find copies turned by 90, 180 or 270 degrees or tilted.",
         ),
     ] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, help="Processes deciding pairs (default: the cores)."),
+    ] = None,
     of: Annotated[
         list[Path] | None,
         typer.Option("--of", help="Only: is this image a duplicate of anything indexed?"),
@@ -127,6 +131,7 @@ def dupes(
                 similar=similar,
                 progress=progress,
                 turned=turned,
+                workers=workers,
             )
     finally:
         lib.close()

@@ -371,10 +371,12 @@ class Library:
         similar: bool = False,
         progress: Progress | None = None,
         turned: bool = True,
+        workers: int | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies, and with
         ``similar`` the other captures of it; ``turned`` (the default) finds quarter-turned
-        and tilted copies too (see ``DuplicateFinder.find_duplicates``)."""
+        and tilted copies too; ``workers`` processes decide pairs, by default the usable
+        cores (see ``DuplicateFinder.find_duplicates``)."""
         return self.finder.find_duplicates(
             threshold,
             keep=keep,
@@ -383,6 +385,7 @@ class Library:
             similar=similar,
             progress=progress,
             turned=turned,
+            workers=workers,
         )
 
     def verify_pairs(

@@ -12,7 +12,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,11 +29,13 @@ from ghostmatch.dupes.collection import (
 )
 from ghostmatch.dupes.groups import (
     DEFAULT_MIN_INLIERS,
+    LOOKAHEAD,
     SIMILAR,
     THRESHOLD_META,
     DuplicateGroup,
     DuplicateMember,
     check_threshold,
+    components,
     default_thresholds,
     group_judged,
     keep_priority,
@@ -55,6 +57,7 @@ from ghostmatch.dupes.verify import (
     scale_steps,
     verify_scales,
 )
+from ghostmatch.dupes.workers import can_fork, run_parts, usable_cores
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
@@ -124,6 +127,7 @@ class DuplicateFinder:
         similar: bool = False,
         progress: Callable[[str, int, int | None], None] | None = None,
         turned: bool = True,
+        workers: int | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, each with one kept file and its copies.
 
@@ -147,7 +151,14 @@ class DuplicateFinder:
         library (README, turned copies). A turned copy whose screened partners all went
         into a group kept by another copy may join that group through one of them, after
         the full check against it (``TurnedCandidates.adopt``).
+
+        ``workers``: the processes that decide pairs, each a part of the candidates that
+        shares no file with the others (``ghostmatch.dupes.workers``); the groups are the
+        same whatever their number. None (the default): the usable cores, and one process
+        for a search too small to pay for starting more.
         """
+        if workers is not None and workers < 1:
+            raise GhostmatchError(f"workers must be at least 1, not {workers}")
         normalised = self.normalised_scores
         t = (
             self.duplicate_threshold()
@@ -260,20 +271,83 @@ class DuplicateFinder:
 
         groups = []
         ranked = turns.by_picture(members, pictures)
+        rule = keep_priority(keep)
+
+        def grouped(
+            part: _Part,
+            visited: Callable[[int, int], None] | None,
+            known: _Tiers | None = None,
+        ) -> _Grouped:
+            """The groups of the files of ``part`` (candidate pairs), the turns of their
+            copies, and the pairs settled from their glances meanwhile; with ``known``,
+            the decisions of each kept file (``foreseen``) instead of deciding them."""
+            settled = judge.settled
+            if known is None:
+                decided = group_judged(
+                    ranked, part, decide, keep, visited, ahead if verify else None
+                )
+            else:
+                decided = group_judged(
+                    ranked, part, lambda i, others: {j: known[i].get(j) for j in others}, keep
+                )
+            if found_turned is not None:
+                # Turned copies whose partners a copy's group took, joined to it (only
+                # through pairs of candidates, so within the part).
+                decided = found_turned.adopt(decided, lambda i: rule(ranked[i]))
+            turned_by = {
+                (leader, j): turn(leader, j)
+                for leader, taken in decided
+                for j, _, tier in taken
+                if tier != SIMILAR
+            }
+            return decided, turned_by, judge.settled - settled
+
+        def foreseen(
+            candidates: dict[int, list[int]], leaders: list[int], step: Callable[[int], None]
+        ) -> _Foreseen:
+            """Each of ``leaders``'s decisions on all its ``candidates``, as the grouping
+            asks for them while none is taken: each pair's decision is the same whenever
+            it is asked, so the grouping can take the ones it asks for from these. With
+            the turned pairs that passed, and the pairs settled from their glances."""
+            settled = judge.settled
+            for leader in leaders[:LOOKAHEAD]:
+                ahead(leader, candidates[leader])
+            tiers = {}
+            for n, leader in enumerate(leaders):
+                if n + LOOKAHEAD < len(leaders):
+                    upcoming = leaders[n + LOOKAHEAD]
+                    ahead(upcoming, candidates[upcoming])
+                tiers[leader] = decide(leader, candidates[leader])
+                step(1)
+            passed = dict(found_turned.passed) if found_turned is not None else {}
+            return tiers, passed, judge.settled - settled
+
+        def learn(passed: dict[tuple[int, int], turns.TurnedPair]) -> None:
+            if found_turned is not None:
+                found_turned.passed.update(passed)
+
+        processes = self._processes(workers, len(pairs), verify)
         with one_thread():
             try:
-                decided = group_judged(
-                    ranked, pairs, decide, keep, report, ahead if verify else None
-                )
-                if found_turned is not None:
-                    # Turned copies whose partners a copy's group took, joined to it.
-                    rule = keep_priority(keep)
-                    decided = found_turned.adopt(decided, lambda i: rule(ranked[i]))
+                if processes == 1:
+                    decided, turned_by, _ = grouped(pairs, report)
+                else:
+                    decided, turned_by, settled = self._grouped_apart(
+                        components(pairs),
+                        processes,
+                        progress,
+                        lambda i: rule(ranked[i]),
+                        crowded,
+                        grouped,
+                        foreseen,
+                        learn,
+                    )
+                    judge.settled += settled
             finally:
                 judge.close()
         for leader, taken in decided:
             copies = [
-                _member(records[j], s, tier, turn(leader, j))
+                _member(records[j], s, tier, turned_by.get((leader, j), 0))
                 for j, s, tier in taken
                 if tier != SIMILAR
             ]
@@ -284,6 +358,109 @@ class DuplicateFinder:
             key=lambda g: (-len(g.members), -max(m.score for m in (*g.members, *g.similar)))
         )
         return groups
+
+    def _processes(self, workers: int | None, pairs: int, verify: bool) -> int:
+        """How many processes decide the grouping's ``pairs`` candidates: one without the
+        geometric check (nothing there is worth a process) or where processes cannot be
+        forked; else ``workers``, by default the usable cores once there are pairs enough
+        to pay for starting them, when called on the main thread. A server searches on
+        one of its threads while others run queries on the model, whose locks a fork
+        could copy held: there the default is one process."""
+        if not verify or not can_fork():
+            return 1
+        if workers is None:
+            if pairs < PARALLEL_PAIRS or threading.current_thread() is not threading.main_thread():
+                return 1
+            return usable_cores()
+        return workers
+
+    def _grouped_apart(
+        self,
+        parts: list[_Part],
+        processes: int,
+        progress: Callable[[str, int, int | None], None] | None,
+        rank: Callable[[int], Any],
+        crowded: set[int] | frozenset[int],
+        grouped: Callable[[_Part, Callable[[int, int], None] | None, _Tiers | None], _Grouped],
+        foreseen: Callable[[dict[int, list[int]], list[int], Callable[[int], None]], _Foreseen],
+        learn: Callable[[dict[tuple[int, int], turns.TurnedPair]], None],
+    ) -> _Grouped:
+        """The grouping of ``parts`` (the candidates' connected parts) on ``processes``
+        worker processes, the same as ``grouped`` on all of them in one.
+
+        A part is grouped on one process (the parts with most pairs first, so that no
+        large one is left for last). A part too large to share out so (more than its
+        share of all pairs) whose files are mostly ``crowded`` (images the descriptor
+        cannot tell apart make one part of nearly all, few of them copies) has its kept
+        files' decisions made ahead on all processes, a slice of its files each
+        (``foreseen``), and is then grouped here from them. Only there: every decision
+        the grouping does not ask for (a pair of a file it took) is made for nothing,
+        and among photos that is most of them (the full ``benchmarks.othershots`` set
+        made one part: 6.5 times the CPU). The groups of all parts are merged in the
+        keep order of their kept files, the order the grouping of all of them makes."""
+        total_pairs = sum(len(part) for part in parts)
+        tasks: list[tuple[int, list[int] | None]] = []
+        candidates: dict[int, dict[int, list[int]]] = {}
+        weights: list[int] = []
+        for n, part in enumerate(parts):
+            files = {i for a, b, _ in part for i in (a, b)}
+            if len(part) * processes <= total_pairs or len(files & crowded) * 2 < len(files):
+                tasks.append((n, None))
+                weights.append(len(part))
+                continue
+            lists: dict[int, list[int]] = {}
+            for a, b, _ in part:
+                lists.setdefault(a, []).append(b)
+                lists.setdefault(b, []).append(a)
+            candidates[n] = lists
+            leaders = sorted(lists, key=rank)
+            size = -(-len(leaders) // (processes * FORESEEN_SLICES))
+            for first in range(0, len(leaders), size):
+                chunk = leaders[first : first + size]
+                tasks.append((n, chunk))
+                weights.append(sum(len(lists[i]) for i in chunk))
+        total = len({i for part in parts for a, b, _ in part for i in (a, b)})
+        done = 0
+
+        def visited(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress("verified", done, total)
+
+        def work(t: int, step: Callable[[int], None]) -> _Grouped | _Foreseen:
+            n, leaders = tasks[t]
+            if leaders is None:
+                return grouped(parts[n], lambda _done, _total: step(1), None)
+            return foreseen(candidates[n], leaders, step)
+
+        # The model is loaded here once, its weights shared by the processes; they run
+        # only its torch module and local maps' session (made afresh in each after the
+        # fork, ``ghostmatch.dupes.verify``), never a session whose threads a fork drops.
+        self.model.embedder  # noqa: B018 - loaded for its side effect
+        order = sorted(range(len(tasks)), key=lambda t: (-weights[t], t))
+        found = run_parts(order, work, processes, visited, self._forked)
+        whole = [cast(_Grouped, found[t]) for t, (_, some) in enumerate(tasks) if some is None]
+        ahead = [(n, cast(_Foreseen, found[t])) for t, (n, some) in enumerate(tasks) if some]
+        settled = sum(r[2] for r in found.values())
+        for _, (_, passed, _) in ahead:
+            learn(passed)
+        for n in candidates:
+            known: _Tiers = {}
+            for m, (tiers, _, _) in ahead:
+                if m == n:
+                    known.update(tiers)
+            whole.append(grouped(parts[n], None, known))
+        decided = sorted((g for r in whole for g in r[0]), key=lambda g: rank(g[0]))
+        turned_by = {key: t for r in whole for key, t in r[1].items()}
+        return decided, turned_by, settled
+
+    def _forked(self) -> None:
+        """What a worker process does first: its own database connections should it read
+        the catalog, and one thread for torch and BLAS (``one_thread``)."""
+        self.catalog.forget_connections()
+        torch.set_num_threads(1)
+        threadpool_limits(1, user_api="blas")
 
     def candidate_pairs(
         self, ids: np.ndarray, vectors: Stored, offsets: np.ndarray | None, floor: float
@@ -796,6 +973,25 @@ REGION_MIN_INLIERS = 24
 # flat-shape pictures (``--synthetic-only 1000``) 1.07 and 1.15, gains 0.63 and 1.88.
 CROP_LOOSE_SQUASH = 1.05
 CROP_LOOSE_GAIN = 1.1
+# Under this many candidate pairs the grouping runs in one process unless told otherwise.
+# A worker process costs little CPU to start (the fork and its own session for the local
+# maps: 0.03 CPU-seconds), but a third of a second passed on a busy machine before its
+# first maps were made, while 200 pairs take about a second to decide (4 ms a pair on the
+# full ``benchmarks.othershots`` set).
+PARALLEL_PAIRS = 200
+# One part's groups (kept file, [(other, score, tier), ...]), the turns of their copies by
+# (kept file, copy), and the pairs settled from their glances meanwhile.
+_Grouped = tuple[list[turns.Grouped], dict[tuple[int, int], int], int]
+# Candidate pairs (file, file, score).
+_Part = list[tuple[int, int, float]]
+# Each kept file's decisions on its candidates.
+_Tiers = dict[int, dict[int, str | None]]
+# The decisions of some kept files made ahead, the turned pairs that passed meanwhile, and
+# the pairs settled from their glances.
+_Foreseen = tuple[_Tiers, dict[tuple[int, int], "turns.TurnedPair"], int]
+# Slices of a large part's kept files per process (``_grouped_apart``): enough that one
+# process that finishes first takes more of them.
+FORESEEN_SLICES = 8
 # A file keeps at most this many candidate partners (best first), besides byte-identical
 # ones; a file with more is crowded (see PairJudge).
 MAX_CANDIDATES = 16

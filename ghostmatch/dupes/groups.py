@@ -237,6 +237,34 @@ def group_judged(
     return groups
 
 
+def components(
+    candidates: Iterable[tuple[int, int, float]],
+) -> list[list[tuple[int, int, float]]]:
+    """The candidate pairs split into the connected parts of their graph, each part's
+    pairs in their given order, the parts in the order of their first pairs.
+    :func:`group_judged` on one part gives the groups that the whole gives for its files:
+    it never looks past a file's candidates, and the keep order of a part's files is the
+    whole order restricted to them."""
+    pairs = list(candidates)
+    root: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        root.setdefault(i, i)
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for a, b, _ in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            root[max(ra, rb)] = min(ra, rb)
+    parts: dict[int, list[tuple[int, int, float]]] = {}
+    for pair in pairs:
+        parts.setdefault(find(pair[0]), []).append(pair)
+    return list(parts.values())
+
+
 # How many visits ahead group_judged announces a file (a few kept files' candidates: enough
 # to keep one background thread busy making their local maps).
 LOOKAHEAD = 4

@@ -16,6 +16,7 @@ size, and a pair is tried at equal scales and with either image zoomed
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,6 +133,19 @@ class _LocalMaps(torch.nn.Module):
 _SESSIONS: dict[tuple[str, int], Any] = {}
 # One export at a time in this process: threads of a server share the temporary file name.
 _SESSIONS_LOCK = threading.Lock()
+
+
+def _forget_sessions() -> None:
+    """In a forked process: sessions made before the fork are left to the parent (their
+    thread pools do not survive it), and the lock made afresh (another thread may have
+    held it at the fork)."""
+    global _SESSIONS_LOCK
+    _SESSIONS.clear()
+    _SESSIONS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_sessions)
 
 
 def _local_session(model: Descriptor) -> Any:

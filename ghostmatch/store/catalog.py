@@ -803,6 +803,13 @@ class Catalog:
         self._reader.dispose()
         self._writer.engine.dispose()
 
+    def forget_connections(self) -> None:
+        """Leave the open connections to the process that opened them: a forked process
+        calls this first, and opens its own should it read (a connection cannot be shared
+        across a fork, and closing it here would close the parent's)."""
+        self._reader.dispose(close=False)
+        self._writer.engine.dispose(close=False)
+
     def __enter__(self) -> Catalog:
         return self
 

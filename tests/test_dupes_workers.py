@@ -1,0 +1,246 @@
+"""Duplicate grouping on worker processes: the same groups as one process, progress to
+its total, and a failure or an interruption that leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageOps
+
+import ghostmatch
+from ghostmatch.dupes import finder as finder_module
+from ghostmatch.dupes.finder import PairJudge
+from ghostmatch.dupes.groups import components
+from ghostmatch.dupes.workers import can_fork, run_parts, usable_cores
+from ghostmatch.errors import GhostmatchError
+
+pytestmark = [
+    pytest.mark.skipif(not can_fork(), reason="worker processes are forked"),
+    # The model's ONNX exports made once for all of these searches.
+    pytest.mark.usefixtures("shared_model_cache"),
+]
+
+
+@pytest.fixture(scope="module")
+def families(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of three photos with copies each (a family of files that are candidates of
+    one another) and two photos without: several parts of the candidate graph."""
+    folder = tmp_path_factory.mktemp("families")
+    for name in ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field"):
+        shutil.copy(photos / f"{name}.jpg", folder / f"{name}.jpg")
+    chelsea = Image.open(photos / "chelsea.jpg")
+    shutil.copy(photos / "chelsea.jpg", folder / "chelsea_exact.jpg")
+    chelsea.save(folder / "chelsea_q40.jpg", quality=40)
+    chelsea.resize((chelsea.width // 2, chelsea.height // 2)).save(folder / "chelsea_half.jpg")
+    coffee = Image.open(photos / "coffee.jpg")
+    w, h = coffee.size
+    coffee.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(folder / "coffee_crop.jpg")
+    coffee.save(folder / "coffee_q40.jpg", quality=40)
+    astronaut = Image.open(photos / "astronaut.jpg")
+    ImageOps.mirror(astronaut).save(folder / "astronaut_flip.jpg")
+    astronaut.rotate(90, expand=True).save(folder / "astronaut_turned.jpg")
+    index = tmp_path_factory.mktemp("families-index") / "index"
+    with ghostmatch.open(index, weights="bundled") as lib:
+        lib.index([folder])
+    return index
+
+
+@pytest.fixture(scope="module")
+def crowd(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of independent pictures of smooth noise, which the descriptor cannot tell
+    apart (one part of the candidates, most of its files crowded), two copies of one of
+    them, and a photo with a copy (a part of its own)."""
+    from benchmarks import synthetic
+
+    folder = tmp_path_factory.mktemp("crowd")
+    for n in range(CROWD):
+        synthetic.make_image("noise", n, seed=5).save(folder / f"noise-{n:02d}.jpg", quality=92)
+    noise = synthetic.make_image("noise", 0, seed=5)
+    noise.save(folder / "noise-00-q60.jpg", quality=60)
+    noise.resize((noise.width // 2, noise.height // 2)).save(folder / "noise-00-half.jpg")
+    shutil.copy(photos / "chelsea.jpg", folder / "chelsea.jpg")
+    Image.open(photos / "chelsea.jpg").save(folder / "chelsea_q40.jpg", quality=40)
+    index = tmp_path_factory.mktemp("crowd-index") / "index"
+    with ghostmatch.open(index, weights="bundled") as lib:
+        lib.index([folder])
+    return index
+
+
+# Pictures of noise: enough that most have more candidates than a file keeps
+# (``finder.MAX_CANDIDATES``).
+CROWD = 60
+
+
+class _Spy:
+    """Records the parts each call of ``run_parts`` hands out, and runs it."""
+
+    def __init__(self) -> None:
+        self.orders: list[list[int]] = []
+
+    def __call__(self, order: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        self.orders.append(list(order))
+        return run_parts(order, *args, **kwargs)
+
+
+def test_two_processes_make_the_groups_of_one(
+    families: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy()
+    monkeypatch.setattr(finder_module, "run_parts", spy)
+    steps: list[tuple[str, int, int | None]] = []
+    with ghostmatch.open(families, create=False) as lib:
+        one = lib.find_duplicates(similar=True, workers=1)
+        assert spy.orders == []
+        two = lib.find_duplicates(
+            similar=True, workers=2, progress=lambda *step: steps.append(step)
+        )
+    assert len(spy.orders) == 1 and len(spy.orders[0]) >= 2
+    # Every field of every group and member, turns and similar lists too, in order.
+    assert two == one
+    assert [g.to_dict() for g in two] == [g.to_dict() for g in one]
+    names = {m.path.name for g in one for m in g.members}
+    assert {"chelsea_q40.jpg", "coffee_crop.jpg", "astronaut_flip.jpg"} <= names
+    assert any(m.turn for g in one for m in g.members)  # the turned copy, turn and all
+    # The bar moves file by file up to its total.
+    done = [d for _, d, _ in steps]
+    assert done == list(range(1, len(done) + 1))
+    assert steps[-1][1] == steps[-1][2]
+    assert multiprocessing.active_children() == []
+
+
+def test_a_crowd_too_large_to_share_out_is_decided_ahead_by_kept_file(
+    crowd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy()
+    monkeypatch.setattr(finder_module, "run_parts", spy)
+    with ghostmatch.open(crowd, create=False) as lib:
+        one = lib.find_duplicates(similar=True, workers=1)
+        two = lib.find_duplicates(similar=True, workers=2)
+    # The crowd's kept files handed out in slices, besides the photo's part.
+    assert len(spy.orders) == 1 and len(spy.orders[0]) > 2
+    assert two == one
+    copies = {(g.keep.path.name, m.path.name) for g in one for m in g.members}
+    assert {("noise-00.jpg", "noise-00-q60.jpg"), ("chelsea.jpg", "chelsea_q40.jpg")} <= copies
+
+
+def test_by_default_the_main_thread_alone_starts_processes(
+    crowd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy()
+    monkeypatch.setattr(finder_module, "run_parts", spy)
+    found: list[Any] = []
+    with ghostmatch.open(crowd, create=False) as lib:
+        # As ``serve`` searches: on a thread of its own, beside others.
+        thread = threading.Thread(target=lambda: found.append(lib.find_duplicates()))
+        thread.start()
+        thread.join()
+        assert spy.orders == [] and found[0]
+        if usable_cores() > 1:
+            assert lib.find_duplicates() == found[0]
+            assert len(spy.orders) == 1
+
+
+def test_the_command_line_takes_the_number_of_processes(families: Path) -> None:
+    def dupes(*options: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "ghostmatch.cli.app", "dupes", "--index", str(families)]
+        return subprocess.run(
+            [*command, *options], capture_output=True, text=True, timeout=600, check=False
+        )
+
+    two = dupes("--json", "--workers", "2")
+    assert two.returncode == 0
+    with ghostmatch.open(families, create=False) as lib:
+        one = lib.find_duplicates(workers=1)
+        with pytest.raises(GhostmatchError, match="workers must be at least 1"):
+            lib.find_duplicates(workers=0)
+    assert json.loads(two.stdout)["groups"] == [g.to_dict() for g in one] != []
+    refused = dupes("--workers", "0")
+    assert refused.returncode == 2 and "--workers" in refused.stderr
+
+
+def test_a_failure_in_a_process_reaches_the_caller_and_no_process_stays(
+    families: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judge = PairJudge.__call__
+
+    def failing(self: PairJudge, leader: int, others: Sequence[tuple[int, float]]) -> Any:
+        if self.records[leader].path.name == "coffee.jpg":
+            raise GhostmatchError("cannot judge coffee.jpg")
+        return judge(self, leader, others)
+
+    monkeypatch.setattr(PairJudge, "__call__", failing)
+    with ghostmatch.open(families, create=False) as lib, pytest.raises(GhostmatchError) as raised:
+        lib.find_duplicates(workers=2)
+    # One line for the command line; where it failed, in a note beside it.
+    assert str(raised.value) == "cannot judge coffee.jpg"
+    assert multiprocessing.active_children() == []
+
+
+def _work(fail: int | None = None) -> Callable[[int, Callable[[int], None]], int]:
+    def work(part: int, step: Callable[[int], None]) -> int:
+        if part == fail:
+            raise _Unpicklable(part)
+        for _ in range(part):
+            step(1)
+        return part * part
+
+    return work
+
+
+class _Unpicklable(Exception):
+    def __init__(self, part: int) -> None:
+        super().__init__(f"part {part} failed")
+        self.lock = multiprocessing.Lock().__enter__  # a bound method of a lock: no pickle
+
+
+def test_parts_come_back_by_part_with_their_steps() -> None:
+    heard: list[int] = []
+    found = run_parts([5, 3, 0, 4, 1, 2], _work(), 2, heard.append)
+    assert found == {n: n * n for n in range(6)}
+    assert sum(heard) == 15
+    assert multiprocessing.active_children() == []
+
+
+def test_an_exception_that_cannot_cross_is_named() -> None:
+    with pytest.raises(RuntimeError) as raised:
+        run_parts([1, 2, 3, 4], _work(fail=3), 2)
+    assert str(raised.value) == "_Unpicklable: part 3 failed"
+    assert multiprocessing.active_children() == []
+
+
+def test_an_interruption_in_the_caller_stops_every_process() -> None:
+    pids: list[int] = []
+
+    def work(part: int, step: Callable[[int], None]) -> int:
+        step(os.getpid())
+        return part
+
+    def interrupt(pid: int) -> None:
+        pids.append(pid)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_parts(list(range(10)), work, 2, interrupt)
+    assert multiprocessing.active_children() == []
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped: no zombie, no orphan
+
+
+def test_components_split_the_graph_and_keep_the_order() -> None:
+    pairs = [(1, 2, 0.9), (5, 6, 0.8), (3, 4, 0.7), (2, 3, 0.6), (7, 8, 0.5), (6, 9, 0.4)]
+    assert components(pairs) == [
+        [(1, 2, 0.9), (3, 4, 0.7), (2, 3, 0.6)],
+        [(5, 6, 0.8), (6, 9, 0.4)],
+        [(7, 8, 0.5)],
+    ]
