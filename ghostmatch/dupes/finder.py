@@ -287,9 +287,15 @@ class DuplicateFinder:
                     ranked, part, decide, keep, visited, ahead if verify else None
                 )
             else:
-                decided = group_judged(
-                    ranked, part, lambda i, others: {j: known[i].get(j) for j in others}, keep
-                )
+
+                def replayed(i: int, others: list[int]) -> dict[int, str | None]:
+                    # A pair not decided ahead (none should be) is decided here.
+                    ahead_of = known.get(i, {})
+                    missing = [j for j in others if j not in ahead_of]
+                    fresh = decide(i, missing) if missing else {}
+                    return {j: ahead_of[j] if j in ahead_of else fresh.get(j) for j in others}
+
+                decided = group_judged(ranked, part, replayed, keep)
             if found_turned is not None:
                 # Turned copies whose partners a copy's group took, joined to it (only
                 # through pairs of candidates, so within the part).
@@ -412,8 +418,12 @@ class DuplicateFinder:
             for a, b, _ in part:
                 lists.setdefault(a, []).append(b)
                 lists.setdefault(b, []).append(a)
-            candidates[n] = lists
             leaders = sorted(lists, key=rank)
+            # The grouping judges each pair once, when the first of its files in the keep
+            # order is visited (``group_judged``): only pairs with later files are asked.
+            position = {i: m for m, i in enumerate(leaders)}
+            lists = {i: [j for j in js if position[j] > position[i]] for i, js in lists.items()}
+            candidates[n] = lists
             size = -(-len(leaders) // (processes * FORESEEN_SLICES))
             for first in range(0, len(leaders), size):
                 chunk = leaders[first : first + size]
