@@ -128,3 +128,18 @@ def test_the_checks_see_the_modules_they_are_about() -> None:
         "ghostmatch.serve.engine",
     ):
         assert expected in names
+
+
+def test_every_package_is_installed() -> None:
+    # A package missing from pyproject's list is left out of a wheel: an installed
+    # ``ghostmatch`` then fails at its first import of it, though a checkout works.
+    import tomllib
+
+    root = ROOT
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "ghostmatch").rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)

@@ -244,3 +244,21 @@ def test_components_split_the_graph_and_keep_the_order() -> None:
         [(5, 6, 0.8), (6, 9, 0.4)],
         [(7, 8, 0.5)],
     ]
+
+
+def test_the_search_runs_the_model_on_the_cpu_and_leaves_the_device_asked_for(
+    families: Path,
+) -> None:
+    # Worker processes cannot share a CUDA context, and a GPU does not speed up the
+    # search's small model passes: it loads the model on the CPU, whatever the library's
+    # device, unless the model is loaded already.
+    with ghostmatch.open(families, create=False) as lib:
+        binding = lib.finder.model
+        binding._device = "auto"
+        seen: list[str] = []
+        with binding.on_cpu() as on_cpu:
+            seen.append(binding.embedder.device)
+        assert on_cpu and seen == ["cpu"] and binding._device == "auto"
+        # Loaded already: it stays where it is.
+        with binding.on_cpu() as again:
+            assert again and binding._embedder is not None

@@ -3,8 +3,9 @@ for, and the embedder loaded to match, so that vectors of two models are never m
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,6 +121,26 @@ class ModelBinding:
                     tx.set_meta(CARD_META, model.card.to_dict())
                     tx.set_meta(WEIGHTS_META, weights_spec(spec, model.card))
         return self._embedder
+
+    @contextlib.contextmanager
+    def on_cpu(self) -> Iterator[bool]:
+        """Within, the model runs on the CPU unless it is loaded already (yields whether it
+        runs on the CPU). Loaded here for another device than the one asked for, it is
+        dropped after, so that later work loads it on that device."""
+        if self._embedder is not None:
+            yield self._embedder.device == "cpu"
+            return
+        asked = self._device
+        self._device = "cpu"
+        try:
+            yield True
+        finally:
+            self._device = asked
+            if asked != "cpu" and self._embedder is not None:
+                import torch
+
+                if asked == "cuda" or torch.cuda.is_available():
+                    self._embedder = None
 
     def embed(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Unit descriptors (n, dim) float32 for paths, PIL images or arrays."""
