@@ -392,15 +392,20 @@ def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return value[0, :, 0].numpy(), inside
 
 
-def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
-    """Gain and offset taking ``i`` to ``t`` by weighted least squares."""
+def _photometric(
+    t: np.ndarray, i: np.ndarray, weight: np.ndarray, scratch: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Gain and offset taking ``i`` to ``t`` by weighted least squares; ``scratch``, two
+    rows of ``t``'s size and type, spares the two temporaries (this runs at every
+    Gauss-Newton step)."""
     sw = weight.sum()
     if sw <= 0:
         return 1.0, 0.0
     mt, mi = (weight @ t) / sw, (weight @ i) / sw
-    di = i - mi
-    # One scratch array for both products (this runs several times per Gauss-Newton step).
-    product = np.multiply(di, di)
+    di, product = (None, None) if scratch is None else scratch
+    di = np.subtract(i, mi, out=di)
+    # One scratch array for both products.
+    product = np.multiply(di, di, out=product)
     var = (weight @ product) / sw
     np.subtract(t, mt, out=product)
     product *= di
@@ -409,25 +414,34 @@ def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[floa
 
 
 def _median(values: np.ndarray) -> float:
-    """``np.median`` of a 1-d array by one partition, without its generic overhead: this
-    runs at every Gauss-Newton step."""
+    """``np.median`` of a 1-d array by one partition in place (the values are reordered),
+    without its generic overhead or a copy: this runs at every Gauss-Newton step. The
+    middle values are the same whichever way they are selected."""
     n = len(values)
     if n == 0:
         return 0.0
     k = n // 2
     if n % 2:
-        return float(np.partition(values, k)[k])
-    part = np.partition(values, (k - 1, k))
-    return float((part[k - 1] + part[k]) / 2)
+        values.partition(k)
+        return float(values[k])
+    values.partition((k - 1, k))
+    return float((values[k - 1] + values[k]) / 2)
 
 
-def _tukey(r: np.ndarray, inside: np.ndarray) -> np.ndarray:
+def _tukey(
+    r: np.ndarray, inside: np.ndarray, count: int | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """Tukey weights of residuals ``r`` at a robust scale (their median absolute value,
-    over every ``stride``-th pixel: see ``SCALE_SAMPLES``)."""
-    stride = max(1, np.count_nonzero(inside) // SCALE_SAMPLES)
-    scale = max(1.4826 * _median(np.abs(r[::stride][inside[::stride]])), 1e-3)
+    over every ``stride``-th pixel: see ``SCALE_SAMPLES``), written into ``out`` where
+    given; ``count``, how many pixels are ``inside``, where already counted."""
+    if count is None:
+        count = np.count_nonzero(inside)
+    stride = max(1, count // SCALE_SAMPLES)
+    # Selecting makes a copy, which the median may reorder.
+    sample = r[::stride][inside[::stride]]
+    scale = max(1.4826 * _median(np.abs(sample, out=sample)), 1e-3)
     # (1 - u^2)^2 for |u| < 1, else 0, with u = r / (TUKEY * scale), in place.
-    weight = r * r
+    weight = np.multiply(r, r, out=out)
     weight *= 1.0 / (TUKEY * scale) ** 2
     np.subtract(1.0, weight, out=weight)
     np.maximum(weight, 0.0, out=weight)
@@ -437,23 +451,39 @@ def _tukey(r: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 
 def _robust_fit(
-    t: np.ndarray, i: np.ndarray, inside: np.ndarray, rounds: int = 3
+    t: np.ndarray,
+    i: np.ndarray,
+    inside: np.ndarray,
+    rounds: int = 3,
+    count: int | None = None,
+    work: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Gain and offset taking ``i`` to ``t`` over ``inside``, refitted with Tukey weights
-    so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights)."""
-    weight = inside.astype(t.dtype)
-    if not inside.any():  # the other image does not cover the kept one at all
-        return 1.0, t - i, weight
+    so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights).
+    ``count`` is how many pixels are ``inside`` where already counted; ``work``, four rows
+    of ``t``'s size and type, holds the scratch, residuals and weights (which then live
+    there until the caller reuses it), else they are made here."""
+    if work is None:
+        work = np.empty((4, t.size), t.dtype)
+    scratch, r, weight = work[:2], work[2], work[3]
+    if count is None:
+        count = np.count_nonzero(inside)
+    if not count:  # the other image does not cover the kept one at all
+        np.copyto(weight, inside)
+        return 1.0, np.subtract(t, i, out=r), weight
+    np.copyto(weight, inside)
     for _ in range(rounds):
-        gain, offset = _photometric(t, i, weight)
-        weight = _tukey(_residual(t, i, gain, offset), inside)
-    gain, offset = _photometric(t, i, weight)
-    return gain, _residual(t, i, gain, offset), weight
+        gain, offset = _photometric(t, i, weight, scratch)
+        _tukey(_residual(t, i, gain, offset, r), inside, count, weight)
+    gain, offset = _photometric(t, i, weight, scratch)
+    return gain, _residual(t, i, gain, offset, r), weight
 
 
-def _residual(t: np.ndarray, i: np.ndarray, gain: float, offset: float) -> np.ndarray:
-    """``t - (gain * i + offset)``, in one array."""
-    r = np.multiply(i, gain)
+def _residual(
+    t: np.ndarray, i: np.ndarray, gain: float, offset: float, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``t - (gain * i + offset)``, in one array (``out`` where given)."""
+    r = np.multiply(i, gain, out=out)
     r += offset
     return np.subtract(t, r, out=r)
 
@@ -469,33 +499,44 @@ def align(
         design = _unit_grid(*t_img.shape)
         moments = _moments(*t_img.shape)
         t = t_img.ravel()
+        n = t.size
         done = STEP_DONE if level == len(LEVELS) - 1 else COARSE_STEP_DONE / max(t_img.shape)
-        # The per-pixel products of a step, written in place: rows 0-2 for the normal
-        # matrix, 3-4 for the gradient, 5-6 the weighted image gradients.
-        products = np.empty((7, t.size), t.dtype)
-        # What every step of the level reads: the other image as torch sees it, and where
-        # its outer pixels' centres lie.
+        # What every step of the level writes, made once: at the coarse levels a step is
+        # a few dozen passes over a couple of thousand pixels, where making arrays and
+        # calling through wrappers costs as much as the arithmetic. The per-pixel products
+        # of a step: rows 0-2 for the normal matrix, 3-4 for the gradient, 5-6 the
+        # weighted image gradients; the robust fit's scratch, residuals and weights; the
+        # mapped centres, their distances from the middle, and which are within reach.
+        products = np.empty((7, n), t.dtype)
+        work = np.empty((4, n), t.dtype)
+        grid = np.empty((n, 2), np.float32)
+        spread = np.empty((n, 2), np.float32)
+        within = np.empty((n, 2), bool)
+        # What every step reads: the other image as torch sees it, the grid as torch sees
+        # it (the same memory, rewritten by each step), and where the other image's outer
+        # pixels' centres lie (compared in single precision, as a Python float is).
         source = torch.from_numpy(stack)[None]
+        where = torch.from_numpy(grid).view(1, 1, n, 2)
         _, ho, wo = stack.shape
+        reach = np.array([1 - 1 / wo, 1 - 1 / ho], np.float32)
         for _ in range(LEVELS[level][2]):
             # Torch's grid coordinates of the mapped centres (unit coordinates times two,
             # less one): doubling the map doubles every rounding, the same values as
             # doubling the product.
-            grid = design @ (2.0 * p).T.astype(np.float32)
+            np.matmul(design, (2.0 * p).T.astype(np.float32), out=grid)
             grid -= 1.0
-            inside = _inside_grid(ho, wo, grid)
-            if np.count_nonzero(inside) < 16:
+            # :func:`_inside_grid`, both coordinates at once: a pixel is inside when both
+            # its bytes of ``within`` are true (1, 1), read together as one 16-bit number.
+            np.less_equal(np.abs(grid, out=spread), reach, out=within)
+            inside = within.view(np.uint16)[:, 0] == 0x0101
+            count = np.count_nonzero(inside)
+            if count < 16:
                 break
-            # No autograd to switch off: nothing here requires a gradient.
-            sampled = torch.nn.functional.grid_sample(
-                source,
-                torch.from_numpy(grid)[None, None],
-                mode="bilinear",
-                padding_mode="border",
-                align_corners=False,
-            )[0, :, 0].numpy()
+            # torch.nn.functional.grid_sample's kernel (bilinear, border, not aligned
+            # corners) without its argument checks.
+            sampled = torch.grid_sampler(source, where, 0, 1, False)[0, :, 0].numpy()
             # One reweighting per step: the steps themselves iterate the robust fit.
-            gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
+            gain, r, weight = _robust_fit(t, sampled[0], inside, 1, count, work)
             # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
             # (ix, iy) the gain times the other image's gradient, so the normal equations
             # are the gain squared times weighted sums of gx^2, gx gy, gy^2 times d's outer
