@@ -333,7 +333,14 @@ def _mapped(shape: tuple[int, ...], warp: np.ndarray) -> np.ndarray:
     """Where ``warp`` takes the pixel centres of an image of ``shape`` (h, w): unit
     coordinates (n, 2)."""
     h, w = shape
-    return _unit_grid(h, w) @ warp.T.astype(np.float32)
+    return _unit_grid(h, w) @ _transposed(warp)
+
+
+def _transposed(warp: np.ndarray) -> np.ndarray:
+    """A 2 x 3 map as the (3, 2) single-precision right factor of a product with pixel
+    centres, laid out by rows: the same product as with the transposed view, a third
+    cheaper."""
+    return np.ascontiguousarray(warp.T, np.float32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -393,10 +400,13 @@ def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _photometric(
-    t: np.ndarray, i: np.ndarray, weight: np.ndarray, scratch: np.ndarray | None = None
+    t: np.ndarray,
+    i: np.ndarray,
+    weight: np.ndarray,
+    scratch: tuple[np.ndarray, ...] | None = None,
 ) -> tuple[float, float]:
     """Gain and offset taking ``i`` to ``t`` by weighted least squares; ``scratch``, two
-    rows of ``t``'s size and type, spares the two temporaries (this runs at every
+    arrays like ``t``, spares the two temporaries (this runs at every
     Gauss-Newton step)."""
     sw = weight.sum()
     if sw <= 0:
@@ -440,13 +450,16 @@ def _tukey(
     # Selecting makes a copy, which the median may reorder.
     sample = r[::stride][inside[::stride]]
     scale = max(1.4826 * _median(np.abs(sample, out=sample)), 1e-3)
-    # (1 - u^2)^2 for |u| < 1, else 0, with u = r / (TUKEY * scale), in place.
+    # (1 - u^2)^2 for |u| < 1, else 0, with u = r / (TUKEY * scale), in place: squared,
+    # then zeroed where 1 - u^2 is not positive or the pixel is outside (one multiply
+    # by the mask instead of a nan-aware maximum, the same values).
     weight = np.multiply(r, r, out=out)
     weight *= 1.0 / (TUKEY * scale) ** 2
     np.subtract(1.0, weight, out=weight)
-    np.maximum(weight, 0.0, out=weight)
+    keep = weight > 0.0
+    keep &= inside
     weight *= weight
-    weight *= inside
+    weight *= keep
     return weight
 
 
@@ -456,15 +469,16 @@ def _robust_fit(
     inside: np.ndarray,
     rounds: int = 3,
     count: int | None = None,
-    work: np.ndarray | None = None,
+    work: tuple[np.ndarray, ...] | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Gain and offset taking ``i`` to ``t`` over ``inside``, refitted with Tukey weights
     so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights).
-    ``count`` is how many pixels are ``inside`` where already counted; ``work``, four rows
-    of ``t``'s size and type, holds the scratch, residuals and weights (which then live
-    there until the caller reuses it), else they are made here."""
+    ``count`` is how many pixels are ``inside`` where already counted; ``work``, four
+    arrays like ``t``, holds the scratch, residuals and weights (which then live there
+    until the caller reuses it), else they are made here (apart: one array of four rows
+    is large enough that the allocator maps fresh pages for it every time)."""
     if work is None:
-        work = np.empty((4, t.size), t.dtype)
+        work = tuple(np.empty_like(t) for _ in range(4))
     scratch, r, weight = work[:2], work[2], work[3]
     if count is None:
         count = np.count_nonzero(inside)
@@ -508,27 +522,20 @@ def align(
         # weighted image gradients; the robust fit's scratch, residuals and weights; the
         # mapped centres, their distances from the middle, and which are within reach.
         products = np.empty((7, n), t.dtype)
-        work = np.empty((4, n), t.dtype)
+        work = tuple(np.empty_like(t) for _ in range(4))
         grid = np.empty((n, 2), np.float32)
-        spread = np.empty((n, 2), np.float32)
-        within = np.empty((n, 2), bool)
-        # What every step reads: the other image as torch sees it, the grid as torch sees
-        # it (the same memory, rewritten by each step), and where the other image's outer
-        # pixels' centres lie (compared in single precision, as a Python float is).
+        # What every step reads: the other image as torch sees it, and the grid as torch
+        # sees it (the same memory, rewritten by each step).
         source = torch.from_numpy(stack)[None]
         where = torch.from_numpy(grid).view(1, 1, n, 2)
         _, ho, wo = stack.shape
-        reach = np.array([1 - 1 / wo, 1 - 1 / ho], np.float32)
         for _ in range(LEVELS[level][2]):
             # Torch's grid coordinates of the mapped centres (unit coordinates times two,
             # less one): doubling the map doubles every rounding, the same values as
             # doubling the product.
-            np.matmul(design, (2.0 * p).T.astype(np.float32), out=grid)
+            np.matmul(design, _transposed(2.0 * p), out=grid)
             grid -= 1.0
-            # :func:`_inside_grid`, both coordinates at once: a pixel is inside when both
-            # its bytes of ``within`` are true (1, 1), read together as one 16-bit number.
-            np.less_equal(np.abs(grid, out=spread), reach, out=within)
-            inside = within.view(np.uint16)[:, 0] == 0x0101
+            inside = _inside_grid(ho, wo, grid)
             count = np.count_nonzero(inside)
             if count < 16:
                 break
