@@ -593,19 +593,23 @@ def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.nda
     # over an axis of 3.
     t = kept.planes.reshape(3, -1)
     design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)])
-    weight = inside.astype(t.dtype)
-    r = np.zeros(t.shape[1], t.dtype)
+    # Every round writes into the same arrays: made anew, arrays of several rows are
+    # large enough that the allocator maps (and the kernel clears) fresh pages each time.
+    weighted, error = np.empty_like(design), np.empty_like(t)
+    weight, r = inside.astype(t.dtype), np.empty(t.shape[1], t.dtype)
+    count = np.count_nonzero(inside)
     for _ in range(4):
         # Weighted least squares by its normal equations (4 x 4): the same fit as a
         # weighted lstsq, much cheaper for tens of thousands of pixels.
-        dw = design * weight
+        dw = np.multiply(design, weight, out=weighted)
         colour = np.linalg.solve(dw @ design.T + 1e-9 * np.eye(4), dw @ t.T).astype(t.dtype)
-        error = t - colour.T @ design
+        np.matmul(colour.T, design, out=error)
+        np.subtract(t, error, out=error)
         error *= error
-        r = np.sqrt(error.sum(axis=0))
-        if not inside.any():
+        np.sqrt(np.sum(error, axis=0, out=r), out=r)
+        if not count:
             break
-        weight = _tukey(r, inside)
+        weight = _tukey(r, inside, count, weight)
     # The root mean square distance from the mean colour over the overlap.
     spread = sum(float(channel[inside].var()) for channel in t) if inside.any() else 0.0
     contrast = max(float(np.sqrt(spread)), 0.02)
