@@ -850,7 +850,12 @@ def _chroma(rgb: np.ndarray) -> np.ndarray:
     """The chroma of an (h, w, 3) RGB image as complex numbers in the hue plane (red
     against cyan, green against blue), blurred by ``CHROMA_BLUR``, flattened: turning the
     hue rotates it, desaturating scales it."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return _chroma_of(rgb.transpose(2, 0, 1))
+
+
+def _chroma_of(planes: np.ndarray) -> np.ndarray:
+    """:func:`_chroma` of an image as its (3, h, w) colour planes."""
+    r, g, b = planes
     across = ndimage.gaussian_filter(r - (g + b) / 2, CHROMA_BLUR)
     down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), CHROMA_BLUR)
     return (across + 1j * down).ravel()
@@ -878,7 +883,12 @@ def _one_colour_change(
         )[0, :, 0].numpy()
     mask = inside.ravel()
     covered = _patch_counts(inside)
-    ours, theirs = kept.chroma, _chroma(warped.T.reshape(h, w, 3))
+    count = np.count_nonzero(mask)
+    # The sampled planes as they come (contiguous rows): the same values as the image
+    # laid out pixel by pixel, without gathering its channels apart again.
+    ours, theirs = kept.chroma, _chroma_of(warped.reshape(3, h, w))
+    # The fits' complex and real scratch, written by every round.
+    fitted, r = np.empty_like(theirs), np.empty(theirs.shape, theirs.real.dtype)
     best = 0.0
     for source_chroma, target in ((ours, theirs), (theirs, ours)):
         # What the reweighted fits below weigh, the same at every round: the complex
@@ -891,8 +901,9 @@ def _one_colour_change(
         for _ in range(4):
             power = float(weight @ power_of)
             gain = complex(weight @ real, weight @ imaginary) / power if power > 1e-12 else 0j
-            r = np.abs(target - gain * source_chroma)
-            weight = _tukey(r, mask)
+            np.multiply(gain, source_chroma, out=fitted)
+            np.abs(np.subtract(target, fitted, out=fitted), out=r)
+            weight = _tukey(r, mask, count)
         spread = max(float(np.sqrt(np.mean(np.abs(target[mask]) ** 2))), CHROMA_FLOOR)
         follows, counted = _medians_within(
             (r / spread).reshape(h, w), inside, CHROMA_TOLERANCE, covered
