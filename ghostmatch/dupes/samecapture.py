@@ -396,7 +396,8 @@ def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarra
             padding_mode="border",
             align_corners=False,
         )
-    return value[0, :, 0].numpy(), inside
+    # Indexed as numpy (a tenth of torch indexing's overhead), the same memory.
+    return value.numpy()[0, :, 0], inside
 
 
 def _photometric(
@@ -404,11 +405,12 @@ def _photometric(
     i: np.ndarray,
     weight: np.ndarray,
     scratch: tuple[np.ndarray, ...] | None = None,
+    total: np.floating | None = None,
 ) -> tuple[float, float]:
     """Gain and offset taking ``i`` to ``t`` by weighted least squares; ``scratch``, two
     arrays like ``t``, spares the two temporaries (this runs at every
-    Gauss-Newton step)."""
-    sw = weight.sum()
+    Gauss-Newton step); ``total`` is the weights' sum where already known."""
+    sw = weight.sum() if total is None else total
     if sw <= 0:
         return 1.0, 0.0
     mt, mi = (weight @ t) / sw, (weight @ i) / sw
@@ -445,7 +447,7 @@ def _tukey(
     over every ``stride``-th pixel: see ``SCALE_SAMPLES``), written into ``out`` where
     given; ``count``, how many pixels are ``inside``, where already counted."""
     if count is None:
-        count = np.count_nonzero(inside)
+        count = int(np.count_nonzero(inside))
     stride = max(1, count // SCALE_SAMPLES)
     # Selecting makes a copy, which the median may reorder.
     sample = r[::stride][inside[::stride]]
@@ -481,13 +483,17 @@ def _robust_fit(
         work = tuple(np.empty_like(t) for _ in range(4))
     scratch, r, weight = work[:2], work[2], work[3]
     if count is None:
-        count = np.count_nonzero(inside)
+        count = int(np.count_nonzero(inside))
     if not count:  # the other image does not cover the kept one at all
         np.copyto(weight, inside)
         return 1.0, np.subtract(t, i, out=r), weight
     np.copyto(weight, inside)
+    # The first round weighs the pixels inside alike: their sum is their count, exactly
+    # as summing the ones gives it (whole numbers far below 2 ** 24 add up exactly).
+    total: np.floating | None = t.dtype.type(count)
     for _ in range(rounds):
-        gain, offset = _photometric(t, i, weight, scratch)
+        gain, offset = _photometric(t, i, weight, scratch, total)
+        total = None
         _tukey(_residual(t, i, gain, offset, r), inside, count, weight)
     gain, offset = _photometric(t, i, weight, scratch)
     return gain, _residual(t, i, gain, offset, r), weight
@@ -536,12 +542,12 @@ def align(
             np.matmul(design, _transposed(2.0 * p), out=grid)
             grid -= 1.0
             inside = _inside_grid(ho, wo, grid)
-            count = np.count_nonzero(inside)
+            count = int(np.count_nonzero(inside))
             if count < 16:
                 break
             # torch.nn.functional.grid_sample's kernel (bilinear, border, not aligned
             # corners) without its argument checks.
-            sampled = torch.grid_sampler(source, where, 0, 1, False)[0, :, 0].numpy()
+            sampled = torch.grid_sampler(source, where, 0, 1, False).numpy()[0, :, 0]
             # One reweighting per step: the steps themselves iterate the robust fit.
             gain, r, weight = _robust_fit(t, sampled[0], inside, 1, count, work)
             # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
@@ -597,7 +603,7 @@ def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.nda
     # large enough that the allocator maps (and the kernel clears) fresh pages each time.
     weighted, error = np.empty_like(design), np.empty_like(t)
     weight, r = inside.astype(t.dtype), np.empty(t.shape[1], t.dtype)
-    count = np.count_nonzero(inside)
+    count = int(np.count_nonzero(inside))
     for _ in range(4):
         # Weighted least squares by its normal equations (4 x 4): the same fit as a
         # weighted lstsq, much cheaper for tens of thousands of pixels.
@@ -880,10 +886,10 @@ def _one_colour_change(
             mode="bilinear",
             padding_mode="border",
             align_corners=False,
-        )[0, :, 0].numpy()
+        ).numpy()[0, :, 0]
     mask = inside.ravel()
     covered = _patch_counts(inside)
-    count = np.count_nonzero(mask)
+    count = int(np.count_nonzero(mask))
     # The sampled planes as they come (contiguous rows): the same values as the image
     # laid out pixel by pixel, without gathering its channels apart again.
     ours, theirs = kept.chroma, _chroma_of(warped.reshape(3, h, w))
