@@ -484,10 +484,9 @@ def _robust_fit(
     scratch, r, weight = work[:2], work[2], work[3]
     if count is None:
         count = int(np.count_nonzero(inside))
-    if not count:  # the other image does not cover the kept one at all
-        np.copyto(weight, inside)
-        return 1.0, np.subtract(t, i, out=r), weight
     np.copyto(weight, inside)
+    if not count:  # the other image does not cover the kept one at all
+        return 1.0, np.subtract(t, i, out=r), weight
     # The first round weighs the pixels inside alike: their sum is their count, exactly
     # as summing the ones gives it (whole numbers far below 2 ** 24 add up exactly).
     total: np.floating | None = t.dtype.type(count)
@@ -526,7 +525,7 @@ def align(
         # calling through wrappers costs as much as the arithmetic. The per-pixel products
         # of a step: rows 0-2 for the normal matrix, 3-4 for the gradient, 5-6 the
         # weighted image gradients; the robust fit's scratch, residuals and weights; the
-        # mapped centres, their distances from the middle, and which are within reach.
+        # mapped centres.
         products = np.empty((7, n), t.dtype)
         work = tuple(np.empty_like(t) for _ in range(4))
         grid = np.empty((n, 2), np.float32)
