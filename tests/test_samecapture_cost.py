@@ -380,18 +380,18 @@ def test_what_one_image_decides_is_measured_once_per_capture(
     # The kept image's fine detail and chroma are the same for every copy it is compared
     # with: made once on its capture. Only the other image's chroma under each map is new.
     made: dict[str, int] = {"detail": 0, "chroma": 0}
-    detail, chroma = samecapture._detail, samecapture._chroma
+    detail, chroma = samecapture._detail, samecapture._chroma_of
 
     def counted_detail(kept: samecapture.Capture) -> int:
         made["detail"] += 1
         return detail(kept)
 
-    def counted_chroma(rgb: np.ndarray) -> np.ndarray:
+    def counted_chroma(planes: np.ndarray) -> np.ndarray:
         made["chroma"] += 1
-        return chroma(rgb)
+        return chroma(planes)
 
     monkeypatch.setattr(samecapture, "_detail", counted_detail)
-    monkeypatch.setattr(samecapture, "_chroma", counted_chroma)
+    monkeypatch.setattr(samecapture, "_chroma_of", counted_chroma)
     kept = prepare_capture(scene())
     found = [agreement(kept, prepare_capture(c), np.eye(2, 3)) for c in copies()]
     assert all(f.same_capture and f.distinct is not None for f in found)
@@ -435,3 +435,153 @@ def test_the_moved_maps_share_one_sampling_and_the_gain_of_the_residuals(
     # The same gain a separate fit finds, to rounding of the sampled positions.
     assert distinct.gain == pytest.approx(samecapture._gain(kept, other, np.eye(2, 3)), abs=1e-4)
     assert distinct.squash == pytest.approx(1.0) and distinct.distinctive()
+
+
+def plain_tukey(r: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Tukey weights as the formula reads: at the median absolute residual (of every
+    ``stride``-th pixel inside), clipped at zero, nothing outside."""
+    stride = max(1, np.count_nonzero(inside) // samecapture.SCALE_SAMPLES)
+    scale = max(1.4826 * float(np.median(np.abs(r[::stride][inside[::stride]]))), 1e-3)
+    u = r * r * (1.0 / (samecapture.TUKEY * scale) ** 2)
+    return np.maximum(1.0 - u, 0.0) ** 2 * inside
+
+
+def plain_robust_fit(
+    t: np.ndarray, i: np.ndarray, inside: np.ndarray, rounds: int
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The robust grey fit as its formulas read, each step in fresh arrays: weighted
+    least squares, then Tukey weights at the median absolute residual (of every
+    ``stride``-th pixel inside) clipped at zero."""
+
+    def photometric(weight: np.ndarray) -> tuple[float, float]:
+        sw = weight.sum()
+        if sw <= 0:
+            return 1.0, 0.0
+        mt, mi = (weight @ t) / sw, (weight @ i) / sw
+        var = (weight @ ((i - mi) * (i - mi))) / sw
+        gain = ((weight @ ((t - mt) * (i - mi))) / sw) / var if var > 1e-9 else 0.0
+        return gain, mt - gain * mi
+
+    weight = inside.astype(t.dtype)
+    if not inside.any():
+        return 1.0, t - i, weight
+    for _ in range(rounds):
+        gain, offset = photometric(weight)
+        weight = plain_tukey(t - (i * gain + offset), inside)
+    gain, offset = photometric(weight)
+    return gain, t - (i * gain + offset), weight
+
+
+def test_robust_fit_in_reused_arrays_equals_its_formulas_to_the_bit() -> None:
+    # The Gauss-Newton steps write the fit into arrays made once per level, select the
+    # Tukey scale's median in place and zero the weights by a mask: the same values as
+    # the formulas in fresh arrays, to the last bit, so that every decision is the same.
+    rng = np.random.default_rng(11)
+    work = tuple(np.empty(6000, np.float32) for _ in range(4))
+    for case in range(60):
+        n = int(rng.choice([17, 1728, 4099, 6000]))
+        t = rng.random(n, dtype=np.float32)
+        i = (t * rng.uniform(0.5, 1.5) + rng.normal(0, 0.05, n)).astype(np.float32)
+        # An overlay the fit must shrug off, a share of pixels outside, or none inside.
+        i[: n // 7] = rng.random(n // 7, dtype=np.float32)
+        inside = rng.random(n) >= rng.choice([0.0, 0.4, 1.0 if case % 15 == 0 else 0.2])
+        rounds = int(rng.integers(1, 4))
+        want = plain_robust_fit(t, i, inside, rounds)
+        fresh = samecapture._robust_fit(t, i, inside, rounds)
+        reused = samecapture._robust_fit(
+            t, i, inside, rounds, np.count_nonzero(inside), tuple(a[:n] for a in work)
+        )
+        for got in (fresh, reused):
+            assert got[0] == want[0]
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])
+
+
+def test_alignment_in_reused_arrays_equals_fresh_steps_to_the_bit() -> None:
+    # One Gauss-Newton step as it read before its arrays were made once per level: the
+    # same refined map, to the last bit.
+    def fresh_align(
+        kept: samecapture.Capture, other: samecapture.Capture, warp: np.ndarray
+    ) -> np.ndarray:
+        p = warp.astype(np.float64).copy()
+        for level, (_, _, steps) in enumerate(LEVELS):
+            t_img, stack = kept.levels[level][0], other.levels[level]
+            design = samecapture._unit_grid(*t_img.shape)
+            moments = samecapture._moments(*t_img.shape)
+            t = t_img.ravel()
+            done = samecapture.STEP_DONE
+            if level < len(LEVELS) - 1:
+                done = samecapture.COARSE_STEP_DONE / max(t_img.shape)
+            for _ in range(steps):
+                grid = design @ (2.0 * p).T.astype(np.float32) - np.float32(1.0)
+                inside = samecapture._inside_grid(*stack.shape[1:], grid)
+                if inside.sum() < 16:
+                    break
+                sampled = torch.nn.functional.grid_sample(
+                    torch.from_numpy(stack)[None],
+                    torch.from_numpy(grid)[None, None],
+                    mode="bilinear",
+                    padding_mode="border",
+                    align_corners=False,
+                )[0, :, 0].numpy()
+                gain, r, weight = plain_robust_fit(t, sampled[0], inside, 1)
+                gx, gy = sampled[1], sampled[2]
+                sums = np.stack([weight * gx * gx, weight * gx * gy, weight * gy * gy]) @ moments
+                hessian = sums.ravel()[samecapture._HESSIAN] * (gain * gain) + 1e-6 * np.eye(6)
+                gradient = (np.stack([weight * gx * r, weight * gy * r]) @ design).ravel() * gain
+                step = np.linalg.solve(hessian, gradient)
+                p += step.reshape(2, 3)
+                if np.abs(step).max() < done:
+                    break
+        return p
+
+    kept = prepare_capture(scene())
+    w, h = scene().size
+    crop = scene().crop((w // 10, h // 10, w - w // 10, h - h // 10))
+    start = np.array([[0.75, 0.02, 0.14], [-0.01, 0.8, 0.11]])
+    noise = synthetic.make_image("noise", 1, seed=5).resize((320, 240))
+    for other, warp in ((crop, start), (ImageOps.mirror(scene()), start), (noise, np.eye(2, 3))):
+        captured = prepare_capture(other)
+        assert np.array_equal(
+            samecapture.align(kept, captured, warp), fresh_align(kept, captured, warp)
+        )
+
+
+def test_colour_fits_in_reused_arrays_equal_fresh_ones_to_the_bit() -> None:
+    # The affine colour fit and the chroma of the sampled colour planes, as they read
+    # with fresh arrays and the image laid out pixel by pixel.
+    kept = prepare_capture(scene())
+    recoloured = Image.fromarray((np.asarray(scene()) * [0.9, 1.0, 0.7]).astype(np.uint8))
+    other = prepare_capture(recoloured.rotate(3, Image.Resampling.BICUBIC))
+    warp = np.array([[0.98, 0.02, 0.01], [-0.02, 0.99, 0.02]])
+    _, h, w = kept.planes.shape
+    warped, inside = samecapture._sample(other.planes, samecapture._mapped((h, w), warp))
+    pixels = np.ascontiguousarray(warped.T).reshape(h, w, 3)
+    assert np.array_equal(
+        samecapture._chroma_of(warped.reshape(3, h, w)), samecapture._chroma(pixels)
+    )
+    t = kept.planes.reshape(3, -1)
+    design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)])
+    weight = inside.astype(t.dtype)
+    for _ in range(4):
+        dw = design * weight
+        colour = np.linalg.solve(dw @ design.T + 1e-9 * np.eye(4), dw @ t.T).astype(t.dtype)
+        r = np.sqrt(((t - colour.T @ design) ** 2).sum(axis=0))
+        weight = plain_tukey(r, inside)
+    contrast = max(float(np.sqrt(sum(float(c[inside].var()) for c in t))), 0.02)
+    got = samecapture._colour_residuals(kept, other, warp)
+    assert np.array_equal(got, (r / contrast).reshape(h, w))
+
+
+def test_gauss_newton_steps_call_the_sampling_kernel_without_its_wrapper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A coarse step is a few dozen passes over a couple of thousand pixels: the
+    # functional wrapper's checks cost a third of its sampling, so the steps call the
+    # kernel itself (the same values, see above).
+    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a Gauss-Newton step went through grid_sample's wrapper")
+
+    kept, other = prepare_capture(scene()), prepare_capture(copies()[0])
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", wrapper)
+    refined = samecapture.align(kept, other, np.eye(2, 3))
+    assert np.abs(refined - np.eye(2, 3)).max() < 0.05

@@ -333,7 +333,14 @@ def _mapped(shape: tuple[int, ...], warp: np.ndarray) -> np.ndarray:
     """Where ``warp`` takes the pixel centres of an image of ``shape`` (h, w): unit
     coordinates (n, 2)."""
     h, w = shape
-    return _unit_grid(h, w) @ warp.T.astype(np.float32)
+    return _unit_grid(h, w) @ _transposed(warp)
+
+
+def _transposed(warp: np.ndarray) -> np.ndarray:
+    """A 2 x 3 map as the (3, 2) single-precision right factor of a product with pixel
+    centres, laid out by rows: the same product as with the transposed view, a third
+    cheaper."""
+    return np.ascontiguousarray(warp.T, np.float32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -389,18 +396,28 @@ def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarra
             padding_mode="border",
             align_corners=False,
         )
-    return value[0, :, 0].numpy(), inside
+    # Indexed as numpy (a tenth of torch indexing's overhead), the same memory.
+    return value.numpy()[0, :, 0], inside
 
 
-def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
-    """Gain and offset taking ``i`` to ``t`` by weighted least squares."""
-    sw = weight.sum()
+def _photometric(
+    t: np.ndarray,
+    i: np.ndarray,
+    weight: np.ndarray,
+    scratch: tuple[np.ndarray, ...] | None = None,
+    total: np.floating | None = None,
+) -> tuple[float, float]:
+    """Gain and offset taking ``i`` to ``t`` by weighted least squares; ``scratch``, two
+    arrays like ``t``, spares the two temporaries (this runs at every
+    Gauss-Newton step); ``total`` is the weights' sum where already known."""
+    sw = weight.sum() if total is None else total
     if sw <= 0:
         return 1.0, 0.0
     mt, mi = (weight @ t) / sw, (weight @ i) / sw
-    di = i - mi
-    # One scratch array for both products (this runs several times per Gauss-Newton step).
-    product = np.multiply(di, di)
+    di, product = (None, None) if scratch is None else scratch
+    di = np.subtract(i, mi, out=di)
+    # One scratch array for both products.
+    product = np.multiply(di, di, out=product)
     var = (weight @ product) / sw
     np.subtract(t, mt, out=product)
     product *= di
@@ -409,51 +426,83 @@ def _photometric(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[floa
 
 
 def _median(values: np.ndarray) -> float:
-    """``np.median`` of a 1-d array by one partition, without its generic overhead: this
-    runs at every Gauss-Newton step."""
+    """``np.median`` of a 1-d array by one partition in place (the values are reordered),
+    without its generic overhead or a copy: this runs at every Gauss-Newton step. The
+    middle values are the same whichever way they are selected."""
     n = len(values)
     if n == 0:
         return 0.0
     k = n // 2
     if n % 2:
-        return float(np.partition(values, k)[k])
-    part = np.partition(values, (k - 1, k))
-    return float((part[k - 1] + part[k]) / 2)
+        values.partition(k)
+        return float(values[k])
+    values.partition((k - 1, k))
+    return float((values[k - 1] + values[k]) / 2)
 
 
-def _tukey(r: np.ndarray, inside: np.ndarray) -> np.ndarray:
+def _tukey(
+    r: np.ndarray, inside: np.ndarray, count: int | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """Tukey weights of residuals ``r`` at a robust scale (their median absolute value,
-    over every ``stride``-th pixel: see ``SCALE_SAMPLES``)."""
-    stride = max(1, np.count_nonzero(inside) // SCALE_SAMPLES)
-    scale = max(1.4826 * _median(np.abs(r[::stride][inside[::stride]])), 1e-3)
-    # (1 - u^2)^2 for |u| < 1, else 0, with u = r / (TUKEY * scale), in place.
-    weight = r * r
+    over every ``stride``-th pixel: see ``SCALE_SAMPLES``), written into ``out`` where
+    given; ``count``, how many pixels are ``inside``, where already counted."""
+    if count is None:
+        count = int(np.count_nonzero(inside))
+    stride = max(1, count // SCALE_SAMPLES)
+    # Selecting makes a copy, which the median may reorder.
+    sample = r[::stride][inside[::stride]]
+    scale = max(1.4826 * _median(np.abs(sample, out=sample)), 1e-3)
+    # (1 - u^2)^2 for |u| < 1, else 0, with u = r / (TUKEY * scale), in place: squared,
+    # then zeroed where 1 - u^2 is not positive or the pixel is outside (one multiply
+    # by the mask instead of a nan-aware maximum, the same values).
+    weight = np.multiply(r, r, out=out)
     weight *= 1.0 / (TUKEY * scale) ** 2
     np.subtract(1.0, weight, out=weight)
-    np.maximum(weight, 0.0, out=weight)
+    keep = weight > 0.0
+    keep &= inside
     weight *= weight
-    weight *= inside
+    weight *= keep
     return weight
 
 
 def _robust_fit(
-    t: np.ndarray, i: np.ndarray, inside: np.ndarray, rounds: int = 3
+    t: np.ndarray,
+    i: np.ndarray,
+    inside: np.ndarray,
+    rounds: int = 3,
+    count: int | None = None,
+    work: tuple[np.ndarray, ...] | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Gain and offset taking ``i`` to ``t`` over ``inside``, refitted with Tukey weights
-    so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights)."""
-    weight = inside.astype(t.dtype)
-    if not inside.any():  # the other image does not cover the kept one at all
-        return 1.0, t - i, weight
+    so that an overlay (a caption, a logo) does not shift them: (gain, residuals, weights).
+    ``count`` is how many pixels are ``inside`` where already counted; ``work``, four
+    arrays like ``t``, holds the scratch, residuals and weights (which then live there
+    until the caller reuses it), else they are made here (apart: one array of four rows
+    is large enough that the allocator maps fresh pages for it every time)."""
+    if work is None:
+        work = tuple(np.empty_like(t) for _ in range(4))
+    scratch, r, weight = work[:2], work[2], work[3]
+    if count is None:
+        count = int(np.count_nonzero(inside))
+    np.copyto(weight, inside)
+    if not count:  # the other image does not cover the kept one at all
+        return 1.0, np.subtract(t, i, out=r), weight
+    # The first round weighs the pixels inside alike: their sum is their count, exactly
+    # as summing the ones gives it (whole numbers far below 2 ** 24 add up exactly).
+    total: np.floating | None = t.dtype.type(count)
     for _ in range(rounds):
-        gain, offset = _photometric(t, i, weight)
-        weight = _tukey(_residual(t, i, gain, offset), inside)
-    gain, offset = _photometric(t, i, weight)
-    return gain, _residual(t, i, gain, offset), weight
+        gain, offset = _photometric(t, i, weight, scratch, total)
+        total = None
+        _tukey(_residual(t, i, gain, offset, r), inside, count, weight)
+    gain, offset = _photometric(t, i, weight, scratch)
+    return gain, _residual(t, i, gain, offset, r), weight
 
 
-def _residual(t: np.ndarray, i: np.ndarray, gain: float, offset: float) -> np.ndarray:
-    """``t - (gain * i + offset)``, in one array."""
-    r = np.multiply(i, gain)
+def _residual(
+    t: np.ndarray, i: np.ndarray, gain: float, offset: float, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``t - (gain * i + offset)``, in one array (``out`` where given)."""
+    r = np.multiply(i, gain, out=out)
     r += offset
     return np.subtract(t, r, out=r)
 
@@ -469,33 +518,37 @@ def align(
         design = _unit_grid(*t_img.shape)
         moments = _moments(*t_img.shape)
         t = t_img.ravel()
+        n = t.size
         done = STEP_DONE if level == len(LEVELS) - 1 else COARSE_STEP_DONE / max(t_img.shape)
-        # The per-pixel products of a step, written in place: rows 0-2 for the normal
-        # matrix, 3-4 for the gradient, 5-6 the weighted image gradients.
-        products = np.empty((7, t.size), t.dtype)
-        # What every step of the level reads: the other image as torch sees it, and where
-        # its outer pixels' centres lie.
+        # What every step of the level writes, made once: at the coarse levels a step is
+        # a few dozen passes over a couple of thousand pixels, where making arrays and
+        # calling through wrappers costs as much as the arithmetic. The per-pixel products
+        # of a step: rows 0-2 for the normal matrix, 3-4 for the gradient, 5-6 the
+        # weighted image gradients; the robust fit's scratch, residuals and weights; the
+        # mapped centres.
+        products = np.empty((7, n), t.dtype)
+        work = tuple(np.empty_like(t) for _ in range(4))
+        grid = np.empty((n, 2), np.float32)
+        # What every step reads: the other image as torch sees it, and the grid as torch
+        # sees it (the same memory, rewritten by each step).
         source = torch.from_numpy(stack)[None]
+        where = torch.from_numpy(grid).view(1, 1, n, 2)
         _, ho, wo = stack.shape
         for _ in range(LEVELS[level][2]):
             # Torch's grid coordinates of the mapped centres (unit coordinates times two,
             # less one): doubling the map doubles every rounding, the same values as
             # doubling the product.
-            grid = design @ (2.0 * p).T.astype(np.float32)
+            np.matmul(design, _transposed(2.0 * p), out=grid)
             grid -= 1.0
             inside = _inside_grid(ho, wo, grid)
-            if np.count_nonzero(inside) < 16:
+            count = int(np.count_nonzero(inside))
+            if count < 16:
                 break
-            # No autograd to switch off: nothing here requires a gradient.
-            sampled = torch.nn.functional.grid_sample(
-                source,
-                torch.from_numpy(grid)[None, None],
-                mode="bilinear",
-                padding_mode="border",
-                align_corners=False,
-            )[0, :, 0].numpy()
+            # torch.nn.functional.grid_sample's kernel (bilinear, border, not aligned
+            # corners) without its argument checks.
+            sampled = torch.grid_sampler(source, where, 0, 1, False).numpy()[0, :, 0]
             # One reweighting per step: the steps themselves iterate the robust fit.
-            gain, r, weight = _robust_fit(t, sampled[0], inside, rounds=1)
+            gain, r, weight = _robust_fit(t, sampled[0], inside, 1, count, work)
             # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
             # (ix, iy) the gain times the other image's gradient, so the normal equations
             # are the gain squared times weighted sums of gx^2, gx gy, gy^2 times d's outer
@@ -545,19 +598,23 @@ def _colour_residuals(kept: Capture, other: Capture, warp: np.ndarray) -> np.nda
     # over an axis of 3.
     t = kept.planes.reshape(3, -1)
     design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)])
-    weight = inside.astype(t.dtype)
-    r = np.zeros(t.shape[1], t.dtype)
+    # Every round writes into the same arrays: made anew, arrays of several rows are
+    # large enough that the allocator maps (and the kernel clears) fresh pages each time.
+    weighted, error = np.empty_like(design), np.empty_like(t)
+    weight, r = inside.astype(t.dtype), np.empty(t.shape[1], t.dtype)
+    count = int(np.count_nonzero(inside))
     for _ in range(4):
         # Weighted least squares by its normal equations (4 x 4): the same fit as a
         # weighted lstsq, much cheaper for tens of thousands of pixels.
-        dw = design * weight
+        dw = np.multiply(design, weight, out=weighted)
         colour = np.linalg.solve(dw @ design.T + 1e-9 * np.eye(4), dw @ t.T).astype(t.dtype)
-        error = t - colour.T @ design
+        np.matmul(colour.T, design, out=error)
+        np.subtract(t, error, out=error)
         error *= error
-        r = np.sqrt(error.sum(axis=0))
-        if not inside.any():
+        np.sqrt(np.sum(error, axis=0, out=r), out=r)
+        if not count:
             break
-        weight = _tukey(r, inside)
+        weight = _tukey(r, inside, count, weight)
     # The root mean square distance from the mean colour over the overlap.
     spread = sum(float(channel[inside].var()) for channel in t) if inside.any() else 0.0
     contrast = max(float(np.sqrt(spread)), 0.02)
@@ -798,7 +855,12 @@ def _chroma(rgb: np.ndarray) -> np.ndarray:
     """The chroma of an (h, w, 3) RGB image as complex numbers in the hue plane (red
     against cyan, green against blue), blurred by ``CHROMA_BLUR``, flattened: turning the
     hue rotates it, desaturating scales it."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return _chroma_of(rgb.transpose(2, 0, 1))
+
+
+def _chroma_of(planes: np.ndarray) -> np.ndarray:
+    """:func:`_chroma` of an image as its (3, h, w) colour planes."""
+    r, g, b = planes
     across = ndimage.gaussian_filter(r - (g + b) / 2, CHROMA_BLUR)
     down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), CHROMA_BLUR)
     return (across + 1j * down).ravel()
@@ -823,10 +885,15 @@ def _one_colour_change(
             mode="bilinear",
             padding_mode="border",
             align_corners=False,
-        )[0, :, 0].numpy()
+        ).numpy()[0, :, 0]
     mask = inside.ravel()
     covered = _patch_counts(inside)
-    ours, theirs = kept.chroma, _chroma(warped.T.reshape(h, w, 3))
+    count = int(np.count_nonzero(mask))
+    # The sampled planes as they come (contiguous rows): the same values as the image
+    # laid out pixel by pixel, without gathering its channels apart again.
+    ours, theirs = kept.chroma, _chroma_of(warped.reshape(3, h, w))
+    # The fits' complex and real scratch, written by every round.
+    fitted, r = np.empty_like(theirs), np.empty(theirs.shape, theirs.real.dtype)
     best = 0.0
     for source_chroma, target in ((ours, theirs), (theirs, ours)):
         # What the reweighted fits below weigh, the same at every round: the complex
@@ -839,8 +906,9 @@ def _one_colour_change(
         for _ in range(4):
             power = float(weight @ power_of)
             gain = complex(weight @ real, weight @ imaginary) / power if power > 1e-12 else 0j
-            r = np.abs(target - gain * source_chroma)
-            weight = _tukey(r, mask)
+            np.multiply(gain, source_chroma, out=fitted)
+            np.abs(np.subtract(target, fitted, out=fitted), out=r)
+            weight = _tukey(r, mask, count)
         spread = max(float(np.sqrt(np.mean(np.abs(target[mask]) ** 2))), CHROMA_FLOOR)
         follows, counted = _medians_within(
             (r / spread).reshape(h, w), inside, CHROMA_TOLERANCE, covered
