@@ -1021,15 +1021,19 @@ class _MapCache:
                 return True, self._ready.pop((i, kind))
         return False, None
 
-    def _extra(self, i: int, kind: str) -> np.ndarray | None:
+    def _extra(self, i: int, kind: str, maps: _Maps) -> np.ndarray | None:
         """Image ``i``'s mirrored or zoomed map: made ahead, else made now."""
         found, made = self._take(i, kind)
-        return made if found else self._make(i, kind)
+        if found:
+            return made
+        # Made ahead straight into the cached maps while this thread waited for it.
+        known: np.ndarray | None = getattr(maps, kind)
+        return known if known is not None else self._make(i, kind)
 
     def mirrored(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s mirrored map (fp16), made on first call and kept in ``maps``."""
         if maps.mirrored is None:
-            made = self._extra(i, "mirrored")
+            made = self._extra(i, "mirrored", maps)
             # Gone or changed since its plain map was made: a map that matches nothing
             # stands in, so the pair is judged on its plain maps alone.
             maps.mirrored = np.zeros_like(maps.base) if made is None else made
@@ -1038,7 +1042,7 @@ class _MapCache:
     def zoomed(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s zoomed map (fp16), made on first call and kept in ``maps``."""
         if maps.zoomed is None:
-            made = self._extra(i, "zoomed")
+            made = self._extra(i, "zoomed", maps)
             # Gone or changed since its other maps were made: the equal-scale map stands
             # in, which can only find fewer matches.
             maps.zoomed = maps.base if made is None else made
@@ -1051,7 +1055,7 @@ class _MapCache:
         for i in sorted(ids - self.maps.keys()):
             found, made = self._take(i, "base")
             if found:
-                self.maps[i] = None if made is None else _Maps(made)
+                self.maps[i] = None if made is None else self._adopted(i, _Maps(made))
         missing = sorted(ids - self.maps.keys())
         for start in range(0, len(missing), MAP_BATCH):
             chunk = missing[start : start + MAP_BATCH]
@@ -1063,6 +1067,16 @@ class _MapCache:
                 self.maps.update((i, _Maps(m)) for (i, _), m in zip(ok, made, strict=True))
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)
+
+    def _adopted(self, i: int, maps: _Maps) -> _Maps:
+        """``maps`` with image ``i``'s mirrored and zoomed maps made ahead, taken from the
+        maps made ahead: kept there, a check started ahead reads them without taking them,
+        and once dropped (``PREFETCH_MAPS``) they would be made again for the next pair."""
+        with self._lock:
+            for kind in ("mirrored", "zoomed"):
+                if self._ready.get((i, kind)) is not None:
+                    setattr(maps, kind, self._ready.pop((i, kind)))
+        return maps
 
     def prefetch(self, leader: int, others: list[int], enough: int) -> None:
         """Start making, in the background, the maps that checking ``leader`` against each
@@ -1141,9 +1155,14 @@ class _MapCache:
         finally:
             with self._lock:
                 self._working.discard(key)
-                self._ready[key] = made
-                while len(self._ready) > PREFETCH_MAPS:
-                    self._ready.popitem(last=False)
+                # An image the main thread holds maps of gets it there (see ``_adopted``).
+                cached = self.maps.get(i)
+                if made is not None and kind != "base" and cached is not None:
+                    setattr(cached, kind, made)
+                else:
+                    self._ready[key] = made
+                    while len(self._ready) > PREFETCH_MAPS:
+                        self._ready.popitem(last=False)
                 self._lock.notify_all()
         return made
 
