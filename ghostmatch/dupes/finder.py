@@ -1069,9 +1069,9 @@ class _MapCache:
             self.maps.popitem(last=False)
 
     def _adopted(self, i: int, maps: _Maps) -> _Maps:
-        """``maps`` with image ``i``'s mirrored and zoomed maps made ahead, taken from the
-        maps made ahead: kept there, a check started ahead reads them without taking them,
-        and once dropped (``PREFETCH_MAPS``) they would be made again for the next pair."""
+        """``maps``, with image ``i``'s mirrored and zoomed maps made ahead moved into it: a
+        check started ahead reads them without taking them, and left among the maps made
+        ahead they would be dropped (``PREFETCH_MAPS``) and made again for a later pair."""
         with self._lock:
             for kind in ("mirrored", "zoomed"):
                 if self._ready.get((i, kind)) is not None:
