@@ -291,3 +291,29 @@ def test_the_grouping_judges_each_pair_once() -> None:
         (1, [(0, 0.9, "similar"), (2, 0.8, "near")]),
         (3, [(0, 0.7, "similar")]),
     ]
+
+
+def test_maps_a_check_started_ahead_read_are_not_made_again_for_the_next_pair(
+    judged: Judged, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import finder
+    from ghostmatch.dupes.finder import PairJudge
+
+    # Room for three maps made ahead and not yet taken: the unrelated photo's check
+    # started ahead reads five that the judging thread does not hold yet.
+    monkeypatch.setattr(finder, "PREFETCH_MAPS", 3)
+    lib, records, ids = judged
+    leader, coffee = ids["scene.jpg"], ids["coffee.jpg"]
+    judge = PairJudge(lib.finder.model, records, 2.0, 36)
+    try:
+        assert judge(leader, [(ids["bordered.jpg"], 0.0)]) == {ids["bordered.jpg"]: "edited"}
+        judge.prefetch(leader, [(coffee, 0.0)])
+        judge.maps.wait()
+        assert judge(leader, [(coffee, 0.0)]) == {coffee: None}
+        made = Counter(judge.maps.made)
+        assert made == {"base": 3, "mirrored": 2, "zoomed": 2}
+        # The other way round the pair reads the same maps: none is made again.
+        assert judge(coffee, [(leader, 0.0)]) == {leader: None}
+        assert judge.maps.made == made
+    finally:
+        judge.close()

@@ -60,7 +60,14 @@ from ghostmatch.dupes.verify import (
 from ghostmatch.dupes.workers import can_fork, run_parts, usable_cores
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.indexes.allpairs import pair_scores
-from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
+from ghostmatch.ingest.images import (
+    DecodedImage,
+    ImageRejected,
+    image_from_array,
+    load_image,
+    same_decode,
+    to_rgb,
+)
 from ghostmatch.ingest.scan import content_hash
 from ghostmatch.model.binding import ImageLike, ModelBinding
 from ghostmatch.model.card import ModelCard
@@ -785,6 +792,8 @@ class PairJudge:
         self.crops_only = False
         self.crowded = crowded
         self.model = model
+        # The captures and the local maps read one decode of an image (see _Decoded).
+        self.decoded = _Decoded()
         self._maps: _MapCache | None = None
         # None marks an image that could not be decoded.
         self.captures: OrderedDict[int, Capture | None] = OrderedDict()
@@ -798,7 +807,7 @@ class PairJudge:
         """The local feature maps, made on first use: loading the model is only worth it
         for pairs that reach the geometric check."""
         if self._maps is None:
-            self._maps = _MapCache(self.model.embedder, self.records)
+            self._maps = _MapCache(self.model.embedder, self.records, self.decoded)
         return self._maps
 
     def capture(self, i: int) -> Capture | None:
@@ -806,7 +815,7 @@ class PairJudge:
             self.captures.move_to_end(i)
             return self.captures[i]
         try:
-            image = load_image(self.records[i].path, DECODE_SIDE).image
+            image = self.decoded.image(self.records[i].path, DECODE_SIDE)
         except ImageRejected:
             found = None
         else:
@@ -1042,6 +1051,11 @@ _QUERY = -1
 # Images whose local maps verify_pairs embeds together, and the most it holds at once.
 MAP_BATCH = 32
 MAP_CACHE_IMAGES = 4096
+# Decoded pixels a search keeps for the next consumer of the same file (RGB bytes: a
+# 320 x 240 decode is 0.23 MB, a phone photo's at the zoomed maps' size about 0.6 MB). On
+# the full set of ``python -m benchmarks.othershots`` 90% of the files decoded again come
+# back within 80 other files.
+DECODED_BYTES = 48 << 20
 # Maps made ahead in the background and not yet taken, at most (about 50 KB each), and
 # checks started there and not yet gone on with (each holds its pair's maps, up to 1 MB).
 PREFETCH_MAPS = 512
@@ -1076,6 +1090,50 @@ def _locality_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         unique,
         key=lambda p: (max(position[p[0]], position[p[1]]), min(position[p[0]], position[p[1]])),
     )
+
+
+class _Decoded:
+    """The images a duplicate search decoded last, by file, bounded to ``DECODED_BYTES`` of
+    pixels (least recently used dropped first). A file asked for at another size is decoded
+    again only where that gives other pixels (a JPEG's DCT scale, ``same_decode``): the
+    captures (``DECODE_SIDE``) and the mirrored and zoomed maps, made later than the plain
+    one, read one decode. ``decodes`` counts the decodes. Safe to share between the
+    threads that decode (the maps' pool and background thread, the judging thread)."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = DECODED_BYTES if budget is None else budget
+        self.decodes = 0
+        self._images: OrderedDict[str, tuple[DecodedImage, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def image(self, path: Path, min_side: int) -> Image.Image:
+        """``load_image(path, min_side).image``, decoded once while it stays recent."""
+        key = os.fspath(path)
+        with self._lock:
+            known = self._images.get(key)
+            if known is not None and same_decode(known[0], known[1], min_side):
+                self._images.move_to_end(key)
+                return known[0].image
+        # Decoded outside the lock: two threads asking for one file at once both decode
+        # it, to the same pixels.
+        decoded = load_image(path, min_side)
+        image = decoded.image
+        with self._lock:
+            self.decodes += 1
+            old = self._images.pop(key, None)
+            if old is not None:
+                self._bytes -= _pixel_bytes(old[0].image)
+            self._images[key] = (decoded, min_side)
+            self._bytes += _pixel_bytes(image)
+            while self._bytes > self.budget and self._images:
+                _, (gone, _) = self._images.popitem(last=False)
+                self._bytes -= _pixel_bytes(gone.image)
+        return image
+
+
+def _pixel_bytes(image: Image.Image) -> int:
+    return image.width * image.height * len(image.getbands())
 
 
 class _Maps:
@@ -1124,9 +1182,16 @@ class _MapCache:
     whichever thread made it, so the decisions do not depend on timing.
     """
 
-    def __init__(self, embedder: Embedder, records: dict[int, ImageRecord]) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        records: dict[int, ImageRecord],
+        decoded: _Decoded | None = None,
+    ) -> None:
         self.embedder = embedder
         self.records = records
+        # Every kind of map, and the captures of a judge that shares it, read one decode.
+        self.decoded = _Decoded() if decoded is None else decoded
         card = embedder.card
         self.card = card
         self.zoomed_card = card.with_changes(input_size=round(card.input_size * ZOOM / 16) * 16)
@@ -1158,7 +1223,7 @@ class _MapCache:
     def _decode(self, i: int) -> Image.Image | None:
         try:
             # Decoded as for the zoomed map, so all scales see the same pixels.
-            return load_image(self.records[i].path, self.zoomed_card.input_size).image
+            return self.decoded.image(self.records[i].path, self.zoomed_card.input_size)
         except ImageRejected:
             return None
 
@@ -1191,15 +1256,19 @@ class _MapCache:
                 return True, self._ready.pop((i, kind))
         return False, None
 
-    def _extra(self, i: int, kind: str) -> np.ndarray | None:
+    def _extra(self, i: int, kind: str, maps: _Maps) -> np.ndarray | None:
         """Image ``i``'s mirrored or zoomed map: made ahead, else made now."""
         found, made = self._take(i, kind)
-        return made if found else self._make(i, kind)
+        if found:
+            return made
+        # Made ahead straight into the cached maps while this thread waited for it.
+        known: np.ndarray | None = getattr(maps, kind)
+        return known if known is not None else self._make(i, kind)
 
     def mirrored(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s mirrored map (fp16), made on first call and kept in ``maps``."""
         if maps.mirrored is None:
-            made = self._extra(i, "mirrored")
+            made = self._extra(i, "mirrored", maps)
             # Gone or changed since its plain map was made: a map that matches nothing
             # stands in, so the pair is judged on its plain maps alone.
             maps.mirrored = np.zeros_like(maps.base) if made is None else made
@@ -1208,7 +1277,7 @@ class _MapCache:
     def zoomed(self, i: int, maps: _Maps) -> np.ndarray:
         """Image ``i``'s zoomed map (fp16), made on first call and kept in ``maps``."""
         if maps.zoomed is None:
-            made = self._extra(i, "zoomed")
+            made = self._extra(i, "zoomed", maps)
             # Gone or changed since its other maps were made: the equal-scale map stands
             # in, which can only find fewer matches.
             maps.zoomed = maps.base if made is None else made
@@ -1221,7 +1290,7 @@ class _MapCache:
         for i in sorted(ids - self.maps.keys()):
             found, made = self._take(i, "base")
             if found:
-                self.maps[i] = None if made is None else _Maps(made)
+                self.maps[i] = None if made is None else self._adopted(i, _Maps(made))
         missing = sorted(ids - self.maps.keys())
         for start in range(0, len(missing), MAP_BATCH):
             chunk = missing[start : start + MAP_BATCH]
@@ -1233,6 +1302,16 @@ class _MapCache:
                 self.maps.update((i, _Maps(m)) for (i, _), m in zip(ok, made, strict=True))
         while len(self.maps) > max(MAP_CACHE_IMAGES, len(ids)):
             self.maps.popitem(last=False)
+
+    def _adopted(self, i: int, maps: _Maps) -> _Maps:
+        """``maps``, with image ``i``'s mirrored and zoomed maps made ahead moved into it: a
+        check started ahead reads them without taking them, and left among the maps made
+        ahead they would be dropped (``PREFETCH_MAPS``) and made again for a later pair."""
+        with self._lock:
+            for kind in ("mirrored", "zoomed"):
+                if self._ready.get((i, kind)) is not None:
+                    setattr(maps, kind, self._ready.pop((i, kind)))
+        return maps
 
     def prefetch(self, leader: int, others: list[int], enough: int) -> None:
         """Start making, in the background, the maps that checking ``leader`` against each
@@ -1311,9 +1390,14 @@ class _MapCache:
         finally:
             with self._lock:
                 self._working.discard(key)
-                self._ready[key] = made
-                while len(self._ready) > PREFETCH_MAPS:
-                    self._ready.popitem(last=False)
+                # An image the main thread holds maps of gets it there (see ``_adopted``).
+                cached = self.maps.get(i)
+                if made is not None and kind != "base" and cached is not None:
+                    setattr(cached, kind, made)
+                else:
+                    self._ready[key] = made
+                    while len(self._ready) > PREFETCH_MAPS:
+                        self._ready.popitem(last=False)
                 self._lock.notify_all()
         return made
 

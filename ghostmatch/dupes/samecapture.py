@@ -306,10 +306,14 @@ def _resized(image: Image.Image, side: int, mode: str) -> np.ndarray:
     w, h = image.size
     scale = side / max(w, h)
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
-    small = image.convert(mode).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    # Converted only when it changes the mode: converting to its own mode copies it.
+    same = image if image.mode == mode else image.convert(mode)
+    small = same.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     # Single precision throughout the comparison: residuals are judged against a fifth of
     # the contrast, far above its rounding, and every pass over the pixels costs half.
-    return np.asarray(small, np.float32) / 255.0
+    pixels = np.asarray(small, np.float32)
+    pixels /= 255.0
+    return pixels
 
 
 def prepare_capture(image: Image.Image) -> Capture:

@@ -203,12 +203,28 @@ def _draft_request(size: tuple[int, int], min_side: int) -> tuple[int, int] | No
     exactly ``s``: the largest factor whose output (rounded up, like libjpeg) keeps the
     shorter side at least ``min_side``.
     """
-    width, height = size
-    short = min(width, height)
+    scale = draft_scale(size, min_side)
+    return None if scale == 1 else (size[0] // scale, size[1] // scale)
+
+
+def draft_scale(size: tuple[int, int], min_side: int) -> int:
+    """The DCT scale (8, 4, 2, or 1 for a full decode) a JPEG of ``size`` pixels is decoded
+    at for ``min_side``: the largest whose output (rounded up, like libjpeg) keeps the
+    shorter side at least ``min_side``. Either orientation of ``size`` gives the same."""
+    short = min(size)
     for scale in (8, 4, 2):
         if scale <= short and -(-short // scale) >= min_side:
-            return width // scale, height // scale
-    return None
+            return scale
+    return 1
+
+
+def same_decode(decoded: DecodedImage, min_side: int, other_min_side: int) -> bool:
+    """Whether ``load_image`` of the file that gave ``decoded`` at ``min_side`` gives the
+    same pixels at ``other_min_side``: only a JPEG's DCT scale depends on it."""
+    if decoded.format not in ("JPEG", "MPO"):
+        return True
+    size = (decoded.width, decoded.height)
+    return draft_scale(size, min_side) == draft_scale(size, other_min_side)
 
 
 def _apply_orientation(image: Image.Image) -> tuple[Image.Image, bool]:
