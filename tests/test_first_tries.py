@@ -7,12 +7,19 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 from skimage import data
 
 import ghostmatch
 from ghostmatch.dupes.finder import PairJudge
+from ghostmatch.dupes.samecapture import (
+    FIRST_TRY_COARSE_SHARE,
+    LEVELS,
+    agreement,
+    prepare_capture,
+)
 from ghostmatch.dupes.settle import (
     HOPELESS_CROWDED_LAYOUT,
     Glance,
@@ -54,6 +61,25 @@ def test_first_tries_from_glances() -> None:
     assert first_try(whole, Glance.of(ImageOps.mirror(symmetric)), crowded=False) == "unmoved"
     # Light where the other is dark: no gain and offset make the two agree unmoved.
     assert first_try(kept, Glance.of(ImageOps.invert(scene())), crowded=False) is None
+
+
+def test_a_first_try_that_hardly_agrees_is_settled_at_the_coarsest_level() -> None:
+    pixels = np.asarray(scene()).copy()
+    coffee = np.asarray(Image.fromarray(data.coffee()).convert("RGB").resize(scene().size))
+    # The left half another picture: the unmoved map stays one an edit makes, and holds.
+    pixels[:, :160] = coffee[:, :160]
+    mixed = Image.fromarray(pixels)
+    kept = prepare_capture(scene())
+    # A crowded pair's first try (no second chance).
+    first = agreement(kept, prepare_capture(mixed), np.eye(2, 3), first_try=True)
+    assert first.level == 0 and first.score < FIRST_TRY_COARSE_SHARE
+    assert not first.same_capture
+    # Any other try of the same pair is measured at the finest level.
+    later = agreement(kept, prepare_capture(mixed), np.eye(2, 3))
+    assert later.level == len(LEVELS) - 1 and not later.same_capture
+    # A copy's first try still passes.
+    copy = prepare_capture(scene().resize((160, 120)))
+    assert agreement(kept, copy, np.eye(2, 3), first_try=True).same_capture
 
 
 Judged = tuple[ghostmatch.Library, dict[str, int], bool]

@@ -643,7 +643,10 @@ class PairJudge:
         # first try goes on to the geometric check and is aligned again from its map,
         # unless it is crowded.
         checks = (
-            [agreement(a, b, _FIRST_MAPS[start], second_chance=not c) for _, c, b, start in unmoved]
+            [
+                agreement(a, b, _FIRST_MAPS[start], second_chance=not c, first_try=True)
+                for _, c, b, start in unmoved
+            ]
             if a is not None
             else []
         )
