@@ -541,7 +541,8 @@ class PairJudge:
 
     Each pair is first aligned from the identity map (``ghostmatch.dupes.samecapture``):
     a re-encoded, resized, recoloured or captioned copy agrees there already, and needs
-    no local features; one scoring at least ``threshold`` whose small grey views already
+    no local features; a flipped copy agrees from the mirror map, where its glances
+    send it, and a pair whose glances show that first try hopeless skips it. One scoring at least ``threshold`` whose small grey views already
     show the same picture unmoved (``ghostmatch.dupes.settle``) is ``near`` without even
     that, or ``edited`` when one shows it inside a uniform frame (counted in ``settled``).
     Otherwise the geometric check (``verify_scales``) finds the transform (a crop, flip,
@@ -549,7 +550,7 @@ class PairJudge:
     points unless the score reaches ``threshold``, and the pair is aligned again from it.
     A pair whose geometry holds but whose pixels disagree is ``similar``.
     A pair with a ``crowded`` file (where the descriptor cannot tell images apart) is
-    only tried unmoved, and only when its thumbnails correlate.
+    only tried unmoved, and only when its thumbnails and layouts correlate.
     """
 
     def __init__(
