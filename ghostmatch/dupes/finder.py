@@ -612,7 +612,8 @@ class PairJudge:
         kept = self.records[leader]
         tiers: dict[int, str | None] = {}
         geometric: list[tuple[int, float]] = []
-        unmoved: list[tuple[int, bool, Capture]] = []
+        # Pairs for a first dense try: (other, crowded, its capture, where the try starts).
+        first: list[tuple[int, bool, Capture, str]] = []
         for j, score in others:
             other = self.records.get(j)
             if other is not None and kept.content_hash == other.content_hash:
@@ -638,8 +639,8 @@ class PairJudge:
                 if not crowded:
                     geometric.append((j, score))
                 continue
-            unmoved.append((j, crowded, b, start))
-        a = self.capture(leader) if unmoved else None
+            first.append((j, crowded, b, start))
+        a = self.capture(leader) if first else None
         # One pair at a time: numpy's own threads already share out the larger steps, and
         # more threads on top of them only contend for the cores. A pair that fails its
         # first try goes on to the geometric check and is aligned again from its map,
@@ -647,13 +648,13 @@ class PairJudge:
         checks = (
             [
                 agreement(a, b, _FIRST_MAPS[start], second_chance=not c, first_try=True)
-                for _, c, b, start in unmoved
+                for _, c, b, start in first
             ]
             if a is not None
             else []
         )
         scores = dict(others)
-        for (j, crowded, _, start), check in zip(unmoved, checks, strict=True):
+        for (j, crowded, _, start), check in zip(first, checks, strict=True):
             if self._same(check):
                 # A mirror image is an edit, whatever else the map does.
                 whole = start == "unmoved" and check.is_whole()
