@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from skimage import data
 
 import ghostmatch
@@ -42,6 +42,15 @@ NOISE = (476, 482)
 
 def scene() -> Image.Image:
     return Image.fromarray(data.astronaut()).convert("RGB").resize((320, 240))
+
+
+def captioned(image: Image.Image) -> Image.Image:
+    """A copy with a caption bar along the bottom."""
+    copy = image.copy()
+    draw = ImageDraw.Draw(copy)
+    draw.rectangle((0, 200, 320, 240), fill=(0, 0, 0))
+    draw.text((10, 210), "a caption over the picture", fill=(255, 255, 255))
+    return copy
 
 
 def test_first_tries_from_glances() -> None:
@@ -95,6 +104,7 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Judged]:
     folder.mkdir()
     scene().save(folder / "scene.png")
     ImageOps.mirror(scene()).save(folder / "mirrored.jpg", quality=90)
+    captioned(ImageOps.mirror(scene())).save(folder / "captioned-mirror.jpg", quality=90)
     for n in NOISE:
         synthetic.make_image("noise", n, seed=7).save(folder / f"noise-{n}.png")
     shots = [UKBENCH / name for name in OTHER_SHOTS]
@@ -119,13 +129,25 @@ def judge_of(lib: ghostmatch.Library, crowded: bool = False) -> PairJudge:
     )
 
 
-def test_a_flipped_copy_is_edited_from_its_mirrored_first_try(judged: Judged) -> None:
+def test_a_flipped_copy_is_settled_edited_from_its_glances(judged: Judged) -> None:
     lib, ids, _ = judged
     judge = judge_of(lib)
     kept, flipped = ids["scene.png"], ids["mirrored.jpg"]
+    assert judge(kept, [(flipped, judge.threshold)]) == {flipped: "edited"}
+    assert judge.settled == 1 and judge.mirrored == 0
+    # No dense comparison, no local feature map.
+    a, b = judge.capture(kept), judge.capture(flipped)
+    assert a is not None and b is not None and not a.prepared and not b.prepared
+    assert judge._maps is None
+
+
+def test_a_captioned_flipped_copy_is_edited_from_its_mirrored_first_try(judged: Judged) -> None:
+    lib, ids, _ = judged
+    judge = judge_of(lib)
+    kept, flipped = ids["scene.png"], ids["captioned-mirror.jpg"]
     # Scored at the threshold: the pair gets a first try before any geometric check.
     assert judge(kept, [(flipped, judge.threshold)]) == {flipped: "edited"}
-    assert judge.mirrored == 1 and judge.hopeless == 0
+    assert judge.settled == 0 and judge.mirrored == 1 and judge.hopeless == 0
     # No local feature map was made: no matching, no RANSAC.
     assert judge.maps.made == {}
 
