@@ -545,7 +545,7 @@ class PairJudge:
     send it, and a pair whose glances show that first try hopeless skips it. One scoring
     at least ``threshold`` whose small grey views already show the same picture unmoved
     (``ghostmatch.dupes.settle``) is ``near`` without even that, or ``edited`` when one
-    shows it inside a uniform frame (counted in ``settled``).
+    shows it inside a uniform frame or mirrored (counted in ``settled``).
     Otherwise the geometric check (``verify_scales``) finds the transform (a crop, flip,
     turn, border), which must hold at least ``min_inliers``
     points unless the score reaches ``threshold``, and the pair is aligned again from it.
