@@ -49,7 +49,7 @@ from ghostmatch.dupes.samecapture import (
     agreement,
     prepare_capture,
 )
-from ghostmatch.dupes.settle import Glance, settled_tier
+from ghostmatch.dupes.settle import Glance, first_try, settled_tier
 from ghostmatch.dupes.verify import (
     ZOOM,
     Verification,
@@ -764,15 +764,17 @@ class PairJudge:
 
     Each pair is first aligned from the identity map (``ghostmatch.dupes.samecapture``):
     a re-encoded, resized, recoloured or captioned copy agrees there already, and needs
-    no local features; one scoring at least ``threshold`` whose small grey views already
-    show the same picture unmoved (``ghostmatch.dupes.settle``) is ``near`` without even
-    that, or ``edited`` when one shows it inside a uniform frame (counted in ``settled``).
+    no local features; a flipped copy agrees from the mirror map, where its glances
+    send it, and a pair whose glances show that first try hopeless skips it. One scoring
+    at least ``threshold`` whose small grey views already show the same picture unmoved
+    (``ghostmatch.dupes.settle``) is ``near`` without even that, or ``edited`` when one
+    shows it inside a uniform frame or mirrored (counted in ``settled``).
     Otherwise the geometric check (``verify_scales``) finds the transform (a crop, flip,
     turn, border), which must hold at least ``min_inliers``
     points unless the score reaches ``threshold``, and the pair is aligned again from it.
     A pair whose geometry holds but whose pixels disagree is ``similar``.
     A pair with a ``crowded`` file (where the descriptor cannot tell images apart) is
-    only tried unmoved, and only when its thumbnails correlate.
+    only tried unmoved, and only when its thumbnails and layouts correlate.
     """
 
     def __init__(
@@ -801,6 +803,10 @@ class PairJudge:
         self.glances: dict[int, Glance] = {}
         # Pairs settled ``near`` from their glances, without a dense comparison.
         self.settled = 0
+        # Pairs whose glances showed the unmoved try hopeless, and pairs first tried from
+        # the mirror map (``_first_try``).
+        self.hopeless = 0
+        self.mirrored = 0
 
     @property
     def maps(self) -> _MapCache:
@@ -831,7 +837,8 @@ class PairJudge:
         kept = self.records[leader]
         tiers: dict[int, str | None] = {}
         geometric: list[tuple[int, float]] = []
-        unmoved: list[tuple[int, bool, Capture]] = []
+        # Pairs for a first dense try: (other, crowded, its capture, where the try starts).
+        first: list[tuple[int, bool, Capture, str]] = []
         for j, score in others:
             other = self.records.get(j)
             if other is not None and kept.content_hash == other.content_hash:
@@ -852,21 +859,31 @@ class PairJudge:
             if settled := self._settled(leader, j, crowded):
                 tiers[j] = settled
                 continue
-            unmoved.append((j, crowded, b))
-        a = self.capture(leader) if unmoved else None
+            start = self._first_try(leader, j, crowded)
+            if start is None:
+                if not crowded:
+                    geometric.append((j, score))
+                continue
+            first.append((j, crowded, b, start))
+        a = self.capture(leader) if first else None
         # One pair at a time: numpy's own threads already share out the larger steps, and
-        # more threads on top of them only contend for the cores. A pair that fails
-        # unmoved goes on to the geometric check and is aligned again from its map, unless
-        # it is crowded.
+        # more threads on top of them only contend for the cores. A pair that fails its
+        # first try goes on to the geometric check and is aligned again from its map,
+        # unless it is crowded.
         checks = (
-            [agreement(a, b, np.eye(2, 3), second_chance=not c) for _, c, b in unmoved]
+            [
+                agreement(a, b, _FIRST_MAPS[start], second_chance=not c, first_try=True)
+                for _, c, b, start in first
+            ]
             if a is not None
             else []
         )
         scores = dict(others)
-        for (j, crowded, _), check in zip(unmoved, checks, strict=True):
+        for (j, crowded, _, start), check in zip(first, checks, strict=True):
             if self._same(check):
-                tiers[j] = "near" if check.is_whole() else "edited"
+                # A mirror image is an edit, whatever else the map does.
+                whole = start == "unmoved" and check.is_whole()
+                tiers[j] = "near" if whole else "edited"
             elif not crowded:
                 geometric.append((j, scores[j]))
         if geometric:
@@ -886,6 +903,18 @@ class PairJudge:
         tier = settled_tier(kept, other)
         self.settled += tier is not None
         return tier
+
+    def _first_try(self, leader: int, j: int, crowded: bool) -> str | None:
+        """Where a pair's first dense try starts (``ghostmatch.dupes.settle.first_try``):
+        ``unmoved``, ``mirrored``, or None when its glances show the unmoved try hopeless
+        (counted in ``hopeless``; those tried mirrored in ``mirrored``)."""
+        kept, other = self.glances.get(leader), self.glances.get(j)
+        if kept is None or other is None:
+            return "unmoved"
+        start = first_try(kept, other, crowded)
+        self.hopeless += start is None
+        self.mirrored += start == "mirrored"
+        return start
 
     def _same(self, found: Agreement) -> bool:
         if not found.same_capture:
@@ -1046,6 +1075,12 @@ MAX_CANDIDATES = 16
 # Thumbnail correlation below which a crowded pair is not compared at all: unrelated
 # images correlate near 0, copies of one picture unmoved near 1.
 CROWDED_CORRELATION = 0.5
+# The maps a pair's first dense try starts from, by ``first_try``'s answer (unit squares:
+# the mirror map sends x to 1 - x).
+_FIRST_MAPS = {
+    "unmoved": np.eye(2, 3),
+    "mirrored": np.array([[-1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+}
 # The key under which PairJudge knows an image that is not indexed (dupes --of).
 _QUERY = -1
 # Images whose local maps verify_pairs embeds together, and the most it holds at once.
