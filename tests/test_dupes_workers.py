@@ -3,6 +3,7 @@ its total, and a failure or an interruption that leaves no process behind."""
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -262,3 +263,23 @@ def test_the_search_runs_the_model_on_the_cpu_and_leaves_the_device_asked_for(
         # Loaded already: it stays where it is.
         with binding.on_cpu() as again:
             assert again and binding._embedder is not None
+
+
+def test_the_processes_never_collect_what_they_inherit() -> None:
+    # ONNX Runtime's sessions wait in their destructors for thread pools that a fork does
+    # not carry over: a process that collected one made before the fork hung. Everything
+    # a process inherits is frozen out of its garbage collections, and the sessions of the
+    # local maps made before the fork are kept, never destroyed, there.
+    from ghostmatch.dupes import verify
+
+    def frozen(part: int, step: Callable[[int], None]) -> tuple[int, int]:
+        return gc.get_freeze_count(), len(verify._INHERITED)
+
+    verify._SESSIONS[("inherited", 0)] = object()
+    try:
+        found = run_parts([0], frozen, 1)
+    finally:
+        verify._SESSIONS.pop(("inherited", 0))
+    count, inherited = found[0]
+    assert count > 0 and inherited >= 1
+    assert gc.get_freeze_count() == 0  # here, the objects are collected as before

@@ -135,11 +135,17 @@ _SESSIONS: dict[tuple[str, int], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
+# In a forked process, the sessions made before the fork: kept, never destroyed there (a
+# destructor waits for the session's thread pool, which the fork did not carry over).
+_INHERITED: list[Any] = []
+
+
 def _forget_sessions() -> None:
     """In a forked process: sessions made before the fork are left to the parent (their
     thread pools do not survive it), and the lock made afresh (another thread may have
     held it at the fork)."""
     global _SESSIONS_LOCK
+    _INHERITED.extend(_SESSIONS.values())
     _SESSIONS.clear()
     _SESSIONS_LOCK = threading.Lock()
 

@@ -3,6 +3,7 @@ decided at once, each on a process forked from the caller, which inherits its st
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -55,16 +56,29 @@ def run_parts(
     processes: list[Any] = []
     busy: dict[Connection, Any] = {}
     try:
-        for _ in range(min(workers, len(pending))):
-            ours, theirs = context.Pipe()
-            process = context.Process(
-                target=_serve, args=(theirs, work, start), name="ghostmatch-dupes", daemon=True
-            )
-            process.start()
-            theirs.close()
-            processes.append(process)
-            busy[ours] = process
-            ours.send(pending.pop(0))
+        # The processes inherit every object of this one, garbage not yet collected too.
+        # Some must never be destroyed there: ONNX Runtime's sessions wait in their
+        # destructors for thread pools that a fork does not carry over, and a process
+        # that collected one hung. So the garbage is collected here first, and what is
+        # left frozen out of the processes' collections.
+        gc.collect()
+        gc.freeze()
+        try:
+            for _ in range(min(workers, len(pending))):
+                ours, theirs = context.Pipe()
+                process = context.Process(
+                    target=_serve,
+                    args=(theirs, work, start),
+                    name="ghostmatch-dupes",
+                    daemon=True,
+                )
+                process.start()
+                theirs.close()
+                processes.append(process)
+                busy[ours] = process
+                ours.send(pending.pop(0))
+        finally:
+            gc.unfreeze()
         while busy:
             for conn in wait(list(busy)):
                 assert isinstance(conn, Connection)
