@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -124,6 +125,15 @@ def _serve(conn: Connection, work: Work[Any], start: Callable[[], None] | None) 
     # Ctrl-C in a terminal reaches the whole process group: the caller alone handles it,
     # and stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The caller's progress bar writes from a thread of its own: the fork may have copied
+    # the lock of its stream held. A warning here goes through streams of this process.
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            fresh = open(stream.fileno(), "w", buffering=1, closefd=False)  # noqa: SIM115
+        except (AttributeError, OSError, ValueError):  # no file under it (a test's capture)
+            continue
+        setattr(sys, name, fresh)
 
     def step(n: int) -> None:
         conn.send(("step", n))
