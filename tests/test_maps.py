@@ -246,9 +246,29 @@ def test_grouping_announces_files_ahead_and_decides_the_same() -> None:
     heard: list[tuple[int, list[int]]] = []
     both = group_judged(members, pairs, judge, ahead=lambda i, js: heard.append((i, js)))
     assert both == alone and calls == judged
-    # Every file judged was announced before, with the candidates it was judged with
-    # among the ones announced.
-    assert [i for i, _ in heard if i in judged] == judged
+    # The first file, and the ones no earlier unvisited file could take, are announced.
+    assert [i for i, _ in heard] == [0, 4, 6]
+
+
+def test_grouping_announces_only_pairs_it_goes_on_to_judge() -> None:
+    # One part whose files come one after the other (as a worker process groups it): the
+    # first file takes both others, so their own pair is never judged, and nothing is
+    # prepared ahead for it.
+    members = {
+        i: DuplicateMember(Path(f"{i}.jpg"), 1.0, "keep", 100 - i, 100, 1, 0) for i in range(3)
+    }
+    pairs = [(0, 1, 0.9), (0, 2, 0.8), (1, 2, 0.7)]
+    asked: set[tuple[int, int]] = set()
+
+    def judge(leader: int, others: list[int]) -> dict[int, str | None]:
+        asked.update((leader, j) for j in others)
+        return dict.fromkeys(others, "near")
+
+    heard: list[tuple[int, list[int]]] = []
+    groups = group_judged(members, pairs, judge, ahead=lambda i, js: heard.append((i, js)))
+    assert groups == [(0, [(1, 0.9, "near"), (2, 0.8, "near")])]
+    assert heard == [(0, [1, 2])]
+    assert {(i, j) for i, js in heard for j in js} <= asked
 
 
 def test_ctrl_c_while_maps_are_made_ahead_stops_them(tmp_path: Path, indexed: Path) -> None:
