@@ -255,14 +255,19 @@ def test_the_search_runs_the_model_on_the_cpu_and_leaves_the_device_asked_for(
     # device, unless the model is loaded already.
     with ghostmatch.open(families, create=False) as lib:
         binding = lib.finder.model
-        binding._device = "auto"
+        # Asked for a GPU this machine may not have: loading there would fail.
+        binding._device = "cuda"
         seen: list[str] = []
         with binding.on_cpu() as on_cpu:
             seen.append(binding.embedder.device)
-        assert on_cpu and seen == ["cpu"] and binding._device == "auto"
+        assert on_cpu and seen == ["cpu"] and binding._device == "cuda"
+        # Loaded for another device than the one asked for: dropped after the search.
+        assert binding._embedder is None
+        binding._device = "auto"
+        binding.embedder  # noqa: B018 - loaded before the search
         # Loaded already: it stays where it is.
         with binding.on_cpu() as again:
-            assert again and binding._embedder is not None
+            assert again == (binding.embedder.device == "cpu") and binding._embedder is not None
 
 
 def test_the_processes_never_collect_what_they_inherit() -> None:

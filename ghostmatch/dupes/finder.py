@@ -166,8 +166,8 @@ class DuplicateFinder:
         """
         # Its model passes are small (local maps a few images at a time), which a GPU does
         # not speed up, and worker processes cannot share a CUDA context: on the CPU, unless
-        # the model is loaded already (a 420-image library on an H200: 71 s on CUDA, 21 s on
-        # the CPU in one process, 9 s on its 16 cores).
+        # the model is loaded already (a 420-image library on an H200: 71 s on CUDA, 15.5 s
+        # on the CPU in one process, 8.5 s on its 16 cores; README, Duplicates).
         with self.model.on_cpu():
             return self._find_duplicates(
                 threshold,
