@@ -134,6 +134,40 @@ def test_a_crowd_too_large_to_share_out_is_decided_ahead_by_kept_file(
     assert {("noise-00.jpg", "noise-00-q60.jpg"), ("chelsea.jpg", "chelsea_q40.jpg")} <= copies
 
 
+def test_a_crowd_decided_ahead_is_not_decided_again(
+    crowd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grouping of a crowd from the decisions made ahead asks for none anew, turned
+    pairs that failed their check included (they are left out of a decision)."""
+    from ghostmatch.dupes import turns
+
+    parent, returned = os.getpid(), threading.Event()
+    late: list[str] = []
+
+    def parts(order: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        found = run_parts(order, *args, **kwargs)
+        returned.set()
+        return found
+
+    def spied(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: Any, leader: int, others: Any) -> Any:
+            if os.getpid() == parent and returned.is_set():
+                late.append(name)
+            return method(self, leader, others)
+
+        return call
+
+    monkeypatch.setattr(finder_module, "run_parts", parts)
+    monkeypatch.setattr(PairJudge, "__call__", spied("upright", PairJudge.__call__))
+    monkeypatch.setattr(
+        turns.TurnedCandidates, "decide", spied("turned", turns.TurnedCandidates.decide)
+    )
+    with ghostmatch.open(crowd, create=False) as lib:
+        lib.find_duplicates(similar=True, workers=2)
+    assert returned.is_set()
+    assert late == []
+
+
 def test_by_default_the_main_thread_alone_starts_processes(
     crowd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
