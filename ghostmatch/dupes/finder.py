@@ -361,7 +361,7 @@ class DuplicateFinder:
                 # A pair left out of a decision is one that is not alike (a turned pair that
                 # failed its check): recorded as such, or the grouping here would ask again.
                 asked = candidates[leader]
-                tiers[leader] = {j: None for j in asked} | decide(leader, asked)
+                tiers[leader] = dict.fromkeys(asked, None) | decide(leader, asked)
                 step(1)
             passed = dict(found_turned.passed) if found_turned is not None else {}
             return tiers, passed, judge.settled - settled

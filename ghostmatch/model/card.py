@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -55,11 +56,14 @@ class ModelCard:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Short hash of everything that changes the vectors."""
-        data = self.to_dict()
-        data.pop("extra")
+        """Short hash of everything that changes the vectors (made once: every local map
+        asks for it, and copying ``extra``, a score background among others, cost
+        a millisecond each time)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
