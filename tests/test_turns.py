@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -478,6 +479,46 @@ def test_turned_pairs_are_checked_only_when_the_grouping_needs_them(
     # Copies only turned (and resized, re-encoded) agree unmoved once turned, as upright
     # copies do: no local features needed.
     assert not [pair for pair in geometric if pair & set(COFFEE_TURNS)]
+
+
+@pytest.mark.usefixtures("shared_model_cache")
+def test_views_embedded_a_few_at_a_time_on_threads_score_as_in_one_batch(
+    turned_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The turned views are embedded on other threads while more are made, their results
+    taken in order: each view keeps its own descriptor, so every score is the one a single
+    batch of all of them gives."""
+    import threading
+
+    from ghostmatch.dupes import turns
+    from ghostmatch.model.embedder import Embedder
+
+    threads: set[int] = set()
+    real = Embedder.embed_arrays
+
+    def embedding(self, arrays, **kwargs):  # type: ignore[no-untyped-def]
+        threads.add(threading.get_ident())
+        return real(self, arrays, **kwargs)
+
+    with ghostmatch.open(turned_index, create=False) as lib:
+        monkeypatch.setattr(turns, "SCORE_BATCH", 10_000)
+        whole = lib.find_duplicates(turned=True, workers=1)
+        monkeypatch.setattr(Embedder, "embed_arrays", embedding)
+        # One view a batch: more batches than are ever held at once.
+        monkeypatch.setattr(turns, "SCORE_BATCH", 1)
+        apart = lib.find_duplicates(turned=True, workers=1)
+    assert threads and threading.get_ident() not in threads
+
+    def found(groups: list[Any]) -> list[tuple[str, str, str, int, float]]:
+        return sorted(
+            (g.keep.path.name, m.path.name, m.tier, m.turn, m.score)
+            for g in groups
+            for m in g.members
+        )
+
+    assert any(m.turn for g in whole for m in g.members)
+    assert [row[:4] for row in found(apart)] == [row[:4] for row in found(whole)]
+    assert [row[4] for row in found(apart)] == pytest.approx([row[4] for row in found(whole)])
 
 
 @pytest.mark.usefixtures("shared_model_cache")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageOps
 
 from ghostmatch.dupes.groups import DUPLICATE_TIERS, SIMILAR
+from ghostmatch.dupes.workers import usable_cores
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.ingest.images import ImageRejected, image_from_array, load_image, to_rgb
 from ghostmatch.model.binding import ImageLike
@@ -1159,24 +1160,44 @@ class TurnedCandidates:
         leaves its pair out."""
         from ghostmatch.model.embedder import prepare
 
-        card = self.embedder.card
+        embedder, card, norm = self.embedder, self.embedder.card, self._norm
         views = list(dict.fromkeys(View(p.owner, p.turn, p.tilt) for p in pairs))
         described = self.described
-        for start in range(0, len(views), SCORE_BATCH):
-            chunk = views[start : start + SCORE_BATCH]
-            made = [(v, seen) for v in chunk if (seen := self._view(v)) is not None]
-            if not made:
-                continue
-            arrays = [prepare(s, card) for _, s in made]
-            found = self.embedder.embed_arrays(arrays, threads=1)
+
+        def embedded(made: list[tuple[View, Image.Image]]) -> tuple[list[np.ndarray], np.ndarray]:
+            arrays = [prepare(seen, card) for _, seen in made]
+            return arrays, embedder.embed_arrays(arrays, threads=1)
+
+        def take(
+            made: list[tuple[View, Image.Image]], arrays: list[np.ndarray], found: np.ndarray
+        ) -> None:
             # At most ``IMAGE_CACHE`` of them kept (about 77 kB each); a view without its
             # array is prepared again for its check.
             room = max(0, IMAGE_CACHE - len(self.prepared))
             self.prepared.update(list(zip([v for v, _ in made], arrays, strict=True))[:room])
-            own = self._norm.offsets(found) if self._norm is not None else np.zeros(len(made))
+            own = norm.offsets(found) if norm is not None else np.zeros(len(made))
             described.update(
                 (v, (found[n].astype(np.float64), float(own[n]))) for n, (v, _) in enumerate(made)
             )
+
+        # The views are made here (their caches are this object's) while batches already
+        # made are embedded on other threads, each on a one-thread session of its own use:
+        # this runs before the grouping's processes start, with every core free. Results
+        # are taken in order, a few batches behind, so that the views held stay few.
+        processes = usable_cores()
+        with ThreadPoolExecutor(processes) as pool:
+            pending: deque[tuple[list[tuple[View, Image.Image]], Future[Any]]] = deque()
+            for start in range(0, len(views), SCORE_BATCH):
+                chunk = views[start : start + SCORE_BATCH]
+                made = [(v, seen) for v in chunk if (seen := self._view(v)) is not None]
+                if made:
+                    pending.append((made, pool.submit(embedded, made)))
+                while len(pending) > 2 * processes:
+                    done, future = pending.popleft()
+                    take(done, *future.result())
+            while pending:
+                done, future = pending.popleft()
+                take(done, *future.result())
         scored = []
         for p in pairs:
             view = described.get(View(p.owner, p.turn, p.tilt))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,6 +136,7 @@ class Embedder:
         self._session = None
         # Sessions on fewer threads, by their number (``embed_arrays``), made on first use.
         self._narrow_sessions: dict[int, Any] = {}
+        self._narrow_lock = threading.Lock()
         # Made on first use: only indexing needs regions.
         self._regional_session: Any = None
         self._model: nn.Module
@@ -189,11 +191,12 @@ class Embedder:
         if self._session is not None:
             session = self._session
             if threads is not None and threads < self.threads:
-                if threads not in self._narrow_sessions:
-                    self._narrow_sessions[threads] = self._onnx_session(
-                        self._model, threads=threads
-                    )
-                session = self._narrow_sessions[threads]
+                with self._narrow_lock:  # threads may ask for the same one at once
+                    if threads not in self._narrow_sessions:
+                        self._narrow_sessions[threads] = self._onnx_session(
+                            self._model, threads=threads
+                        )
+                    session = self._narrow_sessions[threads]
             out = session.run(None, {"images": batch})[0]
             return np.ascontiguousarray(out, dtype=np.float32)
         with torch.inference_mode():
