@@ -206,8 +206,11 @@ def group_judged(
     known: dict[tuple[int, int], str | None] = {}
 
     def between(i: int, current: int, position: int) -> bool:
-        """Whether a file visited from ``current`` on, before ``position``, may take ``i``."""
-        return any(current <= place[x] < position for x in neighbours[i])
+        """Whether a file visited from ``current`` on, before ``position``, may take ``i``:
+        looked up among those few files (at most ``LOOKAHEAD``), not among ``i``'s
+        candidates, which are many for a crowded file."""
+        near = neighbours[i]
+        return any(order[p] in near for p in range(current, min(position, len(order))))
 
     def announce(position: int, current: int) -> None:
         if ahead is not None and position < len(order) and order[position] not in assigned:
