@@ -134,6 +134,32 @@ def test_a_crowd_too_large_to_share_out_is_decided_ahead_by_kept_file(
     assert {("noise-00.jpg", "noise-00-q60.jpg"), ("chelsea.jpg", "chelsea_q40.jpg")} <= copies
 
 
+def test_a_crowds_files_are_decoded_once_before_the_processes_start(
+    crowd: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each process meets most of a crowd's files: their captures are made once, by the
+    caller, and not again in any process."""
+    log = tmp_path / "decoded"
+    real = PairJudge._made
+
+    def made(self: PairJudge, i: int) -> Any:
+        with log.open("a") as out:
+            out.write(f"{os.getpid()} {self.records[i].path.name}\n")
+        return real(self, i)
+
+    monkeypatch.setattr(PairJudge, "_made", made)
+    with ghostmatch.open(crowd, create=False) as lib:
+        one = lib.find_duplicates(similar=True, workers=1)
+        log.unlink()
+        two = lib.find_duplicates(similar=True, workers=2)
+    assert two == one
+    rows = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    crowd_files = [(pid, name) for pid, name in rows if name.startswith("noise-")]
+    assert len(crowd_files) >= CROWD
+    assert {pid for pid, _ in crowd_files} == {str(os.getpid())}
+    assert len({name for _, name in crowd_files}) == len(crowd_files)
+
+
 def test_a_crowd_decided_ahead_is_not_decided_again(
     crowd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
