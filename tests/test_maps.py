@@ -155,6 +155,29 @@ def test_a_plain_fit_is_offered_before_any_mirrored_map_is_read(
     assert rest[-1][0].inliers == verify_scales(scaled["scene"], scaled["bordered"], 36).inliers
 
 
+def test_a_crop_is_offered_on_the_kept_files_zoomed_map_before_its_own_is_read(
+    scaled: dict[str, ScaledMaps],
+) -> None:
+    # The crop (60% of the scene) has too few inliers at equal scale: the kept scene's
+    # zoomed map finds it, and the crop's own zoomed map is only read if that is passed
+    # over.
+    kept_reads: Counter[str] = Counter()
+    crop_reads: Counter[str] = Counter()
+    a = _CountedMaps(scaled["scene"], kept_reads)
+    b = _CountedMaps(scaled["crop"], crop_reads)
+    enough = 36
+    steps = scale_steps(a, b, enough)
+    offered, final = next(steps)
+    assert not final and offered.inliers >= enough
+    assert kept_reads["zoomed"] == 1 and crop_reads["zoomed"] == 0
+    # Passed over, the check ends where verify_scales does.
+    rest = list(steps)
+    assert rest[-1][1] and crop_reads["zoomed"] >= 1
+    expected = verify_scales(scaled["scene"], scaled["crop"], enough)
+    assert rest[-1][0].inliers == expected.inliers
+    np.testing.assert_array_equal(rest[-1][0].affine, expected.affine)
+
+
 @pytest.fixture
 def indexed(tmp_path: Path) -> Path:
     folder = tmp_path / "photos"
