@@ -308,8 +308,8 @@ def test_a_lazily_prepared_capture_equals_the_pyramid_made_at_once() -> None:
     # The same arrays on every read, in single precision.
     assert capture.levels is levels and capture.rgb is rgb
     assert all(level.dtype == np.float32 for level in levels) and rgb.dtype == np.float32
-    assert [level.shape for level in levels] == [(3, 36, 48), (3, 72, 96), (3, 120, 160)]
-    assert rgb.shape == (120, 160, 3)
+    assert [level.shape for level in levels] == [(3, 36, 48), (3, 72, 96), (3, 96, 128)]
+    assert rgb.shape == (96, 128, 3)
 
 
 def test_coarse_levels_measure_residuals_only_where_they_decide(

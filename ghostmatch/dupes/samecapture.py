@@ -34,13 +34,17 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-# Coarse to fine: (long side in pixels, blur sigma in pixels, Gauss-Newton steps).
-LEVELS = ((48, 1.0, 10), (96, 1.0, 6), (160, 1.0, 2))
+# Coarse to fine: (long side in pixels, blur sigma in pixels, Gauss-Newton steps). The
+# finest level at 128 pixels rather than 160: on the full ``benchmarks.othershots`` set the
+# held-out figures were the same (precision 0.997, 2 other shots, crops to 60% 0.50;
+# copies found 0.916 against 0.914), the tuning half's other shots 9 against 8, and the
+# pairs' checks took 13% less CPU.
+LEVELS = ((48, 1.0, 10), (96, 1.0, 6), (128, 1.0, 2))
 # A patch agrees when its median residual, over the kept image's contrast, is at most this.
 TOLERANCE = 0.2
 PATCHES = 8
-# A Gauss-Newton step this small (unit coordinates: a fiftieth of a pixel at the finest
-# level) ends the finest level; a coarser level ends at a step under ``COARSE_STEP_DONE``
+# A Gauss-Newton step this small (unit coordinates: about a seventieth of a pixel at the
+# finest level) ends the finest level; a coarser level ends at a step under ``COARSE_STEP_DONE``
 # of its own pixels, since the next level refines the map anyway (copies on the full set of
 # ``python -m benchmarks.othershots`` took 7.7 and 4.3 steps at the two coarse levels, and
 # 5.3 and 2.4 to get there).
@@ -49,13 +53,13 @@ COARSE_STEP_DONE = 0.1
 TUKEY = 4.685
 # The robust scale is the median of at most about this many of the overlap's residuals (an
 # even spread of them): within a few percent of the median of all, plenty for Tukey's
-# weights, at a fraction of the cost of partitioning 19,200 values at every step.
+# weights, at a fraction of the cost of partitioning 12,288 values at every step.
 SCALE_SAMPLES = 2048
 # Share of overlap patches that must agree (in grey or in colour) for one capture:
 # measured, see the module docstring.
 SAME_CAPTURE_CUT = 8 / 9
 # Images are decoded for the comparison with at least this shorter side.
-DECODE_SIDE = 160
+DECODE_SIDE = 128
 # The identity alignment counts as "the whole image, unmoved" (a ``near`` copy) within
 # this much of the identity map, covering at least this share of the kept image.
 IDENTITY_TOLERANCE = 0.06
