@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from skimage import data
 from threadpoolctl import threadpool_info
 
@@ -422,6 +422,8 @@ def test_the_moved_maps_share_one_sampling_and_the_gain_of_the_residuals(
 
     monkeypatch.setattr(samecapture, "_sample", counted_sample)
     monkeypatch.setattr(samecapture, "_gain", counted_gain)
+    # Measured even though the photo's own detail pins its map (see the next test).
+    monkeypatch.setattr(samecapture, "SELF_PINNED", -1.0)
     kept, other = prepare_capture(scene()), prepare_capture(copies()[0])
     r, inside, fitted_gain = samecapture._fitted(kept, other, np.eye(2, 3))
     samecapture._MOVED_SELF.clear()
@@ -435,6 +437,44 @@ def test_the_moved_maps_share_one_sampling_and_the_gain_of_the_residuals(
     # The same gain a separate fit finds, to rounding of the sampled positions.
     assert distinct.gain == pytest.approx(samecapture._gain(kept, other, np.eye(2, 3)), abs=1e-4)
     assert distinct.squash == pytest.approx(1.0) and distinct.distinctive()
+
+
+def test_a_photo_that_pins_its_own_map_skips_the_copys_moved_maps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A photo moved against itself disagrees almost everywhere: a copy that agrees with it
+    # cannot agree under the moved maps, and they are not sampled. Measured anyway, they
+    # would have passed the copy too.
+    samples: list[int] = []
+    sample = samecapture._sample
+
+    def counted_sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        samples.append(len(units))
+        return sample(stack, units)
+
+    monkeypatch.setattr(samecapture, "_sample", counted_sample)
+    kept = prepare_capture(scene())
+    for copy in copies():
+        other = prepare_capture(copy)
+        r, inside, gain = samecapture._fitted(kept, other, np.eye(2, 3))
+        samples.clear()
+        pinned = samecapture.distinctiveness(kept, other, np.eye(2, 3), r, inside, gain)
+        if pinned.colours < samecapture.SAME_CAPTURE_CUT:
+            continue  # settled by its colours first
+        assert np.isnan(pinned.moved) and pinned.textured == 0 and pinned.distinctive()
+        assert len(samples) <= 1  # the kept image against itself, unless kept from before
+        with monkeypatch.context() as measuring:
+            measuring.setattr(samecapture, "SELF_PINNED", -1.0)
+            measured = samecapture.distinctiveness(kept, other, np.eye(2, 3), r, inside, gain)
+        assert measured.moved < samecapture.LOOSE_MOVED and measured.distinctive()
+    # A flat picture (one ellipse on a plain ground) does not pin its own map: its pairs'
+    # moved maps are measured.
+    picture = Image.new("RGB", (320, 240), (90, 120, 200))
+    ImageDraw.Draw(picture).ellipse((60, 50, 260, 200), fill=(220, 180, 40))
+    flat, copy = prepare_capture(picture), prepare_capture(picture.resize((240, 180)))
+    r, inside, gain = samecapture._fitted(flat, copy, np.eye(2, 3))
+    found = samecapture.distinctiveness(flat, copy, np.eye(2, 3), r, inside, gain)
+    assert not np.isnan(found.moved)
 
 
 def plain_tukey(r: np.ndarray, inside: np.ndarray) -> np.ndarray:

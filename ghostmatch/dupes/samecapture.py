@@ -100,6 +100,15 @@ MOVED_AGREEMENT_CUT = 0.25
 # in pixels (crop, turn, flip, border) or in each image's unit square (a whole image
 # stretched to another aspect); such a pair may squash at most ``LOOSE_SQUASH`` in both.
 LOOSE_MOVED = 0.45
+# Where the kept image moved against itself by the same steps agrees on at most this share
+# of its patches (a photo's detail), the pair's moved maps are not measured: on the full
+# ``benchmarks.othershots`` set, of 720 pairs that agreed, the 481 whose kept image was so
+# pinned had at most 0.34 of their patches agreeing under the moved maps (``LOOSE_MOVED``
+# 0.45) and at most 0.12 of their textured cells (``MOVED_AGREEMENT_CUT`` 0.25); on the
+# turned copies of ``benchmarks.turns --quick`` 148 of 253, at most 0.31 and 0.02. The
+# only pairs the moved maps turned down had kept images agreeing with themselves on 0.71
+# to 0.90 (flat pictures), and 1,000 synthetic images' agreeing pairs on 0.39 and up.
+SELF_PINNED = 0.3
 LOOSE_SQUASH = 1.15
 # Nor does an edit scale the grey contrast by more than ``LOOSE_GAIN`` either way: a fit
 # that nearly drops the other image's contrast agrees wherever the kept one is flat.
@@ -833,6 +842,20 @@ def distinctiveness(
     to_kept = np.linalg.inv(warp[:, :2])
     shares, textured, agreeing = [], 0, 0
     steps = ((SHIFT, 0.0), (-SHIFT, 0.0), (0.0, SHIFT), (0.0, -SHIFT))
+    if _self_pinned(kept, [_own_step(to_kept, dx, dy) for dx, dy in steps], inside, contrast):
+        # The kept image's own detail pins the map: the other image, which agrees with it
+        # on nearly all the overlap, cannot agree under the moved maps where the kept one
+        # does not agree with itself. Settled without them (not measured: nan).
+        return Distinctiveness(
+            float("nan"),
+            float("nan"),
+            0,
+            detail,
+            tight,
+            _squash(kept, other, warp),
+            _gain(kept, other, warp) if gain is None else gain,
+            colours,
+        )
     moved = _moved_residuals(kept, other, [_moved_map(warp, dx, dy) for dx, dy in steps])
     judged = []
     for (dx, dy), (ro, io) in zip(steps, moved, strict=True):
@@ -842,9 +865,7 @@ def distinctiveness(
             shares.append(0.0)  # a moved map covering too little agrees on nothing
             continue
         shares.append(float(agrees[co].mean()))
-        # The same step in the kept image's own coordinates.
-        step = to_kept @ np.array([dx, dy])
-        judged.append((agrees, co, (float(step[0]), float(step[1]))))
+        judged.append((agrees, co, _own_step(to_kept, dx, dy)))
     selves = _moved_self(kept, [step for _, _, step in judged])
     for (agrees, co, _), (rs, own) in zip(judged, selves, strict=True):
         # The kept image against itself moved by the same step, judged the same way.
@@ -862,6 +883,24 @@ def distinctiveness(
         _gain(kept, other, warp) if gain is None else gain,
         colours,
     )
+
+
+def _own_step(to_kept: np.ndarray, dx: float, dy: float) -> tuple[float, float]:
+    """A step (dx, dy) of the other image's side in the kept image's own coordinates."""
+    step = to_kept @ np.array([dx, dy])
+    return float(step[0]), float(step[1])
+
+
+def _self_pinned(
+    kept: Capture, steps: list[tuple[float, float]], inside: np.ndarray, contrast: float
+) -> bool:
+    """Whether the kept image moved against itself by each of ``steps`` agrees, over the
+    overlap ``inside``, on at most ``SELF_PINNED`` of its patches on average."""
+    shares = []
+    for rs, own in _moved_self(kept, steps):
+        agrees, counted = _medians_within(rs / contrast, own & inside, TOLERANCE)
+        shares.append(float(agrees[counted].mean()) if counted.any() else 1.0)
+    return float(np.mean(shares)) <= SELF_PINNED
 
 
 def _moved_residuals(
