@@ -1021,6 +1021,7 @@ class TurnedCandidates:
         self.maps: dict[tuple[View, bool], np.ndarray] = {}
         self.straightened: OrderedDict[tuple[int, Tilt], Image.Image] = OrderedDict()
         self.captures = capture_cache(self._view, judge.capture if judge is not None else None)
+        self.judge = judge
         crowded = judge.crowded if judge is not None else frozenset()
         self.crowded = crowded
         # Each view's descriptor and score offset.
@@ -1135,7 +1136,7 @@ class TurnedCandidates:
                 for p in asked
                 if p.score >= self.threshold
                 and not {p.owner, p.other} & self.crowded
-                and same_capture(self.captures, p, unmoved=True)
+                and (self._glanced(p) or same_capture(self.captures, p, unmoved=True))
             ]
             settled = {p.key for p in passed}
             moved = [p for p in asked if p.key not in settled]
@@ -1153,6 +1154,23 @@ class TurnedCandidates:
             if j not in known and (k not in self.pairs or k in self.upright)
         ]
         return known, rest
+
+    def _glanced(self, pair: TurnedPair) -> bool:
+        """Whether a pair turned by quarter-turns (not tilted) is settled on small grey views,
+        as an upright copy is (``ghostmatch.dupes.settle.settles``): its view, turned and
+        mirrored as the pair says, is the other file unmoved up to one brightness and
+        contrast change. A quarter-turn moves pixels without resampling them, so the
+        view of a copy only turned is the picture an upright copy would be."""
+        from ghostmatch.dupes.settle import Glance, settles
+
+        if pair.tilt is not None or self.judge is None or self.judge.capture(pair.other) is None:
+            return False
+        kept = self.judge.glances.get(pair.other)
+        seen = self._view(View(pair.owner, pair.turn, pair.tilt))
+        if kept is None or seen is None:
+            return False
+        view = Glance.of(ImageOps.mirror(seen) if pair.flipped else seen, framed=False)
+        return settles(kept, view)
 
     def _scored(self, pairs: Sequence[TurnedPair]) -> list[TurnedPair]:
         """``pairs`` with their views' duplicate scores against the other files' stored
