@@ -688,6 +688,56 @@ def test_independent_noise_pictures_lined_up_by_a_turn_are_no_copies(tmp_path: P
         assert lib.find_duplicates() == []
 
 
+def test_a_crowded_files_turned_copy_is_found_unmoved_without_local_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Smooth noise pictures the descriptor cannot tell apart (crowded files) and a copy of
+    # a crowded one turned a quarter: tried unmoved once turned, as a crowded file's
+    # upright pairs are, it is found without the geometric check.
+    from benchmarks import synthetic
+    from ghostmatch.dupes import finder, turns
+
+    folder = tmp_path / "crowd"
+    folder.mkdir()
+    for index in range(60):
+        synthetic.make_image("noise", index, seed=5).save(folder / f"noise-{index:02d}.png")
+    checked: list[tuple[int, int]] = []
+    real = turns.check_screened
+
+    def counting(embedder, view, pairs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        checked.extend(p.key for p in pairs)
+        return real(embedder, view, pairs, *args, **kwargs)
+
+    crowded: list[frozenset[int]] = []
+    real_judge = finder.PairJudge.__init__
+
+    def judging(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_judge(self, *args, **kwargs)
+        crowded.append(frozenset(self.crowded))
+
+    monkeypatch.setattr(turns, "check_screened", counting)
+    monkeypatch.setattr(finder.PairJudge, "__init__", judging)
+    with ghostmatch.Library(tmp_path / "index", device="cpu") as lib:
+        lib.index([folder])
+        assert lib.find_duplicates(workers=1) == []
+        names = {r.id: r.path.name for r in lib.catalog.get(sorted(crowded[-1]))}
+        source = sorted(names.values())[0]
+        turn_image(Image.open(folder / source), 90).save(folder / "turned.png")
+        lib.index([folder])
+        checked.clear()
+        groups = lib.find_duplicates(workers=1)
+        records = lib.catalog.get([int(i) for i in lib.catalog.vectors()[0]])
+    copy = next(r.id for r in records if r.path.name == "turned.png")
+    found = {
+        frozenset({g.keep.path.name, m.path.name}): (m.tier, m.turn)
+        for g in groups
+        for m in g.members
+    }
+    tier, turn = found[frozenset({source, "turned.png"})]
+    assert tier == "edited" and turn in (90, 270)
+    assert not [key for key in checked if copy in key]
+
+
 def test_crowded_files_pair_by_a_turn_only_as_the_screen_pairs_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -949,14 +949,17 @@ def capture_cache(
     return capture
 
 
-def same_capture(captures: Captures, pair: TurnedPair, unmoved: bool = False) -> bool:
+def same_capture(
+    captures: Captures, pair: TurnedPair, unmoved: bool = False, crowded: bool = False
+) -> bool:
     """Whether a checked pair's view and other file are one capture: the dense agreement
     of ``ghostmatch.dupes.samecapture`` on the geometric check's map, the decision every
     upright pair gets. Local features alone line up two unrelated pictures of smooth
     noise turned, as they would upright. With ``unmoved``, the pair (checked or not) is
     aligned from the identity map instead, as an upright pair is first tried, and a
-    first try that hardly agrees is settled early. ``captures`` (:func:`capture_cache`)
-    gives both sides prepared."""
+    first try that hardly agrees is settled early; with ``crowded`` too, it is tried as an
+    upright crowded pair is, its only try. ``captures`` (:func:`capture_cache`) gives both
+    sides prepared."""
     from ghostmatch.dupes.samecapture import agreement
 
     if pair.affine is None and not unmoved:
@@ -966,7 +969,8 @@ def same_capture(captures: Captures, pair: TurnedPair, unmoved: bool = False) ->
     if target is None or seen is None:
         return False
     if unmoved:
-        return agreement(target, seen, np.eye(2, 3), second_chance=True).same_capture
+        tried = agreement(target, seen, np.eye(2, 3), second_chance=not crowded, first_try=crowded)
+        return tried.same_capture
     assert pair.affine is not None
     # The check maps the view's unit square to the other file's; alignment needs the
     # other way round.
@@ -1130,15 +1134,25 @@ class TurnedCandidates:
             # As upright pairs are (``PairJudge``): a view that scores from the threshold up
             # is first aligned unmoved, where a copy only turned or tilted (and re-encoded,
             # resized, recoloured) agrees already without local features. A crowded file's
-            # pairs, and those that do not agree unmoved, go to the geometric check.
+            # pairs turned by quarter-turns are only tried unmoved, as its upright pairs
+            # are: the screen paired their thumbnails at the turn, and local features line
+            # up any two such pictures. The others that do not agree unmoved go to the
+            # geometric check.
+            crowded = {p.key for p in asked if {p.owner, p.other} & self.crowded}
             passed = [
                 p
                 for p in asked
                 if p.score >= self.threshold
-                and not {p.owner, p.other} & self.crowded
+                and p.key not in crowded
                 and (self._glanced(p) or same_capture(self.captures, p, unmoved=True))
             ]
-            settled = {p.key for p in passed}
+            tried = {p.key for p in asked if p.key in crowded and p.tilt is None}
+            passed += [
+                p
+                for p in asked
+                if p.key in tried and same_capture(self.captures, p, unmoved=True, crowded=True)
+            ]
+            settled = {p.key for p in passed} | tried
             moved = [p for p in asked if p.key not in settled]
             checked = check_screened(self.embedder, self._view, moved, self.maps, self.prepared)
             passed += [
