@@ -688,19 +688,13 @@ def test_independent_noise_pictures_lined_up_by_a_turn_are_no_copies(tmp_path: P
         assert lib.find_duplicates() == []
 
 
-def test_a_crowded_files_turned_copy_is_found_unmoved_without_local_features(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Smooth noise pictures the descriptor cannot tell apart (crowded files) and a copy of
-    # a crowded one turned a quarter: tried unmoved once turned, as a crowded file's
-    # upright pairs are, it is found without the geometric check.
-    from benchmarks import synthetic
+def _spy_checks_and_crowds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[tuple[int, int]], list[frozenset[int]]]:
+    """The turned pairs handed to the geometric check (``check_screened``), and each
+    upright judge's crowded files, as the searches that follow make them."""
     from ghostmatch.dupes import finder, turns
 
-    folder = tmp_path / "crowd"
-    folder.mkdir()
-    for index in range(60):
-        synthetic.make_image("noise", index, seed=5).save(folder / f"noise-{index:02d}.png")
     checked: list[tuple[int, int]] = []
     real = turns.check_screened
 
@@ -717,6 +711,22 @@ def test_a_crowded_files_turned_copy_is_found_unmoved_without_local_features(
 
     monkeypatch.setattr(turns, "check_screened", counting)
     monkeypatch.setattr(finder.PairJudge, "__init__", judging)
+    return checked, crowded
+
+
+def test_a_crowded_files_turned_copy_is_found_unmoved_without_local_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Smooth noise pictures the descriptor cannot tell apart (crowded files) and a copy of
+    # a crowded one turned a quarter: tried unmoved once turned, as a crowded file's
+    # upright pairs are, it is found without the geometric check.
+    from benchmarks import synthetic
+
+    folder = tmp_path / "crowd"
+    folder.mkdir()
+    for index in range(60):
+        synthetic.make_image("noise", index, seed=5).save(folder / f"noise-{index:02d}.png")
+    checked, crowded = _spy_checks_and_crowds(monkeypatch)
     with ghostmatch.Library(tmp_path / "index", device="cpu") as lib:
         lib.index([folder])
         assert lib.find_duplicates(workers=1) == []
@@ -745,30 +755,14 @@ def test_crowded_files_pair_by_a_turn_only_as_the_screen_pairs_them(
     # (as ``python -m benchmarks.othershots --synthetic-only`` makes them): each view's
     # nearest images are any of them, so only the thumbnails' screen may pair them turned.
     from benchmarks import synthetic
-    from ghostmatch.dupes import finder, turns
+    from ghostmatch.dupes import turns
 
     folder = tmp_path / "synthetic"
     folder.mkdir()
     for index in range(200):
         kind = ("noise", "shapes")[index % 2]
         synthetic.make_image(kind, index, seed=7).save(folder / f"{kind}-{index}.png")
-    checked: set[tuple[int, int]] = set()
-    real = turns.check_screened
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        found = real(*args, **kwargs)
-        checked.update(p.key for p in found)
-        return found
-
-    crowded: list[frozenset[int]] = []
-    real_judge = finder.PairJudge.__init__
-
-    def judging(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        real_judge(self, *args, **kwargs)
-        crowded.append(frozenset(self.crowded))
-
-    monkeypatch.setattr(turns, "check_screened", counting)
-    monkeypatch.setattr(finder.PairJudge, "__init__", judging)
+    checked, crowded = _spy_checks_and_crowds(monkeypatch)
     with ghostmatch.Library(tmp_path / "index", device="cpu") as lib:
         lib.index([folder])
         assert lib.find_duplicates() == []
@@ -776,5 +770,5 @@ def test_crowded_files_pair_by_a_turn_only_as_the_screen_pairs_them(
         paths = {r.id: r.path for r in lib.catalog.get(ids)}
         screened = turns.screen(paths, stored=lib.catalog.turn_screens(ids))
     assert crowded and crowded[0]
-    by_views = checked - {p.key for p in screened.candidates}
+    by_views = set(checked) - {p.key for p in screened.candidates}
     assert not [key for key in by_views if set(key) & crowded[0]]
