@@ -312,6 +312,23 @@ def test_a_lazily_prepared_capture_equals_the_pyramid_made_at_once() -> None:
     assert rgb.shape == (96, 128, 3)
 
 
+def test_each_level_and_the_colour_are_made_only_when_read() -> None:
+    # A pair that slides off at the coarsest level reads nothing finer of either image.
+    noise = [prepare_capture(synthetic.make_image("noise", n, seed=5)) for n in range(2)]
+    found = agreement(noise[0], noise[1], np.eye(2, 3), first_try=True)
+    assert found.level == 0 and not found.same_capture
+    for capture in noise:
+        assert capture._grey[0] is not None
+        assert capture._grey[1] is None and capture._grey[2] is None and capture._rgb is None
+    # Read in any order, the levels and colour are the same to the bit.
+    coarse_first, fine_first = prepare_capture(scene()), prepare_capture(scene())
+    coarse = [coarse_first.levels[n] for n in range(len(LEVELS))] + [coarse_first.rgb]
+    fine = [fine_first.rgb] + [fine_first.levels[n] for n in reversed(range(len(LEVELS)))]
+    again = [*reversed(fine[1:]), fine[0]]
+    assert all(np.array_equal(a, b) for a, b in zip(coarse, again, strict=True))
+    assert fine_first.levels[-1] is fine_first.levels[len(LEVELS) - 1]
+
+
 def test_coarse_levels_measure_residuals_only_where_they_decide(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
