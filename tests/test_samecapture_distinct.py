@@ -134,6 +134,77 @@ def test_copies_of_a_flat_picture_follow_one_colour_change() -> None:
         assert found.distinct.colours >= samecapture.SAME_CAPTURE_CUT - 1e-9, edit
 
 
+def test_a_crowded_pair_whose_colours_follow_no_one_change_is_settled_before_the_finest_level() -> (
+    None
+):
+    # The pair above, as a crowded pair is tried: its colours already say no copy at the
+    # next-to-finest level, where it is settled; the finest grey level is never made.
+    kept = prepare_capture(
+        ellipse_picture(
+            (200, 80, 150), (90, 25, 30), (55, 60, 295, 235), ((20, 150, 40, 200), (40, 230, 60))
+        )
+    )
+    other = prepare_capture(
+        ellipse_picture(
+            (150, 130, 20),
+            (20, 80, 160),
+            (20, 55, 280, 235),
+            ((250, 130, 300, 180), (120, 40, 200)),
+        )
+    )
+    found = agreement(kept, other, np.eye(2, 3), first_try=True, colours_early=True)
+    assert found.level == len(samecapture.LEVELS) - 2
+    assert found.score < samecapture.COARSE_COLOURS and not found.same_capture
+    assert kept._grey[-1] is None and other._grey[-1] is None
+    # Its copies, recoloured or grey, go on to the finest level and are copies there.
+    image = ellipse_picture(
+        (200, 80, 150), (90, 25, 30), (55, 60, 295, 235), ((20, 150, 40, 200), (40, 230, 60))
+    )
+    source = prepare_capture(image)
+    for edit in (color_shift(image, 0.08, 1.3, 0.9, 1.1), grayscale(image)):
+        copy = agreement(source, prepare_capture(edit), np.eye(2, 3), colours_early=True)
+        assert copy.level == len(samecapture.LEVELS) - 1 and copy.same_capture
+
+
+def test_crowded_pairs_are_tried_with_their_colours_early(tmp_path: Path) -> None:
+    # The same two pictures, crowded: as an upright pair (``PairJudge``) and as a pair
+    # turned by a quarter-turn (``same_capture``), neither reads the finest grey level.
+    import ghostmatch
+    from ghostmatch.dupes.finder import PairJudge
+    from ghostmatch.dupes.turns import TurnedPair, View
+    from ghostmatch.dupes.turns import same_capture as turned_same_capture
+
+    first = ellipse_picture(
+        (200, 80, 150), (90, 25, 30), (55, 60, 295, 235), ((20, 150, 40, 200), (40, 230, 60))
+    )
+    second = ellipse_picture(
+        (150, 130, 20), (20, 80, 160), (20, 55, 280, 235), ((250, 130, 300, 180), (120, 40, 200))
+    )
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    first.save(folder / "first.png")
+    second.save(folder / "second.png")
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+        ids = {r.path.name: i for i, r in records.items()}
+        judge = PairJudge(lib.finder.model, records, 0.0, 36, crowded=set(records))
+        kept, other = ids["first.png"], ids["second.png"]
+        assert judge(kept, [(other, 1.0)]) == {other: None}
+        a, b = judge.capture(kept), judge.capture(other)
+        assert a is not None and b is not None and a.prepared and b.prepared
+        assert a._grey[-1] is None and b._grey[-1] is None
+    view = prepare_capture(second.rotate(90, expand=True).rotate(-90, expand=True))
+    target = prepare_capture(first)
+    pair = TurnedPair(1, 0, 90, None, 1.0)
+
+    def captures(seen: View, flipped: bool) -> samecapture.Capture:
+        return target if seen == View(0, 0) else view
+
+    assert not turned_same_capture(captures, pair, unmoved=True, crowded=True)
+    assert target._grey[-1] is None and view._grey[-1] is None
+
+
 def test_a_copy_of_a_smooth_image_is_still_one_when_its_pixels_match() -> None:
     image = synthetic.make_image("noise", 3, seed=99)
     kept = prepare_capture(image)

@@ -899,7 +899,9 @@ class PairJudge:
         # unless it is crowded.
         checks = (
             [
-                agreement(a, b, _FIRST_MAPS[start], second_chance=not c, first_try=True)
+                agreement(
+                    a, b, _FIRST_MAPS[start], second_chance=not c, first_try=True, colours_early=c
+                )
                 for _, c, b, start in first
             ]
             if a is not None

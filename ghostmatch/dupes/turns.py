@@ -969,7 +969,14 @@ def same_capture(
     if target is None or seen is None:
         return False
     if unmoved:
-        tried = agreement(target, seen, np.eye(2, 3), second_chance=not crowded, first_try=crowded)
+        tried = agreement(
+            target,
+            seen,
+            np.eye(2, 3),
+            second_chance=not crowded,
+            first_try=crowded,
+            colours_early=crowded,
+        )
         return tried.same_capture
     assert pair.affine is not None
     # The check maps the view's unit square to the other file's; alignment needs the
