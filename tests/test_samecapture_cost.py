@@ -3,8 +3,10 @@ measurement gives, and the work they skip is really skipped."""
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from threadpoolctl import threadpool_info
 import ghostmatch
 from ghostmatch.dupes import samecapture
 from ghostmatch.dupes.samecapture import LEVELS, agreement, prepare_capture
+from ghostmatch.eval.copies import TRANSFORMS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -416,6 +419,33 @@ def test_what_one_image_decides_is_measured_once_per_capture(
     # Once for the kept image, once per pair for the other under its map (a copy whose
     # colours all follow the first direction's change needs no second).
     assert made["chroma"] == 1 + len(found)
+
+
+def test_colours_that_follow_one_change_on_enough_patches_are_not_fitted_the_other_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A captioned copy: most of its patches follow the kept image's colours times one
+    # gain, the caption's do not. That already passes; the fit the other way round (for a
+    # grey kept image) is not made.
+    image = scene()
+    kept = prepare_capture(image)
+    copy = prepare_capture(TRANSFORMS["text"](image, random.Random(3)))
+    found = agreement(kept, copy, np.eye(2, 3))
+    _, inside, _ = samecapture._fitted(kept, copy, found.warp)
+    fits = {"n": 0}
+    medians = samecapture._medians_within
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        fits["n"] += 1
+        return medians(*args, **kwargs)
+
+    monkeypatch.setattr(samecapture, "_medians_within", counted)
+    share = samecapture._one_colour_change(kept, copy, found.warp, inside)
+    assert samecapture.SAME_CAPTURE_CUT <= share < 1.0 and fits["n"] == 1
+    # Both ways where the first falls short of the cut, the better of the two kept.
+    monkeypatch.setattr(samecapture, "SAME_CAPTURE_CUT", 1.5)
+    assert samecapture._one_colour_change(kept, copy, found.warp, inside) >= share
+    assert fits["n"] == 3
 
 
 def test_the_moved_maps_share_one_sampling_and_the_gain_of_the_residuals(

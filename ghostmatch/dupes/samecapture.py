@@ -328,7 +328,8 @@ class Distinctiveness:
     # The grey gain taking the other image to the kept one (robust fit).
     gain: float = 1.0
     # The share of patches whose colours follow one colour change (see
-    # ``CHROMA_TOLERANCE``); a pair that fails it is settled by it (moved maps nan).
+    # ``CHROMA_TOLERANCE``; at least ``SAME_CAPTURE_CUT`` is all it tells of a pair that
+    # follows it); a pair that fails it is settled by it (moved maps nan).
     colours: float = 1.0
 
     def distinctive(self) -> bool:
@@ -1016,7 +1017,7 @@ def _one_colour_change(
     whose colours follow one colour change (see ``CHROMA_TOLERANCE``): the better of the
     other image's chroma under ``warp`` as the kept one's times one complex gain, fitted
     robustly, and the kept one's as the other's (a grey kept image with its colour
-    source)."""
+    source), the second only where the first falls short of ``SAME_CAPTURE_CUT``."""
     ours = kept.chroma_at(level)
     _, h, w = kept.planes_at(level).shape
     # The other image's colours at the kept one's pixel centres (which of them it covers
@@ -1060,8 +1061,10 @@ def _one_colour_change(
         )
         if counted.any():
             best = max(best, float(follows[counted].mean()))
-        if best >= 1.0:
-            break  # every patch follows: the other direction cannot do better
+        if best >= SAME_CAPTURE_CUT - 1e-9:
+            # Enough patches follow for any use of the share (the cut): the other direction
+            # would only tell by how much.
+            break
     return best
 
 
