@@ -103,6 +103,22 @@ def test_another_shot_is_similar_and_never_a_duplicate(shots: tuple[Path, Path])
     assert ("scene.jpg", "scene_again.jpg", "similar") in similar
 
 
+def test_another_shot_is_similar_on_its_first_fit_that_holds(shots: tuple[Path, Path]) -> None:
+    # Its local features agree on one geometry at equal scale, its pixels do not: another
+    # capture, decided there, without the mirrored or zoomed maps of a pair left open.
+    from ghostmatch.dupes.finder import PairJudge
+
+    _, index = shots
+    with ghostmatch.open(index, create=False) as lib:
+        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+        ids = {r.path.name: i for i, r in records.items()}
+        # A score under any threshold: the pair goes to the geometric check.
+        judge = PairJudge(lib.finder.model, records, 2.0, 36)
+        again = ids["scene_again.jpg"]
+        assert judge(ids["scene.jpg"], [(again, 0.0)]) == {again: "similar"}
+        assert judge.maps.made == {"base": 2}
+
+
 def test_independent_noise_images_are_not_grouped(shots: tuple[Path, Path]) -> None:
     _, index = shots
     with ghostmatch.open(index, create=False) as lib:

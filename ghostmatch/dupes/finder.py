@@ -988,6 +988,12 @@ class PairJudge:
                 # geometry. A pair that only its score brought here is not alike at all.
                 alike = found is not None and check.inliers >= self.min_inliers
                 return SIMILAR if alike else None
+            if found is not None:
+                # A fit that holds (enough inliers), under which the pixels disagree:
+                # another capture, whose local features agree on that geometry. The other
+                # maps are not made for it (on the full ``benchmarks.othershots`` set no
+                # pair so left became a copy on a later fit).
+                return SIMILAR
         return None
 
     def _agreement(self, leader: int, j: int, check: Verification) -> Agreement | None:
