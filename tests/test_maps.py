@@ -170,6 +170,8 @@ def test_a_crop_is_offered_on_the_kept_files_zoomed_map_before_its_own_is_read(
     offered, final = next(steps)
     assert not final and offered.inliers >= enough
     assert kept_reads["zoomed"] == 1 and crop_reads["zoomed"] == 0
+    # Nor is the crop's mirrored map read before that offer.
+    assert crop_reads["mirrored"] == 0
     # Passed over, the check ends where verify_scales does.
     rest = list(steps)
     assert rest[-1][1] and crop_reads["zoomed"] >= 1
@@ -212,8 +214,10 @@ def test_a_plain_copy_needs_no_mirrored_map_and_a_mirrored_one_is_still_found(
     judge = PairJudge(lib.finder.model, records, 2.0, 36)
     assert judge(ids["scene.jpg"], [(ids["bordered.jpg"], 0.0)]) == {ids["bordered.jpg"]: "edited"}
     assert judge.maps.made == {"base": 2}
+    # The mirror image is found on its mirrored map, read once the kept file's zoomed map
+    # (which serves all of its pairs) finds too few inliers.
     assert judge(ids["scene.jpg"], [(ids["mirrored.jpg"], 0.0)]) == {ids["mirrored.jpg"]: "edited"}
-    assert judge.maps.made == {"base": 3, "mirrored": 1}
+    assert judge.maps.made == {"base": 3, "zoomed": 1, "mirrored": 1}
 
 
 def _maps_threads() -> list[threading.Thread]:
