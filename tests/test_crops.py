@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_support import records_by_name
 from PIL import Image
 
 import ghostmatch
@@ -167,8 +168,7 @@ def test_a_region_pair_must_agree_only_near_its_map(tmp_path: Path) -> None:
     other.save(folder / "other.png")
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([folder])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
+        records, ids = records_by_name(lib)
         # Scored at the threshold, the pair is tried unmoved, as a region pair can be.
         judge = PairJudge(lib.finder.model, records, 0.0, 24)
         pair = [(ids["other.png"], 1.0)]

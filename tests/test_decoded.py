@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_support import records_by_name
 from PIL import Image, ImageOps
 from skimage import data
 
@@ -38,8 +39,7 @@ def judged(
     Image.fromarray(data.coffee()).convert("RGB").resize((320, 240)).save(folder / "coffee.jpg")
     with ghostmatch.open(root / "index", weights="bundled") as lib:
         lib.index([folder])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        yield lib, records, {r.path.name: i for i, r in records.items()}
+        yield lib, *records_by_name(lib)
 
 
 def _judge_all(

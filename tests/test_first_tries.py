@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_support import records_by_name
 from PIL import Image, ImageDraw, ImageOps
 from skimage import data
 
@@ -119,7 +120,7 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Judged]:
 
 
 def judge_of(lib: ghostmatch.Library, crowded: bool = False) -> PairJudge:
-    records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
+    records, _ = records_by_name(lib)
     return PairJudge(
         lib.finder.model,
         records,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_support import records_by_name
 from PIL import Image, ImageOps
 from skimage import data
 
@@ -200,8 +201,7 @@ def judged(tmp_path: Path, indexed: Path) -> Iterator[Judged]:
     """The indexed photos' library, their catalog records by id, and their ids by name."""
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([indexed])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        yield lib, records, {r.path.name: i for i, r in records.items()}
+        yield lib, *records_by_name(lib)
 
 
 def test_a_plain_copy_needs_no_mirrored_map_and_a_mirrored_one_is_still_found(

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from judge_support import records_by_name
 from PIL import Image, ImageDraw, ImageOps
 from skimage import data
 from threadpoolctl import threadpool_info
@@ -177,8 +178,7 @@ def test_zoomed_maps_are_made_only_for_pairs_the_equal_scale_check_leaves_open(
     Image.fromarray(data.coffee()).convert("RGB").resize((320, 240)).save(folder / "coffee.jpg")
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([folder])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
+        records, ids = records_by_name(lib)
         # A score under any threshold: each pair goes to the geometric check.
         judge = PairJudge(lib.finder.model, records, 2.0, 36)
         # The mirror image matches at equal scale on its mirrored map, tried once the kept
@@ -289,8 +289,7 @@ def test_a_capture_is_prepared_only_when_compared(tmp_path: Path) -> None:
     Image.fromarray(data.coffee()).convert("RGB").resize((320, 240)).save(folder / "coffee.jpg")
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([folder])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
+        records, ids = records_by_name(lib)
         # Every file crowded: a pair is compared only when its thumbnails correlate.
         judge = PairJudge(lib.finder.model, records, 0.0, 36, crowded=set(records))
         kept, coffee, smaller = ids["scene.jpg"], ids["coffee.jpg"], ids["smaller.jpg"]

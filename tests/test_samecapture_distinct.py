@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_support import records_by_name
 from PIL import Image, ImageDraw, ImageOps
 from skimage import data
 
@@ -186,8 +187,7 @@ def test_crowded_pairs_are_tried_with_their_colours_early(tmp_path: Path) -> Non
     second.save(folder / "second.png")
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([folder])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
+        records, ids = records_by_name(lib)
         judge = PairJudge(lib.finder.model, records, 0.0, 36, crowded=set(records))
         kept, other = ids["first.png"], ids["second.png"]
         assert judge(kept, [(other, 1.0)]) == {other: None}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_support import records_by_name
 from PIL import Image, ImageOps
 from skimage import data
 
@@ -97,8 +98,7 @@ def test_independent_smooth_noise_does_not_settle() -> None:
 
 
 def judge_of(lib: ghostmatch.Library) -> tuple[PairJudge, dict[str, int]]:
-    records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-    ids = {r.path.name: i for i, r in records.items()}
+    records, ids = records_by_name(lib)
     judge = PairJudge(lib.finder.model, records, lib.duplicate_threshold(), 36)
     return judge, ids
 
@@ -145,8 +145,7 @@ def test_a_crowded_pair_is_never_settled(tmp_path: Path) -> None:
     scene().save(folder / "reencoded.jpg", quality=30)
     with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
         lib.index([folder])
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
+        records, ids = records_by_name(lib)
         judge = PairJudge(
             lib.finder.model, records, lib.duplicate_threshold(), 36, crowded=set(records)
         )

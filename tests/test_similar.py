@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_support import records_by_name
 from PIL import Image
 from skimage import data
 
@@ -110,8 +111,7 @@ def test_another_shot_is_similar_on_its_first_fit_that_holds(shots: tuple[Path, 
 
     _, index = shots
     with ghostmatch.open(index, create=False) as lib:
-        records = {r.id: r for r in lib.catalog.get(lib.catalog.ids().tolist())}
-        ids = {r.path.name: i for i, r in records.items()}
+        records, ids = records_by_name(lib)
         # A score under any threshold: the pair goes to the geometric check.
         judge = PairJudge(lib.finder.model, records, 2.0, 36)
         again = ids["scene_again.jpg"]
