@@ -309,7 +309,11 @@ def test_a_lazily_prepared_capture_equals_the_pyramid_made_at_once() -> None:
     levels, rgb = capture.levels, capture.rgb
     assert capture.prepared
     # The same arrays on every read, in single precision.
-    assert capture.levels is levels and capture.rgb is rgb
+    assert all(a is b for a, b in zip(capture.levels, levels, strict=True))
+    assert capture.rgb is rgb
+    # The levels read through a capture no longer held elsewhere.
+    alone = prepare_capture(scene()).levels
+    assert all(np.array_equal(a, b) for a, b in zip(alone, levels, strict=True))
     assert all(level.dtype == np.float32 for level in levels) and rgb.dtype == np.float32
     assert [level.shape for level in levels] == [(3, 36, 48), (3, 72, 96), (3, 96, 128)]
     assert rgb.shape == (96, 128, 3)

@@ -164,7 +164,7 @@ class _Pyramid(Sequence[np.ndarray]):
     """A capture's levels (``Capture.levels``), each made when first read."""
 
     def __init__(self, capture: Capture) -> None:
-        self._capture = weakref.proxy(capture)
+        self._capture = capture
 
     def __len__(self) -> int:
         return len(LEVELS)
@@ -195,7 +195,6 @@ class Capture:
         self._lock = threading.Lock()
         self._grey: list[np.ndarray | None] = [None] * len(LEVELS)
         self._rgb: np.ndarray | None = None
-        self.levels = _Pyramid(self)
         # What the comparison derives from this image alone, made on first use and kept:
         # an image is compared with many others (as the kept one, or as the other).
         self._planes: np.ndarray | None = None
@@ -229,6 +228,12 @@ class Capture:
             if all(g is not None for g in self._grey):
                 self._luma = None  # the grey pixels are no longer needed
             return made
+
+    @property
+    def levels(self) -> Sequence[np.ndarray]:
+        """The pyramid, each level made when first read (a view of this capture: the
+        capture keeps no reference to it, so the two make no cycle)."""
+        return _Pyramid(self)
 
     @property
     def prepared(self) -> bool:
