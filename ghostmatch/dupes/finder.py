@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from threadpoolctl import threadpool_limits
 
-from ghostmatch.dupes import regions, turns
+from ghostmatch.dupes import gaussnewton, regions, turns
 from ghostmatch.dupes.collection import (
     Stored,
     in_memory,
@@ -491,6 +491,8 @@ class DuplicateFinder:
         # only its torch module and local maps' session (made afresh in each after the
         # fork, ``ghostmatch.dupes.verify``), never a session whose threads a fork drops.
         self.model.embedder  # noqa: B018 - loaded for its side effect
+        # The alignment's compiled steps likewise: loaded (or compiled) once, here.
+        gaussnewton.warm()
         if candidates:
             # A crowd's files are decoded once, here, on every core, rather than once in
             # each process whose kept files meet them (1,000 synthetic images: 1,636

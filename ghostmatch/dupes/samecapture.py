@@ -27,7 +27,7 @@ import functools
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import overload
 
@@ -608,62 +608,83 @@ def align(
     kept: Capture, other: Capture, warp: np.ndarray, levels: range | None = None
 ) -> np.ndarray:
     """Refine ``warp`` (2 x 3, kept's unit coordinates to the other's) by robust
-    Gauss-Newton from coarse to fine, over ``levels`` of ``LEVELS`` (all by default)."""
+    Gauss-Newton from coarse to fine, over ``levels`` of ``LEVELS`` (all by default);
+    compiled where numba is installed (``ghostmatch.dupes.gaussnewton``)."""
     p = warp.astype(np.float64).copy()
+    compiled = _compiled_steps()
     for level in range(len(LEVELS)) if levels is None else levels:
         t_img, stack = kept.levels[level][0], other.levels[level]
-        design = _unit_grid(*t_img.shape)
-        moments = _moments(*t_img.shape)
-        t = t_img.ravel()
-        n = t.size
         done = STEP_DONE if level == len(LEVELS) - 1 else COARSE_STEP_DONE / max(t_img.shape)
-        # What every step of the level writes, made once: at the coarse levels a step is
-        # a few dozen passes over a couple of thousand pixels, where making arrays and
-        # calling through wrappers costs as much as the arithmetic. The per-pixel products
-        # of a step: rows 0-2 for the normal matrix, 3-4 for the gradient, 5-6 the
-        # weighted image gradients; the robust fit's scratch, residuals and weights; the
-        # mapped centres.
-        products = np.empty((7, n), t.dtype)
-        work = tuple(np.empty_like(t) for _ in range(4))
-        grid = np.empty((n, 2), np.float32)
-        # What every step reads: the other image as torch sees it, and the grid as torch
-        # sees it (the same memory, rewritten by each step).
-        source = torch.from_numpy(stack)[None]
-        where = torch.from_numpy(grid).view(1, 1, n, 2)
-        _, ho, wo = stack.shape
-        for _ in range(LEVELS[level][2]):
-            # Torch's grid coordinates of the mapped centres (unit coordinates times two,
-            # less one): doubling the map doubles every rounding, the same values as
-            # doubling the product.
-            np.matmul(design, _transposed(2.0 * p), out=grid)
-            grid -= 1.0
-            inside = _inside_grid(ho, wo, grid)
-            count = int(np.count_nonzero(inside))
-            if count < 16:
-                break
-            # torch.nn.functional.grid_sample's kernel (bilinear, border, not aligned
-            # corners) without its argument checks.
-            sampled = torch.grid_sampler(source, where, 0, 1, False).numpy()[0, :, 0]
-            # One reweighting per step: the steps themselves iterate the robust fit.
-            gain, r, weight = _robust_fit(t, sampled[0], inside, 1, count, work)
-            # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and
-            # (ix, iy) the gain times the other image's gradient, so the normal equations
-            # are the gain squared times weighted sums of gx^2, gx gy, gy^2 times d's outer
-            # product, and the gain times those of gx r, gy r times d: two small products
-            # with fixed per-level matrices instead of an n x 6 Jacobian.
-            # Rows at a time: (wx, wy), then wx (gx, gy), wy gy, and (wx, wy) r.
-            np.multiply(sampled[1:3], weight, out=products[5:7])
-            np.multiply(sampled[1:3], products[5], out=products[0:2])
-            np.multiply(products[6], sampled[2], out=products[2])
-            np.multiply(products[5:7], r, out=products[3:5])
-            sums = (products[:3] @ moments).ravel()
-            hessian = sums[_HESSIAN] * (gain * gain) + _REGULARISED
-            gradient = (products[3:5] @ design).ravel() * gain
-            step = np.linalg.solve(hessian, gradient)
-            p += step.reshape(2, 3)
-            if np.abs(step).max() < done:
-                break
+        if compiled is None:
+            _refine(t_img, stack, p, LEVELS[level][2], done)
+        else:
+            compiled(t_img.ravel(), stack, _unit_grid(*t_img.shape), p, LEVELS[level][2], done)
     return p
+
+
+@functools.cache
+def _compiled_steps() -> Callable[..., None] | None:
+    """The compiled Gauss-Newton steps, or None without numba (imported on first use: only
+    a duplicate search needs it)."""
+    from ghostmatch.dupes import gaussnewton
+
+    return gaussnewton.steps if gaussnewton.available() else None
+
+
+def _refine(t_img: np.ndarray, stack: np.ndarray, p: np.ndarray, steps: int, done: float) -> None:
+    """Up to ``steps`` robust Gauss-Newton steps of ``p`` (updated in place) taking the
+    kept level's grey image ``t_img`` onto the other's ``stack``, in numpy: the reference
+    of ``ghostmatch.dupes.gaussnewton.steps``, and what runs without numba. Stops once no
+    parameter moves by ``done``."""
+    design = _unit_grid(*t_img.shape)
+    moments = _moments(*t_img.shape)
+    t = t_img.ravel()
+    n = t.size
+    # What every step writes, made once: at the coarse levels a step is a few dozen passes
+    # over a couple of thousand pixels, where making arrays and calling through wrappers
+    # costs as much as the arithmetic. The per-pixel products of a step: rows 0-2 for the
+    # normal matrix, 3-4 for the gradient, 5-6 the weighted image gradients; the robust
+    # fit's scratch, residuals and weights; the mapped centres.
+    products = np.empty((7, n), t.dtype)
+    work = tuple(np.empty_like(t) for _ in range(4))
+    grid = np.empty((n, 2), np.float32)
+    # What every step reads: the other image as torch sees it, and the grid as torch sees
+    # it (the same memory, rewritten by each step).
+    source = torch.from_numpy(stack)[None]
+    where = torch.from_numpy(grid).view(1, 1, n, 2)
+    _, ho, wo = stack.shape
+    for _ in range(steps):
+        # Torch's grid coordinates of the mapped centres (unit coordinates times two, less
+        # one): doubling the map doubles every rounding, the same values as doubling the
+        # product.
+        np.matmul(design, _transposed(2.0 * p), out=grid)
+        grid -= 1.0
+        inside = _inside_grid(ho, wo, grid)
+        count = int(np.count_nonzero(inside))
+        if count < 16:
+            break
+        # torch.nn.functional.grid_sample's kernel (bilinear, border, not aligned corners)
+        # without its argument checks.
+        sampled = torch.grid_sampler(source, where, 0, 1, False).numpy()[0, :, 0]
+        # One reweighting per step: the steps themselves iterate the robust fit.
+        gain, r, weight = _robust_fit(t, sampled[0], inside, 1, count, work)
+        # The Jacobian row of a pixel is (ix * d, iy * d) with d = (x, y, 1) and (ix, iy)
+        # the gain times the other image's gradient, so the normal equations are the gain
+        # squared times weighted sums of gx^2, gx gy, gy^2 times d's outer product, and the
+        # gain times those of gx r, gy r times d: two small products with fixed per-level
+        # matrices instead of an n x 6 Jacobian.
+        # Rows at a time: (wx, wy), then wx (gx, gy), wy gy, and (wx, wy) r.
+        np.multiply(sampled[1:3], weight, out=products[5:7])
+        np.multiply(sampled[1:3], products[5], out=products[0:2])
+        np.multiply(products[6], sampled[2], out=products[2])
+        np.multiply(products[5:7], r, out=products[3:5])
+        sums = (products[:3] @ moments).ravel()
+        hessian = sums[_HESSIAN] * (gain * gain) + _REGULARISED
+        gradient = (products[3:5] @ design).ravel() * gain
+        step = np.linalg.solve(hessian, gradient)
+        p += step.reshape(2, 3)
+        if np.abs(step).max() < done:
+            break
 
 
 def residuals(

@@ -1,0 +1,283 @@
+"""One level of the dense alignment's robust Gauss-Newton refinement, compiled by numba.
+
+:func:`ghostmatch.dupes.samecapture.align` spends most of a pair's check in these steps: a
+step is a few dozen passes over a few thousand pixels, and in numpy each pass costs more
+to call than to compute. Compiled, a step is one pass. The numpy steps
+(``samecapture._refine``) stay the reference, and the path taken where numba is missing;
+the two agree to rounding (``tests/test_gaussnewton.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numpy as np
+
+numba: Any
+try:
+    numba = importlib.import_module("numba")
+except ImportError:  # the numpy steps run instead
+    numba = None
+
+# Robust scale from at most about this many residuals, and the Tukey constant: as in
+# ``ghostmatch.dupes.samecapture`` (SCALE_SAMPLES, TUKEY).
+SCALE_SAMPLES = 2048
+TUKEY = 4.685
+REGULARISED = 1e-6
+# Where each entry of the symmetric (x, y, 1) outer product sits among the moments.
+_OUTER = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _compiled(function: _F) -> _F:
+    """``function`` compiled on first call (kept in numba's cache), as it is without numba.
+    Fast maths lets sums run in any order: the maps still land within a hundredth of a pixel
+    of the numpy steps' (``tests/test_gaussnewton.py``)."""
+    if numba is None:
+        return function
+    compile_ = numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+    return cast(_F, compile_(function))
+
+
+@_compiled
+def steps(
+    t: np.ndarray,
+    stack: np.ndarray,
+    design: np.ndarray,
+    p: np.ndarray,
+    steps: int,
+    done: float,
+) -> None:
+    """Up to ``steps`` robust Gauss-Newton steps of the affine map ``p`` (2 x 3, float64,
+    updated in place) taking the kept level ``t`` (n,) at its pixel centres ``design``
+    (n, 3: x, y, 1 in unit coordinates) onto ``stack`` (3, h, w: grey, x and y gradients);
+    stops once no parameter moves by ``done`` or fewer than 16 pixels fall inside."""
+    n = t.shape[0]
+    _, ho, wo = stack.shape
+    grey = np.empty(n)
+    gx = np.empty(n)
+    gy = np.empty(n)
+    weight = np.empty(n)
+    inside = np.zeros(n, np.bool_)
+    sample = np.empty(n)
+    edge_x, edge_y = 1.0 - 1.0 / wo, 1.0 - 1.0 / ho
+    for _ in range(steps):
+        # The other image, bilinear and clamped at its border (as torch's grid_sample with
+        # padding "border", corners not aligned), at the mapped pixel centres; with the
+        # sums of a gain and offset fit over the pixels inside.
+        count = 0
+        st = si = sii = sti = 0.0
+        for k in range(n):
+            x, y = np.float64(design[k, 0]), np.float64(design[k, 1])
+            ux = 2.0 * (p[0, 0] * x + p[0, 1] * y + p[0, 2]) - 1.0
+            uy = 2.0 * (p[1, 0] * x + p[1, 1] * y + p[1, 2]) - 1.0
+            ix = min(max(((ux + 1.0) * wo - 1.0) / 2.0, 0.0), wo - 1.0)
+            iy = min(max(((uy + 1.0) * ho - 1.0) / 2.0, 0.0), ho - 1.0)
+            x0, y0 = int(ix), int(iy)
+            fx, fy = ix - x0, iy - y0
+            x1, y1 = min(x0 + 1, wo - 1), min(y0 + 1, ho - 1)
+            a, b = (1.0 - fx) * (1.0 - fy), fx * (1.0 - fy)
+            c, d = (1.0 - fx) * fy, fx * fy
+            g = a * stack[0, y0, x0] + b * stack[0, y0, x1] + c * stack[0, y1, x0]
+            grey[k] = g + d * stack[0, y1, x1]
+            h = a * stack[1, y0, x0] + b * stack[1, y0, x1] + c * stack[1, y1, x0]
+            gx[k] = h + d * stack[1, y1, x1]
+            v = a * stack[2, y0, x0] + b * stack[2, y0, x1] + c * stack[2, y1, x0]
+            gy[k] = v + d * stack[2, y1, x1]
+            within = abs(ux) <= edge_x and abs(uy) <= edge_y
+            inside[k] = within
+            if within:
+                count += 1
+                tk, ik = np.float64(t[k]), grey[k]
+                st += tk
+                si += ik
+                sii += ik * ik
+                sti += tk * ik
+        if count < 16:
+            return
+        # One reweighting per step (the steps iterate the robust fit): gain and offset
+        # over the pixels inside, Tukey weights at the residuals' robust scale, gain and
+        # offset again under them.
+        gain, offset = _gain_offset(count, st, si, sii, sti)
+        stride = max(1, count // SCALE_SAMPLES)
+        m = 0
+        for k in range(0, n, stride):
+            if inside[k]:
+                sample[m] = abs(t[k] - (gain * grey[k] + offset))
+                m += 1
+        scale = max(1.4826 * _median(sample[:m]), 1e-3)
+        spread = 1.0 / (TUKEY * scale) ** 2
+        sw = st = si = sii = sti = 0.0
+        for k in range(n):
+            w = 0.0
+            if inside[k]:
+                e = t[k] - (gain * grey[k] + offset)
+                u = 1.0 - e * e * spread
+                if u > 0.0:
+                    w = u * u
+                    tk, ik = np.float64(t[k]), grey[k]
+                    sw += w
+                    st += w * tk
+                    si += w * ik
+                    sii += w * ik * ik
+                    sti += w * tk * ik
+            weight[k] = w
+        gain, offset = _gain_offset(sw, st, si, sii, sti)
+        # Normal equations of the six affine parameters: the Jacobian row of a pixel is
+        # the gain times (gx d, gy d) with d = (x, y, 1); the sums of gx^2, gx gy and gy^2
+        # against the moments (xx, xy, x, yy, y, 1), and of gx r, gy r against d.
+        # Scalar sums, kept in registers: gx^2, gx gy, gy^2 against (xx, xy, x, yy, y, 1),
+        # and gx r, gy r against (x, y, 1).
+        a0 = a1 = a2 = a3 = a4 = a5 = 0.0
+        b0 = b1 = b2 = b3 = b4 = b5 = 0.0
+        c0 = c1 = c2 = c3 = c4 = c5 = 0.0
+        g0 = g1 = g2 = g3 = g4 = g5 = 0.0
+        for k in range(n):
+            w = weight[k]
+            if w == 0.0:
+                continue
+            e = t[k] - (gain * grey[k] + offset)
+            x, y = np.float64(design[k, 0]), np.float64(design[k, 1])
+            wx, wy = gx[k] * w, gy[k] * w
+            pa, pb, pc = wx * gx[k], wx * gy[k], wy * gy[k]
+            xx, xy, yy = x * x, x * y, y * y
+            a0 += pa * xx
+            a1 += pa * xy
+            a2 += pa * x
+            a3 += pa * yy
+            a4 += pa * y
+            a5 += pa
+            b0 += pb * xx
+            b1 += pb * xy
+            b2 += pb * x
+            b3 += pb * yy
+            b4 += pb * y
+            b5 += pb
+            c0 += pc * xx
+            c1 += pc * xy
+            c2 += pc * x
+            c3 += pc * yy
+            c4 += pc * y
+            c5 += pc
+            ex, ey = wx * e, wy * e
+            g0 += ex * x
+            g1 += ex * y
+            g2 += ex
+            g3 += ey * x
+            g4 += ey * y
+            g5 += ey
+        sums = np.array(
+            [[a0, a1, a2, a3, a4, a5], [b0, b1, b2, b3, b4, b5], [c0, c1, c2, c3, c4, c5]]
+        )
+        gradient = np.array([g0, g1, g2, g3, g4, g5])
+        hessian = np.empty((6, 6))
+        for row in range(6):
+            for col in range(6):
+                which = (row >= 3) + (col >= 3)
+                hessian[row, col] = sums[which, _OUTER[row % 3, col % 3]] * gain * gain
+            hessian[row, row] += REGULARISED
+        gradient *= gain
+        step = _solve(hessian, gradient)
+        largest = 0.0
+        for i in range(6):
+            p[i // 3, i % 3] += step[i]
+            largest = max(largest, abs(step[i]))
+        if largest < done:
+            return
+
+
+@_compiled
+def _gain_offset(sw: float, st: float, si: float, sii: float, sti: float) -> tuple[float, float]:
+    """Gain and offset taking i to t by weighted least squares, from the weights' sum and
+    the weighted sums of t, i, i * i and t * i."""
+    if sw <= 0.0:
+        return 1.0, 0.0
+    mt, mi = st / sw, si / sw
+    var = sii / sw - mi * mi
+    gain = (sti / sw - mt * mi) / var if var > 1e-9 else 0.0
+    return gain, mt - gain * mi
+
+
+@_compiled
+def _median(values: np.ndarray) -> float:
+    """The median of ``values`` (reordered in place; 0 for none), the mean of the two middle
+    values for an even count, by selection (Hoare's): compiled, far less to compile than
+    numpy's own."""
+    n = values.shape[0]
+    if n == 0:
+        return 0.0
+    upper = _select(values, n // 2)
+    if n % 2:
+        return upper
+    # The lower middle value is the largest of those the selection put below it.
+    return (values[: n // 2].max() + upper) / 2.0
+
+
+@_compiled
+def _select(values: np.ndarray, k: int) -> float:
+    """The ``k``-th smallest of ``values``, which are partly reordered around it."""
+    low, high = 0, values.shape[0] - 1
+    while low < high:
+        pivot = values[(low + high) // 2]
+        i, j = low, high
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            high = j
+        elif k >= i:
+            low = i
+        else:
+            break
+    return values[k]
+
+
+@_compiled
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a x = b`` for a small square ``a`` by Gaussian elimination with partial pivoting
+    (``a`` and ``b`` are overwritten)."""
+    n = b.shape[0]
+    for col in range(n):
+        pivot = col
+        for row in range(col + 1, n):
+            if abs(a[row, col]) > abs(a[pivot, col]):
+                pivot = row
+        if pivot != col:
+            for k in range(n):
+                a[col, k], a[pivot, k] = a[pivot, k], a[col, k]
+            b[col], b[pivot] = b[pivot], b[col]
+        for row in range(col + 1, n):
+            factor = a[row, col] / a[col, col]
+            for k in range(col, n):
+                a[row, k] -= factor * a[col, k]
+            b[row] -= factor * b[col]
+    x = np.empty(n)
+    for row in range(n - 1, -1, -1):
+        total = b[row]
+        for k in range(row + 1, n):
+            total -= a[row, k] * x[k]
+        x[row] = total / a[row, row]
+    return x
+
+
+def available() -> bool:
+    """Whether the steps run compiled here."""
+    return numba is not None
+
+
+def warm() -> None:
+    """Compile the steps (or load them from numba's cache, beside this file or in the
+    user's cache where that is read-only) before worker processes fork, so that each does
+    not compile its own."""
+    if numba is not None:
+        t, stack = np.zeros(16, np.float32), np.zeros((3, 4, 4), np.float32)
+        steps(t, stack, np.zeros((16, 3), np.float32), np.eye(2, 3), 1, 0.0)

@@ -1,0 +1,79 @@
+"""The compiled Gauss-Newton steps against the numpy reference they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from skimage import data
+
+from ghostmatch.dupes import gaussnewton, samecapture
+from ghostmatch.dupes.samecapture import LEVELS, STEP_DONE, prepare_capture
+
+pytestmark = pytest.mark.skipif(not gaussnewton.available(), reason="numba is not installed")
+
+
+def _pair() -> tuple[samecapture.Capture, samecapture.Capture, np.ndarray]:
+    """A photo, its edited copy (cropped to 80%, brighter, captioned) and a rough start."""
+    image = Image.fromarray(data.astronaut()).convert("RGB").resize((320, 240))
+    crop = image.crop((32, 24, 288, 216))
+    copy = Image.eval(crop, lambda v: min(255, int(v * 1.15 + 10)))
+    ImageDraw.Draw(copy).rectangle((0, 150, 255, 175), fill=(20, 20, 200))
+    truth = np.array([[1.25, 0.0, -0.125], [0.0, 1.25, -0.125]])
+    rough = truth + np.array([[0.04, 0.0, 0.02], [0.0, -0.03, 0.02]])
+    return prepare_capture(image), prepare_capture(copy), rough
+
+
+def test_compiled_steps_refine_a_map_as_the_numpy_steps_do() -> None:
+    kept, other, rough = _pair()
+    compiled, reference = rough.copy(), rough.copy()
+    for level, (_, _, steps) in enumerate(LEVELS):
+        t_img, stack = kept.levels[level][0], other.levels[level]
+        done = STEP_DONE if level == len(LEVELS) - 1 else 0.1 / max(t_img.shape)
+        design = samecapture._unit_grid(*t_img.shape)
+        gaussnewton.steps(t_img.ravel(), stack, design, compiled, steps, done)
+        samecapture._refine(t_img, stack, reference, steps, done)
+        # The same map after every level, to a hundredth of a pixel of the finest level.
+        assert np.abs(compiled - reference).max() * LEVELS[-1][0] < 0.01
+    truth = np.array([[1.25, 0.0, -0.125], [0.0, 1.25, -0.125]])
+    assert np.abs(compiled - truth).max() < 0.01
+
+
+def test_one_step_moves_a_map_as_the_numpy_step_does() -> None:
+    # A single step from far off: the sampling, the robust fit and the normal equations
+    # each show in it, before iterating hides a difference.
+    kept, other, rough = _pair()
+    t_img, stack = kept.levels[-1][0], other.levels[-1]
+    compiled, reference = rough.copy(), rough.copy()
+    gaussnewton.steps(t_img.ravel(), stack, samecapture._unit_grid(*t_img.shape), compiled, 1, 0)
+    samecapture._refine(t_img, stack, reference, 1, 0)
+    assert not np.allclose(compiled, rough)
+    np.testing.assert_allclose(compiled, reference, atol=1e-5)
+
+
+def test_align_takes_the_compiled_steps_and_lands_where_the_numpy_ones_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kept, other, rough = _pair()
+    compiled = samecapture.align(kept, other, rough)
+    assert samecapture._compiled_steps() is gaussnewton.steps
+    monkeypatch.setattr(samecapture, "_compiled_steps", lambda: None)
+    reference = samecapture.align(kept, other, rough)
+    assert np.abs(compiled - reference).max() * LEVELS[-1][0] < 0.01
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 2049])
+def test_the_median_by_selection_is_numpys(n: int) -> None:
+    rng = np.random.default_rng(n)
+    for values in (rng.random(n), rng.integers(0, 4, n).astype(np.float64)):
+        assert gaussnewton._median(values.copy()) == np.median(values)
+    assert gaussnewton._median(np.empty(0)) == 0.0
+
+
+def test_the_small_solve_is_numpys() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = rng.standard_normal((6, 6))
+        a = a @ a.T + 1e-6 * np.eye(6)
+        b = rng.standard_normal(6)
+        np.testing.assert_allclose(gaussnewton._solve(a.copy(), b.copy()), np.linalg.solve(a, b))
