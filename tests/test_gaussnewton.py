@@ -77,3 +77,25 @@ def test_the_small_solve_is_numpys() -> None:
         a = a @ a.T + 1e-6 * np.eye(6)
         b = rng.standard_normal(6)
         np.testing.assert_allclose(gaussnewton._solve(a.copy(), b.copy()), np.linalg.solve(a, b))
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_the_compiled_robust_fit_is_the_numpy_one(
+    rounds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kept image against its edited copy under the true map: a caption the fit must
+    # weigh down, pixels outside the copy, and a gain.
+    kept, other, _ = _pair()
+    truth = np.array([[1.25, 0.0, -0.125], [0.0, 1.25, -0.125]])
+    t_img, stack = kept.levels[-1][0], other.levels[-1]
+    sampled, inside = samecapture._sample(stack[:1], samecapture._mapped(t_img.shape, truth))
+    assert 0 < inside.sum() < inside.size
+    t, i = t_img.ravel(), sampled[0]
+    gain, r, weight = samecapture._robust_fit(t, i, inside, rounds)
+    assert samecapture._compiled_fit() is gaussnewton.robust_fit
+    monkeypatch.setattr(samecapture, "_compiled_fit", lambda: None)
+    gain_n, r_n, weight_n = samecapture._robust_fit(t, i, inside, rounds)
+    assert gain == pytest.approx(gain_n, abs=1e-5) and 0.8 < gain < 0.9
+    np.testing.assert_allclose(r, r_n, atol=1e-5)
+    np.testing.assert_allclose(weight, weight_n, atol=1e-4)
+    assert (weight[~inside] == 0).all() and (weight[inside] < 0.5).any()

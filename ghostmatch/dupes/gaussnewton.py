@@ -1,10 +1,11 @@
-"""One level of the dense alignment's robust Gauss-Newton refinement, compiled by numba.
+"""The dense comparison's inner loops compiled by numba: one level of the alignment's
+robust Gauss-Newton refinement, and the robust gain and offset fit.
 
 :func:`ghostmatch.dupes.samecapture.align` spends most of a pair's check in these steps: a
 step is a few dozen passes over a few thousand pixels, and in numpy each pass costs more
-to call than to compute. Compiled, a step is one pass. The numpy steps
-(``samecapture._refine``) stay the reference, and the path taken where numba is missing;
-the two agree to rounding (``tests/test_gaussnewton.py``).
+to call than to compute. Compiled, a step is one pass or two. The numpy code
+(``samecapture._refine``, ``samecapture._robust_fit``) stays the reference, and the path
+taken where numba is missing; the two agree to rounding (``tests/test_gaussnewton.py``).
 """
 
 from __future__ import annotations
@@ -199,6 +200,60 @@ def _gain_offset(sw: float, st: float, si: float, sii: float, sti: float) -> tup
     var = sii / sw - mi * mi
     gain = (sti / sw - mt * mi) / var if var > 1e-9 else 0.0
     return gain, mt - gain * mi
+
+
+@_compiled
+def robust_fit(
+    t: np.ndarray, i: np.ndarray, inside: np.ndarray, rounds: int, r: np.ndarray, weight: np.ndarray
+) -> float:
+    """Gain and offset taking ``i`` to ``t`` over the pixels ``inside``, refitted ``rounds``
+    times with Tukey weights at the residuals' robust scale: writes the residuals ``t -
+    (gain * i + offset)`` into ``r`` and the last weights into ``weight``, returns the gain
+    (``samecapture._robust_fit``'s numpy steps, compiled)."""
+    n = t.shape[0]
+    count = 0
+    for k in range(n):
+        weight[k] = 1.0 if inside[k] else 0.0
+        count += inside[k]
+    if count == 0:
+        for k in range(n):
+            r[k] = t[k] - i[k]
+        return 1.0
+    sample = np.empty(n)
+    stride = max(1, count // SCALE_SAMPLES)
+    gain, offset = _weighted_fit(t, i, weight)
+    for _ in range(rounds):
+        m = 0
+        for k in range(0, n, stride):
+            if inside[k]:
+                sample[m] = abs(t[k] - (gain * i[k] + offset))
+                m += 1
+        scale = max(1.4826 * _median(sample[:m]), 1e-3)
+        spread = 1.0 / (TUKEY * scale) ** 2
+        for k in range(n):
+            e = t[k] - (gain * i[k] + offset)
+            u = 1.0 - e * e * spread
+            weight[k] = u * u if u > 0.0 and inside[k] else 0.0
+        gain, offset = _weighted_fit(t, i, weight)
+    for k in range(n):
+        r[k] = t[k] - (gain * i[k] + offset)
+    return gain
+
+
+@_compiled
+def _weighted_fit(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+    """Gain and offset taking ``i`` to ``t`` by weighted least squares."""
+    sw = st = si = sii = sti = 0.0
+    for k in range(t.shape[0]):
+        w = np.float64(weight[k])
+        if w != 0.0:
+            tk, ik = np.float64(t[k]), np.float64(i[k])
+            sw += w
+            st += w * tk
+            si += w * ik
+            sii += w * ik * ik
+            sti += w * tk * ik
+    return _gain_offset(sw, st, si, sii, sti)
 
 
 @_compiled

@@ -575,7 +575,12 @@ def _robust_fit(
     ``count`` is how many pixels are ``inside`` where already counted; ``work``, four
     arrays like ``t``, holds the scratch, residuals and weights (which then live there
     until the caller reuses it), else they are made here (apart: one array of four rows
-    is large enough that the allocator maps fresh pages for it every time)."""
+    is large enough that the allocator maps fresh pages for it every time). Without
+    ``work``, compiled where numba is installed (``ghostmatch.dupes.gaussnewton``)."""
+    compiled = _compiled_fit()
+    if compiled is not None and work is None:
+        r, weight = np.empty_like(t), np.empty_like(t)
+        return compiled(t, i, inside, rounds, r, weight), r, weight
     if work is None:
         work = tuple(np.empty_like(t) for _ in range(4))
     scratch, r, weight = work[:2], work[2], work[3]
@@ -629,6 +634,14 @@ def _compiled_steps() -> Callable[..., None] | None:
     from ghostmatch.dupes import gaussnewton
 
     return gaussnewton.steps if gaussnewton.available() else None
+
+
+@functools.cache
+def _compiled_fit() -> Callable[..., float] | None:
+    """The compiled robust fit (see :func:`_compiled_steps`)."""
+    from ghostmatch.dupes import gaussnewton
+
+    return gaussnewton.robust_fit if gaussnewton.available() else None
 
 
 def _refine(t_img: np.ndarray, stack: np.ndarray, p: np.ndarray, steps: int, done: float) -> None:
