@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" || $(PY) -m pip install -q "$(TORCH)" --index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e ".[dev]"
+	# Compile the duplicate search's numba steps once here, not in the first search.
+	$(PY) -c "from ghostmatch.dupes import gaussnewton; gaussnewton.warm()"
 	touch $@
 
 setup: $(VENV)/.installed

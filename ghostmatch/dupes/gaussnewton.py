@@ -330,9 +330,14 @@ def available() -> bool:
 
 
 def warm() -> None:
-    """Compile the steps (or load them from numba's cache, beside this file or in the
-    user's cache where that is read-only) before worker processes fork, so that each does
-    not compile its own."""
+    """Compile the steps and the fit (or load them from numba's cache, beside this file or
+    in the user's cache where that is read-only) before worker processes fork, so that each
+    does not compile its own: for the argument types the comparison passes (pixel centres
+    are read-only, ``samecapture._unit_grid``)."""
     if numba is not None:
         t, stack = np.zeros(16, np.float32), np.zeros((3, 4, 4), np.float32)
-        steps(t, stack, np.zeros((16, 3), np.float32), np.eye(2, 3), 1, 0.0)
+        design = np.zeros((16, 3), np.float32)
+        design.flags.writeable = False
+        steps(t, stack, design, np.eye(2, 3), 1, 0.0)
+        inside = np.ones(16, np.bool_)
+        robust_fit(t, t.copy(), inside, 1, np.empty_like(t), np.empty_like(t))
