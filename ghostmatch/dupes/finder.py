@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from threadpoolctl import threadpool_limits
 
-from ghostmatch.dupes import gaussnewton, regions, turns
+from ghostmatch.dupes import regions, turns
 from ghostmatch.dupes.collection import (
     Stored,
     in_memory,
@@ -208,6 +208,11 @@ class DuplicateFinder:
             return []
         offsets = stored_offsets(vectors, self.score_offsets)
         found, crowded = self.candidate_pairs(ids, vectors, offsets, low if verify else t)
+        kernels = threading.Thread(target=_warm_kernels, name="ghostmatch-kernels", daemon=True)
+        if verify and found:
+            # numba's import and the compiled steps' load (about 1 s) run beside the rest of
+            # the search for candidates, which mostly waits in faiss and ONNX Runtime.
+            kernels.start()
         # Heavily cropped copies, found through regional descriptors (only the geometric
         # check can accept a pair under the threshold, so only with it).
         cropped = self.crop_pairs(ids, vectors, offsets, found, low, t) if verify else {}
@@ -402,6 +407,8 @@ class DuplicateFinder:
         groups.sort(
             key=lambda g: (-len(g.members), -max(m.score for m in (*g.members, *g.similar)))
         )
+        if kernels.is_alive():
+            kernels.join()  # not left importing while the interpreter shuts down
         return groups
 
     def _processes(self, workers: int | None, pairs: int, verify: bool) -> int:
@@ -491,7 +498,11 @@ class DuplicateFinder:
         # only its torch module and local maps' session (made afresh in each after the
         # fork, ``ghostmatch.dupes.verify``), never a session whose threads a fork drops.
         self.model.embedder  # noqa: B018 - loaded for its side effect
-        # The alignment's compiled steps likewise: loaded (or compiled) once, here.
+        # The alignment's compiled steps likewise, loaded (or compiled) once, here: the
+        # thread that began loading them (``_warm_kernels``) is done once this returns, so
+        # the fork copies no lock it holds.
+        from ghostmatch.dupes import gaussnewton
+
         gaussnewton.warm()
         if candidates:
             # A crowd's files are decoded once, here, on every core, rather than once in
@@ -1034,6 +1045,15 @@ class PairJudge:
         """Stop the background work of :meth:`prefetch`."""
         if self._maps is not None:
             self._maps.close()
+
+
+def _warm_kernels() -> None:
+    """Load the dense comparison's compiled steps (``gaussnewton.warm``). Should it fail
+    here (a head start only), the first comparison loads them, or the numpy steps run."""
+    with contextlib.suppress(Exception):
+        from ghostmatch.dupes import gaussnewton
+
+        gaussnewton.warm()
 
 
 def _same_fit(a: Verification, b: Verification) -> bool:

@@ -11,6 +11,7 @@ taken where numba is missing; the two agree to rounding (``tests/test_gaussnewto
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -329,15 +330,23 @@ def available() -> bool:
     return numba is not None
 
 
+_WARMING = threading.Lock()
+_warm = False
+
+
 def warm() -> None:
     """Compile the steps and the fit (or load them from numba's cache, beside this file or
     in the user's cache where that is read-only) before worker processes fork, so that each
     does not compile its own: for the argument types the comparison passes (pixel centres
-    are read-only, ``samecapture._unit_grid``)."""
-    if numba is not None:
+    are read-only, ``samecapture._unit_grid``). Once; a second caller waits for the first."""
+    global _warm
+    with _WARMING:
+        if _warm or numba is None:
+            return
         t, stack = np.zeros(16, np.float32), np.zeros((3, 4, 4), np.float32)
         design = np.zeros((16, 3), np.float32)
         design.flags.writeable = False
         steps(t, stack, design, np.eye(2, 3), 1, 0.0)
         inside = np.ones(16, np.bool_)
         robust_fit(t, t.copy(), inside, 1, np.empty_like(t), np.empty_like(t))
+        _warm = True
