@@ -563,10 +563,15 @@ def plain_robust_fit(
     return gain, t - (i * gain + offset), weight
 
 
-def test_robust_fit_in_reused_arrays_equals_its_formulas_to_the_bit() -> None:
+def test_robust_fit_in_reused_arrays_equals_its_formulas_to_the_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The Gauss-Newton steps write the fit into arrays made once per level, select the
     # Tukey scale's median in place and zero the weights by a mask: the same values as
     # the formulas in fresh arrays, to the last bit, so that every decision is the same.
+    # The numpy fit, as it runs without numba (the compiled one is checked against it in
+    # tests/test_gaussnewton.py).
+    monkeypatch.setattr(samecapture, "_compiled_fit", lambda: None)
     rng = np.random.default_rng(11)
     work = tuple(np.empty(6000, np.float32) for _ in range(4))
     for case in range(60):
@@ -587,9 +592,14 @@ def test_robust_fit_in_reused_arrays_equals_its_formulas_to_the_bit() -> None:
             assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])
 
 
-def test_alignment_in_reused_arrays_equals_fresh_steps_to_the_bit() -> None:
+def test_alignment_in_reused_arrays_equals_fresh_steps_to_the_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # One Gauss-Newton step as it read before its arrays were made once per level: the
-    # same refined map, to the last bit.
+    # same refined map, to the last bit. The numpy steps, as they run without numba.
+    monkeypatch.setattr(samecapture, "_compiled_steps", lambda: None)
+    monkeypatch.setattr(samecapture, "_compiled_fit", lambda: None)
+
     def fresh_align(
         kept: samecapture.Capture, other: samecapture.Capture, warp: np.ndarray
     ) -> np.ndarray:
