@@ -56,8 +56,8 @@ def test_align_takes_the_compiled_steps_and_lands_where_the_numpy_ones_do(
 ) -> None:
     kept, other, rough = _pair()
     compiled = samecapture.align(kept, other, rough)
-    assert samecapture._compiled_steps() is gaussnewton.steps
-    monkeypatch.setattr(samecapture, "_compiled_steps", lambda: None)
+    assert samecapture._kernels() is gaussnewton
+    monkeypatch.setattr(samecapture, "_kernels", lambda: None)
     reference = samecapture.align(kept, other, rough)
     assert np.abs(compiled - reference).max() * LEVELS[-1][0] < 0.01
 
@@ -92,8 +92,8 @@ def test_the_compiled_robust_fit_is_the_numpy_one(
     assert 0 < inside.sum() < inside.size
     t, i = t_img.ravel(), sampled[0]
     gain, r, weight = samecapture._robust_fit(t, i, inside, rounds)
-    assert samecapture._compiled_fit() is gaussnewton.robust_fit
-    monkeypatch.setattr(samecapture, "_compiled_fit", lambda: None)
+    assert samecapture._kernels() is gaussnewton
+    monkeypatch.setattr(samecapture, "_kernels", lambda: None)
     gain_n, r_n, weight_n = samecapture._robust_fit(t, i, inside, rounds)
     assert gain == pytest.approx(gain_n, abs=1e-5) and 0.8 < gain < 0.9
     np.testing.assert_allclose(r, r_n, atol=1e-5)

@@ -571,7 +571,7 @@ def test_robust_fit_in_reused_arrays_equals_its_formulas_to_the_bit(
     # the formulas in fresh arrays, to the last bit, so that every decision is the same.
     # The numpy fit, as it runs without numba (the compiled one is checked against it in
     # tests/test_gaussnewton.py).
-    monkeypatch.setattr(samecapture, "_compiled_fit", lambda: None)
+    monkeypatch.setattr(samecapture, "_kernels", lambda: None)
     rng = np.random.default_rng(11)
     work = tuple(np.empty(6000, np.float32) for _ in range(4))
     for case in range(60):
@@ -597,8 +597,7 @@ def test_alignment_in_reused_arrays_equals_fresh_steps_to_the_bit(
 ) -> None:
     # One Gauss-Newton step as it read before its arrays were made once per level: the
     # same refined map, to the last bit. The numpy steps, as they run without numba.
-    monkeypatch.setattr(samecapture, "_compiled_steps", lambda: None)
-    monkeypatch.setattr(samecapture, "_compiled_fit", lambda: None)
+    monkeypatch.setattr(samecapture, "_kernels", lambda: None)
 
     def fresh_align(
         kept: samecapture.Capture, other: samecapture.Capture, warp: np.ndarray

@@ -17,19 +17,18 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+# The robust scale's sample, the Tukey constant and the moments' layout are the numpy
+# steps' own (numba reads module globals as constants when it compiles).
+from ghostmatch.dupes.samecapture import _OUTER, SCALE_SAMPLES, TUKEY
+
 numba: Any
 try:
     numba = importlib.import_module("numba")
 except ImportError:  # the numpy steps run instead
     numba = None
 
-# Robust scale from at most about this many residuals, and the Tukey constant: as in
-# ``ghostmatch.dupes.samecapture`` (SCALE_SAMPLES, TUKEY).
-SCALE_SAMPLES = 2048
-TUKEY = 4.685
+# What a step adds to the normal equations' diagonal (``samecapture._REGULARISED``).
 REGULARISED = 1e-6
-# Where each entry of the symmetric (x, y, 1) outer product sits among the moments.
-_OUTER = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -50,10 +49,10 @@ def steps(
     stack: np.ndarray,
     design: np.ndarray,
     p: np.ndarray,
-    steps: int,
+    most: int,
     done: float,
 ) -> None:
-    """Up to ``steps`` robust Gauss-Newton steps of the affine map ``p`` (2 x 3, float64,
+    """Up to ``most`` robust Gauss-Newton steps of the affine map ``p`` (2 x 3, float64,
     updated in place) taking the kept level ``t`` (n,) at its pixel centres ``design``
     (n, 3: x, y, 1 in unit coordinates) onto ``stack`` (3, h, w: grey, x and y gradients);
     stops once no parameter moves by ``done`` or fewer than 16 pixels fall inside."""
@@ -66,7 +65,7 @@ def steps(
     inside = np.zeros(n, np.bool_)
     sample = np.empty(n)
     edge_x, edge_y = 1.0 - 1.0 / wo, 1.0 - 1.0 / ho
-    for _ in range(steps):
+    for _ in range(most):
         # The other image, bilinear and clamped at its border (as torch's grid_sample with
         # padding "border", corners not aligned), at the mapped pixel centres; with the
         # sums of a gain and offset fit over the pixels inside.
@@ -130,9 +129,8 @@ def steps(
         gain, offset = _gain_offset(sw, st, si, sii, sti)
         # Normal equations of the six affine parameters: the Jacobian row of a pixel is
         # the gain times (gx d, gy d) with d = (x, y, 1); the sums of gx^2, gx gy and gy^2
-        # against the moments (xx, xy, x, yy, y, 1), and of gx r, gy r against d.
-        # Scalar sums, kept in registers: gx^2, gx gy, gy^2 against (xx, xy, x, yy, y, 1),
-        # and gx r, gy r against (x, y, 1).
+        # against the moments (xx, xy, x, yy, y, 1), and of gx r, gy r against d: scalar
+        # sums, kept in registers.
         a0 = a1 = a2 = a3 = a4 = a5 = 0.0
         b0 = b1 = b2 = b3 = b4 = b5 = 0.0
         c0 = c1 = c2 = c3 = c4 = c5 = 0.0

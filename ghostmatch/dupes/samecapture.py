@@ -27,8 +27,9 @@ import functools
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import overload
 
 import numpy as np
@@ -577,10 +578,10 @@ def _robust_fit(
     until the caller reuses it), else they are made here (apart: one array of four rows
     is large enough that the allocator maps fresh pages for it every time). Without
     ``work``, compiled where numba is installed (``ghostmatch.dupes.gaussnewton``)."""
-    compiled = _compiled_fit()
-    if compiled is not None and work is None:
+    kernels = _kernels()
+    if kernels is not None and work is None:
         r, weight = np.empty_like(t), np.empty_like(t)
-        return compiled(t, i, inside, rounds, r, weight), r, weight
+        return kernels.robust_fit(t, i, inside, rounds, r, weight), r, weight
     if work is None:
         work = tuple(np.empty_like(t) for _ in range(4))
     scratch, r, weight = work[:2], work[2], work[3]
@@ -616,32 +617,25 @@ def align(
     Gauss-Newton from coarse to fine, over ``levels`` of ``LEVELS`` (all by default);
     compiled where numba is installed (``ghostmatch.dupes.gaussnewton``)."""
     p = warp.astype(np.float64).copy()
-    compiled = _compiled_steps()
+    kernels = _kernels()
     for level in range(len(LEVELS)) if levels is None else levels:
         t_img, stack = kept.levels[level][0], other.levels[level]
         done = STEP_DONE if level == len(LEVELS) - 1 else COARSE_STEP_DONE / max(t_img.shape)
-        if compiled is None:
+        if kernels is None:
             _refine(t_img, stack, p, LEVELS[level][2], done)
         else:
-            compiled(t_img.ravel(), stack, _unit_grid(*t_img.shape), p, LEVELS[level][2], done)
+            design = _unit_grid(*t_img.shape)
+            kernels.steps(t_img.ravel(), stack, design, p, LEVELS[level][2], done)
     return p
 
 
 @functools.cache
-def _compiled_steps() -> Callable[..., None] | None:
-    """The compiled Gauss-Newton steps, or None without numba (imported on first use: only
-    a duplicate search needs it)."""
+def _kernels() -> ModuleType | None:
+    """``ghostmatch.dupes.gaussnewton``, whose steps and fit are compiled, or None without
+    numba (imported on first use: only a duplicate search needs it)."""
     from ghostmatch.dupes import gaussnewton
 
-    return gaussnewton.steps if gaussnewton.available() else None
-
-
-@functools.cache
-def _compiled_fit() -> Callable[..., float] | None:
-    """The compiled robust fit (see :func:`_compiled_steps`)."""
-    from ghostmatch.dupes import gaussnewton
-
-    return gaussnewton.robust_fit if gaussnewton.available() else None
+    return gaussnewton if gaussnewton.available() else None
 
 
 def _refine(t_img: np.ndarray, stack: np.ndarray, p: np.ndarray, steps: int, done: float) -> None:
