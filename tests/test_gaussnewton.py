@@ -99,3 +99,42 @@ def test_the_compiled_robust_fit_is_the_numpy_one(
     np.testing.assert_allclose(r, r_n, atol=1e-5)
     np.testing.assert_allclose(weight, weight_n, atol=1e-4)
     assert (weight[~inside] == 0).all() and (weight[inside] < 0.5).any()
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (48, 37), (9, 8)])
+def test_the_compiled_patch_counts_are_the_numpy_ones(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sides that do not split evenly into patches (37, 9) and patches of one pixel row.
+    rng = np.random.default_rng(shape[1])
+    inside = rng.random(shape) < 0.7
+    e = rng.random(shape).astype(np.float32) * 0.4
+    covered = samecapture._patch_counts(inside)
+    ok, counted = samecapture._medians_within(e, inside, 0.2)
+    assert samecapture._kernels() is gaussnewton
+    monkeypatch.setattr(samecapture, "_kernels", lambda: None)
+    np.testing.assert_array_equal(covered, samecapture._patch_counts(inside))
+    assert covered.sum() == inside.sum()
+    ok_n, counted_n = samecapture._medians_within(e, inside, 0.2)
+    np.testing.assert_array_equal(ok, ok_n)
+    np.testing.assert_array_equal(counted, counted_n)
+    assert ok.any() and not ok.all()
+
+
+def test_the_compiled_chroma_fit_is_the_numpy_one() -> None:
+    # A recoloured copy (hue turned, saturation halved) with a caption the fit must weigh
+    # down and pixels outside.
+    kept, _, _ = _pair()
+    ours = kept.chroma
+    theirs = ours * (0.5 * np.exp(0.6j))
+    theirs[: len(theirs) // 10] = 0.3 - 0.2j
+    theirs.flags.writeable = False
+    mask = np.ones(len(ours), bool)
+    mask[-500:] = False
+    for source, target in ((ours, theirs), (theirs, ours)):
+        r, r_n = np.empty(len(ours)), np.empty(len(ours))
+        gaussnewton.chroma_fit(source, target, mask, 4, r)
+        samecapture._chroma_fit(source, target, mask, 4, r_n)
+        np.testing.assert_allclose(r, r_n, atol=1e-9)
+        # The recoloured pixels follow the one change; the caption does not.
+        assert np.median(r[len(r) // 5 : -500]) < 1e-6 < r[: len(r) // 10].min()

@@ -1,5 +1,6 @@
 """The dense comparison's inner loops compiled by numba: one level of the alignment's
-robust Gauss-Newton refinement, and the robust gain and offset fit.
+robust Gauss-Newton refinement, the robust gain and offset fit, and the agreement's robust
+chroma fit and per-patch counts.
 
 :func:`ghostmatch.dupes.samecapture.align` spends most of a pair's check in these steps: a
 step is a few dozen passes over a few thousand pixels, and in numpy each pass costs more
@@ -19,7 +20,7 @@ import numpy as np
 
 # The robust scale's sample, the Tukey constant and the moments' layout are the numpy
 # steps' own (numba reads module globals as constants when it compiles).
-from ghostmatch.dupes.samecapture import _OUTER, SCALE_SAMPLES, TUKEY
+from ghostmatch.dupes.samecapture import _OUTER, PATCHES, SCALE_SAMPLES, TUKEY
 
 numba: Any
 try:
@@ -240,6 +241,89 @@ def robust_fit(
 
 
 @_compiled
+def patch_counts(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """How many pixels of the (h, w) ``mask`` fall in each patch of a ``PATCHES`` x
+    ``PATCHES`` grid, flattened (``rows`` and ``cols`` give each pixel row's and column's
+    patch row and column: ``samecapture._patch_counts``)."""
+    h, w = mask.shape
+    counts = np.zeros(PATCHES * PATCHES, np.int64)
+    for y in range(h):
+        first = rows[y] * PATCHES
+        for x in range(w):
+            if mask[y, x]:
+                counts[first + cols[x]] += 1
+    return counts
+
+
+@_compiled
+def patch_within(
+    e: np.ndarray, inside: np.ndarray, tolerance: float, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """:func:`patch_counts` of the pixels ``inside`` whose ``e`` is within ``tolerance``."""
+    h, w = inside.shape
+    counts = np.zeros(PATCHES * PATCHES, np.int64)
+    for y in range(h):
+        first = rows[y] * PATCHES
+        for x in range(w):
+            if inside[y, x] and e[y, x] <= tolerance:
+                counts[first + cols[x]] += 1
+    return counts
+
+
+@_compiled
+def _tukey_weights(r: np.ndarray, inside: np.ndarray, count: int, weight: np.ndarray) -> None:
+    """Tukey weights of residuals ``r`` at their robust scale (the median absolute value
+    of every stride-th pixel inside), written into ``weight`` (``samecapture._tukey``)."""
+    n = r.shape[0]
+    stride = max(1, count // SCALE_SAMPLES)
+    sample = np.empty((n + stride - 1) // stride)
+    m = 0
+    for k in range(0, n, stride):
+        if inside[k]:
+            sample[m] = abs(r[k])
+            m += 1
+    scale = max(1.4826 * _median(sample[:m]), 1e-3)
+    spread = 1.0 / (TUKEY * scale) ** 2
+    for k in range(n):
+        u = 1.0 - np.float64(r[k]) * np.float64(r[k]) * spread
+        weight[k] = u * u if u > 0.0 and inside[k] else 0.0
+
+
+@_compiled
+def chroma_fit(
+    source: np.ndarray, target: np.ndarray, inside: np.ndarray, rounds: int, r: np.ndarray
+) -> None:
+    """``rounds`` fits of one complex gain taking the chroma ``source`` to ``target`` over
+    the pixels ``inside``, the first with equal weights and each next with Tukey weights
+    of the one before's residuals; writes the last fit's residual magnitudes into ``r``
+    (``samecapture._one_colour_change``'s fit)."""
+    n = source.shape[0]
+    weight = np.empty(n)
+    count = 0
+    for k in range(n):
+        weight[k] = 1.0 if inside[k] else 0.0
+        count += inside[k]
+    for round_ in range(rounds):
+        power = across = down = 0.0
+        for k in range(n):
+            w = weight[k]
+            if w != 0.0:
+                s, t = source[k], target[k]
+                power += w * (s.real * s.real + s.imag * s.imag)
+                across += w * (s.real * t.real + s.imag * t.imag)
+                down += w * (s.real * t.imag - s.imag * t.real)
+        gain = complex(across, down) / power if power > 1e-12 else 0j
+        for k in range(n):
+            # |target - gain * source| by its parts: complex abs calls hypot, which guards
+            # against overflows that chroma (a few units at most) never comes near, at
+            # several times the cost.
+            e = target[k] - gain * source[k]
+            r[k] = np.sqrt(e.real * e.real + e.imag * e.imag)
+        if round_ < rounds - 1:
+            _tukey_weights(r, inside, count, weight)
+
+
+@_compiled
 def _weighted_fit(t: np.ndarray, i: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
     """Gain and offset taking ``i`` to ``t`` by weighted least squares."""
     sw = st = si = sii = sti = 0.0
@@ -347,4 +431,16 @@ def warm() -> None:
         steps(t, stack, design, np.eye(2, 3), 1, 0.0)
         inside = np.ones(16, np.bool_)
         robust_fit(t, t.copy(), inside, 1, np.empty_like(t), np.empty_like(t))
+        # The agreement's patch counts (patch axes are read-only, ``samecapture._patch_axes``)
+        # of grey and chroma residuals, and its chroma fit (chroma is read-only,
+        # ``samecapture._chroma_of``).
+        axes = np.zeros(4, np.int64)
+        axes.flags.writeable = False
+        mask = inside.reshape(4, 4)
+        patch_counts(mask, axes, axes)
+        for e in (np.zeros((4, 4), np.float32), np.zeros((4, 4))):
+            patch_within(e, mask, 0.2, axes, axes)
+        chroma = np.zeros(16, np.complex128)
+        chroma.flags.writeable = False
+        chroma_fit(chroma, chroma, inside, 1, np.empty(16))
         _warm = True

@@ -267,9 +267,7 @@ class Capture:
     def chroma(self) -> np.ndarray:
         """The finest level's chroma (see :func:`_chroma`)."""
         if self._chroma is None:
-            chroma = _chroma(self.rgb)
-            chroma.flags.writeable = False
-            self._chroma = chroma
+            self._chroma = _chroma(self.rgb)
         return self._chroma
 
     def planes_at(self, level: int) -> np.ndarray:
@@ -781,8 +779,25 @@ def _patch_counts(mask: np.ndarray) -> np.ndarray:
     """How many pixels of an (h, w) mask fall in each patch, flattened (``PATCHES`` ** 2):
     two small products instead of gathering the masked pixels' patch numbers (counts stay
     exact in single precision far beyond the pixels of a level)."""
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.patch_counts(mask, *_patch_axes(*mask.shape))
     rows, cols, _ = _patch_sums(*mask.shape)
     return (rows @ mask.astype(np.float32) @ cols).ravel().astype(np.int64)
+
+
+@functools.lru_cache(maxsize=32)
+def _patch_axes(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel row's patch row and each column's patch column in :func:`_patch_of`'s
+    grid over h x w."""
+    patch = _patch_of(h, w).reshape(h, w)
+    rows, cols = (
+        np.ascontiguousarray(patch[:, 0] // PATCHES),
+        np.ascontiguousarray(patch[0] % PATCHES),
+    )
+    for a in (rows, cols):
+        a.flags.writeable = False
+    return rows, cols
 
 
 def _medians_within(
@@ -799,7 +814,11 @@ def _medians_within(
     sizes = _patch_sums(*e.shape)[2]
     if covered is None:
         covered = _patch_counts(inside)
-    within = _patch_counts((e <= tolerance) & inside)
+    kernels = _kernels()
+    if kernels is not None:
+        within = kernels.patch_within(e, inside, tolerance, *_patch_axes(*e.shape))
+    else:
+        within = _patch_counts((e <= tolerance) & inside)
     ok = within > covered // 2
     even = (covered > 0) & (covered % 2 == 0)
     ties = np.flatnonzero(even & (within == covered // 2))
@@ -1036,11 +1055,14 @@ def _chroma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _chroma_of(planes: np.ndarray) -> np.ndarray:
-    """:func:`_chroma` of an image as its (3, h, w) colour planes."""
+    """:func:`_chroma` of an image as its (3, h, w) colour planes (read-only: a capture
+    keeps its own, and the compiled chroma fit takes one kind of array)."""
     r, g, b = planes
     across = ndimage.gaussian_filter(r - (g + b) / 2, CHROMA_BLUR)
     down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), CHROMA_BLUR)
-    return (across + 1j * down).ravel()
+    chroma = (across + 1j * down).ravel()
+    chroma.flags.writeable = False
+    return chroma
 
 
 def _one_colour_change(
@@ -1067,27 +1089,15 @@ def _one_colour_change(
         ).numpy()[0, :, 0]
     mask = inside.ravel()
     covered = _patch_counts(inside)
-    count = int(np.count_nonzero(mask))
     # The sampled planes as they come (contiguous rows): the same values as the image
     # laid out pixel by pixel, without gathering its channels apart again.
     theirs = _chroma_of(warped.reshape(3, h, w))
-    # The fits' complex and real scratch, written by every round.
-    fitted, r = np.empty_like(theirs), np.empty(theirs.shape, theirs.real.dtype)
+    r = np.empty(theirs.shape, theirs.real.dtype)
+    kernels = _kernels()
+    fit = _chroma_fit if kernels is None else kernels.chroma_fit
     best = 0.0
     for source_chroma, target in ((ours, theirs), (theirs, ours)):
-        # What the reweighted fits below weigh, the same at every round: the complex
-        # products as their real and imaginary parts, so that the real weights need no
-        # complex copy.
-        power_of = np.abs(source_chroma) ** 2
-        product = np.conj(source_chroma) * target
-        real, imaginary = np.ascontiguousarray(product.real), np.ascontiguousarray(product.imag)
-        weight = mask.astype(np.float64)
-        for _ in range(4):
-            power = float(weight @ power_of)
-            gain = complex(weight @ real, weight @ imaginary) / power if power > 1e-12 else 0j
-            np.multiply(gain, source_chroma, out=fitted)
-            np.abs(np.subtract(target, fitted, out=fitted), out=r)
-            weight = _tukey(r, mask, count)
+        fit(source_chroma, target, mask, 4, r)
         spread = max(float(np.sqrt(np.mean(np.abs(target[mask]) ** 2))), CHROMA_FLOOR)
         follows, counted = _medians_within(
             (r / spread).reshape(h, w), inside, CHROMA_TOLERANCE, covered
@@ -1099,6 +1109,30 @@ def _one_colour_change(
             # would only tell by how much.
             break
     return best
+
+
+def _chroma_fit(
+    source: np.ndarray, target: np.ndarray, mask: np.ndarray, rounds: int, r: np.ndarray
+) -> None:
+    """``rounds`` fits of one complex gain taking the chroma ``source`` to ``target`` over
+    the pixels of ``mask``, each after the first under Tukey weights of the one before's
+    residuals; writes the last fit's residual magnitudes into ``r``. In numpy: the
+    reference of ``ghostmatch.dupes.gaussnewton.chroma_fit``, and what runs without
+    numba."""
+    count = int(np.count_nonzero(mask))
+    fitted = np.empty_like(source)
+    # What the reweighted fits weigh, the same at every round: the complex products as
+    # their real and imaginary parts, so that the real weights need no complex copy.
+    power_of = np.abs(source) ** 2
+    product = np.conj(source) * target
+    real, imaginary = np.ascontiguousarray(product.real), np.ascontiguousarray(product.imag)
+    weight = mask.astype(np.float64)
+    for _ in range(rounds):
+        power = float(weight @ power_of)
+        gain = complex(weight @ real, weight @ imaginary) / power if power > 1e-12 else 0j
+        np.multiply(gain, source, out=fitted)
+        np.abs(np.subtract(target, fitted, out=fitted), out=r)
+        weight = _tukey(r, mask, count)
 
 
 def _gain(kept: Capture, other: Capture, warp: np.ndarray) -> float:
