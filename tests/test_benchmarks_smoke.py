@@ -18,13 +18,14 @@ from skimage import data
 # pytest puts tests/ on sys.path, not the checkout root that holds benchmarks/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import allpairs, ann, descriptor, indexing, quality, query
+from benchmarks import allpairs, ann, descriptor, fresh, indexing, quality, query
 from benchmarks import data as bench_data
 from benchmarks.__main__ import BENCHMARKS
 from benchmarks.data import Photo, make_large_jpegs
 from benchmarks.index_open import main as index_open_main
 from benchmarks.report import ORDER, Figure, Report, run_and_save, save, write_summary
 from benchmarks.settings import Settings
+from ghostmatch import Library
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +74,27 @@ def test_index_folder_counts_every_photo(tmp_path: Path) -> None:
     report = Report("index", quick=True)
     indexing.describe(report, {"small": run}, "random")
     assert len(finite_figures(report)) == 4
+
+
+def test_fresh_rounds_time_index_and_dupes_each_in_its_own_process(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    make_large_jpegs(photos, 3, size=(400, 300))
+    Image.open(next(photos.iterdir())).save(photos / "copy.png")
+    with Library(tmp_path / "index", weights="random", device="cpu") as lib:
+        lib.index([photos])
+    vectors = (tmp_path / "index" / "vectors.faiss").read_bytes()
+    timed = fresh.alternate(photos, tmp_path / "index", tmp_path / "timed", "random", 2)
+    for seconds in (timed.wall, timed.cpu):
+        assert [len(seconds[kind]) for kind in ("index", "dupes")] == [2, 2]
+        assert min(seconds["index"] + seconds["dupes"]) > 0
+    medians = timed.timings()
+    assert medians["dupes_s"] == sum(timed.wall["dupes"]) / 2
+    assert timed.runs()["index_cpu_s"] == timed.cpu["index"]
+    # The timed index is made anew each round and removed; the searched one is untouched.
+    assert not (tmp_path / "timed").exists()
+    assert (tmp_path / "index" / "vectors.faiss").read_bytes() == vectors
+    with pytest.raises(RuntimeError, match="timed index failed"):
+        fresh.alternate(tmp_path / "none", tmp_path / "index", tmp_path / "timed", "random", 1)
 
 
 def test_query_finds_the_same_neighbours_as_numpy(tmp_path: Path) -> None:
