@@ -1,4 +1,4 @@
-"""The compiled Gauss-Newton steps against the numpy reference they replace."""
+"""The compiled kernels of the dense comparison against the numpy reference they replace."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ chroma fit and per-patch counts.
 
 :func:`ghostmatch.dupes.samecapture.align` spends most of a pair's check in these steps: a
 step is a few dozen passes over a few thousand pixels, and in numpy each pass costs more
-to call than to compute. Compiled, a step is one pass or two. The numpy code
-(``samecapture._refine``, ``samecapture._robust_fit``) stays the reference, and the path
+to call than to compute. Compiled, a step is one pass or two; the agreement's chroma fit
+and patch counts are the same kind of loop. The numpy code (``samecapture._refine``,
+``_robust_fit``, ``_chroma_fit``, ``_patch_counts``) stays the reference, and the path
 taken where numba is missing; the two agree to rounding (``tests/test_gaussnewton.py``).
 """
 
