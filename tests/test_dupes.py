@@ -292,6 +292,28 @@ TIERS = {
 }
 
 
+def test_a_kept_crop_of_a_smaller_copy_of_the_whole_is_found(tmp_path: Path, photos: Path) -> None:
+    # Kept by its pixels, a crop at full resolution outranks a downscaled copy of the whole
+    # photo: only the check with the roles swapped (the kept file a crop of the other,
+    # ``verify.scale_steps``) finds these pairs.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ("astronaut", "coffee", "rocket")
+    for name in names:
+        image = Image.open(photos / f"{name}.jpg")
+        w, h = image.size
+        left, top = w // 5, h // 5
+        crop = image.crop((left, top, left + int(w * 0.6), top + int(h * 0.6)))
+        crop.save(folder / f"{name}_crop.jpg", quality=92)
+        small = image.resize((int(w * 0.4), int(h * 0.4)), Image.Resampling.LANCZOS)
+        small.save(folder / f"{name}_small.jpg", quality=85)
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        groups = lib.find_duplicates()
+    found = {(g.keep.path.name, m.path.name): m.tier for g in groups for m in g.members}
+    assert found == {(f"{name}_crop.jpg", f"{name}_small.jpg"): "edited" for name in names}
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_bundled_model_finds_and_tiers_every_copy(bundled_lib: Path, verify: bool) -> None:
     with ghostmatch.open(bundled_lib, create=False) as lib:
