@@ -257,21 +257,6 @@ def patch_counts(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.nda
 
 
 @_compiled
-def patch_within(
-    e: np.ndarray, inside: np.ndarray, tolerance: float, rows: np.ndarray, cols: np.ndarray
-) -> np.ndarray:
-    """:func:`patch_counts` of the pixels ``inside`` whose ``e`` is within ``tolerance``."""
-    h, w = inside.shape
-    counts = np.zeros(PATCHES * PATCHES, np.int64)
-    for y in range(h):
-        first = rows[y] * PATCHES
-        for x in range(w):
-            if inside[y, x] and e[y, x] <= tolerance:
-                counts[first + cols[x]] += 1
-    return counts
-
-
-@_compiled
 def _tukey_weights(r: np.ndarray, inside: np.ndarray, count: int, weight: np.ndarray) -> None:
     """Tukey weights of residuals ``r`` at their robust scale (the median absolute value
     of every stride-th pixel inside), written into ``weight`` (``samecapture._tukey``)."""
@@ -433,14 +418,12 @@ def warm() -> None:
         inside = np.ones(16, np.bool_)
         robust_fit(t, t.copy(), inside, 1, np.empty_like(t), np.empty_like(t))
         # The agreement's patch counts (patch axes are read-only, ``samecapture._patch_axes``)
-        # of grey and chroma residuals, and its chroma fit (chroma is read-only,
+        # and its chroma fit (chroma is read-only,
         # ``samecapture._chroma_of``).
         axes = np.zeros(4, np.int64)
         axes.flags.writeable = False
         mask = inside.reshape(4, 4)
         patch_counts(mask, axes, axes)
-        for e in (np.zeros((4, 4), np.float32), np.zeros((4, 4))):
-            patch_within(e, mask, 0.2, axes, axes)
         chroma = np.zeros(16, np.complex128)
         chroma.flags.writeable = False
         chroma_fit(chroma, chroma, inside, 1, np.empty(16))

@@ -814,11 +814,7 @@ def _medians_within(
     sizes = _patch_sums(*e.shape)[2]
     if covered is None:
         covered = _patch_counts(inside)
-    kernels = _kernels()
-    if kernels is not None:
-        within = kernels.patch_within(e, inside, tolerance, *_patch_axes(*e.shape))
-    else:
-        within = _patch_counts((e <= tolerance) & inside)
+    within = _patch_counts((e <= tolerance) & inside)
     ok = within > covered // 2
     even = (covered > 0) & (covered % 2 == 0)
     ties = np.flatnonzero(even & (within == covered // 2))
