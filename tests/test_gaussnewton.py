@@ -138,3 +138,190 @@ def test_the_compiled_chroma_fit_is_the_numpy_one() -> None:
         np.testing.assert_allclose(r, r_n, atol=1e-9)
         # The recoloured pixels follow the one change; the caption does not.
         assert np.median(r[len(r) // 5 : -500]) < 1e-6 < r[: len(r) // 10].min()
+
+
+# Mutual matches (cells of A's 10 x 10 map, cells of B's) of four photo pairs of the
+# ``benchmarks.othershots`` set whose hypotheses include matches exactly at the tolerance
+# (1.5 cells: offsets of 0.9 and 1.2 cells, or 1.5 and 0 on the grid). numpy's matrix
+# product and the compiled loop round such an offset to either side of the tolerance, and
+# a strict comparison chose other hypotheses on all four.
+ON_THE_EDGE = [
+    (
+        [
+            13,
+            14,
+            15,
+            16,
+            23,
+            25,
+            26,
+            27,
+            33,
+            34,
+            35,
+            37,
+            43,
+            44,
+            55,
+            56,
+            57,
+            63,
+            67,
+            75,
+            82,
+            86,
+            88,
+        ],
+        [3, 4, 5, 6, 13, 15, 46, 17, 33, 34, 35, 37, 43, 44, 55, 56, 57, 63, 67, 85, 92, 96, 98],
+    ),
+    (
+        [
+            11,
+            14,
+            18,
+            26,
+            27,
+            31,
+            34,
+            36,
+            37,
+            39,
+            43,
+            44,
+            45,
+            46,
+            47,
+            48,
+            52,
+            53,
+            54,
+            55,
+            57,
+            60,
+            63,
+            65,
+            68,
+            72,
+            74,
+            76,
+            77,
+            79,
+            84,
+        ],
+        [
+            30,
+            97,
+            18,
+            16,
+            17,
+            50,
+            34,
+            26,
+            27,
+            39,
+            43,
+            44,
+            45,
+            36,
+            37,
+            28,
+            52,
+            53,
+            54,
+            55,
+            47,
+            63,
+            73,
+            65,
+            79,
+            72,
+            84,
+            86,
+            88,
+            9,
+            94,
+        ],
+    ),
+    (
+        [16, 34, 43, 53, 54, 60, 63, 64, 65, 73, 74, 85, 90],
+        [25, 26, 35, 45, 46, 18, 55, 56, 57, 75, 66, 80, 34],
+    ),
+    (
+        [
+            11,
+            16,
+            17,
+            22,
+            27,
+            31,
+            32,
+            33,
+            34,
+            36,
+            37,
+            42,
+            43,
+            47,
+            52,
+            53,
+            55,
+            56,
+            57,
+            63,
+            66,
+            67,
+            73,
+            75,
+            81,
+            88,
+        ],
+        [
+            0,
+            7,
+            8,
+            21,
+            18,
+            30,
+            31,
+            42,
+            34,
+            36,
+            38,
+            51,
+            52,
+            58,
+            61,
+            62,
+            65,
+            67,
+            68,
+            82,
+            77,
+            78,
+            92,
+            87,
+            50,
+            99,
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(ON_THE_EDGE)))
+def test_the_compiled_choice_of_hypothesis_is_numpys(
+    case: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ghostmatch.dupes import verify
+
+    ia, ib = (np.array(cells) for cells in ON_THE_EDGE[case])
+    grid = verify._grid(10, 10)
+    src, dst, tolerance = grid[ib], grid[ia], verify.TOLERANCE_CELLS / 10
+    picks = verify._seeded_picks(0, len(ia))
+    gaussnewton.warm()
+    assert verify._kernels() is gaussnewton
+    compiled = verify._fit_picked(src, dst, tolerance, picks)
+    monkeypatch.setattr(verify, "_kernels", lambda: None)
+    reference = verify._fit_picked(src, dst, tolerance, picks)
+    np.testing.assert_array_equal(compiled[0], reference[0])
+    np.testing.assert_array_equal(compiled[1], reference[1])
+    assert reference[1].sum() >= 9

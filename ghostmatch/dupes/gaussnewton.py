@@ -1,6 +1,7 @@
-"""The dense comparison's inner loops compiled by numba: one level of the alignment's
-robust Gauss-Newton refinement, the robust gain and offset fit, and the agreement's robust
-chroma fit and per-patch counts.
+"""The duplicate check's inner loops compiled by numba: one level of the alignment's
+robust Gauss-Newton refinement, the robust gain and offset fit, the agreement's robust
+chroma fit and per-patch counts, and the geometric check's choice among its RANSAC
+hypotheses.
 
 :func:`ghostmatch.dupes.samecapture.align` spends most of a pair's check in these steps: a
 step is a few dozen passes over a few thousand pixels, and in numpy each pass costs more
@@ -8,6 +9,8 @@ to call than to compute. Compiled, a step is one pass or two; the agreement's ch
 and patch counts are the same kind of loop. The numpy code (``samecapture._refine``,
 ``_robust_fit``, ``_chroma_fit``, ``_patch_counts``) stays the reference, and the path
 taken where numba is missing; the two agree to rounding (``tests/test_gaussnewton.py``).
+So does ``verify._fit_picked``'s, whose hypotheses (a few hundred affines, each scored on
+a few dozen matches) numpy scores as one error matrix in about a millisecond.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 # The robust scale's sample, the Tukey constant and the moments' layout are the numpy
 # steps' own (numba reads module globals as constants when it compiles).
 from ghostmatch.dupes.samecapture import _OUTER, PATCHES, SCALE_SAMPLES, TUKEY
+from ghostmatch.dupes.verify import MAX_ANISOTROPY, MAX_SCALE
 
 numba: Any
 try:
@@ -241,6 +245,58 @@ def robust_fit(
     return gain
 
 
+def _exact(function: _F) -> _F:
+    """``function`` compiled as :func:`_compiled` does, but without fast maths: each sum and
+    product rounds as written, as numpy's do."""
+    if numba is None:
+        return function
+    return cast(_F, numba.njit(cache=True, nogil=True, error_model="numpy")(function))
+
+
+@_exact
+def best_triple(src: np.ndarray, dst: np.ndarray, picks: np.ndarray, limit: float) -> int:
+    """The row of ``picks`` (k, 3: indices of ``src`` and ``dst``, (n, 2) points) whose
+    affine taking its three ``src`` points onto their ``dst`` points is plausible and
+    takes the most points to a squared offset of at most ``limit`` from theirs, the first
+    on a tie; -1 when no triple's is plausible (``verify._fit_picked``'s hypotheses, one
+    at a time)."""
+    best, most = -1, -1
+    for k in range(picks.shape[0]):
+        a, b, c = picks[k, 0], picks[k, 1], picks[k, 2]
+        # The edges from the first point, as columns, and their images; the 2 x 2 inverse
+        # by its adjugate (``verify._affines_from_triples``).
+        p00, p01 = src[b, 0] - src[a, 0], src[c, 0] - src[a, 0]
+        p10, p11 = src[b, 1] - src[a, 1], src[c, 1] - src[a, 1]
+        q00, q01 = dst[b, 0] - dst[a, 0], dst[c, 0] - dst[a, 0]
+        q10, q11 = dst[b, 1] - dst[a, 1], dst[c, 1] - dst[a, 1]
+        det = p00 * p11 - p01 * p10
+        if abs(det) <= 1e-9:
+            continue
+        i00, i01, i10, i11 = p11 / det, -p01 / det, -p10 / det, p00 / det
+        m00, m01 = q00 * i00 + q01 * i10, q00 * i01 + q01 * i11
+        m10, m11 = q10 * i00 + q11 * i10, q10 * i01 + q11 * i11
+        m02 = dst[a, 0] - (m00 * src[a, 0] + m01 * src[a, 1])
+        m12 = dst[a, 1] - (m10 * src[a, 0] + m11 * src[a, 1])
+        # ``verify.plausible``: bounded scale and aspect change, no mirror.
+        d = m00 * m11 - m01 * m10
+        frobenius = m00 * m00 + m01 * m01 + m10 * m10 + m11 * m11
+        root = np.sqrt(max(frobenius * frobenius - 4.0 * d * d, 0.0))
+        big = np.sqrt((frobenius + root) / 2.0)
+        small = np.sqrt(max((frobenius - root) / 2.0, 0.0))
+        if not (
+            d > 0 and small >= 1 / MAX_SCALE and big <= MAX_SCALE and big <= MAX_ANISOTROPY * small
+        ):
+            continue
+        count = 0
+        for j in range(src.shape[0]):
+            ox = m00 * src[j, 0] + m01 * src[j, 1] + m02 - dst[j, 0]
+            oy = m10 * src[j, 0] + m11 * src[j, 1] + m12 - dst[j, 1]
+            count += ox * ox + oy * oy <= limit
+        if count > most:
+            best, most = k, count
+    return best
+
+
 @_compiled
 def patch_counts(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """How many pixels of the (h, w) ``mask`` fall in each patch of a ``PATCHES`` x
@@ -398,6 +454,11 @@ def available() -> bool:
     return numba is not None
 
 
+def warmed() -> bool:
+    """Whether :func:`warm` has compiled or loaded the steps (never without numba)."""
+    return _warm
+
+
 _WARMING = threading.Lock()
 _warm = False
 
@@ -427,4 +488,10 @@ def warm() -> None:
         chroma = np.zeros(16, np.complex128)
         chroma.flags.writeable = False
         chroma_fit(chroma, chroma, inside, 1, np.empty(16))
+        # The geometric check's hypotheses: matched cell centres, drawn triples read-only
+        # (``verify._seeded_picks``).
+        points = np.zeros((4, 2))
+        picks = np.zeros((1, 3), np.int64)
+        picks.flags.writeable = False
+        best_triple(points, points, picks, 1.0)
         _warm = True
