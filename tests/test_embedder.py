@@ -10,7 +10,7 @@ from PIL import Image
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import ModelCard
 from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.embedder import Embedder, fuse_batchnorm, prepare, to_batch
+from ghostmatch.model.embedder import Embedder, export_name, fuse_batchnorm, prepare, to_batch
 
 
 def _arrays(n: int, size: int = 224) -> list[np.ndarray]:
@@ -96,3 +96,24 @@ def test_region_windows_are_the_corners_and_the_centre() -> None:
 
     assert windows(5, 5) == [(0, 3, 0, 3), (0, 3, 2, 5), (2, 5, 0, 3), (2, 5, 2, 5), (1, 4, 1, 4)]
     assert windows(1, 1) == [(0, 1, 0, 1)] * 5
+
+
+def test_the_export_cuts_no_ghost_module(random_model: Descriptor) -> None:
+    import onnx
+
+    from ghostmatch.model.weights import cache_dir
+
+    Embedder(random_model, runtime="onnx")
+    path = cache_dir() / "onnx" / f"{export_name(random_model.card)}.onnx"
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    # GhostNet's channel counts are even: both halves of every Ghost module are kept whole,
+    # with no Slice for ONNX Runtime to copy.
+    assert "Concat" in ops and "Slice" not in ops
+
+
+def test_a_ghost_module_of_odd_width_is_cut_to_it() -> None:
+    from ghostmatch.model.ghostnet import GhostModule
+
+    odd, even = GhostModule(8, 7).eval(), GhostModule(8, 6).eval()
+    x = torch.rand(1, 8, 5, 5)
+    assert odd(x).shape[1] == 7 and even(x).shape[1] == 6

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.embedder import export_onnx, onnx_available
+from ghostmatch.model.embedder import export_name, export_onnx, onnx_available
 from ghostmatch.model.weights import cache_dir
 
 # Stage of GhostNet after which the feature map has stride 16 (14 x 14 at 224 px).
@@ -191,7 +191,7 @@ def _new_session(model: Descriptor, key: tuple[str, int]) -> Any:
     if onnx_available():
         import onnxruntime as ort
 
-        path = cache_dir() / "onnx" / f"{model.card.fingerprint}-local{STRIDE16_STAGE}.onnx"
+        path = cache_dir() / "onnx" / f"{export_name(model.card)}-local{STRIDE16_STAGE}.onnx"
         try:
             if not path.exists():
                 _export_local(model, path)

@@ -79,6 +79,7 @@ class GhostModule(nn.Module):
         super().__init__()
         self.out_chs = out_chs
         primary = math.ceil(out_chs / 2)
+        self.cut = 2 * primary != out_chs
         self.primary_conv = nn.Sequential(
             nn.Conv2d(in_chs, primary, 1, bias=False),
             nn.BatchNorm2d(primary),
@@ -93,7 +94,10 @@ class GhostModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.primary_conv(x)
         x2 = self.cheap_operation(x1)
-        return torch.cat([x1, x2], dim=1)[:, : self.out_chs]
+        out = torch.cat([x1, x2], dim=1)
+        # Cut only for an odd channel count: an exported graph holds no whole-tensor
+        # Slice, which ONNX Runtime copies (a tenth of the local maps' time).
+        return out[:, : self.out_chs] if self.cut else out
 
 
 class GhostBottleneck(nn.Module):
