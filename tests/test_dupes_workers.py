@@ -348,3 +348,24 @@ def test_the_processes_never_collect_what_they_inherit() -> None:
     count, inherited = found[0]
     assert count > 0 and inherited >= 1
     assert gc.get_freeze_count() == 0  # here, the objects are collected as before
+
+
+@pytest.mark.parametrize("cores,made_ahead", [(4, True), (1, False)])
+def test_maps_are_made_ahead_only_where_a_core_is_left_idle(
+    families: Path, monkeypatch: pytest.MonkeyPatch, cores: int, made_ahead: bool
+) -> None:
+    # One process on four cores leaves three idle, where the background thread makes maps
+    # ahead; one on one core leaves none, and the thread would only contend with it.
+    monkeypatch.setattr(finder_module, "usable_cores", lambda: cores)
+    asked: list[int] = []
+    prefetch = PairJudge.prefetch
+
+    def counted(judge: PairJudge, leader: int, *args: Any, **kwargs: Any) -> None:
+        asked.append(leader)
+        prefetch(judge, leader, *args, **kwargs)
+
+    monkeypatch.setattr(PairJudge, "prefetch", counted)
+    with ghostmatch.open(families, create=False) as lib:
+        groups = lib.find_duplicates(workers=1)
+    assert bool(asked) == made_ahead
+    assert len(groups) == 3
