@@ -325,3 +325,20 @@ def test_the_compiled_choice_of_hypothesis_is_numpys(
     np.testing.assert_array_equal(compiled[0], reference[0])
     np.testing.assert_array_equal(compiled[1], reference[1])
     assert reference[1].sum() >= 9
+
+
+def test_hypotheses_are_scored_in_numpy_while_the_kernels_are_still_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+    import types
+
+    from ghostmatch.dupes import verify
+
+    # A search imports the kernels on a thread of its own: meanwhile the module is in
+    # sys.modules without its functions, and a fit on the main thread scores in numpy.
+    monkeypatch.setitem(sys.modules, "ghostmatch.dupes.gaussnewton", types.ModuleType("partial"))
+    assert verify._kernels() is None
+    monkeypatch.setitem(sys.modules, "ghostmatch.dupes.gaussnewton", gaussnewton)
+    gaussnewton.warm()
+    assert verify._kernels() is gaussnewton

@@ -365,7 +365,10 @@ def _kernels() -> ModuleType | None:
     steps (``gaussnewton.warm``), else None: a query's re-ranking does not import numba
     for a few fits, and scores its hypotheses in numpy, to the same choice."""
     kernels = sys.modules.get("ghostmatch.dupes.gaussnewton")
-    if kernels is None or not kernels.warmed():
+    # None too while another thread is still importing it (a search loads the kernels on a
+    # thread of their own while it looks for candidates).
+    warmed = getattr(kernels, "warmed", None)
+    if warmed is None or not warmed():
         return None
     return kernels
 
