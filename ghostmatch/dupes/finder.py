@@ -301,12 +301,12 @@ class DuplicateFinder:
             found_turned.pairs.keys() - found_turned.upright.keys() if found_turned else set()
         )
 
-        # Set once the number of processes is known: maps are made ahead on a background
-        # thread (``PairJudge.prefetch``) only where the search leaves a core idle. With a
-        # process on every core the thread only contends with them (the full
-        # ``benchmarks.othershots`` set on 2 cores: 19.4 s without it, 20.7 s with it,
-        # medians of 6 alternating runs).
-        prefetching = True
+        processes = self._processes(workers, len(pairs), verify)
+        # Maps are made ahead on a background thread (``PairJudge.prefetch``) only where the
+        # search leaves a core idle. With a process on every core the thread only contends
+        # with them (the full ``benchmarks.othershots`` set on 2 cores: 19.4 s without it,
+        # 20.7 s with it, medians of 6 alternating runs).
+        prefetching = processes < usable_cores()
 
         def ahead(leader: int, others: list[int]) -> None:
             if not prefetching:
@@ -384,8 +384,6 @@ class DuplicateFinder:
             if found_turned is not None:
                 found_turned.passed.update(passed)
 
-        processes = self._processes(workers, len(pairs), verify)
-        prefetching = processes < usable_cores()
         with one_thread():
             try:
                 if processes == 1:

@@ -324,6 +324,8 @@ def _fit_picked(
     if design is None:
         design = np.hstack([src, np.ones((n, 1))])
     kernels = _kernels()
+    # The compiled loop takes the read-only draws of ``_seeded_picks`` (one compiled
+    # signature); ``fit_affine``'s own draws are scored in numpy, to the same choice.
     if kernels is not None and picks.dtype == np.int64 and not picks.flags.writeable:
         best_row = kernels.best_triple(src, dst, picks, _squared(tolerance))
         if best_row < 0:
