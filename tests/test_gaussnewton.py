@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from skimage import data
 
 from ghostmatch.dupes import gaussnewton, samecapture
@@ -199,3 +200,33 @@ def test_hypotheses_are_scored_in_numpy_while_the_kernels_are_still_imported(
     monkeypatch.setitem(sys.modules, "ghostmatch.dupes.gaussnewton", gaussnewton)
     gaussnewton.warm()
     assert verify._kernels() is gaussnewton
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sigma", [1.0, 1.5])
+def test_the_compiled_blur_is_scipys_to_the_bit(dtype: type, sigma: float) -> None:
+    # Shapes of the levels, the chroma and lines shorter than the kernel (reflected again),
+    # at the scales of grey levels, chroma and tiny residual sums.
+    rng = np.random.default_rng(int(sigma * 10))
+    for h, w in [(96, 128), (36, 48), (128, 100), (1, 9), (3, 2), (5, 17), (13, 1)]:
+        for scale in (1.0, 255.0, 1e-3):
+            image = (rng.random((h, w)) * scale - scale / 3).astype(dtype)
+            ours = samecapture._gaussian(image, sigma)
+            assert ours.dtype == image.dtype
+            np.testing.assert_array_equal(ours, ndimage.gaussian_filter(image, sigma))
+
+
+def test_a_captures_blurred_levels_colour_and_chroma_are_scipys() -> None:
+    kept, _, _ = _pair()
+    image = Image.fromarray(data.astronaut()).convert("RGB").resize((320, 240))
+    for level, (side, sigma, _) in enumerate(LEVELS):
+        grey = samecapture._resized(image.convert("L"), side, "L")
+        np.testing.assert_array_equal(kept.levels[level][0], ndimage.gaussian_filter(grey, sigma))
+    side, sigma, _ = LEVELS[-1]
+    rgb = ndimage.gaussian_filter(samecapture._resized(image, side, "RGB"), (sigma, sigma, 0))
+    np.testing.assert_array_equal(kept.rgb, rgb)
+    np.testing.assert_array_equal(kept.planes, rgb.transpose(2, 0, 1))
+    r, g, b = rgb.transpose(2, 0, 1)
+    across = ndimage.gaussian_filter(r - (g + b) / 2, samecapture.CHROMA_BLUR)
+    down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), samecapture.CHROMA_BLUR)
+    np.testing.assert_array_equal(kept.chroma, (across + 1j * down).ravel())

@@ -221,7 +221,7 @@ class Capture:
                 return made
             assert self._luma is not None
             side, sigma, _ = LEVELS[level]
-            grey = ndimage.gaussian_filter(_resized(self._luma, side, "L"), sigma)
+            grey = _gaussian(_resized(self._luma, side, "L"), sigma)
             gy, gx = np.gradient(grey)
             h, w = grey.shape
             made = np.stack([grey, gx * w, gy * h])
@@ -249,9 +249,12 @@ class Capture:
             if self._rgb is None:
                 assert self._image is not None
                 side, sigma, _ = LEVELS[-1]
-                # Each channel blurred on its own (no blur across the channel axis).
+                # Each channel blurred on its own (no blur across the channel axis), as
+                # the planes that sampling reads: the colour image is a view of them.
                 rgb = _resized(self._image, side, "RGB")
-                self._rgb = ndimage.gaussian_filter(rgb, (sigma, sigma, 0))
+                planes = np.stack([_gaussian(channel, sigma) for channel in rgb.transpose(2, 0, 1)])
+                self._planes = planes
+                self._rgb = planes.transpose(1, 2, 0)
                 self._image = None  # the pixels are no longer needed
             return self._rgb
 
@@ -406,6 +409,30 @@ def _resized(image: Image.Image, side: int, mode: str) -> np.ndarray:
     pixels = np.asarray(small, np.float32)
     pixels /= 255.0
     return pixels
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """scipy.ndimage's Gaussian kernel for ``sigma`` (its default radius of four sigmas),
+    computed as it computes it, read-only."""
+    radius = int(4.0 * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 / (sigma * sigma) * x**2)
+    weights = weights / weights.sum()
+    weights.flags.writeable = False
+    return weights
+
+
+def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(image, sigma)`` of a 2-d float image (its mode
+    ``reflect``), compiled where numba is installed: the same values to the bit
+    (``tests/test_gaussnewton.py``), a third of the time."""
+    kernels = _kernels()
+    if kernels is None or image.ndim != 2 or image.dtype not in (np.float32, np.float64):
+        return np.asarray(ndimage.gaussian_filter(image, sigma))
+    out = np.empty(image.shape, image.dtype)
+    kernels.blur(np.ascontiguousarray(image), _gaussian_weights(sigma), out)
+    return out
 
 
 def prepare_capture(image: Image.Image) -> Capture:
@@ -1054,8 +1081,8 @@ def _chroma_of(planes: np.ndarray) -> np.ndarray:
     """:func:`_chroma` of an image as its (3, h, w) colour planes (read-only: a capture
     keeps its own, and the compiled chroma fit takes one kind of array)."""
     r, g, b = planes
-    across = ndimage.gaussian_filter(r - (g + b) / 2, CHROMA_BLUR)
-    down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), CHROMA_BLUR)
+    across = _gaussian(r - (g + b) / 2, CHROMA_BLUR)
+    down = _gaussian((np.sqrt(3) / 2) * (g - b), CHROMA_BLUR)
     chroma = (across + 1j * down).ravel()
     chroma.flags.writeable = False
     return chroma
