@@ -138,7 +138,8 @@ def test_a_crowds_files_are_decoded_once_before_the_processes_start(
     crowd: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Each process meets most of a crowd's files: their captures are made once, by the
-    caller, and not again in any process."""
+    caller, and not again in any process (those of files in a pair that the thumbnails'
+    gate lets through: the others are never decoded, see below)."""
     log = tmp_path / "decoded"
     real = PairJudge._made
 
@@ -155,9 +156,38 @@ def test_a_crowds_files_are_decoded_once_before_the_processes_start(
     assert two == one
     rows = [line.split(" ", 1) for line in log.read_text().splitlines()]
     crowd_files = [(pid, name) for pid, name in rows if name.startswith("noise-")]
-    assert len(crowd_files) >= CROWD
+    assert len(crowd_files) >= 3  # the noise picture and its two copies at least
     assert {pid for pid, _ in crowd_files} == {str(os.getpid())}
     assert len({name for _, name in crowd_files}) == len(crowd_files)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_crowd_gated_on_the_catalogs_thumbnails_decodes_fewer_files_and_decides_alike(
+    crowd: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Crowded pairs whose thumbnails do not correlate are not compared; the catalog's
+    thumbnails (the same pixels as the captures') tell so before any decode, and every
+    group, tier and similar file stays what the captures' own thumbnails give."""
+    decoded: list[str] = []
+    real = PairJudge._made
+
+    def made(self: PairJudge, i: int) -> Any:
+        decoded.append(self.records[i].path.name)
+        return real(self, i)
+
+    monkeypatch.setattr(PairJudge, "_made", made)
+    with ghostmatch.open(crowd, create=False) as lib:
+        gated = lib.find_duplicates(similar=True, workers=workers)
+        with_catalog = set(decoded)
+        decoded.clear()
+        monkeypatch.setattr(PairJudge, "use_thumbnails", lambda *_: None)
+        plain = lib.find_duplicates(similar=True, workers=workers)
+    assert gated == plain
+    assert any(m.path.name == "noise-00-q60.jpg" for g in gated for m in g.members)
+    # With two processes, the files decoded here: the crowd's, before the processes start.
+    noise = {n for n in with_catalog if n.startswith("noise-")}
+    assert noise < {n for n in decoded if n.startswith("noise-")}
+    assert len(noise) < CROWD
 
 
 def test_a_crowd_decided_ahead_is_not_decided_again(
@@ -369,3 +399,32 @@ def test_maps_are_made_ahead_only_where_a_core_is_left_idle(
         groups = lib.find_duplicates(workers=1)
     assert bool(asked) == made_ahead
     assert len(groups) == 3
+
+
+def test_the_catalogs_thumbnails_are_the_captures_own(crowd: Path) -> None:
+    """The gate's thumbnails from the catalog are, to the bit, those of the captures that
+    the comparison decodes; a JPEG whose decode for the capture takes another DCT scale
+    than indexing did (a shorter side of 1,017 to 1,279 pixels) keeps none."""
+    import numpy as np
+
+    from ghostmatch.dupes.samecapture import DECODE_SIDE, prepare_capture
+    from ghostmatch.ingest.images import decodes_alike, load_image
+
+    with ghostmatch.open(crowd, create=False) as lib:
+        catalog = lib.catalog
+        screens = catalog.turn_screens()
+        records = {r.id: r for r in catalog.get(sorted(screens))}
+        card = lib.model.card
+        assert card is not None
+        judge = PairJudge(lib.model, records, 0.5, 8)
+        judge.use_thumbnails(screens, card.input_size)
+    # The photo (451 x 300) is decoded at half size for the capture and whole for indexing.
+    left_out = {records[i].path.name for i in records.keys() - judge.thumbs.keys()}
+    assert left_out == {"chelsea.jpg", "chelsea_q40.jpg"}
+    assert not decodes_alike("JPEG", (451, 300), card.input_size, DECODE_SIDE)
+    for i, thumb in judge.thumbs.items():
+        image = load_image(records[i].path, DECODE_SIDE).image
+        np.testing.assert_array_equal(thumb, prepare_capture(image).thumb)
+    assert decodes_alike("PNG", (1600, 1100), 160, DECODE_SIDE)
+    assert decodes_alike("JPEG", (1600, 960), 160, DECODE_SIDE)
+    assert not decodes_alike("JPEG", (1600, 1100), 160, DECODE_SIDE)

@@ -182,6 +182,17 @@ class _Pyramid(Sequence[np.ndarray]):
         return self._capture._level(range(len(LEVELS))[level])
 
 
+def unit_thumb(grey: np.ndarray) -> np.ndarray:
+    """A grey thumbnail's uint8 pixels (``THUMB_SIDE`` squared, any shape) as a flat vector,
+    mean removed and unit length: what :meth:`Capture.correlation` multiplies. The same
+    for a capture's own thumbnail and for the catalog's (``TurnScreen.thumbnail``, the
+    same reduction of the same pixels)."""
+    thumb = np.asarray(grey, np.float64).ravel()
+    thumb -= thumb.mean()
+    thumb /= max(float(np.linalg.norm(thumb)), 1e-9)
+    return thumb
+
+
 class Capture:
     """One image prepared for comparison: per level of ``LEVELS`` a (3, h, w) stack of the
     blurred grey image and its x and y gradients (per unit of the image's width and
@@ -205,11 +216,8 @@ class Capture:
         self._coarse_chroma: dict[int, np.ndarray] = {}
         self._detail: int | None = None
         small = self._luma.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
-        thumb = np.asarray(small, np.float64).ravel()
-        thumb -= thumb.mean()
-        thumb /= max(float(np.linalg.norm(thumb)), 1e-9)
         # A THUMB_SIDE x THUMB_SIDE grey thumbnail, zero mean and unit norm, flattened.
-        self.thumb = thumb
+        self.thumb = unit_thumb(np.asarray(small, np.uint8))
 
     def _level(self, level: int) -> np.ndarray:
         made = self._grey[level]

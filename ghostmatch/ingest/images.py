@@ -221,9 +221,15 @@ def draft_scale(size: tuple[int, int], min_side: int) -> int:
 def same_decode(decoded: DecodedImage, min_side: int, other_min_side: int) -> bool:
     """Whether ``load_image`` of the file that gave ``decoded`` at ``min_side`` gives the
     same pixels at ``other_min_side``: only a JPEG's DCT scale depends on it."""
-    if decoded.format not in ("JPEG", "MPO"):
-        return True
     size = (decoded.width, decoded.height)
+    return decodes_alike(decoded.format, size, min_side, other_min_side)
+
+
+def decodes_alike(fmt: str, size: tuple[int, int], min_side: int, other_min_side: int) -> bool:
+    """:func:`same_decode` for a file of Pillow format ``fmt`` and full-resolution
+    ``size`` (as the catalog records them), without decoding it."""
+    if fmt not in ("JPEG", "MPO"):
+        return True
     return draft_scale(size, min_side) == draft_scale(size, other_min_side)
 
 
