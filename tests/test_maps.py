@@ -364,3 +364,42 @@ def test_maps_a_check_started_ahead_read_are_not_made_again_for_the_next_pair(
         assert judge.maps.made == made
     finally:
         judge.close()
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_the_input_of_a_mirror_image_is_the_mirrored_input(interpolation: str) -> None:
+    """Pillow's squash weighs mirrored pixels alike, short of its integer reduction: the
+    mirrored map's input can be the plain one's mirrored (``finder._mirrors_alike``)."""
+    from ghostmatch.dupes.finder import _mirrors_alike
+    from ghostmatch.model.card import ModelCard
+    from ghostmatch.model.embedder import prepare
+
+    rng = np.random.default_rng(3)
+    for size in (160, 256):
+        card = ModelCard("test", "0" * 64, input_size=size, interpolation=interpolation)
+        for _ in range(12):
+            w, h = (int(v) for v in rng.integers(8, 6 * size, 2))
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            assert _mirrors_alike(image, card)
+            mirrored = prepare(ImageOps.mirror(image), card)
+            np.testing.assert_array_equal(mirrored, prepare(image, card)[:, ::-1])
+    big = Image.new("RGB", (6 * 160, 100))
+    assert not _mirrors_alike(big, ModelCard("test", "0" * 64, input_size=160))
+    assert not _mirrors_alike(
+        scene(), ModelCard("test", "0" * 64, input_size=160, resize="center-crop")
+    )
+
+
+def test_a_mirrored_map_from_the_plain_input_is_the_mirror_images_map(judged: Judged) -> None:
+    from ghostmatch.dupes.finder import PairJudge
+
+    lib, records, ids = judged
+    i = ids["scene.jpg"]
+    judge = PairJudge(lib.finder.model, records, 2.0, 36)
+    maps = judge.maps
+    direct = maps._make(i, "mirrored")
+    assert maps._prepared(i, "base") is not None and i in maps._plain
+    from_plain = maps._make(i, "mirrored")
+    assert i not in maps._plain  # taken once
+    assert direct is not None and from_plain is not None
+    np.testing.assert_array_equal(from_plain, direct)

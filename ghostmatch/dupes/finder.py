@@ -1202,6 +1202,9 @@ _QUERY = -1
 # Images whose local maps verify_pairs embeds together, and the most it holds at once.
 MAP_BATCH = 32
 MAP_CACHE_IMAGES = 4096
+# Plain maps' prepared pixels kept for the mirrored maps, most of which are asked for by
+# the pair whose check made the plain one (about 77 kB each).
+PLAIN_PREPARED = 64
 # Decoded pixels a search keeps for the next consumer of the same file (RGB bytes: a
 # 320 x 240 decode is 0.23 MB, a phone photo's at the zoomed maps' size about 0.6 MB). On
 # the full set of ``python -m benchmarks.othershots`` 90% of the files decoded again come
@@ -1283,6 +1286,16 @@ class _Decoded:
         return image
 
 
+def _mirrors_alike(image: Image.Image, card: ModelCard) -> bool:
+    """Whether the model's input of ``image`` mirrored is its input mirrored: a squash
+    (a centre crop of an odd margin is not symmetric) without Pillow's integer reduction
+    first, whose blocks start at one edge (``reducing_gap`` 3: under 6 x the input size
+    a side). Pillow's resampling weighs mirrored pixels alike (4,500 random sizes, bicubic
+    and bilinear, equal to the bit; ``tests/test_maps.py``)."""
+    limit = 6 * card.input_size
+    return card.resize == "squash" and image.width < limit and image.height < limit
+
+
 def _pixel_bytes(image: Image.Image) -> int:
     return image.width * image.height * len(image.getbands())
 
@@ -1360,6 +1373,9 @@ class _MapCache:
             tuple[int, int, int], tuple[tuple[Verification, bool], Iterator[Any]] | None
         ] = OrderedDict()
         self._checking: set[tuple[int, int, int]] = set()
+        # The plain maps' prepared pixels of the last few images, whose mirror is the
+        # mirrored map's input (``_mirrors_alike``), by image.
+        self._plain: OrderedDict[int, np.ndarray] = OrderedDict()
         self._background: ThreadPoolExecutor | None = None
         self._stopping = False
 
@@ -1384,7 +1400,19 @@ class _MapCache:
             return None
         if kind == "zoomed":
             return prepare(image, self.zoomed_card)
-        return prepare(ImageOps.mirror(image) if kind == "mirrored" else image, self.card)
+        if kind == "base":
+            made = prepare(image, self.card)
+            if _mirrors_alike(image, self.card):
+                with self._lock:
+                    self._plain[i] = made
+                    while len(self._plain) > PLAIN_PREPARED:
+                        self._plain.popitem(last=False)
+            return made
+        with self._lock:
+            plain = self._plain.pop(i, None)
+        if plain is not None:
+            return np.ascontiguousarray(plain[:, ::-1])
+        return prepare(ImageOps.mirror(image), self.card)
 
     def _embed(self, prepared: list[np.ndarray], kind: str) -> np.ndarray:
         """The maps (fp16) of images prepared for one kind, as one batch."""
