@@ -458,7 +458,7 @@ class DuplicateFinder:
         foreseen: Callable[[dict[int, list[int]], list[int], Callable[[int], None]], _Foreseen],
         learn: Callable[[dict[tuple[int, int], turns.TurnedPair]], None],
         ahead_of: Callable[[Sequence[int], int], None],
-        gated_out: Callable[[int, int], bool] = lambda _i, _j: False,
+        gated_out: Callable[[int, int], bool],
     ) -> _Grouped:
         """The grouping of ``parts`` (the candidates' connected parts) on ``processes``
         worker processes, the same as ``grouped`` on all of them in one.
@@ -475,7 +475,7 @@ class DuplicateFinder:
         keep order of their kept files, the order the grouping of all of them makes.
         ``ahead_of(files, threads)`` makes the comparison's captures of a crowd's files
         before the processes start, of those in a pair that ``gated_out(a, b)`` (a crowded
-        pair's thumbnails known not to correlate) does not leave uncompared."""
+        pair whose thumbnails are known not to correlate) does not leave uncompared."""
         total_pairs = sum(len(part) for part in parts)
         tasks: list[tuple[int, list[int] | None]] = []
         candidates: dict[int, dict[int, list[int]]] = {}
@@ -530,14 +530,10 @@ class DuplicateFinder:
             # A crowd's files are decoded once, here, on every core, rather than once in
             # each process whose kept files meet them (1,000 synthetic images: 1,636
             # decodes on two processes, against 986 on one).
-            compared = {
-                k
-                for n in candidates
-                for i, js in candidates[n].items()
-                for j in js
-                if not (crowded.intersection((i, j)) and gated_out(i, j))
-                for k in (i, j)
-            }
+            compared: set[int] = set()
+            for lists in candidates.values():
+                for i, later in lists.items():
+                    compared.update(k for j in later if not gated_out(i, j) for k in (i, j))
             ahead_of([i for n in candidates for i in candidates[n] if i in compared], processes)
         order = sorted(range(len(tasks)), key=lambda t: (-weights[t], t))
         found = run_parts(order, work, processes, visited, self._forked)
@@ -911,10 +907,12 @@ class PairJudge:
                 self.thumbs[i] = unit_thumb(np.frombuffer(screen.thumbnail, np.uint8))
 
     def gated_out(self, i: int, j: int) -> bool:
-        """Whether the catalog's thumbnails of ``i`` and ``j`` (:meth:`use_thumbnails`)
-        correlate under ``CROWDED_CORRELATION``: the captures' own thumbnails are the
-        same, so such a crowded pair would not be compared; False where either is
-        missing."""
+        """Whether ``i`` and ``j`` are a crowded pair whose catalog thumbnails
+        (:meth:`use_thumbnails`) correlate under ``CROWDED_CORRELATION``: the captures' own
+        thumbnails are the same, so the pair would not be compared; False where either
+        thumbnail is missing."""
+        if i not in self.crowded and j not in self.crowded:
+            return False
         a, b = self.thumbs.get(i), self.thumbs.get(j)
         return a is not None and b is not None and float(a @ b) < CROWDED_CORRELATION
 
@@ -945,7 +943,7 @@ class PairJudge:
                 # (re-encodes, resizes) score above it: straight to the geometric check.
                 geometric.append((j, score))
                 continue
-            if crowded and self.gated_out(leader, j):
+            if self.gated_out(leader, j):
                 continue  # as below, without decoding either file
             a, b = self.capture(leader), self.capture(j)
             if a is None or b is None:

@@ -271,7 +271,8 @@ class Capture:
         """The finest level in colour, channels first (3, h, w): what sampling reads and
         colour fits reduce over (a long axis, much faster than an axis of 3)."""
         if self._planes is None:
-            self._planes = np.ascontiguousarray(self.rgb.transpose(2, 0, 1))
+            self.rgb  # noqa: B018 - made with the colour image, which is a view of them
+        assert self._planes is not None
         return self._planes
 
     @property
