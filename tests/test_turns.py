@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from skimage import data
 
 import ghostmatch
+from ghostmatch.dupes import turns
 from ghostmatch.dupes.turns import (
     Tilt,
     TurnedPair,
@@ -727,6 +728,16 @@ def test_a_crowded_files_turned_copy_is_found_unmoved_without_local_features(
     for index in range(60):
         synthetic.make_image("noise", index, seed=5).save(folder / f"noise-{index:02d}.png")
     checked, crowded = _spy_checks_and_crowds(monkeypatch)
+    # The views embedded, each call's pairs as scored: the first call is the candidates'.
+    scored: list[dict[tuple[int, int], float]] = []
+    real_scored = turns.TurnedCandidates._scored
+
+    def scoring(self, pairs):  # type: ignore[no-untyped-def]
+        found = real_scored(self, pairs)
+        scored.append({p.key: p.score for p in found})
+        return found
+
+    monkeypatch.setattr(turns.TurnedCandidates, "_scored", scoring)
     with ghostmatch.Library(tmp_path / "index", device="cpu") as lib:
         lib.index([folder])
         assert lib.find_duplicates(workers=1) == []
@@ -735,17 +746,26 @@ def test_a_crowded_files_turned_copy_is_found_unmoved_without_local_features(
         turn_image(Image.open(folder / source), 90).save(folder / "turned.png")
         lib.index([folder])
         checked.clear()
+        scored.clear()
         groups = lib.find_duplicates(workers=1)
         records = lib.catalog.get([int(i) for i in lib.catalog.vectors()[0]])
+        # Two processes: the copy passes in one of them, and its score comes with it.
+        apart = lib.find_duplicates(workers=2)
     copy = next(r.id for r in records if r.path.name == "turned.png")
     found = {
-        frozenset({g.keep.path.name, m.path.name}): (m.tier, m.turn)
+        frozenset({g.keep.path.name, m.path.name}): (m.tier, m.turn, m.score)
         for g in groups
         for m in g.members
     }
-    tier, turn = found[frozenset({source, "turned.png"})]
+    tier, turn, score = found[frozenset({source, "turned.png"})]
     assert tier == "edited" and turn in (90, 270)
     assert not [key for key in checked if copy in key]
+    # A crowded pair turned by a quarter is a candidate on its thumbnails alone: its view is
+    # embedded only once it has passed, and the copy is listed at that view's score.
+    key = next(k for k in scored[1] if copy in k)
+    assert not [k for k in scored[0] if copy in k]
+    assert score == scored[1][key]
+    assert [g.to_dict() for g in apart] == [g.to_dict() for g in groups]
 
 
 def test_crowded_files_pair_by_a_turn_only_as_the_screen_pairs_them(

@@ -357,6 +357,8 @@ class DuplicateFinder:
 
                 decided = group_judged(ranked, part, replayed, keep)
             if found_turned is not None:
+                # Turned copies passed on their thumbnails alone, at their views' scores.
+                decided = found_turned.rescored(decided, lambda i: rule(ranked[i]))
                 # Turned copies whose partners a copy's group took, joined to it (only
                 # through pairs of candidates, so within the part).
                 decided = found_turned.adopt(decided, lambda i: rule(ranked[i]))

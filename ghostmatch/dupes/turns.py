@@ -998,9 +998,11 @@ class TurnedCandidates:
     out. Each pair's view (its owner turned, or straightened and turned) is embedded
     and scored against the other file's stored descriptor; the pair is a candidate when
     that score reaches ``floor`` and beats its upright score (``upright``: the upright
-    candidates'). :meth:`decide` then settles the candidates of one kept file: with the
-    geometric stage (``enough`` inliers), the view must pass it against the other file
-    (:func:`check_screened`); without it, the view's score must reach ``threshold``. A
+    candidates'); a crowded file's pair by a quarter-turn is one on its thumbnails alone,
+    its view embedded only for the score of a pair that passes. :meth:`decide` then
+    settles the candidates of one kept file: with the geometric stage (``enough``
+    inliers), the view must pass it against the other file (:func:`check_screened`);
+    without it, the view's score must reach ``threshold``. A
     pair that fails still gets the upright decision when it is an upright candidate too.
     ``judge``, the upright pairs' ``PairJudge``, prepares the indexed files for the dense
     agreement (shared with the upright pairs) and tells the crowded files, whose views'
@@ -1049,9 +1051,28 @@ class TurnedCandidates:
             and (paths[p.owner], paths[p.other]) not in ignored
             and (paths[p.other], paths[p.owner]) not in ignored
         ]
-        # All views at once, before the grouping starts deciding upright pairs: a few small
-        # batches cost less than one model pass per pair between those of the check.
-        scored = {p.key: p for p in self._scored(kept)}
+
+        # With the dense agreement (the geometric stage on), a crowded file's pair by a
+        # quarter-turn (neither file tilted) is a candidate on its thumbnails alone: the
+        # descriptor cannot tell such images apart, so its score neither admits the pair
+        # nor rules it out, and the agreement decides (see ``decide``). A crowded file's own
+        # views are embedded for the score of a pair that passes, and only then (1,000
+        # synthetic images: 318 of their 319 views, about 6 CPU seconds before the
+        # grouping, for no pair that passed).
+        def screen_only(p: TurnedPair) -> bool:
+            return (
+                enough is not None
+                and p.tilt is None
+                and bool({p.owner, p.other} & crowded)
+                and p.owner not in screened.tilts
+                and p.other not in screened.tilts
+            )
+
+        later = [screen_only(p) and p.owner in crowded for p in kept]
+        # The other views all at once, before the grouping starts deciding upright pairs: a
+        # few small batches cost less than one model pass per pair between those of the check.
+        now = [p for p, wait in zip(kept, later, strict=True) if not wait]
+        scored = {p.key: p for p in self._scored(now)}
         # Each view also meets its nearest stored images: the thumbnails pair a copy with
         # its few nearest, which may miss the file kept over its original (an upright or
         # turned copy of it) or the original of a tilted copy whose straightened thumbnail
@@ -1095,8 +1116,17 @@ class TurnedCandidates:
         self.pairs = {
             key: p
             for key, p in scored.items()
-            if p.score >= floor and p.score > upright.get(key, -math.inf)
+            if screen_only(p) or (p.score >= floor and p.score > upright.get(key, -math.inf))
         }
+        # The pairs whose views are not embedded stand in the grouping's candidates at their
+        # upright score (the one they are listed with should they go to the upright
+        # decision), else at the floor, until one passes (:meth:`rescored`).
+        self.unscored = {
+            p.key: replace(p, score=upright.get(p.key, floor))
+            for p, wait in zip(kept, later, strict=True)
+            if wait and p.key not in scored
+        }
+        self.pairs.update(self.unscored)
         # Only the candidates' views are checked: the other views' pixels go.
         asked = {View(p.owner, p.turn, p.tilt) for p in self.pairs.values()}
         self.prepared = {v: a for v, a in self.prepared.items() if v in asked}
@@ -1167,6 +1197,10 @@ class TurnedCandidates:
                 for p in checked
                 if (p.inliers or 0) >= self.enough and same_capture(self.captures, p)
             ]
+        # A pair passed on its thumbnails alone gets its view's score now (see ``__init__``).
+        if waiting := [p for p in passed if p.key in self.unscored]:
+            scored = {p.key: p for p in self._scored(waiting)}
+            passed = [scored.get(p.key, p) for p in passed]
         self.passed.update((p.key, p) for p in passed)
         known = {j: "edited" for j, k in keys.items() if k in self.passed}
         rest = [
@@ -1175,6 +1209,25 @@ class TurnedCandidates:
             if j not in known and (k not in self.pairs or k in self.upright)
         ]
         return known, rest
+
+    def rescored(self, decided: Sequence[Grouped], rank: Callable[[int], Any]) -> list[Grouped]:
+        """The grouping's groups (kept file, [(copy, score, tier), ...]) with each copy that
+        passed on its thumbnails alone (``__init__``) at its view's score, not the score it
+        stood in the candidates at, each group's copies ordered again as the grouping orders
+        them (best score first, then by ``rank``, the keep rule's order)."""
+        out = []
+        for leader, taken in decided:
+            keys = [(min(leader, j), max(leader, j)) for j, _, _ in taken]
+            if not any(k in self.unscored and k in self.passed for k in keys):
+                out.append((leader, list(taken)))
+                continue
+            fixed = [
+                (j, self.passed[k].score if k in self.unscored and k in self.passed else s, tier)
+                for (j, s, tier), k in zip(taken, keys, strict=True)
+            ]
+            fixed.sort(key=lambda jst: (-jst[1], rank(jst[0])))
+            out.append((leader, fixed))
+        return out
 
     def _glanced(self, pair: TurnedPair) -> bool:
         """Whether a pair turned by quarter-turns (not tilted) is settled on small grey views,
@@ -1306,7 +1359,11 @@ class TurnedCandidates:
         def ignored(a: int, b: int) -> bool:
             return bool({(paths[a], paths[b]), (paths[b], paths[a])} & self.ignored)
 
-        for pair in sorted(self.pairs.values(), key=lambda p: (-p.score, p.key)):
+        def score(pair: TurnedPair) -> float:
+            # A pair that passed has its view's score (see ``rescored``).
+            return self.passed[pair.key].score if pair.key in self.passed else pair.score
+
+        for pair in sorted(self.pairs.values(), key=lambda p: (-score(p), p.key)):
             for s, c in ((pair.owner, pair.other), (pair.other, pair.owner)):
                 leader = member_of.get(s)
                 if leader is None or c in member_of or c == leader or rank(c) <= rank(leader):
@@ -1325,7 +1382,7 @@ class TurnedCandidates:
                     continue
                 joining = {c, *own}
                 taken = [e for e in groups[at[leader]][1] if e[0] not in joining or e[2] != SIMILAR]
-                taken.append((c, pair.score, "edited"))
+                taken.append((c, via.score, "edited"))
                 if c in at:
                     # The copies kept by ``c`` follow it (its similar files stay listed).
                     listed = {e[0] for e in taken} | {leader}
