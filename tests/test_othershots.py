@@ -186,7 +186,7 @@ def test_synthetic_timing_draws_its_images_from_the_seed_asked(tmp_path: Path) -
     # Another seed gives images no rule was tuned on, in a folder of their own, so that a
     # kept work folder never mixes two seeds' images.
     settings = Settings(quick=True, weights="random", out=tmp_path)
-    report = othershots.synthetic_timing(settings, 4, tmp_path, seed=8)
+    report = othershots.synthetic_timing(settings, 4, tmp_path, seed=8, rounds=1)
     assert report.details["seed"] == 8
     made = sorted((tmp_path / "synthetic-4-seed8" / "images").iterdir())
     names = ["noise-00000.png", "noise-00002.png", "shapes-00001.png", "shapes-00003.png"]
@@ -201,5 +201,5 @@ def test_synthetic_timing_times_a_new_index_each_run(tmp_path: Path) -> None:
     # would embed nothing and time next to nothing.
     settings = Settings(quick=True, weights="random", out=tmp_path)
     for _ in range(2):
-        report = othershots.synthetic_timing(settings, 4, tmp_path)
+        report = othershots.synthetic_timing(settings, 4, tmp_path, rounds=1)
         assert report.details["embedded"] == 4
