@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageOps
 from skimage import data
 
 from ghostmatch.dupes import samecapture
-from ghostmatch.dupes.samecapture import agreement, prepare_capture
+from ghostmatch.dupes.samecapture import Capture, agreement, prepare_capture
 from ghostmatch.eval.copies import TRANSFORMS
 from ghostmatch.train.transforms import color_shift, grayscale
 
@@ -135,24 +135,31 @@ def test_copies_of_a_flat_picture_follow_one_colour_change() -> None:
         assert found.distinct.colours >= samecapture.SAME_CAPTURE_CUT - 1e-9, edit
 
 
-def test_a_crowded_pair_whose_colours_follow_no_one_change_is_settled_before_the_finest_level() -> (
-    None
-):
+def test_a_crowded_pair_whose_colours_follow_no_one_change_is_settled_before_the_finest_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The pair above, as a crowded pair is tried: its colours already say no copy at the
-    # next-to-finest level, where it is settled; the finest grey level is never made.
-    kept = prepare_capture(
-        ellipse_picture(
+    # coarsest level, where it is settled; no finer grey level is made.
+    def pair() -> tuple[Capture, Capture]:
+        kept = ellipse_picture(
             (200, 80, 150), (90, 25, 30), (55, 60, 295, 235), ((20, 150, 40, 200), (40, 230, 60))
         )
-    )
-    other = prepare_capture(
-        ellipse_picture(
+        other = ellipse_picture(
             (150, 130, 20),
             (20, 80, 160),
             (20, 55, 280, 235),
             ((250, 130, 300, 180), (120, 40, 200)),
         )
-    )
+        return prepare_capture(kept), prepare_capture(other)
+
+    kept, other = pair()
+    found = agreement(kept, other, np.eye(2, 3), first_try=True, colours_early=True)
+    assert found.level == 0
+    assert found.score < samecapture.COARSEST_COLOURS and not found.same_capture
+    assert kept._grey[1:] == [None, None] and other._grey[1:] == [None, None]
+    # Without the coarsest level's rule, the next-to-finest level's settles it.
+    monkeypatch.setattr(samecapture, "COARSEST_COLOURS", 0.0)
+    kept, other = pair()
     found = agreement(kept, other, np.eye(2, 3), first_try=True, colours_early=True)
     assert found.level == len(samecapture.LEVELS) - 2
     assert found.score < samecapture.COARSE_COLOURS and not found.same_capture

@@ -94,6 +94,13 @@ FIRST_TRY_COARSE_SHARE = 0.2
 # the other 950 (382 copies, crowded: at least 0.90); of the pairs that failed at the finest
 # level, it settles 734 of 856 there, and 559 of 579 among the 1,000 images alone.
 COARSE_COLOURS = 0.6
+# The same at the coarsest level (48 px), once aligned there: a crowded pair's patches
+# following one colour change on less than this share are settled before the next level's
+# alignment. Copies measured at least 0.56 there (701 copies of the full set, crowded or
+# not, the least a bordered kept file against its other copies; its 103 crowded ones 0.70)
+# and 0.73 (398 crowded copies of the synthetic set above); of the crowded pairs that went
+# on to the next-to-finest level there and failed, it settles 759 of 867.
+COARSEST_COLOURS = 0.4
 # An alignment must be distinctive: the same map moved by ``SHIFT`` of the side, up, down,
 # left and right, must stop agreeing where the picture has detail of its own. A patch
 # tells (is textured) where the kept image, moved by the same step against itself, has a
@@ -894,7 +901,8 @@ def agreement(
     ``FIRST_TRY_COARSE_SHARE`` at the coarsest level is settled there. With
     ``colours_early`` (a crowded pair, whose flat colour fields the alignment slides
     over), one whose colours at the next-to-finest level follow one colour change on less
-    than ``COARSE_COLOURS`` of the patches is settled there (its score is that share)."""
+    than ``COARSE_COLOURS`` of the patches is settled there (its score is that share), and
+    one under ``COARSEST_COLOURS`` at the coarsest level."""
     refined = warp
     for level in range(len(LEVELS)):
         refined = align(kept, other, refined, range(level, level + 1))
@@ -918,10 +926,10 @@ def agreement(
                 share = _share(kept, r, inside, level)
                 if settled or share < least:
                     return Agreement(share, overlap, refined, level)
-            if colours_early and level == len(LEVELS) - 2:
+            if colours_early:
                 shape = kept.levels[level][0].shape
                 colours = _one_colour_change(kept, other, refined, inside.reshape(shape), level)
-                if colours < COARSE_COLOURS:
+                if colours < (COARSEST_COLOURS if level == 0 else COARSE_COLOURS):
                     return Agreement(colours, overlap, refined, level)
     r, inside, gain = _fitted(kept, other, refined)
     return _measured(kept, other, refined, r, inside, gain)
