@@ -1215,17 +1215,12 @@ class TurnedCandidates:
         passed on its thumbnails alone (``__init__``) at its view's score, not the score it
         stood in the candidates at, each group's copies ordered again as the grouping orders
         them (best score first, then by ``rank``, the keep rule's order)."""
+        scores = {k: self.passed[k].score for k in self.unscored if k in self.passed}
         out = []
         for leader, taken in decided:
-            keys = [(min(leader, j), max(leader, j)) for j, _, _ in taken]
-            if not any(k in self.unscored and k in self.passed for k in keys):
-                out.append((leader, list(taken)))
-                continue
-            fixed = [
-                (j, self.passed[k].score if k in self.unscored and k in self.passed else s, tier)
-                for (j, s, tier), k in zip(taken, keys, strict=True)
-            ]
-            fixed.sort(key=lambda jst: (-jst[1], rank(jst[0])))
+            fixed = [(j, scores.get((min(leader, j), max(leader, j)), s), t) for j, s, t in taken]
+            if fixed != taken:
+                fixed.sort(key=lambda jst: (-jst[1], rank(jst[0])))
             out.append((leader, fixed))
         return out
 
