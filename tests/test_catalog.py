@@ -592,3 +592,37 @@ def test_regions_round_trip_and_go_with_their_image(catalog: Catalog) -> None:
     with catalog.transaction() as tx:
         tx.set_regions([(b, parts[a])])
     np.testing.assert_allclose(catalog.regions([b])[1][0], parts[a], atol=1e-3)
+
+
+def test_local_maps_round_trip_by_what_made_them_and_go_with_their_image(
+    catalog: Catalog,
+) -> None:
+    a, b, c = insert(
+        catalog, new_image("/p/a.jpg", 1), new_image("/p/b.jpg", 2), new_image("/p/c.jpg", 3)
+    )
+    rng = np.random.default_rng(0)
+    maps = {i: rng.standard_normal((10, 7, 12)).astype(np.float16) for i in (a, b, c)}
+    assert catalog.local_maps([a, b, c], "onnx") == {}
+    with catalog.transaction() as tx:
+        tx.set_local_maps((i, "onnx", m) for i, m in maps.items())
+    found = catalog.local_maps([c, a, 999], "onnx")
+    assert sorted(found) == [a, c]
+    # Kept to the bit, in their shape: they stand in for maps a search makes.
+    np.testing.assert_array_equal(found[c], maps[c])
+    assert found[c].dtype == np.float16 and found[c].shape == (10, 7, 12)
+    # Maps made otherwise (another runtime, another model) are not these.
+    assert catalog.local_maps([a, b, c], "torch") == {}
+    with pytest.raises(ValueError, match="height, width, channels"):
+        with catalog.transaction() as tx:
+            tx.set_local_maps([(a, "onnx", maps[a][0])])
+
+    # A move keeps the image's row, so its maps; a new vector drops them (new pixels); a
+    # deleted image takes them along; new ones replace old ones.
+    with catalog.transaction() as tx:
+        tx.update_image(a, path=Path("/q/a.jpg"))
+        tx.update_image(b, vector=new_image("", seed=9).vector)
+        tx.delete_images([c])
+    assert sorted(catalog.local_maps([a, b, c], "onnx")) == [a]
+    with catalog.transaction() as tx:
+        tx.set_local_maps([(a, "onnx", maps[b])])
+    np.testing.assert_array_equal(catalog.local_maps([a], "onnx")[a], maps[b])

@@ -20,6 +20,7 @@ import ghostmatch
 from ghostmatch.dupes import samecapture
 from ghostmatch.dupes.samecapture import LEVELS, agreement, prepare_capture
 from ghostmatch.eval.copies import TRANSFORMS
+from ghostmatch.model.localmaps import LocalMaps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -210,7 +211,7 @@ def test_local_maps_from_onnx_runtime_equal_torch_s(tmp_path: Path) -> None:
             x = torch.from_numpy(batch)
             if model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
-            plain = verify._LocalMaps(model)(x).numpy()
+            plain = LocalMaps(model)(x).numpy()
         assert fast.shape == plain.shape == (3, size // 16, size // 16, fast.shape[-1])
         np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-4)
 
@@ -276,7 +277,7 @@ def test_local_maps_come_from_torch_where_the_export_cannot_be_written(
         x = torch.from_numpy(batch)
         if model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        np.testing.assert_allclose(maps, verify._LocalMaps(model)(x).numpy(), atol=1e-6)
+        np.testing.assert_allclose(maps, LocalMaps(model)(x).numpy(), atol=1e-6)
 
 
 def test_a_capture_is_prepared_only_when_compared(tmp_path: Path) -> None:

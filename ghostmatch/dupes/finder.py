@@ -56,6 +56,7 @@ from ghostmatch.dupes.verify import (
     ZOOM,
     Verification,
     local_features,
+    local_maps_made_by,
     scale_steps,
     verify_scales,
 )
@@ -79,6 +80,10 @@ from ghostmatch.pathtext import path_text
 from ghostmatch.search import Searcher, check_k
 from ghostmatch.store.catalog import Catalog, ImageRecord, TurnScreen
 from ghostmatch.store.vectors import VectorStore
+
+# Where a search reads the plain local maps kept by indexing: (ids, what made them) to the
+# maps of those that have them (``Catalog.local_maps``).
+KeptMaps = Callable[[Sequence[int], str], dict[int, np.ndarray]]
 
 
 class DuplicateFinder:
@@ -241,7 +246,7 @@ class DuplicateFinder:
         needed = min_inliers
         if needed is None:
             needed = int(self._stage2_setting("min_inliers", DEFAULT_MIN_INLIERS))
-        judge = PairJudge(self.model, records, t, needed, crowded)
+        judge = PairJudge(self.model, records, t, needed, crowded, self.catalog.local_maps)
         # Quarter-turned and tilted copies, found through turned views and checked on them
         # when the grouping asks; each such pair that passes is ``edited``.
         found_turned = None
@@ -649,7 +654,7 @@ class DuplicateFinder:
         are taken in breadth-first order of the pair graph (:func:`_locality_order`), so
         the two images of a pair are seldom far apart and most images are decoded once.
         """
-        cache = _MapCache(self.embedder, records)
+        cache = _MapCache(self.embedder, records, kept_maps=self.catalog.local_maps)
         empty = Verification(0, 0, np.eye(2, 3), False)
         results: dict[tuple[int, int], Verification] = {}
         ordered = _locality_order(pairs)
@@ -837,9 +842,11 @@ class PairJudge:
         threshold: float,
         min_inliers: int,
         crowded: set[int] | frozenset[int] = frozenset(),
+        kept_maps: KeptMaps | None = None,
     ) -> None:
         self.records = records
         self.threshold = threshold
+        self.kept_maps = kept_maps
         self.min_inliers = min_inliers
         # Set while judging pairs that only regional descriptors made candidates: an
         # agreement that its map does not pin (``Agreement.pinned``) then counts only as
@@ -868,7 +875,7 @@ class PairJudge:
         """The local feature maps, made on first use: loading the model is only worth it
         for pairs that reach the geometric check."""
         if self._maps is None:
-            self._maps = _MapCache(self.model.embedder, self.records, self.decoded)
+            self._maps = _MapCache(self.model.embedder, self.records, self.decoded, self.kept_maps)
         return self._maps
 
     def capture(self, i: int) -> Capture | None:
@@ -1351,9 +1358,13 @@ class _MapCache:
         embedder: Embedder,
         records: dict[int, ImageRecord],
         decoded: _Decoded | None = None,
+        kept_maps: KeptMaps | None = None,
     ) -> None:
         self.embedder = embedder
         self.records = records
+        # The plain maps made while indexing, read where they are this search's own.
+        self.kept_maps = kept_maps
+        self._made_by: str | bool | None = False  # not asked yet
         # Every kind of map, and the captures of a judge that shares it, read one decode.
         self.decoded = _Decoded() if decoded is None else decoded
         card = embedder.card
@@ -1422,7 +1433,10 @@ class _MapCache:
         return maps.astype(np.float16)
 
     def _make(self, i: int, kind: str) -> np.ndarray | None:
-        """Image ``i``'s map of one kind, made now; None if it cannot be decoded."""
+        """Image ``i``'s map of one kind, made now (or a plain one kept by indexing); None
+        if it cannot be decoded."""
+        if kind == "base" and (kept := self.kept([i])):
+            return kept[i]
         prepared = self._prepared(i, kind)
         return None if prepared is None else self._embed([prepared], kind)[0]
 
@@ -1462,6 +1476,29 @@ class _MapCache:
             maps.zoomed = maps.base if made is None else made
         return maps.zoomed
 
+    def kept(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """The plain maps of those of ``ids`` that indexing kept (``Catalog.local_maps``)
+        and that are the ones this search would make, to the bit: made by its own maps'
+        runtime (``local_maps_made_by``) from the same pixels (a JPEG's DCT scale depends
+        on the size it is decoded for: the index decoded it for the plain size, a search
+        decodes it for the zoomed one). Counted in ``made["kept"]``."""
+        if self.kept_maps is None or not ids:
+            return {}
+        if self._made_by is False:
+            self._made_by = local_maps_made_by(self.embedder.local_model)
+        if not isinstance(self._made_by, str):
+            return {}
+        plain, zoomed = self.card.input_size, self.zoomed_card.input_size
+        alike = [
+            i
+            for i in ids
+            if decodes_alike((r := self.records[i]).format, (r.width, r.height), plain, zoomed)
+        ]
+        found = self.kept_maps(alike, self._made_by) if alike else {}
+        with self._lock:
+            self.made["kept"] += len(found)
+        return found
+
     def load(self, ids: set[int], pool: ThreadPoolExecutor) -> None:
         """Make sure every image in ``ids`` has its maps (or a failure mark) cached."""
         for i in ids & self.maps.keys():
@@ -1470,6 +1507,8 @@ class _MapCache:
             found, made = self._take(i, "base")
             if found:
                 self.maps[i] = None if made is None else self._adopted(i, _Maps(made))
+        for i, kept in self.kept(sorted(ids - self.maps.keys())).items():
+            self.maps[i] = self._adopted(i, _Maps(kept))
         missing = sorted(ids - self.maps.keys())
         for start in range(0, len(missing), MAP_BATCH):
             chunk = missing[start : start + MAP_BATCH]

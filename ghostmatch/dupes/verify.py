@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.embedder import export_name, export_onnx, onnx_available
+from ghostmatch.model.embedder import export_name, export_onnx, local_maps_tag, onnx_available
+from ghostmatch.model.localmaps import STRIDE16_STAGE, LocalMaps
 from ghostmatch.model.weights import cache_dir
 
-# Stage of GhostNet after which the feature map has stride 16 (14 x 14 at 224 px).
-STRIDE16_STAGE = 7
 RANSAC_ITERATIONS = 256
 # Inlier tolerance in feature-grid cells, and the cosine below which a local match is noise.
 TOLERANCE_CELLS = 1.5
@@ -115,8 +114,17 @@ def local_features(model: Descriptor, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(weight.device)
         if weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        out = _LocalMaps(model)(x).cpu().numpy()
+        out = LocalMaps(model)(x).cpu().numpy()
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def local_maps_made_by(model: Descriptor) -> str | None:
+    """The tag (``local_maps_tag``) of the maps :func:`local_features` makes for ``model``
+    here, so that maps kept at indexing with the same tag stand in for them, the same to
+    the bit; None where torch makes them (on a GPU, or without onnxruntime)."""
+    if model.backbone.conv_stem.weight.device.type != "cpu" or _local_session(model) is None:
+        return None
+    return local_maps_tag(model.card)
 
 
 def _session_batch(threads: int) -> int:
@@ -126,23 +134,6 @@ def _session_batch(threads: int) -> int:
     9.8-10.6 ms alone and 16-18 ms in runs of 32; on two threads, runs of 8 do best
     (3.9 ms a 160 px map, 4.4 ms in runs of 32, 4.7 ms alone)."""
     return 1 if threads <= 1 else 8
-
-
-class _LocalMaps(torch.nn.Module):
-    """The descriptor's network up to the stride-16 stage, L2-normalised per cell, NHWC."""
-
-    def __init__(self, model: Descriptor) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backbone = self.model.backbone
-        x = backbone.act1(backbone.bn1(backbone.conv_stem(self.model.normalize(x))))
-        for n in range(STRIDE16_STAGE):
-            x = backbone.blocks[n](x)
-        x = torch.nn.functional.normalize(x.float(), dim=1)
-        # NHWC is channels_last's own layout, so this permute copies nothing there.
-        return x.permute(0, 2, 3, 1)
 
 
 # ONNX Runtime sessions of the local maps, by (model card, torch's thread count): the
@@ -172,7 +163,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _local_session(model: Descriptor) -> Any:
-    """An ONNX Runtime session of :class:`_LocalMaps` for ``model``, exported once per
+    """An ONNX Runtime session of :class:`LocalMaps` for ``model``, exported once per
     model card into the weights cache beside the embedder's own export; None without
     onnxruntime. Measured on one thread, it makes the maps in two thirds of the CPU time
     of torch's (the same maps to 1e-6)."""
@@ -209,9 +200,9 @@ def _new_session(model: Descriptor, key: tuple[str, int]) -> Any:
 
 
 def _export_local(model: Descriptor, path: Path) -> None:
-    """Export :class:`_LocalMaps` with dynamic batch, height and width, atomically."""
+    """Export :class:`LocalMaps` with dynamic batch, height and width, atomically."""
     export_onnx(
-        _LocalMaps(model).eval(),
+        LocalMaps(model).eval(),
         model.card,
         path,
         ["maps"],

@@ -325,13 +325,17 @@ class Indexer:
         waiting: list[_Embedded] = []  # decoded, not yet through the model
         vectors: dict[int, np.ndarray] = {}
         regions: dict[int, np.ndarray] = {}  # regional descriptors, made in the same pass
+        maps: dict[int, np.ndarray] = {}  # local maps, made in the same pass where they are
+        made_by = embedder.maps_made_by
 
         def run_model() -> None:
-            out, parts = embedder.embed_with_regions(
+            out, parts, local = embedder.embed_for_index(
                 [r.pixels for r in waiting if r.pixels is not None]
             )
             vectors.update((id(r), v) for r, v in zip(waiting, out, strict=True))
             regions.update((id(r), v) for r, v in zip(waiting, parts, strict=True))
+            if local is not None:
+                maps.update((id(r), m) for r, m in zip(waiting, local, strict=True))
             report.embedded += len(waiting)
             waiting.clear()
 
@@ -366,9 +370,16 @@ class Indexer:
                         run_model()
                         # Handed over before the commit: interrupted, it is never redone.
                         batch, batch_vectors, batch_regions = pending, vectors, regions
-                        pending, vectors, regions = [], {}, {}
+                        batch_maps = maps
+                        pending, vectors, regions, maps = [], {}, {}, {}
                         self._commit(
-                            batch, batch_vectors, changed_ids, moved_from, report, batch_regions
+                            batch,
+                            batch_vectors,
+                            changed_ids,
+                            moved_from,
+                            report,
+                            batch_regions,
+                            (made_by, batch_maps),
                         )
                         last_commit = time.monotonic()
                     if progress:
@@ -383,9 +394,11 @@ class Indexer:
                 for r in pending
                 if not (isinstance(r, _Embedded) and r.pixels is not None and id(r) not in vectors)
             ]
-            self._commit(finished, vectors, changed_ids, moved_from, report, regions)
+            self._commit(
+                finished, vectors, changed_ids, moved_from, report, regions, (made_by, maps)
+            )
             raise
-        self._commit(pending, vectors, changed_ids, moved_from, report, regions)
+        self._commit(pending, vectors, changed_ids, moved_from, report, regions, (made_by, maps))
 
     def _commit(
         self,
@@ -395,16 +408,21 @@ class Indexer:
         moved_from: set[Path],
         report: IndexReport,
         regions: dict[int, np.ndarray] | None = None,
+        maps: tuple[str | None, dict[int, np.ndarray]] = (None, {}),
     ) -> None:
         """Write one catalog transaction for ``results`` (with their regional descriptors
-        where ``regions`` has them); the FAISS index catches up later
-        (:meth:`VectorStore.apply`), from the changes noted here."""
+        where ``regions`` has them, and their local maps where ``maps``, (what made them,
+        the maps), has them); the FAISS index catches up later (:meth:`VectorStore.apply`),
+        from the changes noted here."""
         regions = regions or {}
+        made_by, local = maps
         if not results:
             return
         new_rows: list[NewImage] = []
         new_regions: list[np.ndarray | None] = []
         updated_regions: list[tuple[int, np.ndarray]] = []
+        new_maps: list[np.ndarray | None] = []
+        updated_maps: list[tuple[int, np.ndarray]] = []
         new_screens: list[TurnScreen | None] = []
         updated_screens: list[tuple[int, TurnScreen]] = []
         failures: list[NewFailure] = []
@@ -444,6 +462,8 @@ class Indexer:
                     )
                     if id(r) in regions:
                         updated_regions.append((image_id, regions[id(r)]))
+                    if id(r) in local:
+                        updated_maps.append((image_id, local[id(r)]))
                     if r.screen is not None:
                         updated_screens.append((image_id, r.screen))
                     change.removed.append(image_id)
@@ -463,6 +483,7 @@ class Indexer:
                         )
                     )
                     new_regions.append(regions.get(id(r)))
+                    new_maps.append(local.get(id(r)))
                     new_screens.append(r.screen)
             added = tx.insert_images(new_rows)
             change.added.extend(added)
@@ -472,6 +493,14 @@ class Indexer:
                     *((i, p) for i, p in zip(added, new_regions, strict=True) if p is not None),
                 ]
             )
+            if made_by is not None:
+                tx.set_local_maps(
+                    (i, made_by, m)
+                    for i, m in [
+                        *updated_maps,
+                        *((i, m) for i, m in zip(added, new_maps, strict=True) if m is not None),
+                    ]
+                )
             tx.set_turn_screens(
                 [
                     *updated_screens,

@@ -20,6 +20,7 @@ from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import ModelCard
 from ghostmatch.model.descriptor import Descriptor
 from ghostmatch.model.ghostnet import ConvBnAct, GhostBottleneck, GhostNet
+from ghostmatch.model.localmaps import STRIDE16_STAGE
 from ghostmatch.model.regions import REGION_VERSION, RegionalDescriptor
 
 RUNTIMES = ("auto", "torch", "onnx", "eager")
@@ -155,12 +156,14 @@ class Embedder:
 
         from ghostmatch.model.weights import cache_dir
 
-        name = export_name(self.card) + (f"-regions{REGION_VERSION}" if regional else "")
+        name = export_name(self.card) + (
+            f"-regions{REGION_VERSION}-local{STRIDE16_STAGE}" if regional else ""
+        )
         path = cache_dir() / "onnx" / f"{name}.onnx"
         if not path.exists():
             if regional:
-                regional_model = RegionalDescriptor(model)  # type: ignore[arg-type]
-                export_onnx(regional_model, self.card, path, ["descriptors", "regions"])
+                regional_model = RegionalDescriptor(model, maps=True)  # type: ignore[arg-type]
+                export_onnx(regional_model, self.card, path, ["descriptors", "regions", "maps"])
             else:
                 export_onnx(model, self.card, path)
         options = ort.SessionOptions()
@@ -217,16 +220,28 @@ class Embedder:
     def embed_with_regions(self, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Descriptors (n, dim) and regional descriptors (n, REGIONS, dim), float32, from one
         pass of the model (``ghostmatch.model.regions``), for uint8 HWC arrays."""
+        whole, parts, _ = self.embed_for_index(arrays)
+        return whole, parts
+
+    def embed_for_index(
+        self, arrays: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`embed_with_regions`, and from the same pass the local maps (n, h, w, c)
+        in float16 that a duplicate search would make of the same pixels on this machine
+        (``ghostmatch.dupes.verify.local_features``): on the ONNX runtime, whose maps are
+        those of the search's own session to the bit. None on the others."""
         from ghostmatch.model.regions import REGIONS
 
         if not arrays:
             empty = np.zeros((0, self.dim), dtype=np.float32)
-            return empty, np.zeros((0, REGIONS, self.dim), dtype=np.float32)
+            return empty, np.zeros((0, REGIONS, self.dim), dtype=np.float32), None
         batch = to_batch(arrays)
+        maps = None
         if self.runtime == "onnx":
             if self._regional_session is None:
                 self._regional_session = self._onnx_session(self._model, regional=True)
-            whole, parts = self._regional_session.run(None, {"images": batch})
+            whole, parts, maps = self._regional_session.run(None, {"images": batch})
+            maps = maps.astype(np.float16)
         else:
             model = RegionalDescriptor(self._model)  # type: ignore[arg-type]
             with torch.inference_mode():
@@ -237,7 +252,14 @@ class Embedder:
         return (
             np.ascontiguousarray(whole, dtype=np.float32),
             np.ascontiguousarray(parts, dtype=np.float32),
+            maps,
         )
+
+    @property
+    def maps_made_by(self) -> str | None:
+        """What :meth:`embed_for_index`'s local maps are tagged with where they are kept
+        (``local_maps_tag``), None where it makes none."""
+        return local_maps_tag(self.card) if self.runtime == "onnx" else None
 
 
 # Bumped whenever the exported graph changes but not its maths, so that a cached export of
@@ -249,6 +271,13 @@ EXPORT_VERSION = 2
 def export_name(card: ModelCard) -> str:
     """The stem of a cached ONNX export of the model with ``card``."""
     return f"{card.fingerprint}-x{EXPORT_VERSION}"
+
+
+def local_maps_tag(card: ModelCard) -> str:
+    """Names the local maps of the model with ``card`` as ONNX Runtime makes them on the CPU,
+    at the card's input size: a kept map stands in for a duplicate search's own only where
+    the search would make it there too."""
+    return f"{export_name(card)}-local{STRIDE16_STAGE}-onnx"
 
 
 def export_onnx(

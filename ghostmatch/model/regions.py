@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ghostmatch.model.descriptor import Descriptor
+from ghostmatch.model.localmaps import STRIDE16_STAGE, stride16, unit_cells
 
 # Each window keeps this share of each side of the last feature map (at least one cell): a
 # copy cropped to 60% of each side shows about one such window of its source. With the
@@ -35,15 +36,22 @@ def windows(height: int, width: int) -> list[tuple[int, int, int, int]]:
 class RegionalDescriptor(nn.Module):
     """Image batch (N, 3, H, W) in [0, 1] -> (unit global descriptors (N, dim), unit
     regional descriptors (N, REGIONS, dim)), each window through the descriptor's own
-    pooling, projection and L2 normalisation: one backbone pass for both."""
+    pooling, projection and L2 normalisation: one backbone pass for both. With ``maps``,
+    also the local maps (N, H/16, W/16, C) of ``ghostmatch.model.localmaps``, which that
+    pass goes through on its way."""
 
-    def __init__(self, descriptor: Descriptor) -> None:
+    def __init__(self, descriptor: Descriptor, maps: bool = False) -> None:
         super().__init__()
         self.descriptor = descriptor
+        self.maps = maps
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d = self.descriptor
-        features = d.features(x)
+        middle = stride16(d, x)
+        features = middle
+        blocks = d.backbone.blocks
+        for n in range(STRIDE16_STAGE, len(blocks)):
+            features = blocks[n](features)
         # Plain ints: the input size is fixed by the model card, so an ONNX export may
         # hold the windows as constants.
         height, width = int(features.shape[2]), int(features.shape[3])
@@ -52,4 +60,6 @@ class RegionalDescriptor(nn.Module):
             d.l2norm(d.projection(d.pool(features[:, :, top:bottom, left:right])))
             for top, bottom, left, right in windows(height, width)
         ]
+        if self.maps:
+            return whole, torch.stack(parts, 1), unit_cells(middle)
         return whole, torch.stack(parts, 1)

@@ -225,8 +225,22 @@ _TURN_SCREENS = _per_image_table(
     Column("fill", Integer),
     Column("straightened", LargeBinary),
 )
+# An image's local feature maps (``ghostmatch.model.localmaps``), made in the pass that
+# made its vector: float16, height x width x channels, with what made them
+# (``ghostmatch.model.embedder.local_maps_tag``). A duplicate search reads them instead of
+# making them again. An image indexed before they existed, or on a runtime that does not
+# make them, has no row. They go with the image row.
+_LOCAL_MAPS = _per_image_table(
+    "local_maps",
+    _METADATA,
+    Column("made_by", String, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("maps", LargeBinary, nullable=False),
+)
+_MAP_DTYPE = np.dtype("<f2")
 # The tables of per-image data, whose rows an image's new vector or removal drops.
-_PER_IMAGE = (_REGIONS, _TURN_SCREENS)
+_PER_IMAGE = (_REGIONS, _TURN_SCREENS, _LOCAL_MAPS)
 
 # ---------------------------------------------------------------------------- migrations
 
@@ -326,6 +340,18 @@ def _create_turn_screens_v5(conn: Connection) -> None:
     )
 
 
+def _create_local_maps_v6(conn: Connection) -> None:
+    """Create the version 6 local_maps table from a frozen copy."""
+    _create_per_image(
+        conn,
+        "local_maps",
+        Column("made_by", String, nullable=False),
+        Column("height", Integer, nullable=False),
+        Column("width", Integer, nullable=False),
+        Column("maps", LargeBinary, nullable=False),
+    )
+
+
 # (version, why, apply) in order; opening a catalog applies those above its version.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "images, failures, roots, meta and not_duplicates tables", _create_tables_v1),
@@ -351,6 +377,12 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "copies need not decode every image again",
         _create_turn_screens_v5,
     ),
+    (
+        6,
+        "each image's local feature maps, made in the pass that made its vector, so that "
+        "a duplicate search need not make them again",
+        _create_local_maps_v6,
+    ),
 ]
 # The first version whose failures table has the columns of version 2.
 _FAILURE_RETRY_VERSION = 2
@@ -360,6 +392,8 @@ _LABELS_VERSION = 3
 _REGIONS_VERSION = 4
 # The first version with the turn_screens table.
 _TURN_SCREENS_VERSION = 5
+# The first version with the local_maps table.
+_LOCAL_MAPS_VERSION = 6
 
 
 # ---------------------------------------------------------------------------- records
@@ -1114,6 +1148,23 @@ class Catalog:
         older catalog read as it is, which cannot take it)."""
         return self._ids_without(_TURN_SCREENS, _TURN_SCREENS_VERSION)
 
+    def local_maps(self, ids: Sequence[int], made_by: str) -> dict[int, NDArray[np.float16]]:
+        """The (height, width, channels) float16 local maps of those of ``ids`` that have
+        maps made by ``made_by`` (``ghostmatch.model.embedder.local_maps_tag``), by id."""
+        if self._version < _LOCAL_MAPS_VERSION or not ids:
+            return {}
+        t = _LOCAL_MAPS.c
+        query = select(t.image_id, t.height, t.width, t.maps).where(t.made_by == made_by)
+        found: dict[int, NDArray[np.float16]] = {}
+        with self._read() as conn:
+            for chunk in _chunks(list(dict.fromkeys(ids))):
+                for image_id, height, width, blob in conn.execute(
+                    query.where(t.image_id.in_(chunk))
+                ):
+                    flat = np.frombuffer(blob, dtype=_MAP_DTYPE)
+                    found[int(image_id)] = flat.reshape(height, width, -1).astype(np.float16)
+        return found
+
     def _dim_of_vectors(self) -> int:
         """The dimension of the stored vectors (0 when there are none)."""
         with self._read() as conn:
@@ -1322,8 +1373,9 @@ class CatalogTransaction:
         """Change the given fields of one image (None leaves a field as it is).
 
         A new vector also sets ``indexed_at`` to now and drops the image's regional
-        descriptors and turned-copy screen data (``set_regions`` and ``set_turn_screens``
-        store new ones). Raises KeyError for an unknown id.
+        descriptors, turned-copy screen data and local maps (``set_regions``,
+        ``set_turn_screens`` and ``set_local_maps`` store new ones). Raises KeyError for an
+        unknown id.
         """
         values: dict[str, Any] = {
             "size": size,
@@ -1361,6 +1413,26 @@ class CatalogTransaction:
         self._replace_per_image(
             _REGIONS, [{"image_id": int(i), "vectors": _region_bytes(r)} for i, r in rows]
         )
+
+    def set_local_maps(self, rows: Iterable[tuple[int, str, NDArray[np.float16]]]) -> None:
+        """Store the (height, width, channels) local maps of images with what made them,
+        replacing ones they had."""
+        params = []
+        for image_id, made_by, maps in rows:
+            array = np.ascontiguousarray(maps, dtype=_MAP_DTYPE)
+            if array.ndim != 3:
+                raise ValueError(f"local maps must be (height, width, channels), not {array.shape}")
+            height, width, _ = array.shape
+            params.append(
+                {
+                    "image_id": int(image_id),
+                    "made_by": made_by,
+                    "height": height,
+                    "width": width,
+                    "maps": array.tobytes(),
+                }
+            )
+        self._replace_per_image(_LOCAL_MAPS, params)
 
     def set_turn_screens(self, rows: Iterable[tuple[int, TurnScreen]]) -> None:
         """Store the turned-copy screen data of images, replacing what they had."""
