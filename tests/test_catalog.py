@@ -612,9 +612,8 @@ def test_local_maps_round_trip_by_what_made_them_and_go_with_their_image(
     assert found[c].dtype == np.float16 and found[c].shape == (10, 7, 12)
     # Maps made otherwise (another runtime, another model) are not these.
     assert catalog.local_maps([a, b, c], "torch") == {}
-    with pytest.raises(ValueError, match="height, width, channels"):
-        with catalog.transaction() as tx:
-            tx.set_local_maps([(a, "onnx", maps[a][0])])
+    with pytest.raises(ValueError, match="height, width, channels"), catalog.transaction() as tx:
+        tx.set_local_maps([(a, "onnx", maps[a][0])])
 
     # A move keeps the image's row, so its maps; a new vector drops them (new pixels); a
     # deleted image takes them along; new ones replace old ones.
