@@ -125,3 +125,27 @@ def test_dupes_finds_the_same_with_or_without_kept_maps(
     with sqlite3.connect(index / "catalog.db") as db:
         db.execute("DELETE FROM local_maps")
     assert ok(run_cli(dupes, model_cache)).stdout == kept
+
+
+def test_a_changed_file_gets_the_maps_of_its_new_pixels(tmp_path: Path) -> None:
+    from ghostmatch.dupes.finder import _MapCache
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene().save(folder / "a.jpg", quality=95)
+    ImageOps.mirror(scene()).save(folder / "b.jpg", quality=95)
+    with ghostmatch.open(tmp_path / "index", weights="bundled") as lib:
+        lib.index([folder])
+        records, ids = records_by_name(lib)
+        tag = lib.finder.embedder.maps_made_by or ""
+        before = lib.catalog.local_maps([ids["a.jpg"]], tag)[ids["a.jpg"]]
+        coffee = Image.fromarray(data.coffee()).convert("RGB").resize((320, 240))
+        coffee.save(folder / "a.jpg", quality=90)
+        report = lib.index([folder])
+        assert report.updated == 1 and report.unchanged == 1
+        records, ids = records_by_name(lib)
+        kept = lib.catalog.local_maps(list(records), tag)
+        assert sorted(kept) == sorted(records)
+        own = _MapCache(lib.finder.embedder, records)._make(ids["a.jpg"], "base")
+        np.testing.assert_array_equal(kept[ids["a.jpg"]], own)
+        assert not np.array_equal(kept[ids["a.jpg"]], before)
