@@ -1364,7 +1364,6 @@ class _MapCache:
         self.records = records
         # The plain maps made while indexing, read where they are this search's own.
         self.kept_maps = kept_maps
-        self._made_by: str | bool | None = False  # not asked yet
         # Every kind of map, and the captures of a judge that shares it, read one decode.
         self.decoded = _Decoded() if decoded is None else decoded
         card = embedder.card
@@ -1476,17 +1475,19 @@ class _MapCache:
             maps.zoomed = maps.base if made is None else made
         return maps.zoomed
 
+    @functools.cached_property
+    def _made_by(self) -> str | None:
+        """What this search's own plain maps would be tagged with where kept
+        (``local_maps_made_by``), None where kept maps cannot stand in for them."""
+        return local_maps_made_by(self.embedder.local_model)
+
     def kept(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         """The plain maps of those of ``ids`` that indexing kept (``Catalog.local_maps``)
         and that are the ones this search would make, to the bit: made by its own maps'
         runtime (``local_maps_made_by``) from the same pixels (a JPEG's DCT scale depends
         on the size it is decoded for: the index decoded it for the plain size, a search
         decodes it for the zoomed one). Counted in ``made["kept"]``."""
-        if self.kept_maps is None or not ids:
-            return {}
-        if self._made_by is False:
-            self._made_by = local_maps_made_by(self.embedder.local_model)
-        if not isinstance(self._made_by, str):
+        if self.kept_maps is None or not ids or self._made_by is None:
             return {}
         plain, zoomed = self.card.input_size, self.zoomed_card.input_size
         alike = [
