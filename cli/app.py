@@ -7,7 +7,9 @@ done so far is kept).
 
 from __future__ import annotations
 
+import atexit
 import errno
+import gc
 import os
 import re
 import sys
@@ -504,6 +506,12 @@ def _with_option_values(args: list[str]) -> list[str]:
 
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
+    # At exit the interpreter's last garbage collections walk every object left: with
+    # torch loaded, 0.6 s of an index's 0.95 s teardown, 1.0 s of a duplicate search's
+    # 1.45 s. Frozen, the objects are left to the process's end (the system frees its
+    # memory). Only cycles go uncollected: nothing this package writes waits on one, and
+    # the exit handlers (logging's flush among them) still run.
+    atexit.register(gc.freeze)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}")
     try:

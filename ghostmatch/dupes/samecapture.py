@@ -35,7 +35,6 @@ from typing import overload
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
 # Coarse to fine: (long side in pixels, blur sigma in pixels, Gauss-Newton steps). The
 # finest level at 128 pixels rather than 160: on the full ``benchmarks.othershots`` set the
@@ -445,6 +444,10 @@ def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
     (``tests/test_gaussnewton.py``), a third of the time."""
     kernels = _kernels()
     if kernels is None or image.ndim != 2 or image.dtype not in (np.float32, np.float64):
+        # Imported here: scipy.ndimage takes half a second to import, and with numba it
+        # is never needed.
+        from scipy import ndimage
+
         return np.asarray(ndimage.gaussian_filter(image, sigma))
     out = np.empty(image.shape, image.dtype)
     kernels.blur(np.ascontiguousarray(image), _gaussian_weights(sigma), out)
