@@ -7,6 +7,7 @@ map where they agree mirrored."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,10 +78,10 @@ class Glance:
     grey: np.ndarray
     # The glance of the picture inside a uniform frame, when the image has one.
     inside: Glance | None = None
-    # What this glance derives from its pixels, made on first use and kept: a file meets
-    # many others, and each pair reads its thumbnails, layouts and mirror image again (on
-    # the full ``benchmarks.othershots`` set, 14,862 thumbnails of 2,051 glances).
-    _derived: dict[object, object] = field(
+    # Thumbnails by block, made on first use and kept: a file meets many others, and each
+    # pair reads its thumbnails and layouts again (on the full ``benchmarks.othershots``
+    # set, 14,862 thumbnails of 2,051 glances).
+    _thumbnails: dict[int, np.ndarray] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -91,21 +92,17 @@ class Glance:
         inside = None if box is None else cls.of(image.crop(box), framed=False)
         return cls(np.asarray(small, dtype=np.uint8), inside)
 
+    @functools.cached_property
     def mirrored(self) -> Glance:
-        """The glance of the image's mirror image."""
-        made = self._derived.get("mirrored")
-        if not isinstance(made, Glance):
-            inside = None if self.inside is None else self.inside.mirrored()
-            made = self._derived["mirrored"] = Glance(
-                np.ascontiguousarray(self.grey[:, ::-1]), inside
-            )
-        return made
+        """The glance of the image's mirror image (made once)."""
+        inside = None if self.inside is None else self.inside.mirrored
+        return Glance(np.ascontiguousarray(self.grey[:, ::-1]), inside)
 
     def thumbnail(self, block: int = THUMB_BLOCK) -> np.ndarray:
         """The glance averaged over ``block`` squares, mean removed and unit length (zero
         for a flat glance), flattened (read-only)."""
-        made = self._derived.get(block)
-        if isinstance(made, np.ndarray):
+        made = self._thumbnails.get(block)
+        if made is not None:
             return made
         side = GLANCE_SIDE // block
         blocks = self.grey.astype(np.float64).reshape(side, block, side, block)
@@ -114,7 +111,7 @@ class Glance:
         norm = float(np.linalg.norm(thumb))
         thumb = thumb / norm if norm > 1e-6 else np.zeros_like(thumb)
         thumb.flags.writeable = False
-        self._derived[block] = thumb
+        self._thumbnails[block] = thumb
         return thumb
 
 
@@ -156,7 +153,7 @@ def settled_tier(kept: Glance, other: Glance) -> str | None:
         return "near"
     if _framed(kept, other):
         return "edited"
-    flipped = other.mirrored()
+    flipped = other.mirrored
     if settles(kept, flipped) or _framed(kept, flipped):
         return "edited"
     return None
