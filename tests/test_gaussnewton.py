@@ -230,3 +230,46 @@ def test_a_captures_blurred_levels_colour_and_chroma_are_scipys() -> None:
     across = ndimage.gaussian_filter(r - (g + b) / 2, samecapture.CHROMA_BLUR)
     down = ndimage.gaussian_filter((np.sqrt(3) / 2) * (g - b), samecapture.CHROMA_BLUR)
     np.testing.assert_array_equal(kept.chroma, (across + 1j * down).ravel())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_compiled_sampling_is_torchs_grid_sample_to_the_bit(dtype: type) -> None:
+    import torch
+
+    rng = np.random.default_rng(3)
+    for h, w in [(96, 128), (36, 48), (128, 100), (9, 8), (2, 3)]:
+        stack = (rng.random((3, h, w)) * 2 - 0.5).astype(dtype)
+        # Inside, past every border, and on pixel centres and edges exactly.
+        grid = rng.random((3000, 2)) * 2.6 - 1.3
+        grid[:200] = np.round(grid[:200] * 16) / 16
+        for planes in (stack, stack[:1]):
+            ours = samecapture._grid_sample(planes, grid)
+            theirs = torch.nn.functional.grid_sample(
+                torch.from_numpy(planes)[None],
+                torch.from_numpy(grid.astype(dtype))[None, None],
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            ).numpy()[0, :, 0]
+            assert ours.dtype == planes.dtype
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_compiled_area_average_is_torchs_interpolate_to_the_bit() -> None:
+    import torch
+
+    rng = np.random.default_rng(4)
+    # A capture's finest colour planes down to its coarser levels, wide and tall, and
+    # sizes that no whole number of pixels divides.
+    for (h, w), (oh, ow) in [
+        ((96, 128), (72, 96)),
+        ((96, 128), (36, 48)),
+        ((128, 85), (96, 64)),
+        ((128, 85), (48, 32)),
+        ((123, 107), (37, 51)),
+    ]:
+        planes = rng.random((3, h, w)).astype(np.float32)
+        theirs = torch.nn.functional.interpolate(
+            torch.from_numpy(planes)[None], size=(oh, ow), mode="area"
+        ).numpy()[0]
+        np.testing.assert_array_equal(samecapture._area(planes, oh, ow), theirs)

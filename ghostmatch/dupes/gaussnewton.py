@@ -33,6 +33,25 @@ try:
 except ImportError:  # the numpy steps run instead
     numba = None
 
+# ``a * b + c`` rounded once (a fused multiply-add), for floats of one type: compiled code
+# only (``sample``, which runs only compiled).
+_fma: Any = None
+if numba is not None:
+    from numba.core import types as _types
+    from numba.core.extending import intrinsic
+
+    def _fused(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+        if not (a == b == c and isinstance(a, _types.Float)):
+            return None
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.fma(*args)
+
+        return a(a, b, c), codegen
+
+    _fma = intrinsic(_fused)
+
+
 # What a step adds to the normal equations' diagonal (``samecapture._REGULARISED``).
 REGULARISED = 1e-6
 
@@ -341,6 +360,58 @@ def blur(image: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
     _blur_down(across, weights, out)
 
 
+@_exact
+def sample(stack: np.ndarray, grid: np.ndarray, out: np.ndarray) -> None:
+    """Bilinear samples ``out`` (c, n) of a (c, h, w) ``stack`` at ``grid`` (n, 2: x, y from
+    -1 to 1 across the image, of the stack's dtype), clamped at the border: torch's
+    ``grid_sample`` (bilinear, padding ``border``, corners not aligned) on the CPU, the same
+    values to the bit. Its kernel rounds as it is compiled there: the pixel coordinate and
+    each corner after the first added by fused multiply-adds."""
+    c, h, w = stack.shape
+    one, zero = stack.dtype.type(1), stack.dtype.type(0)
+    less_half = -stack.dtype.type(0.5)
+    across = stack.dtype.type(w) / stack.dtype.type(2)
+    down = stack.dtype.type(h) / stack.dtype.type(2)
+    right, bottom = stack.dtype.type(w - 1), stack.dtype.type(h - 1)
+    for k in range(grid.shape[0]):
+        x = min(right, max(_fma(grid[k, 0] + one, across, less_half), zero))
+        y = min(bottom, max(_fma(grid[k, 1] + one, down, less_half), zero))
+        left, top = np.floor(x), np.floor(y)
+        fx, fy = x - left, y - top
+        ex, sy = one - fx, one - fy
+        nw, ne, sw, se = sy * ex, sy * fx, fy * ex, fy * fx
+        x0, y0 = int(left), int(top)
+        # A corner past the last pixel weighs nothing, and reads as zero.
+        east, south = x0 + 1 < w, y0 + 1 < h
+        x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
+        for ch in range(c):
+            v = stack[ch, y0, x0] * nw
+            v = _fma(stack[ch, y0, x1] if east else zero, ne, v)
+            v = _fma(stack[ch, y1, x0] if south else zero, sw, v)
+            out[ch, k] = _fma(stack[ch, y1, x1] if east and south else zero, se, v)
+
+
+@_exact
+def area(planes: np.ndarray, out: np.ndarray) -> None:
+    """``planes`` (c, h, w) averaged down to ``out``'s size (c, h', w'): torch's
+    ``interpolate`` in mode ``area`` (adaptive average pooling) on the CPU, the same values
+    to the bit: each output pixel the sum of its window row by row, divided by the
+    window's height, then by its width."""
+    c, h, w = planes.shape
+    _, oh, ow = out.shape
+    for ch in range(c):
+        for i in range(oh):
+            top, bottom = (i * h) // oh, -(-((i + 1) * h) // oh)
+            for j in range(ow):
+                left, right = (j * w) // ow, -(-((j + 1) * w) // ow)
+                total = planes.dtype.type(0)
+                for y in range(top, bottom):
+                    for x in range(left, right):
+                        total += planes[ch, y, x]
+                total /= planes.dtype.type(bottom - top)
+                out[ch, i, j] = total / planes.dtype.type(right - left)
+
+
 @_compiled
 def patch_counts(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """How many pixels of the (h, w) ``mask`` fall in each patch of a ``PATCHES`` x
@@ -545,4 +616,9 @@ def warm() -> None:
         for dtype in (np.float32, np.float64):
             image = np.zeros((4, 4), dtype)
             blur(image, weights, np.empty_like(image))
+            # Sampling, on the levels (single) and the alignment checks' maps (double).
+            planes = np.zeros((3, 4, 4), dtype)
+            sample(planes, np.zeros((2, 2), dtype), np.empty((3, 2), dtype))
+            sample(planes[:1], np.zeros((2, 2), dtype), np.empty((1, 2), dtype))
+        area(stack, np.empty((3, 2, 2), np.float32))
         _warm = True

@@ -33,7 +33,6 @@ from types import ModuleType
 from typing import overload
 
 import numpy as np
-import torch
 from PIL import Image
 
 # Coarse to fine: (long side in pixels, blur sigma in pixels, Gauss-Newton steps). The
@@ -297,11 +296,7 @@ class Capture:
         made = self._coarse_planes.get(level)
         if made is None:
             _, h, w = self.levels[level].shape
-            with torch.inference_mode():
-                small = torch.nn.functional.interpolate(
-                    torch.from_numpy(self.planes)[None], size=(h, w), mode="area"
-                )
-            made = self._coarse_planes[level] = np.ascontiguousarray(small.numpy()[0])
+            made = self._coarse_planes[level] = _area(self.planes, h, w)
         return made
 
     def chroma_at(self, level: int) -> np.ndarray:
@@ -525,21 +520,53 @@ def _sample(stack: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarra
     the border, and which points fall inside it."""
     _, h, w = stack.shape
     # torch's grid_sample is this very interpolation (pixel centres at (k + 0.5) / size,
-    # coordinates clamped to the border), in one pass: a tenth of the CPU of numpy's four
-    # gathers, and the same values to rounding.
+    # coordinates clamped to the border), in one pass (compiled, or torch's own): a tenth
+    # of the CPU of numpy's four gathers, and the same values to rounding.
     coordinates = np.ascontiguousarray(units[:, :2]) * 2.0 - 1.0
     inside = _inside_grid(h, w, coordinates)
-    grid = torch.from_numpy(coordinates)
+    return _grid_sample(stack, coordinates), inside
+
+
+def _grid_sample(stack: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Bilinear samples (c, n) of a (c, h, w) float ``stack`` at ``grid`` (n, 2: x, y from
+    -1 to 1 across the image; rounded to the stack's dtype first), clamped at the border:
+    torch's ``grid_sample`` (bilinear, padding ``border``, corners not aligned), compiled
+    where numba is installed (the same values to the bit, without loading torch)."""
+    coordinates = grid.astype(stack.dtype)
+    kernels = _kernels()
+    if kernels is not None:
+        out = np.empty((stack.shape[0], len(coordinates)), stack.dtype)
+        kernels.sample(stack, coordinates, out)
+        return out
+    import torch
+
     with torch.inference_mode():
         value = torch.nn.functional.grid_sample(
             torch.from_numpy(stack)[None],
-            grid.to(torch.float64 if stack.dtype == np.float64 else torch.float32)[None, None],
+            torch.from_numpy(coordinates)[None, None],
             mode="bilinear",
             padding_mode="border",
             align_corners=False,
         )
     # Indexed as numpy (a tenth of torch indexing's overhead), the same memory.
-    return value.numpy()[0, :, 0], inside
+    return value.numpy()[0, :, 0]
+
+
+def _area(planes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``planes`` (c, h', w') averaged down to (c, h, w): torch's ``interpolate`` in mode
+    ``area``, compiled where numba is installed (the same values to the bit)."""
+    kernels = _kernels()
+    if kernels is not None:
+        out = np.empty((planes.shape[0], h, w), planes.dtype)
+        kernels.area(planes, out)
+        return out
+    import torch
+
+    with torch.inference_mode():
+        small = torch.nn.functional.interpolate(
+            torch.from_numpy(planes)[None], size=(h, w), mode="area"
+        )
+    return np.ascontiguousarray(small.numpy()[0])
 
 
 def _photometric(
@@ -687,6 +714,8 @@ def _refine(t_img: np.ndarray, stack: np.ndarray, p: np.ndarray, steps: int, don
     kept level's grey image ``t_img`` onto the other's ``stack``, in numpy: the reference
     of ``ghostmatch.dupes.gaussnewton.steps``, and what runs without numba. Stops once no
     parameter moves by ``done``."""
+    import torch  # this reference only runs without numba
+
     design = _unit_grid(*t_img.shape)
     moments = _moments(*t_img.shape)
     t = t_img.ravel()
@@ -1122,14 +1151,7 @@ def _one_colour_change(
     # is ``inside`` already): torch's grid coordinates are the unit ones doubled, less one.
     grid = _unit_grid(h, w) @ (2.0 * warp).T
     grid -= 1.0
-    with torch.inference_mode():
-        warped = torch.nn.functional.grid_sample(
-            torch.from_numpy(other.planes_at(level))[None],
-            torch.from_numpy(grid).to(torch.float32)[None, None],
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        ).numpy()[0, :, 0]
+    warped = _grid_sample(other.planes_at(level), grid)
     mask = inside.ravel()
     covered = _patch_counts(inside)
     # The sampled planes as they come (contiguous rows): the same values as the image
