@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from PIL import Image
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import ModelCard
 from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.embedder import Embedder, export_name, fuse_batchnorm, prepare, to_batch
+from ghostmatch.model.embedder import Embedder, fuse_batchnorm, prepare, to_batch
+from ghostmatch.model.exports import export_name
 
 
 def _arrays(n: int, size: int = 224) -> list[np.ndarray]:
@@ -117,3 +120,56 @@ def test_a_ghost_module_of_odd_width_is_cut_to_it() -> None:
     odd, even = GhostModule(8, 7).eval(), GhostModule(8, 6).eval()
     x = torch.rand(1, 8, 5, 5)
     assert odd(x).shape[1] == 7 and even(x).shape[1] == 6
+
+
+def test_an_exported_model_runs_without_loading_and_as_the_loaded_one(
+    random_model: Descriptor, tmp_path: Path
+) -> None:
+    from ghostmatch.dupes.verify import local_features
+    from ghostmatch.model.exports import exported_model
+    from ghostmatch.model.scorenorm import ScoreNorm
+    from ghostmatch.model.weights import load_descriptor, save_descriptor
+
+    background = np.random.default_rng(2).normal(size=(40, 960)).astype(np.float32)
+    random_model.score_norm = ScoreNorm(background / np.linalg.norm(background, axis=1)[:, None])
+    try:
+        weights = tmp_path / "model.safetensors"
+        save_descriptor(random_model, weights)
+    finally:
+        random_model.score_norm = None
+    model = load_descriptor(str(weights))
+    loads: list[int] = []
+
+    def load() -> Descriptor:
+        loads.append(1)
+        return model
+
+    card = model.card
+    # Not before the descriptor's export is cached, nor for other bytes than the card's.
+    assert exported_model(str(weights), card, load) is None
+    loaded = Embedder(model, runtime="onnx")
+    assert exported_model("random", card, load) is None
+    other = card.with_changes(weights_sha256="f" * 64)
+    assert exported_model(str(weights), other, load) is None
+    exported = exported_model(str(weights), card, load)
+    assert exported is not None
+    embedder = Embedder(exported, device="cpu")
+    assert embedder.exported and embedder.runtime == "onnx"
+    arrays = _arrays(3)
+    np.testing.assert_array_equal(embedder.embed_arrays(arrays), loaded.embed_arrays(arrays))
+    assert embedder.score_norm is not None and loaded.score_norm is not None
+    np.testing.assert_array_equal(embedder.score_norm.background, loaded.score_norm.background)
+    assert (embedder.score_norm.rank, embedder.score_norm.beta) == (
+        loaded.score_norm.rank,
+        loaded.score_norm.beta,
+    )
+    # The local maps: exported on first use (the model loads for that), the same to the bit.
+    batch = to_batch(_arrays(2, 160))
+    maps = local_features(embedder.local_maps_model, batch)
+    assert loads == [1]
+    np.testing.assert_array_equal(maps, local_features(loaded.local_model, batch))
+    again = Embedder(exported, device="cpu")
+    np.testing.assert_array_equal(local_features(again.local_maps_model, batch), maps)
+    assert loads == [1]
+    with pytest.raises(GhostmatchError, match="ONNX Runtime on the CPU"):
+        Embedder(exported, runtime="torch", device="cpu")

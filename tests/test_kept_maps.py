@@ -19,7 +19,7 @@ from skimage import data
 import ghostmatch
 from ghostmatch import Library
 from ghostmatch.ingest.images import decodes_alike
-from ghostmatch.model.embedder import local_maps_tag
+from ghostmatch.model.exports import local_maps_tag
 from ghostmatch.store.catalog import ImageRecord
 
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import itertools
 import os
+import sys
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 from threadpoolctl import threadpool_limits
 
@@ -55,6 +55,7 @@ from ghostmatch.dupes.settle import Glance, first_try, settled_tier
 from ghostmatch.dupes.verify import (
     ZOOM,
     Verification,
+    limited_threads,
     local_features,
     local_maps_made_by,
     scale_steps,
@@ -124,7 +125,7 @@ class DuplicateFinder:
         no score background (duplicate scores are then plain cosines)."""
         if not self.normalised_scores:
             return None
-        norm = self.embedder.model.score_norm
+        norm = self.embedder.score_norm
         if norm is None:
             raise GhostmatchError(
                 f"the model card of index {self.vectors.path} names a score background that its "
@@ -445,7 +446,7 @@ class DuplicateFinder:
         to pay for starting them, when called on the main thread. A server searches on
         one of its threads while others run queries on the model, whose locks a fork
         could copy held: there the default is one process."""
-        if not verify or not can_fork() or torch.cuda.is_initialized():
+        if not verify or not can_fork() or _cuda_initialized():
             # A CUDA context (the model already loaded on a GPU) does not survive a fork.
             return 1
         if workers is None:
@@ -563,7 +564,8 @@ class DuplicateFinder:
         """What a worker process does first: its own database connections should it read
         the catalog, and one thread for torch and BLAS (``one_thread``)."""
         self.catalog.forget_connections()
-        torch.set_num_threads(1)
+        if (torch := sys.modules.get("torch")) is not None:
+            torch.set_num_threads(1)
         threadpool_limits(1, user_api="blas")
 
     def candidate_pairs(
@@ -797,7 +799,7 @@ class DuplicateFinder:
                 image = load_image(x, cache.zoomed_card.input_size).image
             except ImageRejected as err:
                 raise GhostmatchError(f"cannot read {path_text(x)}: {err}") from err
-        model = self.embedder.local_model
+        model = self.embedder.local_maps_model
         pixels = [prepare(image, cache.card), prepare(ImageOps.mirror(image), cache.card)]
         base = local_features(model, to_batch(pixels)).astype(np.float16)
         zoomed = local_features(model, to_batch([prepare(image, cache.zoomed_card)]))
@@ -1129,13 +1131,22 @@ def one_thread() -> Iterator[None]:
     numpy steps with small forward passes; with a pool of threads each, idle threads spin
     between the steps, and on 2 busy cores that cost ten times the CPU of one thread
     (``python -m benchmarks.othershots --synthetic-only 200``: 54 CPU seconds, not 5)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")  # left unloaded where nothing needs it
+    before = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(1)
     try:
-        with threadpool_limits(1, user_api="blas"):
+        with limited_threads(1), threadpool_limits(1, user_api="blas"):
             yield
     finally:
-        torch.set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(before)
+
+
+def _cuda_initialized() -> bool:
+    """Whether torch holds a CUDA context (never where torch is not loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.cuda.is_initialized())
 
 
 def _workers() -> int:
@@ -1426,7 +1437,7 @@ class _MapCache:
 
     def _embed(self, prepared: list[np.ndarray], kind: str) -> np.ndarray:
         """The maps (fp16) of images prepared for one kind, as one batch."""
-        maps = local_features(self.embedder.local_model, to_batch(prepared))
+        maps = local_features(self.embedder.local_maps_model, to_batch(prepared))
         with self._lock:
             self.made[kind] += len(prepared)
         return maps.astype(np.float16)
@@ -1479,7 +1490,7 @@ class _MapCache:
     def _made_by(self) -> str | None:
         """What this search's own plain maps would be tagged with where kept
         (``local_maps_made_by``), None where kept maps cannot stand in for them."""
-        return local_maps_made_by(self.embedder.local_model)
+        return local_maps_made_by(self.embedder.local_maps_model)
 
     def kept(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         """The plain maps of those of ``ids`` that indexing kept (``Catalog.local_maps``)

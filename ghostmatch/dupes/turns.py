@@ -919,7 +919,7 @@ def check_screened(
             array = prepare(ImageOps.mirror(seen) if key[1] else seen, embedder.card)
         made.append((key, array))
     if made:
-        maps = local_features(embedder.local_model, to_batch([a for _, a in made]))
+        maps = local_features(embedder.local_maps_model, to_batch([a for _, a in made]))
         cache.update(zip([k for k, _ in made], maps, strict=True))
     checked = []
     for pair, (target, view) in zip(pairs, sides, strict=True):
@@ -1178,7 +1178,7 @@ class TurnedCandidates:
     def _norm(self) -> ScoreNorm | None:
         """The score background itself (the finder's own lookup reads the model card each
         time), None for plain cosines."""
-        return self.embedder.model.score_norm if self.normalised else None
+        return self.embedder.score_norm if self.normalised else None
 
     def candidates(self, upright: Iterable[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
         """The grouping's candidates: ``upright`` ones (low id first), each turned
@@ -1443,7 +1443,7 @@ def pairs_of_image(
         return []
     embedder = finder.embedder
     # The score background itself: the finder's own lookup reads the model card each time.
-    norm = embedder.model.score_norm if finder.normalised_scores else None
+    norm = embedder.score_norm if finder.normalised_scores else None
 
     def offsets_of(vectors: np.ndarray) -> np.ndarray | None:
         return None if norm is None else norm.offsets(vectors)

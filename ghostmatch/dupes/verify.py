@@ -15,6 +15,7 @@ size, and a pair is tried at equal scales and with either image zoomed
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -23,15 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
-from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.embedder import export_name, export_onnx, local_maps_tag, onnx_available
-from ghostmatch.model.localmaps import STRIDE16_STAGE, LocalMaps
-from ghostmatch.model.weights import cache_dir
+from ghostmatch.model.exports import ExportedModel, export_path, local_maps_tag, onnx_available
+
+if TYPE_CHECKING:
+    from ghostmatch.model.descriptor import Descriptor
 
 RANSAC_ITERATIONS = 256
 # Inlier tolerance in feature-grid cells, and the cosine below which a local match is noise.
@@ -93,38 +93,83 @@ class Verification:
         return not self.flipped and close and self.coverage >= min_coverage
 
 
-def local_features(model: Descriptor, batch: np.ndarray) -> np.ndarray:
+def local_features(model: Descriptor | ExportedModel, batch: np.ndarray) -> np.ndarray:
     """Unit local descriptors (n, h, w, c) from the stride-16 stage for a (n, 3, H, W) batch
     in [0, 1] (the model's own input). ``model`` may be the embedder's BatchNorm-folded,
-    channels_last copy, on any device; the maps come back as float32 on the CPU. On the
-    CPU they come from ONNX Runtime when it is installed (:func:`_local_session`)."""
-    backbone = model.backbone
-    weight = backbone.conv_stem.weight
-    session = _local_session(model) if weight.device.type == "cpu" else None
+    channels_last copy, on any device, or that model as an exported one (its
+    ``local_maps_model``); the maps come back as float32 on the CPU. On the CPU they come from
+    ONNX Runtime when it is installed (:func:`_local_session`)."""
+    session = _local_session(model) if _on_cpu(model) else None
     if session is not None:
         images = np.ascontiguousarray(batch, dtype=np.float32)
-        step = _session_batch(torch.get_num_threads())
+        step = _session_batch(session_threads())
         runs = [
             session.run(None, {"images": images[k : k + step]})[0]
             for k in range(0, len(images), step)
         ]
         out = runs[0] if len(runs) == 1 else np.concatenate(runs)
         return np.ascontiguousarray(out, dtype=np.float32)
+    import torch
+
+    from ghostmatch.model.localmaps import LocalMaps
+
+    loaded = _loaded(model)
+    weight = loaded.backbone.conv_stem.weight
     with torch.inference_mode():
         x = torch.from_numpy(batch).to(weight.device)
         if weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        out = LocalMaps(model)(x).cpu().numpy()
+        out = LocalMaps(loaded)(x).cpu().numpy()
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def local_maps_made_by(model: Descriptor) -> str | None:
+def local_maps_made_by(model: Descriptor | ExportedModel) -> str | None:
     """The tag (``local_maps_tag``) of the maps :func:`local_features` makes for ``model``
     here, so that maps kept at indexing with the same tag stand in for them, the same to
     the bit; None where torch makes them (on a GPU, or without onnxruntime)."""
-    if model.backbone.conv_stem.weight.device.type != "cpu" or _local_session(model) is None:
+    if not _on_cpu(model) or _local_session(model) is None:
         return None
     return local_maps_tag(model.card)
+
+
+def _on_cpu(model: Descriptor | ExportedModel) -> bool:
+    """Whether ``model`` runs on the CPU (an exported model always does)."""
+    if isinstance(model, ExportedModel):
+        return True
+    return bool(model.backbone.conv_stem.weight.device.type == "cpu")
+
+
+def _loaded(model: Descriptor | ExportedModel) -> Descriptor:
+    """The torch model ``model`` is or stands for (loaded now for an exported one)."""
+    return model.load() if isinstance(model, ExportedModel) else model
+
+
+# The most threads a process's local maps take (``session_threads``): set to one while a
+# duplicate search runs (``ghostmatch.dupes.finder.one_thread``), None for torch's count.
+_thread_limit: int | None = None
+
+
+@contextlib.contextmanager
+def limited_threads(threads: int) -> Iterator[None]:
+    """Within, the local maps' sessions run on ``threads`` (``session_threads``)."""
+    global _thread_limit
+    before, _thread_limit = _thread_limit, threads
+    try:
+        yield
+    finally:
+        _thread_limit = before
+
+
+def session_threads() -> int:
+    """How many threads the local maps' session of this moment runs on: one while a
+    duplicate search runs, else torch's thread count (the CPU count where torch is not
+    loaded, as torch counts them here)."""
+    if _thread_limit is not None:
+        return _thread_limit
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    return os.cpu_count() or 1
 
 
 def _session_batch(threads: int) -> int:
@@ -136,7 +181,7 @@ def _session_batch(threads: int) -> int:
     return 1 if threads <= 1 else 8
 
 
-# ONNX Runtime sessions of the local maps, by (model card, torch's thread count): the
+# ONNX Runtime sessions of the local maps, by (model card, thread count): the
 # maps of a duplicate search are made on one thread (``ghostmatch.dupes.finder.one_thread``).
 _SESSIONS: dict[tuple[str, int], Any] = {}
 # One export at a time in this process: threads of a server share the temporary file name.
@@ -162,12 +207,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_sessions)
 
 
-def _local_session(model: Descriptor) -> Any:
+def _local_session(model: Descriptor | ExportedModel) -> Any:
     """An ONNX Runtime session of :class:`LocalMaps` for ``model``, exported once per
     model card into the weights cache beside the embedder's own export; None without
     onnxruntime. Measured on one thread, it makes the maps in two thirds of the CPU time
     of torch's (the same maps to 1e-6)."""
-    threads = torch.get_num_threads()
+    threads = session_threads()
     key = (model.card.fingerprint, threads)
     if key in _SESSIONS:
         return _SESSIONS[key]
@@ -175,17 +220,17 @@ def _local_session(model: Descriptor) -> Any:
         return _SESSIONS[key] if key in _SESSIONS else _new_session(model, key)
 
 
-def _new_session(model: Descriptor, key: tuple[str, int]) -> Any:
+def _new_session(model: Descriptor | ExportedModel, key: tuple[str, int]) -> Any:
     """Make and keep the session for ``key`` (None where onnxruntime is missing or the
     export cannot be written: torch makes the same maps, only slower)."""
     session = None
     if onnx_available():
         import onnxruntime as ort
 
-        path = cache_dir() / "onnx" / f"{export_name(model.card)}-local{STRIDE16_STAGE}.onnx"
+        path = export_path(model.card, "local")
         try:
             if not path.exists():
-                _export_local(model, path)
+                _export_local(_loaded(model), path)
             exported = True
         except OSError:  # a read-only cache
             exported = False
@@ -201,6 +246,9 @@ def _new_session(model: Descriptor, key: tuple[str, int]) -> Any:
 
 def _export_local(model: Descriptor, path: Path) -> None:
     """Export :class:`LocalMaps` with dynamic batch, height and width, atomically."""
+    from ghostmatch.model.embedder import export_onnx
+    from ghostmatch.model.localmaps import LocalMaps
+
     export_onnx(
         LocalMaps(model).eval(),
         model.card,

@@ -21,6 +21,7 @@ from ghostmatch.pathtext import path_text
 if TYPE_CHECKING:
     from ghostmatch.model.descriptor import Descriptor
     from ghostmatch.model.embedder import Embedder
+    from ghostmatch.model.exports import ExportedModel
     from ghostmatch.store.catalog import Catalog
 
 CARD_META = "model_card"
@@ -95,26 +96,22 @@ class ModelBinding:
 
     @property
     def embedder(self) -> Embedder:
-        """The model, loaded on first use with the index's own weights and preprocessing."""
+        """The model, loaded on first use with the index's own weights and preprocessing:
+        on the CPU, from its cached exports where it can (``ghostmatch.model.exports``)."""
         if self._embedder is None:
             from ghostmatch.model.embedder import Embedder
-            from ghostmatch.model.weights import load_descriptor
 
             stored = self.card
             spec = self.weights
             if stored is not None:
                 spec = self.catalog.get_meta(WEIGHTS_META) or stored.weights
+                exported = self._exported(spec, stored)
+                if exported is not None:
+                    self._embedder = Embedder(exported, runtime=self._runtime, device="cpu")
+                    return self._embedder
             preloaded = self._model if stored is None else None
-            model = preloaded if preloaded is not None else load_descriptor(spec)
+            model = preloaded if preloaded is not None else self._loaded(spec, stored)
             self._model = None
-            if stored is not None and only_learnt_p_differs(stored, model.card):
-                stored = model.card
-            if stored is not None and model.card.fingerprint != stored.fingerprint:
-                raise GhostmatchError(
-                    f"the weights {spec!r} no longer match index {self.path} (its card: "
-                    f"{stored.describe()}; found: {model.card.describe()}); rebuild the "
-                    "index or restore the original weights file"
-                )
             self._embedder = Embedder(model, runtime=self._runtime, device=self._device)
             if stored is None:
                 with self.catalog.transaction() as tx:
@@ -122,11 +119,37 @@ class ModelBinding:
                     tx.set_meta(WEIGHTS_META, weights_spec(spec, model.card))
         return self._embedder
 
+    def _exported(self, spec: str, stored: ModelCard) -> ExportedModel | None:
+        """The index's model run from its cached exports, without torch, where it runs on
+        the CPU on ONNX Runtime and they are there (``exported_model``); else None."""
+        from ghostmatch.model.exports import exported_model
+
+        if self._device != "cpu" or self._runtime not in ("auto", "onnx"):
+            return None
+        return exported_model(spec, stored, lambda: self._loaded(spec, stored))
+
+    def _loaded(self, spec: str | None, stored: ModelCard | None) -> Descriptor:
+        """The model ``spec`` names, loaded, which must be the one of the index's card
+        ``stored`` (where it has one)."""
+        from ghostmatch.model.weights import load_descriptor
+
+        model = load_descriptor(spec)
+        if stored is not None and only_learnt_p_differs(stored, model.card):
+            stored = model.card
+        if stored is not None and model.card.fingerprint != stored.fingerprint:
+            raise GhostmatchError(
+                f"the weights {spec!r} no longer match index {self.path} (its card: "
+                f"{stored.describe()}; found: {model.card.describe()}); rebuild the "
+                "index or restore the original weights file"
+            )
+        return model
+
     @contextlib.contextmanager
     def on_cpu(self) -> Iterator[bool]:
         """Within, the model runs on the CPU unless it is loaded already (yields whether it
         runs on the CPU). Loaded here for another device than the one asked for, it is
-        dropped after, so that later work loads it on that device."""
+        dropped after, so that later work loads it on that device (as it is where it was
+        run from its exports, without torch to tell whether there is another)."""
         if self._embedder is not None:
             yield self._embedder.device == "cpu"
             return
@@ -136,11 +159,9 @@ class ModelBinding:
             yield True
         finally:
             self._device = asked
-            if asked != "cpu" and self._embedder is not None:
-                import torch
-
-                if asked == "cuda" or torch.cuda.is_available():
-                    self._embedder = None
+            embedder = self._embedder
+            if asked != "cpu" and embedder is not None and _drop(embedder, asked):
+                self._embedder = None
 
     def embed(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Unit descriptors (n, dim) float32 for paths, PIL images or arrays."""
@@ -159,6 +180,15 @@ class ModelBinding:
             return load_image(x, min_side=self.embedder.card.input_size).image
         except ImageRejected as err:
             raise GhostmatchError(f"cannot read {os.fsdecode(x)}: {err}") from err
+
+
+def _drop(embedder: Embedder, asked: str) -> bool:
+    """Whether an embedder loaded on the CPU is dropped for work on device ``asked``."""
+    if embedder.exported or asked == "cuda":
+        return True
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def only_learnt_p_differs(stored: ModelCard, loaded: ModelCard) -> bool:

@@ -7,21 +7,22 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import ModelCard
-from ghostmatch.model.descriptor import Descriptor
-from ghostmatch.model.ghostnet import ConvBnAct, GhostBottleneck, GhostNet
-from ghostmatch.model.localmaps import STRIDE16_STAGE
-from ghostmatch.model.regions import REGION_VERSION, RegionalDescriptor
+from ghostmatch.model.exports import ExportedModel, export_path, local_maps_tag, onnx_available
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ghostmatch.model.descriptor import Descriptor
+    from ghostmatch.model.scorenorm import ScoreNorm
 
 RUNTIMES = ("auto", "torch", "onnx", "eager")
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,6 +57,11 @@ def to_batch(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 def fuse_batchnorm(model: Descriptor) -> Descriptor:
     """A copy of ``model`` with every BatchNorm folded into the conv before it (eval only)."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from ghostmatch.model.ghostnet import ConvBnAct, GhostBottleneck, GhostNet
+
     fused = copy.deepcopy(model).eval()
 
     def fold_sequential(seq: nn.Sequential) -> None:
@@ -84,6 +90,8 @@ def fuse_batchnorm(model: Descriptor) -> Descriptor:
 
 def channels_last(model: nn.Module) -> nn.Module:
     """``model.to(memory_format=...)``, which torch's type stubs do not declare."""
+    import torch
+
     for param in model.parameters():
         if param.dim() == 4:
             param.data = param.data.contiguous(memory_format=torch.channels_last)
@@ -93,19 +101,15 @@ def channels_last(model: nn.Module) -> nn.Module:
 def resolve_device(device: str) -> str:
     if device not in DEVICES:
         raise GhostmatchError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "cpu":
+        return device
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise GhostmatchError("device cuda: torch sees no CUDA GPU; use device cpu")
     return device
-
-
-def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Embedder:
@@ -114,11 +118,15 @@ class Embedder:
     Runtimes: ``eager`` (the model as loaded), ``torch`` (BatchNorm folded, channels_last,
     fp16 autocast on CUDA), ``onnx`` (ONNX Runtime on the exported folded model, cached by
     card), ``auto`` (onnx on CPU when onnxruntime imports, else torch).
+
+    ``model`` may be an :class:`~ghostmatch.model.exports.ExportedModel` (an index's model
+    whose exports are cached): it then runs on ONNX Runtime on the CPU, and torch is only
+    loaded, with the model, for what the exports do not cover.
     """
 
     def __init__(
         self,
-        model: Descriptor,
+        model: Descriptor | ExportedModel,
         runtime: str = "auto",
         device: str = "auto",
         threads: int | None = None,
@@ -126,8 +134,19 @@ class Embedder:
         if runtime not in RUNTIMES:
             raise GhostmatchError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.card: ModelCard = model.card
-        self.model = model  # the eager model, for what the runtimes do not export (local maps)
         self.device = resolve_device(device)
+        self._exported: ExportedModel | None = None
+        # The eager model, for what the runtimes do not export (local maps), and the copy
+        # the runtimes run (folded and channels_last, but for ``eager``); made on first use
+        # for an exported model.
+        self._eager: Descriptor | None = None
+        self._runtime_model: nn.Module | None = None
+        if isinstance(model, ExportedModel):
+            if self.device != "cpu" or runtime not in ("auto", "onnx"):
+                raise GhostmatchError("an exported model runs on ONNX Runtime on the CPU only")
+            self._exported, runtime = model, "onnx"
+        else:
+            self._eager = model
         if runtime == "auto":
             runtime = "onnx" if self.device == "cpu" and onnx_available() else "torch"
         if runtime == "onnx" and self.device != "cpu":
@@ -140,32 +159,58 @@ class Embedder:
         self._narrow_lock = threading.Lock()
         # Made on first use: only indexing needs regions.
         self._regional_session: Any = None
-        self._model: nn.Module
-        if runtime == "eager":
-            self._model = model.to(self.device).eval()
-        else:
-            self._model = fuse_batchnorm(model).to(self.device)
-            self._model = channels_last(self._model)
+        if self._exported is None:
+            self._runtime_model = self._prepared(model)  # type: ignore[arg-type]
         if runtime == "onnx":
-            self._session = self._onnx_session(self._model)
+            self._session = self._onnx_session()
+
+    def _prepared(self, model: Descriptor) -> nn.Module:
+        """The copy of ``model`` this embedder's runtime runs, on its device."""
+        if self.runtime == "eager":
+            return model.to(self.device).eval()
+        return channels_last(fuse_batchnorm(model).to(self.device))
+
+    @property
+    def exported(self) -> bool:
+        """Whether this runs an exported model (see the class), torch loaded or not."""
+        return self._exported is not None
+
+    @property
+    def model(self) -> Descriptor:
+        """The eager model (loaded now for an exported one)."""
+        if self._eager is None:
+            assert self._exported is not None
+            self._eager = self._exported.load()
+        return self._eager
+
+    @property
+    def _model(self) -> nn.Module:
+        """The copy of the model the runtime runs (made now for an exported one)."""
+        if self._runtime_model is None:
+            self._runtime_model = self._prepared(self.model)
+        return self._runtime_model
+
+    @property
+    def score_norm(self) -> ScoreNorm | None:
+        """The model's score background, if its file carries one (``model.scorenorm``)."""
+        if self._exported is not None:
+            return self._exported.score_norm
+        return self.model.score_norm
 
     def _onnx_session(  # type: ignore[no-untyped-def]
-        self, model: nn.Module, regional: bool = False, threads: int | None = None
+        self, regional: bool = False, threads: int | None = None
     ):
         import onnxruntime as ort
 
-        from ghostmatch.model.weights import cache_dir
-
-        name = export_name(self.card) + (
-            f"-regions{REGION_VERSION}-local{STRIDE16_STAGE}" if regional else ""
-        )
-        path = cache_dir() / "onnx" / f"{name}.onnx"
+        path = export_path(self.card, "regional" if regional else "descriptors")
         if not path.exists():
             if regional:
-                regional_model = RegionalDescriptor(model, maps=True)  # type: ignore[arg-type]
+                from ghostmatch.model.regions import RegionalDescriptor
+
+                regional_model = RegionalDescriptor(self._model, maps=True)  # type: ignore[arg-type]
                 export_onnx(regional_model, self.card, path, ["descriptors", "regions", "maps"])
             else:
-                export_onnx(model, self.card, path)
+                export_onnx(self._model, self.card, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or self.threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -173,9 +218,18 @@ class Embedder:
 
     @property
     def local_model(self) -> Descriptor:
-        """The torch model for local feature maps (which the ONNX export leaves out): the
-        folded, channels_last copy unless the runtime is ``eager``."""
+        """The torch model for local feature maps (which the descriptor's export leaves
+        out): the folded, channels_last copy unless the runtime is ``eager``."""
         return self.model if self.runtime == "eager" else self._model  # type: ignore[return-value]
+
+    @property
+    def local_maps_model(self) -> Descriptor | ExportedModel:
+        """:attr:`local_model`, or for an exported model not loaded yet, that model as an
+        exported one (the local maps' export is cached), loaded only if asked for: what
+        ``ghostmatch.dupes.verify.local_features`` takes."""
+        if self._exported is not None and self._runtime_model is None:
+            return replace(self._exported, load=lambda: self.local_model)
+        return self.local_model
 
     @property
     def dim(self) -> int:
@@ -196,12 +250,12 @@ class Embedder:
             if threads is not None and threads < self.threads:
                 with self._narrow_lock:  # threads may ask for the same one at once
                     if threads not in self._narrow_sessions:
-                        self._narrow_sessions[threads] = self._onnx_session(
-                            self._model, threads=threads
-                        )
+                        self._narrow_sessions[threads] = self._onnx_session(threads=threads)
                     session = self._narrow_sessions[threads]
             out = session.run(None, {"images": batch})[0]
             return np.ascontiguousarray(out, dtype=np.float32)
+        import torch
+
         with torch.inference_mode():
             y = torch.nn.functional.normalize(self._run(self._model, batch).float(), dim=1)
         return np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)
@@ -209,6 +263,8 @@ class Embedder:
     def _run(self, model: nn.Module, batch: np.ndarray) -> Any:
         """``model`` on ``batch`` (NCHW float32) on this embedder's device, channels-last
         unless eager, in fp16 autocast on CUDA; call under ``torch.inference_mode``."""
+        import torch
+
         x = torch.from_numpy(batch).to(self.device)
         if self.runtime != "eager":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -239,10 +295,14 @@ class Embedder:
         maps = None
         if self.runtime == "onnx":
             if self._regional_session is None:
-                self._regional_session = self._onnx_session(self._model, regional=True)
+                self._regional_session = self._onnx_session(regional=True)
             whole, parts, maps = self._regional_session.run(None, {"images": batch})
             maps = maps.astype(np.float16)
         else:
+            import torch
+
+            from ghostmatch.model.regions import RegionalDescriptor
+
             model = RegionalDescriptor(self._model)  # type: ignore[arg-type]
             with torch.inference_mode():
                 w, r = self._run(model, batch)
@@ -262,24 +322,6 @@ class Embedder:
         return local_maps_tag(self.card) if self.runtime == "onnx" else None
 
 
-# Bumped whenever the exported graph changes but not its maths, so that a cached export of
-# the same model is made again: 2 holds no whole-tensor Slice after a Ghost module's Concat
-# (ONNX Runtime copies one: a 256 px local map took 11.5 ms with them, 10.3 without).
-EXPORT_VERSION = 2
-
-
-def export_name(card: ModelCard) -> str:
-    """The stem of a cached ONNX export of the model with ``card``."""
-    return f"{card.fingerprint}-x{EXPORT_VERSION}"
-
-
-def local_maps_tag(card: ModelCard) -> str:
-    """Names the local maps of the model with ``card`` as ONNX Runtime makes them on the CPU,
-    at the card's input size: a kept map stands in for a duplicate search's own only where
-    the search would make it there too."""
-    return f"{export_name(card)}-local{STRIDE16_STAGE}-onnx"
-
-
 def export_onnx(
     model: nn.Module,
     card: ModelCard,
@@ -291,6 +333,8 @@ def export_onnx(
     given) atomically, traced at the card's input size; ``outputs`` names the model's
     outputs (the regional model has two); ``dynamic_axes`` which axes may vary (default:
     the batch axis of the input and of each output)."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
     example = torch.zeros(2, 3, card.input_size, card.input_size)

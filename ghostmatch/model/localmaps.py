@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from ghostmatch.model.descriptor import Descriptor
-
-# Stage of GhostNet after which the feature map has stride 16 (10 x 10 at 160 px).
-STRIDE16_STAGE = 7
+from ghostmatch.model.exports import STRIDE16_STAGE
 
 
 def stride16(descriptor: Descriptor, x: torch.Tensor) -> torch.Tensor:

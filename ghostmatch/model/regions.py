@@ -17,9 +17,6 @@ REGION_FRACTION = 0.6
 # The centre and the four corners. More windows (a 3 x 3 grid of them) found hardly more
 # crops of the benchmarks.othershots tuning photos, for nearly twice the storage.
 REGIONS = 5
-# Bumped whenever the windows change: stored regional vectors of another version are not
-# comparable, and a cached ONNX export of the regional model is named by it.
-REGION_VERSION = 1
 
 
 def windows(height: int, width: int) -> list[tuple[int, int, int, int]]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from platformdirs import user_cache_dir
 
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import (
@@ -23,12 +22,12 @@ from ghostmatch.model.card import (
 )
 from ghostmatch.model.descriptor import Descriptor
 from ghostmatch.model.download import HubFile, fetch, sha256_of
+from ghostmatch.model.exports import BUNDLED_PATH, cache_dir
 from ghostmatch.model.ghostnet import GhostNet, infer_width, unwrap_state_dict
 from ghostmatch.model.scorenorm import BACKGROUND_KEY, from_tensors
 from ghostmatch.pathtext import path_text
 
 CARD_KEY = "ghostmatch_card"
-BUNDLED_PATH = Path(__file__).parent / "bundled.safetensors"
 
 
 @dataclass(frozen=True)
@@ -52,11 +51,6 @@ IMAGENET = RemoteWeights(
     ),
     card={"resize": "center-crop", "crop_fraction": 0.875, "pooling": "gem", "dim": 960},
 )
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live (``GHOSTMATCH_CACHE`` overrides)."""
-    return Path(os.environ.get("GHOSTMATCH_CACHE") or user_cache_dir("ghostmatch"))
 
 
 def fetch_imagenet() -> Path:

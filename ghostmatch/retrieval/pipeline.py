@@ -201,7 +201,7 @@ def whitening_for(searcher: Searcher, refine: Refinements) -> Whitening:
     key = (refine.whiten, refine.shrinkage)
     if refine.whiten == "training":
         if key not in kept:
-            norm = searcher.model.embedder.model.score_norm
+            norm = searcher.model.embedder.score_norm
             if norm is None:
                 raise GhostmatchError(
                     "the index's model carries no training descriptors to learn whitening "

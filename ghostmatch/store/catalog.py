@@ -227,7 +227,7 @@ _TURN_SCREENS = _per_image_table(
 )
 # An image's local feature maps (``ghostmatch.model.localmaps``), made in the pass that
 # made its vector: float16, height x width x channels, with what made them
-# (``ghostmatch.model.embedder.local_maps_tag``). A duplicate search reads them instead of
+# (``ghostmatch.model.exports.local_maps_tag``). A duplicate search reads them instead of
 # making them again. An image indexed before they existed, or on a runtime that does not
 # make them, has no row. They go with the image row.
 _LOCAL_MAPS = _per_image_table(
@@ -1150,7 +1150,7 @@ class Catalog:
 
     def local_maps(self, ids: Sequence[int], made_by: str) -> dict[int, NDArray[np.float16]]:
         """The (height, width, channels) float16 local maps of those of ``ids`` that have
-        maps made by ``made_by`` (``ghostmatch.model.embedder.local_maps_tag``), by id."""
+        maps made by ``made_by`` (``ghostmatch.model.exports.local_maps_tag``), by id."""
         if self._version < _LOCAL_MAPS_VERSION or not ids:
             return {}
         t = _LOCAL_MAPS.c
