@@ -1127,10 +1127,11 @@ def _same_fit(a: Verification, b: Verification) -> bool:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run torch and BLAS on one thread each for a while. Deciding pairs alternates small
-    numpy steps with small forward passes; with a pool of threads each, idle threads spin
-    between the steps, and on 2 busy cores that cost ten times the CPU of one thread
-    (``python -m benchmarks.othershots --synthetic-only 200``: 54 CPU seconds, not 5)."""
+    """Run torch (where it is loaded), the local maps' sessions and BLAS on one thread each
+    for a while. Deciding pairs alternates small numpy steps with small forward passes;
+    with a pool of threads each, idle threads spin between the steps, and on 2 busy cores
+    that cost ten times the CPU of one thread (``python -m benchmarks.othershots
+    --synthetic-only 200``: 54 CPU seconds, not 5)."""
     torch = sys.modules.get("torch")  # left unloaded where nothing needs it
     before = torch.get_num_threads() if torch is not None else 0
     if torch is not None:

@@ -1,6 +1,7 @@
 """A model's cached ONNX exports, and the model run from them alone: a duplicate search on
-the CPU of an index whose exports are cached needs no torch, whose import is most of its
-start-up (2.2-3.4 seconds here, where the whole search of 1,000 images takes 16).
+the CPU of an index whose exports are cached needs no torch, whose import and model
+were 3 to 4 seconds of a search of 1,000 images that took 17 with them and 12 to 13
+without (``README.md``, Duplicates).
 
 Nothing here imports torch: the torch model behind an export is loaded only when asked
 for (``ExportedModel.load``).
