@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import ghostmatch
+from ghostmatch.model.exports import no_cuda_here
 
 HEAVY = {"torch", "onnxruntime"}
 
@@ -112,3 +113,9 @@ def test_a_duplicate_search_runs_from_the_models_exports_without_torch(
     assert "torch" not in modules and "onnxruntime" in modules
     assert again == first
     assert "a small.png" in first
+    # So does a query, on the device a machine without CUDA gets by default.
+    if no_cuda_here():
+        query = ["query", photos / "a.png", "--index", index, "-k", "2", "--json"]
+        modules, found = imported_and_output(query, model_cache)
+        assert "torch" not in modules
+        assert "a small.png" in found

@@ -121,10 +121,12 @@ class ModelBinding:
 
     def _exported(self, spec: str, stored: ModelCard) -> ExportedModel | None:
         """The index's model run from its cached exports, without torch, where it runs on
-        the CPU on ONNX Runtime and they are there (``exported_model``); else None."""
-        from ghostmatch.model.exports import exported_model
+        the CPU on ONNX Runtime (asked for, or the only device here: ``no_cuda_here``) and
+        they are there (``exported_model``); else None."""
+        from ghostmatch.model.exports import exported_model, no_cuda_here
 
-        if self._device != "cpu" or self._runtime not in ("auto", "onnx"):
+        on_cpu = self._device == "cpu" or (self._device == "auto" and no_cuda_here())
+        if not on_cpu or self._runtime not in ("auto", "onnx"):
             return None
         return exported_model(spec, stored, lambda: self._loaded(spec, stored))
 
@@ -147,9 +149,8 @@ class ModelBinding:
     @contextlib.contextmanager
     def on_cpu(self) -> Iterator[bool]:
         """Within, the model runs on the CPU unless it is loaded already (yields whether it
-        runs on the CPU). Loaded here for another device than the one asked for, it is
-        dropped after, so that later work loads it on that device (as it is where it was
-        run from its exports, without torch to tell whether there is another)."""
+        runs on the CPU). Loaded here where another device may be the one asked for, it is
+        dropped after, so that later work loads it on that device (:func:`_drop`)."""
         if self._embedder is not None:
             yield self._embedder.device == "cpu"
             return
@@ -184,8 +185,14 @@ class ModelBinding:
 
 def _drop(embedder: Embedder, asked: str) -> bool:
     """Whether an embedder loaded on the CPU is dropped for work on device ``asked``."""
-    if embedder.exported or asked == "cuda":
+    from ghostmatch.model.exports import no_cuda_here
+
+    if asked == "cuda":
         return True
+    if no_cuda_here():
+        return False
+    if embedder.exported:
+        return True  # torch is not loaded to tell
     import torch
 
     return bool(torch.cuda.is_available())

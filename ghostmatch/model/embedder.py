@@ -16,7 +16,13 @@ from PIL import Image
 
 from ghostmatch.errors import GhostmatchError
 from ghostmatch.model.card import ModelCard
-from ghostmatch.model.exports import ExportedModel, export_path, local_maps_tag, onnx_available
+from ghostmatch.model.exports import (
+    ExportedModel,
+    export_path,
+    local_maps_tag,
+    no_cuda_here,
+    onnx_available,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -101,8 +107,8 @@ def channels_last(model: nn.Module) -> nn.Module:
 def resolve_device(device: str) -> str:
     if device not in DEVICES:
         raise GhostmatchError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if device == "cpu":
-        return device
+    if device == "cpu" or (device == "auto" and no_cuda_here()):
+        return "cpu"
     import torch
 
     if device == "auto":

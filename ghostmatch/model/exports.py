@@ -10,6 +10,7 @@ for (``ExportedModel.load``).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,17 @@ PARTS = ("descriptors", "regional", "local")
 def cache_dir() -> Path:
     """Where downloaded weights and exports live (``GHOSTMATCH_CACHE`` overrides)."""
     return Path(os.environ.get("GHOSTMATCH_CACHE") or user_cache_dir("ghostmatch"))
+
+
+def no_cuda_here() -> bool:
+    """Whether this machine certainly has no CUDA device, told without importing torch:
+    macOS never has one, and Linux none without the NVIDIA driver (``/dev/nvidiactl``,
+    ``/proc/driver/nvidia``). Elsewhere, and wherever the driver is, torch is asked."""
+    if sys.platform == "darwin":
+        return True
+    if sys.platform.startswith("linux"):
+        return not any(Path(p).exists() for p in ("/dev/nvidiactl", "/proc/driver/nvidia"))
+    return False
 
 
 def onnx_available() -> bool:

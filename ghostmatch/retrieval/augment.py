@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from ghostmatch.model.embedder import Embedder, prepare, to_batch
@@ -22,6 +21,8 @@ def augmented(embedder: Embedder, image: Image.Image, vector: np.ndarray, how: s
     if how == "multiscale":
         # The exported runtimes are fixed to the input size; GeM pooling is not, so the
         # torch model takes the other sizes.
+        import torch
+
         model = embedder.local_model
         device = next(model.parameters()).device
         for scale in SCALES:

@@ -151,12 +151,12 @@ def _inliers(
         decoded = list(pool.map(decode, missing))
     readable = [d for d in decoded if d is not None]
     if kept_query is not None and kept_mirror is not None:
-        maps = local_maps(embedder.local_model, card, readable)
+        maps = local_maps(embedder.local_maps_model, card, readable)
         query, mirrored = kept_query, kept_mirror
     else:
         # The query, its results, and the query mirrored, in one batch.
         fresh_query, *maps, fresh_mirror = local_maps(
-            embedder.local_model, card, [image, *readable], mirrored=1
+            embedder.local_maps_model, card, [image, *readable], mirrored=1
         )
         query, mirrored = _half(fresh_query), _half(fresh_mirror)
         if own is not None:

@@ -18,6 +18,7 @@ still confirmed (:func:`inliers`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -25,8 +26,11 @@ from threadpoolctl import threadpool_limits
 
 from ghostmatch.dupes.verify import ZOOM, local_features, verify_pair
 from ghostmatch.model.card import ModelCard
-from ghostmatch.model.descriptor import Descriptor
 from ghostmatch.model.embedder import prepare, to_batch
+
+if TYPE_CHECKING:
+    from ghostmatch.model.descriptor import Descriptor
+    from ghostmatch.model.exports import ExportedModel
 
 # The local maps' input size as a multiple of the model's own (rounded to the stride).
 MAP_SCALE = ZOOM
@@ -40,10 +44,14 @@ def map_card(card: ModelCard) -> ModelCard:
 
 
 def local_maps(
-    model: Descriptor, card: ModelCard, images: Sequence[Image.Image], mirrored: int = 0
+    model: Descriptor | ExportedModel,
+    card: ModelCard,
+    images: Sequence[Image.Image],
+    mirrored: int = 0,
 ) -> list[np.ndarray]:
     """Each image's local map (h, w, c) float32 at ``map_card(card)``'s size, in one
-    batch, followed by the maps of the first ``mirrored`` images' mirror images."""
+    batch, followed by the maps of the first ``mirrored`` images' mirror images (``model``
+    as ``ghostmatch.dupes.verify.local_features`` takes it)."""
     if not images:
         return []
     size = map_card(card)
