@@ -383,7 +383,7 @@ def sample(stack: np.ndarray, grid: np.ndarray, out: np.ndarray) -> None:
         x0, y0 = int(left), int(top)
         # A corner past the last pixel weighs nothing, and reads as zero.
         east, south = x0 + 1 < w, y0 + 1 < h
-        x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
+        x1, y1 = x0 + 1, y0 + 1
         for ch in range(c):
             v = stack[ch, y0, x0] * nw
             v = _fma(stack[ch, y0, x1] if east else zero, ne, v)

@@ -102,7 +102,7 @@ def local_features(model: Descriptor | ExportedModel, batch: np.ndarray) -> np.n
     session = _local_session(model) if _on_cpu(model) else None
     if session is not None:
         images = np.ascontiguousarray(batch, dtype=np.float32)
-        step = _session_batch(session_threads())
+        step = _maps_batch(maps_threads())
         runs = [
             session.run(None, {"images": images[k : k + step]})[0]
             for k in range(0, len(images), step)
@@ -144,14 +144,14 @@ def _loaded(model: Descriptor | ExportedModel) -> Descriptor:
     return model.load() if isinstance(model, ExportedModel) else model
 
 
-# The most threads a process's local maps take (``session_threads``): set to one while a
+# The most threads a process's local maps take (``maps_threads``): set to one while a
 # duplicate search runs (``ghostmatch.dupes.finder.one_thread``), None for torch's count.
 _thread_limit: int | None = None
 
 
 @contextlib.contextmanager
 def limited_threads(threads: int) -> Iterator[None]:
-    """Within, the local maps' sessions run on ``threads`` (``session_threads``)."""
+    """Within, the local maps are made on ``threads`` (``maps_threads``)."""
     global _thread_limit
     before, _thread_limit = _thread_limit, threads
     try:
@@ -160,8 +160,8 @@ def limited_threads(threads: int) -> Iterator[None]:
         _thread_limit = before
 
 
-def session_threads() -> int:
-    """How many threads the local maps' session of this moment runs on: one while a
+def maps_threads() -> int:
+    """How many threads the local maps are made on at this moment: one while a
     duplicate search runs, else torch's thread count (the CPU count where torch is not
     loaded, as torch counts them here)."""
     if _thread_limit is not None:
@@ -172,7 +172,7 @@ def session_threads() -> int:
     return os.cpu_count() or 1
 
 
-def _session_batch(threads: int) -> int:
+def _maps_batch(threads: int) -> int:
     """Images per ONNX Runtime run of the local maps. Larger runs are slower an image once
     their activations outgrow the cache: on one thread (a duplicate search's processes),
     a 160 px map takes 3.3 ms alone and 5.7-6.3 ms an image in runs of 32, a 256 px one
@@ -212,7 +212,7 @@ def _local_session(model: Descriptor | ExportedModel) -> Any:
     model card into the weights cache beside the embedder's own export; None without
     onnxruntime. Measured on one thread, it makes the maps in two thirds of the CPU time
     of torch's (the same maps to 1e-6)."""
-    threads = session_threads()
+    threads = maps_threads()
     key = (model.card.fingerprint, threads)
     if key in _SESSIONS:
         return _SESSIONS[key]

@@ -231,7 +231,7 @@ class Embedder:
     @property
     def local_maps_model(self) -> Descriptor | ExportedModel:
         """:attr:`local_model`, or for an exported model not loaded yet, that model as an
-        exported one (the local maps' export is cached), loaded only if asked for: what
+        exported one, loaded only if the local maps' export must be made: what
         ``ghostmatch.dupes.verify.local_features`` takes."""
         if self._exported is not None and self._runtime_model is None:
             return replace(self._exported, load=lambda: self.local_model)

@@ -1,7 +1,6 @@
-"""A model's cached ONNX exports, and the model run from them alone: a duplicate search on
-the CPU of an index whose exports are cached needs no torch, whose import and model
-were 3 to 4 seconds of a search of 1,000 images that took 17 with them and 12 to 13
-without (``README.md``, Duplicates).
+"""A model's cached ONNX exports, and the model run from them alone: a duplicate search or
+a query on the CPU of an index whose exports are cached needs no torch, whose import is
+2.2-3.4 seconds of their start-up here (``README.md``, Duplicates and Query).
 
 Nothing here imports torch: the torch model behind an export is loaded only when asked
 for (``ExportedModel.load``).
@@ -35,8 +34,13 @@ STRIDE16_STAGE = 7
 # regional model is named by it.
 REGION_VERSION = 1
 BUNDLED_PATH = Path(__file__).parent / "bundled.safetensors"
-# The parts of a model exported on their own (``export_path``).
-PARTS = ("descriptors", "regional", "local")
+# The parts of a model exported on their own (``export_path``), and what each one's file
+# adds to the export's name.
+_PARTS = {
+    "descriptors": "",
+    "regional": f"-regions{REGION_VERSION}-local{STRIDE16_STAGE}",
+    "local": f"-local{STRIDE16_STAGE}",
+}
 
 
 def cache_dir() -> Path:
@@ -77,15 +81,10 @@ def local_maps_tag(card: ModelCard) -> str:
 
 
 def export_path(card: ModelCard, part: str = "descriptors") -> Path:
-    """Where the export of one part (``PARTS``) of the model with ``card`` is cached: the
-    whole descriptor, the regional model with its local maps (indexing), or the local maps
-    alone (the duplicate check's geometric stage)."""
-    suffix = {
-        "descriptors": "",
-        "regional": f"-regions{REGION_VERSION}-local{STRIDE16_STAGE}",
-        "local": f"-local{STRIDE16_STAGE}",
-    }[part]
-    return cache_dir() / "onnx" / f"{export_name(card)}{suffix}.onnx"
+    """Where the export of one part of the model with ``card`` is cached: ``descriptors``
+    (the whole descriptor), ``regional`` (the regional model with its local maps, for
+    indexing) or ``local`` (the local maps alone, the duplicate check's geometric stage)."""
+    return cache_dir() / "onnx" / f"{export_name(card)}{_PARTS[part]}.onnx"
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +107,8 @@ def exported_model(
     card. None otherwise: the caller loads the model itself. (A part not exported yet,
     the local maps before a first duplicate search, loads torch and the model to export
     it, once.)"""
+    from safetensors import SafetensorError
+
     from ghostmatch.model.download import sha256_of
 
     if spec == "bundled":
@@ -124,7 +125,7 @@ def exported_model(
         if not path.is_file() or sha256_of(path) != card.weights_sha256:
             return None
         score_norm = _score_norm(path, card)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, SafetensorError):
         return None  # loaded the usual way, which says what is wrong with the file
     return ExportedModel(card, score_norm, load)
 
@@ -133,15 +134,12 @@ def _score_norm(path: Path, card: ModelCard) -> ScoreNorm | None:
     """The score background a ghostmatch safetensors file carries, as loading the model
     reads it (``ghostmatch.model.weights.load_descriptor``), or None."""
     import numpy as np
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     from ghostmatch.model.scorenorm import BACKGROUND_KEY, from_tensors
 
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            if BACKGROUND_KEY not in f.keys():  # noqa: SIM118 - a safetensors handle
-                return None
-            background = f.get_tensor(BACKGROUND_KEY)
-    except SafetensorError as error:
-        raise ValueError(str(error)) from error
+    with safe_open(str(path), framework="numpy") as f:
+        if BACKGROUND_KEY not in f.keys():  # noqa: SIM118 - a safetensors handle
+            return None
+        background = f.get_tensor(BACKGROUND_KEY)
     return from_tensors(np.asarray(background, np.float32), card.extra)
