@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from threadpoolctl import threadpool_limits
 
-from ghostmatch.dupes import regions, turns
+from ghostmatch.dupes import parallax, regions, turns
 from ghostmatch.dupes.collection import (
     Stored,
     in_memory,
@@ -805,6 +805,7 @@ class DuplicateFinder:
         zoomed = local_features(model, to_batch([prepare(image, cache.zoomed_card)]))
         cache.maps[_QUERY] = _Maps(base[0], base[1], zoomed[0].astype(np.float16))
         judge.captures[_QUERY] = prepare_capture(image)
+        judge.images[_QUERY] = image
         judge.glances[_QUERY] = Glance.of(image)
         return judge
 
@@ -871,6 +872,10 @@ class PairJudge:
         # the mirror map (``_first_try``).
         self.hopeless = 0
         self.mirrored = 0
+        # Images known without a file (a query's), by id; and the pairs decoded finer to
+        # tell a copy from another shot (``_one_piece``).
+        self.images: dict[int, Image.Image] = {}
+        self.fine_looks = 0
 
     @property
     def maps(self) -> _MapCache:
@@ -989,8 +994,10 @@ class PairJudge:
         for (j, crowded, _, start), check in zip(first, checks, strict=True):
             if self._same(check):
                 # A mirror image is an edit, whatever else the map does.
-                whole = start == "unmoved" and check.is_whole()
-                tiers[j] = "near" if whole else "edited"
+                if start == "unmoved" and check.is_whole():
+                    tiers[j] = "near"
+                else:
+                    tiers[j] = "edited" if self._one_piece(leader, j, check) else SIMILAR
             elif not crowded:
                 geometric.append((j, scores[j]))
         if geometric:
@@ -1035,6 +1042,36 @@ class PairJudge:
         d = found.distinct
         return d.squash <= CROP_LOOSE_SQUASH and 1 / CROP_LOOSE_GAIN <= d.gain <= CROP_LOOSE_GAIN
 
+    def _one_piece(self, leader: int, j: int, found: Agreement) -> bool:
+        """Whether a pair that agrees through a map other than the identity moves as one
+        piece under it (``ghostmatch.dupes.parallax``), as an edit of one capture does:
+        another shot of a flat scene, one map away from a crop at the agreement's size,
+        does not. Looked at on the captures first; decoded finer only where that look
+        leaves it open (counted in ``fine_looks``)."""
+        if leader in self.crowded or j in self.crowded:
+            return True
+        a, b = self.capture(leader), self.capture(j)
+        if a is None or b is None:
+            return True
+        coarse = parallax.coarse_spread(a, b, found.warp)
+        if coarse is not None and coarse < parallax.COARSE_SPREAD:
+            return True
+        kept, other = self._fine_image(leader), self._fine_image(j)
+        if kept is None or other is None:
+            return True
+        self.fine_looks += 1
+        return parallax.one_piece(kept, other, found.warp)
+
+    def _fine_image(self, i: int) -> Image.Image | None:
+        """File ``i`` decoded for :func:`parallax.spread` (None where it cannot be)."""
+        known = self.images.get(i)
+        if known is not None:
+            return known
+        try:
+            return self.decoded.image(self.records[i].path, parallax.DECODE_SIDE)
+        except ImageRejected:
+            return None
+
     def _aligned(self, leader: int, pairs: list[tuple[int, float]]) -> list[str | None]:
         """The tiers of pairs that the identity map does not align, in order."""
         base = self.maps.get(leader)
@@ -1060,7 +1097,9 @@ class PairJudge:
             found = known[0] if known else self._agreement(leader, j, check)
             tried.append((check, found))
             if found is not None and self._same(found):
-                return "near" if check.is_identity() else "edited"
+                if check.is_identity():
+                    return "near"
+                return "edited" if self._one_piece(leader, j, found) else SIMILAR
             if final:
                 # Another capture of the same scene: its local features agree on one
                 # geometry. A pair that only its score brought here is not alike at all.
