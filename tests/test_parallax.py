@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -128,21 +129,30 @@ def test_a_reshoot_that_passes_as_a_crop_is_similar_not_a_duplicate(
     first.resize((w // 2, h // 2)).save(folder / "guitar small.jpg", quality=70)
     copies = {"guitar.jpg", "guitar crop.jpg", "guitar flipped.png", "guitar small.jpg"}
 
-    def tiers() -> tuple[dict[str, str], set[str]]:
+    query = tmp_path / "the second shot.jpg"
+    shutil.copyfile(folder / "guitar again.jpg", query)
+
+    def tiers() -> tuple[dict[str, str], set[str], dict[str, str]]:
         with Library(tmp_path / "index", weights="bundled", device="cpu") as lib:
             lib.index([folder])
             groups = lib.find_duplicates(similar=True, workers=1)
+            # ``--of``: the second shot as a new file, each indexed file as the kept one.
+            of = {m.path.name: m.tier for m in lib.duplicates_of(query, similar=True)}
         found = {m.path.name: m.tier for g in groups for m in g.members}
         found.update({g.keep.path.name: "kept" for g in groups if g.members})
         similar = {m.path.name for g in groups for m in g.similar}
-        return found, similar
+        return found, similar, of
 
-    found, similar = tiers()
+    found, similar, of = tiers()
     # The four edits of the first shot are one group (the mirrored PNG kept: most pixels
     # without loss), and the second shot is only similar to it.
     assert set(found) == copies, found
     assert "guitar again.jpg" in similar
+    # Its own bytes are an exact copy; the first shot's files are only similar to it.
+    assert of.pop("guitar again.jpg") == "exact"
+    assert of and set(of.values()) == {"similar"}, of
     # Without the look at how the pair moves, the dense agreement alone calls it a copy.
     monkeypatch.setattr(parallax, "SPREAD_CUT", float("inf"))
-    found, _ = tiers()
+    found, _, of = tiers()
     assert found.get("guitar again.jpg") == "edited", found
+    assert "edited" in of.values(), of
