@@ -22,12 +22,13 @@ out of reach).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -36,6 +37,7 @@ from benchmarks.report import Figure, Report, run_and_save
 from benchmarks.settings import RESULTS, Settings, default_weights
 from ghostmatch.dupes import parallax
 from ghostmatch.dupes.groups import DuplicateGroup
+from ghostmatch.eval.evaluation import CaptureEvaluation, evaluate_captures
 from ghostmatch.library import Library
 
 COPIES = ("small", "flipped", "crop")
@@ -44,12 +46,12 @@ QUICK_OBJECTS = 6
 
 @dataclass(frozen=True)
 class Counts:
-    """What one search reported on one folder."""
+    """What one search reported on one folder: its (kept, member) pairs sorted into
+    copies, other shots and unrelated pairs (``captures``), and per object the pairs of
+    shots, the copies made and found with their source, and the other shots listed as
+    ``similar``."""
 
-    reported_pairs: int
-    copies: int
-    other_shots: int
-    unrelated: int
+    captures: CaptureEvaluation
     shot_pairs: int
     copies_found: int
     copies_made: int
@@ -57,16 +59,9 @@ class Counts:
     other_shot_files: int
 
     @property
-    def precision(self) -> float:
-        return self.copies / self.reported_pairs if self.reported_pairs else 1.0
-
-    @property
-    def other_shot_share(self) -> float:
-        return self.other_shots / self.reported_pairs if self.reported_pairs else 0.0
-
-    @property
     def other_shot_rate(self) -> float:
-        return self.other_shots / self.shot_pairs if self.shot_pairs else 0.0
+        """Other shots called copies, of all pairs of shots of one object."""
+        return self.captures.other_shots / self.shot_pairs if self.shot_pairs else 0.0
 
     @property
     def recall(self) -> float:
@@ -77,6 +72,12 @@ class Counts:
         """Shots other than the copies' source listed as ``similar`` to a file of their
         object."""
         return self.similar_found / self.other_shot_files if self.other_shot_files else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "captures": self.captures.to_dict(),
+            **{k: v for k, v in asdict(self).items() if k != "captures"},
+        }
 
 
 def name_of(obj: int, shot: int, copy: str | None = None) -> str:
@@ -120,44 +121,36 @@ def _capture(path: Path) -> tuple[int, int]:
     return int(parts[1]), int(parts[3].split(".")[0])
 
 
-def count(groups: Sequence[DuplicateGroup], objects: Sequence[int], seed: int) -> Counts:
-    reported = copies = other = unrelated = 0
-    listed: set[tuple[int, int]] = set()
+def count(
+    groups: Sequence[DuplicateGroup], folder: Path, objects: Sequence[int], seed: int
+) -> Counts:
+    """:class:`Counts` of ``groups``, a search of ``folder`` made by :func:`build`."""
+    truth: list[list[Path]] = []
+    scene_of: dict[Path, str] = {}
+    for obj in objects:
+        shot = shot_of(obj, seed)
+        truth.append(
+            [folder / name_of(obj, shot), *(folder / name_of(obj, shot, c) for c in COPIES)]
+        )
+        for path in [*(folder / name_of(obj, s) for s in range(SHOTS)), *truth[-1][1:]]:
+            scene_of[path] = f"object-{obj}"
     grouped: set[tuple[str, str]] = set()
+    listed: set[tuple[int, int]] = set()
     for group in groups:
         members = [group.keep.path.name, *(m.path.name for m in group.members)]
-        grouped.update((a, b) for a, b in combinations(members, 2))
-        grouped.update((b, a) for a, b in combinations(members, 2))
+        grouped.update(itertools.permutations(members, 2))
         kept = _capture(group.keep.path)
-        for member in group.members:
-            reported += 1
-            theirs = _capture(member.path)
-            if theirs == kept:
-                copies += 1
-            elif theirs[0] == kept[0]:
-                other += 1
-            else:
-                unrelated += 1
         for m in group.similar:
             theirs = _capture(m.path)
             if theirs[0] == kept[0] and theirs[1] != kept[1]:
                 listed.add(theirs)
-    found = made = 0
-    for obj in objects:
-        shot = shot_of(obj, seed)
-        source = name_of(obj, shot)
-        for copy in COPIES:
-            made += 1
-            found += (source, name_of(obj, shot, copy)) in grouped
+    found = sum((source.name, copy.name) in grouped for source, *copies in truth for copy in copies)
     others = {(obj, s) for obj in objects for s in range(SHOTS) if s != shot_of(obj, seed)}
     return Counts(
-        reported,
-        copies,
-        other,
-        unrelated,
+        evaluate_captures(groups, truth, scene_of),
         len(objects) * 6,
         found,
-        made,
+        len(truth) * len(COPIES),
         len(listed & others),
         len(others),
     )
@@ -189,32 +182,35 @@ def run(settings: Settings, work: Path | None, seed: int = SEED) -> Report:
             objects = [obj for obj in every if half(obj) == part]
             folder = root / f"{part}-photos"
             build(folder, objects, seed)
-            found = count(
-                search(folder, root / f"{part}-index", settings.weights, True), objects, seed
-            )
-            before = count(
-                search(folder, root / f"{part}-index", settings.weights, False), objects, seed
-            )
+            index = root / f"{part}-index"
+            found = count(search(folder, index, settings.weights, True), folder, objects, seed)
+            before = count(search(folder, index, settings.weights, False), folder, objects, seed)
             report.details[part] = {
                 "objects": len(objects),
                 "photos": len(objects) * (SHOTS + len(COPIES)),
-                "finder": asdict(found),
-                "without the look": asdict(before),
+                "finder": found.to_dict(),
+                "without the look": before.to_dict(),
             }
             base = "the same search without the look at how a pair moves"
             rows = [
                 (
                     "precision",
-                    found.precision,
-                    before.precision,
+                    found.captures.precision,
+                    before.captures.precision,
                     ">= 0.99",
-                    found.precision >= 0.99,
+                    found.captures.precision >= 0.99,
                 ),
-                ("other-shot pairs", found.other_shots, before.other_shots, "", None),
+                (
+                    "other-shot pairs",
+                    found.captures.other_shots,
+                    before.captures.other_shots,
+                    "",
+                    None,
+                ),
                 (
                     "other-shot share of pairs",
-                    found.other_shot_share,
-                    before.other_shot_share,
+                    found.captures.other_shot_share,
+                    before.captures.other_shot_share,
                     "",
                     None,
                 ),
@@ -225,7 +221,7 @@ def run(settings: Settings, work: Path | None, seed: int = SEED) -> Report:
                     "<= 0.01",
                     found.other_shot_rate <= 0.01,
                 ),
-                ("unrelated pairs", found.unrelated, before.unrelated, "", None),
+                ("unrelated pairs", found.captures.unrelated, before.captures.unrelated, "", None),
                 ("copies found", found.recall, before.recall, ">= 0.85", found.recall >= 0.85),
                 ("similar recall", found.similar_recall, before.similar_recall, "", None),
             ]

@@ -22,9 +22,11 @@ SEED = 7
 OBJECTS = (0, 1)
 
 
-def fake_ukbench(folder: Path) -> Path:
+def fake_ukbench(folder: Path, objects: tuple[int, ...] = OBJECTS) -> Path:
+    """Four shots per object named as in ukbench: windows of one photo that move a little
+    from shot to shot."""
     folder.mkdir()
-    for obj, name in zip(OBJECTS, ("astronaut", "coffee"), strict=True):
+    for obj, name in zip(objects, ("astronaut", "coffee"), strict=True):
         photo = Image.fromarray(getattr(data, name)()).convert("RGB").resize((400, 300))
         for shot in range(SHOTS):
             box = (10 + 12 * shot, 8 + 9 * shot, 330 + 12 * shot, 248 + 9 * shot)
@@ -71,14 +73,10 @@ def test_counts_copies_other_shots_and_unrelated_pairs() -> None:
             [member(fewcopies.name_of(0, (shot + 2) % SHOTS))],
         )
     ]
-    counts = fewcopies.count(groups, [0], SEED)
-    assert (counts.reported_pairs, counts.copies, counts.other_shots, counts.unrelated) == (
-        4,
-        2,
-        1,
-        1,
-    )
-    assert counts.precision == 0.5 and counts.other_shot_rate == 1 / 6
+    counts = fewcopies.count(groups, Path("/photos"), [0], SEED)
+    found = counts.captures
+    assert (found.reported_pairs, found.copies, found.other_shots, found.unrelated) == (4, 2, 1, 1)
+    assert found.precision == 0.5 and counts.other_shot_rate == 1 / 6
     # The crop and the mirror share a group with their source; the half-size copy does not.
     assert counts.recall == 2 / 3
     # One of the object's three other shots is listed as similar.
@@ -93,12 +91,23 @@ def test_run_without_ukbench_says_it_skipped(
     assert not report.figures and "skipped" in report.notes[0]
 
 
-def test_the_baseline_search_leaves_the_cut_as_it_was(tmp_path: Path) -> None:
-    ukbench = fake_ukbench(tmp_path / "ukbench")
-    folder = tmp_path / "photos"
-    fewcopies.build(folder, OBJECTS[:1], SEED, ukbench)
+def test_a_quick_run_searches_both_halves_with_and_without_the_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One object per half: 0 (tuning) and 124 (held out).
+    monkeypatch.setattr(fewcopies, "QUICK_OBJECTS", 2)
+    monkeypatch.setattr(fewcopies, "UKBENCH", fake_ukbench(tmp_path / "ukbench", (0, 124)))
     cut = parallax.SPREAD_CUT
-    groups = fewcopies.search(folder, tmp_path / "index", "bundled", look=False)
+    report = fewcopies.run(Settings(quick=True, weights="bundled", out=tmp_path), tmp_path / "work")
     assert cut == parallax.SPREAD_CUT
-    counts = fewcopies.count(groups, OBJECTS[:1], SEED)
-    assert counts.copies_made == 3 and counts.reported_pairs >= counts.copies
+    assert sorted((tmp_path / "work").iterdir()) == [
+        tmp_path / "work" / name
+        for name in ("heldout-index", "heldout-photos", "tuning-index", "tuning-photos")
+    ]
+    figures = {f.name: f for f in report.figures}
+    for part in ("tuning", "heldout"):
+        details = report.details[part]
+        assert details["objects"] == 1 and details["photos"] == SHOTS + len(fewcopies.COPIES)
+        assert details["finder"]["copies_made"] == 3
+        assert 0 <= figures[f"{part}: precision"].value <= 1
+        assert 0 <= figures[f"{part}: copies found"].baseline_value <= 1
