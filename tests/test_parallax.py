@@ -156,3 +156,21 @@ def test_a_reshoot_that_passes_as_a_crop_is_similar_not_a_duplicate(
     found, _, of = tiers()
     assert found.get("guitar again.jpg") == "edited", found
     assert "edited" in of.values(), of
+
+
+def test_a_map_that_is_not_finite_cannot_tell() -> None:
+    source = scene()
+    broken = np.array([[np.nan, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert parallax.spread(source, source.copy(), broken) is None
+    capture = samecapture.prepare_capture(source)
+    assert parallax.coarse_spread(capture, capture, broken) is None
+
+
+def test_sixteen_bit_grey_is_the_same_picture() -> None:
+    # Scaled from 0..65535 as the rest of the search reads it, not clipped to white.
+    source = scene()
+    grey = np.asarray(source.convert("L"), np.uint16) * 257
+    sixteen = Image.fromarray(grey)
+    assert sixteen.mode == "I;16"
+    found = parallax.spread(source, sixteen, np.eye(2, 3))
+    assert found is not None and found < parallax.SPREAD_CUT / 2

@@ -872,10 +872,8 @@ class PairJudge:
         # the mirror map (``_first_try``).
         self.hopeless = 0
         self.mirrored = 0
-        # Images known without a file (a query's), by id; and the pairs decoded finer to
-        # tell a copy from another shot (``_one_piece``).
+        # Images known without a file (a query's), by id, for ``_one_piece``.
         self.images: dict[int, Image.Image] = {}
-        self.fine_looks = 0
 
     @property
     def maps(self) -> _MapCache:
@@ -993,7 +991,8 @@ class PairJudge:
         scores = dict(others)
         for (j, crowded, _, start), check in zip(first, checks, strict=True):
             if self._same(check):
-                # A mirror image is an edit, whatever else the map does.
+                # A mirror image is an edit, whatever else the map does; one that moves
+                # otherwise than as one piece is another shot.
                 if start == "unmoved" and check.is_whole():
                     tiers[j] = "near"
                 else:
@@ -1047,7 +1046,7 @@ class PairJudge:
         piece under it (``ghostmatch.dupes.parallax``), as an edit of one capture does:
         another shot of a flat scene, one map away from a crop at the agreement's size,
         does not. Looked at on the captures first; decoded finer only where that look
-        leaves it open (counted in ``fine_looks``)."""
+        leaves it open."""
         if leader in self.crowded or j in self.crowded:
             return True
         a, b = self.capture(leader), self.capture(j)
@@ -1059,7 +1058,6 @@ class PairJudge:
         kept, other = self._fine_image(leader), self._fine_image(j)
         if kept is None or other is None:
             return True
-        self.fine_looks += 1
         return parallax.one_piece(kept, other, found.warp)
 
     def _fine_image(self, i: int) -> Image.Image | None:

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ghostmatch.dupes import samecapture
+from ghostmatch.ingest.images import to_rgb
 
 # The working size's long side, in pixels of the kept image (its grid is where the two
 # are compared). Spreads at 256 and at full size (320 and 640 pixels) told copies from
@@ -47,8 +48,9 @@ EDGE = 3
 # that does not follow the kept one at all gives no shift).
 MIN_GAIN = 0.2
 MIN_CELLS = 4
-# A cell counts only with some detail: a mean squared gradient (grey levels of 0-1 per
-# pixel, squared) of at least this, a grey level's step every few hundred pixels.
+# A cell counts only with some gradient: a mean squared gradient (grey levels of 0-1 per
+# pixel, squared) of at least this, which only a flat cell lacks (one grey level's step
+# in 3,000 pixels already gives 750 times as much).
 MIN_GRADIENT = 1e-10
 # The tuning half's spreads: copies at most 0.34 px, other shots at least 0.44. The cut
 # sits just under the other shots: a copy lost costs recall on crops, where the rule is
@@ -75,8 +77,8 @@ def working_pair(
     linear = np.diag([ow, oh]) @ warp[:, :2] @ np.diag([1.0 / kw, 1.0 / kh])
     density = math.sqrt(abs(float(np.linalg.det(linear)))) or 1.0
     factor = min(1.0, density, LONG_SIDE / max(kw, kh))
-    grey = _reduced(kept.convert("L"), factor)
-    planes = _reduced(other.convert("RGB"), factor / density)
+    grey = _reduced(to_rgb(kept).convert("L"), factor)
+    planes = _reduced(to_rgb(other), factor / density)
     return grey[..., 0], planes.transpose(2, 0, 1).copy()
 
 
@@ -96,6 +98,8 @@ def spread(kept: Image.Image, other: Image.Image, warp: np.ndarray) -> float | N
     shifts from their median shift once ``warp`` (kept unit square to the other's, as
     ``samecapture.agreement`` refines it) is refined at that size; None when too few
     cells can tell (a small or featureless overlap)."""
+    if not np.isfinite(warp).all():
+        return None
     grey, planes = working_pair(kept, other, warp)
     if min(grey.shape) < 4 * CELLS or min(planes.shape[1:]) < 8:
         return None
@@ -140,13 +144,6 @@ def _refined(grey: np.ndarray, other_grey: np.ndarray, warp: np.ndarray) -> np.n
     return p
 
 
-def _scaled(image: np.ndarray, share: float) -> np.ndarray:
-    h, w = image.shape
-    size = (max(8, round(w * share)), max(8, round(h * share)))
-    small = Image.fromarray(image, "F").resize(size, Image.Resampling.BOX)
-    return np.asarray(small, np.float32)
-
-
 def _eroded(mask: np.ndarray, radius: int) -> np.ndarray:
     """The pixels of ``mask`` whose whole (2 radius + 1) square lies in it."""
     if radius <= 0:
@@ -167,7 +164,10 @@ def _colour_fitted(grey: np.ndarray, warped: np.ndarray, inside: np.ndarray) -> 
     affine colour change over ``inside`` (its 4 x 4 normal equations)."""
     design = np.vstack([warped, np.ones((1, warped.shape[1]), warped.dtype)]).astype(np.float64)
     chosen = design[:, inside]
-    normal = chosen @ chosen.T + 1e-9 * np.eye(4)
+    normal = chosen @ chosen.T
+    # Relative to the matrix's size: a flat overlap gives a nearly singular system, whose
+    # solution would blow rounding up into a picture.
+    normal += 1e-9 * float(np.trace(normal)) * np.eye(4)
     coef = np.linalg.solve(normal, chosen @ grey.ravel()[inside].astype(np.float64))
     return (coef @ design).astype(np.float32)
 
@@ -259,6 +259,8 @@ def coarse_spread(
 ) -> float | None:
     """:func:`spread` at the agreement's finest level (128 pixels), from the captures it
     compared and its refined map, without decoding anything again: a cheap first look."""
+    if not np.isfinite(warp).all():
+        return None
     grey = kept.levels[-1][0]
     warped, inside = samecapture._sample(other.planes, samecapture._mapped(grey.shape, warp))
     inside = _eroded(inside.reshape(grey.shape), EDGE)
